@@ -1,0 +1,142 @@
+"""A tiny random Stable-Diffusion-shaped model, built in code: no download, ever.
+
+It has the SD 1.x structure (UNet2DConditionModel with cross-attention blocks, AutoencoderKL,
+CLIPTextModel, a CLIP byte-level BPE tokenizer) at a size that trains in seconds on a CPU. The demo
+and the tests use it; it is written as a normal diffusers folder so it loads through the same code
+path as a user's model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+TINY_NAME = "tiny-demo"
+TINY_VERSION = "1"  # bump when the architecture below changes; the cache folder is keyed by it
+TINY_RESOLUTION = 64
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte → printable-character table (as in CLIP's tokenizer)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_tiny_tokenizer(folder: Path, merges: list[tuple[str, str]] = ()) -> None:
+    """Write CLIP tokenizer files (vocab.json, merges.txt) with a byte-level vocabulary.
+
+    CLIP's vocabulary is: the 256 byte symbols, the same with ``</w>``, one entry per merge, then the
+    start/end tokens. With no merges every character is one token, which is all a tiny model needs.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = list(bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}), encoding="utf-8")
+    lines = ["#version: 0.2"] + [" ".join(m) for m in merges]
+    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def build_tiny_components(seed: int = 0) -> dict:
+    """The five components of a tiny SD 1.x pipeline, with deterministic random weights."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=32,
+        sample_size=TINY_RESOLUTION,
+    )
+    torch.manual_seed(seed + 2)
+    text_config = CLIPTextConfig(
+        vocab_size=256 * 2 + 2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=512,
+        eos_token_id=513,
+        pad_token_id=513,
+        layer_norm_eps=1e-5,
+        projection_dim=32,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    scheduler = DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        prediction_type="epsilon",
+        clip_sample=False,
+    )
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
+
+
+def save_tiny_model(folder: str | os.PathLike, seed: int = 0) -> Path:
+    """Write the tiny model as a diffusers folder (``model_index.json``, components, tokenizer)."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    parts = build_tiny_components(seed)
+    tok_dir = folder / "_tokenizer_src"
+    write_tiny_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
+    pipe = StableDiffusionPipeline(
+        **parts, tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    for f in tok_dir.iterdir():
+        f.unlink()
+    tok_dir.rmdir()
+    return folder
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LORA_TRAINER_CACHE", Path.home() / ".cache" / "lora_trainer"))
+
+
+def tiny_model_path() -> Path:
+    """The tiny model's folder in the cache, built on first use (atomically, so a crash leaves none)."""
+    from lora_trainer.utils.fsio import atomic_dir
+
+    target = cache_root() / f"{TINY_NAME}-v{TINY_VERSION}"
+    if not (target / "model_index.json").exists():
+        try:
+            with atomic_dir(target) as tmp:
+                save_tiny_model(tmp)
+        except FileExistsError:  # another process built it meanwhile
+            pass
+    return target
