@@ -1,0 +1,129 @@
+"""``python -m lora_trainer`` / ``lora-trainer``: demo, init-config, train."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from lora_trainer.errors import LoraTrainerError
+
+log = logging.getLogger("lora_trainer")
+
+DEMO_SETTINGS = {
+    "model": {"base_model": "tiny-demo"},
+    "data": {"resolution": 64},
+    "training": {"max_train_steps": 150, "batch_size": 4, "gradient_accumulation_steps": 1,
+                 "learning_rate": 1e-3, "lr_scheduler": "cosine", "lr_warmup_steps": 10, "save_steps": 50,
+                 "lora_rank": 8, "lora_alpha": 8, "lora_dropout": 0.0},
+    "output": {"output_name": "demo_lora", "save_precision": "fp32"},
+}
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(message)s",
+                        stream=sys.stderr)
+    for noisy in ("diffusers", "transformers", "peft", "urllib3", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _train(cfg):
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from lora_trainer.engine.trainer import train
+
+    with logging_redirect_tqdm(loggers=[log]):
+        return train(cfg)
+
+
+def _report(result) -> None:
+    print(f"\n{result.status}: {result.steps}/{result.total_steps} steps in {result.wall_time_s:.1f} s, "
+          f"{result.images_used} images ({result.images_skipped} skipped)")
+    if result.first_loss is not None and result.final_loss is not None:
+        print(f"loss: first step {result.first_loss:.4f}, last steps {result.final_loss:.4f}")
+    print(f"run folder:        {result.run_dir}")
+    print(f"LoRA for the WebUI: {result.lora_path}")
+    if result.diffusers_path:
+        print(f"diffusers LoRA:    {result.diffusers_path}")
+    name = Path(result.lora_path).stem
+    print(f"copy it into models/Lora and prompt with <lora:{name}:0.7>")
+
+
+def cmd_demo(args) -> int:
+    from lora_trainer.config import apply_overrides, config_from_dict
+    from lora_trainer.data.demo_set import make_demo_dataset
+
+    root = Path(args.output)
+    data_dir = make_demo_dataset(root / "dataset", n=args.images, resolution=64)
+    settings = apply_overrides(DEMO_SETTINGS, [f"train_data_dir={data_dir}", f"output_dir={root / 'run'}"]
+                               + [f"max_train_steps={args.steps}"] + list(args.set or []))
+    cfg = config_from_dict(settings, source="demo")
+    print(f"demo: training the built-in tiny model on {args.images} generated images in {data_dir}")
+    _report(_train(cfg))
+    return 0
+
+
+def cmd_init_config(args) -> int:
+    from lora_trainer.config import write_template
+
+    path = write_template(args.path)
+    print(f"wrote {path}: set data.train_data_dir and model.base_model, then run\n"
+          f"  python -m lora_trainer train --config {path}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    import yaml
+
+    from lora_trainer.config import apply_overrides, config_from_dict, load_config
+
+    if args.set:
+        from lora_trainer.errors import ConfigError
+
+        path = Path(args.config)
+        if not path.is_file():
+            raise ConfigError(f"config file {path.resolve()} not found")
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        cfg = config_from_dict(apply_overrides(raw, args.set), source=str(path))
+    else:
+        cfg = load_config(args.config)
+    _report(_train(cfg))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lora-trainer", description="Train a Stable Diffusion LoRA for the WebUI.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="train the built-in tiny model on a generated sample set (no download)")
+    demo.add_argument("--output", default="output/demo", help="folder for the sample set and the run")
+    demo.add_argument("--steps", type=int, default=DEMO_SETTINGS["training"]["max_train_steps"])
+    demo.add_argument("--images", type=int, default=8)
+    demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting")
+    demo.set_defaults(func=cmd_demo)
+
+    init = sub.add_parser("init-config", help="write the commented default config")
+    init.add_argument("path", nargs="?", default="lora_config.yaml")
+    init.set_defaults(func=cmd_init_config)
+
+    tr = sub.add_parser("train", help="train a LoRA as a YAML config says")
+    tr.add_argument("--config", "-c", required=True, help="YAML config (see init-config)")
+    tr.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override a setting, e.g. --set training.epochs=2 (repeatable)")
+    tr.set_defaults(func=cmd_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except LoraTrainerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("aborted", file=sys.stderr)
+        return 130

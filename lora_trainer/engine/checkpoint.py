@@ -1,0 +1,104 @@
+"""Resumable checkpoints: LoRA weights, optimizer, lr scheduler, scaler, RNG states and the step.
+
+A checkpoint is a folder ``<run>/checkpoints/checkpoint-<step>`` built under a temp name and renamed
+when complete, so a crash never leaves a half-written one that ``latest`` could pick.
+The weights are safetensors; the rest is a torch file read back with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lora_trainer.errors import ConfigError
+from lora_trainer.utils.fsio import atomic_dir
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+WEIGHTS, STATE, INFO = "lora_state.safetensors", "training_state.pt", "checkpoint.json"
+
+
+@dataclass
+class Restored:
+    step: int
+    weights: dict
+    state: dict
+    info: dict
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(), "generator": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"checkpoint-{step:06d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in a run folder, oldest first."""
+    folder = Path(run_dir) / CHECKPOINTS
+    found = []
+    if folder.is_dir():
+        for p in folder.iterdir():
+            m = _NAME.match(p.name)
+            if m and (p / INFO).is_file():
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def save_checkpoint(run_dir: Path, step: int, weights: dict, state: dict, info: dict, keep: int = 0) -> Path | None:
+    """Write a checkpoint (skipped if one for this step exists) and prune to the ``keep`` newest."""
+    final = checkpoint_dir(run_dir, step)
+    if final.exists():
+        return None
+    with atomic_dir(final) as tmp:
+        save_file({k: v.contiguous() for k, v in weights.items()}, tmp / WEIGHTS)
+        torch.save(state, tmp / STATE)
+        (tmp / INFO).write_text(json.dumps(dict(info, step=step), indent=2, default=str), encoding="utf-8")
+    log.info("saved checkpoint %s", final)
+    if keep > 0:
+        for _, old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path) -> Restored:
+    path = Path(path)
+    if not (path / INFO).is_file():
+        raise ConfigError(f"training.resume_from_checkpoint: {path} is not a complete checkpoint folder "
+                          f"(no {INFO}); point it at a checkpoint-NNNNNN folder or use 'latest'")
+    info = json.loads((path / INFO).read_text(encoding="utf-8"))
+    state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+    return Restored(step=int(info["step"]), weights=load_file(path / WEIGHTS), state=state, info=info)
+
+
+def find_latest(output_dir: Path) -> Path | None:
+    """The newest checkpoint of ``output_dir`` or, if it has none, of its newest timestamped sibling."""
+    output_dir = Path(output_dir)
+    runs = [output_dir] + sorted(output_dir.parent.glob(f"{output_dir.name}-*"), reverse=True)
+    for run in runs:
+        found = list_checkpoints(run)
+        if found:
+            return found[-1][1]
+    return None

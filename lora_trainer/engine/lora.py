@@ -1,0 +1,94 @@
+"""LoRA layers via peft: inject into a module tree, read them out, take them away again."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lora_trainer.errors import ConfigError
+
+ADAPTER = "default"
+
+
+def _linear_names(module: nn.Module, limit: int = 12) -> list[str]:
+    names = sorted({n.rsplit(".", 1)[-1] for n, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))})
+    return names[:limit]
+
+
+def add_lora(module: nn.Module, *, rank: int, alpha: float, dropout: float, target_modules: list[str],
+             key: str = "training.target_modules") -> list[nn.Parameter]:
+    """Inject LoRA layers into ``module`` (in place) and return the new trainable parameters.
+
+    LoRA B starts at zero (peft's default), so the model's output is unchanged until training moves it.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+                        init_lora_weights=True)
+    try:
+        inject_adapter_in_model(config, module, adapter_name=ADAPTER)
+    except ValueError as e:
+        if "not found" not in str(e):
+            raise
+        raise ConfigError(
+            f"{key}: none of {list(target_modules)} match a layer of this model; "
+            f"layer names it has include: {', '.join(_linear_names(module))}"
+        ) from e
+    params = [p for n, p in module.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def lora_state_dict(module: nn.Module) -> dict:
+    """The LoRA weights of ``module`` in peft's key format (``<path>.lora_A.weight``)."""
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(module, adapter_name=ADAPTER)
+
+
+def trainable_state(modules: dict[str, nn.Module]) -> dict:
+    """Every trainable tensor by ``<component>.<parameter name>``: what a checkpoint must restore."""
+    return {
+        f"{comp}.{name}": p.detach()
+        for comp, module in modules.items()
+        for name, p in module.named_parameters()
+        if p.requires_grad
+    }
+
+
+def load_trainable_state(modules: dict[str, nn.Module], state: dict) -> None:
+    """Copy a ``trainable_state`` back into the same (already injected) modules."""
+    expected = trainable_state(modules)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ConfigError(
+            "training.resume_from_checkpoint: the checkpoint's LoRA layers do not match this config "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); rank, target modules and "
+            "train_text_encoder must be the same as in the run that wrote it"
+        )
+    for key, tensor in expected.items():
+        if tensor.shape != state[key].shape:
+            raise ConfigError(
+                f"training.resume_from_checkpoint: {key} has shape {tuple(state[key].shape)} in the checkpoint "
+                f"but {tuple(tensor.shape)} here; was lora_rank changed?"
+            )
+        tensor.copy_(state[key])
+
+
+def remove_lora(module: nn.Module) -> int:
+    """Take every peft LoRA layer out of ``module``, putting the original layers back; returns how many.
+
+    The base layers were never modified (no merge), so the module computes exactly what it did before.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    replaced = 0
+    for name, child in list(module.named_modules()):
+        if not name or not isinstance(child, BaseTunerLayer):
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, attr, child.get_base_layer())
+        replaced += 1
+    return replaced

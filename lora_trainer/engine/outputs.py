@@ -1,0 +1,89 @@
+"""What a run leaves behind: the kohya LoRA for the WebUI, the diffusers file, and summary.json."""
+
+from __future__ import annotations
+
+import logging
+import platform
+from pathlib import Path
+
+import torch
+
+from lora_trainer.engine.lora import lora_state_dict
+from lora_trainer.export.diffusers_format import save_diffusers_lora
+from lora_trainer.export.kohya import peft_to_kohya, save_kohya_lora
+from lora_trainer.export.metadata import build_metadata
+from lora_trainer.models.base import KOHYA_PREFIXES, TEXT_ENCODER, UNET
+from lora_trainer.utils.fsio import atomic_write_json
+
+log = logging.getLogger(__name__)
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def export_lora(run_dir: Path, cfg, backend, modules: dict, scan, started_at: float, steps: int, plan):
+    """Write ``<output_name>.safetensors`` (kohya) and, if asked, the diffusers file; return both paths."""
+    import time
+
+    t, out = cfg.training, cfg.output
+    states = {name: lora_state_dict(module) for name, module in modules.items()}
+    tensors = {}
+    for name, state in states.items():
+        tensors.update(peft_to_kohya(state, KOHYA_PREFIXES[name], t.lora_alpha, dtype=SAVE_DTYPES[out.save_precision]))
+    metadata = build_metadata(
+        output_name=out.output_name,
+        rank=t.lora_rank,
+        alpha=t.lora_alpha,
+        dropout=t.lora_dropout,
+        base_model_version=backend.family,
+        prediction_type=backend.prediction_type,
+        sd_model_name=backend.model_name,
+        resolution=cfg.data.resolution,
+        tag_frequency={Path(cfg.data.train_data_dir).name: scan.tag_frequency()},
+        num_train_images=len(scan.samples),
+        learning_rate=t.learning_rate,
+        unet_lr=t.learning_rate,
+        text_encoder_lr=t.text_encoder_lr if TEXT_ENCODER in modules else None,
+        steps=steps,
+        max_train_steps=plan.total_steps,
+        epoch=-(-steps // plan.steps_per_epoch),
+        num_epochs=plan.epochs,
+        seed=t.seed,
+        batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        lr_scheduler=t.lr_scheduler,
+        optimizer=t.optimizer,
+        mixed_precision=t.mixed_precision,
+        noise_offset=t.noise_offset,
+        min_snr_gamma=t.min_snr_gamma,
+        training_started_at=started_at,
+        training_finished_at=time.time(),
+        comment=out.training_comment,
+        network_args={"target_modules": list(t.target_modules)},
+    )
+    lora_path = save_kohya_lora(run_dir / f"{out.output_name}.safetensors", tensors, metadata)
+    diffusers_path = None
+    if out.save_diffusers_format:
+        diffusers_path = save_diffusers_lora(run_dir, states[UNET], states.get(TEXT_ENCODER),
+                                             rank=t.lora_rank, alpha=t.lora_alpha)
+    return lora_path, diffusers_path
+
+
+def write_summary(run_dir: Path, result, scan) -> Path:
+    import diffusers
+    import peft
+
+    summary = {
+        "status": result.status,
+        "steps": result.steps,
+        "total_steps": result.total_steps,
+        "first_loss": result.first_loss,
+        "final_loss": result.final_loss,
+        "images_used": result.images_used,
+        "images_skipped": result.images_skipped,
+        "skipped": [{"path": s.path, "reason": s.reason} for s in scan.skipped],
+        "wall_time_s": round(result.wall_time_s, 2),
+        "lora_file": str(result.lora_path) if result.lora_path else None,
+        "diffusers_file": str(result.diffusers_path) if result.diffusers_path else None,
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,
+                     "python": platform.python_version()},
+    }
+    return atomic_write_json(run_dir / "summary.json", summary)

@@ -1,0 +1,64 @@
+"""Where a run writes: never into a folder that holds another run, and a log file inside it."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+from lora_trainer.engine.checkpoint import CHECKPOINTS, find_latest
+
+log = logging.getLogger(__name__)
+LOGS = "logs"
+
+
+def prepare_run_dir(output_dir: str, resume: str | None) -> tuple[Path, Path | None]:
+    """Return (run folder, checkpoint to resume from or None).
+
+    Resuming continues in the run folder that holds the checkpoint. A new run uses ``output_dir``
+    when it is empty or absent; if it already holds anything (a finished or an interrupted run), the
+    new run goes to ``<output_dir>-<YYYYmmdd-HHMMSS>`` beside it, and the log says so.
+    """
+    out = Path(output_dir).expanduser().resolve()
+    checkpoint = None
+    if resume == "latest":
+        checkpoint = find_latest(out)
+        if checkpoint is None:
+            log.warning("resume_from_checkpoint: latest: no checkpoint under %s; starting a new run", out)
+    elif resume:
+        checkpoint = Path(resume).expanduser().resolve()
+    if checkpoint is not None:
+        run = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else checkpoint.parent
+        return run, checkpoint
+    if out.exists() and any(out.iterdir()):
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        new = out.with_name(f"{out.name}-{stamp}")
+        n = 1
+        while new.exists():
+            new = out.with_name(f"{out.name}-{stamp}-{n}")
+            n += 1
+        log.warning("%s already holds a run; this run goes to %s (nothing is overwritten)", out, new)
+        out = new
+    out.mkdir(parents=True, exist_ok=True)
+    return out, None
+
+
+@contextlib.contextmanager
+def run_log_file(run_dir: Path):
+    """Copy the package's log records into ``<run>/logs/train.log`` while the run lasts."""
+    (run_dir / LOGS).mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / LOGS / "train.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    logger = logging.getLogger("lora_trainer")
+    old_level = logger.level
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield run_dir / LOGS
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        handler.close()

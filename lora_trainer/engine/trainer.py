@@ -1,0 +1,309 @@
+"""The training loop: one function, readable top to bottom.
+
+No gradio and no WebUI in here: the loop reaches the model only through the backend protocol
+(``lora_trainer.models.base.TrainingBackend``), so the same code trains a diffusers model on the
+command line and the WebUI's loaded model in the tab, and all of it runs in CI on a CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import signal
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
+
+from lora_trainer.config import Config, resolve_mixed_precision, save_config, validate_paths
+from lora_trainer.data.dataset import ImageDataset, collate, scan_dataset
+from lora_trainer.engine import checkpoint as ckpt
+from lora_trainer.engine.events import Callbacks, CallbackList, StepInfo, TrainResult
+from lora_trainer.engine.lora import add_lora, load_trainable_state, trainable_state
+from lora_trainer.engine.loss import diffusion_loss
+from lora_trainer.engine.optim import build_optimizer, check_optimizer
+from lora_trainer.engine.outputs import export_lora, write_summary
+from lora_trainer.engine.run_dir import prepare_run_dir, run_log_file
+from lora_trainer.errors import LoraTrainerError
+from lora_trainer.models.base import TEXT_ENCODER, UNET
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TrainingError(LoraTrainerError):
+    """Training went wrong in a way the user can act on (NaN loss, out of memory)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How many images, batches and optimizer steps the run has."""
+
+    num_images: int
+    batch_size: int
+    grad_accum: int
+    total_steps: int
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(self.num_images / self.batch_size)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.batches_per_epoch / self.grad_accum)
+
+    @property
+    def epochs(self) -> int:
+        return math.ceil(self.total_steps / self.steps_per_epoch)
+
+    @classmethod
+    def from_config(cls, cfg: Config, num_images: int) -> Plan:
+        t = cfg.training
+        plan = cls(num_images, t.batch_size, t.gradient_accumulation_steps, 0)
+        total = t.max_train_steps or t.epochs * plan.steps_per_epoch
+        return dataclasses.replace(plan, total_steps=total)
+
+
+def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The shuffled batches of one epoch: a pure function of (seed, epoch), so a resume finds its place."""
+    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed + 1_000_003 * epoch)).tolist()
+    return [order[i : i + batch_size] for i in range(0, num_images, batch_size)]
+
+
+class _CtrlC:
+    """First Ctrl-C: stop after this step and save. Second: abort at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def _tensorboard(log_dir: Path, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.warning("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
+        return None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progress: bool = True) -> TrainResult:
+    """Train a LoRA as ``cfg`` says and export it; returns where everything went.
+
+    ``backend`` defaults to a diffusers model loaded from ``cfg.model.base_model``; the WebUI passes
+    its own. ``callbacks`` get progress and may ask the loop to stop (it then saves and exports).
+    """
+    started = time.time()
+    t, d = cfg.training, cfg.data
+    # --- everything that can be wrong with the input is checked before any model loads
+    validate_paths(cfg, check_base_model=backend is None)
+    check_optimizer(t.optimizer)
+    scan = scan_dataset(d.train_data_dir, metadata_path=d.metadata_path, caption_extension=d.caption_extension,
+                        caption_priority=d.caption_priority, caption_prefix=d.caption_prefix, recursive=d.recursive)
+    log.info(scan.summary())
+    plan = Plan.from_config(cfg, len(scan.samples))
+    run_dir, resume_from = prepare_run_dir(cfg.output.output_dir, t.resume_from_checkpoint)
+    restored = ckpt.load_checkpoint(resume_from) if resume_from else None
+
+    with run_log_file(run_dir) as log_dir, _CtrlC() as ctrl_c:
+        # --- model, precision, LoRA layers
+        if backend is None:
+            from lora_trainer.models.diffusers_backend import load_diffusers_backend
+
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+            precision = resolve_mixed_precision(t.mixed_precision, device.type, bf16)
+            backend = load_diffusers_backend(cfg.model.base_model, device, DTYPES[precision],
+                                             cfg.model.prediction_type)
+        else:
+            device = backend.device
+            precision = {v: k for k, v in DTYPES.items()}[backend.weight_dtype]
+        cfg = dataclasses.replace(cfg, training=dataclasses.replace(t, mixed_precision=precision))
+        t = cfg.training
+        save_config(cfg, run_dir / "config.yaml")
+        log.info("run folder %s; %d steps (%d epochs of %d), batch %d × accumulation %d, %s on %s",
+                 run_dir, plan.total_steps, plan.epochs, plan.steps_per_epoch, t.batch_size,
+                 t.gradient_accumulation_steps, precision if precision != "no" else "fp32", device)
+
+        components = backend.components()
+        modules = {UNET: components[UNET]}
+        if t.train_text_encoder:
+            modules[TEXT_ENCODER] = components[TEXT_ENCODER]
+        torch.manual_seed(t.seed)  # LoRA A's initialisation
+        groups = []
+        for name, module in modules.items():
+            te = name == TEXT_ENCODER
+            params = add_lora(module, rank=t.lora_rank, alpha=t.lora_alpha, dropout=t.lora_dropout,
+                              target_modules=t.text_encoder_target_modules if te else t.target_modules,
+                              key="training.text_encoder_target_modules" if te else "training.target_modules")
+            cast_training_params(module, dtype=torch.float32)  # LoRA in fp32, frozen base in compute dtype
+            groups.append({"params": params, "lr": t.text_encoder_lr if te else t.learning_rate})
+            module.train()
+        if t.gradient_checkpointing:
+            backend.enable_gradient_checkpointing(text_encoder=t.train_text_encoder)
+
+        optimizer = build_optimizer(t, groups, device)
+        sched_name = t.lr_scheduler
+        if sched_name == "constant" and t.lr_warmup_steps:
+            sched_name = "constant_with_warmup"
+        lr_scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=t.lr_warmup_steps,
+                                     num_training_steps=plan.total_steps)
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        autocast = (torch.autocast(device.type, dtype=DTYPES[precision]) if precision != "no"
+                    else contextlib.nullcontext())
+        generator = torch.Generator(device=device).manual_seed(t.seed)
+
+        step = 0
+        if restored is not None:
+            load_trainable_state(modules, {k: v.to(device) for k, v in restored.weights.items()})
+            optimizer.load_state_dict(restored.state["optimizer"])
+            lr_scheduler.load_state_dict(restored.state["lr_scheduler"])
+            scaler.load_state_dict(restored.state["scaler"])
+            ckpt.set_rng_state(restored.state["rng"], generator)
+            step = restored.step
+            log.info("resumed from %s at step %d of %d", resume_from, step, plan.total_steps)
+
+        dataset = ImageDataset(scan.samples, d.resolution)
+        cbs = CallbackList([callbacks])
+        cbs.on_start(plan.total_steps, run_dir)
+        writer = _tensorboard(log_dir, cfg.output.log_with == "tensorboard")
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=plan.total_steps, initial=step, desc="training", unit="step", disable=not progress,
+                   dynamic_ncols=True)
+        losses: deque[float] = deque(maxlen=20)
+        first_loss = restored.info.get("first_loss") if restored else None
+        last_saved = step if restored else -1
+        loop_start, start_step = time.time(), step
+
+        def save(reason: str) -> None:
+            nonlocal last_saved
+            if last_saved == step:
+                return
+            state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                     "scaler": scaler.state_dict(), "rng": ckpt.rng_state(generator)}
+            info = {"reason": reason, "epoch": step // plan.steps_per_epoch, "total_steps": plan.total_steps,
+                    "loss": losses[-1] if losses else None, "first_loss": first_loss}
+            path = ckpt.save_checkpoint(run_dir, step, trainable_state(modules), state, info,
+                                        keep=t.checkpoints_total_limit)
+            last_saved = step
+            if path is not None:
+                cbs.on_checkpoint(path)
+
+        def one_micro_batch(batch) -> torch.Tensor:
+            pixels = batch["pixel_values"].to(device)
+            if d.random_flip:
+                flip = torch.rand(pixels.shape[0], generator=generator, device=device) < 0.5
+                pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+            latents = backend.encode_images(pixels, generator)
+            with autocast:
+                if t.train_text_encoder:
+                    cond = backend.encode_prompts(batch["captions"])
+                else:
+                    with torch.no_grad():
+                        cond = backend.encode_prompts(batch["captions"])
+                return diffusion_loss(backend, latents, cond, generator, noise_offset=t.noise_offset,
+                                      min_snr_gamma=t.min_snr_gamma)
+
+        stopped = False
+        try:
+            while step < plan.total_steps and not stopped:
+                epoch = step // plan.steps_per_epoch
+                batches = epoch_batches(plan.num_images, plan.batch_size, t.seed, epoch)
+                first = (step - epoch * plan.steps_per_epoch) * plan.grad_accum
+                # its own generator, so making a loader draws nothing from the global RNG (exact resume)
+                loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches[first:], collate_fn=collate,
+                                                     num_workers=t.dataloader_num_workers,
+                                                     generator=torch.Generator().manual_seed(t.seed + epoch))
+                step_loss = 0.0
+                for i, batch in enumerate(loader, start=first):
+                    group_size = min(plan.grad_accum, len(batches) - (i // plan.grad_accum) * plan.grad_accum)
+                    loss = one_micro_batch(batch)
+                    if not torch.isfinite(loss):
+                        raise TrainingError(
+                            f"the loss became {loss.item()} at step {step + 1}: lower training.learning_rate, "
+                            "or use mixed_precision bf16 or no instead of fp16")
+                    scaler.scale(loss / group_size).backward()
+                    step_loss += loss.item() / group_size
+                    if (i + 1) % plan.grad_accum and i + 1 < len(batches):
+                        continue
+                    # --- one optimizer step
+                    if t.max_grad_norm > 0:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], t.max_grad_norm)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    losses.append(step_loss)
+                    first_loss = step_loss if first_loss is None else first_loss
+                    lr = lr_scheduler.get_last_lr()[0]
+                    elapsed = time.time() - loop_start
+                    info = StepInfo(step, plan.total_steps, epoch + 1, step_loss, sum(losses) / len(losses), lr,
+                                    elapsed, (step - start_step) / elapsed if elapsed > 0 else 0.0)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{info.loss_avg:.4f}", lr=f"{lr:.2e}", epoch=epoch + 1)
+                    if writer is not None:
+                        writer.add_scalar("train/loss", step_loss, step)
+                        writer.add_scalar("train/lr", lr, step)
+                    cbs.on_step(info)
+                    step_loss = 0.0
+                    if t.save_steps and step % t.save_steps == 0 and step < plan.total_steps:
+                        save("save_steps")
+                    if ctrl_c.requested or cbs.should_stop():
+                        stopped = True
+                        break
+                    if step >= plan.total_steps:
+                        break
+                end_of_epoch = step % plan.steps_per_epoch == 0 and step < plan.total_steps
+                if end_of_epoch and t.save_every_n_epochs and (step // plan.steps_per_epoch) % t.save_every_n_epochs == 0:
+                    save("save_every_n_epochs")
+        except torch.cuda.OutOfMemoryError as e:
+            raise TrainingError(
+                "out of GPU memory: lower training.batch_size (and raise gradient_accumulation_steps to keep the "
+                "effective batch), turn on training.gradient_checkpointing, or lower data.resolution") from e
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+
+        if stopped:
+            save("stopped")
+            log.warning("stopped at step %d of %d; resume with resume_from_checkpoint: latest", step, plan.total_steps)
+        status = "stopped" if stopped else "finished"
+        lora_path, diffusers_path = export_lora(run_dir, cfg, backend, modules, scan, started, step, plan)
+        result = TrainResult(status=status, run_dir=run_dir, lora_path=lora_path, diffusers_path=diffusers_path,
+                             steps=step, total_steps=plan.total_steps,
+                             final_loss=sum(losses) / len(losses) if losses else None, first_loss=first_loss,
+                             images_used=len(scan.samples), images_skipped=len(scan.skipped),
+                             wall_time_s=time.time() - started)
+        write_summary(run_dir, result, scan)
+        log.info("%s after %d steps: %s", status, step, lora_path)
+        cbs.on_end(result)
+        return result

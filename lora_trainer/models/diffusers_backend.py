@@ -1,0 +1,105 @@
+"""The diffusers backend: a diffusers folder, a single-file SD 1.x checkpoint, or the tiny demo model."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lora_trainer.errors import ModelLoadError
+from lora_trainer.models.base import TEXT_ENCODER, UNET
+
+log = logging.getLogger(__name__)
+
+
+class DiffusersBackend:
+    """Wraps a StableDiffusionPipeline's parts for training; every base weight is frozen."""
+
+    def __init__(self, pipe, model_name: str, device: torch.device, weight_dtype: torch.dtype,
+                 prediction_type: str = "auto"):
+        from diffusers import DDPMScheduler
+
+        self.model_name = model_name
+        self.device = torch.device(device)
+        self.weight_dtype = weight_dtype
+        self.unet, self.vae = pipe.unet, pipe.vae
+        self.text_encoder, self.tokenizer = pipe.text_encoder, pipe.tokenizer
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        if prediction_type != "auto":
+            self.noise_scheduler.register_to_config(prediction_type=prediction_type)
+        self.prediction_type = self.noise_scheduler.config.prediction_type
+        self.family = "sd_v2" if self.unet.config.cross_attention_dim == 1024 else "sd_v1"
+        # fp16 VAEs overflow on some images; keep the VAE in fp32 then (it runs without grad)
+        vae_dtype = torch.float32 if weight_dtype == torch.float16 else weight_dtype
+        for module, dtype in ((self.unet, weight_dtype), (self.text_encoder, weight_dtype), (self.vae, vae_dtype)):
+            module.requires_grad_(False)
+            module.to(self.device, dtype=dtype)
+        self.vae.eval()
+        self.text_encoder.eval()
+
+    def components(self) -> dict[str, nn.Module]:
+        return {UNET: self.unet, TEXT_ENCODER: self.text_encoder}
+
+    def encode_images(self, pixels, generator):
+        pixels = pixels.to(self.device, dtype=self.vae.dtype)
+        with torch.no_grad():
+            dist = self.vae.encode(pixels).latent_dist
+            latents = dist.sample(generator=generator) * self.vae.config.scaling_factor
+        return latents.to(self.weight_dtype)
+
+    def encode_prompts(self, captions):
+        ids = self.tokenizer(
+            captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+            truncation=True, return_tensors="pt",
+        ).input_ids.to(self.device)
+        return self.text_encoder(ids)[0]
+
+    def predict(self, noisy_latents, timesteps, cond):
+        return self.unet(noisy_latents, timesteps, cond).sample
+
+    def enable_gradient_checkpointing(self, text_encoder: bool) -> None:
+        self.unet.enable_gradient_checkpointing()
+        if text_encoder:
+            self.text_encoder.gradient_checkpointing_enable()
+            # frozen embeddings give checkpointed layers inputs without grad; make them carry it
+            self.text_encoder.enable_input_require_grads()
+
+
+def resolve_base_model(base_model: str) -> Path:
+    """The folder or file a ``base_model`` value points to (the tiny demo model is built on first use)."""
+    from lora_trainer.models.tiny import TINY_NAME, tiny_model_path
+
+    if base_model == TINY_NAME:
+        return tiny_model_path()
+    return Path(base_model).expanduser().resolve()
+
+
+def load_pipeline(base_model: str, weight_dtype: torch.dtype = torch.float32):
+    """Load a StableDiffusionPipeline offline; returns (pipe, model name)."""
+    from diffusers import StableDiffusionPipeline
+
+    path = resolve_base_model(base_model)
+    name = base_model if not Path(base_model).exists() else path.name
+    if path.is_file():
+        from lora_trainer.models.single_file import load_single_file_pipeline
+
+        return load_single_file_pipeline(path, torch_dtype=weight_dtype), path.stem
+    if not (path / "model_index.json").is_file():
+        raise ModelLoadError(f"model.base_model: {path} is not a diffusers folder (no model_index.json)")
+    log.info("loading diffusers model from %s", path)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            path, local_files_only=True, torch_dtype=weight_dtype, safety_checker=None,
+            requires_safety_checker=False,
+        )
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise ModelLoadError(f"model.base_model: could not load {path}: {e}") from e
+    return pipe, name
+
+
+def load_diffusers_backend(base_model: str, device, weight_dtype: torch.dtype,
+                           prediction_type: str = "auto") -> DiffusersBackend:
+    pipe, name = load_pipeline(base_model, weight_dtype)
+    return DiffusersBackend(pipe, name, device, weight_dtype, prediction_type)

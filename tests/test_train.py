@@ -1,0 +1,158 @@
+"""The training loop end to end on the tiny model: it learns, resumes exactly, stops cleanly, exports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from lora_trainer.config import config_from_dict
+from lora_trainer.data.dataset import ImageDataset, collate, scan_dataset
+from lora_trainer.data.demo_set import make_demo_dataset
+from lora_trainer.engine.checkpoint import list_checkpoints
+from lora_trainer.engine.events import Callbacks
+from lora_trainer.engine.loss import diffusion_loss
+from lora_trainer.engine.trainer import train
+from lora_trainer.errors import DatasetError
+from lora_trainer.models.diffusers_backend import load_diffusers_backend
+
+
+def make_cfg(data_dir, out_dir, **training):
+    t = {"max_train_steps": 4, "batch_size": 2, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
+         "lora_rank": 4, "lora_alpha": 2, "lora_dropout": 0.0, "save_steps": 0, "seed": 7}
+    t.update(training)
+    return config_from_dict({
+        "data": {"train_data_dir": str(data_dir), "resolution": 64},
+        "model": {"base_model": "tiny-demo"},
+        "training": t,
+        "output": {"output_dir": str(out_dir), "output_name": "test_lora", "save_precision": "fp32",
+                   "log_with": "tensorboard"},
+    })
+
+
+@pytest.fixture
+def demo_data(tmp_path):
+    return make_demo_dataset(tmp_path / "data", n=6, resolution=64, seed=0)
+
+
+class StopAt(Callbacks):
+    def __init__(self, step):
+        self.step, self.seen = step, []
+
+    def on_step(self, info):
+        self.seen.append(info.step)
+
+    def should_stop(self):
+        return bool(self.seen) and self.seen[-1] >= self.step
+
+
+def fixed_loss(backend, data_dir, seed=123, rounds=4):
+    """Mean diffusion loss over the set with fixed noise and timesteps: comparable before and after."""
+    samples = scan_dataset(data_dir).samples
+    batch = collate([ImageDataset(samples, 64)[i] for i in range(len(samples))])
+    gen = torch.Generator().manual_seed(seed)
+    for m in backend.components().values():
+        m.eval()
+    with torch.no_grad():
+        latents = backend.encode_images(batch["pixel_values"], gen)
+        cond = backend.encode_prompts(batch["captions"])
+        return sum(diffusion_loss(backend, latents, cond, gen).item() for _ in range(rounds)) / rounds
+
+
+def test_training_learns(demo_data, tmp_path):
+    backend = load_diffusers_backend("tiny-demo", torch.device("cpu"), torch.float32)
+    before = fixed_loss(backend, demo_data)
+    cfg = make_cfg(demo_data, tmp_path / "out", max_train_steps=60, batch_size=6,
+                   target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
+                                   "ff.net.2", "conv1", "conv2"], lora_rank=8, lora_alpha=8)
+    result = train(cfg, backend=backend, progress=False)
+    after = fixed_loss(backend, demo_data)
+    assert result.status == "finished" and result.steps == 60
+    assert after < 0.8 * before, (before, after)
+
+
+def test_resume_gives_the_same_lora(demo_data, tmp_path):
+    # 6 images, batch 2, accumulation 2 -> 3 micro-batches = 2 steps per epoch (the second of 1 batch);
+    # stopping at step 3 stops mid-epoch; dropout, flips, noise offset and min-SNR all draw random numbers.
+    settings = dict(max_train_steps=6, gradient_accumulation_steps=2, lora_dropout=0.1, lr_scheduler="cosine",
+                    lr_warmup_steps=2, noise_offset=0.05, min_snr_gamma=5.0, save_steps=3)
+    straight = train(make_cfg(demo_data, tmp_path / "a", **settings), progress=False)
+
+    stopper = StopAt(3)
+    first = train(make_cfg(demo_data, tmp_path / "b", **settings), callbacks=stopper, progress=False)
+    assert first.status == "stopped" and first.steps == 3
+    resumed = train(make_cfg(demo_data, tmp_path / "b", resume_from_checkpoint="latest", **settings), progress=False)
+    assert resumed.run_dir == first.run_dir and resumed.steps == 6 and resumed.status == "finished"
+
+    a, b = load_file(straight.lora_path), load_file(resumed.lora_path)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # and the LoRA really moved away from its start (lora_up starts at zero)
+    assert any(a[k].abs().sum() > 0 for k in a if k.endswith("lora_up.weight"))
+    # the stopped run's checkpoint equals the straight run's checkpoint at the same step
+    ca = dict(list_checkpoints(straight.run_dir))[3]
+    cb = dict(list_checkpoints(first.run_dir))[3]
+    wa, wb = load_file(ca / "lora_state.safetensors"), load_file(cb / "lora_state.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_run_outputs(demo_data, tmp_path):
+    out = tmp_path / "out"
+    result = train(make_cfg(demo_data, out, save_steps=2), progress=False)
+    run = result.run_dir
+    assert run == out.resolve()
+    assert result.lora_path == run / "test_lora.safetensors"
+    assert (run / "pytorch_lora_weights.safetensors").is_file()
+    assert (run / "config.yaml").is_file()
+    assert list((run / "logs").glob("events.out.tfevents.*")), "no TensorBoard event file"
+    assert "step" in (run / "logs" / "train.log").read_text() or (run / "logs" / "train.log").stat().st_size > 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["images_used"] == 6 and summary["status"] == "finished"
+    assert [s for s, _ in list_checkpoints(run)] == [2]
+    with safe_open(result.lora_path, "pt") as f:
+        meta = f.metadata()
+        keys = list(f.keys())
+    assert meta["ss_output_name"] == "test_lora" and meta["ss_network_dim"] == "4"
+    assert float(meta["ss_network_alpha"]) == 2.0 and meta["ss_steps"] == "4"
+    assert all(k.startswith("lora_unet_") for k in keys)
+    assert not list(run.rglob("*.tmp")), "temp files left behind"
+
+    # a second run never writes into a folder that holds a run
+    before = result.lora_path.read_bytes()
+    again = train(make_cfg(demo_data, out), progress=False)
+    assert again.run_dir != run and again.run_dir.name.startswith("out-")
+    assert result.lora_path.read_bytes() == before
+
+
+def test_stop_saves_checkpoint_and_lora(demo_data, tmp_path):
+    result = train(make_cfg(demo_data, tmp_path / "out", max_train_steps=10), callbacks=StopAt(2), progress=False)
+    assert result.status == "stopped" and result.steps == 2
+    assert [s for s, _ in list_checkpoints(result.run_dir)] == [2]
+    assert result.lora_path.is_file()
+    assert json.loads((result.run_dir / "summary.json").read_text())["status"] == "stopped"
+
+
+def test_text_encoder_accumulation_and_checkpointing(demo_data, tmp_path):
+    cfg = make_cfg(demo_data, tmp_path / "out", max_train_steps=2, train_text_encoder=True,
+                   gradient_checkpointing=True, gradient_accumulation_steps=2, mixed_precision="fp16")
+    result = train(cfg, progress=False)
+    tensors = load_file(result.lora_path)
+    te = [k for k in tensors if k.startswith("lora_te_")]
+    assert te and any(k.startswith("lora_unet_") for k in tensors)
+    assert any(tensors[k].abs().sum() > 0 for k in te if k.endswith("lora_up.weight")), "text encoder did not train"
+    assert result.final_loss is not None and result.final_loss == result.final_loss  # not NaN
+
+
+def test_bad_dataset_fails_before_model_loads(tmp_path, monkeypatch):
+    import lora_trainer.models.diffusers_backend as db
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.png").write_bytes(b"not an image")
+    monkeypatch.setattr(db, "load_diffusers_backend", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(DatasetError, match="empty|no usable|0 usable|not an image"):
+        train(make_cfg(empty, tmp_path / "out"), progress=False)
