@@ -10,8 +10,12 @@ ADAPTER = "default"
 
 
 def _linear_names(module: nn.Module, limit: int = 12) -> list[str]:
-    names = sorted({n.rsplit(".", 1)[-1] for n, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))})
-    return names[:limit]
+    def short(path: str) -> str:  # "…attn1.to_out.0" → "to_out.0", "…attn1.to_q" → "to_q"
+        parts = path.split(".")
+        return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
+
+    kinds = (nn.Linear, nn.Conv2d)
+    return sorted({short(n) for n, m in module.named_modules() if n and isinstance(m, kinds)})[:limit]
 
 
 def add_lora(module: nn.Module, *, rank: int, alpha: float, dropout: float, target_modules: list[str],

@@ -35,7 +35,9 @@ class DiffusersBackend:
         vae_dtype = torch.float32 if weight_dtype == torch.float16 else weight_dtype
         for module, dtype in ((self.unet, weight_dtype), (self.text_encoder, weight_dtype), (self.vae, vae_dtype)):
             module.requires_grad_(False)
-            module.to(self.device, dtype=dtype)
+            module.to(self.device)
+            if module.dtype != dtype:
+                module.to(dtype=dtype)
         self.vae.eval()
         self.text_encoder.eval()
 
