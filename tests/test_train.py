@@ -156,3 +156,19 @@ def test_bad_dataset_fails_before_model_loads(tmp_path, monkeypatch):
     monkeypatch.setattr(db, "load_diffusers_backend", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(DatasetError, match="empty|no usable|0 usable|not an image"):
         train(make_cfg(empty, tmp_path / "out"), progress=False)
+
+
+def test_ctrl_c_stops_after_the_step_and_saves(demo_data, tmp_path):
+    import os
+    import signal
+
+    class CtrlCAt(Callbacks):
+        def on_step(self, info):
+            if info.step == 2:
+                os.kill(os.getpid(), signal.SIGINT)  # what a terminal sends on Ctrl-C
+
+    result = train(make_cfg(demo_data, tmp_path / "out", max_train_steps=10), callbacks=CtrlCAt(), progress=False)
+    assert result.status == "stopped" and result.steps == 2
+    assert [s for s, _ in list_checkpoints(result.run_dir)] == [2]
+    assert result.lora_path.is_file() and not list(result.run_dir.rglob("*.tmp"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
