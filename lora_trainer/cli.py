@@ -74,21 +74,9 @@ def cmd_init_config(args) -> int:
 
 
 def cmd_train(args) -> int:
-    import yaml
+    from lora_trainer.config import load_config
 
-    from lora_trainer.config import apply_overrides, config_from_dict, load_config
-
-    if args.set:
-        from lora_trainer.errors import ConfigError
-
-        path = Path(args.config)
-        if not path.is_file():
-            raise ConfigError(f"config file {path.resolve()} not found")
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        cfg = config_from_dict(apply_overrides(raw, args.set), source=str(path))
-    else:
-        cfg = load_config(args.config)
-    _report(_train(cfg))
+    _report(_train(load_config(args.config, overrides=args.set)))
     return 0
 
 
