@@ -1,0 +1,392 @@
+"""One typed config: YAML in (nested sections or flat keys), validation that names the bad key, YAML out.
+
+Every check here runs before any model loads. Errors are collected and raised together, each naming
+the dotted key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import logging
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from lora_trainer.errors import ConfigError
+from lora_trainer.utils.fsio import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+TEMPLATE = Path(__file__).with_name("lora_default.yaml")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+@dataclass
+class DataConfig:
+    train_data_dir: str = ""
+    metadata_path: str | None = None
+    caption_extension: str = ".txt"
+    caption_priority: str = "csv"
+    caption_prefix: str = ""
+    recursive: bool = False
+    resolution: int = 512
+    random_flip: bool = False
+
+
+@dataclass
+class ModelConfig:
+    base_model: str = "tiny-demo"
+    prediction_type: str = "auto"
+
+
+@dataclass
+class TrainingConfig:
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.1
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    train_text_encoder: bool = False
+    text_encoder_lr: float = 5e-5
+    text_encoder_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    batch_size: int = 4
+    epochs: int = 10
+    max_train_steps: int | None = None
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    gradient_accumulation_steps: int = 2
+    mixed_precision: str = "auto"
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    noise_offset: float = 0.0
+    min_snr_gamma: float | None = None
+    save_steps: int = 100
+    save_every_n_epochs: int = 0
+    checkpoints_total_limit: int = 3
+    resume_from_checkpoint: str | None = None
+    dataloader_num_workers: int = 0
+
+
+@dataclass
+class OutputConfig:
+    output_dir: str = "output/my_lora"
+    output_name: str = "my_lora"
+    save_precision: str = "fp16"
+    save_diffusers_format: bool = True
+    training_comment: str = ""
+    log_with: str = "tensorboard"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+SECTION_CLASSES = {"data": DataConfig, "model": ModelConfig, "training": TrainingConfig, "output": OutputConfig}
+# field name → section (names are unique across sections, which is what makes the flat form work)
+FIELD_SECTION = {f.name: sec for sec, cls in SECTION_CLASSES.items() for f in fields(cls)}
+ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout", "lr": "learning_rate", "warmup_steps": "lr_warmup_steps"}
+
+CHOICES = {
+    "caption_priority": ("csv", "txt"),
+    "prediction_type": ("auto", "epsilon", "v_prediction"),
+    "lr_scheduler": ("constant", "constant_with_warmup", "cosine", "linear"),
+    "optimizer": ("adamw", "adamw8bit"),
+    "mixed_precision": ("auto", "no", "fp16", "bf16"),
+    "save_precision": ("fp32", "fp16", "bf16"),
+    "log_with": ("tensorboard", "none"),
+}
+# (lowest, highest, lowest is exclusive, highest is exclusive); None = unbounded
+RANGES = {
+    "resolution": (64, 4096, False, False),
+    "lora_rank": (1, 1024, False, False),
+    "lora_alpha": (0, None, True, False),
+    "lora_dropout": (0, 1, False, True),
+    "text_encoder_lr": (0, None, True, False),
+    "batch_size": (1, None, False, False),
+    "epochs": (1, None, False, False),
+    "max_train_steps": (1, None, False, False),
+    "learning_rate": (0, None, True, False),
+    "lr_warmup_steps": (0, None, False, False),
+    "weight_decay": (0, None, False, False),
+    "adam_beta1": (0, 1, False, True),
+    "adam_beta2": (0, 1, False, True),
+    "adam_epsilon": (0, None, True, False),
+    "max_grad_norm": (0, None, False, False),
+    "gradient_accumulation_steps": (1, None, False, False),
+    "noise_offset": (0, None, False, False),
+    "min_snr_gamma": (0, None, True, False),
+    "save_steps": (0, None, False, False),
+    "save_every_n_epochs": (0, None, False, False),
+    "checkpoints_total_limit": (0, None, False, False),
+    "dataloader_num_workers": (0, None, False, False),
+}
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _range_text(lo, hi, lo_open, hi_open) -> str:
+    parts = []
+    if lo is not None:
+        parts.append(f"{'>' if lo_open else '>='} {lo}")
+    if hi is not None:
+        parts.append(f"{'<' if hi_open else '<='} {hi}")
+    return " and ".join(parts)
+
+
+def _field_types() -> dict[str, object]:
+    out = {}
+    for cls in SECTION_CLASSES.values():
+        hints = typing.get_type_hints(cls)
+        out.update({f.name: hints[f.name] for f in fields(cls)})
+    return out
+
+
+FIELD_TYPES = _field_types()
+
+
+def _convert(name: str, value, key: str):
+    """Check and convert one value; returns (value, error message or None)."""
+    hint = FIELD_TYPES[name]
+    optional = type(None) in typing.get_args(hint)
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
+    if value is None:
+        return (None, None) if optional else (None, f"{key}: a value is required (got nothing)")
+    shown = repr(value)
+    if base is bool:
+        if isinstance(value, bool):
+            return value, None
+        return None, f"{key}: expected true or false, got {shown}"
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+            rng = RANGES.get(name)
+            return None, f"{key}: expected an integer{' ' + _range_text(*rng) if rng else ''}, got {shown}"
+        value = int(value)
+    elif base is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            rng = RANGES.get(name)
+            return None, f"{key}: expected a number{' ' + _range_text(*rng) if rng else ''}, got {shown}"
+        value = float(value)
+    elif base is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            return None, f"{key}: expected text, got {shown}"
+        value = str(value)
+        if name in CHOICES:
+            value = value.lower()
+            if value not in CHOICES[name]:
+                return None, (f"{key}: {shown} is not one of {', '.join(CHOICES[name])}"
+                              f"{_suggest(value, CHOICES[name])}")
+    elif typing.get_origin(base) is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+            return None, f"{key}: expected a non-empty list of names, got {shown}"
+    if name in RANGES and isinstance(value, (int, float)):
+        lo, hi, lo_open, hi_open = RANGES[name]
+        bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (
+            hi is not None and (value >= hi if hi_open else value > hi))
+        if bad:
+            return None, f"{key}: {shown} is out of range: must be {_range_text(lo, hi, lo_open, hi_open)}"
+    return value, None
+
+
+def _check_special(values: dict[str, dict], errors: list[str]) -> None:
+    d, o = values["data"], values["output"]
+    if not d.get("train_data_dir"):
+        errors.append("data.train_data_dir is required: the folder of training images")
+    res = d.get("resolution")
+    if isinstance(res, int) and res % 8:
+        errors.append(f"data.resolution: {res} must be a multiple of 8 (e.g. {res - res % 8 or 8} or {res - res % 8 + 8})")
+    ext = d.get("caption_extension")
+    if isinstance(ext, str) and not ext.startswith("."):
+        errors.append(f"data.caption_extension: {ext!r} must start with '.', e.g. '.txt'")
+    name = o.get("output_name")
+    if isinstance(name, str) and (not name.strip() or "/" in name or "\\" in name or name.startswith(".")):
+        errors.append(f"output.output_name: {name!r} must be a plain file name (no '/', '\\', no leading '.')")
+
+
+def config_from_dict(d: dict | None, source: str = "<config>") -> Config:
+    """Validate a parsed YAML document (nested, flat or mixed) and build the Config."""
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: the config must be a mapping of keys to values, got {type(d).__name__}")
+    errors: list[str] = []
+    raw: dict[str, dict] = {sec: {} for sec in SECTION_CLASSES}
+    origin: dict[tuple[str, str], str] = {}  # (section, field) → key as written, to report alias conflicts
+
+    def put(section: str, key: str, value, where: str) -> None:
+        name = ALIASES.get(key, key)
+        if name not in FIELD_SECTION:
+            valid = [f.name for f in fields(SECTION_CLASSES[section])] if where != "at top level" else (
+                list(FIELD_SECTION) + list(SECTION_CLASSES))
+            valid += [a for a, n in ALIASES.items() if where == "at top level" or FIELD_SECTION[n] == section]
+            errors.append(f"unknown key '{key}' {where}{_suggest(key, valid).replace(' (', ': ').rstrip(')')}")
+            return
+        home = FIELD_SECTION[name]
+        if where != "at top level" and home != section:
+            errors.append(f"key '{key}' in {section}: belongs in section '{home}'")
+            return
+        if (home, name) in origin:
+            errors.append(f"{home}.{name}: set twice (as '{origin[(home, name)]}' and as '{key}'); keep one")
+            return
+        origin[(home, name)] = key
+        raw[home][name] = value
+
+    for key, value in d.items():
+        key = str(key)
+        if key in SECTION_CLASSES:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                errors.append(f"section '{key}' must be a mapping of keys to values, got {value!r}")
+                continue
+            for sub_key, sub_value in value.items():
+                put(key, str(sub_key), sub_value, f"in {key}")
+        else:
+            put(FIELD_SECTION.get(ALIASES.get(key, key), "data"), key, value, "at top level")
+
+    values: dict[str, dict] = {sec: {} for sec in SECTION_CLASSES}
+    for section, items in raw.items():
+        for name, value in items.items():
+            converted, error = _convert(name, value, f"{section}.{name}")
+            if error:
+                errors.append(error)
+            else:
+                values[section][name] = converted
+    _check_special(values, errors)
+    if errors:
+        raise ConfigError(f"{source}: " + ("\n  ".join([""] + errors) if len(errors) > 1 else errors[0]))
+    return Config(**{sec: cls(**values[sec]) for sec, cls in SECTION_CLASSES.items()})
+
+
+def _parse_yaml(text: str, source: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{source}:{where}: not valid YAML: {problem}") from None
+
+
+def apply_overrides(d: dict | None, overrides: list[str] | None) -> dict:
+    """``["training.epochs=2", "lr=1e-4"]`` applied to a (nested or flat) config dict; returns a copy."""
+    out = copy.deepcopy(d) if d else {}
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. training.epochs=2")
+        value = _parse_yaml(text, f"override {item!r}")
+        if "." in key:
+            section, name = key.split(".", 1)
+            if section not in SECTION_CLASSES:
+                raise ConfigError(f"override {item!r}: unknown section '{section}'{_suggest(section, SECTION_CLASSES)}")
+        else:
+            name = key
+            section = FIELD_SECTION.get(ALIASES.get(name, name))
+        for k in [name] + [a for a, n in ALIASES.items() if n == name] + ([ALIASES[name]] if name in ALIASES else []):
+            out.pop(k, None)  # a flat key of the same setting would clash with the override
+            if section and isinstance(out.get(section), dict):
+                out[section].pop(k, None)
+        if section is None:
+            out[name] = value  # unknown: let validation name it
+        else:
+            if not isinstance(out.get(section), dict):
+                out[section] = {}
+            out[section][name] = value
+    return out
+
+
+def load_config(path, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path.resolve()} not found")
+    d = _parse_yaml(path.read_text(encoding="utf-8-sig"), str(path))
+    if d is not None and not isinstance(d, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of keys to values, got {type(d).__name__}")
+    return config_from_dict(apply_overrides(d, overrides), source=str(path))
+
+
+def validate_paths(cfg: Config, check_base_model: bool = True) -> None:
+    """Check every path in the config exists and is of the right kind; raise one error listing all."""
+    errors = []
+    data_dir = Path(cfg.data.train_data_dir).expanduser().resolve()
+    if not data_dir.is_dir():
+        errors.append(f"data.train_data_dir: {data_dir} is not an existing folder")
+    if cfg.data.metadata_path:
+        meta = Path(cfg.data.metadata_path).expanduser().resolve()
+        if not meta.is_file():
+            errors.append(f"data.metadata_path: {meta} does not exist")
+    base = cfg.model.base_model
+    if check_base_model and base != "tiny-demo":
+        p = Path(base).expanduser().resolve()
+        if p.suffix.lower() in PICKLE_SUFFIXES:
+            errors.append(f"model.base_model: {p} is a pickle checkpoint, which is not loaded for safety "
+                          "(it can run code); convert it to .safetensors")
+        elif p.is_file():
+            if p.suffix.lower() != ".safetensors":
+                errors.append(f"model.base_model: {p} is not a .safetensors file or a diffusers folder")
+        elif p.is_dir():
+            if not (p / "model_index.json").is_file():
+                errors.append(f"model.base_model: {p} is a folder without model_index.json (not a diffusers model)")
+        else:
+            errors.append(f"model.base_model: {p} does not exist (expected a diffusers folder, a .safetensors "
+                          "checkpoint, or tiny-demo)")
+    resume = cfg.training.resume_from_checkpoint
+    if resume and resume != "latest" and not Path(resume).expanduser().is_dir():
+        errors.append(f"training.resume_from_checkpoint: {Path(resume).expanduser().resolve()} is not an existing "
+                      "checkpoint folder (or use 'latest')")
+    if errors:
+        raise ConfigError("\n".join(errors))
+
+
+def resolve_mixed_precision(value: str, device_type: str, bf16_supported: bool) -> str:
+    if device_type != "cuda":
+        if value in ("fp16", "bf16"):
+            log.warning("mixed_precision %s needs a CUDA GPU; training in fp32 on %s", value, device_type)
+        return "no"
+    if value == "auto":
+        return "bf16" if bf16_supported else "fp16"
+    return value
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path) -> Path:
+    return atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True))
+
+
+def default_template() -> str:
+    return TEMPLATE.read_text(encoding="utf-8")
+
+
+def write_template(path) -> Path:
+    path = Path(path)
+    if path.exists():
+        raise ConfigError(f"{path.resolve()} already exists; not overwriting it (choose another name)")
+    return atomic_write_text(path, default_template())
