@@ -16,7 +16,10 @@ DEMO_SETTINGS = {
     "data": {"resolution": 64},
     "training": {"max_train_steps": 150, "batch_size": 4, "gradient_accumulation_steps": 1,
                  "learning_rate": 1e-3, "lr_scheduler": "cosine", "lr_warmup_steps": 10, "save_steps": 50,
-                 "lora_rank": 8, "lora_alpha": 8, "lora_dropout": 0.0},
+                 "lora_rank": 8, "lora_alpha": 8, "lora_dropout": 0.0,
+                 # a random-weight model needs more than the attention layers to show learning
+                 "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
+                                    "ff.net.2", "conv1", "conv2"]},
     "output": {"output_name": "demo_lora", "save_precision": "fp32"},
 }
 
@@ -33,7 +36,7 @@ def _train(cfg):
 
     from lora_trainer.engine.trainer import train
 
-    with logging_redirect_tqdm(loggers=[log]):
+    with logging_redirect_tqdm(loggers=[logging.root]):
         return train(cfg)
 
 

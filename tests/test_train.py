@@ -20,6 +20,10 @@ from lora_trainer.errors import DatasetError
 from lora_trainer.models.diffusers_backend import load_diffusers_backend
 
 
+# attention-only LoRA barely moves a random-weight model; the demo and this test adapt more layers
+WIDE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
+
+
 def make_cfg(data_dir, out_dir, **training):
     t = {"max_train_steps": 4, "batch_size": 2, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
          "lora_rank": 4, "lora_alpha": 2, "lora_dropout": 0.0, "save_steps": 0, "seed": 7}
@@ -65,12 +69,11 @@ def fixed_loss(backend, data_dir, seed=123, rounds=4):
 def test_training_learns(demo_data, tmp_path):
     backend = load_diffusers_backend("tiny-demo", torch.device("cpu"), torch.float32)
     before = fixed_loss(backend, demo_data)
-    cfg = make_cfg(demo_data, tmp_path / "out", max_train_steps=60, batch_size=6,
-                   target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
-                                   "ff.net.2", "conv1", "conv2"], lora_rank=8, lora_alpha=8)
+    cfg = make_cfg(demo_data, tmp_path / "out", max_train_steps=40, batch_size=6, target_modules=WIDE_TARGETS,
+                   lora_rank=8, lora_alpha=8)
     result = train(cfg, backend=backend, progress=False)
     after = fixed_loss(backend, demo_data)
-    assert result.status == "finished" and result.steps == 60
+    assert result.status == "finished" and result.steps == 40
     assert after < 0.8 * before, (before, after)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 TINY_NAME = "tiny-demo"
-TINY_VERSION = "1"  # bump when the architecture below changes; the cache folder is keyed by it
+TINY_VERSION = "2"  # bump when the architecture below changes; the cache folder is keyed by it
 TINY_RESOLUTION = 64
 
 
@@ -55,7 +55,7 @@ def build_tiny_components(seed: int = 0) -> dict:
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=TINY_RESOLUTION // 2,
+        sample_size=TINY_RESOLUTION // 4,
         in_channels=4,
         out_channels=4,
         block_out_channels=(32, 64),
@@ -70,9 +70,9 @@ def build_tiny_components(seed: int = 0) -> dict:
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 32, 64),  # three blocks: latents are 1/4 of the image size
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
         latent_channels=4,
         layers_per_block=1,
         norm_num_groups=32,
@@ -100,6 +100,7 @@ def build_tiny_components(seed: int = 0) -> dict:
         num_train_timesteps=1000,
         prediction_type="epsilon",
         clip_sample=False,
+        steps_offset=1,
     )
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
 
