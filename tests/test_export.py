@@ -187,3 +187,27 @@ def test_text_encoder_lora_loads_in_diffusers(tmp_path):
         got = pipe.text_encoder(ids)[0]
     assert not torch.allclose(base, want, atol=1e-3)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_kohya_file_applied_the_webui_way_reproduces_the_unet(tmp_path):
+    """What the WebUI's Lora loader does: W += up @ down * alpha / rank on the layer the key names."""
+    alpha, rank = 3.0, 4
+    backend = lora_backend(rank, alpha)
+    torch.manual_seed(2)
+    x, t, cond = torch.randn(1, 4, 16, 16), torch.tensor([300]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        want = backend.unet(x, t, cond).sample
+    path = save_kohya_lora(tmp_path / "k.safetensors", kohya_tensors(backend, alpha), metadata())
+    tensors, _ = read_kohya_lora(path)
+
+    fresh = load_diffusers_backend("tiny-demo", torch.device("cpu"), torch.float32).unet
+    by_name = {"lora_unet_" + n.replace(".", "_"): m for n, m in fresh.named_modules() if n}
+    names = {k.split(".")[0] for k in tensors}
+    assert names <= set(by_name), sorted(names - set(by_name))[:3]
+    with torch.no_grad():
+        for name in names:
+            down, up = tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"]
+            scale = tensors[f"{name}.alpha"].item() / down.shape[0]
+            by_name[name].weight += (up @ down) * scale
+        got = fresh(x, t, cond).sample
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
