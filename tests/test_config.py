@@ -1,0 +1,206 @@
+"""Config: both shapes, aliases, every error message names the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from lora_trainer.config import (
+    Config,
+    apply_overrides,
+    config_from_dict,
+    default_template,
+    load_config,
+    resolve_mixed_precision,
+    save_config,
+    validate_paths,
+    write_template,
+)
+from lora_trainer.errors import ConfigError
+
+NESTED = """
+data:
+  train_data_dir: imgs
+  resolution: 768
+model:
+  base_model: tiny-demo
+training:
+  lora_rank: 16
+  lora_alpha: 8
+  learning_rate: 1e-4
+  target_modules: to_q
+  min_snr_gamma: 5
+output:
+  output_dir: out
+  output_name: style
+"""
+FLAT = """
+train_data_dir: imgs
+resolution: 768
+base_model: tiny-demo
+lora_rank: 16
+alpha: 8
+lr: 1.0e-4
+target_modules: [to_q]
+min_snr_gamma: 5.0
+output_dir: out
+output_name: style
+"""
+
+
+def error_of(d) -> str:
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(d)
+    return str(e.value)
+
+
+def test_both_shapes_give_the_same_config():
+    nested, flat = config_from_dict(yaml.safe_load(NESTED)), config_from_dict(yaml.safe_load(FLAT))
+    assert nested == flat
+    assert nested.training.learning_rate == 1e-4  # PyYAML reads 1e-4 as a string; accepted as a number
+    assert nested.training.target_modules == ["to_q"] and nested.training.lora_alpha == 8.0
+    assert nested.data.resolution == 768 and nested.output.output_name == "style"
+
+
+def test_alias_and_key_together_is_an_error():
+    msg = error_of({"train_data_dir": "x", "training": {"alpha": 4, "lora_alpha": 8}})
+    assert "training.lora_alpha" in msg and "'alpha'" in msg and "'lora_alpha'" in msg
+
+
+def test_unknown_key_suggests_the_nearest():
+    msg = error_of({"train_data_dir": "x", "training": {"learnig_rate": 1e-4}})
+    assert msg.endswith("unknown key 'learnig_rate' in training: did you mean 'learning_rate'?")
+    assert "at top level: did you mean 'lora_rank'" in error_of({"train_data_dir": "x", "lora_rnak": 4})
+
+
+def test_key_in_the_wrong_section():
+    assert "key 'learning_rate' in data: belongs in section 'training'" in error_of(
+        {"data": {"train_data_dir": "x", "learning_rate": 1e-4}})
+
+
+@pytest.mark.parametrize("training, words", [
+    ({"lora_rank": "abc"}, ["training.lora_rank", "'abc'", "integer", ">= 1"]),
+    ({"lora_rank": True}, ["training.lora_rank", "True", "integer"]),
+    ({"lora_rank": 2.5}, ["training.lora_rank", "2.5"]),
+    ({"lora_rank": 0}, ["training.lora_rank", "0", ">= 1"]),
+    ({"lora_dropout": 1.0}, ["training.lora_dropout", "1.0", "< 1"]),
+    ({"learning_rate": "fast"}, ["training.learning_rate", "'fast'", "number", "> 0"]),
+    ({"learning_rate": -1}, ["training.learning_rate", "-1", "> 0"]),
+    ({"gradient_checkpointing": "yes"}, ["training.gradient_checkpointing", "'yes'", "true or false"]),
+    ({"target_modules": []}, ["training.target_modules", "non-empty list"]),
+    ({"lr_scheduler": "cosin"}, ["training.lr_scheduler", "'cosin'", "constant, constant_with_warmup, cosine, linear",
+                                 "did you mean 'cosine'?"]),
+    ({"mixed_precision": "fp8"}, ["training.mixed_precision", "'fp8'", "auto, no, fp16, bf16"]),
+    ({"min_snr_gamma": 0}, ["training.min_snr_gamma", "> 0"]),
+])
+def test_bad_values_name_key_value_and_allowed(training, words):
+    msg = error_of({"train_data_dir": "x", "training": training})
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_choices_are_case_insensitive_and_nulls_allowed_where_optional():
+    cfg = config_from_dict({"train_data_dir": "x", "lr_scheduler": "Cosine", "max_train_steps": None})
+    assert cfg.training.lr_scheduler == "cosine" and cfg.training.max_train_steps is None
+    assert "training.epochs: a value is required" in error_of({"train_data_dir": "x", "epochs": None})
+
+
+def test_special_checks():
+    assert "data.train_data_dir is required" in error_of({})
+    assert "multiple of 8" in error_of({"train_data_dir": "x", "resolution": 500})
+    assert "output.output_name" in error_of({"train_data_dir": "x", "output_name": "../evil"})
+    assert "must start with '.'" in error_of({"train_data_dir": "x", "caption_extension": "txt"})
+    assert "must be a mapping" in error_of({"train_data_dir": "x", "training": [1, 2]})
+
+
+def test_all_errors_reported_at_once(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train_data_dir: x\nlora_rank: 0\nbatch_size: -1\nlearnig_rate: 1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert msg.startswith(str(path)) and msg.count("\n") >= 3
+    assert "lora_rank" in msg and "batch_size" in msg and "learnig_rate" in msg
+
+
+def test_yaml_errors_and_missing_file_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  train_data_dir: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:.*line \d+.*not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="nope.yaml.*not found"):
+        load_config(tmp_path / "nope.yaml")
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="list.yaml.*mapping"):
+        load_config(listy)
+
+
+def test_validate_paths(tmp_path):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    ok = config_from_dict({"train_data_dir": str(images), "resume_from_checkpoint": "latest"})
+    validate_paths(ok)
+
+    def paths_error(**flat):
+        cfg = config_from_dict({"train_data_dir": str(images), **flat})
+        with pytest.raises(ConfigError) as e:
+            validate_paths(cfg)
+        return str(e.value)
+
+    assert "data.train_data_dir" in paths_error(train_data_dir=str(tmp_path / "missing"))
+    assert "data.metadata_path" in paths_error(metadata_path=str(tmp_path / "meta.csv"))
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"x")
+    assert "pickle" in paths_error(base_model=str(ckpt)) and "convert it to .safetensors" in paths_error(
+        base_model=str(ckpt))
+    assert "without model_index.json" in paths_error(base_model=str(images))
+    assert "does not exist" in paths_error(base_model=str(tmp_path / "none"))
+    assert "training.resume_from_checkpoint" in paths_error(resume_from_checkpoint=str(tmp_path / "nope"))
+    validate_paths(config_from_dict({"train_data_dir": str(images), "base_model": str(images)}),
+                   check_base_model=False)
+
+
+def test_template_shows_the_true_defaults(tmp_path):
+    cfg = config_from_dict(yaml.safe_load(default_template()))
+    assert cfg == dataclasses.replace(Config(), data=dataclasses.replace(Config().data,
+                                                                         train_data_dir="path/to/your/images"))
+    path = write_template(tmp_path / "my.yaml")
+    with pytest.raises(ConfigError, match="already exists"):
+        write_template(path)
+    assert path.read_text() == default_template()
+
+
+def test_snapshot_round_trip(tmp_path):
+    cfg = config_from_dict(yaml.safe_load(NESTED))
+    save_config(cfg, tmp_path / "snap.yaml")
+    assert load_config(tmp_path / "snap.yaml") == cfg
+
+
+def test_overrides_nested_and_flat(tmp_path):
+    nested = yaml.safe_load(NESTED)
+    out = apply_overrides(nested, ["training.epochs=3", "lr=5e-5", "resolution=512", "min_snr_gamma=null"])
+    cfg = config_from_dict(out)
+    assert cfg.training.epochs == 3 and cfg.training.learning_rate == 5e-5 and cfg.data.resolution == 512
+    assert cfg.training.min_snr_gamma is None
+    assert nested["training"]["learning_rate"] == "1e-4"  # the input is not changed
+    flat = config_from_dict(apply_overrides(yaml.safe_load(FLAT), ["learning_rate=3e-4"]))  # replaces 'lr'
+    assert flat.training.learning_rate == 3e-4
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        apply_overrides({}, ["epochs"])
+    with pytest.raises(ConfigError, match="unknown section 'trainig'.*did you mean 'training'"):
+        apply_overrides({}, ["trainig.epochs=1"])
+    path = tmp_path / "c.yaml"
+    path.write_text(NESTED)
+    assert load_config(path, overrides=["epochs=2"]).training.epochs == 2
+
+
+def test_resolve_mixed_precision():
+    assert resolve_mixed_precision("auto", "cuda", True) == "bf16"
+    assert resolve_mixed_precision("auto", "cuda", False) == "fp16"
+    assert resolve_mixed_precision("auto", "cpu", False) == "no"
+    assert resolve_mixed_precision("fp16", "cpu", False) == "no"
+    assert resolve_mixed_precision("fp16", "cuda", True) == "fp16"
+    assert resolve_mixed_precision("no", "cuda", True) == "no"
