@@ -175,3 +175,13 @@ def test_ctrl_c_stops_after_the_step_and_saves(demo_data, tmp_path):
     assert [s for s, _ in list_checkpoints(result.run_dir)] == [2]
     assert result.lora_path.is_file() and not list(result.run_dir.rglob("*.tmp"))
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_resume_refuses_a_checkpoint_of_another_shape(demo_data, tmp_path):
+    from lora_trainer.errors import ConfigError
+
+    first = train(make_cfg(demo_data, tmp_path / "out", max_train_steps=4), callbacks=StopAt(2), progress=False)
+    with pytest.raises(ConfigError, match="lora_rank: 4 in the checkpoint, 8 now"):
+        train(make_cfg(demo_data, tmp_path / "out", max_train_steps=4, lora_rank=8, resume_from_checkpoint="latest"),
+              progress=False)
+    assert first.run_dir.is_dir()

@@ -102,3 +102,28 @@ def find_latest(output_dir: Path) -> Path | None:
         if found:
             return found[-1][1]
     return None
+
+
+# What a resumed run must share with the run that wrote the checkpoint: the LoRA's shape...
+MUST_MATCH = ("lora_rank", "lora_alpha", "target_modules", "train_text_encoder", "text_encoder_target_modules")
+# ...and what decides the data order and the step count (else it continues, but not as one run would)
+SHOULD_MATCH = ("batch_size", "gradient_accumulation_steps", "seed", "num_images", "total_steps")
+
+
+def run_settings(training, num_images: int, total_steps: int) -> dict:
+    settings = {k: getattr(training, k) for k in MUST_MATCH + SHOULD_MATCH[:3]}
+    return dict(settings, num_images=num_images, total_steps=total_steps)
+
+
+def check_resume(restored: Restored, settings: dict, path: Path) -> None:
+    """Refuse a checkpoint whose LoRA has another shape; warn where the continuation will differ."""
+    saved = restored.info.get("settings", {})
+    wrong = [f"{k}: {saved[k]!r} in the checkpoint, {settings[k]!r} now" for k in MUST_MATCH
+             if k in saved and saved[k] != settings[k]]
+    if wrong:
+        raise ConfigError(f"training.resume_from_checkpoint: {path} was trained with other LoRA settings ("
+                          + "; ".join(wrong) + "); use the same settings or start a new run")
+    differ = [f"{k} {saved[k]!r} → {settings[k]!r}" for k in SHOULD_MATCH if k in saved and saved[k] != settings[k]]
+    if differ:
+        log.warning("resuming with changed settings (%s): training continues, but not exactly as the "
+                    "uninterrupted run would have", ", ".join(differ))

@@ -129,6 +129,9 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
     plan = Plan.from_config(cfg, len(scan.samples))
     run_dir, resume_from = prepare_run_dir(cfg.output.output_dir, t.resume_from_checkpoint)
     restored = ckpt.load_checkpoint(resume_from) if resume_from else None
+    settings = ckpt.run_settings(t, plan.num_images, plan.total_steps)
+    if restored is not None:
+        ckpt.check_resume(restored, settings, resume_from)
 
     with run_log_file(run_dir) as log_dir, _CtrlC() as ctrl_c:
         # --- model, precision, LoRA layers
@@ -208,7 +211,7 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
             state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                      "scaler": scaler.state_dict(), "rng": ckpt.rng_state(generator)}
             info = {"reason": reason, "epoch": step // plan.steps_per_epoch, "total_steps": plan.total_steps,
-                    "loss": losses[-1] if losses else None, "first_loss": first_loss}
+                    "loss": losses[-1] if losses else None, "first_loss": first_loss, "settings": settings}
             path = ckpt.save_checkpoint(run_dir, step, trainable_state(modules), state, info,
                                         keep=t.checkpoints_total_limit)
             last_saved = step

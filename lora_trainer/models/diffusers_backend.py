@@ -10,6 +10,7 @@ from torch import nn
 
 from lora_trainer.errors import ModelLoadError
 from lora_trainer.models.base import TEXT_ENCODER, UNET
+from lora_trainer.models.compat import dtype_kwargs, enable_text_encoder_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class DiffusersBackend:
     def enable_gradient_checkpointing(self, text_encoder: bool) -> None:
         self.unet.enable_gradient_checkpointing()
         if text_encoder:
-            self.text_encoder.gradient_checkpointing_enable()
+            enable_text_encoder_checkpointing(self.text_encoder)
             # frozen embeddings give checkpointed layers inputs without grad; make them carry it
             self.text_encoder.enable_input_require_grads()
 
@@ -93,7 +94,7 @@ def load_pipeline(base_model: str, weight_dtype: torch.dtype = torch.float32):
     log.info("loading diffusers model from %s", path)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            path, local_files_only=True, torch_dtype=weight_dtype, safety_checker=None,
+            path, local_files_only=True, **dtype_kwargs(weight_dtype), safety_checker=None,
             requires_safety_checker=False,
         )
     except (OSError, ValueError, EnvironmentError) as e:

@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 
 from lora_trainer.errors import ModelLoadError
+from lora_trainer.models.compat import dtype_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def load_single_file_pipeline(path, torch_dtype: torch.dtype = torch.float32, co
     log.info("loading single-file checkpoint %s (config %s)", path, config)
     try:
         return StableDiffusionPipeline.from_single_file(
-            str(path), config=str(config), local_files_only=True, torch_dtype=torch_dtype,
+            str(path), config=str(config), local_files_only=True, **dtype_kwargs(torch_dtype),
             safety_checker=None, requires_safety_checker=False,
         )
     except Exception as e:  # diffusers raises many kinds (OSError, ValueError, KeyError, RuntimeError...)
