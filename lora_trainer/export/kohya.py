@@ -53,7 +53,7 @@ def save_kohya_lora(path, tensors: dict, metadata: dict[str, str]) -> Path:
     path = Path(path)
     written = write_new(path, lambda p: p.write_bytes(data))
     if written != path:
-        log.info("%s already exists; wrote %s instead", path, written.name)
+        log.warning("%s already exists; not overwriting it: wrote %s instead", path, written.name)
     return written
 
 
