@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -123,6 +124,9 @@ def test_run_outputs(demo_data, tmp_path):
     assert float(meta["ss_network_alpha"]) == 2.0 and meta["ss_steps"] == "4"
     assert all(k.startswith("lora_unet_") for k in keys)
     assert not list(run.rglob("*.tmp")), "temp files left behind"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert result.lora_path.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600
 
     # a second run never writes into a folder that holds a run
     before = result.lora_path.read_bytes()

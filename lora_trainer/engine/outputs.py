@@ -74,7 +74,8 @@ def export_lora(run_dir: Path, cfg, backend, modules: dict, scan, started_at: fl
     diffusers_path = None
     if out.save_diffusers_format:
         diffusers_path = save_diffusers_lora(run_dir, states[UNET], states.get(TEXT_ENCODER),
-                                             rank=t.lora_rank, alpha=t.lora_alpha)
+                                             rank=t.lora_rank, alpha=t.lora_alpha,
+                                             dtype=SAVE_DTYPES[out.save_precision])
     return lora_path, diffusers_path
 
 
