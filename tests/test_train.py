@@ -189,3 +189,34 @@ def test_resume_refuses_a_checkpoint_of_another_shape(demo_data, tmp_path):
         train(make_cfg(demo_data, tmp_path / "out", max_train_steps=4, lora_rank=8, resume_from_checkpoint="latest"),
               progress=False)
     assert first.run_dir.is_dir()
+
+
+def test_nan_loss_saves_the_last_good_state_and_explains(demo_data, tmp_path, monkeypatch):
+    import lora_trainer.engine.trainer as trainer_module
+    from lora_trainer.engine.trainer import TrainingError
+
+    calls = {"n": 0}
+    real = trainer_module.diffusion_loss
+
+    def nan_on_third(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(trainer_module, "diffusion_loss", nan_on_third)
+    with pytest.raises(TrainingError, match="loss became nan at step 3.*learning_rate"):
+        train(make_cfg(demo_data, tmp_path / "out", max_train_steps=5), progress=False)
+    assert [s for s, _ in list_checkpoints(tmp_path / "out")] == [2]
+
+
+def test_a_run_that_fails_before_training_leaves_no_folder(demo_data, tmp_path, monkeypatch):
+    import lora_trainer.models.diffusers_backend as db
+    from lora_trainer.errors import ModelLoadError
+
+    def broken(*a, **k):
+        raise ModelLoadError("model.base_model: broken")
+
+    monkeypatch.setattr(db, "load_diffusers_backend", broken)
+    with pytest.raises(ModelLoadError):
+        train(make_cfg(demo_data, tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out").exists()

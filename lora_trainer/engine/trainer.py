@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import shutil
 import signal
 import threading
 import time
@@ -133,6 +134,18 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
     if restored is not None:
         ckpt.check_resume(restored, settings, resume_from)
 
+    fresh_run = restored is None and not any(run_dir.iterdir())
+    try:
+        return _train_in(run_dir, cfg, backend, callbacks, progress, scan, plan, restored, resume_from, settings,
+                         started)
+    except BaseException:
+        if fresh_run and not ckpt.list_checkpoints(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)  # failed before any checkpoint: leave no empty run behind
+        raise
+
+
+def _train_in(run_dir, cfg, backend, callbacks, progress, scan, plan, restored, resume_from, settings, started):
+    t, d = cfg.training, cfg.data
     with run_log_file(run_dir) as log_dir, _CtrlC() as ctrl_c:
         # --- model, precision, LoRA layers
         if backend is None:
@@ -287,7 +300,15 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
                 end_of_epoch = step % plan.steps_per_epoch == 0 and step < plan.total_steps
                 if end_of_epoch and t.save_every_n_epochs and (step // plan.steps_per_epoch) % t.save_every_n_epochs == 0:
                     save("save_every_n_epochs")
-        except torch.cuda.OutOfMemoryError as e:
+        except (TrainingError, torch.cuda.OutOfMemoryError) as e:
+            # the weights are still those of the last complete step: keep them, so nothing trained is lost
+            optimizer.zero_grad(set_to_none=True)
+            if step > 0:
+                save("error")
+                log.warning("saved the last good state (step %d); fix the cause and resume with "
+                            "resume_from_checkpoint: latest", step)
+            if isinstance(e, TrainingError):
+                raise
             raise TrainingError(
                 "out of GPU memory: lower training.batch_size (and raise gradient_accumulation_steps to keep the "
                 "effective batch), turn on training.gradient_checkpointing, or lower data.resolution") from e
