@@ -220,3 +220,13 @@ def test_a_run_that_fails_before_training_leaves_no_folder(demo_data, tmp_path, 
     with pytest.raises(ModelLoadError):
         train(make_cfg(demo_data, tmp_path / "out"), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_v_prediction_target_and_metadata(demo_data, tmp_path):
+    cfg = make_cfg(demo_data, tmp_path / "out", max_train_steps=2)
+    cfg.model.prediction_type = "v_prediction"
+    result = train(cfg, progress=False)
+    with safe_open(result.lora_path, "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_v_parameterization"] == "True" and meta["modelspec.prediction_type"] == "v"
+    assert result.final_loss == result.final_loss  # finite, not NaN
