@@ -1,0 +1,98 @@
+"""The LDM backend: train a CompVis LatentDiffusion model in place (the WebUI's ``shared.sd_model``).
+
+Nothing is copied or reloaded: LoRA layers go into the loaded UNet (``model.diffusion_model``) and,
+when asked, the text encoder (``cond_stage_model.wrapped.transformer``); ``engine.lora.remove_lora``
+takes them out again. The noise schedule comes from the model's own betas. No WebUI import here: the
+WebUI glue (``lora_trainer.webui``) passes the model and its hooks in, so this runs in tests on a tiny
+LDM UNet too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from lora_trainer.models.base import TEXT_ENCODER, UNET
+
+
+def ldm_text_encoder(sd_model) -> nn.Module | None:
+    """The HF CLIPTextModel inside an SD 1.x cond_stage_model (A1111 wraps it once more)."""
+    cond = sd_model.cond_stage_model
+    return getattr(getattr(cond, "wrapped", cond), "transformer", None)
+
+
+def ldm_family(sd_model) -> str:
+    if getattr(sd_model, "is_sdxl", False):
+        return "sdxl"
+    if getattr(sd_model, "is_sd2", False) or getattr(sd_model.cond_stage_model, "model", None) is not None:
+        return "sd_v2"
+    return "sd_v1"
+
+
+class LdmBackend:
+    """TrainingBackend over a LatentDiffusion-like object.
+
+    The object needs: ``model.diffusion_model`` (the UNet), ``cond_stage_model``, ``apply_model(x, t, cond)``,
+    ``encode_first_stage`` + ``get_first_stage_encoding``, ``get_learned_conditioning(prompts)``, ``betas``
+    and ``parameterization`` ("eps" or "v").
+    """
+
+    def __init__(self, sd_model, model_name: str, device: torch.device, weight_dtype: torch.dtype,
+                 checkpointing: tuple[Callable[[], None], Callable[[], None]] | None = None):
+        from diffusers import DDPMScheduler
+
+        self.sd_model = sd_model
+        self.model_name = model_name
+        self.device = torch.device(device)
+        self.weight_dtype = weight_dtype
+        self.family = ldm_family(sd_model)
+        self.unet = sd_model.model.diffusion_model
+        self.text_encoder = ldm_text_encoder(sd_model)
+        self.prediction_type = "v_prediction" if getattr(sd_model, "parameterization", "eps") == "v" else "epsilon"
+        betas = sd_model.betas.detach().float().cpu().numpy()
+        self.noise_scheduler = DDPMScheduler(num_train_timesteps=len(betas), trained_betas=betas,
+                                             prediction_type=self.prediction_type, clip_sample=False)
+        self._checkpointing = checkpointing
+        self._checkpointing_on = False
+        for module in (self.unet, self.text_encoder):
+            if module is not None:
+                module.requires_grad_(False)
+
+    def components(self) -> dict[str, nn.Module]:
+        return {UNET: self.unet, TEXT_ENCODER: self.text_encoder}
+
+    def encode_images(self, pixels, generator):
+        # LDM's DiagonalGaussianDistribution.sample takes no generator: the latent sample draws from the
+        # global RNG, which the engine's checkpoints save and restore anyway.
+        with torch.no_grad():
+            posterior = self.sd_model.encode_first_stage(pixels.to(self.device, dtype=self.weight_dtype))
+            return self.sd_model.get_first_stage_encoding(posterior).to(self.weight_dtype)
+
+    def encode_prompts(self, captions):
+        return self.sd_model.get_learned_conditioning(list(captions))
+
+    def predict(self, noisy_latents, timesteps, cond):
+        if self._checkpointing_on:
+            # reentrant checkpointing passes no gradient through blocks whose inputs need none; the first
+            # blocks see only the (frozen) latents, so make them carry a gradient
+            noisy_latents = noisy_latents.detach().requires_grad_(True)
+        return self.sd_model.apply_model(noisy_latents, timesteps, cond)
+
+    def enable_gradient_checkpointing(self, text_encoder: bool) -> None:
+        if self._checkpointing is None:
+            raise NotImplementedError("gradient checkpointing needs the host's checkpoint hooks")
+        self._checkpointing[0]()
+        self._checkpointing_on = True
+        if text_encoder and self.text_encoder is not None:
+            from lora_trainer.models.compat import enable_text_encoder_checkpointing
+
+            enable_text_encoder_checkpointing(self.text_encoder)
+
+    def disable_gradient_checkpointing(self) -> None:
+        if self._checkpointing_on and self._checkpointing is not None:
+            self._checkpointing[1]()
+        self._checkpointing_on = False
+        if self.text_encoder is not None and getattr(self.text_encoder, "is_gradient_checkpointing", False):
+            self.text_encoder.gradient_checkpointing_disable()

@@ -1,0 +1,123 @@
+"""The LDM backend on a real (tiny) CompVis UNet: what the WebUI tab trains in place."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from ldm_model import TinyLatentDiffusion
+from lora_trainer.config import config_from_dict
+from lora_trainer.data.demo_set import make_demo_dataset
+from lora_trainer.engine.lora import remove_lora
+from lora_trainer.engine.trainer import train
+from lora_trainer.export.kohya import read_kohya_lora
+from lora_trainer.models.ldm import LdmBackend
+
+TARGETS = {"to_q", "to_k", "to_v", "to_out.0"}
+
+
+def webui_layer_names(sd_model) -> dict:
+    """As A1111's Lora extension names layers (networks.assign_network_names_to_compvis_modules, SD 1.x)."""
+    names = {}
+    for n, m in sd_model.cond_stage_model.wrapped.named_modules():
+        if n.startswith("transformer.") and not n.startswith("transformer.text_model"):
+            n = "transformer.text_model." + n[len("transformer."):]  # A1111's transformers 4.30 has this level
+        names[n.replace(".", "_")] = m
+    names.update({n.replace(".", "_"): m for n, m in sd_model.model.named_modules()})
+    return names
+
+
+def webui_lookup(kohya_name: str) -> str:
+    """As A1111's networks.load_network finds the layer of a key written with LDM / HF CLIP names."""
+    m = re.match(r"lora_te_text_model_encoder_layers_(\d+)_(.+)", kohya_name)
+    if m:
+        return f"transformer_text_model_encoder_layers_{m[1]}_{m[2]}"
+    return kohya_name.replace("lora_unet", "diffusion_model")
+
+
+@pytest.fixture
+def setup(tmp_path):
+    sd_model = TinyLatentDiffusion()
+    backend = LdmBackend(sd_model, "tiny-ldm", torch.device("cpu"), torch.float32)
+    data = make_demo_dataset(tmp_path / "data", n=4, resolution=64)
+    return sd_model, backend, data
+
+
+def make_cfg(data, out, **training):
+    t = {"max_train_steps": 3, "batch_size": 2, "gradient_accumulation_steps": 1, "learning_rate": 1e-2,
+         "lora_rank": 4, "lora_alpha": 4, "lora_dropout": 0.0, "save_steps": 0}
+    t.update(training)
+    return config_from_dict({"train_data_dir": str(data), "resolution": 64, "output_dir": str(out),
+                             "output_name": "ldm_lora", "save_precision": "fp32", "log_with": "none", **t})
+
+
+def fixed_outputs(sd_model):
+    torch.manual_seed(5)
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([20, 600])
+    with torch.no_grad():
+        cond = sd_model.get_learned_conditioning(["a red circle", "demo style"])
+        return cond, sd_model.apply_model(x, t, cond)
+
+
+def test_train_in_place_touches_only_lora_and_removes_cleanly(setup, tmp_path):
+    sd_model, backend, data = setup
+    before_params = {k: v.clone() for k, v in sd_model.state_dict().items()}
+    before_cond, before_out = fixed_outputs(sd_model)
+
+    result = train(make_cfg(data, tmp_path / "out", train_text_encoder=True), backend=backend, progress=False)
+    assert result.status == "finished" and result.steps == 3
+
+    unet = sd_model.model.diffusion_model
+    lora_layers = {n for n, m in unet.named_modules() if hasattr(m, "lora_A")}
+    expected = {n for n, _ in unet.named_modules() if any(n.endswith("." + t) for t in TARGETS)}
+    expected = {n for n in expected if not n.endswith((".base_layer",)) and ".lora_" not in n}
+    assert lora_layers == expected and lora_layers, "LoRA went into other layers than the targets"
+    # a training step changed LoRA weights only: every base weight is bitwise what it was
+    after = sd_model.state_dict()
+    base_keys = {k for k in after if "lora_" not in k}
+    renamed = {k.replace(".base_layer", ""): k for k in base_keys}
+    assert set(renamed) == set(before_params)
+    assert all(torch.equal(after[renamed[k]], v) for k, v in before_params.items())
+    assert any(after[k].abs().sum() > 0 for k in after if "lora_B" in k), "LoRA did not train"
+
+    # taking the adapters out gives back the model's exact outputs
+    assert remove_lora(unet) == len(lora_layers)
+    assert remove_lora(backend.text_encoder) > 0
+    cond, out = fixed_outputs(sd_model)
+    assert torch.equal(cond, before_cond) and torch.equal(out, before_out)
+    assert set(sd_model.state_dict()) == set(before_params)
+
+
+def test_kohya_keys_map_onto_the_webui_layers_and_reproduce_the_lora(setup, tmp_path):
+    sd_model, backend, data = setup
+    result = train(make_cfg(data, tmp_path / "out", train_text_encoder=True), backend=backend, progress=False)
+    cond_lora, out_lora = fixed_outputs(sd_model)  # with the trained peft adapters in place
+
+    tensors, meta = read_kohya_lora(result.lora_path)
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_sd_model_name"] == "tiny-ldm"
+    names = {k.split(".")[0] for k in tensors}
+    assert any(n.startswith("lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q") for n in names)
+    assert any(n.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for n in names)
+
+    remove_lora(sd_model.model.diffusion_model)
+    remove_lora(backend.text_encoder)
+    layers = webui_layer_names(sd_model)
+    missing = [n for n in names if webui_lookup(n) not in layers]
+    assert not missing, missing[:3]
+    with torch.no_grad():  # apply the file as the WebUI does: W += up @ down * alpha / rank
+        for n in names:
+            down, up = tensors[f"{n}.lora_down.weight"], tensors[f"{n}.lora_up.weight"]
+            layers[webui_lookup(n)].weight += up @ down * (tensors[f"{n}.alpha"].item() / down.shape[0])
+    cond, out = fixed_outputs(sd_model)
+    torch.testing.assert_close(cond, cond_lora, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out, out_lora, atol=1e-5, rtol=1e-4)
+
+
+def test_noise_schedule_and_prediction_type_come_from_the_model(setup):
+    sd_model, backend, _ = setup
+    assert torch.allclose(backend.noise_scheduler.betas, sd_model.betas.float())
+    assert backend.prediction_type == "epsilon" and backend.family == "sd_v1"
+    sd_model.parameterization = "v"
+    assert LdmBackend(sd_model, "m", torch.device("cpu"), torch.float32).prediction_type == "v_prediction"
