@@ -73,6 +73,13 @@ class Plan:
         return dataclasses.replace(plan, total_steps=total)
 
 
+def pick_device(mixed_precision: str) -> tuple[torch.device, str]:
+    """The GPU if there is one, and the precision ``mixed_precision`` resolves to on it."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return device, resolve_mixed_precision(mixed_precision, device.type, bf16)
+
+
 def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """The shuffled batches of one epoch: a pure function of (seed, epoch), so a resume finds its place."""
     order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed + 1_000_003 * epoch)).tolist()
@@ -151,9 +158,7 @@ def _train_in(run_dir, cfg, backend, callbacks, progress, scan, plan, restored, 
         if backend is None:
             from lora_trainer.models.diffusers_backend import load_diffusers_backend
 
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-            precision = resolve_mixed_precision(t.mixed_precision, device.type, bf16)
+            device, precision = pick_device(t.mixed_precision)
             backend = load_diffusers_backend(cfg.model.base_model, device, DTYPES[precision],
                                              cfg.model.prediction_type)
         else:

@@ -22,6 +22,7 @@ class DiffusersBackend:
                  prediction_type: str = "auto"):
         from diffusers import DDPMScheduler
 
+        self.pipe = pipe  # for samples during training: it shares the modules the LoRA goes into
         self.model_name = model_name
         self.device = torch.device(device)
         self.weight_dtype = weight_dtype

@@ -1,0 +1,178 @@
+"""One training run started from a UI: a background thread, live status, Stop, samples, the result.
+
+No gradio here and no WebUI: a ``Host`` (the WebUI's, or the standalone app's) provides the model, the
+GPU lock, sample generation and where the finished LoRA goes. The UI polls ``status()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from lora_trainer.engine.events import Callbacks, StepInfo, StopFlag, TrainResult
+from lora_trainer.errors import LoraTrainerError
+
+log = logging.getLogger(__name__)
+
+
+class Host(Protocol):
+    """What a UI needs from the program it runs in."""
+
+    name: str
+
+    def lock(self):
+        """A context manager held for the whole run: the GPU is the run's alone (no generation meanwhile)."""
+
+    def make_backend(self, cfg):
+        """The TrainingBackend to train; raise LoraTrainerError with a clear message if there is none."""
+
+    def release_backend(self, backend) -> None:
+        """Take the LoRA layers out again and leave the model exactly as it was (also after errors)."""
+
+    def sample(self, backend, prompt: str, seed: int):
+        """One image from the model as it is now (with the LoRA being trained), or None."""
+
+    def publish(self, lora_path: Path, name: str) -> Path:
+        """Put the finished LoRA where generation finds it (never over an existing file); return where."""
+
+
+def friendly_error(e: BaseException) -> str:
+    """A message for the tab, with what to do about it."""
+    text = str(e)
+    if isinstance(e, LoraTrainerError):
+        return text
+    if "out of memory" in text.lower():
+        return ("Out of GPU memory: lower the batch size (and raise gradient accumulation to keep the effective "
+                "batch), turn on gradient checkpointing, or lower the resolution.")
+    return f"{type(e).__name__}: {text} (the console has the details)"
+
+
+@dataclass
+class Status:
+    state: str = "idle"  # idle | loading | training | done | stopped | error
+    message: str = ""
+    step: int = 0
+    total_steps: int = 0
+    loss: float | None = None
+    steps_per_s: float = 0.0
+    eta_s: float | None = None
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    samples: list[tuple[int, object]] = field(default_factory=list)  # (step, PIL image)
+    result: TrainResult | None = None
+    published: Path | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.state in ("loading", "training")
+
+
+class TrainingSession(Callbacks):
+    """Runs ``engine.trainer.train`` for a UI. Only one session runs at a time (see ``start``)."""
+
+    _active: TrainingSession | None = None
+    _active_lock = threading.Lock()
+
+    def __init__(self, host: Host, cfg, sample_prompt: str = "", sample_every: int = 0, sample_seed: int = 1):
+        self.host, self.cfg = host, cfg
+        self.sample_prompt, self.sample_every, self.sample_seed = sample_prompt.strip(), sample_every, sample_seed
+        self.status = Status(state="loading", message="waiting for the GPU…")
+        self._stop = StopFlag()
+        self._backend = None
+        self._thread = threading.Thread(target=self._run, name="lora-trainer", daemon=True)
+
+    # --- control
+    @classmethod
+    def start(cls, host: Host, cfg, **kw) -> TrainingSession:
+        with cls._active_lock:
+            if cls._active is not None and cls._active.status.running:
+                raise LoraTrainerError("a training is already running; stop it first or wait for it to end")
+            session = cls(host, cfg, **kw)
+            cls._active = session
+        session._thread.start()
+        return session
+
+    @classmethod
+    def active(cls) -> TrainingSession | None:
+        return cls._active
+
+    def stop(self) -> None:
+        self._stop.request()
+        if self.status.running:
+            self.status.message = "stopping after this step; saving what was trained so far…"
+
+    def wait(self, timeout: float | None = None) -> Status:
+        self._thread.join(timeout)
+        return self.status
+
+    # --- the run (background thread)
+    def _run(self) -> None:
+        from lora_trainer.engine.trainer import train
+
+        try:
+            with self.host.lock():
+                self.status.message = "preparing the model…"
+                self._backend = self.host.make_backend(self.cfg)
+                try:
+                    result = train(self.cfg, backend=self._backend, callbacks=self, progress=False)
+                finally:
+                    backend, self._backend = self._backend, None
+                    self.host.release_backend(backend)
+            self.status.result = result
+            self.status.published = self.host.publish(result.lora_path, self.cfg.output.output_name)
+            self.status.state = "stopped" if result.status == "stopped" else "done"
+            self.status.message = (f"{'Stopped' if result.status == 'stopped' else 'Finished'} after "
+                                   f"{result.steps}/{result.total_steps} steps: {self.status.published.name}")
+        except BaseException as e:  # the UI must learn of every failure; the host stays usable
+            if not isinstance(e, LoraTrainerError):
+                log.error("training failed:\n%s", traceback.format_exc())
+            self.status.state, self.status.message = "error", friendly_error(e)
+
+    # --- engine callbacks
+    def on_start(self, total_steps: int, run_dir: Path) -> None:
+        self.status.state, self.status.total_steps = "training", total_steps
+        self.status.message = f"training ({run_dir})"
+
+    def on_step(self, info: StepInfo) -> None:
+        s = self.status
+        s.step, s.loss, s.steps_per_s = info.step, info.loss_avg, info.steps_per_s
+        s.eta_s = info.eta_s if info.steps_per_s > 0 else None
+        s.losses.append((info.step, info.loss))
+        if self.sample_every and self.sample_prompt and info.step % self.sample_every == 0:
+            self._sample(info.step)
+
+    def should_stop(self) -> bool:
+        return self._stop.should_stop()
+
+    def _sample(self, step: int) -> None:
+        modules = [m for m in self._backend.components().values() if m is not None]
+        modes = [m.training for m in modules]
+        try:
+            for m in modules:
+                m.eval()
+            image = self.host.sample(self._backend, self.sample_prompt, self.sample_seed)
+            if image is not None:
+                self.status.samples.append((step, image))
+        except Exception as e:  # a failed sample must not end the training
+            log.warning("sample at step %d failed: %s", step, e)
+        finally:
+            for m, mode in zip(modules, modes):
+                m.train(mode)
+
+
+def format_status(s: Status) -> str:
+    """One line for the tab: step/total, loss, speed, ETA."""
+    if s.state in ("idle", "loading") or not s.total_steps:
+        return s.message
+    parts = [f"step {s.step}/{s.total_steps}"]
+    if s.loss is not None:
+        parts.append(f"loss {s.loss:.4f}")
+    if s.steps_per_s:
+        parts.append(f"{s.steps_per_s:.2f} it/s")
+    if s.eta_s is not None and s.running:
+        parts.append(f"ETA {time.strftime('%H:%M:%S', time.gmtime(s.eta_s))}")
+    return " · ".join(parts) + (f" — {s.message}" if s.message else "")

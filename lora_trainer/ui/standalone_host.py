@@ -1,0 +1,71 @@
+"""The host of the standalone app: a diffusers model chosen in the tab, LoRAs into a local folder."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import torch
+
+from lora_trainer.engine.lora import remove_lora
+from lora_trainer.utils.fsio import write_new
+
+SWEEP_ADAPTER = "lora_trainer_sweep"
+
+
+class DiffusersHost:
+    name = "standalone"
+
+    def __init__(self, lora_dir: str | Path = "output/Lora"):
+        self.lora_dir = Path(lora_dir)
+        self._lock = threading.Lock()
+
+    def lock(self):
+        return self._lock
+
+    def make_backend(self, cfg):
+        from lora_trainer.engine.trainer import DTYPES, pick_device
+        from lora_trainer.models.diffusers_backend import load_diffusers_backend
+
+        device, precision = pick_device(cfg.training.mixed_precision)
+        return load_diffusers_backend(cfg.model.base_model, device, DTYPES[precision], cfg.model.prediction_type)
+
+    def release_backend(self, backend) -> None:
+        if backend is not None:
+            for module in backend.components().values():
+                if module is not None:
+                    remove_lora(module)
+
+    def sample(self, backend, prompt: str, seed: int, steps: int = 20):
+        res = backend.unet.config.sample_size * backend.pipe.vae_scale_factor
+        generator = torch.Generator(backend.device).manual_seed(seed)
+        with torch.no_grad():
+            return backend.pipe(prompt, num_inference_steps=steps, height=res, width=res, generator=generator).images[0]
+
+    def publish(self, lora_path: Path, name: str) -> Path:
+        self.lora_dir.mkdir(parents=True, exist_ok=True)
+        return write_new(self.lora_dir / f"{name}.safetensors", lambda p: shutil.copyfile(lora_path, p))
+
+    def sweep(self, base_model: str, lora_path: Path, prompt: str, negative: str, strengths: list[float],
+              seed: int, steps: int = 20, size: int | None = None) -> list[tuple[float, object]]:
+        """The same prompt and seed at each LoRA strength (0 = the base model)."""
+        from lora_trainer.engine.trainer import DTYPES, pick_device
+        from lora_trainer.models.diffusers_backend import load_pipeline
+
+        device, precision = pick_device("auto")
+        with self._lock:
+            pipe, _ = load_pipeline(base_model, DTYPES[precision])
+            pipe.to(device)
+            pipe.load_lora_weights(str(Path(lora_path).parent), weight_name=Path(lora_path).name,
+                                   adapter_name=SWEEP_ADAPTER)
+            size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+            images = []
+            for strength in strengths:
+                pipe.set_adapters([SWEEP_ADAPTER], adapter_weights=[strength])
+                generator = torch.Generator(device).manual_seed(seed)
+                with torch.no_grad():
+                    image = pipe(prompt, negative_prompt=negative or None, num_inference_steps=steps, height=size,
+                                 width=size, generator=generator).images[0]
+                images.append((strength, image))
+        return images

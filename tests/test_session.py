@@ -1,0 +1,75 @@
+"""A UI's training run: background thread, status, samples, Stop, one at a time, publish, strength sweep."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lora_trainer.config import config_from_dict
+from lora_trainer.data.demo_set import make_demo_dataset
+from lora_trainer.errors import LoraTrainerError
+from lora_trainer.ui.session import TrainingSession, format_status
+from lora_trainer.ui.standalone_host import DiffusersHost
+
+
+def cfg_for(tmp_path, steps, **extra):
+    data = make_demo_dataset(tmp_path / "data", n=4, resolution=64)
+    return config_from_dict({"train_data_dir": str(data), "resolution": 64, "max_train_steps": steps,
+                             "batch_size": 2, "gradient_accumulation_steps": 1, "save_steps": 0,
+                             "learning_rate": 1e-2, "lora_dropout": 0.0, "output_dir": str(tmp_path / "run"),
+                             "output_name": "ui_lora", "save_precision": "fp32", "log_with": "none", **extra})
+
+
+def test_session_trains_samples_and_publishes(tmp_path):
+    host = DiffusersHost(tmp_path / "Lora")
+    session = TrainingSession.start(host, cfg_for(tmp_path, 4), sample_prompt="demo style", sample_every=2)
+    status = session.wait(120)
+    assert status.state == "done", status.message
+    assert status.published == tmp_path / "Lora" / "ui_lora.safetensors" and status.published.is_file()
+    assert [s for s, _ in status.losses] == [1, 2, 3, 4]
+    assert [s for s, _ in status.samples] == [2, 4] and status.samples[0][1].size == (64, 64)
+    assert "step 4/4" in format_status(status)
+    # the model came back without LoRA layers
+    again = TrainingSession.start(host, cfg_for(tmp_path, 1, output_name="ui_lora"))
+    assert again.wait(120).state == "done"
+    assert again.status.published.name == "ui_lora_1.safetensors"  # never over the first one
+
+
+def test_stop_and_one_at_a_time(tmp_path):
+    host = DiffusersHost(tmp_path / "Lora")
+    session = TrainingSession.start(host, cfg_for(tmp_path, 500))
+    with pytest.raises(LoraTrainerError, match="already running"):
+        TrainingSession.start(host, cfg_for(tmp_path, 2))
+    session.stop()
+    status = session.wait(120)
+    assert status.state == "stopped" and 0 < status.result.steps < 500
+    assert status.published.is_file()
+
+
+def test_errors_reach_the_ui(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg = cfg_for(tmp_path, 2)
+    cfg.data.train_data_dir = str(empty)
+    status = TrainingSession.start(DiffusersHost(tmp_path / "Lora"), cfg).wait(60)
+    assert status.state == "error" and "no usable images" in status.message
+
+
+def test_strength_sweep(tmp_path):
+    from diffusers.utils import USE_PEFT_BACKEND
+
+    if not USE_PEFT_BACKEND:
+        pytest.skip("the standalone app's sweep uses diffusers' PEFT backend (transformers >= 4.34)")
+    host = DiffusersHost(tmp_path / "Lora")
+    status = TrainingSession.start(host, cfg_for(tmp_path, 3)).wait(120)
+    images = host.sweep("tiny-demo", status.published, "demo style", "", [0.0, 1.0], seed=3, steps=2)
+    assert [s for s, _ in images] == [0.0, 1.0]
+    import torch
+
+    from lora_trainer.models.diffusers_backend import load_pipeline
+
+    pipe, _ = load_pipeline("tiny-demo")  # no LoRA at all
+    base = pipe("demo style", num_inference_steps=2, height=64, width=64,
+                generator=torch.Generator().manual_seed(3)).images[0]
+    assert np.array_equal(np.asarray(images[0][1]), np.asarray(base))  # strength 0 is the base model
+    assert not np.array_equal(np.asarray(images[0][1]), np.asarray(images[1][1]))
