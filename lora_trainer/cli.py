@@ -83,6 +83,20 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_ui(args) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        from lora_trainer.errors import LoraTrainerError
+
+        raise LoraTrainerError("the app needs gradio: pip install gradio") from None
+    from lora_trainer.ui.app import launch
+
+    print(f"LoRA Trainer on http://{args.host}:{args.port} (Ctrl-C to quit)")
+    launch(host=args.host, port=args.port, lora_dir=args.lora_dir, base_model=args.base_model)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lora-trainer", description="Train a Stable Diffusion LoRA for the WebUI.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -104,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="override a setting, e.g. --set training.epochs=2 (repeatable)")
     tr.set_defaults(func=cmd_train)
+    ui = sub.add_parser("ui", help="the Train LoRA tab as a standalone app on 127.0.0.1")
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    ui.add_argument("--port", type=int, default=7870)
+    ui.add_argument("--lora-dir", default="output/Lora", help="where finished LoRAs are copied")
+    ui.add_argument("--base-model", default="tiny-demo", help="the base model the tab starts with")
+    ui.set_defaults(func=cmd_ui)
     return p
 
 

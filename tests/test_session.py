@@ -62,7 +62,7 @@ def test_strength_sweep(tmp_path):
         pytest.skip("the standalone app's sweep uses diffusers' PEFT backend (transformers >= 4.34)")
     host = DiffusersHost(tmp_path / "Lora")
     status = TrainingSession.start(host, cfg_for(tmp_path, 3)).wait(120)
-    images = host.sweep("tiny-demo", status.published, "demo style", "", [0.0, 1.0], seed=3, steps=2)
+    images = host.sweep(status.published, "demo style", "", [0.0, 1.0], seed=3, steps=2)
     assert [s for s, _ in images] == [0.0, 1.0]
     import torch
 

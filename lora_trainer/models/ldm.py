@@ -66,8 +66,10 @@ class LdmBackend:
     def encode_images(self, pixels, generator):
         # LDM's DiagonalGaussianDistribution.sample takes no generator: the latent sample draws from the
         # global RNG, which the engine's checkpoints save and restore anyway.
+        vae = getattr(self.sd_model, "first_stage_model", None)
+        dtype = next(vae.parameters()).dtype if vae is not None else self.weight_dtype  # A1111: --no-half-vae
         with torch.no_grad():
-            posterior = self.sd_model.encode_first_stage(pixels.to(self.device, dtype=self.weight_dtype))
+            posterior = self.sd_model.encode_first_stage(pixels.to(self.device, dtype=dtype))
             return self.sd_model.get_first_stage_encoding(posterior).to(self.weight_dtype)
 
     def encode_prompts(self, captions):

@@ -17,9 +17,15 @@ SWEEP_ADAPTER = "lora_trainer_sweep"
 class DiffusersHost:
     name = "standalone"
 
-    def __init__(self, lora_dir: str | Path = "output/Lora"):
-        self.lora_dir = Path(lora_dir)
+    def __init__(self, lora_dir: str | Path = "output/Lora", run_root: str | Path = "output/runs",
+                 base_model: str = "tiny-demo"):
+        self.lora_dir, self.run_root = Path(lora_dir), Path(run_root)
+        self.base_model = base_model
         self._lock = threading.Lock()
+
+    def defaults(self) -> dict:
+        """Settings the tab starts from (the core config's defaults, on the chosen base model)."""
+        return {"base_model": self.base_model}
 
     def lock(self):
         return self._lock
@@ -47,9 +53,10 @@ class DiffusersHost:
         self.lora_dir.mkdir(parents=True, exist_ok=True)
         return write_new(self.lora_dir / f"{name}.safetensors", lambda p: shutil.copyfile(lora_path, p))
 
-    def sweep(self, base_model: str, lora_path: Path, prompt: str, negative: str, strengths: list[float],
-              seed: int, steps: int = 20, size: int | None = None) -> list[tuple[float, object]]:
+    def sweep(self, lora_path: Path, prompt: str, negative: str, strengths: list[float], seed: int,
+              base_model: str | None = None, steps: int = 20, size: int | None = None) -> list[tuple[float, object]]:
         """The same prompt and seed at each LoRA strength (0 = the base model)."""
+        base_model = base_model or self.base_model
         from lora_trainer.engine.trainer import DTYPES, pick_device
         from lora_trainer.models.diffusers_backend import load_pipeline
 

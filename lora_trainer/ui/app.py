@@ -1,0 +1,30 @@
+"""The standalone app: the Train LoRA tab on 127.0.0.1, training diffusers models (``python -m lora_trainer ui``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CSS_FILE = Path(__file__).resolve().parents[2] / "style.css"
+
+
+def build_app(host=None):
+    import gradio as gr
+
+    from lora_trainer.ui import compat
+    from lora_trainer.ui.standalone_host import DiffusersHost
+    from lora_trainer.ui.tab import create_tab
+
+    host = host or DiffusersHost()
+    css = CSS_FILE.read_text(encoding="utf-8") if CSS_FILE.is_file() else None
+    with gr.Blocks(title="LoRA Trainer", analytics_enabled=False, css=css) as app:
+        gr.Markdown("## Train LoRA")
+        create_tab(host)  # a Blocks made inside another one renders in place
+    return compat.queue(app)
+
+
+def launch(host: str = "127.0.0.1", port: int = 7870, lora_dir: str = "output/Lora", base_model: str = "tiny-demo",
+           open_browser: bool = False) -> None:
+    from lora_trainer.ui.standalone_host import DiffusersHost
+
+    app = build_app(DiffusersHost(lora_dir=lora_dir, base_model=base_model))
+    app.launch(server_name=host, server_port=port, inbrowser=open_browser, share=False)

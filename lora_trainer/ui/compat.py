@@ -1,0 +1,32 @@
+"""Every gradio-version switch of the tab, in one place.
+
+A1111 v1.10 runs gradio 3.41.2, Forge 4.40 (with its own shims), the standalone app the newest release.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+GRADIO_MAJOR = int(gr.__version__.split(".")[0])
+
+
+def gallery(label: str, elem_id: str, columns: int = 5, height: int | None = None) -> gr.Gallery:
+    """An image gallery: ``columns=`` since gradio 4, ``.style(grid=...)`` before."""
+    if GRADIO_MAJOR >= 4:
+        kwargs = {"columns": columns, "object_fit": "contain"}
+        if height:
+            kwargs["height"] = height
+        return gr.Gallery(label=label, elem_id=elem_id, show_label=True, **kwargs)
+    return gr.Gallery(label=label, elem_id=elem_id, show_label=True).style(grid=columns, height=height or "auto")
+
+
+def group():
+    """A visual group: gr.Box went away in gradio 4."""
+    return gr.Group()
+
+
+def queue(blocks: gr.Blocks) -> gr.Blocks:
+    """Generators (live progress) need the queue; its arguments changed across versions."""
+    if GRADIO_MAJOR >= 4:
+        return blocks.queue(default_concurrency_limit=4)
+    return blocks.queue(concurrency_count=4)

@@ -1,0 +1,178 @@
+"""The WebUI host: train the model AUTOMATIC1111 has loaded, in place, on its GPU, under its queue lock.
+
+This package is the only code that imports ``modules.*`` (the WebUI's own modules).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+from lora_trainer.engine.lora import remove_lora
+from lora_trainer.errors import LoraTrainerError
+from lora_trainer.models.ldm import LdmBackend, ldm_family
+from lora_trainer.utils.fsio import write_new
+
+log = logging.getLogger(__name__)
+SECTION = ("lora_trainer", "LoRA Trainer")
+# WebUI Settings → "LoRA Trainer": the tab's defaults (option name → config key, default, label)
+OPTIONS = {
+    "lora_trainer_lora_rank": ("lora_rank", 8, "Default LoRA rank"),
+    "lora_trainer_lora_alpha": ("lora_alpha", 8, "Default LoRA alpha"),
+    "lora_trainer_learning_rate": ("learning_rate", 2e-4, "Default learning rate"),
+    "lora_trainer_batch_size": ("batch_size", 4, "Default batch size"),
+    "lora_trainer_epochs": ("epochs", 10, "Default epochs"),
+    "lora_trainer_resolution": ("resolution", 512, "Default training resolution"),
+    "lora_trainer_gradient_checkpointing": ("gradient_checkpointing", False, "Gradient checkpointing by default"),
+}
+
+
+def _networks():
+    """The built-in Lora extension's module, if it is loaded."""
+    return sys.modules.get("networks")
+
+
+def unapply_lora_networks(sd_model) -> int:
+    """Put back the base weights the built-in Lora extension merged in place; returns how many layers.
+
+    The extension changes weights in place at the first forward after a prompt names a LoRA, and keeps
+    the originals in ``network_weights_backup``. With no network loaded, the next generation after
+    training re-applies whatever its prompt asks for.
+    """
+    networks = _networks()
+    if networks is None:
+        return 0
+    import torch
+
+    networks.loaded_networks.clear()
+    restored = 0
+    with torch.no_grad():  # the extension restores inside generation, where grad is off; here too
+        for module in sd_model.modules():
+            if getattr(module, "network_current_names", ()) != ():
+                networks.network_restore_weights_from_backup(module)
+                module.network_current_names = ()
+                restored += 1
+    return restored
+
+
+class WebUIHost:
+    name = "webui"
+
+    def __init__(self):
+        self._saved = None  # (requires_grad flags, training modes) of the model before training
+
+    # --- settings and places
+    def defaults(self) -> dict:
+        from modules import shared
+
+        return {key: getattr(shared.opts, opt, default) for opt, (key, default, _) in OPTIONS.items()}
+
+    @property
+    def run_root(self) -> Path:
+        from modules import paths
+
+        return Path(paths.data_path) / "outputs" / "lora_trainer"
+
+    @property
+    def lora_dir(self) -> Path:
+        from modules import shared
+
+        return Path(shared.cmd_opts.lora_dir)
+
+    # --- the GPU
+    @contextlib.contextmanager
+    def lock(self):
+        from modules import call_queue, shared
+
+        with call_queue.queue_lock:
+            shared.state.begin(job="Train LoRA")
+            try:
+                yield
+            finally:
+                shared.state.end()
+
+    def make_backend(self, cfg) -> LdmBackend:
+        from modules import devices, sd_hijack_checkpoint, shared
+
+        sd_model = shared.sd_model
+        if sd_model is None:
+            raise LoraTrainerError("no model is loaded: choose a Stable Diffusion 1.x checkpoint at the top of the page")
+        family = ldm_family(sd_model)
+        if family == "sdxl":
+            raise LoraTrainerError("the loaded model is SDXL; training SDXL LoRAs is not supported yet. "
+                                   "Load a Stable Diffusion 1.x checkpoint to train.")
+        if family == "sd_v2" and cfg.training.train_text_encoder:
+            raise LoraTrainerError("training the text encoder of SD 2.x (OpenCLIP) is not supported yet; "
+                                   "turn off 'Train the text encoder'")
+        if getattr(shared.cmd_opts, "lowvram", False) or getattr(shared.cmd_opts, "medvram", False):
+            raise LoraTrainerError("training does not work with --medvram/--lowvram (they move the model between "
+                                   "CPU and GPU); restart the WebUI without them")
+        restored = unapply_lora_networks(sd_model)
+        if restored:
+            log.info("took the active Lora networks out of %d layers before training", restored)
+        self._saved = ({n: p.requires_grad for n, p in sd_model.named_parameters()},
+                       {n: m.training for n, m in sd_model.named_modules()})
+        info = getattr(sd_model, "sd_checkpoint_info", None)
+        name = getattr(info, "model_name", None) or getattr(info, "name", None) or "webui-model"
+        return LdmBackend(sd_model, name, devices.device, devices.dtype_unet,
+                          checkpointing=(sd_hijack_checkpoint.add, sd_hijack_checkpoint.remove))
+
+    def release_backend(self, backend) -> None:
+        """Remove the LoRA layers and put back every flag: the model computes exactly what it did."""
+        if backend is None:
+            return
+        from modules import devices
+
+        for module in backend.components().values():
+            if module is not None:
+                remove_lora(module)
+        backend.disable_gradient_checkpointing()
+        if self._saved is not None:
+            grads, modes = self._saved
+            for n, p in backend.sd_model.named_parameters():
+                p.requires_grad_(grads.get(n, p.requires_grad))
+            for n, m in backend.sd_model.named_modules():
+                m.training = modes.get(n, m.training)
+            self._saved = None
+        devices.torch_gc()
+
+    # --- generation
+    def _txt2img(self, prompt: str, negative: str, seed: int, steps: int = 20, size: int = 512):
+        from modules import processing, shared
+
+        p = processing.StableDiffusionProcessingTxt2Img(
+            sd_model=shared.sd_model, prompt=prompt, negative_prompt=negative, seed=seed, steps=steps,
+            width=size, height=size, cfg_scale=7.0, batch_size=1, n_iter=1,
+            do_not_save_samples=True, do_not_save_grid=True)
+        try:
+            return processing.process_images(p).images[0]
+        finally:
+            p.close()
+
+    def sample(self, backend, prompt: str, seed: int):
+        """The WebUI's own generation, on the model as it is now (the LoRA being trained is in it)."""
+        import torch
+
+        with torch.no_grad():
+            return self._txt2img(prompt, "", seed)
+
+    def sweep(self, lora_path: Path, prompt: str, negative: str, strengths: list[float], seed: int,
+              base_model=None) -> list[tuple[float, object]]:
+        """txt2img with ``<lora:name:S>`` at each strength (0 = no LoRA at all), same prompt and seed."""
+        name = Path(lora_path).stem
+        with self.lock():
+            return [(s, self._txt2img(f"{prompt} <lora:{name}:{s:g}>" if s else prompt, negative, seed))
+                    for s in strengths]
+
+    # --- the result
+    def publish(self, lora_path: Path, name: str) -> Path:
+        """Copy the LoRA into the Lora folder (never over an existing file) and refresh the Lora list."""
+        target = write_new(self.lora_dir / f"{name}.safetensors", lambda p: shutil.copyfile(lora_path, p))
+        networks = _networks()
+        if networks is not None:
+            networks.list_available_networks()
+        log.info("LoRA ready: %s (prompt with <lora:%s:0.7>)", target, target.stem)
+        return target

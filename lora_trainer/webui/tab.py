@@ -1,0 +1,30 @@
+"""The WebUI's tab and settings: what ``scripts/lora_trainer_tab.py`` registers."""
+
+from __future__ import annotations
+
+from lora_trainer.webui.host import OPTIONS, SECTION, WebUIHost
+
+
+def on_ui_tabs():
+    from lora_trainer.ui.tab import create_tab
+
+    blocks = create_tab(WebUIHost())
+    _bind_send_to_txt2img(*blocks.lora_trainer_send)
+    return [(blocks, "Train LoRA", "lora_trainer")]
+
+
+def _bind_send_to_txt2img(button, prompt_box) -> None:
+    """The WebUI's own "send to txt2img" mechanism (as its PNG Info tab uses)."""
+    try:
+        from modules import infotext_utils as paste
+    except ImportError:  # before v1.8 the module had another name
+        from modules import generation_parameters_copypaste as paste
+    paste.register_paste_params_button(paste.ParamBinding(paste_button=button, tabname="txt2img",
+                                                          source_text_component=prompt_box))
+
+
+def on_ui_settings():
+    from modules import shared
+
+    for opt, (_, default, label) in OPTIONS.items():
+        shared.opts.add_option(opt, shared.OptionInfo(default, label, section=SECTION))

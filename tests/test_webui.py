@@ -1,0 +1,138 @@
+"""The WebUI glue (scripts/, lora_trainer/webui/, install.py) against a stand-in of A1111 v1.10's modules."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+STUB = Path(__file__).resolve().parent / "webui_stub"
+sys.path.insert(0, str(STUB))
+
+from ldm_model import TinyLatentDiffusion  # noqa: E402
+
+import launch  # noqa: E402  (the stand-in)
+import networks  # noqa: E402
+from lora_trainer.config import config_from_dict  # noqa: E402
+from lora_trainer.data.demo_set import make_demo_dataset  # noqa: E402
+from lora_trainer.ui.session import TrainingSession  # noqa: E402
+from lora_trainer.webui.host import WebUIHost  # noqa: E402
+from modules import devices, paths, processing, script_callbacks, shared  # noqa: E402
+
+
+@pytest.fixture
+def webui(tmp_path):
+    shared.sd_model = TinyLatentDiffusion()
+    shared.cmd_opts.lora_dir = str(tmp_path / "models" / "Lora")
+    shared.cmd_opts.lowvram = shared.cmd_opts.medvram = False
+    paths.data_path = str(tmp_path)
+    processing.calls.clear()
+    networks.loaded_networks.clear()
+    yield shared.sd_model
+    shared.sd_model = None
+
+
+def outputs(sd_model):
+    torch.manual_seed(3)
+    x, t = torch.randn(1, 4, 16, 16), torch.tensor([100])
+    with torch.no_grad():
+        cond = sd_model.get_learned_conditioning(["demo style"])
+        return cond, sd_model.apply_model(x, t, cond)
+
+
+def make_cfg(tmp_path, **extra):
+    data = make_demo_dataset(tmp_path / "data", n=4, resolution=64)
+    settings = {"train_data_dir": str(data), "resolution": 64, "max_train_steps": 4, "batch_size": 2,
+                "gradient_accumulation_steps": 1, "learning_rate": 1e-2, "save_steps": 0, "lora_dropout": 0.0,
+                "output_dir": str(tmp_path / "run"), "output_name": "webui_lora", "log_with": "none", **extra}
+    return config_from_dict(settings)
+
+
+def test_training_in_the_webui_leaves_the_model_exactly_as_before(webui, tmp_path):
+    pristine = outputs(webui)
+    grads_before = {n: p.requires_grad for n, p in webui.named_parameters()}
+    # a Lora the user generated with is merged into one layer, as the built-in extension does it
+    layer = webui.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn1.to_q
+    layer.network_weights_backup = layer.weight.detach().clone()
+    layer.network_current_names = (("user_lora", 1.0, 1.0, None),)
+    with torch.no_grad():
+        layer.weight += 0.5
+    networks.loaded_networks.append(object())
+    assert not torch.equal(outputs(webui)[1], pristine[1])
+
+    host = WebUIHost()
+    session = TrainingSession.start(host, make_cfg(tmp_path, train_text_encoder=True, gradient_checkpointing=True),
+                                    sample_prompt="demo style", sample_every=2)
+    status = session.wait(120)
+    assert status.state == "done", status.message
+    lora = Path(shared.cmd_opts.lora_dir) / "webui_lora.safetensors"
+    assert status.published == lora and lora.is_file()
+    assert networks.refreshes >= 1 and networks.loaded_networks == []
+    assert ("begin", "Train LoRA") in shared.state.calls and shared.state.calls[-1] == ("end",)
+    assert [p.prompt for p in processing.calls] == ["demo style", "demo style"]  # samples at steps 2 and 4
+    assert all(p.closed for p in processing.calls)
+
+    # the same seed and input give the same output as before the user's Lora and the training
+    after = outputs(webui)
+    assert torch.equal(after[0], pristine[0]) and torch.equal(after[1], pristine[1])
+    assert {n: p.requires_grad for n, p in webui.named_parameters()} == grads_before
+    assert not webui.training and not any(m.training for m in webui.modules())
+    assert not any(hasattr(m, "lora_A") for m in webui.modules())
+    assert devices.gc_calls >= 1
+
+
+@pytest.mark.parametrize("change, words", [
+    ("none", "no model is loaded"),
+    ("sdxl", "SDXL"),
+    ("medvram", "--medvram/--lowvram"),
+])
+def test_clear_refusals_leave_the_webui_working(webui, tmp_path, change, words):
+    if change == "none":
+        shared.sd_model = None
+    elif change == "sdxl":
+        webui.is_sdxl = True
+    else:
+        shared.cmd_opts.medvram = True
+    status = TrainingSession.start(WebUIHost(), make_cfg(tmp_path)).wait(60)
+    assert status.state == "error" and words in status.message
+    assert shared.state.calls[-1] == ("end",)
+
+
+def test_strength_sweep_uses_the_webui_generation(webui, tmp_path):
+    images = WebUIHost().sweep(tmp_path / "my_style.safetensors", "a cat", "blurry", [0, 0.5, 1.0], seed=7)
+    assert [s for s, _ in images] == [0, 0.5, 1.0]
+    assert [p.prompt for p in processing.calls] == ["a cat", "a cat <lora:my_style:0.5>", "a cat <lora:my_style:1>"]
+    assert {p.seed for p in processing.calls} == {7} and {p.negative_prompt for p in processing.calls} == {"blurry"}
+
+
+def test_script_registers_the_tab_and_settings(webui):
+    pytest.importorskip("gradio")
+    from modules import infotext_utils
+
+    script_callbacks.ui_tabs.clear()
+    script_callbacks.ui_settings.clear()
+    runpy.run_path(str(ROOT / "scripts" / "lora_trainer_tab.py"))
+    [tabs_cb], [settings_cb] = script_callbacks.ui_tabs, script_callbacks.ui_settings
+    [(blocks, title, elem_id)] = tabs_cb()
+    assert title == "Train LoRA" and elem_id == "lora_trainer"
+    binding = infotext_utils.registered_param_bindings[-1]
+    assert binding.tabname == "txt2img" and binding.source_text_component is not None
+    settings_cb()
+    opts = shared.opts.data_labels
+    assert opts["lora_trainer_lora_rank"].section == ("lora_trainer", "LoRA Trainer")
+    assert WebUIHost().defaults()["lora_rank"] == 8
+
+
+def test_install_py_installs_only_what_is_missing():
+    launch.installed = {"peft", "torch", "transformers", "gradio", "huggingface_hub"}
+    launch.pip_calls.clear()
+    runpy.run_path(str(ROOT / "install.py"))
+    assert launch.pip_calls == ["install --no-deps diffusers==0.30.3"]
+    launch.installed |= {"diffusers"}
+    launch.pip_calls.clear()
+    runpy.run_path(str(ROOT / "install.py"))
+    assert launch.pip_calls == []

@@ -1,0 +1,10 @@
+"""modules/shared.py: sd_model, opts, cmd_opts, state (v1.10.1: shared.py, shared_state.py, options.py)."""
+import types
+
+from modules import options, shared_state
+
+sd_model = None
+cmd_opts = types.SimpleNamespace(lora_dir="", lowvram=False, medvram=False)
+opts = options.Options()
+state = shared_state.State()
+OptionInfo = options.OptionInfo
