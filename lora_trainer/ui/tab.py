@@ -89,7 +89,7 @@ def _loss_svg(losses: list[tuple[int, float]], width: int = 480, height: int = 1
                    f"{height - 5 - (v - lo) / span * (height - 20):.1f}" for s, v in losses)
     return (f"<svg class='{PREFIX}loss' viewBox='0 0 {width} {height}' width='100%' height='{height}'>"
             f"<polyline fill='none' stroke='currentColor' stroke-width='1.5' points='{pts}'/>"
-            f"<text x='5' y='12' font-size='11' fill='currentColor'>loss {hi:.3f} → {values[-1]:.3f}</text></svg>")
+            f"<text x='5' y='12' font-size='11' fill='currentColor'>loss {values[0]:.3f} → {values[-1]:.3f}</text></svg>")
 
 
 def _view(session: TrainingSession | None):
@@ -118,19 +118,22 @@ def create_tab(host) -> gr.Blocks:
                                         value=defaults.model.base_model, visible=host.name == "standalone",
                                         elem_id=f"{PREFIX}base_model")
                 with gr.Accordion("Advanced", open=False, elem_id=f"{PREFIX}advanced"):
-                    fields = []
+                    made = {}
                     with gr.Row():
                         for key, label, kind, extra in ADVANCED:
-                            value = _default(key, defaults)
-                            elem = f"{PREFIX}{key}"
-                            if kind == "bool":
-                                fields.append(gr.Checkbox(label=label, value=value, elem_id=elem))
-                            elif kind == "choice":
-                                fields.append(gr.Dropdown(label=label, choices=extra, value=value, elem_id=elem))
+                            value, elem = _default(key, defaults), f"{PREFIX}{key}"
+                            if kind == "choice":
+                                made[key] = gr.Dropdown(label=label, choices=extra, value=value, elem_id=elem)
                             elif kind == "text":
-                                fields.append(gr.Textbox(label=label, value=value, elem_id=elem))
-                            else:
-                                fields.append(gr.Number(label=label, value=value, elem_id=elem))
+                                made[key] = gr.Textbox(label=label, value=value, elem_id=elem)
+                            elif kind == "number":
+                                made[key] = gr.Number(label=label, value=value, elem_id=elem)
+                    with gr.Row():  # checkboxes on their own row, so their labels are not squeezed
+                        for key, label, kind, _ in ADVANCED:
+                            if kind == "bool":
+                                made[key] = gr.Checkbox(label=label, value=_default(key, defaults),
+                                                        elem_id=f"{PREFIX}{key}")
+                    fields = [made[key] for key, *_ in ADVANCED]
                 with gr.Row():
                     sample_prompt = gr.Textbox(label="Sample prompt (empty = no samples)", elem_id=f"{PREFIX}sample_prompt")
                     sample_every = gr.Number(label="Sample every N steps", value=50, elem_id=f"{PREFIX}sample_every")

@@ -1,0 +1,91 @@
+"""The standalone app in a real headless browser: load, start a demo training, see progress and the sweep."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gradio")
+playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (uses Debian's chromium)")
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+if not Path(CHROMIUM).exists():
+    pytest.skip("no chromium (apt-get install chromium)", allow_module_level=True)
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def app(tmp_path):
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, "-m", "lora_trainer", "ui", "--port", str(port), "--lora-dir",
+                             str(tmp_path / "Lora")], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(proc.stdout.read().decode()[-3000:])
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_train_and_sweep_in_the_browser(app, tmp_path):
+    from lora_trainer.data.demo_set import make_demo_dataset
+
+    data = make_demo_dataset(tmp_path / "data", n=4, resolution=64)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1300, "height": 1100})
+        page.goto(app)
+        page.wait_for_selector("#lora_trainer_data_dir textarea", timeout=60_000)
+        page.fill("#lora_trainer_data_dir textarea", str(data))
+        page.fill("#lora_trainer_name textarea, #lora_trainer_name input", "browser_lora")
+        page.click("#lora_trainer_advanced")
+        page.wait_for_selector("#lora_trainer_resolution input")
+        page.wait_for_timeout(500)  # the accordion mounts its fields when it opens
+        for field, value in [("resolution", "64"), ("max_train_steps", "6"), ("batch_size", "2")]:
+            page.fill(f"#lora_trainer_{field} input", value)
+            page.press(f"#lora_trainer_{field} input", "Tab")
+            assert page.input_value(f"#lora_trainer_{field} input") == value
+        page.fill("#lora_trainer_sample_prompt textarea", "demo style")
+        page.fill("#lora_trainer_sample_every input", "3")
+        page.fill("#lora_trainer_sweep_prompt textarea", "demo style, a red circle")
+        page.click("#lora_trainer_train_generate")
+
+        seen = set()
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            text = page.inner_text("#lora_trainer_status")
+            seen.add(text)
+            if "Finished" in text or "error" in text.lower():
+                break
+            time.sleep(0.3)
+        assert any("Finished after 6/6 steps" in t for t in seen), seen
+        assert any("step " in t and "/6" in t and "it/s" in t for t in seen), seen  # progress was shown
+        page.wait_for_function("document.querySelectorAll('#lora_trainer_sweep_gallery img').length >= 5",
+                               timeout=180_000)
+        assert page.eval_on_selector_all("#lora_trainer_samples img", "e => e.length") >= 2
+        assert page.input_value("#lora_trainer_lora_file textarea, #lora_trainer_lora_file input").endswith(
+            "browser_lora.safetensors")
+        browser.close()
+    assert (tmp_path / "Lora" / "browser_lora.safetensors").is_file()
