@@ -124,6 +124,8 @@ def test_script_registers_the_tab_and_settings(webui):
     settings_cb()
     opts = shared.opts.data_labels
     assert opts["lora_trainer_lora_rank"].section == ("lora_trainer", "LoRA Trainer")
+    # the WebUI's Settings page (ui_settings.create_setting_component) builds str/int/bool by itself only
+    assert all(info.component is not None or type(info.default) in (str, int, bool) for info in opts.values())
     assert WebUIHost().defaults()["lora_rank"] == 8
 
 

@@ -24,7 +24,10 @@ def _bind_send_to_txt2img(button, prompt_box) -> None:
 
 
 def on_ui_settings():
+    import gradio as gr
     from modules import shared
 
     for opt, (_, default, label) in OPTIONS.items():
-        shared.opts.add_option(opt, shared.OptionInfo(default, label, section=SECTION))
+        # the Settings page makes widgets for str, int and bool by itself; a float needs its component named
+        component = gr.Number if isinstance(default, float) else None
+        shared.opts.add_option(opt, shared.OptionInfo(default, label, component=component, section=SECTION))
