@@ -63,6 +63,7 @@ class WebUIHost:
 
     def __init__(self):
         self._saved = None  # (requires_grad flags, training modes) of the model before training
+        self.image_size = 512  # samples and sweeps are made at the resolution of the last training
 
     # --- settings and places
     def defaults(self) -> dict:
@@ -110,6 +111,7 @@ class WebUIHost:
         if getattr(shared.cmd_opts, "lowvram", False) or getattr(shared.cmd_opts, "medvram", False):
             raise LoraTrainerError("training does not work with --medvram/--lowvram (they move the model between "
                                    "CPU and GPU); restart the WebUI without them")
+        self.image_size = cfg.data.resolution
         restored = unapply_lora_networks(sd_model)
         if restored:
             log.info("took the active Lora networks out of %d layers before training", restored)
@@ -140,7 +142,8 @@ class WebUIHost:
         devices.torch_gc()
 
     # --- generation
-    def _txt2img(self, prompt: str, negative: str, seed: int, steps: int = 20, size: int = 512):
+    def _txt2img(self, prompt: str, negative: str, seed: int, steps: int = 20, size: int | None = None):
+        size = size or self.image_size
         from modules import processing, shared
 
         p = processing.StableDiffusionProcessingTxt2Img(
