@@ -142,16 +142,31 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
         ckpt.check_resume(restored, settings, resume_from)
 
     fresh_run = restored is None and not any(run_dir.iterdir())
+    prepared = _Prepared(run_dir, scan, plan, restored, resume_from, settings, started)
     try:
-        return _train_in(run_dir, cfg, backend, callbacks, progress, scan, plan, restored, resume_from, settings,
-                         started)
+        return _train_in(cfg, backend, callbacks, progress, prepared)
     except BaseException:
         if fresh_run and not ckpt.list_checkpoints(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)  # failed before any checkpoint: leave no empty run behind
         raise
 
 
-def _train_in(run_dir, cfg, backend, callbacks, progress, scan, plan, restored, resume_from, settings, started):
+@dataclass(frozen=True)
+class _Prepared:
+    """What the checks before any model loads found out."""
+
+    run_dir: Path
+    scan: object  # data.dataset.DatasetScan
+    plan: Plan
+    restored: ckpt.Restored | None
+    resume_from: Path | None
+    settings: dict
+    started: float
+
+
+def _train_in(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepared) -> TrainResult:
+    run_dir, scan, plan, restored = prepared.run_dir, prepared.scan, prepared.plan, prepared.restored
+    resume_from, settings, started = prepared.resume_from, prepared.settings, prepared.started
     t, d = cfg.training, cfg.data
     with run_log_file(run_dir) as log_dir, _CtrlC() as ctrl_c:
         # --- model, precision, LoRA layers

@@ -63,13 +63,8 @@ def build_config(host, data_dir: str, name: str, preset: str, base_model: str | 
         raise LoraTrainerError("give the LoRA a name (it becomes <lora:name:0.7>)")
     settings = dict(host.defaults()) if hasattr(host, "defaults") else {}
     settings.update(PRESETS.get(preset, {}))
-    for key, value in advanced.items():
-        if key in ZERO_IS_NONE and not value:
-            value = None
-        elif isinstance(value, float) and value.is_integer() and key not in ("learning_rate", "lora_alpha",
-                                                                              "lora_dropout", "noise_offset"):
-            value = int(value)
-        settings[key] = value
+    for key, value in advanced.items():  # gr.Number gives floats; the config takes 8.0 for an int field
+        settings[key] = None if key in ZERO_IS_NONE and not value else value
     settings.update(train_data_dir=str(data_dir).strip(), output_name=name,
                     output_dir=str(Path(host.run_root) / name))
     if base_model:
