@@ -75,6 +75,8 @@ class TrainingConfig:
     checkpoints_total_limit: int = 3
     resume_from_checkpoint: str | None = None
     dataloader_num_workers: int = 0
+    cache_latents: bool = True
+    cache_text_embeddings: bool = True
 
 
 @dataclass

@@ -25,12 +25,12 @@ from lora_trainer.models.diffusers_backend import load_diffusers_backend
 WIDE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
 
 
-def make_cfg(data_dir, out_dir, **training):
+def make_cfg(data_dir, out_dir, random_flip=True, **training):
     t = {"max_train_steps": 4, "batch_size": 2, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
          "lora_rank": 4, "lora_alpha": 2, "lora_dropout": 0.0, "save_steps": 0, "seed": 7}
     t.update(training)
     return config_from_dict({
-        "data": {"train_data_dir": str(data_dir), "resolution": 64},
+        "data": {"train_data_dir": str(data_dir), "resolution": 64, "random_flip": random_flip},
         "model": {"base_model": "tiny-demo"},
         "training": t,
         "output": {"output_dir": str(out_dir), "output_name": "test_lora", "save_precision": "fp32",
@@ -78,11 +78,12 @@ def test_training_learns(demo_data, tmp_path):
     assert after < 0.8 * before, (before, after)
 
 
-def test_resume_gives_the_same_lora(demo_data, tmp_path):
+@pytest.mark.parametrize("cached", [True, False])
+def test_resume_gives_the_same_lora(demo_data, tmp_path, cached):
     # 6 images, batch 2, accumulation 2 -> 3 micro-batches = 2 steps per epoch (the second of 1 batch);
     # stopping at step 3 stops mid-epoch; dropout, flips, noise offset and min-SNR all draw random numbers.
     settings = dict(max_train_steps=6, gradient_accumulation_steps=2, lora_dropout=0.1, lr_scheduler="cosine",
-                    lr_warmup_steps=2, noise_offset=0.05, min_snr_gamma=5.0, save_steps=3)
+                    lr_warmup_steps=2, noise_offset=0.05, min_snr_gamma=5.0, save_steps=3, cache_latents=cached)
     straight = train(make_cfg(demo_data, tmp_path / "a", **settings), progress=False)
 
     stopper = StopAt(3)
@@ -230,3 +231,21 @@ def test_v_prediction_target_and_metadata(demo_data, tmp_path):
         meta = f.metadata()
     assert meta["ss_v_parameterization"] == "True" and meta["modelspec.prediction_type"] == "v"
     assert result.final_loss == result.final_loss  # finite, not NaN
+
+
+def test_cache_encodes_each_image_and_caption_once(demo_data, tmp_path):
+    backend = load_diffusers_backend("tiny-demo", torch.device("cpu"), torch.float32)
+    counts = {"images": 0, "prompts": 0}
+    encode_images, encode_prompts = backend.encode_images, backend.encode_prompts
+
+    def count_images(pixels, generator):
+        counts["images"] += pixels.shape[0]
+        return encode_images(pixels, generator)
+
+    def count_prompts(captions):
+        counts["prompts"] += len(captions)
+        return encode_prompts(captions)
+
+    backend.encode_images, backend.encode_prompts = count_images, count_prompts
+    train(make_cfg(demo_data, tmp_path / "out", max_train_steps=9, random_flip=True), backend=backend, progress=False)
+    assert counts == {"images": 12, "prompts": 6}  # 6 images, mirrored once each; 6 distinct captions

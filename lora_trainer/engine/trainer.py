@@ -26,6 +26,7 @@ from diffusers.training_utils import cast_training_params
 from lora_trainer.config import Config, resolve_mixed_precision, save_config, validate_paths
 from lora_trainer.data.dataset import ImageDataset, collate, scan_dataset
 from lora_trainer.engine import checkpoint as ckpt
+from lora_trainer.engine.cache import EncodedCache
 from lora_trainer.engine.events import Callbacks, CallbackList, StepInfo, TrainResult
 from lora_trainer.engine.lora import add_lora, load_trainable_state, trainable_state
 from lora_trainer.engine.loss import diffusion_loss
@@ -225,6 +226,11 @@ def _train_in(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepar
             log.info("resumed from %s at step %d of %d", resume_from, step, plan.total_steps)
 
         dataset = ImageDataset(scan.samples, d.resolution)
+        cache = None
+        if t.cache_latents:
+            cache = EncodedCache.build(backend, dataset, t.batch_size, t.seed, flips=d.random_flip,
+                                       texts=t.cache_text_embeddings and not t.train_text_encoder,
+                                       progress=progress)
         cbs = CallbackList([callbacks])
         cbs.on_start(plan.total_steps, run_dir)
         writer = _tensorboard(log_dir, cfg.output.log_with == "tensorboard")
@@ -252,13 +258,20 @@ def _train_in(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepar
                 cbs.on_checkpoint(path)
 
         def one_micro_batch(batch) -> torch.Tensor:
-            pixels = batch["pixel_values"].to(device)
+            flip = None
             if d.random_flip:
-                flip = torch.rand(pixels.shape[0], generator=generator, device=device) < 0.5
-                pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
-            latents = backend.encode_images(pixels, generator)
+                flip = torch.rand(len(batch["captions"]), generator=generator, device=device) < 0.5
+            if cache is not None:
+                latents = cache.latents(batch["indices"], flip, device)
+            else:
+                pixels = batch["pixel_values"].to(device)
+                if flip is not None:
+                    pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+                latents = backend.encode_images(pixels, generator)
             with autocast:
-                if t.train_text_encoder:
+                if cache is not None and cache.has_text:
+                    cond = cache.text(batch["captions"], device)
+                elif t.train_text_encoder:
                     cond = backend.encode_prompts(batch["captions"])
                 else:
                     with torch.no_grad():
@@ -272,10 +285,13 @@ def _train_in(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepar
                 epoch = step // plan.steps_per_epoch
                 batches = epoch_batches(plan.num_images, plan.batch_size, t.seed, epoch)
                 first = (step - epoch * plan.steps_per_epoch) * plan.grad_accum
-                # its own generator, so making a loader draws nothing from the global RNG (exact resume)
-                loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches[first:], collate_fn=collate,
-                                                     num_workers=t.dataloader_num_workers,
-                                                     generator=torch.Generator().manual_seed(t.seed + epoch))
+                if cache is not None:  # no image is read again: batches are indices and captions
+                    loader = ({"indices": torch.tensor(b), "captions": [scan.samples[j].caption for j in b]}
+                              for b in batches[first:])
+                else:  # its own generator, so making a loader draws nothing from the global RNG (exact resume)
+                    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches[first:], collate_fn=collate,
+                                                         num_workers=t.dataloader_num_workers,
+                                                         generator=torch.Generator().manual_seed(t.seed + epoch))
                 step_loss = 0.0
                 for i, batch in enumerate(loader, start=first):
                     group_size = min(plan.grad_accum, len(batches) - (i // plan.grad_accum) * plan.grad_accum)
