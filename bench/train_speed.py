@@ -73,7 +73,7 @@ def run_ours(args, data: Path, model: str) -> dict:
         "lora_rank": 8, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": TARGETS, "learning_rate": 1e-4,
         "log_with": "none",
         "output_dir": str(Path(tempfile.mkdtemp()) / "run"), "save_diffusers_format": False,
-        "mixed_precision": "auto" if args.device == "cuda" else "no"})
+        "mixed_precision": "auto" if args.device == "cuda" else "no", "compile_unet": args.compile})
     start = time.perf_counter()
     train(cfg, callbacks=Clock(), progress=False)
     return {"first_step_s": times[0] - start, "timed": times[-1] - times[args.warmup - 1]}
@@ -153,6 +153,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--steps", type=int, default=30, help="timed steps, after --warmup")
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--compile", action="store_true", help="ours with compile_unet (compile time shows in first step)")
     p.add_argument("--out", default="bench/train_speed.json")
     p.add_argument("--mode", choices=["ours", "reference"], help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -170,7 +171,7 @@ def main() -> None:
     for mode in ("reference", "ours"):
         cmd = [sys.executable, __file__, "--mode", mode, "--data", str(data), "--work", str(work)] + [
             f"--{k}={v}" for k, v in vars(args).items() if k in ("device", "model", "resolution", "batch", "steps",
-                                                                  "warmup")]
+                                                                  "warmup")] + (["--compile"] if args.compile else [])
         out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     ref, ours = rows

@@ -77,6 +77,7 @@ class TrainingConfig:
     dataloader_num_workers: int = 0
     cache_latents: bool = True
     cache_text_embeddings: bool = True
+    compile_unet: bool = False
 
 
 @dataclass

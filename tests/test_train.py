@@ -250,3 +250,18 @@ def test_cache_encodes_each_image_and_caption_once(demo_data, tmp_path):
     backend.encode_images, backend.encode_prompts = count_images, count_prompts
     train(make_cfg(demo_data, tmp_path / "out", max_train_steps=9, random_flip=True), backend=backend, progress=False)
     assert counts == {"images": 12, "prompts": 6}  # 6 images, mirrored once each; 6 distinct captions
+
+
+def test_compile_unet_switch_trains_through_the_compiled_module(demo_data, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_compile(module):  # the real compile takes minutes on 2 cores: check the wiring here
+        calls.append(module)
+        return lambda *a, **k: module(*a, **k)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    backend = load_diffusers_backend("tiny-demo", torch.device("cpu"), torch.float32)
+    result = train(make_cfg(demo_data, tmp_path / "out", max_train_steps=2, compile_unet=True), backend=backend,
+                   progress=False)
+    assert calls == [backend.unet] and any("lora_A" in n for n, _ in calls[0].named_modules())
+    assert result.steps == 2 and all(k.startswith("lora_unet_") for k in load_file(result.lora_path))

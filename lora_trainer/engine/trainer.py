@@ -203,6 +203,11 @@ def _train_in(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepar
             module.train()
         if t.gradient_checkpointing:
             backend.enable_gradient_checkpointing(text_encoder=t.train_text_encoder)
+        if t.compile_unet:
+            if hasattr(backend, "compile_unet"):
+                backend.compile_unet()  # after the LoRA layers are in, so the compiled graph has them
+            else:
+                log.warning("compile_unet: this model backend cannot compile its UNet; training without")
 
         optimizer = build_optimizer(t, groups, device)
         sched_name = t.lr_scheduler

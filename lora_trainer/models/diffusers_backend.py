@@ -23,6 +23,7 @@ class DiffusersBackend:
         from diffusers import DDPMScheduler
 
         self.pipe = pipe  # for samples during training: it shares the modules the LoRA goes into
+        self._compiled = None
         self.model_name = model_name
         self.device = torch.device(device)
         self.weight_dtype = weight_dtype
@@ -61,7 +62,11 @@ class DiffusersBackend:
         return self.text_encoder(ids)[0]
 
     def predict(self, noisy_latents, timesteps, cond):
-        return self.unet(noisy_latents, timesteps, cond).sample
+        return (self._compiled or self.unet)(noisy_latents, timesteps, cond).sample
+
+    def compile_unet(self) -> None:
+        """Run the UNet through torch.compile; its parameters (and names) stay those of ``self.unet``."""
+        self._compiled = torch.compile(self.unet)
 
     def enable_gradient_checkpointing(self, text_encoder: bool) -> None:
         self.unet.enable_gradient_checkpointing()
