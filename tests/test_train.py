@@ -257,7 +257,19 @@ def test_compile_unet_switch_trains_through_the_compiled_module(demo_data, tmp_p
 
     def fake_compile(module):  # the real compile takes minutes on 2 cores: check the wiring here
         calls.append(module)
-        return lambda *a, **k: module(*a, **k)
+
+        class Compiled(torch.nn.Module):  # a Module, as torch.compile returns (its truth value is len())
+            def __init__(self):
+                super().__init__()
+                self.inner = module
+
+            def forward(self, *a, **k):
+                return self.inner(*a, **k)
+
+            def __len__(self):  # as torch's OptimizedModule: len() of the wrapped module (a UNet has none)
+                return len(self.inner)
+
+        return Compiled()
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     backend = load_diffusers_backend("tiny-demo", torch.device("cpu"), torch.float32)

@@ -62,7 +62,8 @@ class DiffusersBackend:
         return self.text_encoder(ids)[0]
 
     def predict(self, noisy_latents, timesteps, cond):
-        return (self._compiled or self.unet)(noisy_latents, timesteps, cond).sample
+        unet = self.unet if self._compiled is None else self._compiled  # (a Module's truth value is its len)
+        return unet(noisy_latents, timesteps, cond).sample
 
     def compile_unet(self) -> None:
         """Run the UNet through torch.compile; its parameters (and names) stay those of ``self.unet``."""
