@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 import torch
@@ -14,7 +15,17 @@ from lora_trainer.models.single_file import SD15_CONFIG, detect_family, load_sin
 from lora_trainer.models.tiny import build_tiny_components, tiny_model_path
 
 
-def test_tiny_ldm_checkpoint_loads_with_every_weight(tmp_path):
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any DNS lookup or connection fails the test (with HF_HUB_OFFLINE set or not)."""
+    def refuse(*args, **kwargs):
+        pytest.fail(f"network access attempted: {args[:2]}")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+def test_tiny_ldm_checkpoint_loads_with_every_weight(tmp_path, no_network):
     parts = build_tiny_components(seed=0)
     path = tmp_path / "tiny_sd15.safetensors"
     write_ldm_checkpoint(parts, path)
@@ -23,7 +34,7 @@ def test_tiny_ldm_checkpoint_loads_with_every_weight(tmp_path):
     for name in ("unet", "vae", "text_encoder"):
         want = {k: v for k, v in parts[name].state_dict().items() if not k.endswith("position_ids")}
         got = getattr(pipe, name).state_dict()
-        if name == "text_encoder":  # the level name differs between transformers versions, as above
+        if name == "text_encoder":  # newer transformers drop the text_model. level
             want = {k.removeprefix("text_model."): v for k, v in want.items()}
             got = {k.removeprefix("text_model."): v for k, v in got.items()}
         assert set(want) <= set(got), f"{name}: missing {sorted(set(want) - set(got))[:3]}"
@@ -62,6 +73,14 @@ def test_pickle_checkpoint_refused(tmp_path):
     ckpt.write_bytes(b"not loaded")
     with pytest.raises(ModelLoadError, match="convert it to .safetensors"):
         load_single_file_pipeline(ckpt)
+
+
+def test_missing_file_or_config_folder_is_a_clear_error(tmp_path, no_network):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_single_file_pipeline(tmp_path / "nowhere.safetensors")
+    path = _fake(tmp_path, "v1.safetensors", ["model.diffusion_model.a", "cond_stage_model.transformer.b"])
+    with pytest.raises(ModelLoadError, match="no model_index.json"):  # diffusers would take it for a hub repo id
+        load_single_file_pipeline(path, config_dir="runwayml/stable-diffusion-v1-5")
 
 
 def test_damaged_file_is_a_clear_error(tmp_path):

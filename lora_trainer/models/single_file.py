@@ -44,6 +44,8 @@ def load_single_file_pipeline(path, torch_dtype: torch.dtype = torch.float32, co
     from diffusers import StableDiffusionPipeline
 
     path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"model.base_model: {path} does not exist (or is not a file)")
     if path.suffix.lower() != ".safetensors":
         raise ModelLoadError(f"model.base_model: {path} is not a .safetensors file; pickle checkpoints (.ckpt, .pt, "
                              ".bin) are not loaded for safety (they can run code): convert it to .safetensors")
@@ -53,6 +55,11 @@ def load_single_file_pipeline(path, torch_dtype: torch.dtype = torch.float32, co
                              "checkpoints of Stable Diffusion 1.x only are supported for now (for SD 2.x, point "
                              "base_model at a diffusers folder)")
     config = Path(config_dir) if config_dir else SD15_CONFIG
+    if not (config / "model_index.json").is_file():
+        # diffusers reads any other string as a hub repo id and, finding nothing cached, downloads it
+        # even with local_files_only=True: refuse before that can happen
+        raise ModelLoadError(f"model.base_model: the config folder {config} for {path.name} has no model_index.json "
+                             "(a diffusers-format config folder is needed; a broken install misses the shipped one)")
     log.info("loading single-file checkpoint %s (config %s)", path, config)
     try:
         return StableDiffusionPipeline.from_single_file(
