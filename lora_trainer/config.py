@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import difflib
 import logging
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -144,6 +145,22 @@ def _suggest(name: str, options) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def _unknown_key(key: str, section: str | None) -> str:
+    """``unknown key 'x' in training: did you mean 'y'?``, searching every name and alias."""
+    where = f"in {section}" if section else "at top level"
+    close = difflib.get_close_matches(key, [*FIELD_SECTION, *ALIASES, *([] if section else SECTION_CLASSES)],
+                                      n=1, cutoff=0.6)
+    if close:
+        home = FIELD_SECTION.get(ALIASES.get(close[0], close[0]))
+        elsewhere = f" (in section '{home}')" if section and home != section else ""
+        return f"unknown key '{key}' {where}: did you mean '{close[0]}'{elsewhere}?"
+    if section:
+        keys = ", ".join(f.name for f in fields(SECTION_CLASSES[section]))
+        return f"unknown key '{key}' {where}; its keys are: {keys}"
+    return (f"unknown key '{key}' {where}; expected a section ({', '.join(SECTION_CLASSES)}) or a setting name "
+            "(`python -m lora_trainer init-config my.yaml` writes every key with comments)")
+
+
 def _range_text(lo, hi, lo_open, hi_open) -> str:
     parts = []
     if lo is not None:
@@ -176,6 +193,8 @@ def _convert(name: str, value, key: str):
         if isinstance(value, bool):
             return value, None
         return None, f"{key}: expected true or false, got {shown}"
+    if value is False and name in CHOICES:  # YAML 1.1 reads a bare no / off as false
+        value = next((c for c in ("no", "none") if c in CHOICES[name]), value)
     if base is int:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
             rng = RANGES.get(name)
@@ -187,12 +206,15 @@ def _convert(name: str, value, key: str):
                 value = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             rng = RANGES.get(name)
             return None, f"{key}: expected a number{' ' + _range_text(*rng) if rng else ''}, got {shown}"
         value = float(value)
     elif base is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        if isinstance(value, bool):
+            wanted = f"one of {', '.join(CHOICES[name])}" if name in CHOICES else "text"
+            return None, f"{key}: expected {wanted}, got {shown} (YAML reads yes/no/on/off as true/false: quote it)"
+        if not isinstance(value, (str, int, float)):
             return None, f"{key}: expected text, got {shown}"
         value = str(value)
         if name in CHOICES:
@@ -237,25 +259,21 @@ def config_from_dict(d: dict | None, source: str = "<config>") -> Config:
         raise ConfigError(f"{source}: the config must be a mapping of keys to values, got {type(d).__name__}")
     errors: list[str] = []
     raw: dict[str, dict] = {sec: {} for sec in SECTION_CLASSES}
-    origin: dict[tuple[str, str], str] = {}  # (section, field) → key as written, to report alias conflicts
+    origin: dict[tuple[str, str], str] = {}  # (section, field) → where it was set, to report clashes
 
-    def put(section: str, key: str, value, where: str) -> None:
+    def put(section: str | None, key: str, value) -> None:
         name = ALIASES.get(key, key)
-        if name not in FIELD_SECTION:
-            valid = [f.name for f in fields(SECTION_CLASSES[section])] if where != "at top level" else (
-                list(FIELD_SECTION) + list(SECTION_CLASSES))
-            valid += [a for a, n in ALIASES.items() if where == "at top level" or FIELD_SECTION[n] == section]
-            errors.append(f"unknown key '{key}' {where}{_suggest(key, valid).replace(' (', ': ').rstrip(')')}")
-            return
-        home = FIELD_SECTION[name]
-        if where != "at top level" and home != section:
+        home = FIELD_SECTION.get(name)
+        if home is None:
+            errors.append(_unknown_key(key, section))
+        elif section and home != section:
             errors.append(f"key '{key}' in {section}: belongs in section '{home}'")
-            return
-        if (home, name) in origin:
-            errors.append(f"{home}.{name}: set twice (as '{origin[(home, name)]}' and as '{key}'); keep one")
-            return
-        origin[(home, name)] = key
-        raw[home][name] = value
+        elif (home, name) in origin:
+            errors.append(f"{home}.{name}: set twice (as {origin[(home, name)]} and as '{key}' "
+                          f"{f'in {section}' if section else 'at top level'}); keep one")
+        else:
+            origin[(home, name)] = f"'{key}' {f'in {section}' if section else 'at top level'}"
+            raw[home][name] = value
 
     for key, value in d.items():
         key = str(key)
@@ -266,9 +284,9 @@ def config_from_dict(d: dict | None, source: str = "<config>") -> Config:
                 errors.append(f"section '{key}' must be a mapping of keys to values, got {value!r}")
                 continue
             for sub_key, sub_value in value.items():
-                put(key, str(sub_key), sub_value, f"in {key}")
+                put(key, str(sub_key), sub_value)
         else:
-            put(FIELD_SECTION.get(ALIASES.get(key, key), "data"), key, value, "at top level")
+            put(None, key, value)
 
     values: dict[str, dict] = {sec: {} for sec in SECTION_CLASSES}
     for section, items in raw.items():
@@ -280,7 +298,8 @@ def config_from_dict(d: dict | None, source: str = "<config>") -> Config:
                 values[section][name] = converted
     _check_special(values, errors)
     if errors:
-        raise ConfigError(f"{source}: " + ("\n  ".join([""] + errors) if len(errors) > 1 else errors[0]))
+        listed = errors[0] if len(errors) == 1 else f"{len(errors)} problems:\n  " + "\n  ".join(errors)
+        raise ConfigError(f"{source}: {listed}")
     return Config(**{sec: cls(**values[sec]) for sec, cls in SECTION_CLASSES.items()})
 
 
@@ -310,8 +329,9 @@ def apply_overrides(d: dict | None, overrides: list[str] | None) -> dict:
         else:
             name = key
             section = FIELD_SECTION.get(ALIASES.get(name, name))
-        for k in [name] + [a for a, n in ALIASES.items() if n == name] + ([ALIASES[name]] if name in ALIASES else []):
-            out.pop(k, None)  # a flat key of the same setting would clash with the override
+        canonical = ALIASES.get(name, name)
+        for k in {canonical, *(a for a, n in ALIASES.items() if n == canonical)}:
+            out.pop(k, None)  # the same setting written elsewhere (flat, or by its alias) would clash
             if section and isinstance(out.get(section), dict):
                 out[section].pop(k, None)
         if section is None:
@@ -337,7 +357,9 @@ def validate_paths(cfg: Config, check_base_model: bool = True) -> None:
     """Check every path in the config exists and is of the right kind; raise one error listing all."""
     errors = []
     data_dir = Path(cfg.data.train_data_dir).expanduser().resolve()
-    if not data_dir.is_dir():
+    if not cfg.data.train_data_dir:
+        errors.append("data.train_data_dir is not set: the folder of training images")
+    elif not data_dir.is_dir():
         errors.append(f"data.train_data_dir: {data_dir} is not an existing folder")
     if cfg.data.metadata_path:
         meta = Path(cfg.data.metadata_path).expanduser().resolve()

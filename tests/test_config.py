@@ -75,9 +75,22 @@ def test_unknown_key_suggests_the_nearest():
     assert "at top level: did you mean 'lora_rank'" in error_of({"train_data_dir": "x", "lora_rnak": 4})
 
 
+def test_unknown_key_searches_every_section_and_otherwise_lists_the_keys():
+    assert "unknown key 'learnig_rate' in data: did you mean 'learning_rate' (in section 'training')?" in error_of(
+        {"data": {"train_data_dir": "x", "learnig_rate": 1e-4}})
+    msg = error_of({"train_data_dir": "x", "model": {"zzz": 1}})
+    assert "unknown key 'zzz' in model; its keys are: base_model, prediction_type" in msg
+    assert "init-config" in error_of({"train_data_dir": "x", "zzz": 1})
+
+
 def test_key_in_the_wrong_section():
     assert "key 'learning_rate' in data: belongs in section 'training'" in error_of(
         {"data": {"train_data_dir": "x", "learning_rate": 1e-4}})
+
+
+def test_same_setting_flat_and_nested_is_an_error():
+    msg = error_of({"train_data_dir": "x", "epochs": 3, "training": {"epochs": 4}})
+    assert "training.epochs: set twice (as 'epochs' at top level and as 'epochs' in training)" in msg
 
 
 @pytest.mark.parametrize("training, words", [
@@ -94,6 +107,9 @@ def test_key_in_the_wrong_section():
                                  "did you mean 'cosine'?"]),
     ({"mixed_precision": "fp8"}, ["training.mixed_precision", "'fp8'", "auto, no, fp16, bf16"]),
     ({"min_snr_gamma": 0}, ["training.min_snr_gamma", "> 0"]),
+    ({"learning_rate": float("nan")}, ["training.learning_rate", "nan", "number"]),
+    ({"lora_alpha": "inf"}, ["training.lora_alpha", "'inf'", "number > 0"]),
+    ({"lora_rank": 2000}, ["training.lora_rank", "2000", ">= 1 and <= 1024"]),
 ])
 def test_bad_values_name_key_value_and_allowed(training, words):
     msg = error_of({"train_data_dir": "x", "training": training})
@@ -105,6 +121,17 @@ def test_choices_are_case_insensitive_and_nulls_allowed_where_optional():
     cfg = config_from_dict({"train_data_dir": "x", "lr_scheduler": "Cosine", "max_train_steps": None})
     assert cfg.training.lr_scheduler == "cosine" and cfg.training.max_train_steps is None
     assert "training.epochs: a value is required" in error_of({"train_data_dir": "x", "epochs": None})
+
+
+def test_yaml_yes_no_words():
+    # YAML 1.1 reads a bare `no` as false: for a choice that has "no" that is what the user meant
+    cfg = config_from_dict(yaml.safe_load("train_data_dir: x\nmixed_precision: no\nlog_with: NONE\n"))
+    assert cfg.training.mixed_precision == "no" and cfg.output.log_with == "none"
+    overridden = apply_overrides({"train_data_dir": "x"}, ["mixed_precision=no"])
+    assert config_from_dict(overridden).training.mixed_precision == "no"
+    assert "expected text, got True" in error_of(yaml.safe_load("train_data_dir: x\ntraining_comment: yes\n"))
+    assert "training.mixed_precision: expected one of auto, no, fp16, bf16, got True" in error_of(
+        {"train_data_dir": "x", "mixed_precision": True})
 
 
 def test_special_checks():
@@ -121,7 +148,7 @@ def test_all_errors_reported_at_once(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(path)
     msg = str(e.value)
-    assert msg.startswith(str(path)) and msg.count("\n") >= 3
+    assert msg.startswith(f"{path}: 3 problems:") and msg.count("\n") == 3
     assert "lora_rank" in msg and "batch_size" in msg and "learnig_rate" in msg
 
 
@@ -150,7 +177,8 @@ def test_validate_paths(tmp_path):
             validate_paths(cfg)
         return str(e.value)
 
-    assert "data.train_data_dir" in paths_error(train_data_dir=str(tmp_path / "missing"))
+    assert f"data.train_data_dir: {tmp_path / 'missing'} is not an existing folder" in paths_error(
+        train_data_dir=str(tmp_path / "missing"))
     assert "data.metadata_path" in paths_error(metadata_path=str(tmp_path / "meta.csv"))
     ckpt = tmp_path / "model.ckpt"
     ckpt.write_bytes(b"x")
@@ -161,6 +189,8 @@ def test_validate_paths(tmp_path):
     assert "training.resume_from_checkpoint" in paths_error(resume_from_checkpoint=str(tmp_path / "nope"))
     validate_paths(config_from_dict({"train_data_dir": str(images), "base_model": str(images)}),
                    check_base_model=False)
+    with pytest.raises(ConfigError, match="data.train_data_dir is not set"):
+        validate_paths(Config())  # "" would otherwise resolve to the working directory
 
 
 def test_template_shows_the_true_defaults(tmp_path):
