@@ -1,213 +1,350 @@
-"""The kohya file: key names, true alpha, metadata, hashes, never-clobber, and interop with diffusers."""
+"""The exported LoRA: kohya keys and true alpha, metadata, hashes, never-clobber, and interop with diffusers.
+
+The reference for every interop check is a peft-injected copy of the tiny model loaded from the same
+folder the pipeline loads (``tiny_model_path()``), with random lora_B so the LoRA is not zero.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 
 import pytest
 import torch
 from safetensors.torch import save
 
-from lora_trainer.engine.lora import add_lora, lora_state_dict
-from lora_trainer.engine.outputs import canonical_text_encoder_keys
-from lora_trainer.export.diffusers_format import save_diffusers_lora
+from lora_trainer.export.diffusers_format import WEIGHT_NAME, save_diffusers_lora
 from lora_trainer.export.hashes import file_hashes, legacy_hash, model_hash
-from lora_trainer.export.kohya import peft_to_kohya, read_kohya_lora, save_kohya_lora
+from lora_trainer.export.kohya import clip_text_model_path, peft_to_kohya, read_kohya_lora, save_kohya_lora
 from lora_trainer.export.metadata import build_metadata
-from lora_trainer.models.diffusers_backend import load_diffusers_backend
 from lora_trainer.models.tiny import tiny_model_path
 
-def _diffusers_peft_backend() -> bool:
-    from diffusers.utils import USE_PEFT_BACKEND
-
-    return USE_PEFT_BACKEND
-
-
-needs_diffusers_loader = pytest.mark.skipif(
-    not _diffusers_peft_backend(),
-    reason="diffusers' load_lora_weights needs its PEFT backend (transformers >= 4.34); under the A1111 pins "
-           "(transformers 4.30.2) it is off, and inside the WebUI its own Lora loader reads the file",
-)
-
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+CONV_TARGETS = ["proj_in", "conv1"]  # 1x1 and 3x3 convolutions in the tiny UNet
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+TOL = {"atol": 1e-5, "rtol": 1e-4}
 
 
-def lora_backend(rank, alpha, text_encoder=False, seed=0):
-    """The tiny model with LoRA layers whose B is random (a fresh LoRA would be all zero)."""
-    backend = load_diffusers_backend("tiny-demo", torch.device("cpu"), torch.float32)
-    torch.manual_seed(seed)
-    modules = {"unet": (backend.unet, UNET_TARGETS)}
-    if text_encoder:
-        modules["text_encoder"] = (backend.text_encoder, TE_TARGETS)
-    for module, targets in modules.values():
-        add_lora(module, rank=rank, alpha=alpha, dropout=0.0, target_modules=targets)
-        with torch.no_grad():
-            for name, p in module.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.5)
-        module.eval()
-    return backend
+def tiny_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(tiny_model_path(), subfolder="unet").eval()
 
 
-def metadata(**over):
-    kw = dict(output_name="x", rank=4, alpha=2.0, dropout=0.0, base_model_version="sd_v1", prediction_type="epsilon",
-              sd_model_name="tiny-demo", resolution=64, tag_frequency={"data": {"demo style": 3}}, num_train_images=3,
-              learning_rate=1e-4, unet_lr=1e-4, text_encoder_lr=None, steps=10, max_train_steps=10, epoch=1,
-              num_epochs=1, seed=1, batch_size=1, gradient_accumulation_steps=1, lr_scheduler="constant",
-              optimizer="adamw", mixed_precision="no", noise_offset=0.0, min_snr_gamma=None,
-              training_started_at=1700000000.0, training_finished_at=1700000100.0, comment="hello")
-    kw.update(over)
-    return build_metadata(**kw)
+def tiny_text_encoder():
+    from transformers import CLIPTextModel
+
+    return CLIPTextModel.from_pretrained(tiny_model_path(), subfolder="text_encoder").eval()
 
 
-def kohya_tensors(backend, alpha, text_encoder=False):
-    tensors = peft_to_kohya(lora_state_dict(backend.unet), "lora_unet_", alpha)
-    if text_encoder:
-        te = canonical_text_encoder_keys(lora_state_dict(backend.text_encoder))
-        tensors.update(peft_to_kohya(te, "lora_te_", alpha))
+def with_lora(model, rank, alpha, targets, seed=0):
+    """Inject peft LoRA layers into ``model`` and give lora_B random values (peft starts it at zero)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets), model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return model.eval()
+
+
+def peft_state(model) -> dict:
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model)
+
+
+def kohya_tensors(alpha, unet=None, te=None) -> dict:
+    tensors = peft_to_kohya(peft_state(unet), "lora_unet_", alpha) if unet is not None else {}
+    if te is not None:
+        tensors.update(peft_to_kohya(peft_state(te), "lora_te_", alpha))
     return tensors
 
 
-def test_kohya_keys_shapes_and_true_alpha():
-    backend = lora_backend(rank=4, alpha=8, text_encoder=True)
-    tensors = kohya_tensors(backend, 8, text_encoder=True)
-    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
-    inner = backend.unet.config.block_out_channels[0]
-    assert tensors[f"{name}.lora_down.weight"].shape == (4, inner)
-    assert tensors[f"{name}.lora_up.weight"].shape == (inner, 4)
-    assert tensors[f"{name}.alpha"].ndim == 0 and tensors[f"{name}.alpha"].item() == 8.0
-    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in tensors
-    assert {k.rsplit(".", 2)[-2] if k.endswith("weight") else "alpha" for k in tensors} == {
-        "lora_down", "lora_up", "alpha"}
-    # one alpha per module, all modules of every targeted kind
-    n_modules = sum(1 for k in tensors if k.endswith(".alpha"))
-    assert n_modules == sum(1 for k in tensors if k.endswith("lora_down.weight"))
-    with pytest.raises(ValueError, match="not a peft LoRA weight key"):
-        peft_to_kohya({"foo.weight": torch.zeros(1)}, "lora_unet_", 1.0)
+def unet_inputs(seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    latents, cond = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 77, 32, generator=gen)
+    return latents, torch.tensor([10, 700]), cond
 
 
-def test_metadata_keys_all_strings():
+def token_ids(seed=1):
+    return torch.randint(0, 512, (2, 77), generator=torch.Generator().manual_seed(seed))
+
+
+def metadata(**over):
+    kw = {
+        "output_name": "x", "rank": 4, "alpha": 2.0, "dropout": 0.0, "base_model_version": "sd_v1",
+        "prediction_type": "epsilon", "sd_model_name": "tiny-demo", "resolution": 64,
+        "tag_frequency": {"data": {"demo style": 3, "café": 1}}, "num_train_images": 3, "learning_rate": 1e-4,
+        "unet_lr": 1e-4, "text_encoder_lr": None, "steps": 10, "max_train_steps": 10, "epoch": 1,
+        "num_epochs": 1, "seed": 1, "batch_size": 1, "gradient_accumulation_steps": 1,
+        "lr_scheduler": "constant", "optimizer": "AdamW", "mixed_precision": "no", "noise_offset": 0.0,
+        "min_snr_gamma": None, "training_started_at": 1700000000.5, "training_finished_at": 1700000100.25,
+        "comment": "hello", "network_args": {"target_modules": UNET_TARGETS},
+    }
+    return build_metadata(**{**kw, **over})
+
+
+# --- keys, shapes, alpha -------------------------------------------------------------------------------
+
+def test_unet_keys_shapes_and_true_alpha():
+    unet = with_lora(tiny_unet(), 4, 8, UNET_TARGETS + CONV_TARGETS)
+    tensors = peft_to_kohya(peft_state(unet), "lora_unet_", 8)
+    block = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0"
+    inner = unet.config.block_out_channels[0]
+    assert tensors[f"{block}_attn1_to_q.lora_down.weight"].shape == (4, inner)
+    assert tensors[f"{block}_attn1_to_q.lora_up.weight"].shape == (inner, 4)
+    assert f"{block}_attn2_to_out_0.lora_up.weight" in tensors
+    alpha = tensors[f"{block}_attn1_to_q.alpha"]
+    assert alpha.ndim == 0 and alpha.dtype == torch.float32 and alpha.item() == 8.0  # lora_alpha, not rank
+    conv = "lora_unet_down_blocks_0_resnets_0_conv1"
+    assert tensors[f"{conv}.lora_down.weight"].shape == (4, inner, 3, 3)
+    assert tensors[f"{conv}.lora_up.weight"].shape == (inner, 4, 1, 1)
+    assert tensors["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].shape[2:] == (1, 1)
+    # every module has down, up and alpha, and nothing else is there; all contiguous
+    names = {k.split(".")[0] for k in tensors}
+    parts = ("lora_down.weight", "lora_up.weight", "alpha")
+    assert set(tensors) == {f"{n}.{p}" for n in names for p in parts}
+    assert len(names) == len(peft_state(unet)) // 2
+    assert all(t.is_contiguous() for t in tensors.values())
+
+
+def test_text_encoder_keys_have_the_checkpoint_names():
+    te = with_lora(tiny_text_encoder(), 4, 2, TE_TARGETS)
+    tensors = peft_to_kohya(peft_state(te), "lora_te_", 2, dtype=torch.float16)
+    for proj in TE_TARGETS:
+        # with ``text_model`` whatever the transformers version (5.x dropped that level from CLIPTextModel)
+        name = f"lora_te_text_model_encoder_layers_0_self_attn_{proj}"
+        assert tensors[f"{name}.lora_down.weight"].shape == (4, 32)
+        assert tensors[f"{name}.alpha"].item() == 2.0
+    assert {t.dtype for t in tensors.values()} == {torch.float16}
+
+
+def test_peft_key_forms_and_errors():
+    down, up = torch.ones(2, 3), torch.ones(5, 2)
+    module = "text_model.encoder.layers.0.mlp.fc1"
+    with_adapter_name = {f"{module}.lora_A.default.weight": down, f"{module}.lora_B.default.weight": up}
+    name = "lora_te2_text_model_encoder_layers_0_mlp_fc1"
+    assert set(peft_to_kohya(with_adapter_name, "lora_te2_", 1)) == {
+        f"{name}.lora_down.weight", f"{name}.lora_up.weight", f"{name}.alpha"}
+    with pytest.raises(ValueError, match=r"'foo\.weight'"):
+        peft_to_kohya({"foo.weight": down}, "lora_unet_", 1.0)
+    with pytest.raises(ValueError, match="lora_magnitude_vector"):
+        peft_to_kohya({"a.lora_magnitude_vector.weight": down}, "lora_unet_", 1.0)
+    with pytest.raises(ValueError, match="lora_B"):
+        peft_to_kohya({"a.lora_A.weight": down}, "lora_unet_", 1.0)
+    with pytest.raises(ValueError, match="prefix"):
+        peft_to_kohya({"a.lora_A.weight": down}, "unet.", 1.0)
+
+
+# --- metadata ------------------------------------------------------------------------------------------
+
+REQUIRED = [
+    "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_dropout", "ss_network_args",
+    "ss_base_model_version", "ss_v2", "ss_output_name", "ss_tag_frequency", "ss_num_train_images",
+    "ss_learning_rate", "ss_unet_lr", "ss_text_encoder_lr", "ss_steps", "ss_epoch", "ss_num_epochs",
+    "ss_max_train_steps", "ss_training_started_at", "ss_training_finished_at", "ss_sd_model_name",
+    "ss_resolution", "ss_seed", "ss_training_comment", "ss_batch_size_per_device",
+    "ss_gradient_accumulation_steps", "ss_lr_scheduler", "ss_optimizer", "ss_mixed_precision",
+    "ss_noise_offset", "ss_min_snr_gamma", "modelspec.sai_model_spec", "modelspec.architecture",
+    "modelspec.implementation", "modelspec.title", "modelspec.resolution", "modelspec.date",
+    "modelspec.prediction_type", "modelspec.description",
+]
+
+
+def test_metadata_has_every_key_as_a_string():
     meta = metadata()
-    required = ["ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_base_model_version", "ss_v2",
-                "ss_output_name", "ss_tag_frequency", "ss_num_train_images", "ss_learning_rate", "ss_steps",
-                "ss_epoch", "ss_training_started_at", "ss_training_finished_at", "ss_sd_model_name",
-                "ss_resolution", "ss_seed", "ss_training_comment", "modelspec.sai_model_spec",
-                "modelspec.architecture", "modelspec.title", "modelspec.resolution", "modelspec.date",
-                "modelspec.prediction_type"]
-    assert not [k for k in required if k not in meta]
-    assert all(isinstance(v, str) for v in meta.values())
-    assert meta["ss_network_module"] == "networks.lora" and meta["ss_base_model_version"] == "sd_v1"
-    assert meta["ss_network_alpha"] == "2.0" and meta["ss_v2"] == "False"
-    assert json.loads(meta["ss_tag_frequency"]) == {"data": {"demo style": 3}}
-    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora" and meta["modelspec.resolution"] == "64x64"
-    v = metadata(base_model_version="sd_v2", prediction_type="v_prediction")
-    assert v["ss_v2"] == "True" and v["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
-    assert v["modelspec.prediction_type"] == "v"
+    assert [k for k in REQUIRED if k not in meta] == []
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
+    assert json.loads(meta["ss_tag_frequency"]) == {"data": {"demo style": 3, "café": 1}}
+    assert json.loads(meta["ss_network_args"]) == {"target_modules": UNET_TARGETS}
+    assert json.loads(metadata(network_args=None)["ss_network_args"]) == {}
+    assert meta["ss_network_module"] == "networks.lora"
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("4", "2.0")
+    assert (meta["ss_base_model_version"], meta["ss_v2"]) == ("sd_v1", "False")
+    assert (meta["ss_resolution"], meta["modelspec.resolution"]) == ("(64, 64)", "64x64")
+    assert (meta["ss_training_started_at"], meta["ss_min_snr_gamma"]) == ("1700000000.5", "None")
+    assert meta["modelspec.sai_model_spec"] == "1.0.1"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert meta["modelspec.implementation"] == "diffusers" and meta["modelspec.prediction_type"] == "epsilon"
+    assert meta["modelspec.title"] == "x" and meta["modelspec.description"] == "hello"
+    date = meta["modelspec.date"]
+    assert date.startswith("2023-11-1") and len(date) == 19  # ISO 8601, whole seconds, local time as kohya
+    no_comment = metadata(comment="")
+    assert "modelspec.description" not in no_comment and no_comment["ss_training_comment"] == "None"
 
+
+def test_metadata_per_family():
+    v = metadata(base_model_version="sd_v2", prediction_type="v_prediction", resolution=768)
+    assert v["ss_v2"] == "True" and v["ss_base_model_version"] == "sd_v2_v"  # kohya appends _v
+    assert v["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+    assert v["modelspec.prediction_type"] == "v"
+    assert metadata(base_model_version="sd_v2")["modelspec.architecture"] == "stable-diffusion-v2-512/lora"
+    xl = metadata(base_model_version="sdxl_base_v1-0", resolution=(1024, 768), clip_skip=2,
+                  extra={"ss_flip_aug": True})
+    assert xl["ss_base_model_version"] == "sdxl_base_v1-0" and xl["ss_v2"] == "False"
+    assert xl["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert xl["modelspec.resolution"] == "1024x768" and xl["ss_resolution"] == "(1024, 768)"
+    assert (xl["modelspec.encoder_layer"], xl["ss_clip_skip"], xl["ss_flip_aug"]) == ("2", "2", "True")
+    with pytest.raises(ValueError, match="base_model_version"):
+        metadata(base_model_version="sd_v3")
+
+
+# --- hashes --------------------------------------------------------------------------------------------
 
 def test_hashes_match_their_definitions(tmp_path):
     data = save({"a": torch.arange(10, dtype=torch.float32)}, metadata={"k": "v"})
     n = int.from_bytes(data[:8], "little")
-    assert model_hash(data) == hashlib.sha256(data[8 + n:]).hexdigest()
-    big = save({"a": torch.randn(400_000)})  # 1.6 MB: the legacy window at 1 MiB is inside
+    tensor_bytes_sha = hashlib.sha256(data[8 + n:]).hexdigest()
+    small = tmp_path / "small.safetensors"
+    small.write_bytes(data)
+    assert model_hash(data) == tensor_bytes_sha
+    empty_window = hashlib.sha256(b"").hexdigest()[:8]  # a file under 1 MiB
+    assert file_hashes(small) == (tensor_bytes_sha, empty_window)
+
+    big = save({"a": torch.randn(400_000)})  # 1.6 MB: the legacy window [1 MiB, 1 MiB + 64 KiB) is inside
     assert len(big) > 0x110000
-    assert legacy_hash(big) == hashlib.sha256(big[0x100000:0x110000]).hexdigest()[:8]
+    assert legacy_hash(big) == hashlib.sha256(big[0x100000:0x110000]).hexdigest()[:8] != legacy_hash(b"")
     path = tmp_path / "big.safetensors"
     path.write_bytes(big)
     assert file_hashes(path) == (model_hash(big), legacy_hash(big))
 
 
-def test_saved_file_hashes_recompute(tmp_path):
-    backend = lora_backend(rank=4, alpha=2)
-    tensors = kohya_tensors(backend, 2)
+def test_saved_file_carries_kohyas_hashes(tmp_path):
+    tensors = {"lora_unet_a.lora_down.weight": torch.randn(4, 100_000),  # 1.6 MB: the legacy hash sees data
+               "lora_unet_a.lora_up.weight": torch.randn(8, 4), "lora_unet_a.alpha": torch.tensor(2.0)}
     path = save_kohya_lora(tmp_path / "x.safetensors", tensors, metadata())
     loaded, meta = read_kohya_lora(path)
-    assert meta["sshs_model_hash"] == file_hashes(path)[0]
-    without = {k: v for k, v in meta.items() if not k.startswith("sshs_")}
-    again = save(loaded, metadata=without)
-    assert (model_hash(again), legacy_hash(again)) == (meta["sshs_model_hash"], meta["sshs_legacy_hash"])
+    assert set(loaded) == set(tensors)
+    assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    assert meta["modelspec.title"] == "x" and meta["ss_output_name"] == "x"
+    # kohya's precalculate_safetensors_hashes: the file serialized with the ss_* metadata only
+    ss_only = save(loaded, metadata={k: v for k, v in meta.items() if k.startswith("ss_")})
+    assert (model_hash(ss_only), legacy_hash(ss_only)) == (meta["sshs_model_hash"], meta["sshs_legacy_hash"])
+    assert meta["sshs_model_hash"] == file_hashes(path)[0]  # the tensor bytes are the same in the final file
     with pytest.raises(TypeError, match="ss_steps"):
         save_kohya_lora(tmp_path / "y.safetensors", tensors, {"ss_steps": 3})
+    assert not (tmp_path / "y.safetensors").exists()
 
 
-def test_never_overwrites_an_existing_lora(tmp_path):
+def test_never_overwrites_an_existing_lora(tmp_path, caplog):
     tensors = {"lora_unet_a.lora_down.weight": torch.ones(1, 2)}
     first = save_kohya_lora(tmp_path / "name.safetensors", tensors, metadata())
     before = first.read_bytes()
-    second = save_kohya_lora(tmp_path / "name.safetensors", tensors, metadata(comment="other"))
-    assert first.name == "name.safetensors" and second.name == "name_1.safetensors"
-    assert first.read_bytes() == before
+    with caplog.at_level(logging.INFO, logger="lora_trainer.export.kohya"):
+        second = save_kohya_lora(tmp_path / "name.safetensors", tensors, metadata(comment="other"))
+    assert (first.name, second.name) == ("name.safetensors", "name_1.safetensors")
+    assert first.read_bytes() == before and read_kohya_lora(second)[1]["ss_training_comment"] == "other"
+    assert "name_1.safetensors" in caplog.text
+
+    state = {"a.lora_A.weight": torch.ones(1, 2), "a.lora_B.weight": torch.ones(2, 1)}
+    d1 = save_diffusers_lora(tmp_path / "d", state, rank=1, alpha=1)
+    d2 = save_diffusers_lora(tmp_path / "d", state, rank=1, alpha=1)
+    assert (d1.name, d2.name) == (WEIGHT_NAME, "pytorch_lora_weights_1.safetensors")
+    assert sorted(p.name for p in d1.parent.iterdir()) == [WEIGHT_NAME, "pytorch_lora_weights_1.safetensors"]
 
 
-@needs_diffusers_loader
-@pytest.mark.parametrize("rank, alpha", [(4, 2.0), (4, 8.0)])
-def test_kohya_and_diffusers_files_reproduce_the_trained_unet(tmp_path, rank, alpha):
+# --- interop: both files give diffusers the trained model's outputs -------------------------------------
+
+@pytest.fixture
+def diffusers_loader(monkeypatch):
+    """Make ``pipe.load_lora_weights`` usable for UNet LoRAs; return whether text-encoder LoRAs load too.
+
+    diffusers 0.30.3 (the A1111 pins) switches its PEFT backend off, and with it ``load_lora_weights``,
+    when transformers < 4.34: it loads text-encoder LoRAs through transformers' PEFT integration
+    (``PreTrainedModel.load_adapter``), which transformers 4.30.2 lacks. Its UNet path needs only peft
+    (0.13.2 is fine), so for UNet LoRAs we lift that version gate: the kohya key conversion, alpha
+    handling and peft injection that then run are 0.30.3's own.
+    """
+    import diffusers.utils
+
+    if diffusers.utils.USE_PEFT_BACKEND:
+        return True
+    import diffusers.loaders.lora_pipeline
+    import diffusers.loaders.unet
+
+    monkeypatch.setattr(diffusers.loaders.lora_pipeline, "USE_PEFT_BACKEND", True)
+    monkeypatch.setattr(diffusers.loaders.unet, "USE_PEFT_BACKEND", True)
+    return False
+
+
+def outputs_before_and_after(lora_file, run):
+    """``run(pipe)`` on a fresh pipeline of the tiny model, before and after ``load_lora_weights``."""
     from diffusers import StableDiffusionPipeline
 
-    backend = lora_backend(rank, alpha)
-    torch.manual_seed(1)
-    x, t, cond = torch.randn(2, 4, 16, 16), torch.tensor([10, 700]), torch.randn(2, 77, 32)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_path(), local_files_only=True,
+                                                   safety_checker=None)
     with torch.no_grad():
-        want = backend.unet(x, t, cond).sample
-    kohya = save_kohya_lora(tmp_path / "k.safetensors", kohya_tensors(backend, alpha), metadata(rank=rank, alpha=alpha))
-    diffusers_dir = tmp_path / "d"
-    diffusers_dir.mkdir()
-    save_diffusers_lora(diffusers_dir, lora_state_dict(backend.unet), rank=rank, alpha=alpha)
-
-    def unet_output(lora_file):
-        pipe = StableDiffusionPipeline.from_pretrained(tiny_model_path(), local_files_only=True, safety_checker=None)
-        with torch.no_grad():
-            base = pipe.unet(x, t, cond).sample
-            pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
-            return base, pipe.unet(x, t, cond).sample
-
-    base, from_kohya = unet_output(kohya)
-    assert not torch.allclose(base, want, atol=1e-3), "the LoRA does not change the output: test cannot fail"
-    torch.testing.assert_close(from_kohya, want, atol=1e-5, rtol=1e-4)
-    _, from_diffusers = unet_output(diffusers_dir / "pytorch_lora_weights.safetensors")
-    torch.testing.assert_close(from_diffusers, want, atol=1e-5, rtol=1e-4)
+        before = run(pipe)
+        # weight_name always: offline (conftest sets HF_HUB_OFFLINE) diffusers 0.30.3 will not guess it,
+        # not even in a local folder or from the file's own path
+        pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+        return before, run(pipe)
 
 
-@needs_diffusers_loader
-def test_text_encoder_lora_loads_in_diffusers(tmp_path):
-    from diffusers import StableDiffusionPipeline
-
-    alpha = 2.0
-    backend = lora_backend(4, alpha, text_encoder=True)
-    ids = backend.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+@pytest.mark.parametrize("rank, alpha, targets", [(4, 2.0, UNET_TARGETS), (4, 8.0, UNET_TARGETS),
+                                                  (4, 2.0, UNET_TARGETS + CONV_TARGETS)])
+def test_kohya_and_diffusers_files_give_the_trained_unet(tmp_path, diffusers_loader, rank, alpha, targets):
+    unet = with_lora(tiny_unet(), rank, alpha, targets)
+    x, t, cond = unet_inputs()
     with torch.no_grad():
-        want = backend.text_encoder(ids)[0]
-    kohya = save_kohya_lora(tmp_path / "k.safetensors", kohya_tensors(backend, alpha, text_encoder=True), metadata())
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_path(), local_files_only=True, safety_checker=None)
-    with torch.no_grad():
-        base = pipe.text_encoder(ids)[0]
-        pipe.load_lora_weights(str(tmp_path), weight_name=kohya.name)
-        got = pipe.text_encoder(ids)[0]
-    assert not torch.allclose(base, want, atol=1e-3)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        want = unet(x, t, cond).sample
+    kohya = save_kohya_lora(tmp_path / "k.safetensors", kohya_tensors(alpha, unet=unet),
+                            metadata(rank=rank, alpha=alpha))
+    diffusers_file = save_diffusers_lora(tmp_path / "diffusers", peft_state(unet), rank=rank, alpha=alpha)
+
+    for name, lora_file in [("kohya", kohya), ("diffusers", diffusers_file)]:
+        base, got = outputs_before_and_after(lora_file, lambda pipe: pipe.unet(x, t, cond).sample)
+        assert not torch.allclose(base, want, atol=1e-3), "the LoRA changes nothing: the test could not fail"
+        torch.testing.assert_close(got, want, **TOL, msg=lambda m, name=name: f"{name} file: {m}")
 
 
-def test_kohya_file_applied_the_webui_way_reproduces_the_unet(tmp_path):
-    """What the WebUI's Lora loader does: W += up @ down * alpha / rank on the layer the key names."""
-    alpha, rank = 3.0, 4
-    backend = lora_backend(rank, alpha)
-    torch.manual_seed(2)
-    x, t, cond = torch.randn(1, 4, 16, 16), torch.tensor([300]), torch.randn(1, 77, 32)
+def test_kohya_and_diffusers_files_give_the_trained_text_encoder(tmp_path, diffusers_loader):
+    if not diffusers_loader:
+        pytest.skip("diffusers 0.30.3 loads text-encoder LoRAs via transformers' load_adapter, which needs "
+                    "transformers >= 4.34 (A1111 pins 4.30.2); the WebUI-way test covers the text encoder")
+    rank, alpha = 4, 2.0
+    te = with_lora(tiny_text_encoder(), rank, alpha, TE_TARGETS)
+    unet = with_lora(tiny_unet(), rank, alpha, UNET_TARGETS)
+    ids = token_ids()
     with torch.no_grad():
-        want = backend.unet(x, t, cond).sample
-    path = save_kohya_lora(tmp_path / "k.safetensors", kohya_tensors(backend, alpha), metadata())
+        want = te(ids)[0]
+    kohya = save_kohya_lora(tmp_path / "k.safetensors", kohya_tensors(alpha, unet=unet, te=te), metadata())
+    diffusers_file = save_diffusers_lora(tmp_path / "diffusers", peft_state(unet), peft_state(te),
+                                         rank=rank, alpha=alpha)
+
+    for name, lora_file in [("kohya", kohya), ("diffusers", diffusers_file)]:
+        base, got = outputs_before_and_after(lora_file, lambda pipe: pipe.text_encoder(ids)[0])
+        assert not torch.allclose(base, want, atol=1e-3), "the LoRA changes nothing: the test could not fail"
+        torch.testing.assert_close(got, want, **TOL, msg=lambda m, name=name: f"{name} file: {m}")
+
+
+def test_kohya_file_applied_the_webui_way_gives_the_trained_model(tmp_path):
+    """A1111's Lora loader: W += up @ down * alpha / dim on the layer each key names (dim = down's rows)."""
+    rank, alpha = 4, 3.0
+    unet = with_lora(tiny_unet(), rank, alpha, UNET_TARGETS + CONV_TARGETS)
+    te = with_lora(tiny_text_encoder(), rank, alpha, TE_TARGETS)
+    x, t, cond = unet_inputs()
+    ids = token_ids()
+    with torch.no_grad():
+        want_unet, want_te = unet(x, t, cond).sample, te(ids)[0]
+    path = save_kohya_lora(tmp_path / "k.safetensors", kohya_tensors(alpha, unet=unet, te=te), metadata())
     tensors, _ = read_kohya_lora(path)
 
-    fresh = load_diffusers_backend("tiny-demo", torch.device("cpu"), torch.float32).unet
-    by_name = {"lora_unet_" + n.replace(".", "_"): m for n, m in fresh.named_modules() if n}
+    fresh_unet, fresh_te = tiny_unet(), tiny_text_encoder()
+    layers = {"lora_unet_" + n.replace(".", "_"): m for n, m in fresh_unet.named_modules() if n}
+    layers |= {"lora_te_" + clip_text_model_path(n).replace(".", "_"): m
+               for n, m in fresh_te.named_modules() if n}
     names = {k.split(".")[0] for k in tensors}
-    assert names <= set(by_name), sorted(names - set(by_name))[:3]
+    assert names <= set(layers), sorted(names - set(layers))[:3]
     with torch.no_grad():
         for name in names:
             down, up = tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"]
-            scale = tensors[f"{name}.alpha"].item() / down.shape[0]
-            by_name[name].weight += (up @ down) * scale
-        got = fresh(x, t, cond).sample
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+            weight = layers[name].weight
+            updown = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)  # conv: 1x1 up after k x k down
+            weight += updown * (tensors[f"{name}.alpha"].item() / down.shape[0])
+        torch.testing.assert_close(fresh_unet(x, t, cond).sample, want_unet, **TOL)
+        torch.testing.assert_close(fresh_te(ids)[0], want_te, **TOL)

@@ -1,41 +1,60 @@
-"""The diffusers-format LoRA (``pytorch_lora_weights.safetensors``), for ``pipe.load_lora_weights``.
+"""The diffusers-format LoRA (``pytorch_lora_weights.safetensors``), for ``pipe.load_lora_weights(folder)``.
 
-Older diffusers store no alpha in this file and load it with alpha = rank. So that this file and the
-kohya file give the same output whatever the loader assumes, alpha / rank is folded into lora_B here.
+The alpha trap: this file carries no alpha in older diffusers (0.30 has nowhere to put it), and
+``load_lora_weights`` then takes alpha = rank (scale 1). So alpha / rank is folded into lora_B here:
+the file gives the same output as the kohya file (true alpha) whatever alpha the loader assumes.
 """
 
 from __future__ import annotations
 
-import re
 import tempfile
 from pathlib import Path
 
 import torch
 
+from lora_trainer.export.kohya import clip_text_model_path, split_peft_key
 from lora_trainer.utils.fsio import write_new
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-_LORA_B = re.compile(r"\.lora_B(\.[^.]+)?\.weight$")
 
 
-def fold_alpha(state: dict, rank: int, alpha: float, dtype: torch.dtype | None = None) -> dict:
-    """Scale every lora_B by alpha / rank, so a loader that assumes alpha = rank gets the right strength."""
+def fold_alpha(state: dict, rank: int, alpha: float, dtype: torch.dtype | None = None,
+               text_encoder: bool = False) -> dict:
+    """peft LoRA weights with lora_B scaled by alpha / rank, keys as ``<module>.lora_A.weight``.
+
+    For a text encoder, paths get CLIP's ``text_model.`` level back where transformers >= 5 dropped it,
+    so the file reads the same under every transformers version.
+    """
     scale = float(alpha) / float(rank)
-    out = {k: (v.float() * scale if _LORA_B.search(k) else v.float()).detach().cpu() for k, v in state.items()}
-    return {k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in out.items()}
+    out = {}
+    for key, tensor in state.items():
+        module, ab = split_peft_key(key)
+        if text_encoder:
+            module = clip_text_model_path(module)
+        t = tensor.detach().to("cpu", torch.float32)
+        t = t * scale if ab == "B" else t
+        out[f"{module}.lora_{ab}.weight"] = t.to(dtype or tensor.dtype).contiguous()
+    return out
 
 
 def save_diffusers_lora(output_dir, unet_state: dict, text_encoder_state: dict | None = None, *,
                         rank: int, alpha: float, dtype: torch.dtype | None = None) -> Path:
-    """Write ``<output_dir>/pytorch_lora_weights.safetensors`` (never over an existing file); return its path."""
+    """Write ``<output_dir>/pytorch_lora_weights.safetensors`` and return its path.
+
+    ``unet_state`` / ``text_encoder_state``: peft state dicts (``get_peft_model_state_dict``). Written by
+    diffusers' own ``save_lora_weights``, then moved into place without replacing an existing file
+    (``pytorch_lora_weights_1.safetensors`` if the name is taken).
+    """
     from diffusers import StableDiffusionPipeline
 
     output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".diffusers-lora-") as tmp:
         StableDiffusionPipeline.save_lora_weights(
             tmp,
             unet_lora_layers=fold_alpha(unet_state, rank, alpha, dtype),
-            text_encoder_lora_layers=fold_alpha(text_encoder_state, rank, alpha, dtype) if text_encoder_state else None,
+            text_encoder_lora_layers=(fold_alpha(text_encoder_state, rank, alpha, dtype, text_encoder=True)
+                                      if text_encoder_state else None),
             safe_serialization=True,
         )
         data = (Path(tmp) / WEIGHT_NAME).read_bytes()

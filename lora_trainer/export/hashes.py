@@ -1,24 +1,29 @@
-"""The hashes the WebUI and kohya's tools show for a LoRA (``sshs_model_hash``, ``sshs_legacy_hash``).
+"""The hashes kohya's tools and the WebUI show for a LoRA (``sshs_model_hash``, ``sshs_legacy_hash``).
 
-Same definitions as kohya sd-scripts (``addnet_hash_safetensors``, ``addnet_hash_legacy``): the model
-hash covers the tensor bytes after the safetensors header, so it does not change with the metadata.
+Same definitions as kohya sd-scripts' ``addnet_hash_safetensors`` and ``addnet_hash_legacy``
+(library/train_util.py), which A1111's ``modules/hashes.py`` also uses:
+- model hash: sha256 (hex) of everything after the safetensors header (8-byte little-endian header
+  length n, then n header bytes), so it covers the tensors and not the metadata;
+- legacy hash: the first 8 hex digits of the sha256 of the 0x10000 bytes at offset 0x100000 (empty,
+  hence always ``e3b0c442``, for a file under 1 MiB).
 """
 
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 LEGACY_OFFSET, LEGACY_SIZE = 0x100000, 0x10000
-CHUNK = 1 << 20
+CHUNK = 1 << 20  # 1 MiB, as kohya reads
 
 
-def _header_end(first8: bytes) -> int:
-    return 8 + int.from_bytes(first8[:8], "little")
+def _data_start(data: bytes) -> int:
+    if len(data) < 8:
+        raise ValueError("not a safetensors file: shorter than its 8-byte header length")
+    return 8 + int.from_bytes(data[:8], "little")
 
 
 def model_hash(data: bytes) -> str:
-    return hashlib.sha256(data[_header_end(data):]).hexdigest()
+    return hashlib.sha256(data[_data_start(data):]).hexdigest()
 
 
 def legacy_hash(data: bytes) -> str:
@@ -27,12 +32,11 @@ def legacy_hash(data: bytes) -> str:
 
 def file_hashes(path) -> tuple[str, str]:
     """(model hash, legacy hash) of a safetensors file, read in 1 MiB chunks."""
-    with open(Path(path), "rb") as f:
-        f.seek(LEGACY_OFFSET)
-        legacy = hashlib.sha256(f.read(LEGACY_SIZE)).hexdigest()[:8]
-        f.seek(0)
-        f.seek(_header_end(f.read(8)))
+    with open(path, "rb") as f:
+        f.seek(_data_start(f.read(8)))
         h = hashlib.sha256()
         for chunk in iter(lambda: f.read(CHUNK), b""):
             h.update(chunk)
+        f.seek(LEGACY_OFFSET)
+        legacy = hashlib.sha256(f.read(LEGACY_SIZE)).hexdigest()[:8]
     return h.hexdigest(), legacy

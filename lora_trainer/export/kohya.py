@@ -1,7 +1,9 @@
 """The kohya-format LoRA file that AUTOMATIC1111, Forge, ComfyUI and diffusers load.
 
-Keys: ``<prefix><module path, '.'→'_'>.lora_down.weight`` [r, in], ``.lora_up.weight`` [out, r] and
-``.alpha`` (0-d, the true lora_alpha: strength scale = alpha / r).
+Keys: ``<prefix><module path, '.'→'_'>.lora_down.weight`` ([r, in], conv [r, in, k, k]),
+``.lora_up.weight`` ([out, r], conv [out, r, 1, 1]) and ``.alpha`` (0-d, the true lora_alpha: the
+strength scale is alpha / r).
+Prefixes: ``lora_unet_``, ``lora_te_`` (SD1/SD2), ``lora_te1_``/``lora_te2_`` (SDXL).
 """
 
 from __future__ import annotations
@@ -18,37 +20,84 @@ from lora_trainer.export.hashes import legacy_hash, model_hash
 from lora_trainer.utils.fsio import write_new
 
 log = logging.getLogger(__name__)
-_PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+
+PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+# <module path>.lora_A.weight, or with peft's adapter name: <module path>.lora_A.default.weight
+_PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+_PEFT_WRAPPER = "base_model.model."  # what a PeftModel puts in front of every path
+# transformers >= 5 dropped CLIPTextModel's ``text_model`` level; checkpoints and the WebUI keep it
+_CLIP_TOP_LEVELS = ("embeddings.", "encoder.", "final_layer_norm.")
+
+
+def split_peft_key(key: str) -> tuple[str, str]:
+    """``'a.b.lora_A.default.weight'`` → ``('a.b', 'A')``; ValueError naming a key that is no LoRA weight."""
+    m = _PEFT_KEY.match(key)
+    if not m:
+        raise ValueError(f"not a peft LoRA weight key: {key!r} (expected <module>.lora_A/B.weight)")
+    module = m["module"].removeprefix(_PEFT_WRAPPER)
+    return module, m["ab"]
+
+
+def clip_text_model_path(module_path: str) -> str:
+    """A CLIP text-encoder path as checkpoints and the WebUI name it: ``text_model.encoder.layers.0…``."""
+    return "text_model." + module_path if module_path.startswith(_CLIP_TOP_LEVELS) else module_path
+
+
+def kohya_name(module_path: str, prefix: str) -> str:
+    """``down_blocks.0.attentions.0.proj_in`` → ``lora_unet_down_blocks_0_attentions_0_proj_in``."""
+    if prefix not in PREFIXES:
+        raise ValueError(f"unknown kohya prefix {prefix!r}; one of {PREFIXES}")
+    if prefix != "lora_unet_":
+        module_path = clip_text_model_path(module_path)
+    return prefix + module_path.replace(".", "_")
 
 
 def peft_to_kohya(state_dict: dict, prefix: str, alpha: float, dtype: torch.dtype | None = None) -> dict:
-    """peft LoRA weights (``<path>.lora_A.weight`` / ``.lora_B.weight``) → kohya keys with the true alpha."""
-    out = {}
+    """peft LoRA weights (from ``get_peft_model_state_dict``) → kohya tensors with the true ``alpha``.
+
+    Text-encoder paths get CLIP's ``text_model.`` level back if the transformers version dropped it.
+    Raises ValueError on a key that is not a LoRA A/B weight, or a module without both A and B.
+    """
+    out: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
-        m = _PEFT_KEY.match(key)
-        if not m:
-            raise ValueError(f"not a peft LoRA weight key: {key!r}")
-        name = prefix + m["module"].replace(".", "_")
-        part = "lora_down" if m["ab"] == "A" else "lora_up"
-        t = tensor.detach().to("cpu").contiguous()
-        out[f"{name}.{part}.weight"] = t.to(dtype) if dtype is not None else t
+        module, ab = split_peft_key(key)
+        name = kohya_name(module, prefix)
+        target = f"{name}.{'lora_down' if ab == 'A' else 'lora_up'}.weight"
+        if target in out:
+            raise ValueError(f"{key!r}: a second weight for {target} (two adapters in the state dict?)")
+        out[target] = tensor.detach().to("cpu", dtype=dtype).contiguous()
         out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype or torch.float32)
+    for name in {k.removesuffix(".alpha") for k in out if k.endswith(".alpha")}:
+        for part, peft_part in (("lora_down", "lora_A"), ("lora_up", "lora_B")):
+            if f"{name}.{part}.weight" not in out:
+                raise ValueError(f"{name}: the state dict has no {peft_part} weight for this module")
     return out
 
 
-def serialize_with_hashes(tensors: dict, metadata: dict[str, str]) -> bytes:
-    """The file's bytes: hashes computed on the file with the ss_* metadata only, then added (as kohya)."""
+def _check_metadata(metadata: dict) -> None:
     for key, value in metadata.items():
-        if not isinstance(value, str):
-            raise TypeError(f"metadata {key!r} must be a string, got {type(value).__name__}")
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"metadata {key!r} must be a string, got {type(value).__name__}: {value!r}")
+
+
+def serialize_with_hashes(tensors: dict, metadata: dict[str, str]) -> bytes:
+    """The file's bytes with ``sshs_model_hash`` / ``sshs_legacy_hash`` added to the metadata.
+
+    As kohya's ``precalculate_safetensors_hashes``: the hashes are taken on the file serialized with the
+    ``ss_*`` metadata only (the training facts), so editing other metadata later does not change them.
+    """
+    _check_metadata(metadata)
     meta = {k: v for k, v in metadata.items() if not k.startswith("sshs_")}
-    data = save(tensors, metadata=meta)
-    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = model_hash(data), legacy_hash(data)
+    hashed = save(tensors, metadata={k: v for k, v in meta.items() if k.startswith("ss_")})
+    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = model_hash(hashed), legacy_hash(hashed)
     return save(tensors, metadata=meta)
 
 
 def save_kohya_lora(path, tensors: dict, metadata: dict[str, str]) -> Path:
-    """Write the LoRA with hashes; never overwrites (``name_1.safetensors`` if the name is taken)."""
+    """Write the LoRA with its hashes; never overwrites (``name_1.safetensors`` if the name is taken).
+
+    Returns the path actually written. All metadata values must be ``str`` (TypeError naming the key).
+    """
     data = serialize_with_hashes(tensors, metadata)
     path = Path(path)
     written = write_new(path, lambda p: p.write_bytes(data))
@@ -57,6 +106,7 @@ def save_kohya_lora(path, tensors: dict, metadata: dict[str, str]) -> Path:
     return written
 
 
-def read_kohya_lora(path) -> tuple[dict, dict[str, str]]:
+def read_kohya_lora(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a LoRA file."""
     with safe_open(str(path), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})

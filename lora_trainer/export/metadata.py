@@ -1,7 +1,9 @@
-"""The ``ss_*`` (kohya sd-scripts) and ``modelspec.*`` (SAI model spec) metadata of a LoRA file.
+"""The ``ss_*`` (kohya sd-scripts) and ``modelspec.*`` (SAI model spec 1.0.1) metadata of a LoRA file.
 
-Every value is a string. The WebUI reads these: it hides a LoRA whose ``ss_base_model_version`` does
-not match the loaded model's family, and shows the tag frequency and training settings.
+Every value is a string, written the way kohya's train_network.py writes it (``str(value)``: ``None``
+becomes ``"None"``, booleans ``"True"``/``"False"``, JSON fields via ``json.dumps``). The WebUI reads
+these: it hides a LoRA whose family (``ss_base_model_version`` starting with ``sdxl_``, else
+``ss_v2 == "True"``) does not match the loaded model, and shows the tag frequency and training settings.
 """
 
 from __future__ import annotations
@@ -9,46 +11,83 @@ from __future__ import annotations
 import datetime
 import json
 
-ARCHITECTURES = {
-    "sd_v1": "stable-diffusion-v1",
-    "sd_v2": "stable-diffusion-v2-512",
-    "sdxl_base_v1-0": "stable-diffusion-xl-v1-base",
-}
+from lora_trainer import __version__
+
+FAMILIES = ("sd_v1", "sd_v2", "sdxl_base_v1-0")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+SAI_MODEL_SPEC = "1.0.1"
+IMPL_DIFFUSERS = "diffusers"
+IMPL_STABILITY_AI = "https://github.com/Stability-AI/generative-models"  # kohya's value for SDXL LoRAs
+ALIASES = {"sdxl": "sdxl_base_v1-0", "v": "v_prediction", "eps": "epsilon"}  # as some backends name them
 
 
 def _s(value) -> str:
-    return "None" if value is None else str(value)
+    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
 
 
-def build_metadata(*, output_name: str, rank: int, alpha: float, dropout: float, base_model_version: str,
-                   prediction_type: str, sd_model_name: str, resolution: int, tag_frequency: dict,
-                   num_train_images: int, learning_rate: float, unet_lr: float, text_encoder_lr: float | None,
-                   steps: int, max_train_steps: int, epoch: int, num_epochs: int, seed: int, batch_size: int,
-                   gradient_accumulation_steps: int, lr_scheduler: str, optimizer: str, mixed_precision: str,
-                   noise_offset: float, min_snr_gamma: float | None, training_started_at: float,
-                   training_finished_at: float, comment: str = "", network_args: dict | None = None) -> dict[str, str]:
-    """Metadata for a LoRA trained with these settings.
+def _size(resolution) -> tuple[int, int]:
+    return (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
 
-    ``base_model_version``: ``sd_v1``, ``sd_v2`` or ``sdxl_base_v1-0``; ``prediction_type``: ``epsilon`` or
-    ``v_prediction``; ``tag_frequency``: ``{dataset name: {tag: count}}``; times are unix seconds.
+
+def _architecture(family: str, v_pred: bool) -> str:
+    """As kohya's sai_model_spec.determine_architecture, for a LoRA."""
+    if family == "sdxl_base_v1-0":
+        arch = "stable-diffusion-xl-v1-base"
+    elif family == "sd_v2":
+        arch = "stable-diffusion-v2-768-v" if v_pred else "stable-diffusion-v2-512"
+    else:
+        arch = "stable-diffusion-v1"
+    return f"{arch}/lora"
+
+
+def build_metadata(
+    *, output_name: str, rank: int, alpha: float, dropout: float | None, base_model_version: str,
+    prediction_type: str, sd_model_name: str, resolution, tag_frequency: dict, num_train_images: int,
+    learning_rate: float, unet_lr: float | None, text_encoder_lr: float | None, steps: int,
+    max_train_steps: int, epoch: int, num_epochs: int, seed: int, batch_size: int,
+    gradient_accumulation_steps: int, lr_scheduler: str, optimizer: str, mixed_precision: str,
+    noise_offset: float | None, min_snr_gamma: float | None, training_started_at: float,
+    training_finished_at: float, comment: str = "", network_args: dict | None = None,
+    clip_skip: int | None = None, extra: dict | None = None,
+) -> dict[str, str]:
+    """Metadata for a LoRA trained with these settings; every value a ``str``.
+
+    Model: ``base_model_version`` the family, ``sd_v1``, ``sd_v2`` or ``sdxl_base_v1-0`` (written as kohya
+    does: ``sd_v1_v``/``sd_v2_v`` when v-prediction); ``prediction_type`` ``epsilon`` or ``v_prediction``;
+    ``sd_model_name`` the base model's name (ss_sd_model_name); ``resolution`` an int or (width, height).
+    Network: ``rank`` (ss_network_dim), ``alpha`` (ss_network_alpha, the true lora_alpha), ``dropout``,
+    ``network_args`` (JSON in ss_network_args, e.g. ``{"target_modules": [...]}``).
+    Data: ``tag_frequency`` ``{dataset name: {tag: count}}``; ``num_train_images`` (images × repeats).
+    Run: ``learning_rate``, ``unet_lr``, ``text_encoder_lr`` (None: UNet only), ``steps`` done,
+    ``max_train_steps``, ``epoch`` reached, ``num_epochs`` planned, ``seed``, ``batch_size`` (per device),
+    ``gradient_accumulation_steps``, ``lr_scheduler``, ``optimizer``, ``mixed_precision``, ``noise_offset``,
+    ``min_snr_gamma``, ``clip_skip``; ``training_started_at``/``training_finished_at`` unix seconds
+    (``time.time()``); ``comment`` (ss_training_comment and modelspec.description).
+    ``extra``: more keys (``ss_*`` or ``modelspec.*``) to add; dicts and lists become JSON, the rest ``str``.
     """
+    base_model_version = ALIASES.get(base_model_version, base_model_version)
+    prediction_type = ALIASES.get(prediction_type, prediction_type)
+    if base_model_version not in FAMILIES:
+        raise ValueError(f"base_model_version: {base_model_version!r} is not one of {FAMILIES}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type: {prediction_type!r} is not one of {PREDICTION_TYPES}")
     v_pred = prediction_type == "v_prediction"
-    arch = ARCHITECTURES.get(base_model_version, base_model_version)
-    if base_model_version == "sd_v2" and v_pred:
-        arch = "stable-diffusion-v2-768-v"
+    sdxl = base_model_version.startswith("sdxl")
+    width, height = _size(resolution)
     meta = {
         "ss_network_module": "networks.lora",
-        "ss_network_dim": _s(rank),
+        "ss_network_dim": _s(int(rank)),
         "ss_network_alpha": _s(float(alpha)),
         "ss_network_dropout": _s(dropout),
         "ss_network_args": json.dumps(network_args or {}),
-        "ss_base_model_version": base_model_version,
+        "ss_base_model_version": base_model_version + ("_v" if v_pred and not sdxl else ""),
         "ss_v2": _s(base_model_version == "sd_v2"),
         "ss_v_parameterization": _s(v_pred),
         "ss_output_name": output_name,
         "ss_sd_model_name": sd_model_name,
-        "ss_resolution": f"({resolution}, {resolution})",
-        "ss_tag_frequency": json.dumps(tag_frequency, ensure_ascii=False),
+        "ss_resolution": _s((width, height)),
+        "ss_clip_skip": _s(clip_skip),
+        "ss_tag_frequency": json.dumps(tag_frequency),
         "ss_num_train_images": _s(num_train_images),
         "ss_learning_rate": _s(learning_rate),
         "ss_unet_lr": _s(unet_lr),
@@ -61,22 +100,26 @@ def build_metadata(*, output_name: str, rank: int, alpha: float, dropout: float,
         "ss_seed": _s(seed),
         "ss_batch_size_per_device": _s(batch_size),
         "ss_gradient_accumulation_steps": _s(gradient_accumulation_steps),
-        "ss_lr_scheduler": lr_scheduler,
-        "ss_optimizer": optimizer,
-        "ss_mixed_precision": mixed_precision,
+        "ss_lr_scheduler": _s(lr_scheduler),
+        "ss_optimizer": _s(optimizer),
+        "ss_mixed_precision": _s(mixed_precision),
         "ss_noise_offset": _s(noise_offset),
         "ss_min_snr_gamma": _s(min_snr_gamma),
         "ss_training_started_at": _s(training_started_at),
         "ss_training_finished_at": _s(training_finished_at),
-        "ss_training_comment": comment or "None",
-        "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": f"{arch}/lora",
-        "modelspec.implementation": "diffusers",
+        "ss_training_comment": _s(comment or None),
+        "modelspec.sai_model_spec": SAI_MODEL_SPEC,
+        "modelspec.architecture": _architecture(base_model_version, v_pred),
+        "modelspec.implementation": IMPL_STABILITY_AI if sdxl else IMPL_DIFFUSERS,
+        "modelspec.implementation_version": f"lora-trainer/{__version__}",
         "modelspec.title": output_name,
-        "modelspec.resolution": f"{resolution}x{resolution}",
-        "modelspec.date": datetime.datetime.fromtimestamp(training_finished_at).isoformat(timespec="seconds"),
+        "modelspec.resolution": f"{width}x{height}",
+        "modelspec.date": datetime.datetime.fromtimestamp(int(training_finished_at)).isoformat(),
         "modelspec.prediction_type": "v" if v_pred else "epsilon",
     }
     if comment:
         meta["modelspec.description"] = comment
+    if clip_skip is not None:
+        meta["modelspec.encoder_layer"] = _s(clip_skip)
+    meta.update({k: _s(v) for k, v in (extra or {}).items()})
     return meta
