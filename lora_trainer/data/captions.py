@@ -16,17 +16,27 @@ from pathlib import Path
 
 from lora_trainer.errors import DatasetError
 
-# Emphasis follows CommonMark's flanking rules closely enough for captions: `_x_` only at word
-# boundaries, so booru tags such as long_hair or 1_girl keep their underscores.
-_BOLD = re.compile(r"\*\*(?=\S)(.+?)(?<=\S)\*\*|(?<![\w])__(?=\S)(.+?)(?<=\S)__(?![\w])")
-_ITALIC = re.compile(r"\*(?=\S)(.+?)(?<=\S)\*|(?<![\w])_(?=\S)(.+?)(?<=\S)_(?![\w])")
-_LINE_MARKUP = re.compile(r"^\s*(?:#{1,6}\s+|[-*+]\s+|\d+[.)]\s+|>\s*)")
+# Emphasis after CommonMark's flanking rules, closely enough for captions: a marker must touch the
+# text it wraps, and `_` never opens or closes inside a word, so booru tags such as long_hair and
+# 1_girl keep their underscores (`*` may be intraword, as in CommonMark). Stricter than CommonMark:
+# `_` emphasis must wrap a letter or digit at both ends, so kaomoji tags (>_<, ^_^, @_@) survive.
+_W = r"[^\W_]"  # a letter or digit
+_STRONG_EM = re.compile(rf"\*\*\*(?=\S)(.+?)(?<=\S)\*\*\*|(?<!\w)___(?={_W})(.+?)(?<={_W})___(?!\w)")
+_BOLD = re.compile(rf"\*\*(?=\S)(.+?)(?<=\S)\*\*|(?<!\w)__(?={_W})(.+?)(?<={_W})__(?!\w)")
+_ITALIC = re.compile(rf"\*(?=\S)(.+?)(?<=\S)\*|(?<!\w)_(?={_W})(.+?)(?<={_W})_(?!\w)")
+_LINE_MARKUP = re.compile(r"^\s*(?:#{1,6}\s+|[-*+]\s+|\d+[.)]\s+|>\s+)")  # heading, bullet, quote
+_EMPTY_TAGS = re.compile(r"\s*,(?:\s*,)*")  # "a , ,b" -> "a,b"; "a, b" keeps its space
 _HEADER_FILE = {"filename", "file_name", "file", "image"}
 _HEADER_TEXT = {"prompt", "caption", "text"}
+_LOOKS_LIKE_ROW = re.compile(r"^\s*[^,\s]+\.(?:jpe?g|png|webp|bmp)\s*,", re.IGNORECASE | re.MULTILINE)
 
 
 def split_tags(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _inner(m: re.Match) -> str:
+    return m.group(1) if m.group(1) is not None else m.group(2)
 
 
 def strip_markdown(text: str) -> tuple[str, list[str]]:
@@ -34,21 +44,19 @@ def strip_markdown(text: str) -> tuple[str, list[str]]:
     core: list[str] = []
 
     def bold(m: re.Match) -> str:
-        inner = m.group(1) or m.group(2)
-        core.extend(t for t in split_tags(inner) if t not in core)
+        inner = _ITALIC.sub(_inner, _inner(m))
+        core.extend(" ".join(t.split()) for t in split_tags(inner))
         return inner
 
     lines = []
-    for line in text.replace("\r\n", "\n").split("\n"):
+    for line in text.splitlines():
         line = _LINE_MARKUP.sub("", line).replace("`", "")
-        line = _BOLD.sub(bold, line)
-        line = _ITALIC.sub(lambda m: m.group(1) or m.group(2), line)
+        line = _STRONG_EM.sub(lambda m: f"**{_inner(m)}**", line)
+        line = _ITALIC.sub(_inner, _BOLD.sub(bold, line))
         line = " ".join(line.split())
         if line:
             lines.append(line)
-    clean = ", ".join(split_tags(", ".join(lines)))
-    # tags kept as written: split/join only normalises commas and spaces between them
-    core = [" ".join(t.split()) for t in core]
+    clean = _EMPTY_TAGS.sub(",", ", ".join(lines)).strip(", ")
     return clean, list(dict.fromkeys(core))
 
 
@@ -63,7 +71,7 @@ def tag_frequency(captions: Iterable[str]) -> dict[str, int]:
 @dataclass(frozen=True)
 class CsvEntry:
     caption: str
-    line: int
+    line: int  # where the row starts (1-based)
 
 
 def read_metadata_csv(path) -> tuple[dict[str, CsvEntry], list[str]]:
@@ -72,22 +80,40 @@ def read_metadata_csv(path) -> tuple[dict[str, CsvEntry], list[str]]:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DatasetError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8") from None
+        raise DatasetError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); "
+                           "re-save it as UTF-8 (in Excel: 'CSV UTF-8')") from None
     entries: dict[str, CsvEntry] = {}
     problems: list[str] = []
     reader = csv.reader(io.StringIO(text, newline=""))
-    for index, row in enumerate(reader):
-        line = reader.line_num
-        if not row or not any(cell.strip() for cell in row):
+    seen_row, end = False, 0
+    while True:
+        start = end + 1
+        try:
+            row = next(reader, None)
+        except csv.Error as e:
+            raise DatasetError(f"{path} line {start}: {e}") from None
+        if row is None:
+            break
+        end = reader.line_num
+        where = f"{path.name} line {start}"
+        if not any(cell.strip() for cell in row):
             continue
-        if index == 0 and row[0].strip().lower() in _HEADER_FILE and len(row) > 1 and row[1].strip().lower() in _HEADER_TEXT:
+        first, seen_row = not seen_row, True
+        if first and len(row) > 1 and row[0].strip().lower() in _HEADER_FILE \
+                and row[1].strip().lower() in _HEADER_TEXT:
             continue
         name = row[0].strip()
         if len(row) < 2:
-            problems.append(f"{path.name} line {line}: no caption column (expected filename,prompt)")
+            problems.append(f"{where}: no caption column (expected filename,prompt)")
             continue
-        caption = ",".join(row[1:]).strip()  # an unquoted caption with commas still counts
+        if not name:
+            problems.append(f"{where}: no file name in the first column")
+            continue
+        caption = ",".join(row[1:]).strip()  # an unquoted caption with commas is still usable
+        if end > start and _LOOKS_LIKE_ROW.search(caption):
+            problems.append(f"{where}: the caption of {name} runs to line {end} and holds other rows "
+                            "(an unclosed quote?)")
         if name in entries:
-            problems.append(f"{path.name} line {line}: {name} is also on line {entries[name].line}; line {line} wins")
-        entries[name] = CsvEntry(caption, line)
+            problems.append(f"{where}: {name} is also on line {entries[name].line}; line {start} wins")
+        entries[name] = CsvEntry(caption, start)
     return entries, problems

@@ -3,17 +3,33 @@
 from __future__ import annotations
 
 import logging
+import os
+import posixpath
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from lora_trainer.data.captions import read_metadata_csv, strip_markdown, tag_frequency
-from lora_trainer.data.images import IMAGE_EXTENSIONS, ImageError, is_image_name, load_image, resize_center_crop, to_tensor
+from lora_trainer.data.images import (
+    IMAGE_EXTENSIONS,
+    ImageError,
+    is_image_name,
+    load_image,
+    resize_center_crop,
+    strict_decoding,
+    to_tensor,
+)
 from lora_trainer.errors import DatasetError
 
 log = logging.getLogger(__name__)
+ACCEPTED = ", ".join(IMAGE_EXTENSIONS)
+# reason text -> the kind counted in the summary (first match wins; anything else is "corrupt")
+_KINDS = (("not found", "missing"), ("escapes", "outside the folder"), ("not a supported", "not an image"),
+          ("not an image", "not an image"), ("empty file", "empty"), ("too large", "too large"),
+          ("cannot read", "unreadable"))
 
 
 @dataclass(frozen=True)
@@ -26,21 +42,12 @@ class Sample:
 
 @dataclass(frozen=True)
 class Skipped:
-    path: str
+    path: str  # relative to the dataset folder, or the name as written in metadata.csv
     reason: str
 
     @property
     def kind(self) -> str:
-        r = self.reason
-        if "not found" in r:
-            return "missing"
-        if "escapes" in r:
-            return "outside the folder"
-        if "not an image" in r or "not a supported" in r:
-            return "not an image"
-        if "empty" in r:
-            return "empty"
-        return "corrupt"
+        return next((kind for key, kind in _KINDS if key in self.reason), "corrupt")
 
 
 @dataclass
@@ -48,8 +55,9 @@ class DatasetScan:
     root: Path
     samples: list[Sample] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # metadata.csv / caption file warnings
     csv_name: str = "metadata.csv"
+    caption_extension: str = ".txt"
 
     def tag_frequency(self) -> dict[str, int]:
         return tag_frequency(s.caption for s in self.samples)
@@ -61,7 +69,7 @@ class DatasetScan:
             skipped += " (" + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) + ")"
         sources = Counter(s.caption_source for s in self.samples)
         return (f"dataset {self.root}: {len(self.samples)} images used, {skipped}; captions: "
-                f"{sources['csv']} from {self.csv_name}, {sources['txt']} from caption files, "
+                f"{sources['csv']} from {self.csv_name}, {sources['txt']} from {self.caption_extension}, "
                 f"{sources['none']} without caption")
 
 
@@ -73,24 +81,82 @@ def _inside(root: Path, path: Path) -> bool:
         return False
 
 
-def _read_sidecar(path: Path) -> str | None:
+def _find_files(root: Path, recursive: bool) -> tuple[dict[str, Path], Counter]:
+    """Image files by relative path (hidden files and folders left out), and the other suffixes seen."""
+    images: dict[str, Path] = {}
+    others: Counter[str] = Counter()
+    for folder, dirs, files in os.walk(root):  # does not follow links to folders
+        dirs[:] = [d for d in dirs if not d.startswith(".")] if recursive else []
+        for name in files:
+            if name.startswith("."):
+                continue
+            path = Path(folder, name)
+            if is_image_name(name):
+                images[path.relative_to(root).as_posix()] = path
+            else:
+                others[path.suffix.lower() or "(no extension)"] += 1
+    return images, others
+
+
+def _csv_target(root: Path, name: str) -> tuple[str, Path] | str:
+    """(relative path, path) for a file name in metadata.csv, or why it cannot be used."""
+    p = Path(name.replace("\\", "/"))  # a csv written on Windows
+    if p.is_absolute():
+        try:
+            p = p.relative_to(root)
+        except ValueError:
+            return "escapes the dataset folder (an absolute path elsewhere)"
+    rel = posixpath.normpath(p.as_posix())
+    if rel == ".." or rel.startswith("../"):
+        return "escapes the dataset folder"
+    if not _inside(root, root / rel):
+        return "escapes the dataset folder (a link to a file outside it)"
+    return rel, root / rel
+
+
+def _did_you_mean(rel: str, images: dict[str, Path]) -> str:
+    stem = posixpath.splitext(rel.lower())[0]
+    near = [r for r in images if r.lower() == rel.lower() or posixpath.splitext(r.lower())[0] == stem]
+    return f" (did you mean {near[0]}?)" if near else ""
+
+
+def _check(root: Path, path: Path) -> str | None:
+    """Why the image cannot be used, or None."""
+    if not _inside(root, path):
+        return "escapes the dataset folder (a link to a file outside it)"
+    try:
+        load_image(path)
+    except ImageError as e:
+        return e.reason
+    return None
+
+
+def _read_sidecar(path: Path, problems: list[str]) -> str | None:
     if not path.is_file():
         return None
     try:
-        return path.read_text(encoding="utf-8-sig").strip()
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
-        log.warning("caption file %s is not UTF-8; ignored (re-save it as UTF-8)", path)
-        return None
+        problems.append(f"{path.name}: caption file is not UTF-8 text; ignored (re-save it as UTF-8)")
+    except OSError as e:
+        problems.append(f"{path.name}: caption file cannot be read ({e.strerror or e}); ignored")
+    log.warning("%s", problems[-1])
+    return None
 
 
 def scan_dataset(root, metadata_path=None, caption_extension: str = ".txt", caption_priority: str = "csv",
                  caption_prefix: str = "", recursive: bool = False) -> DatasetScan:
     """Find the images, check each one opens, attach captions; raise DatasetError if none is usable."""
+    if caption_priority not in ("csv", "txt"):
+        raise ValueError(f"caption_priority must be 'csv' or 'txt', not {caption_priority!r}")
+    ext = caption_extension if caption_extension.startswith(".") else "." + caption_extension
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
-        raise DatasetError(f"data.train_data_dir: {root} is not an existing folder")
+        raise DatasetError(f"dataset folder {root} is not an existing folder")
     csv_path = Path(metadata_path).expanduser().resolve() if metadata_path else root / "metadata.csv"
-    scan = DatasetScan(root, csv_name=csv_path.name)
+    if metadata_path and not csv_path.is_file():
+        raise DatasetError(f"metadata file {csv_path} does not exist")
+    scan = DatasetScan(root, csv_name=csv_path.name, caption_extension=ext)
     rows = {}
     if csv_path.is_file():
         rows, scan.problems = read_metadata_csv(csv_path)
@@ -101,55 +167,61 @@ def scan_dataset(root, metadata_path=None, caption_extension: str = ".txt", capt
         scan.skipped.append(Skipped(rel, reason))
         log.warning("skipped %s: %s", rel, reason)
 
-    pattern = "**/*" if recursive else "*"
-    found = sorted(p for p in root.glob(pattern) if p.is_file() and is_image_name(p)
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    candidates = {p.relative_to(root).as_posix(): p for p in found}
+    candidates, others = _find_files(root, recursive)
+    found = dict(candidates)
     csv_captions: dict[str, str] = {}
     for name, entry in rows.items():
-        path = (root / name) if not Path(name).is_absolute() else Path(name)
         where = f"listed in {csv_path.name} line {entry.line}"
-        if not _inside(root, path):
-            skip(name, f"{where}: escapes the dataset folder")
-            continue
-        rel = path.resolve().relative_to(root).as_posix()
-        if not path.is_file():
-            skip(name, f"{where} but not found")
-            continue
-        if not is_image_name(path):
-            skip(name, f"{where}: not a supported image type (use {', '.join(IMAGE_EXTENSIONS)})")
-            continue
-        candidates.setdefault(rel, path.resolve())
-        csv_captions[rel] = entry.caption
+        target = _csv_target(root, name)
+        if isinstance(target, str):
+            skip(name, f"{where}: {target}")
+        elif not target[1].is_file():
+            skip(name, f"{where} but not found{_did_you_mean(target[0], found)}")
+        elif not is_image_name(target[0]):
+            skip(name, f"{where}: not a supported image type (use {ACCEPTED})")
+        else:
+            candidates.setdefault(*target)
+            csv_captions[target[0]] = entry.caption
 
-    for rel in sorted(candidates):
+    order = sorted(candidates)
+    with strict_decoding(), ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # decoding frees the GIL
+        reasons = list(pool.map(lambda rel: _check(root, candidates[rel]), order))
+    for rel, reason in zip(order, reasons):
+        if reason:
+            skip(rel, reason)
+            continue
         path = candidates[rel]
-        if path.is_symlink() and not _inside(root, path):
-            skip(rel, "escapes the dataset folder (a link to a file outside it)")
-            continue
-        try:
-            load_image(path)
-        except ImageError as e:
-            skip(rel, str(e))
-            continue
-        from_csv = csv_captions.get(rel)
-        from_txt = _read_sidecar(path.with_suffix(caption_extension))
-        order = [("csv", from_csv), ("txt", from_txt)]
+        sidecar = _read_sidecar(path.with_suffix(ext), scan.problems)
+        choices = [("csv", csv_captions.get(rel)), ("txt", sidecar)]
         if caption_priority == "txt":
-            order.reverse()
-        source, raw = next(((s, c) for s, c in order if c is not None), ("none", ""))
+            choices.reverse()
+        source, raw = next(((s, c) for s, c in choices if c and c.strip()), ("none", ""))
         text, core = strip_markdown(raw)
         scan.samples.append(Sample(path, caption_prefix + text, tuple(core), source))
 
     no_caption = sum(s.caption_source == "none" for s in scan.samples)
     if no_caption:
         log.warning("%d images have no caption (no %s row, no %s file): trained with the prefix only",
-                    no_caption, csv_path.name, caption_extension)
+                    no_caption, csv_path.name, ext)
     if not scan.samples:
-        reasons = "; ".join(f"{s.path}: {s.reason}" for s in scan.skipped[:3]) or "no image files found"
-        raise DatasetError(f"no usable images in {root}: looked at {len(candidates)} image files, "
-                           f"skipped {len(scan.skipped)} ({reasons}); accepted types: {', '.join(IMAGE_EXTENSIONS)}")
+        raise DatasetError(_nothing_usable(scan, len(found), others, recursive))
     return scan
+
+
+def _nothing_usable(scan: DatasetScan, n_images: int, others: Counter, recursive: bool) -> str:
+    msg = (f"no usable images in {scan.root}: looked at {n_images + sum(others.values())} file(s), "
+           f"{n_images} with an image extension")
+    if scan.skipped:
+        first = "; ".join(f"{s.path}: {s.reason}" for s in scan.skipped[:3])
+        msg += f"; skipped {len(scan.skipped)}: {first}"
+        msg += "; …" if len(scan.skipped) > 3 else ""
+    if others:
+        top = sorted(others.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
+        msg += "; other files: " + ", ".join(f"{n} {ext}" for ext, n in top)
+    deeper = 0 if recursive else len(_find_files(scan.root, True)[0]) - n_images
+    if deeper:
+        msg += f"; {deeper} image file(s) are in subfolders (turn on recursive to use them)"
+    return msg + f". Accepted types: {ACCEPTED}"
 
 
 class ImageDataset(torch.utils.data.Dataset):

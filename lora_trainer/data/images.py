@@ -2,61 +2,129 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+_16BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # in PNG files these hold 16-bit gray
 
 
 class ImageError(Exception):
     """Why an image cannot be used; the message is the one-line reason shown to the user."""
+
+    @property
+    def reason(self) -> str:
+        return str(self)
+
+
+@contextlib.contextmanager
+def strict_decoding():
+    """Let truncated files fail even if another library (a WebUI extension) set LOAD_TRUNCATED_IMAGES.
+
+    Pillow keeps that switch process-wide, so hold this around a whole scan, not per image.
+    """
+    old = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = old
 
 
 def is_image_name(path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
+_SIGNATURES = ((b"\x89PNG", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"RIFF", "WebP"), (b"BM", "BMP"),
+               (b"GIF8", "GIF"))
+
+
+def _unidentified(path: Path) -> ImageError:
+    """Why Pillow could not identify the file: a damaged image, or something else named like one."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    fmt = next((name for magic, name in _SIGNATURES if head.startswith(magic)), None)
+    if fmt:
+        return ImageError(f"truncated or corrupt: starts like a {fmt} file but cannot be decoded")
+    if head[4:8] == b"ftyp":
+        what = "a HEIC/AVIF/MP4-type file; convert it to PNG or JPEG"
+    elif head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
+        what = "an HTML page, perhaps a failed download"
+    elif head.startswith(b"%PDF"):
+        what = "a PDF document"
+    elif _is_text(head):
+        what = "a text file"
+    else:
+        what = "the content is not a format Pillow reads"
+    return ImageError(f"not an image ({what})")
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(c.isprintable() or c in "\t\r\n" for c in text)
+
+
 def _to_8bit(img: Image.Image) -> Image.Image:
-    """16/32-bit integer images scaled (not clipped) to 8 bits, as grayscale."""
+    """16-bit gray scaled (not clipped) to 8 bits: 65535 -> 255, 32768 -> 128."""
     arr = np.asarray(img, dtype=np.float64)
-    top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-    return Image.fromarray(np.clip(np.round(arr * 255.0 / top), 0, 255).astype(np.uint8), "L")
+    return Image.fromarray(np.clip(np.round(arr * (255.0 / 65535.0)), 0, 255).astype(np.uint8))
 
 
 def _flatten(img: Image.Image) -> Image.Image:
-    """RGBA / LA / P-with-transparency composited on white."""
+    """Transparent images (alpha band or a transparency key) composited on white."""
     rgba = img.convert("RGBA")
     background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
-def load_image(path) -> Image.Image:
-    """Open, fully decode and normalise an image to RGB, or raise ImageError with the reason."""
-    path = Path(path)
+def _open(path: Path) -> Image.Image:
     try:
         if path.stat().st_size == 0:
             raise ImageError("empty file")
         with Image.open(path) as img:
             img.load()  # decode everything now: a truncated file fails here, not during training
-            img = ImageOps.exif_transpose(img)
+            return img
     except ImageError:
         raise
+    except FileNotFoundError:
+        raise ImageError("file not found") from None
+    except PermissionError:
+        raise ImageError("cannot read it (permission denied)") from None
+    except IsADirectoryError:
+        raise ImageError("a folder, not a file") from None
     except Image.DecompressionBombError as e:
-        raise ImageError(f"too many pixels to load safely ({e})") from None
+        raise ImageError(f"too large to load safely (decompression-bomb guard: {e})") from None
     except UnidentifiedImageError:
-        raise ImageError("not an image (the file's content is not a format Pillow reads)") from None
-    except (OSError, SyntaxError, ValueError) as e:
+        raise _unidentified(path) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"truncated or corrupt: {e}") from None
+
+
+def load_image(path) -> Image.Image:
+    """Open, fully decode and normalise an image to RGB, or raise ImageError with the reason."""
+    path = Path(path)
+    img = _open(path)
     if img.width == 0 or img.height == 0:
         raise ImageError("zero-size image")
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception as e:  # noqa: BLE001 - a broken EXIF block is no reason to lose the picture
+        log.debug("%s: EXIF orientation ignored (%s)", path, e)
+    if img.mode in _16BIT_MODES:
         img = _to_8bit(img)
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         return _flatten(img)
-    return img.convert("RGB") if img.mode != "RGB" else img
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def resize_center_crop(img: Image.Image, resolution: int) -> Image.Image:
