@@ -79,6 +79,8 @@ class TrainingConfig:
     cache_latents: bool = True
     cache_text_embeddings: bool = True
     compile_unet: bool = False
+    compile_mode: str = "default"
+    channels_last: bool = False
 
 
 @dataclass
@@ -112,6 +114,7 @@ CHOICES = {
     "mixed_precision": ("auto", "no", "fp16", "bf16"),
     "save_precision": ("fp32", "fp16", "bf16"),
     "log_with": ("tensorboard", "none"),
+    "compile_mode": ("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
 }
 # (lowest, highest, lowest is exclusive, highest is exclusive); None = unbounded
 RANGES = {

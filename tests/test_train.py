@@ -58,7 +58,7 @@ def fixed_loss(backend, data_dir, seed=123, rounds=4):
     """Mean diffusion loss over the set with fixed noise and timesteps: comparable before and after."""
     samples = scan_dataset(data_dir).samples
     batch = collate([ImageDataset(samples, 64)[i] for i in range(len(samples))])
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=backend.device).manual_seed(seed)
     for m in backend.components().values():
         m.eval()
     with torch.no_grad():
@@ -67,11 +67,21 @@ def fixed_loss(backend, data_dir, seed=123, rounds=4):
         return sum(diffusion_loss(backend, latents, cond, gen).item() for _ in range(rounds)) / rounds
 
 
-def test_training_learns(demo_data, tmp_path):
-    backend = load_diffusers_backend("tiny-demo", torch.device("cpu"), torch.float32)
+# every switchable speed-up at once (real torch.compile: about a minute on 2 CPU cores); on a GPU in bf16
+EVERY_SPEEDUP = dict(channels_last=True, gradient_checkpointing=True, compile_unet=True, cache_latents=True)
+
+
+@pytest.mark.parametrize("speedups", [
+    pytest.param({}, id="plain"), pytest.param(EVERY_SPEEDUP, id="every-speedup"),
+    pytest.param(dict(EVERY_SPEEDUP, compile_mode="reduce-overhead"), id="cuda-graphs",
+                 marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU"))])
+def test_training_learns(demo_data, tmp_path, speedups):
+    cuda = torch.cuda.is_available()
+    backend = load_diffusers_backend("tiny-demo", torch.device("cuda" if cuda else "cpu"),
+                                     torch.bfloat16 if cuda else torch.float32)
     before = fixed_loss(backend, demo_data)
     cfg = make_cfg(demo_data, tmp_path / "out", max_train_steps=40, batch_size=6, target_modules=WIDE_TARGETS,
-                   lora_rank=8, lora_alpha=8)
+                   lora_rank=8, lora_alpha=8, **speedups)
     result = train(cfg, backend=backend, progress=False)
     after = fixed_loss(backend, demo_data)
     assert result.status == "finished" and result.steps == 40
@@ -255,7 +265,7 @@ def test_cache_encodes_each_image_and_caption_once(demo_data, tmp_path):
 def test_compile_unet_switch_trains_through_the_compiled_module(demo_data, tmp_path, monkeypatch):
     calls = []
 
-    def fake_compile(module):  # the real compile takes minutes on 2 cores: check the wiring here
+    def fake_compile(module, mode="default"):  # the real compile takes minutes on 2 cores: check the wiring here
         calls.append(module)
 
         class Compiled(torch.nn.Module):  # a Module, as torch.compile returns (its truth value is len())

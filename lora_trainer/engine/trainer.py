@@ -203,9 +203,14 @@ def _train_in(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepar
             module.train()
         if t.gradient_checkpointing:
             backend.enable_gradient_checkpointing(text_encoder=t.train_text_encoder)
+        if t.channels_last:
+            if hasattr(backend, "use_channels_last"):
+                backend.use_channels_last()
+            else:
+                log.warning("channels_last: this model backend cannot change its layout; training without")
         if t.compile_unet:
             if hasattr(backend, "compile_unet"):
-                backend.compile_unet()  # after the LoRA layers are in, so the compiled graph has them
+                backend.compile_unet(t.compile_mode)  # after the LoRA layers are in, so the graph has them
             else:
                 log.warning("compile_unet: this model backend cannot compile its UNet; training without")
 
@@ -301,12 +306,13 @@ def _train_in(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepar
                 for i, batch in enumerate(loader, start=first):
                     group_size = min(plan.grad_accum, len(batches) - (i // plan.grad_accum) * plan.grad_accum)
                     loss = one_micro_batch(batch)
-                    if not torch.isfinite(loss):
+                    loss_value = loss.item()  # the one host sync of a micro-batch
+                    if not math.isfinite(loss_value):
                         raise TrainingError(
-                            f"the loss became {loss.item()} at step {step + 1}: lower training.learning_rate, "
+                            f"the loss became {loss_value} at step {step + 1}: lower training.learning_rate, "
                             "or use mixed_precision bf16 or no instead of fp16")
                     scaler.scale(loss / group_size).backward()
-                    step_loss += loss.item() / group_size
+                    step_loss += loss_value / group_size
                     if (i + 1) % plan.grad_accum and i + 1 < len(batches):
                         continue
                     # --- one optimizer step
