@@ -19,15 +19,6 @@ log = logging.getLogger(__name__)
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def canonical_text_encoder_keys(state: dict) -> dict:
-    """CLIP text encoder paths as checkpoints and the WebUI name them (``text_model.encoder.layers…``).
-
-    transformers >= 5.6 dropped the ``text_model`` level from CLIPTextModel; the WebUI's loader expects
-    ``lora_te_text_model_encoder_layers_0_self_attn_q_proj``, whichever transformers trained the LoRA.
-    """
-    return {k if k.startswith("text_model.") else "text_model." + k: v for k, v in state.items()}
-
-
 def export_lora(run_dir: Path, cfg, backend, modules: dict, scan, started_at: float, steps: int, plan):
     """Write ``<output_name>.safetensors`` (kohya) and, if asked, the diffusers file; return both paths."""
     import time
@@ -35,9 +26,7 @@ def export_lora(run_dir: Path, cfg, backend, modules: dict, scan, started_at: fl
     t, out = cfg.training, cfg.output
     states = {name: lora_state_dict(module) for name, module in modules.items()}
     tensors = {}
-    for name, state in states.items():
-        if name == TEXT_ENCODER:
-            state = canonical_text_encoder_keys(state)
+    for name, state in states.items():  # (peft_to_kohya names CLIP layers as the WebUI does)
         tensors.update(peft_to_kohya(state, KOHYA_PREFIXES[name], t.lora_alpha, dtype=SAVE_DTYPES[out.save_precision]))
     metadata = build_metadata(
         output_name=out.output_name,
