@@ -138,3 +138,44 @@ def test_install_py_installs_only_what_is_missing():
     launch.pip_calls.clear()
     runpy.run_path(str(ROOT / "install.py"))
     assert launch.pip_calls == []
+
+
+def test_webui_interrogators_caption_under_the_queue_lock(webui):
+    from PIL import Image
+
+    from lora_trainer.errors import LoraTrainerError
+    from lora_trainer.webui.captioners import WebUIInterrogator
+    from modules import call_queue, deepbooru
+
+    images = [Image.new("RGBA", (40, 30)), Image.new("L", (20, 20))]
+    shared.interrogator.calls.clear()
+    assert WebUIInterrogator("webui-blip").caption(images) == [
+        "a red circle on a white background, RGB", "a red circle on a white background, RGB"]
+    assert shared.interrogator.calls == [("RGB", (40, 30)), ("RGB", (20, 20))]  # the WebUI gets RGB, as its button
+    deepbooru.model.calls.clear()
+    assert WebUIInterrogator("webui-deepbooru").caption(images) == ["1girl, solo, 40px", "1girl, solo, 20px"]
+    assert deepbooru.model.calls[0] == "start" and deepbooru.model.calls[-1] == "stop"
+    assert all(c[2] is True for c in deepbooru.model.calls[1:-1])  # no (tag:0.9) ranks inside captions
+
+    call_queue.queue_lock.acquire()  # generation in progress: the interrogator waits for the WebUI's queue
+    try:
+        import threading
+
+        done = []
+        worker = threading.Thread(target=lambda: done.append(WebUIInterrogator("webui-blip").caption(images[:1])))
+        worker.start()
+        worker.join(0.3)
+        assert not done
+    finally:
+        call_queue.queue_lock.release()
+    worker.join(5)
+    assert done
+
+    shared.interrogator.fail = True
+    try:
+        with pytest.raises(LoraTrainerError, match="BLIP interrogator failed"):
+            WebUIInterrogator("webui-blip").caption(images[:1])
+    finally:
+        shared.interrogator.fail = False
+    with pytest.raises(LoraTrainerError, match="webui-blip"):
+        WebUIInterrogator("blip")

@@ -1,10 +1,11 @@
 """modules/shared.py: sd_model, opts, cmd_opts, state (v1.10.1: shared.py, shared_state.py, options.py)."""
 import types
 
-from modules import options, shared_state
+from modules import interrogate, options, shared_state
 
 sd_model = None
 cmd_opts = types.SimpleNamespace(lora_dir="", lowvram=False, medvram=False)
 opts = options.Options()
 state = shared_state.State()
+interrogator = interrogate.InterrogateModels()
 OptionInfo = options.OptionInfo

@@ -1,0 +1,44 @@
+"""The WebUI's own interrogators as captioners: BLIP (with CLIP flavours) and DeepBooru.
+
+They are what the WebUI's img2img "Interrogate" buttons run, so they need no model of ours; the WebUI
+fetches their weights itself the first time one is used. Both run under the WebUI's queue lock.
+"""
+
+from __future__ import annotations
+
+from lora_trainer.errors import LoraTrainerError
+
+KINDS = {"webui-blip": "WebUI BLIP (interrogate CLIP)", "webui-deepbooru": "WebUI DeepBooru (anime tags)"}
+
+
+class WebUIInterrogator:
+    def __init__(self, kind: str):
+        if kind not in KINDS:
+            raise LoraTrainerError(f"unknown WebUI interrogator {kind!r}; one of {', '.join(KINDS)}")
+        self.kind, self.name = kind, KINDS[kind]
+
+    def caption(self, images: list) -> list[str]:
+        from modules import call_queue
+
+        with call_queue.queue_lock:
+            return self._blip(images) if self.kind == "webui-blip" else self._deepbooru(images)
+
+    def _blip(self, images: list) -> list[str]:
+        from modules import shared
+
+        out = []
+        for img in images:
+            text = shared.interrogator.interrogate(img.convert("RGB"))
+            if not text or text.endswith("<error>"):  # the WebUI reports the exception in its console
+                raise LoraTrainerError("the WebUI's BLIP interrogator failed; its console has the error")
+            out.append(text)
+        return out
+
+    def _deepbooru(self, images: list) -> list[str]:
+        from modules import deepbooru
+
+        deepbooru.model.start()
+        try:
+            return [deepbooru.model.tag_multi(img.convert("RGB"), force_disable_ranks=True) for img in images]
+        finally:
+            deepbooru.model.stop()
