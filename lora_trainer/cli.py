@@ -83,6 +83,35 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from lora_trainer.data.check import check_dataset
+    from lora_trainer.utils.fsio import atomic_write_json
+
+    if args.config:
+        from lora_trainer.config import load_config
+
+        d = load_config(args.config).data
+        settings = {"root": d.train_data_dir, "resolution": d.resolution, "metadata_path": d.metadata_path,
+                    "caption_extension": d.caption_extension, "caption_priority": d.caption_priority,
+                    "caption_prefix": d.caption_prefix, "recursive": d.recursive}
+    else:
+        settings = {"root": None, "resolution": 512, "caption_extension": ".txt", "caption_priority": "csv",
+                    "caption_prefix": "", "recursive": False}
+    given = {"root": args.folder, "resolution": args.resolution, "metadata_path": args.metadata,
+             "caption_extension": args.caption_extension, "caption_priority": args.caption_priority,
+             "caption_prefix": args.prefix, "recursive": args.recursive or None}
+    settings.update({k: v for k, v in given.items() if v is not None})
+    if not settings["root"]:
+        raise LoraTrainerError("check: give the dataset folder (check DIR) or a config (--config my.yaml)")
+    report = check_dataset(glossary_path=args.glossary, progress=True, **settings)
+    print(report.summary(max_files=args.max_files))
+    if args.json:
+        print(f"report written to {atomic_write_json(args.json, report.to_dict())}")
+    if report.has_errors or (args.strict and report.count("warning")):
+        return 1
+    return 0
+
+
 def cmd_ui(args) -> int:
     try:
         import gradio  # noqa: F401
@@ -118,6 +147,21 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="override a setting, e.g. --set training.epochs=2 (repeatable)")
     tr.set_defaults(func=cmd_train)
+    ck = sub.add_parser("check", help="check a dataset: unreadable, small, duplicate images, caption problems "
+                        "(changes nothing)")
+    ck.add_argument("folder", nargs="?", help="the dataset folder (or take it from --config)")
+    ck.add_argument("--config", "-c", help="take the folder and data settings from this training config")
+    ck.add_argument("--resolution", type=int, help="training resolution (default 512)")
+    ck.add_argument("--metadata", help="captions CSV (default: metadata.csv in the folder)")
+    ck.add_argument("--caption-extension", help="caption sidecar extension (default .txt)")
+    ck.add_argument("--caption-priority", choices=["csv", "txt"], help="which caption wins when both exist")
+    ck.add_argument("--prefix", help="the trigger-word prefix training puts before every caption")
+    ck.add_argument("--recursive", action="store_true", help="include subfolders")
+    ck.add_argument("--glossary", help="YAML of synonym groups (adds to the built-in one)")
+    ck.add_argument("--json", help="also write the report as JSON here")
+    ck.add_argument("--max-files", type=int, default=5, help="files listed per finding")
+    ck.add_argument("--strict", action="store_true", help="exit 1 on warnings too (for scripts)")
+    ck.set_defaults(func=cmd_check)
     ui = sub.add_parser("ui", help="the Train LoRA tab as a standalone app on 127.0.0.1")
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     ui.add_argument("--port", type=int, default=7870)

@@ -9,8 +9,11 @@ import yaml
 from lora_trainer.cli import main
 
 
-def test_demo_runs_end_to_end(tmp_path, capsys):
+def test_demo_runs_end_to_end(tmp_path, capsys, caplog):
+    caplog.set_level("INFO", logger="lora_trainer")
     assert main(["demo", "--output", str(tmp_path / "demo"), "--steps", "3", "--images", "4"]) == 0
+    # the run prints the dataset check before it trains: 4 images is few for a style
+    assert "dataset check of" in caplog.text and "only 4 images" in caplog.text
     out = capsys.readouterr().out
     run = tmp_path / "demo" / "run"
     assert (run / "demo_lora.safetensors").is_file()

@@ -144,11 +144,28 @@ def _read_sidecar(path: Path, problems: list[str]) -> str | None:
     return None
 
 
-def scan_dataset(root, metadata_path=None, caption_extension: str = ".txt", caption_priority: str = "csv",
-                 caption_prefix: str = "", recursive: bool = False) -> DatasetScan:
-    """Find the images, check each one opens, attach captions; raise DatasetError if none is usable."""
-    if caption_priority not in ("csv", "txt"):
-        raise ValueError(f"caption_priority must be 'csv' or 'txt', not {caption_priority!r}")
+@dataclass
+class DatasetFiles:
+    """What a dataset folder holds, before any image is decoded: image files and their raw captions."""
+
+    root: Path
+    csv_path: Path
+    caption_extension: str
+    images: dict[str, Path]  # relative path -> file: images in the folder and images metadata.csv names
+    csv_captions: dict[str, str]  # relative path -> raw caption (markdown kept) from metadata.csv
+    csv_names: dict[str, str]  # relative path -> the file name as its metadata.csv row writes it
+    csv_skipped: list[Skipped]  # metadata.csv rows that cannot be used
+    problems: list[str]  # metadata.csv warnings
+    in_folder: int  # image files found in the folder itself
+    others: Counter  # other suffixes seen
+
+    def sidecar(self, rel: str) -> Path:
+        return self.images[rel].with_suffix(self.caption_extension)
+
+
+def find_dataset_files(root, metadata_path=None, caption_extension: str = ".txt",
+                       recursive: bool = False) -> DatasetFiles:
+    """List a dataset folder's images and metadata.csv captions (no image is opened)."""
     ext = caption_extension if caption_extension.startswith(".") else "." + caption_extension
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
@@ -156,32 +173,54 @@ def scan_dataset(root, metadata_path=None, caption_extension: str = ".txt", capt
     csv_path = Path(metadata_path).expanduser().resolve() if metadata_path else root / "metadata.csv"
     if metadata_path and not csv_path.is_file():
         raise DatasetError(f"metadata file {csv_path} does not exist")
-    scan = DatasetScan(root, csv_name=csv_path.name, caption_extension=ext)
-    rows = {}
-    if csv_path.is_file():
-        rows, scan.problems = read_metadata_csv(csv_path)
-        for problem in scan.problems:
-            log.warning("%s", problem)
-
-    def skip(rel: str, reason: str) -> None:
-        scan.skipped.append(Skipped(rel, reason))
-        log.warning("skipped %s: %s", rel, reason)
-
+    rows, problems = read_metadata_csv(csv_path) if csv_path.is_file() else ({}, [])
+    for problem in problems:
+        log.warning("%s", problem)
     candidates, others = _find_files(root, recursive)
+    files = DatasetFiles(root, csv_path, ext, candidates, {}, {}, [], problems, len(candidates), others)
     found = dict(candidates)
-    csv_captions: dict[str, str] = {}
     for name, entry in rows.items():
         where = f"listed in {csv_path.name} line {entry.line}"
         target = _csv_target(root, name)
         if isinstance(target, str):
-            skip(name, f"{where}: {target}")
+            reason = f"{where}: {target}"
         elif not target[1].is_file():
-            skip(name, f"{where} but not found{_did_you_mean(target[0], found)}")
+            reason = f"{where} but not found{_did_you_mean(target[0], found)}"
         elif not is_image_name(target[0]):
-            skip(name, f"{where}: not a supported image type (use {ACCEPTED})")
+            reason = f"{where}: not a supported image type (use {ACCEPTED})"
         else:
             candidates.setdefault(*target)
-            csv_captions[target[0]] = entry.caption
+            files.csv_captions[target[0]] = entry.caption
+            files.csv_names[target[0]] = name
+            continue
+        files.csv_skipped.append(Skipped(name, reason))
+        log.warning("skipped %s: %s", name, reason)
+    return files
+
+
+def pick_caption(files: DatasetFiles, rel: str, caption_priority: str = "csv",
+                 problems: list[str] | None = None) -> tuple[str, str]:
+    """(source, raw caption) of one image: "csv" | "txt" | "none", by ``caption_priority``."""
+    sidecar = _read_sidecar(files.sidecar(rel), files.problems if problems is None else problems)
+    choices = [("csv", files.csv_captions.get(rel)), ("txt", sidecar)]
+    if caption_priority == "txt":
+        choices.reverse()
+    return next(((s, c) for s, c in choices if c and c.strip()), ("none", ""))
+
+
+def scan_dataset(root, metadata_path=None, caption_extension: str = ".txt", caption_priority: str = "csv",
+                 caption_prefix: str = "", recursive: bool = False) -> DatasetScan:
+    """Find the images, check each one opens, attach captions; raise DatasetError if none is usable."""
+    if caption_priority not in ("csv", "txt"):
+        raise ValueError(f"caption_priority must be 'csv' or 'txt', not {caption_priority!r}")
+    files = find_dataset_files(root, metadata_path, caption_extension, recursive)
+    root, candidates = files.root, files.images
+    scan = DatasetScan(root, csv_name=files.csv_path.name, caption_extension=files.caption_extension,
+                       problems=files.problems, skipped=list(files.csv_skipped))
+
+    def skip(rel: str, reason: str) -> None:
+        scan.skipped.append(Skipped(rel, reason))
+        log.warning("skipped %s: %s", rel, reason)
 
     order = sorted(candidates)
     with strict_decoding(), ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # decoding frees the GIL
@@ -190,21 +229,16 @@ def scan_dataset(root, metadata_path=None, caption_extension: str = ".txt", capt
         if reason:
             skip(rel, reason)
             continue
-        path = candidates[rel]
-        sidecar = _read_sidecar(path.with_suffix(ext), scan.problems)
-        choices = [("csv", csv_captions.get(rel)), ("txt", sidecar)]
-        if caption_priority == "txt":
-            choices.reverse()
-        source, raw = next(((s, c) for s, c in choices if c and c.strip()), ("none", ""))
+        source, raw = pick_caption(files, rel, caption_priority)
         text, core = strip_markdown(raw)
-        scan.samples.append(Sample(path, caption_prefix + text, tuple(core), source))
+        scan.samples.append(Sample(candidates[rel], caption_prefix + text, tuple(core), source))
 
     no_caption = sum(s.caption_source == "none" for s in scan.samples)
     if no_caption:
         log.warning("%d images have no caption (no %s row, no %s file): trained with the prefix only",
-                    no_caption, csv_path.name, ext)
+                    no_caption, files.csv_path.name, files.caption_extension)
     if not scan.samples:
-        raise DatasetError(_nothing_usable(scan, len(found), others, recursive))
+        raise DatasetError(_nothing_usable(scan, files.in_folder, files.others, recursive))
     return scan
 
 

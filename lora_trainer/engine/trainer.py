@@ -24,6 +24,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 
 from lora_trainer.config import Config, resolve_mixed_precision, save_config, validate_paths
+from lora_trainer.data.check import check_scan
 from lora_trainer.data.dataset import ImageDataset, collate, scan_dataset
 from lora_trainer.engine import checkpoint as ckpt
 from lora_trainer.engine.cache import EncodedCache
@@ -135,6 +136,7 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
     scan = scan_dataset(d.train_data_dir, metadata_path=d.metadata_path, caption_extension=d.caption_extension,
                         caption_priority=d.caption_priority, caption_prefix=d.caption_prefix, recursive=d.recursive)
     log.info(scan.summary())
+    log.info(check_scan(scan, d.resolution, d.caption_prefix, progress=progress).summary())
     plan = Plan.from_config(cfg, len(scan.samples))
     run_dir, resume_from = prepare_run_dir(cfg.output.output_dir, t.resume_from_checkpoint)
     restored = ckpt.load_checkpoint(resume_from) if resume_from else None

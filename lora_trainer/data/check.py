@@ -1,0 +1,303 @@
+"""The dataset check: what the trainer will see, and what is likely to hurt the LoRA.
+
+Every finding names the files concerned and a fix. Nothing is changed on disk. The CLI's ``check``,
+the tab's check panel and the training run (before it starts) print the same report.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import logging
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from lora_trainer.data.captions import split_tags, tag_frequency
+from lora_trainer.data.dataset import DatasetScan, scan_dataset
+from lora_trainer.data.images import ImageError, load_image, strict_decoding
+from lora_trainer.data.phash import near_pairs, phash
+from lora_trainer.data.tokens import TOKEN_WINDOW, count_tokens
+from lora_trainer.errors import DatasetError, LoraTrainerError
+
+log = logging.getLogger(__name__)
+GLOSSARY = Path(__file__).with_name("glossary.yaml")
+SEVERITIES = ("error", "warning", "info")
+MAX_ASPECT = 2.0  # the centre square crop then drops half the picture or more
+NEAR_BITS = 6  # pHash distance for "near duplicate" (resized or re-encoded copies are 0-2 apart)
+SIZE_GUIDE = (50, 200)  # images, for a style LoRA
+# a negation that describes what is NOT in the image: it belongs in the negative prompt
+_NEGATION = re.compile(r"\b(?:not|without|never|isn't|aren't|doesn't|don't|non)[\s-]+\w+"
+                       r"|\bno\s+(?:blur\w*|watermarks?|text|signatures?|artifacts?|jpeg artifacts|noise|"
+                       r"grain\w*|distortions?|deformed|deformities|bad \w+|extra \w+|logos?|lowres|"
+                       r"low quality|worst quality|ugly|errors?|cropping|frames?|borders?)\b", re.IGNORECASE)
+
+
+@dataclass
+class Finding:
+    check: str  # which check: unreadable, csv, small, aspect, duplicate, near-duplicate, ...
+    severity: str  # error | warning | info
+    message: str
+    files: list[str] = field(default_factory=list)
+    fix: str = ""
+
+
+@dataclass
+class CheckReport:
+    root: str
+    images: int  # images the trainer will use
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def has_errors(self) -> bool:
+        return any(f.severity == "error" for f in self.findings)
+
+    def count(self, severity: str) -> int:
+        return sum(f.severity == severity for f in self.findings)
+
+    def by_check(self, check: str) -> list[Finding]:
+        return [f for f in self.findings if f.check == check]
+
+    def to_dict(self) -> dict:
+        return {"root": self.root, "images": self.images, "findings": [asdict(f) for f in self.findings]}
+
+    def summary(self, max_files: int = 5) -> str:
+        head = (f"dataset check of {self.root}: {self.images} images; {self.count('error')} errors, "
+                f"{self.count('warning')} warnings, {self.count('info')} notes")
+        lines = [head]
+        for f in sorted(self.findings, key=lambda f: SEVERITIES.index(f.severity)):
+            files = ", ".join(f.files[:max_files]) + (f" (+{len(f.files) - max_files} more)"
+                                                      if len(f.files) > max_files else "")
+            lines.append(f"  [{f.severity}] {f.message}" + (f": {files}" if files else ""))
+            if f.fix:
+                lines.append(f"      fix: {f.fix}")
+        if not self.findings:
+            lines.append("  no problems found")
+        return "\n".join(lines)
+
+
+def _n(count: int, noun: str, verb: str = "") -> str:
+    """'1 image is', '2 images are' (nouns here take a plain -s)."""
+    verbs = {"is": "are", "has": "have", "looks": "look", "occurs": "occur"}
+    words = [str(count), noun if count == 1 else noun + "s"]
+    if verb:
+        words.append(verb if count == 1 else verbs.get(verb, verb))
+    return " ".join(words)
+
+
+def load_glossary(root: Path | None = None, path=None) -> dict[str, list[str]]:
+    """The built-in glossary, updated by ``<dataset>/glossary.yaml`` and then by ``path``."""
+    if path is not None and not Path(path).is_file():
+        raise LoraTrainerError(f"glossary {path} does not exist")
+    groups: dict[str, list[str]] = {}
+    for source in (GLOSSARY, root / "glossary.yaml" if root else None, Path(path) if path else None):
+        if source is None or not source.is_file():
+            continue
+        try:
+            data = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise LoraTrainerError(f"glossary {source}: not valid YAML ({e})") from None
+        if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
+            raise LoraTrainerError(f"glossary {source}: expected 'idea: [phrase, phrase, ...]' entries")
+        groups.update({str(k): [str(v).lower() for v in vs] for k, vs in data.items()})
+    return groups
+
+
+@dataclass
+class _ImageInfo:
+    size: tuple[int, int] | None = None
+    phash: np.ndarray | None = None
+    digest: str = ""
+    error: str = ""
+
+
+def _inspect(path: Path) -> _ImageInfo:
+    try:
+        img = load_image(path)
+    except ImageError as e:  # changed since the scan
+        return _ImageInfo(error=e.reason)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return _ImageInfo(img.size, phash(img), digest)
+
+
+def _rel(scan: DatasetScan, path: Path) -> str:
+    try:
+        return path.relative_to(scan.root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _images(scan: DatasetScan, names: list[str], infos: list[_ImageInfo], resolution: int) -> list[Finding]:
+    out = []
+    small = [(n, i.size) for n, i in zip(names, infos) if i.size and min(i.size) < resolution]
+    if small:
+        worst = min(min(s) for _, s in small)
+        out.append(Finding("small", "warning",
+                           f"{_n(len(small), 'image', 'is')} smaller than the training resolution {resolution} px and "
+                           f"get upscaled (the smallest side is {worst} px: ×{resolution / worst:.1f}, blurry)",
+                           [f"{n} ({w}×{h})" for n, (w, h) in small],
+                           f"use larger originals, or lower data.resolution to {max(64, worst // 64 * 64)}"))
+    wide = [(n, i.size) for n, i in zip(names, infos) if i.size and max(i.size) / min(i.size) > MAX_ASPECT]
+    if wide:
+        out.append(Finding("aspect", "warning",
+                           f"{_n(len(wide), 'image', 'has')} an extreme aspect ratio (over {MAX_ASPECT:g}:1); the centre "
+                           "square crop drops half the picture or more",
+                           [f"{n} ({w}×{h}, keeps {min(w, h) / max(w, h):.0%})" for n, (w, h) in wide],
+                           "crop them by hand to the part that matters, or split a wide image into squares"))
+    groups: dict[str, list[int]] = {}
+    for k, info in enumerate(infos):
+        if info.digest:
+            groups.setdefault(info.digest, []).append(k)
+    exact = [g for g in groups.values() if len(g) > 1]
+    for g in exact:
+        out.append(Finding("duplicate", "warning", f"{len(g)} identical files (the same image trained "
+                           f"{len(g)}× as often)", [names[k] for k in g], "keep one of them"))
+    same = {k: g[0] for g in exact for k in g}
+    hashed = [k for k, info in enumerate(infos) if info.phash is not None]
+    parent = {k: k for k in hashed}
+
+    def root_of(k: int) -> int:
+        while parent[k] != k:
+            k = parent[k]
+        return k
+
+    for a, b, _ in near_pairs(np.array([infos[k].phash for k in hashed]).reshape(len(hashed), -1), NEAR_BITS):
+        ka, kb = hashed[a], hashed[b]
+        if same.get(ka, -1) != same.get(kb, -2):
+            parent[root_of(kb)] = root_of(ka)
+    near: dict[int, list[int]] = {}
+    for k in hashed:
+        near.setdefault(root_of(k), []).append(k)
+    for g in near.values():
+        if len({same.get(k, k) for k in g}) > 1:
+            out.append(Finding("near-duplicate", "warning",
+                               f"{len(g)} images look the same (resized, re-encoded or lightly edited copies)",
+                               [names[k] for k in g], "keep the largest, best-quality one"))
+    return out
+
+
+def _captions(scan: DatasetScan, names: list[str], prefix: str, glossary: dict[str, list[str]]) -> list[Finding]:
+    out = []
+    texts = [s.caption[len(prefix):] if prefix and s.caption.startswith(prefix) else s.caption
+             for s in scan.samples]
+    missing = [n for n, s, t in zip(names, scan.samples, texts) if s.caption_source == "none" or not t.strip()]
+    if missing:
+        out.append(Finding("no-caption", "warning", f"{_n(len(missing), 'image', 'has')} no caption (trained with "
+                           f"{'the prefix only' if prefix else 'an empty prompt'})", missing,
+                           f"caption them: python -m lora_trainer label --input {scan.root} (or the tab's grid)"))
+    tokens = count_tokens([s.caption for s in scan.samples])
+    long = [(n, k) for n, k in zip(names, tokens) if k > TOKEN_WINDOW]
+    if long:
+        out.append(Finding("long-caption", "warning",
+                           f"{_n(len(long), 'caption', 'is')} longer than the text encoder's {TOKEN_WINDOW}-token window; "
+                           "the words past it are cut off in training", [f"{n} ({k} tokens)" for n, k in long],
+                           "shorten them; put the most important tags first"))
+    negative = [(n, m.group(0)) for n, t in zip(names, texts) for m in [_NEGATION.search(t)] if m]
+    if negative:
+        out.append(Finding("negative", "warning",
+                           f"{_n(len(negative), 'caption')} {'describes' if len(negative) == 1 else 'describe'} what is not there (a LoRA learns the words, "
+                           "so 'not blurry' teaches 'blurry')", [f"{n} ('{p}')" for n, p in negative],
+                           "remove these phrases; put them (without 'not') in the negative prompt when generating"))
+    lowered = [t.lower() for t in texts]
+    for idea, phrases in glossary.items():
+        used = {p: [n for n, t in zip(names, lowered) if re.search(rf"(?<!\w){re.escape(p)}(?!\w)", t)]
+                for p in phrases}
+        used = {p: ns for p, ns in used.items() if ns}
+        if len(used) > 1:
+            main = max(used, key=lambda p: len(used[p]))
+            counts = ", ".join(f"'{p}' ×{len(ns)}" for p, ns in sorted(used.items(), key=lambda kv: -len(kv[1])))
+            others = [n for p, ns in used.items() if p != main for n in ns]
+            out.append(Finding("synonyms", "warning", f"one idea ({idea}) is written several ways: {counts}",
+                               others, f"use '{main}' everywhere (the grid's find/replace does it); "
+                               "add your own groups in a glossary.yaml beside the images"))
+    out.extend(_tag_outliers(names, texts))
+    return out
+
+
+def _tag_outliers(names: list[str], texts: list[str]) -> list[Finding]:
+    if len(texts) < 10:
+        return []
+    freq = tag_frequency(t.lower() for t in texts)
+    common = [t for t, n in freq.items() if n >= 3]
+    variants, singles = [], []
+    for tag, n in freq.items():
+        if n != 1:
+            continue
+        close = difflib.get_close_matches(tag, common, n=1, cutoff=0.85)
+        (variants if close else singles).append((tag, close[0] if close else ""))
+    where = {t: n for n, text in zip(names, texts) for t in split_tags(text.lower())}
+    out = []
+    if variants:
+        out.append(Finding("tag-variant", "warning",
+                           f"{_n(len(variants), 'tag', 'occurs')} once and {'looks' if len(variants) == 1 else 'look'} like a variant of a common tag: " +
+                           ", ".join(f"'{t}' (vs '{c}')" for t, c in variants[:8]),
+                           [where[t] for t, _ in variants], "make them the same tag (the grid's find/replace)"))
+    if singles and len(singles) > len(freq) // 2:
+        out.append(Finding("rare-tags", "info",
+                           f"{len(singles)} of {len(freq)} tags occur in one caption only (e.g. " +
+                           ", ".join(f"'{t}'" for t, _ in singles[:6]) + "); the LoRA learns little from them",
+                           [where[t] for t, _ in singles], "describe shared features with shared tags"))
+    return out
+
+
+def _size(n: int) -> list[Finding]:
+    low, high = SIZE_GUIDE
+    if n < 20:
+        return [Finding("size", "warning", f"only {n} images: few for a style LoRA (usually {low}–{high}); "
+                        "enough for a character or object (15–30) with more epochs", [],
+                        "add varied images of the style, or train a few more epochs and watch the samples")]
+    if n < low:
+        return [Finding("size", "info", f"{n} images: below the usual {low}–{high} for a style LoRA", [],
+                        "fine for a character or object; for a style, more varied images help")]
+    if n > high:
+        return [Finding("size", "info", f"{n} images: more than the usual {low}–{high} for a style LoRA", [],
+                        "fine; fewer epochs reach the same number of steps")]
+    return []
+
+
+def check_scan(scan: DatasetScan, resolution: int = 512, caption_prefix: str = "", glossary=None,
+               progress: bool = False) -> CheckReport:
+    """Check the images and captions of a scan (the trainer's own view of the set)."""
+    report = CheckReport(str(scan.root), len(scan.samples))
+    for skipped in scan.skipped:
+        report.findings.append(Finding("unreadable", "warning", f"skipped: {skipped.reason}", [skipped.path],
+                                       "re-save the file as PNG or JPEG, or remove it from the folder"))
+    if scan.problems:
+        report.findings.append(Finding("csv", "warning", f"{len(scan.problems)} caption file problems: "
+                                       + "; ".join(scan.problems[:3]), [], "fix the lines named"))
+    names = [_rel(scan, s.path) for s in scan.samples]
+    paths = [s.path for s in scan.samples]
+    with strict_decoding(), ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        results = pool.map(_inspect, paths)
+        if progress:
+            from tqdm.auto import tqdm
+
+            results = tqdm(results, total=len(paths), desc="checking images", unit="img")
+        infos = list(results)
+    for name, info in zip(names, infos):
+        if info.error:
+            report.findings.append(Finding("unreadable", "warning", f"skipped: {info.error}", [name],
+                                           "re-save the file as PNG or JPEG, or remove it"))
+    report.findings += _images(scan, names, infos, resolution)
+    glossary = load_glossary(scan.root) if glossary is None else glossary
+    report.findings += _captions(scan, names, caption_prefix, glossary)
+    report.findings += _size(len(scan.samples))
+    return report
+
+
+def check_dataset(root, resolution: int = 512, metadata_path=None, caption_extension: str = ".txt",
+                  caption_priority: str = "csv", caption_prefix: str = "", recursive: bool = False,
+                  glossary_path=None, progress: bool = False) -> CheckReport:
+    """Scan and check a dataset folder; a folder the trainer cannot use at all is one error finding."""
+    glossary = load_glossary(Path(root).expanduser().resolve(), glossary_path)
+    try:
+        scan = scan_dataset(root, metadata_path, caption_extension, caption_priority, caption_prefix, recursive)
+    except DatasetError as e:
+        return CheckReport(str(root), 0, [Finding("unusable", "error", str(e), [],
+                                                  "point it at a folder of .jpg/.png/.webp images")])
+    return check_scan(scan, resolution, caption_prefix, glossary, progress)

@@ -1,0 +1,152 @@
+"""The dataset check: every check on generated images and captions, and nothing changed on disk."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lora_trainer.cli import main
+from lora_trainer.data.check import check_dataset, load_glossary
+from lora_trainer.data.phash import near_pairs, phash
+from lora_trainer.errors import LoraTrainerError
+
+
+def picture(seed: int, w: int = 256, h: int = 256) -> Image.Image:
+    """A smooth random picture: distinct seeds give perceptually distinct images."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((8, 8, 3)) * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)
+
+
+def write_csv(root, rows):
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows([["filename", "prompt"], *rows])
+    (root / "metadata.csv").write_text(out.getvalue(), encoding="utf-8")
+
+
+@pytest.fixture
+def flawed(tmp_path):
+    """A set with one of every problem the check should find, plus clean images."""
+    root = tmp_path / "set"
+    root.mkdir()
+    rows = []
+    for k in range(8):
+        picture(k).save(root / f"clean_{k}.png")
+        rows.append([f"clean_{k}.png", f"**mystyle**, a picture, tone {k}, anime style"])
+    original = picture(100, 300, 300)
+    original.save(root / "orig.png")
+    original.resize((200, 200), Image.LANCZOS).save(root / "orig_small.png")  # a resized copy
+    buf = io.BytesIO()
+    original.save(buf, "JPEG", quality=70)
+    (root / "orig_reencoded.jpg").write_bytes(buf.getvalue())  # a re-encoded copy
+    (root / "orig_copy.png").write_bytes((root / "orig.png").read_bytes())  # the very same file
+    buf = io.BytesIO()
+    picture(101).save(buf, "JPEG")
+    (root / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    picture(102, 64, 64).save(root / "tiny64.png")
+    picture(103, 600, 200).save(root / "panorama.png")
+    picture(104).save(root / "negative.png")
+    picture(105).save(root / "uncaptioned.png")
+    picture(106).save(root / "long.png")
+    picture(107).save(root / "manga.png")
+    rows += [["orig.png", "mystyle, a picture"], ["orig_small.png", "mystyle, a picture"],
+             ["orig_reencoded.jpg", "mystyle, a picture"], ["orig_copy.png", "mystyle, a picture"],
+             ["tiny64.png", "mystyle, a picture"], ["panorama.png", "mystyle, a picture"],
+             ["negative.png", "mystyle, a portrait, not blurry, without text"],
+             ["long.png", ", ".join(f"detail number {k}" for k in range(30))],
+             ["manga.png", "mystyle, manga look, a pictrue"]]
+    write_csv(root, rows)
+    return root
+
+
+def test_every_check_finds_its_files(flawed):
+    before = {p.name: p.read_bytes() for p in flawed.iterdir()}
+    report = check_dataset(flawed, resolution=128)
+    checks = {f.check for f in report.findings}
+
+    def files(check):
+        return [name for f in report.by_check(check) for name in f.files]
+
+    assert report.images == 18 and not report.has_errors
+    assert files("unreadable") == ["truncated.jpg"]
+    assert any("truncated or corrupt" in f.message for f in report.by_check("unreadable"))
+    assert files("small") == ["tiny64.png (64×64)"]
+    assert files("aspect") == ["panorama.png (600×200, keeps 33%)"]
+    assert [sorted(f.files) for f in report.by_check("duplicate")] == [["orig.png", "orig_copy.png"]]
+    near = report.by_check("near-duplicate")
+    assert len(near) == 1 and set(near[0].files) == {"orig.png", "orig_copy.png", "orig_small.png",
+                                                      "orig_reencoded.jpg"}
+    assert files("no-caption") == ["uncaptioned.png"]
+    assert files("long-caption")[0].startswith("long.png (") and "tokens" in files("long-caption")[0]
+    assert files("negative") == ["negative.png ('not blurry')"]
+    synonyms = report.by_check("synonyms")
+    assert len(synonyms) == 1 and "'anime style' ×8" in synonyms[0].message and synonyms[0].files == ["manga.png"]
+    assert "use 'anime style' everywhere" in synonyms[0].fix
+    assert [f.check for f in report.by_check("size")] == ["size"]  # 18 images: few for a style
+    assert "pictrue" in report.by_check("tag-variant")[0].message
+    assert checks >= {"unreadable", "small", "aspect", "duplicate", "near-duplicate", "no-caption",
+                      "long-caption", "negative", "synonyms", "size", "tag-variant"}
+    assert all(f.fix for f in report.findings)  # every finding says what to do
+    assert {p.name: p.read_bytes() for p in flawed.iterdir()} == before  # nothing changed on disk
+    text = report.summary()
+    assert "[warning]" in text and "fix:" in text and "tiny64.png" in text
+
+
+def test_a_clean_set_has_no_warnings_but_its_size(tmp_path):
+    for k in range(60):
+        picture(k, 256, 256).save(tmp_path / f"{k}.png")
+        (tmp_path / f"{k}.txt").write_text(f"mystyle, tone {k % 7}, a picture")
+    report = check_dataset(tmp_path, resolution=256)
+    assert report.findings == [] and report.images == 60
+    assert "no problems found" in report.summary()
+
+
+def test_unusable_folder_is_one_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("hi")
+    report = check_dataset(tmp_path)
+    assert report.has_errors and report.images == 0 and "no usable images" in report.findings[0].message
+
+
+def test_glossary_from_the_dataset_folder_and_a_file(tmp_path):
+    (tmp_path / "glossary.yaml").write_text("kitty: [cat, kitten]\n")
+    assert load_glossary(tmp_path)["kitty"] == ["cat", "kitten"] and "anime style" in load_glossary(tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(LoraTrainerError, match="bad.yaml"):
+        load_glossary(None, bad)
+    with pytest.raises(LoraTrainerError, match="does not exist"):
+        load_glossary(None, tmp_path / "missing.yaml")
+    for k in range(3):
+        picture(k).save(tmp_path / f"{k}.png")
+    write_csv(tmp_path, [["0.png", "a cat"], ["1.png", "a cat"], ["2.png", "a kitten"]])
+    report = check_dataset(tmp_path, resolution=64)
+    assert [f.files for f in report.by_check("synonyms")] == [["2.png"]]
+
+
+def test_phash_survives_resize_and_jpeg_but_tells_pictures_apart():
+    a = picture(1)
+    buf = io.BytesIO()
+    a.save(buf, "JPEG", quality=50)
+    copies = [a.resize((90, 90)), Image.open(buf), a.convert("L")]
+    assert all(int((phash(a) != phash(c)).sum()) <= 2 for c in copies)
+    hashes = np.array([phash(picture(k)) for k in range(40)])
+    assert near_pairs(hashes, 6) == []
+    assert near_pairs(np.array([phash(a), phash(copies[0]), phash(picture(2))]), 6)[0][:2] == (0, 1)
+
+
+def test_cli_check_prints_writes_json_and_sets_the_exit_code(flawed, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    assert main(["check", str(flawed), "--resolution", "128", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "tiny64.png" in printed and "near-duplicate" not in printed  # the summary speaks plainly
+    data = json.loads(out.read_text())
+    assert data["images"] == 18 and any(f["check"] == "negative" for f in data["findings"])
+    assert main(["check", str(flawed), "--resolution", "128", "--strict"]) == 1
+    capsys.readouterr()
+    assert main(["check", str(tmp_path / "nothing")]) == 1
+    assert "[error]" in capsys.readouterr().out
+    assert main(["check"]) == 2  # no folder and no config
