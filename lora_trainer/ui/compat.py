@@ -20,6 +20,11 @@ def gallery(label: str, elem_id: str, columns: int = 5, height: int | None = Non
     return gr.Gallery(label=label, elem_id=elem_id, show_label=True).style(grid=columns, height=height or "auto")
 
 
+def image(elem_id: str, height: int = 180) -> gr.Image:
+    """A read-only thumbnail."""
+    return gr.Image(type="pil", interactive=False, show_label=False, height=height, elem_id=elem_id)
+
+
 def group():
     """A visual group: gr.Box went away in gradio 4."""
     return gr.Group()

@@ -1,0 +1,106 @@
+"""The tab's dataset panel, event by event (the handlers the buttons call), in both gradio versions."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+gr = pytest.importorskip("gradio")
+
+from lora_trainer.ui import dataset_panel as panel  # noqa: E402
+from lora_trainer.ui.caption_grid import PER_PAGE  # noqa: E402
+
+BLANK = [""] * PER_PAGE
+
+
+def slots(out):
+    """(visible, label, caption, info) of each slot in a render."""
+    rest = out[4:]
+    return [(rest[k]["visible"], rest[k + 2].get("label"), rest[k + 2]["value"], rest[k + 3])
+            for k in range(0, len(rest), 4)]
+
+
+def captions_on_screen(out):
+    """What the browser sends back: the text of every slot textbox (hidden ones too)."""
+    return [caption for _, _, caption, _ in slots(out)]
+
+
+def visible_captions(out):
+    return [caption for visible, _, caption, _ in slots(out) if visible]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    for k in range(15):
+        Image.new("RGB", (32, 32), (10 * k, 50, 90)).save(tmp_path / f"img_{k:02d}.png")
+        if k % 5:
+            (tmp_path / f"img_{k:02d}.txt").write_text(f"**mystyle**, shape {k % 3}, soft light")
+    (tmp_path / "img_07.png").write_bytes(b"not a png")
+    return tmp_path
+
+
+def run(fn, state, captions, *args):
+    return panel._handler(fn)(state, *captions, *args)
+
+
+def test_load_page_edit_and_save(folder):
+    out = run(panel.load_captions, None, BLANK, str(folder), "trig, ")
+    state = out[0]
+    assert "loaded 15 images" in out[1] and "3 have no caption" in out[1]
+    assert "page 1/2" in out[2] and len(slots(out)) == PER_PAGE
+    first = slots(out)[1]
+    assert first[1] == "img_01.png" and first[2] == "**mystyle**, shape 1, soft light"
+    assert "trig, mystyle, shape 1, soft light" in first[3] and "core: mystyle" in first[3]
+    assert "tokens" in first[3]
+    broken = [s for s in slots(out) if s[1] and s[1].startswith("img_07.png")]
+    assert "cannot be read" in broken[0][1]
+
+    # edit a caption on page 1, go to page 2: the edit travels with the event
+    on_screen = captions_on_screen(out)
+    on_screen[0] = "a new caption for zero"
+    out = run(panel.turn_page(1), state, on_screen)
+    assert "page 2/2" in out[2] and "1 unsaved" in out[2]
+    assert sum(v for v, *_ in slots(out)) == 3  # 15 images: 12 + 3, the rest of the slots hidden
+    out = run(panel.save_captions, state, captions_on_screen(out))
+    assert "saved 1 captions" in out[1] and "img_00.txt" in out[1]
+    assert (folder / "img_00.txt").read_text() == "a new caption for zero\n"
+
+
+def test_batch_tools_filter_and_tag_table(folder):
+    state = run(panel.load_captions, None, BLANK, str(folder), "")[0]
+    out = run(panel.tag_tool("front"), state, captions_on_screen(panel.render(state)), "trig", "all images")
+    assert "changed 15 captions" in out[1]
+    out = run(panel.do_filter, state, captions_on_screen(out), "shape 1", "")
+    assert "4 images match" in out[1] and "page 1/1" in out[2] and "filtered" in out[2]
+    out = run(panel.do_replace, state, captions_on_screen(out), "soft", "hard", False, "the filtered images")
+    assert "changed 4 captions" in out[1]
+    assert all("hard light" in c for c in visible_captions(out))
+    out = run(panel.clear_filter, state, captions_on_screen(out))
+    assert sum("hard light" in c for c in visible_captions(out)) == 3  # only the filtered ones changed
+    out = run(panel.tag_tool("remove"), state, captions_on_screen(out), "mystyle", "all images")
+    assert "changed 12 captions" in out[1]
+    assert "<td>trig</td><td>15</td>" in out[3]  # the tag-frequency table
+    out = run(panel.do_replace, state, captions_on_screen(out), "(", "", True, "all images")
+    assert "not a valid regular expression" in out[1]  # errors become a status message
+
+
+def test_load_twice_to_discard_unsaved_edits(folder):
+    state = run(panel.load_captions, None, BLANK, str(folder), "")[0]
+    on_screen = captions_on_screen(panel.render(state))
+    on_screen[1] = "edited"
+    out = run(panel.load_captions, state, on_screen, str(folder), "")
+    assert "unsaved caption edits" in out[1] and out[0] is state
+    out = run(panel.load_captions, state, captions_on_screen(out), str(folder), "")
+    assert out[0] is not state and captions_on_screen(out)[1] == "**mystyle**, shape 1, soft light"
+
+
+def test_check_from_the_tab(folder):
+    out = panel._handler(panel.run_check, extra_outputs=1)(None, *BLANK, str(folder), 64, "")
+    assert "img_07.png" in out[0] and "fix:" in out[0] and "images have no caption" in out[0]
+    out = panel._handler(panel.run_check, extra_outputs=1)(None, *BLANK, "", 64, "")
+    assert len(out) == 1 + 4 + 4 * PER_PAGE and "dataset folder" in out[2]
+
+
+def test_actions_before_loading_say_what_to_do():
+    out = run(panel.save_captions, None, BLANK)
+    assert "load the captions first" in out[1]
