@@ -112,6 +112,24 @@ def cmd_check(args) -> int:
     return 0
 
 
+def cmd_label(args) -> int:
+    from lora_trainer.data.captioners import CAPTIONERS, make_captioner
+    from lora_trainer.data.label import check_template, label_dataset
+
+    check_template(args.template)  # before a model loads
+    kind, model = (args.model, None) if args.model in CAPTIONERS else (args.captioner, args.model)
+    if args.tags and kind != "clip-tags":
+        raise LoraTrainerError("--tags is a tag list for --captioner clip-tags")
+    result = label_dataset(args.input, captioner=lambda: make_captioner(kind, model, args.download,
+                                                                       tags_file=args.tags),
+                           output_csv=args.output, template=args.template, prefix=args.prefix,
+                           mode="overwrite" if args.overwrite else "only-missing", batch_size=args.batch_size)
+    print(result.summary())
+    for name, reason in result.skipped:
+        print(f"  skipped {name}: {reason}")
+    return 0
+
+
 def cmd_ui(args) -> int:
     try:
         import gradio  # noqa: F401
@@ -162,6 +180,21 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--max-files", type=int, default=5, help="files listed per finding")
     ck.add_argument("--strict", action="store_true", help="exit 1 on warnings too (for scripts)")
     ck.set_defaults(func=cmd_check)
+    lb = sub.add_parser("label", help="auto-caption a folder of images into metadata.csv (BLIP or CLIP tags)")
+    lb.add_argument("--input", "-i", required=True, help="the dataset folder")
+    lb.add_argument("--output", "-o", help="the captions CSV to write (default: metadata.csv in the folder)")
+    lb.add_argument("--captioner", choices=["blip", "clip-tags"], default="blip",
+                    help="blip: a sentence per image; clip-tags: a tag list (default blip)")
+    lb.add_argument("--model", help="blip | clip-tags | a model folder or hub id (default: the captioner's own)")
+    lb.add_argument("--template", default="{caption}", help='e.g. "**{caption}**, high quality, detailed"')
+    lb.add_argument("--prefix", default="", help='put before every new caption, e.g. "mytrigger, "')
+    mode = lb.add_mutually_exclusive_group()
+    mode.add_argument("--only-missing", action="store_true", help="caption only images without one (default)")
+    mode.add_argument("--overwrite", action="store_true", help="replace existing captions too")
+    lb.add_argument("--download", action="store_true", help="download the model if it is not cached (once)")
+    lb.add_argument("--tags", help="clip-tags: a text file with one tag a line (default: a built-in list)")
+    lb.add_argument("--batch-size", type=int, default=4)
+    lb.set_defaults(func=cmd_label)
     ui = sub.add_parser("ui", help="the Train LoRA tab as a standalone app on 127.0.0.1")
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     ui.add_argument("--port", type=int, default=7870)

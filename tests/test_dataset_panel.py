@@ -104,3 +104,41 @@ def test_check_from_the_tab(folder):
 def test_actions_before_loading_say_what_to_do():
     out = run(panel.save_captions, None, BLANK)
     assert "load the captions first" in out[1]
+
+
+class FakeHost:
+    name = "standalone"
+
+    def captioners(self):
+        return {"fake": "fake"}
+
+    def make_captioner(self, kind, model, download):
+        assert (kind, model, download) == ("fake", None, False)
+
+        class Captioner:
+            def caption(self, images):
+                return [f"seen {img.width}px" for img in images]
+
+        return Captioner()
+
+
+def test_auto_caption_from_the_tab_then_edit(folder):
+    steps = list(panel._stream(lambda *a: panel.auto_caption(FakeHost(), *a))(
+        None, *BLANK, str(folder), "fake", "", "**{caption}**, x", panel.MODES[0], False, ""))
+    final = steps[-1]
+    assert "captioned 3 images" in final[1] and "kept 12" in final[1]  # img_00, 05, 10 had none
+    state = final[0]
+    assert state.captions.items[0].caption == "**seen 32px**, x"
+    assert state.captions.view(0).core_tags == ("seen 32px",)
+    bad = list(panel._stream(lambda *a: panel.auto_caption(FakeHost(), *a))(
+        None, *BLANK, str(folder), "fake", "", "no placeholder", panel.MODES[0], False, ""))
+    assert "has no {caption}" in bad[-1][1]
+
+
+def test_the_tab_builds_with_the_panel(tmp_path):
+    from lora_trainer.ui.standalone_host import DiffusersHost
+    from lora_trainer.ui.tab import create_tab
+
+    with gr.Blocks():
+        tab = create_tab(DiffusersHost(lora_dir=tmp_path))
+    assert tab is not None

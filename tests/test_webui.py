@@ -179,3 +179,23 @@ def test_webui_interrogators_caption_under_the_queue_lock(webui):
         shared.interrogator.fail = False
     with pytest.raises(LoraTrainerError, match="webui-blip"):
         WebUIInterrogator("blip")
+
+
+def test_the_tab_offers_the_webui_interrogators_first(webui):
+    from lora_trainer.webui.captioners import QueueLocked, WebUIInterrogator
+
+    host = WebUIHost()
+    assert list(host.captioners())[:2] == ["webui-blip", "webui-deepbooru"]
+    assert {"blip", "clip-tags"} <= set(host.captioners())
+    assert isinstance(host.make_captioner("webui-deepbooru", None, False), WebUIInterrogator)
+
+    class Inner:
+        name = "inner"
+
+        def caption(self, images):
+            from modules import call_queue
+
+            assert call_queue.queue_lock.locked()  # ours run under the WebUI's queue too
+            return ["x"] * len(images)
+
+    assert QueueLocked(Inner()).caption([1, 2]) == ["x", "x"]

@@ -281,7 +281,7 @@ class CaptionSet:
             if first and len(first) > 1 and first[0].strip() not in entries:
                 header = first[:2]
         for item in self.items:
-            if self._format_for(item) == "csv":
+            if self._format_for(item) == "csv" and (item.csv_name or item.caption):
                 item.csv_name = item.csv_name or item.rel
                 rows[item.csv_name] = item.caption
         out = io.StringIO()

@@ -6,8 +6,10 @@ paging, filtering or a batch tool; nothing reaches the disk until Save (which ke
 
 from __future__ import annotations
 
+import functools
 import html
 import logging
+import threading
 
 import gradio as gr
 
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 P = "lora_trainer_"
 SCOPES = ["all images", "the filtered images"]
 MODES = ["only missing captions", "overwrite all captions"]
+POLL_S = 0.5
 
 
 def _msg(text: str, kind: str = "done") -> str:
@@ -144,17 +147,61 @@ def run_check(state, folder, res, prefix_text):
 
 
 def auto_caption(host, state, folder, kind, model_name, template_text, mode_value, allow_download, prefix_text):
-    from lora_trainer.data.label import label_dataset
+    """Caption the folder in a thread; yields the progress, then the reloaded grid."""
+    from lora_trainer.data.label import check_template, label_dataset
 
     if state is not None and state.captions.changed:
-        raise LoraTrainerError("save or discard the caption edits before auto-captioning")
+        raise LoraTrainerError("save the caption edits first (or press Load twice to drop them)")
     if not str(folder or "").strip():
         raise LoraTrainerError("choose the dataset folder first")
-    captioner = host.make_captioner(kind, (model_name or "").strip() or None, bool(allow_download))
-    result = label_dataset(str(folder).strip(), captioner=captioner, template=template_text or "{caption}",
-                           mode="overwrite" if mode_value == MODES[1] else "only-missing")
+    template_text = check_template(template_text or "{caption}")
+    progress, outcome = {"done": 0, "total": 0}, {}
+
+    def work():
+        try:
+            outcome["result"] = label_dataset(
+                str(folder).strip(), captioner=lambda: host.make_captioner(kind, (model_name or "").strip() or None,
+                                                                           bool(allow_download)),
+                template=template_text, mode="overwrite" if mode_value == MODES[1] else "only-missing",
+                progress=False, on_progress=lambda done, total: progress.update(done=done, total=total))
+        except Exception as e:  # noqa: BLE001 - shown in the tab
+            outcome["error"] = e
+
+    thread = threading.Thread(target=work, name="lora_trainer_caption", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(POLL_S)
+        text = (f"captioning: {progress['done']}/{progress['total']} images" if progress["total"]
+                else "loading the captioner…")
+        yield _status_only(text, "running")
+    if "error" in outcome:
+        e = outcome["error"]
+        if not isinstance(e, LoraTrainerError):
+            log.error("auto-captioning failed", exc_info=e)
+        yield render(state, f"auto-caption failed: {e}", "error")
+        return
     cs = CaptionSet.load(str(folder).strip(), prefix=prefix_text or "")
-    return render(GridState(cs), f"auto-caption: {result.summary() if hasattr(result, 'summary') else result}")
+    yield render(GridState(cs), f"auto-caption: {outcome['result'].summary()}")
+
+
+def _status_only(message: str, kind: str) -> list:
+    """An update of the status line alone (the grid stays as it is)."""
+    return [gr.update(), _msg(message, kind)] + [gr.update()] * (2 + 4 * PER_PAGE)
+
+
+def _stream(fn):
+    """_handler for a generator action."""
+
+    def run(state, *args):
+        captions, rest = args[:PER_PAGE], args[PER_PAGE:]
+        try:
+            if state is not None:
+                state.apply_edits(list(captions))
+            yield from fn(state, *rest)
+        except LoraTrainerError as e:
+            yield render(state, str(e), "error")
+
+    return run
 
 
 def create_dataset_panel(host, data_dir, prefix, resolution):
@@ -228,7 +275,7 @@ def create_dataset_panel(host, data_dir, prefix, resolution):
         button.click(_handler(fn), inputs=grid_in + captions + extra, outputs=outputs)
     check_btn.click(_handler(run_check, extra_outputs=1), inputs=grid_in + captions + [data_dir, resolution, prefix],
                     outputs=[check_out] + outputs)
-    label_btn.click(_handler(lambda *a: auto_caption(host, *a)), inputs=grid_in + captions + [data_dir, captioner, model, template, mode,
+    label_btn.click(_stream(functools.partial(auto_caption, host)), inputs=grid_in + captions + [data_dir, captioner, model, template, mode,
                                                                   download, prefix], outputs=outputs)
     for box in (has, has_not):
         box.submit(_handler(do_filter), inputs=grid_in + captions + [has, has_not], outputs=outputs)

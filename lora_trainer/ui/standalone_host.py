@@ -30,6 +30,17 @@ class DiffusersHost:
     def lock(self):
         return self._lock
 
+    def captioners(self) -> dict[str, str]:
+        """Auto-captioners the tab offers: name -> what it is."""
+        from lora_trainer.data.captioners import CAPTIONERS
+
+        return {name: name for name in CAPTIONERS}
+
+    def make_captioner(self, kind: str, model: str | None, download: bool):
+        from lora_trainer.data.captioners import make_captioner
+
+        return make_captioner(kind, model=model, download=download)
+
     def make_backend(self, cfg):
         from lora_trainer.engine.trainer import DTYPES, pick_device
         from lora_trainer.models.diffusers_backend import load_diffusers_backend

@@ -16,6 +16,7 @@ import gradio as gr
 from lora_trainer.config import Config, config_from_dict
 from lora_trainer.errors import LoraTrainerError
 from lora_trainer.ui import compat
+from lora_trainer.ui.dataset_panel import create_dataset_panel
 from lora_trainer.ui.session import TrainingSession, format_status
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,7 @@ def create_tab(host) -> gr.Blocks:
                 loss = gr.HTML(_loss_svg([]), elem_id=f"{PREFIX}loss")
                 samples = compat.gallery("Samples during training", f"{PREFIX}samples", columns=4)
                 lora_file = gr.Textbox(label="Trained LoRA", interactive=True, elem_id=f"{PREFIX}lora_file")
+        create_dataset_panel(host, data_dir, made["caption_prefix"], made["resolution"])
         with compat.group():
             with gr.Row():
                 sweep_prompt = gr.Textbox(label="Sweep prompt", elem_id=f"{PREFIX}sweep_prompt")

@@ -42,3 +42,16 @@ class WebUIInterrogator:
             return [deepbooru.model.tag_multi(img.convert("RGB"), force_disable_ranks=True) for img in images]
         finally:
             deepbooru.model.stop()
+
+
+class QueueLocked:
+    """One of our captioners, run under the WebUI's queue lock (the GPU is not shared with generation)."""
+
+    def __init__(self, inner):
+        self.inner, self.name = inner, getattr(inner, "name", type(inner).__name__)
+
+    def caption(self, images: list) -> list[str]:
+        from modules import call_queue
+
+        with call_queue.queue_lock:
+            return self.inner.caption(images)

@@ -95,6 +95,22 @@ class WebUIHost:
             finally:
                 shared.state.end()
 
+    # --- auto-captioning: the WebUI's own interrogators first (no download), then ours
+    def captioners(self) -> dict[str, str]:
+        from lora_trainer.data.captioners import CAPTIONERS
+        from lora_trainer.webui.captioners import KINDS
+
+        return {**KINDS, **{name: name for name in CAPTIONERS}}
+
+    def make_captioner(self, kind: str, model: str | None, download: bool):
+        from lora_trainer.webui.captioners import KINDS, QueueLocked, WebUIInterrogator
+
+        if kind in KINDS:
+            return WebUIInterrogator(kind)
+        from lora_trainer.data.captioners import make_captioner
+
+        return QueueLocked(make_captioner(kind, model=model, download=download))
+
     def make_backend(self, cfg) -> LdmBackend:
         from modules import devices, sd_hijack_checkpoint, shared
 

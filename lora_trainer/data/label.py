@@ -1,0 +1,119 @@
+"""Auto-captioning a dataset folder: ``python -m lora_trainer label`` and the tab's Caption button.
+
+Captions are written to metadata.csv through the caption set's save (atomic, the previous file backed
+up first). With ``only-missing`` (the default) every image that already has a caption, in
+metadata.csv or a ``.txt`` file, keeps it and the model is not even loaded when none is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lora_trainer.data.caption_set import CaptionSet
+from lora_trainer.data.captioners import make_captioner
+from lora_trainer.data.images import ImageError, load_image, strict_decoding
+from lora_trainer.errors import LoraTrainerError
+
+log = logging.getLogger(__name__)
+MODES = ("only-missing", "overwrite")
+
+
+@dataclass
+class LabelResult:
+    csv_path: Path
+    captioned: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+    backup: Path | None = None
+
+    def summary(self) -> str:
+        text = (f"captioned {len(self.captioned)} images, kept {len(self.kept)} existing captions, "
+                f"skipped {len(self.skipped)}")
+        if self.captioned:
+            text += f"; written to {self.csv_path}"
+        if self.backup:
+            text += f" (the previous captions are in {self.backup})"
+        return text
+
+
+def check_template(template: str) -> str:
+    """The template, if it is valid and holds {caption}; else a clear error."""
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        template.format(caption="x")
+    except (KeyError, IndexError, ValueError) as e:
+        raise LoraTrainerError(f"caption template {template!r} is not valid ({e}); write it like "
+                               "'**{caption}**, high quality' ({caption} is the model's text)") from None
+    if "caption" not in fields:
+        raise LoraTrainerError(f"caption template {template!r} has no {{caption}}: where should the model's "
+                               "text go? e.g. '**{caption}**, high quality'")
+    return template
+
+
+def label_dataset(input_dir, captioner="blip", output_csv=None, template: str = "{caption}", prefix: str = "",
+                  mode: str = "only-missing", batch_size: int = 4, progress: bool = True, on_progress=None,
+                  model: str | None = None, download: bool = False) -> LabelResult:
+    """Caption the images of ``input_dir``; ``captioner`` is a name (blip, clip-tags), a captioner object,
+    or a function that makes one (called only if some image needs a caption).
+
+    ``on_progress(done, total)`` is called after each batch (for a UI). Nothing is written if no image
+    was captioned.
+    """
+    check_template(template)
+    if mode not in MODES:
+        raise LoraTrainerError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if batch_size < 1:
+        raise LoraTrainerError(f"batch size must be at least 1, not {batch_size}")
+    root = Path(input_dir).expanduser()
+    csv_path = Path(output_csv).expanduser() if output_csv else root / "metadata.csv"
+    if not csv_path.parent.is_dir():
+        raise LoraTrainerError(f"output {csv_path}: its folder {csv_path.parent} does not exist")
+    captions = CaptionSet.load(root, metadata_path=csv_path if csv_path.is_file() else None)
+    captions.csv_path = csv_path.resolve()
+    result = LabelResult(captions.csv_path)
+    todo = []
+    for i, item in enumerate(captions.items):
+        (todo.append(i) if mode == "overwrite" or not item.caption.strip() else result.kept.append(item.rel))
+    if not todo:
+        log.info("every image already has a caption (mode only-missing): nothing to do")
+        return result
+    captioner = captioner() if callable(captioner) and not hasattr(captioner, "caption") else \
+        make_captioner(captioner, model=model, download=download)
+    log.info("captioning %d images with %s", len(todo), getattr(captioner, "name", captioner))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="captioning", unit="img")
+    try:
+        with strict_decoding():
+            for start in range(0, len(todo), batch_size):
+                batch, images = [], []
+                for i in todo[start:start + batch_size]:
+                    item = captions.items[i]
+                    try:
+                        images.append(load_image(item.path))
+                        batch.append(i)
+                    except ImageError as e:
+                        result.skipped.append((item.rel, e.reason))
+                        log.warning("skipped %s: %s", item.rel, e.reason)
+                for i, text in zip(batch, captioner.caption(images) if images else []):
+                    item = captions.items[i]
+                    captions.set_caption(i, prefix + template.format(caption=text.strip()))
+                    item.source = "csv"  # the output of this command is metadata.csv
+                    result.captioned.append(item.rel)
+                done = min(start + batch_size, len(todo))
+                if bar is not None:
+                    bar.update(done - bar.n)
+                if on_progress is not None:
+                    on_progress(done, len(todo))
+    finally:
+        if bar is not None:
+            bar.close()
+        if result.captioned:  # what was captioned before an interrupt is kept
+            result.backup = captions.save().backup
+    log.info("%s", result.summary())
+    return result

@@ -1,0 +1,186 @@
+"""Auto-captioning: template, prefix, only-missing/overwrite, CSV round trip, backups, tiny random models.
+
+The models are tiny and random, built here (no download): these tests check the plumbing, not caption
+quality.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from lora_trainer.cli import main
+from lora_trainer.data.caption_set import BACKUP_DIR
+from lora_trainer.data.captioners import ClipTagger, make_captioner
+from lora_trainer.data.captions import read_metadata_csv
+from lora_trainer.data.label import label_dataset
+from lora_trainer.errors import LoraTrainerError
+
+WORDS = "a red blue circle square photo of the on with light soft painting style cat dog".split()
+
+
+@pytest.fixture(scope="module")
+def tiny_blip(tmp_path_factory):
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    out = tmp_path_factory.mktemp("tiny_blip")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    text = dict(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=37, max_position_embeddings=64, bos_token_id=2, eos_token_id=3, sep_token_id=3,
+                pad_token_id=0)
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, image_size=32,
+                  patch_size=8)
+    torch.manual_seed(0)
+    BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=32)) \
+        .save_pretrained(out, safe_serialization=True)
+    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+                  tokenizer=BertTokenizer(str(out / "vocab.txt"))).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    from lora_trainer.models.single_file import SD15_CONFIG
+
+    out = tmp_path_factory.mktemp("tiny_clip")
+    tok = CLIPTokenizer.from_pretrained(SD15_CONFIG / "tokenizer")
+    text = dict(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=37, max_position_embeddings=77)
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, image_size=32,
+                  patch_size=8)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(
+        out, safe_serialization=True)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                  tokenizer=tok).save_pretrained(out)
+    return out
+
+
+class Fake:
+    """A captioner that says which image it saw (by its colour)."""
+
+    name = "fake"
+
+    def __init__(self):
+        self.seen = 0
+
+    def caption(self, images):
+        self.seen += len(images)
+        return [f"  color {img.getpixel((0, 0))[0]}  " for img in images]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "set"
+    root.mkdir()
+    for k in range(5):
+        Image.new("RGB", (40, 30), (k * 10, 0, 0)).save(root / f"img{k}.png")
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    (root / "img1.txt").write_text("from a sidecar")
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows([["filename", "prompt"], ["img0.png", 'kept, "quoted", caption'],
+                                                     ["gone.png", "a row we must keep"]])
+    (root / "metadata.csv").write_text(out.getvalue())
+    return root
+
+
+def rows(root):
+    entries, problems = read_metadata_csv(root / "metadata.csv")
+    assert not problems
+    return {name: e.caption for name, e in entries.items()}
+
+
+def test_only_missing_with_template_and_prefix(folder):
+    before = (folder / "metadata.csv").read_text()
+    fake = Fake()
+    result = label_dataset(folder, captioner=fake, template="**{caption}**, high quality", prefix="trig, ",
+                           progress=False)
+    assert sorted(result.captioned) == ["img2.png", "img3.png", "img4.png"]
+    assert sorted(result.kept) == ["img0.png", "img1.png"] and fake.seen == 3
+    assert [name for name, _ in result.skipped] == ["broken.jpg"]
+    got = rows(folder)
+    assert got["img2.png"] == "trig, **color 20**, high quality"
+    assert got["img0.png"] == 'kept, "quoted", caption' and got["gone.png"] == "a row we must keep"
+    assert "img1.png" not in got and (folder / "img1.txt").read_text() == "from a sidecar"  # untouched
+    assert (result.backup / "metadata.csv").read_text() == before
+    again = Fake()
+    assert label_dataset(folder, captioner=again, progress=False).captioned == [] and again.seen == 0
+
+
+def test_overwrite_replaces_every_caption(folder):
+    seen = []
+    result = label_dataset(folder, captioner=Fake(), mode="overwrite", progress=False,
+                           on_progress=lambda done, total: seen.append((done, total)), batch_size=2)
+    assert len(result.captioned) == 5 and seen[-1] == (6, 6)
+    got = rows(folder)
+    assert got["img0.png"] == "color 0" and got["img1.png"] == "color 10"  # csv now wins over the sidecar
+    assert (folder / "img1.txt").read_text() == "from a sidecar"
+
+
+def test_a_captioner_is_made_only_when_needed(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("done already")
+
+    def never():
+        raise AssertionError("no model should load when nothing is missing")
+
+    assert label_dataset(tmp_path, captioner=never, progress=False).kept == ["a.png"]
+    assert not (tmp_path / "metadata.csv").exists()
+
+
+@pytest.mark.parametrize("template, words", [("no placeholder", "has no {caption}"),
+                                             ("{caption} {oops}", "not valid"), ("{caption", "not valid")])
+def test_bad_templates_and_options_fail_first(folder, template, words):
+    with pytest.raises(LoraTrainerError, match=words):
+        label_dataset(folder, captioner=Fake(), template=template, progress=False)
+    with pytest.raises(LoraTrainerError, match="mode must be"):
+        label_dataset(folder, captioner=Fake(), mode="sometimes", progress=False)
+    with pytest.raises(LoraTrainerError, match="does not exist"):
+        label_dataset(folder, captioner=Fake(), output_csv=folder / "no" / "x.csv", progress=False)
+
+
+def test_missing_model_needs_download(tmp_path):
+    with pytest.raises(LoraTrainerError, match="not downloaded yet.*--download"):
+        make_captioner("blip", model="nobody/no-such-blip-model")
+    with pytest.raises(LoraTrainerError, match="about 990 MB"):
+        make_captioner("blip")  # the default model, not in this machine's cache
+    with pytest.raises(LoraTrainerError, match="cannot load a blip model from this folder"):
+        make_captioner("blip", model=str(tmp_path))
+    with pytest.raises(LoraTrainerError, match="unknown captioner 'wd14'.*blip, clip-tags"):
+        make_captioner("wd14")
+    fake = Fake()
+    assert make_captioner(fake) is fake  # a host's own captioner (the WebUI's interrogators) passes through
+
+
+def test_tiny_blip_captions_through_the_cli(folder, tiny_blip, capsys):
+    code = main(["label", "--input", str(folder), "--model", str(tiny_blip), "--template", "{caption}, x",
+                 "--prefix", "trig, ", "--overwrite", "--batch-size", "3"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "captioned 5 images" in out and "skipped broken.jpg" in out
+    got = rows(folder)
+    for k in range(5):
+        words = got[f"img{k}.png"].removeprefix("trig, ").removesuffix(", x").split()
+        assert words and set(words) <= set(WORDS)  # text the tiny model generated from its vocabulary
+    assert len(list((folder / BACKUP_DIR).iterdir())) == 1
+
+
+def test_tiny_clip_tags(folder, tiny_clip, tmp_path):
+    tags = tmp_path / "tags.txt"
+    tags.write_text("red\nblue  # a comment\n\ngreen\nred\n")
+    tagger = make_captioner("clip-tags", model=str(tiny_clip), tags_file=tags)
+    assert isinstance(tagger, ClipTagger) and tagger.tags == ["red", "blue", "green"]
+    tagger.top_k = 2
+    out = tagger.caption([Image.new("RGB", (50, 40), (200, 0, 0)), Image.new("RGB", (20, 20), (0, 0, 200))])
+    assert len(out) == 2 and all(len(c.split(", ")) == 2 and set(c.split(", ")) <= {"red", "blue", "green"}
+                                 for c in out)
+    assert main(["label", "--input", str(folder), "--captioner", "clip-tags", "--model", str(tiny_clip)]) == 0
+    assert len(rows(folder)) == 5  # img0 kept, img1 keeps its sidecar, three tagged, gone.png kept
+    assert main(["label", "--input", str(folder), "--tags", str(tags)]) == 2  # tags are for clip-tags
