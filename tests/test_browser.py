@@ -89,3 +89,50 @@ def test_train_and_sweep_in_the_browser(app, tmp_path):
             "browser_lora.safetensors")
         browser.close()
     assert (tmp_path / "Lora" / "browser_lora.safetensors").is_file()
+
+
+def test_uncaptioned_folder_to_checked_captioned_set_in_the_browser(app, tmp_path):
+    """Auto-caption (a tiny BLIP from a folder), edit one caption, save, check: all in the tab."""
+    import numpy as np
+    from PIL import Image
+    from tiny_captioners import build_tiny_blip
+
+    from lora_trainer.data.captions import read_metadata_csv
+
+    blip = build_tiny_blip(tmp_path / "blip")
+    data = tmp_path / "pics"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(5):
+        Image.fromarray((rng.random((8, 8, 3)) * 255).astype(np.uint8)).resize((96, 96)).save(data / f"p{k}.png")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1300, "height": 1400})
+        page.goto(app)
+        page.wait_for_selector("#lora_trainer_data_dir textarea", timeout=60_000)
+        page.fill("#lora_trainer_data_dir textarea", str(data))
+        page.click("#lora_trainer_dataset")
+        page.click("#lora_trainer_autocaption")
+        page.wait_for_selector("#lora_trainer_caption_model textarea, #lora_trainer_caption_model input")
+        page.fill("#lora_trainer_caption_model textarea, #lora_trainer_caption_model input", str(blip))
+        page.fill("#lora_trainer_caption_template textarea, #lora_trainer_caption_template input",
+                  "**{caption}**, mystyle")
+        page.click("#lora_trainer_label")
+        page.wait_for_function("document.querySelector('#lora_trainer_grid_status').innerText"
+                               ".includes('captioned 5 images')", timeout=120_000)
+        first = page.input_value("#lora_trainer_caption_0 textarea")
+        assert first.startswith("**") and first.endswith("**, mystyle")
+        assert "tokens" in page.inner_text("#lora_trainer_caption_info_0")
+        page.fill("#lora_trainer_caption_1 textarea", "mystyle, a picture, not blurry")
+        page.click("#lora_trainer_save_captions")
+        page.wait_for_function("document.querySelector('#lora_trainer_grid_status').innerText"
+                               ".includes('saved 1 captions')", timeout=30_000)
+        page.click("#lora_trainer_check")
+        page.wait_for_function("document.querySelector('#lora_trainer_check_report').innerText"
+                               ".includes('not blurry')", timeout=60_000)
+        report = page.inner_text("#lora_trainer_check_report")
+        browser.close()
+    assert "p1.png" in report and "only 5 images" in report
+    rows, _ = read_metadata_csv(data / "metadata.csv")
+    assert rows["p1.png"].caption == "mystyle, a picture, not blurry" and len(rows) == 5
+    assert rows["p0.png"].caption == first

@@ -10,8 +10,8 @@ import csv
 import io
 
 import pytest
-import torch
 from PIL import Image
+from tiny_captioners import WORDS, build_tiny_blip, build_tiny_clip
 
 from lora_trainer.cli import main
 from lora_trainer.data.caption_set import BACKUP_DIR
@@ -20,47 +20,16 @@ from lora_trainer.data.captions import read_metadata_csv
 from lora_trainer.data.label import label_dataset
 from lora_trainer.errors import LoraTrainerError
 
-WORDS = "a red blue circle square photo of the on with light soft painting style cat dog".split()
 
 
 @pytest.fixture(scope="module")
 def tiny_blip(tmp_path_factory):
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
-
-    out = tmp_path_factory.mktemp("tiny_blip")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
-    (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    text = dict(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                intermediate_size=37, max_position_embeddings=64, bos_token_id=2, eos_token_id=3, sep_token_id=3,
-                pad_token_id=0)
-    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, image_size=32,
-                  patch_size=8)
-    torch.manual_seed(0)
-    BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=32)) \
-        .save_pretrained(out, safe_serialization=True)
-    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
-                  tokenizer=BertTokenizer(str(out / "vocab.txt"))).save_pretrained(out)
-    return out
+    return build_tiny_blip(tmp_path_factory.mktemp("tiny_blip"))
 
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    from lora_trainer.models.single_file import SD15_CONFIG
-
-    out = tmp_path_factory.mktemp("tiny_clip")
-    tok = CLIPTokenizer.from_pretrained(SD15_CONFIG / "tokenizer")
-    text = dict(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                intermediate_size=37, max_position_embeddings=77)
-    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, image_size=32,
-                  patch_size=8)
-    torch.manual_seed(0)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(
-        out, safe_serialization=True)
-    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-                  tokenizer=tok).save_pretrained(out)
-    return out
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
 
 
 class Fake:
