@@ -124,7 +124,7 @@ def test_uncaptioned_folder_to_checked_captioned_set_in_the_browser(app, tmp_pat
         assert first.startswith("**") and first.endswith("**, mystyle")
         assert "tokens" in page.inner_text("#lora_trainer_caption_info_0")
         page.fill("#lora_trainer_caption_1 textarea", "mystyle, a picture, not blurry")
-        page.click("#lora_trainer_save_captions")
+        page.press("#lora_trainer_caption_1 textarea", "Control+s")  # javascript/lora_trainer.js: Save
         page.wait_for_function("document.querySelector('#lora_trainer_grid_status').innerText"
                                ".includes('saved 1 captions')", timeout=30_000)
         page.click("#lora_trainer_check")

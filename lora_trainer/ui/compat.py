@@ -25,6 +25,22 @@ def image(elem_id: str, height: int = 180) -> gr.Image:
     return gr.Image(type="pil", interactive=False, show_label=False, height=height, elem_id=elem_id)
 
 
+def page_assets(fn, css: str | None, js: str | None) -> dict:
+    """The app's CSS and key-binding script, for whichever of Blocks() / launch() takes them here.
+
+    gradio 3/4/5 take ``css`` (and 4/5 ``head``) in Blocks(); gradio 6 moved both to launch().
+    """
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    out = {}
+    if css and "css" in params:
+        out["css"] = css
+    if js and "head" in params:
+        out["head"] = f"<script>{js}</script>"
+    return out
+
+
 def group():
     """A visual group: gr.Box went away in gradio 4."""
     return gr.Group()
