@@ -82,6 +82,16 @@ def test_remove_tag_everywhere_markdown_aware(csv_set):
     assert cs.view(0).core_tags == ("core style",)
 
 
+def test_tools_on_multi_line_markdown(csv_set):
+    cs = CaptionSet.load(csv_set)
+    cs.set_caption(3, "# **Core look**\n- a circle, red\n- *soft light*")
+    before = cs.view(3).text
+    assert cs.add_tag("trig", indices=[3]) == 1
+    assert cs.items[3].caption == "trig, **Core look**, a circle, red, *soft light*"
+    assert cs.view(3).text == "trig, " + before and cs.view(3).core_tags == ("Core look",)
+    assert cs.remove_tag("red", indices=[3]) == 1 and "red" not in cs.view(3).text
+
+
 def test_filter_tag_table_and_sort(csv_set):
     cs = CaptionSet.load(csv_set)
     assert cs.filter(has="soft light") == [0, 1]

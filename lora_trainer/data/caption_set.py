@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_trainer.data.captions import read_metadata_csv, split_tags, strip_markdown
+from lora_trainer.data.captions import _LINE_MARKUP, read_metadata_csv, split_tags, strip_markdown
 from lora_trainer.data.dataset import find_dataset_files, pick_caption
 from lora_trainer.data.tokens import TOKEN_WINDOW, count_tokens
 from lora_trainer.errors import LoraTrainerError
@@ -70,7 +70,8 @@ def _split_parts(caption: str) -> list[str]:
     """Comma-separated parts, keeping a markdown span that holds commas (``**a, b**``) in one part."""
     parts: list[str] = []
     current = ""
-    for piece in caption.replace("\n", ",").split(","):
+    lines = (_LINE_MARKUP.sub("", line) for line in caption.splitlines())  # "# Title", "- tag": no markers
+    for piece in ",".join(lines).split(","):
         current = f"{current},{piece}" if current else piece
         if current.count("**") % 2 == 0 and current.replace("**", "").count("*") % 2 == 0:
             parts.append(current.strip())
