@@ -87,11 +87,13 @@ def _flatten(img: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
-def _open(path: Path) -> Image.Image:
+def _open(path: Path, draft: int | None = None) -> Image.Image:
     try:
         if path.stat().st_size == 0:
             raise ImageError("empty file")
         with Image.open(path) as img:
+            if draft:  # JPEG: decode at 1/2, 1/4 or 1/8 scale, still at least draft × draft
+                img.draft("RGB", (draft, draft))
             img.load()  # decode everything now: a truncated file fails here, not during training
             return img
     except ImageError:
@@ -110,10 +112,13 @@ def _open(path: Path) -> Image.Image:
         raise ImageError(f"truncated or corrupt: {e}") from None
 
 
-def load_image(path) -> Image.Image:
-    """Open, fully decode and normalise an image to RGB, or raise ImageError with the reason."""
+def load_image(path, draft: int | None = None) -> Image.Image:
+    """Open, fully decode and normalise an image to RGB, or raise ImageError with the reason.
+
+    ``draft``: a preview is enough; JPEGs may decode at a reduced scale (no smaller than draft px).
+    """
     path = Path(path)
-    img = _open(path)
+    img = _open(path, draft)
     if img.width == 0 or img.height == 0:
         raise ImageError("zero-size image")
     try:

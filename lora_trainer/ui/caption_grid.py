@@ -61,7 +61,7 @@ class Slot:
 
 def thumbnail(path) -> Image.Image | None:
     try:
-        img = load_image(path)
+        img = load_image(path, draft=THUMB_PX)
     except ImageError:
         return None
     img.thumbnail((THUMB_PX, THUMB_PX))
