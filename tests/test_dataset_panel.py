@@ -16,8 +16,8 @@ BLANK = [""] * PER_PAGE
 def slots(out):
     """(visible, label, caption, info) of each slot in a render."""
     rest = out[4:]
-    return [(rest[k]["visible"], rest[k + 2].get("label"), rest[k + 2]["value"], rest[k + 3])
-            for k in range(0, len(rest), 4)]
+    return [(rest[k + 1]["visible"], rest[k + 1].get("label"), rest[k + 1]["value"], rest[k + 2]["value"])
+            for k in range(0, len(rest), 3)]
 
 
 def captions_on_screen(out):
@@ -48,6 +48,7 @@ def test_load_page_edit_and_save(folder):
     state = out[0]
     assert "loaded 15 images" in out[1] and "3 have no caption" in out[1]
     assert "page 1/2" in out[2] and len(slots(out)) == PER_PAGE
+    assert out[4]["value"].size == (32, 32) and out[4]["visible"]  # the first slot's thumbnail
     first = slots(out)[1]
     assert first[1] == "img_01.png" and first[2] == "**mystyle**, shape 1, soft light"
     assert "trig, mystyle, shape 1, soft light" in first[3] and "core: mystyle" in first[3]
@@ -98,7 +99,7 @@ def test_check_from_the_tab(folder):
     out = panel._handler(panel.run_check, extra_outputs=1)(None, *BLANK, str(folder), 64, "")
     assert "img_07.png" in out[0] and "fix:" in out[0] and "images have no caption" in out[0]
     out = panel._handler(panel.run_check, extra_outputs=1)(None, *BLANK, "", 64, "")
-    assert len(out) == 1 + 4 + 4 * PER_PAGE and "dataset folder" in out[2]
+    assert len(out) == 1 + 4 + 3 * PER_PAGE and "dataset folder" in out[2]
 
 
 def test_actions_before_loading_say_what_to_do():

@@ -20,9 +20,9 @@ def gallery(label: str, elem_id: str, columns: int = 5, height: int | None = Non
     return gr.Gallery(label=label, elem_id=elem_id, show_label=True).style(grid=columns, height=height or "auto")
 
 
-def image(elem_id: str, height: int = 180) -> gr.Image:
+def image(elem_id: str, height: int = 180, visible: bool = True) -> gr.Image:
     """A read-only thumbnail."""
-    return gr.Image(type="pil", interactive=False, show_label=False, height=height, elem_id=elem_id)
+    return gr.Image(type="pil", interactive=False, show_label=False, height=height, elem_id=elem_id, visible=visible)
 
 
 def page_assets(fn, css: str | None, js: str | None) -> dict:

@@ -37,13 +37,20 @@ def _msg(text: str, kind: str = "done") -> str:
 
 
 def render(state: GridState | None, message: str = "", kind: str = "done") -> list:
-    """Values for [state, status, page label, tag table, then per slot: column, image, caption, info]."""
+    """Values for [state, status, page label, tag table, then per slot: image, caption, info].
+
+    An unused slot hides its parts but keeps its column, so a short last page keeps the grid's widths.
+    """
     status = _msg(message, kind) if message else ""
     if state is None:
-        return [None, status, "", tag_table_html([], 0)] + [gr.update(visible=False), None, gr.update(value=""), ""] * PER_PAGE
+        hidden = [gr.update(value=None, visible=False), gr.update(value="", visible=False),
+                  gr.update(value="", visible=False)]
+        return [None, status, "", tag_table_html([], 0)] + hidden * PER_PAGE
     out = [state, status, page_label(state), tag_table_html(state.captions.tag_table(), len(state.captions))]
     for slot in page_slots(state):
-        out += [gr.update(visible=slot.visible), slot.thumb, gr.update(value=slot.caption, label=slot.label), slot.info]
+        out += [gr.update(value=slot.thumb, visible=slot.visible),
+                gr.update(value=slot.caption, label=slot.label, visible=slot.visible),
+                gr.update(value=slot.info, visible=slot.visible)]
     return out
 
 
@@ -186,7 +193,7 @@ def auto_caption(host, state, folder, kind, model_name, template_text, mode_valu
 
 def _status_only(message: str, kind: str) -> list:
     """An update of the status line alone (the grid stays as it is)."""
-    return [gr.update(), _msg(message, kind)] + [gr.update()] * (2 + 4 * PER_PAGE)
+    return [gr.update(), _msg(message, kind)] + [gr.update()] * (2 + 3 * PER_PAGE)
 
 
 def _stream(fn):
@@ -252,11 +259,12 @@ def create_dataset_panel(host, data_dir, prefix, resolution):
         for row in range(PER_PAGE // 4):
             with gr.Row():
                 for k in range(row * 4, row * 4 + 4):
-                    with gr.Column(visible=False, min_width=160, elem_classes=[f"{P}slot"]) as col:
-                        img = compat.image(f"{P}thumb_{k}")
-                        cap = gr.Textbox(lines=3, max_lines=8, elem_id=f"{P}caption_{k}", show_label=True)
-                        info = gr.HTML(elem_id=f"{P}caption_info_{k}")
-                    slots += [col, img, cap, info]
+                    with gr.Column(min_width=160, elem_classes=[f"{P}slot"]):
+                        img = compat.image(f"{P}thumb_{k}", visible=False)
+                        cap = gr.Textbox(lines=3, max_lines=8, elem_id=f"{P}caption_{k}", show_label=True,
+                                         visible=False)
+                        info = gr.HTML(elem_id=f"{P}caption_info_{k}", visible=False)
+                    slots += [img, cap, info]
                     captions.append(cap)
         with gr.Accordion("Tag frequency", open=False, elem_id=f"{P}tag_freq"):
             table = gr.HTML(tag_table_html([], 0))
