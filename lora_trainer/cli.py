@@ -118,10 +118,10 @@ def cmd_label(args) -> int:
 
     check_template(args.template)  # before a model loads
     kind, model = (args.model, None) if args.model in CAPTIONERS else (args.captioner, args.model)
-    if args.tags and kind != "clip-tags":
-        raise LoraTrainerError("--tags is a tag list for --captioner clip-tags")
-    result = label_dataset(args.input, captioner=lambda: make_captioner(kind, model, args.download,
-                                                                       tags_file=args.tags),
+    tagger = {"tags_file": args.tags, "top_k": args.top_k, "threshold": args.threshold}
+    if kind != "clip-tags" and any(v is not None for v in tagger.values()):
+        raise LoraTrainerError("--tags, --top-k and --threshold are for --captioner clip-tags")
+    result = label_dataset(args.input, captioner=lambda: make_captioner(kind, model, args.download, **tagger),
                            output_csv=args.output, template=args.template, prefix=args.prefix,
                            mode="overwrite" if args.overwrite else "only-missing", batch_size=args.batch_size)
     print(result.summary())
@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--overwrite", action="store_true", help="replace existing captions too")
     lb.add_argument("--download", action="store_true", help="download the model if it is not cached (once)")
     lb.add_argument("--tags", help="clip-tags: a text file with one tag a line (default: a built-in list)")
+    lb.add_argument("--top-k", type=int, help="clip-tags: keep at most this many tags (default 6)")
+    lb.add_argument("--threshold", type=float, help="clip-tags: keep tags with CLIP similarity >= this "
+                    "(about 0.2-0.35; the best tag is always kept)")
     lb.add_argument("--batch-size", type=int, default=4)
     lb.set_defaults(func=cmd_label)
     ui = sub.add_parser("ui", help="the Train LoRA tab as a standalone app on 127.0.0.1")

@@ -9,17 +9,19 @@ from __future__ import annotations
 import csv
 import io
 
+import huggingface_hub
 import pytest
+from huggingface_hub import constants
+from huggingface_hub.errors import LocalEntryNotFoundError
 from PIL import Image
 from tiny_captioners import WORDS, build_tiny_blip, build_tiny_clip
 
 from lora_trainer.cli import main
 from lora_trainer.data.caption_set import BACKUP_DIR
-from lora_trainer.data.captioners import ClipTagger, make_captioner
+from lora_trainer.data.captioners import REVISIONS, ClipTagger, make_captioner
 from lora_trainer.data.captions import read_metadata_csv
 from lora_trainer.data.label import label_dataset
 from lora_trainer.errors import LoraTrainerError
-
 
 
 @pytest.fixture(scope="module")
@@ -115,17 +117,99 @@ def test_bad_templates_and_options_fail_first(folder, template, words):
         label_dataset(folder, captioner=Fake(), output_csv=folder / "no" / "x.csv", progress=False)
 
 
-def test_missing_model_needs_download(tmp_path):
+def test_missing_model_needs_download(tmp_path, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
     with pytest.raises(LoraTrainerError, match="not downloaded yet.*--download"):
         make_captioner("blip", model="nobody/no-such-blip-model")
-    with pytest.raises(LoraTrainerError, match="about 990 MB"):
-        make_captioner("blip")  # the default model, not in this machine's cache
+    with pytest.raises(LoraTrainerError, match="captioning-base is not downloaded yet .about 990 MB"):
+        make_captioner("blip")  # the default model
+    with pytest.raises(LoraTrainerError, match="clip-vit-base-patch32 is not downloaded yet .about 600 MB"):
+        make_captioner("clip-tags")
     with pytest.raises(LoraTrainerError, match="cannot load a blip model from this folder"):
         make_captioner("blip", model=str(tmp_path))
+    for path in ("./models/blip", str(tmp_path / "nope"), "~/no/such/blip"):
+        with pytest.raises(LoraTrainerError, match="model folder .* does not exist"):
+            make_captioner("blip", model=path)  # a folder, never looked up on the hub
     with pytest.raises(LoraTrainerError, match="unknown captioner 'wd14'.*blip, clip-tags"):
         make_captioner("wd14")
+    with pytest.raises(LoraTrainerError, match="--top-k: only for the clip-tags captioner"):
+        make_captioner("blip", top_k=3)
     fake = Fake()
     assert make_captioner(fake) is fake  # a host's own captioner (the WebUI's interrogators) passes through
+
+
+def _cache_entry(cache, repo, sha, files_from, ref="main", skip=()):
+    """A model in a Hugging Face cache laid out as a download leaves it."""
+    entry = cache / ("models--" + repo.replace("/", "--"))
+    snap = entry / "snapshots" / sha
+    snap.mkdir(parents=True)
+    for f in files_from.iterdir():
+        if f.name not in skip:
+            (snap / f.name).write_bytes(f.read_bytes())
+    if ref:
+        (entry / "refs").mkdir()
+        (entry / "refs" / ref).write_text(sha)
+    return snap
+
+
+def test_cached_models_load_offline(tmp_path, monkeypatch, tiny_blip, tiny_clip):
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    _cache_entry(cache, "someone/tiny-blip", "a" * 40, tiny_blip)
+    assert "someone/tiny-blip" in make_captioner("blip", model="someone/tiny-blip").name
+    # the default CLIP is read from its safetensors commit, not main (which holds pickled weights only)
+    _cache_entry(cache, "openai/clip-vit-base-patch32", REVISIONS["openai/clip-vit-base-patch32"], tiny_clip,
+                 ref=None)
+    assert isinstance(make_captioner("clip-tags"), ClipTagger)
+    _cache_entry(cache, "someone/half-blip", "b" * 40, tiny_blip, skip=("model.safetensors",))
+    with pytest.raises(LoraTrainerError, match="only partly in the Hugging Face cache.*--download"):
+        make_captioner("blip", model="someone/half-blip")
+
+
+def test_download_only_when_asked(tmp_path, monkeypatch, tiny_blip, caplog):
+    cache, calls = tmp_path / "hub", []
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+
+    def fake_snapshot_download(repo, revision=None, allow_patterns=None, local_files_only=False):
+        calls.append((repo, local_files_only, allow_patterns))
+        if local_files_only:
+            raise LocalEntryNotFoundError("not cached")
+        return str(_cache_entry(cache, repo, "c" * 40, tiny_blip))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    with pytest.raises(LoraTrainerError, match="not downloaded yet"):
+        make_captioner("blip")
+    assert [local for _, local, _ in calls] == [True]  # no download without --download
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(LoraTrainerError, match="HF_HUB_OFFLINE is set"):
+        make_captioner("blip", download=True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with caplog.at_level("INFO"):
+        make_captioner("blip", download=True)
+    assert "downloading the blip model Salesforce/blip-image-captioning-base (about 990 MB)" in caplog.text
+    repo, local, patterns = calls[-1]
+    assert not local and "model.safetensors" in patterns
+    assert not any(".bin" in p or ".h5" in p for p in patterns)  # only the safetensors weights are fetched
+
+
+def test_captioner_output_is_checked(folder):
+    class Empty(Fake):
+        def caption(self, images):
+            return ["  "] * len(images)
+
+    result = label_dataset(folder, captioner=Empty(), progress=False)
+    why = dict(result.skipped)
+    assert result.captioned == [] and sorted(why) == ["broken.jpg", "img2.png", "img3.png", "img4.png"]
+    assert why["img2.png"] == "the captioner returned no text" and not (folder / BACKUP_DIR).exists()
+
+    class Short(Fake):
+        def caption(self, images):
+            return ["one"]
+
+    with pytest.raises(LoraTrainerError, match="captioner fake returned 1 captions for 2 images"):
+        label_dataset(folder, captioner=Short(), progress=False, batch_size=3)
+    with pytest.raises(LoraTrainerError, match="input folder .*nope does not exist"):
+        label_dataset(folder / "nope", captioner=Fake(), progress=False)
 
 
 def test_tiny_blip_captions_through_the_cli(folder, tiny_blip, capsys):
@@ -147,9 +231,17 @@ def test_tiny_clip_tags(folder, tiny_clip, tmp_path):
     tagger = make_captioner("clip-tags", model=str(tiny_clip), tags_file=tags)
     assert isinstance(tagger, ClipTagger) and tagger.tags == ["red", "blue", "green"]
     tagger.top_k = 2
-    out = tagger.caption([Image.new("RGB", (50, 40), (200, 0, 0)), Image.new("RGB", (20, 20), (0, 0, 200))])
+    images = [Image.new("RGB", (50, 40), (200, 0, 0)), Image.new("RGB", (20, 20), (0, 0, 200))]
+    out = tagger.caption(images)
     assert len(out) == 2 and all(len(c.split(", ")) == 2 and set(c.split(", ")) <= {"red", "blue", "green"}
                                  for c in out)
+    tagger.threshold = 1.0  # no tag is that similar: the best one is still kept
+    assert [c.split(", ") for c in tagger.caption(images)] == [[c.split(", ")[0]] for c in out]
+    with pytest.raises(LoraTrainerError, match="threshold is a cosine similarity"):
+        make_captioner("clip-tags", model=str(tiny_clip), threshold=2.0)
     assert main(["label", "--input", str(folder), "--captioner", "clip-tags", "--model", str(tiny_clip)]) == 0
     assert len(rows(folder)) == 5  # img0 kept, img1 keeps its sidecar, three tagged, gone.png kept
     assert main(["label", "--input", str(folder), "--tags", str(tags)]) == 2  # tags are for clip-tags
+    assert main(["label", "--input", str(folder), "--captioner", "clip-tags", "--model", str(tiny_clip),
+                 "--overwrite", "--top-k", "3", "--threshold", "-1"]) == 0
+    assert all(len(c.split(", ")) == 3 for c in rows(folder).values() if c != "a row we must keep")

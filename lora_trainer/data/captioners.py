@@ -2,13 +2,14 @@
 
 - ``blip``: a sentence per image ("a red circle on a white background").
 - ``clip-tags``: CLIP scores each image against a tag vocabulary (built in, or a file with one tag a
-  line) and keeps the best tags: a tag list, the other common caption style. (WD14-style ONNX taggers
-  need onnxruntime, which neither the WebUI nor we install; inside the WebUI its DeepBooru tagger is
-  offered instead.)
+  line) and keeps the best tags: the tag-list captioner, the other common caption style. (WD14-style
+  ONNX taggers need onnxruntime, which neither the WebUI nor we install; inside the WebUI its DeepBooru
+  tagger is offered instead.)
 
-Models load from the local Hugging Face cache or a folder, never from the network, unless the user
-asks for the download (``--download`` / the tab's checkbox); then the log says what and how large.
-Weights are read from safetensors only.
+Models load from a folder or from the local Hugging Face cache, never from the network, unless the user
+asks for the download (``--download`` / the tab's checkbox); then the log says what and how large, and
+only the config, tokenizer and safetensors files are fetched. Weights are read from safetensors only
+(openai/clip-vit-base-patch32 keeps them in its conversion commit, pinned in REVISIONS).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ BUILTIN_TAGS = [
     "geometric shapes", "a circle", "a square", "text", "minimalist", "intricate details", "texture",
     "red", "blue", "green", "yellow", "purple", "orange", "pink", "brown", "gold", "silver",
 ]
+# Hub ids whose main branch has pickled weights only: the commit of their safetensors conversion.
+REVISIONS = {"openai/clip-vit-base-patch32": "c237dc49a33fc61debc9276459120b7eac67e7ef"}
+MODEL_FILES = ["*.json", "*.txt", "model.safetensors", "model-*-of-*.safetensors"]  # what a download fetches
 
 
 class Captioner(Protocol):
@@ -51,27 +55,70 @@ def _device(device: str | None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _from_pretrained(cls, model: str, kind: str, download: bool, **kwargs):
-    """Load from a folder or the local cache; from the hub only when ``download`` is set."""
-    from transformers import PreTrainedModel
+def _looks_like_path(model: str) -> bool:
+    """``./models/blip``, ``/abs``, ``~/x``, ``C:\\x``, ``a/b/c``: a folder, never a hub id (``org/name``)."""
+    return (model.startswith((".", "/", "~", "\\")) or "\\" in model or model.count("/") > 1
+            or model[1:2] == ":")
 
-    extra = {"use_safetensors": True} if issubclass(cls, PreTrainedModel) else {}  # never unpickle weights
+
+def _complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def resolve_model(kind: str, model: str | None = None, download: bool = False) -> Path:
+    """The local folder that holds ``model``: the folder given, or its snapshot in the Hugging Face cache.
+
+    Hub models are looked up in the cache only; the network is used only when ``download`` is set, and
+    then only the config, tokenizer and safetensors files are fetched (not the repo's .bin/.h5 copies).
+    """
+    model = model or DEFAULTS[kind][0]
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or _looks_like_path(model):
+        what = "is a file, not a model folder" if path.exists() else "does not exist"
+        raise LoraTrainerError(f"{kind} model folder {path} {what}")
+    from huggingface_hub import constants, snapshot_download
+
+    default = model == DEFAULTS[kind][0]
+    size = DEFAULTS[kind][1] if default else "size: see the model's page"
+    revision = REVISIONS.get(model)
     try:
-        return cls.from_pretrained(model, local_files_only=True, **extra, **kwargs)
-    except (OSError, ValueError) as e:
-        if Path(model).exists():
-            raise LoraTrainerError(f"{model}: cannot load a {kind} model from this folder ({e})") from None
-        if not download:
-            size = DEFAULTS[kind][1] if model == DEFAULTS[kind][0] else "size unknown"
-            raise LoraTrainerError(
-                f"the {kind} model {model} is not downloaded yet ({size}); run again with --download (in the "
-                "tab: tick 'Download the model') to fetch it once into the Hugging Face cache") from None
-    log.info("downloading %s (%s) into the Hugging Face cache; later runs use it offline", model,
-             DEFAULTS[kind][1] if model == DEFAULTS[kind][0] else "size unknown")
+        folder = Path(snapshot_download(model, revision=revision, allow_patterns=MODEL_FILES,
+                                        local_files_only=True))
+    except (OSError, ValueError):  # not in the cache, or not a valid hub id
+        folder = None
+    if folder is not None and _complete(folder):
+        return folder
+    if not download:
+        state = "is not downloaded yet" if folder is None else "is only partly in the Hugging Face cache"
+        raise LoraTrainerError(
+            f"the {kind} model {model} {state} ({size}); run again with --download (in the tab: tick "
+            "'Download the model') to fetch it once into the Hugging Face cache; later runs need no network"
+            + ("" if default or folder else f" (if {model} is meant as a folder: there is no such folder)"))
+    if constants.HF_HUB_OFFLINE:
+        raise LoraTrainerError(f"cannot download {model}: HF_HUB_OFFLINE is set; unset it for this run")
+    log.info("downloading the %s model %s (%s) into the Hugging Face cache; later runs use it offline",
+             kind, model, size)
     try:
-        return cls.from_pretrained(model, local_files_only=False, **extra, **kwargs)
+        folder = Path(snapshot_download(model, revision=revision, allow_patterns=MODEL_FILES))
     except (OSError, ValueError) as e:
         raise LoraTrainerError(f"could not download {model}: {e}") from None
+    if not _complete(folder):
+        raise LoraTrainerError(f"{model} has no config.json and .safetensors weights (pickled .bin "
+                               "weights are never loaded); pick another model, or a folder with model.safetensors")
+    return folder
+
+
+def _load(cls, folder: Path, kind: str):
+    """``cls.from_pretrained`` on a local folder: no network, safetensors weights only (never unpickled)."""
+    from transformers import PreTrainedModel
+
+    extra = {"use_safetensors": True} if issubclass(cls, PreTrainedModel) else {}
+    try:
+        return cls.from_pretrained(str(folder), local_files_only=True, **extra)
+    except (OSError, ValueError) as e:
+        raise LoraTrainerError(f"{folder}: cannot load a {kind} model from this folder ({e})") from None
 
 
 class BlipCaptioner:
@@ -84,8 +131,9 @@ class BlipCaptioner:
         model = model or DEFAULTS["blip"][0]
         self.name, self.device, self.max_new_tokens = f"blip ({model})", _device(device), max_new_tokens
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        self.processor = _from_pretrained(BlipProcessor, model, "blip", download)
-        self.model = _from_pretrained(BlipForConditionalGeneration, model, "blip", download)
+        folder = resolve_model("blip", model, download)
+        self.processor = _load(BlipProcessor, folder, "blip")
+        self.model = _load(BlipForConditionalGeneration, folder, "blip")
         self.model.to(self.device, self.dtype).eval()
 
     @torch.no_grad()
@@ -108,47 +156,68 @@ def read_tags(path) -> list[str]:
 
 
 class ClipTagger:
-    """CLIP interrogation: the ``top_k`` tags of a vocabulary that match an image best."""
+    """CLIP interrogation: the tags of a vocabulary that match an image best.
+
+    Keeps the ``top_k`` best tags, and of those only the ones whose cosine similarity to the image is at
+    least ``threshold`` (CLIP ViT-B/32 gives roughly 0.2-0.35 for a good match); the best tag is always kept,
+    so no image gets an empty caption.
+    """
 
     def __init__(self, model: str | None = None, device: str | None = None, download: bool = False,
-                 tags: list[str] | None = None, top_k: int = 6):
+                 tags: list[str] | None = None, top_k: int = 6, threshold: float | None = None):
         from transformers import CLIPModel, CLIPProcessor
 
         model = model or DEFAULTS["clip-tags"][0]
         if top_k < 1:
             raise LoraTrainerError(f"clip-tags: top_k must be at least 1, not {top_k}")
-        self.name, self.device, self.top_k = f"clip-tags ({model})", _device(device), top_k
+        if threshold is not None and not -1.0 <= threshold <= 1.0:
+            raise LoraTrainerError(f"clip-tags: threshold is a cosine similarity in [-1, 1], not {threshold}")
+        self.name, self.device = f"clip-tags ({model})", _device(device)
+        self.top_k, self.threshold = top_k, threshold
         self.tags = list(tags or BUILTIN_TAGS)
-        self.processor = _from_pretrained(CLIPProcessor, model, "clip-tags", download)
-        self.model = _from_pretrained(CLIPModel, model, "clip-tags", download).to(self.device).eval()
+        folder = resolve_model("clip-tags", model, download)
+        self.processor = _load(CLIPProcessor, folder, "clip-tags")
+        self.model = _load(CLIPModel, folder, "clip-tags").to(self.device).eval()
         with torch.no_grad():
-            text = self.processor(text=[f"a picture of {t}" for t in self.tags], return_tensors="pt", padding=True)
+            text = self.processor(text=[f"a picture of {t}" for t in self.tags], return_tensors="pt",
+                                  padding=True)
             self._text = self._unit(self.model.get_text_features(**text.to(self.device)))
 
     @staticmethod
     def _unit(x) -> torch.Tensor:
-        x = x if isinstance(x, torch.Tensor) else x.pooler_output  # transformers 5 may return an output object
+        x = x if isinstance(x, torch.Tensor) else x.pooler_output  # transformers 5 may return an output
         return x / x.norm(dim=-1, keepdim=True)
 
     @torch.no_grad()
     def caption(self, images: list) -> list[str]:
-        pixels = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+        rgb = [im.convert("RGB") for im in images]
+        pixels = self.processor(images=rgb, return_tensors="pt")["pixel_values"]
         scores = self._unit(self.model.get_image_features(pixel_values=pixels.to(self.device))) @ self._text.T
-        best = scores.topk(min(self.top_k, len(self.tags)), dim=-1).indices
-        return [", ".join(self.tags[i] for i in row.tolist()) for row in best]
+        best = scores.topk(min(self.top_k, len(self.tags)), dim=-1)
+        out = []
+        for values, indices in zip(best.values.tolist(), best.indices.tolist()):
+            keep = [i for rank, (v, i) in enumerate(zip(values, indices))
+                    if rank == 0 or self.threshold is None or v >= self.threshold]
+            out.append(", ".join(self.tags[i] for i in keep))
+        return out
 
 
 CAPTIONERS = {"blip": BlipCaptioner, "clip-tags": ClipTagger}
 
 
 def make_captioner(kind="blip", model: str | None = None, download: bool = False, device: str | None = None,
-                   tags_file=None) -> Captioner:
-    """A captioner by name (``blip``, ``clip-tags``), or ``kind`` itself if it already is one."""
+                   tags_file=None, top_k: int | None = None, threshold: float | None = None) -> Captioner:
+    """A captioner by name (``blip``, ``clip-tags``), or ``kind`` itself if it already is one (e.g. the
+    WebUI's interrogators, lora_trainer.webui.captioners)."""
     if hasattr(kind, "caption"):
         return kind
     if kind not in CAPTIONERS:
         raise LoraTrainerError(f"unknown captioner {kind!r}; choose one of: {', '.join(CAPTIONERS)}")
-    if tags_file and kind != "clip-tags":
-        raise LoraTrainerError("a tag list (--tags) is for the clip-tags captioner")
-    kwargs = {"tags": read_tags(tags_file)} if tags_file else {}
-    return CAPTIONERS[kind](model, device=device, download=download, **kwargs)
+    given = {"tags": tags_file, "top_k": top_k, "threshold": threshold}
+    options = {k: v for k, v in given.items() if v is not None}
+    if options and kind != "clip-tags":
+        flags = ", ".join("--" + k.replace("_", "-") for k in options)
+        raise LoraTrainerError(f"{flags}: only for the clip-tags captioner, not {kind}")
+    if tags_file:
+        options["tags"] = read_tags(tags_file)
+    return CAPTIONERS[kind](model, device=device, download=download, **options)

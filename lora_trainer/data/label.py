@@ -68,6 +68,9 @@ def label_dataset(input_dir, captioner="blip", output_csv=None, template: str = 
     if batch_size < 1:
         raise LoraTrainerError(f"batch size must be at least 1, not {batch_size}")
     root = Path(input_dir).expanduser()
+    if not root.is_dir():
+        raise LoraTrainerError(f"input folder {root} " + ("is a file, not a folder" if root.exists()
+                                                           else "does not exist"))
     csv_path = Path(output_csv).expanduser() if output_csv else root / "metadata.csv"
     if not csv_path.parent.is_dir():
         raise LoraTrainerError(f"output {csv_path}: its folder {csv_path.parent} does not exist")
@@ -100,9 +103,18 @@ def label_dataset(input_dir, captioner="blip", output_csv=None, template: str = 
                     except ImageError as e:
                         result.skipped.append((item.rel, e.reason))
                         log.warning("skipped %s: %s", item.rel, e.reason)
-                for i, text in zip(batch, captioner.caption(images) if images else []):
+                texts = list(captioner.caption(images)) if images else []
+                if len(texts) != len(images):
+                    raise LoraTrainerError(f"captioner {getattr(captioner, 'name', captioner)} returned "
+                                           f"{len(texts)} captions for {len(images)} images")
+                for i, text in zip(batch, texts):
                     item = captions.items[i]
-                    captions.set_caption(i, prefix + template.format(caption=text.strip()))
+                    text = " ".join(str(text or "").split())
+                    if not text:
+                        result.skipped.append((item.rel, "the captioner returned no text"))
+                        log.warning("skipped %s: the captioner returned no text", item.rel)
+                        continue
+                    captions.set_caption(i, prefix + template.format(caption=text))
                     item.source = "csv"  # the output of this command is metadata.csv
                     result.captioned.append(item.rel)
                 done = min(start + batch_size, len(todo))
