@@ -49,16 +49,22 @@ def app(tmp_path):
     proc.wait(10)
 
 
+def open_tab(p, url: str, data, height: int):
+    """A headless browser on the app, the dataset folder filled in."""
+    browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+    page = browser.new_page(viewport={"width": 1300, "height": height})
+    page.goto(url)
+    page.wait_for_selector("#lora_trainer_data_dir textarea", timeout=60_000)
+    page.fill("#lora_trainer_data_dir textarea", str(data))
+    return browser, page
+
+
 def test_train_and_sweep_in_the_browser(app, tmp_path):
     from lora_trainer.data.demo_set import make_demo_dataset
 
     data = make_demo_dataset(tmp_path / "data", n=4, resolution=64)
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1300, "height": 1100})
-        page.goto(app)
-        page.wait_for_selector("#lora_trainer_data_dir textarea", timeout=60_000)
-        page.fill("#lora_trainer_data_dir textarea", str(data))
+        browser, page = open_tab(p, app, data, height=1100)
         page.fill("#lora_trainer_name textarea, #lora_trainer_name input", "browser_lora")
         page.click("#lora_trainer_advanced")
         page.wait_for_selector("#lora_trainer_resolution input")
@@ -106,11 +112,7 @@ def test_uncaptioned_folder_to_checked_captioned_set_in_the_browser(app, tmp_pat
     for k in range(5):
         Image.fromarray((rng.random((8, 8, 3)) * 255).astype(np.uint8)).resize((96, 96)).save(data / f"p{k}.png")
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1300, "height": 1400})
-        page.goto(app)
-        page.wait_for_selector("#lora_trainer_data_dir textarea", timeout=60_000)
-        page.fill("#lora_trainer_data_dir textarea", str(data))
+        browser, page = open_tab(p, app, data, height=1400)
         page.click("#lora_trainer_dataset")
         page.click("#lora_trainer_autocaption")
         page.wait_for_selector("#lora_trainer_caption_model textarea, #lora_trainer_caption_model input")
