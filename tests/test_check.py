@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from lora_trainer.cli import main
-from lora_trainer.data.check import check_dataset, load_glossary
+from lora_trainer.data.check import check_dataset, check_scan, load_glossary
+from lora_trainer.data.dataset import scan_dataset
 from lora_trainer.data.phash import near_pairs, phash
 from lora_trainer.errors import LoraTrainerError
 
@@ -92,6 +93,8 @@ def test_every_check_finds_its_files(flawed):
                       "long-caption", "negative", "synonyms", "size", "tag-variant"}
     assert all(f.fix for f in report.findings)  # every finding says what to do
     assert {p.name: p.read_bytes() for p in flawed.iterdir()} == before  # nothing changed on disk
+    # the same report from a plain scan (images decoded again) as from the scan that inspected them
+    assert check_scan(scan_dataset(flawed), resolution=128).to_dict() == report.to_dict()
     text = report.summary()
     assert "[warning]" in text and "fix:" in text and "tiny64.png" in text
 

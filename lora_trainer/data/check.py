@@ -116,13 +116,16 @@ class _ImageInfo:
     error: str = ""
 
 
+def image_facts(path: Path, img) -> _ImageInfo:
+    """Size, perceptual hash and file digest of a decoded image (``scan_dataset(inspect=image_facts)``)."""
+    return _ImageInfo(img.size, phash(img), hashlib.sha256(path.read_bytes()).hexdigest())
+
+
 def _inspect(path: Path) -> _ImageInfo:
     try:
-        img = load_image(path)
+        return image_facts(path, load_image(path))
     except ImageError as e:  # changed since the scan
         return _ImageInfo(error=e.reason)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return _ImageInfo(img.size, phash(img), digest)
 
 
 def _rel(scan: DatasetScan, path: Path) -> str:
@@ -262,7 +265,10 @@ def _size(n: int) -> list[Finding]:
 
 def check_scan(scan: DatasetScan, resolution: int = 512, caption_prefix: str = "", glossary=None,
                progress: bool = False) -> CheckReport:
-    """Check the images and captions of a scan (the trainer's own view of the set)."""
+    """Check the images and captions of a scan (the trainer's own view of the set).
+
+    Images are decoded again only if the scan was made without ``inspect=image_facts``.
+    """
     report = CheckReport(str(scan.root), len(scan.samples))
     for skipped in scan.skipped:
         report.findings.append(Finding("unreadable", "warning", f"skipped: {skipped.reason}", [skipped.path],
@@ -271,14 +277,17 @@ def check_scan(scan: DatasetScan, resolution: int = 512, caption_prefix: str = "
         report.findings.append(Finding("csv", "warning", f"{len(scan.problems)} caption file problems: "
                                        + "; ".join(scan.problems[:3]), [], "fix the lines named"))
     names = [_rel(scan, s.path) for s in scan.samples]
-    paths = [s.path for s in scan.samples]
-    with strict_decoding(), ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        results = pool.map(_inspect, paths)
-        if progress:
-            from tqdm.auto import tqdm
+    infos = [scan.facts.get(s.path) for s in scan.samples]
+    todo = [k for k, info in enumerate(infos) if info is None]  # a scan made without inspect=image_facts
+    if todo:
+        with strict_decoding(), ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+            results = pool.map(_inspect, [scan.samples[k].path for k in todo])
+            if progress:
+                from tqdm.auto import tqdm
 
-            results = tqdm(results, total=len(paths), desc="checking images", unit="img")
-        infos = list(results)
+                results = tqdm(results, total=len(todo), desc="checking images", unit="img")
+            for k, info in zip(todo, results):
+                infos[k] = info
     for name, info in zip(names, infos):
         if info.error:
             report.findings.append(Finding("unreadable", "warning", f"skipped: {info.error}", [name],
@@ -296,7 +305,8 @@ def check_dataset(root, resolution: int = 512, metadata_path=None, caption_exten
     """Scan and check a dataset folder; a folder the trainer cannot use at all is one error finding."""
     glossary = load_glossary(Path(root).expanduser().resolve(), glossary_path)
     try:
-        scan = scan_dataset(root, metadata_path, caption_extension, caption_priority, caption_prefix, recursive)
+        scan = scan_dataset(root, metadata_path, caption_extension, caption_priority, caption_prefix, recursive,
+                            inspect=image_facts)
     except DatasetError as e:
         return CheckReport(str(root), 0, [Finding("unusable", "error", str(e), [],
                                                   "point it at a folder of .jpg/.png/.webp images")])

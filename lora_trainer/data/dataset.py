@@ -58,6 +58,7 @@ class DatasetScan:
     problems: list[str] = field(default_factory=list)  # metadata.csv / caption file warnings
     csv_name: str = "metadata.csv"
     caption_extension: str = ".txt"
+    facts: dict[Path, object] = field(default_factory=dict)  # image path -> what scan_dataset's inspect made
 
     def tag_frequency(self) -> dict[str, int]:
         return tag_frequency(s.caption for s in self.samples)
@@ -120,15 +121,15 @@ def _did_you_mean(rel: str, images: dict[str, Path]) -> str:
     return f" (did you mean {near[0]}?)" if near else ""
 
 
-def _check(root: Path, path: Path) -> str | None:
-    """Why the image cannot be used, or None."""
+def _check(root: Path, path: Path, inspect=None) -> tuple[str | None, object]:
+    """(why the image cannot be used or None, what ``inspect(path, image)`` made of the decoded image)."""
     if not _inside(root, path):
-        return "escapes the dataset folder (a link to a file outside it)"
+        return "escapes the dataset folder (a link to a file outside it)", None
     try:
-        load_image(path)
+        img = load_image(path)
     except ImageError as e:
-        return e.reason
-    return None
+        return e.reason, None
+    return None, inspect(path, img) if inspect else None
 
 
 def _read_sidecar(path: Path, problems: list[str]) -> str | None:
@@ -209,8 +210,12 @@ def pick_caption(files: DatasetFiles, rel: str, caption_priority: str = "csv",
 
 
 def scan_dataset(root, metadata_path=None, caption_extension: str = ".txt", caption_priority: str = "csv",
-                 caption_prefix: str = "", recursive: bool = False) -> DatasetScan:
-    """Find the images, check each one opens, attach captions; raise DatasetError if none is usable."""
+                 caption_prefix: str = "", recursive: bool = False, inspect=None) -> DatasetScan:
+    """Find the images, check each one opens, attach captions; raise DatasetError if none is usable.
+
+    ``inspect(path, image)``, if given, sees every usable image while it is decoded anyway (the dataset
+    check's sizes and hashes); its results are in ``scan.facts``.
+    """
     if caption_priority not in ("csv", "txt"):
         raise ValueError(f"caption_priority must be 'csv' or 'txt', not {caption_priority!r}")
     files = find_dataset_files(root, metadata_path, caption_extension, recursive)
@@ -224,11 +229,13 @@ def scan_dataset(root, metadata_path=None, caption_extension: str = ".txt", capt
 
     order = sorted(candidates)
     with strict_decoding(), ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # decoding frees the GIL
-        reasons = list(pool.map(lambda rel: _check(root, candidates[rel]), order))
-    for rel, reason in zip(order, reasons):
+        checked = list(pool.map(lambda rel: _check(root, candidates[rel], inspect), order))
+    for rel, (reason, fact) in zip(order, checked):
         if reason:
             skip(rel, reason)
             continue
+        if inspect:
+            scan.facts[candidates[rel]] = fact
         source, raw = pick_caption(files, rel, caption_priority)
         text, core = strip_markdown(raw)
         scan.samples.append(Sample(candidates[rel], caption_prefix + text, tuple(core), source))

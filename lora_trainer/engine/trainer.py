@@ -24,7 +24,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 
 from lora_trainer.config import Config, resolve_mixed_precision, save_config, validate_paths
-from lora_trainer.data.check import check_scan
+from lora_trainer.data.check import check_scan, image_facts
 from lora_trainer.data.dataset import ImageDataset, collate, scan_dataset
 from lora_trainer.engine import checkpoint as ckpt
 from lora_trainer.engine.cache import EncodedCache
@@ -134,7 +134,8 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
     validate_paths(cfg, check_base_model=backend is None)
     check_optimizer(t.optimizer)
     scan = scan_dataset(d.train_data_dir, metadata_path=d.metadata_path, caption_extension=d.caption_extension,
-                        caption_priority=d.caption_priority, caption_prefix=d.caption_prefix, recursive=d.recursive)
+                        caption_priority=d.caption_priority, caption_prefix=d.caption_prefix, recursive=d.recursive,
+                        inspect=image_facts)
     log.info(scan.summary())
     log.info(check_scan(scan, d.resolution, d.caption_prefix, progress=progress).summary())
     plan = Plan.from_config(cfg, len(scan.samples))
