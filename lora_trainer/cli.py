@@ -113,14 +113,12 @@ def cmd_check(args) -> int:
 
 
 def cmd_label(args) -> int:
-    from lora_trainer.data.captioners import CAPTIONERS, make_captioner
-    from lora_trainer.data.label import check_template, label_dataset
+    from lora_trainer.data.captioners import CAPTIONERS, captioner_options, make_captioner
+    from lora_trainer.data.label import label_dataset
 
-    check_template(args.template)  # before a model loads
     kind, model = (args.model, None) if args.model in CAPTIONERS else (args.captioner, args.model)
     tagger = {"tags_file": args.tags, "top_k": args.top_k, "threshold": args.threshold}
-    if kind != "clip-tags" and any(v is not None for v in tagger.values()):
-        raise LoraTrainerError("--tags, --top-k and --threshold are for --captioner clip-tags")
+    captioner_options(kind, **tagger)  # now, even if no image needs a caption (label_dataset checks the rest)
     result = label_dataset(args.input, captioner=lambda: make_captioner(kind, model, args.download, **tagger),
                            output_csv=args.output, template=args.template, prefix=args.prefix,
                            mode="overwrite" if args.overwrite else "only-missing", batch_size=args.batch_size)

@@ -205,19 +205,24 @@ class ClipTagger:
 CAPTIONERS = {"blip": BlipCaptioner, "clip-tags": ClipTagger}
 
 
+def captioner_options(kind: str, tags_file=None, top_k: int | None = None, threshold: float | None = None) -> dict:
+    """The options given for ``kind``, checked before any model loads (the tag options are clip-tags')."""
+    if kind not in CAPTIONERS:
+        raise LoraTrainerError(f"unknown captioner {kind!r}; choose one of: {', '.join(CAPTIONERS)}")
+    options = {k: v for k, v in {"tags": tags_file, "top_k": top_k, "threshold": threshold}.items() if v is not None}
+    if options and kind != "clip-tags":
+        flags = ", ".join("--" + k.replace("_", "-") for k in options)
+        raise LoraTrainerError(f"{flags}: only for the clip-tags captioner, not {kind}")
+    return options
+
+
 def make_captioner(kind="blip", model: str | None = None, download: bool = False, device: str | None = None,
                    tags_file=None, top_k: int | None = None, threshold: float | None = None) -> Captioner:
     """A captioner by name (``blip``, ``clip-tags``), or ``kind`` itself if it already is one (e.g. the
     WebUI's interrogators, lora_trainer.webui.captioners)."""
     if hasattr(kind, "caption"):
         return kind
-    if kind not in CAPTIONERS:
-        raise LoraTrainerError(f"unknown captioner {kind!r}; choose one of: {', '.join(CAPTIONERS)}")
-    given = {"tags": tags_file, "top_k": top_k, "threshold": threshold}
-    options = {k: v for k, v in given.items() if v is not None}
-    if options and kind != "clip-tags":
-        flags = ", ".join("--" + k.replace("_", "-") for k in options)
-        raise LoraTrainerError(f"{flags}: only for the clip-tags captioner, not {kind}")
+    options = captioner_options(kind, tags_file, top_k, threshold)
     if tags_file:
         options["tags"] = read_tags(tags_file)
     return CAPTIONERS[kind](model, device=device, download=download, **options)

@@ -54,15 +54,19 @@ def render(state: GridState | None, message: str = "", kind: str = "done") -> li
     return out
 
 
+def _take_edits(state, args) -> tuple:
+    """Put the slot textboxes' text (the first PER_PAGE inputs) into the set; return the other inputs."""
+    if state is not None:
+        state.apply_edits(list(args[:PER_PAGE]))
+    return args[PER_PAGE:]
+
+
 def _handler(fn, extra_outputs: int = 0):
     """Wrap a grid action: take the slots' text first, turn errors into a status message."""
 
     def run(state, *args):
-        captions, rest = args[:PER_PAGE], args[PER_PAGE:]
         try:
-            if state is not None:
-                state.apply_edits(list(captions))
-            return fn(state, *rest)
+            return fn(state, *_take_edits(state, args))
         except LoraTrainerError as e:
             return [gr.update()] * extra_outputs + render(state, str(e), "error")
 
@@ -200,11 +204,8 @@ def _stream(fn):
     """_handler for a generator action."""
 
     def run(state, *args):
-        captions, rest = args[:PER_PAGE], args[PER_PAGE:]
         try:
-            if state is not None:
-                state.apply_edits(list(captions))
-            yield from fn(state, *rest)
+            yield from fn(state, *_take_edits(state, args))
         except LoraTrainerError as e:
             yield render(state, str(e), "error")
 
