@@ -77,6 +77,7 @@ class TrainingConfig:
     resume_from_checkpoint: str | None = None
     dataloader_num_workers: int = 0
     cache_latents: bool = True
+    cache_latents_to_disk: bool = False
     cache_text_embeddings: bool = True
     compile_unet: bool = False
     compile_mode: str = "default"
@@ -240,7 +241,10 @@ def _convert(name: str, value, key: str):
 
 
 def _check_special(values: dict[str, dict], errors: list[str]) -> None:
-    d, o = values["data"], values["output"]
+    d, o, t = values["data"], values["output"], values["training"]
+    if t.get("cache_latents_to_disk") is True and t.get("cache_latents") is False:
+        errors.append("training.cache_latents_to_disk: true needs training.cache_latents: true (the disk cache "
+                      "keeps the cached latents); set cache_latents: true, or cache_latents_to_disk: false")
     if not d.get("train_data_dir"):
         errors.append("data.train_data_dir is required: the folder of training images")
     res = d.get("resolution")

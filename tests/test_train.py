@@ -18,7 +18,7 @@ from lora_trainer.engine.events import Callbacks
 from lora_trainer.engine.loss import diffusion_loss
 from lora_trainer.engine.trainer import train
 from lora_trainer.errors import DatasetError
-from lora_trainer.models.diffusers_backend import load_diffusers_backend
+from lora_trainer.models.diffusers_backend import load_diffusers_backend, load_pipeline
 
 
 # attention-only LoRA barely moves a random-weight model; the demo and this test adapt more layers
@@ -244,22 +244,95 @@ def test_v_prediction_target_and_metadata(demo_data, tmp_path):
     assert result.final_loss == result.final_loss  # finite, not NaN
 
 
-def test_cache_encodes_each_image_and_caption_once(demo_data, tmp_path):
-    backend = load_diffusers_backend("tiny-demo", torch.device("cpu"), torch.float32)
+def _counting(backend):
+    """Count the images and captions ``backend`` encodes."""
     counts = {"images": 0, "prompts": 0}
-    encode_images, encode_prompts = backend.encode_images, backend.encode_prompts
+    encode_dist, encode_prompts = backend.encode_image_dist, backend.encode_prompts
 
-    def count_images(pixels, generator):
+    def count_images(pixels):
         counts["images"] += pixels.shape[0]
-        return encode_images(pixels, generator)
+        return encode_dist(pixels)
 
     def count_prompts(captions):
         counts["prompts"] += len(captions)
         return encode_prompts(captions)
 
-    backend.encode_images, backend.encode_prompts = count_images, count_prompts
+    backend.encode_image_dist, backend.encode_prompts = count_images, count_prompts
+    return counts
+
+
+def test_cache_encodes_each_image_and_caption_once(demo_data, tmp_path):
+    backend = load_diffusers_backend("tiny-demo", torch.device("cpu"), torch.float32)
+    counts = _counting(backend)
     train(make_cfg(demo_data, tmp_path / "out", max_train_steps=9, random_flip=True), backend=backend, progress=False)
     assert counts == {"images": 12, "prompts": 6}  # 6 images, mirrored once each; 6 distinct captions
+
+
+def _same_lora(a, b):
+    a, b = load_file(a), load_file(b)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_latent_cache_on_disk_is_reused_by_later_runs(demo_data, tmp_path, caplog):
+    out = tmp_path / "out"
+    memory_only = train(make_cfg(demo_data, tmp_path / "mem", max_train_steps=3), progress=False)
+
+    def run(cfg):  # a fresh model each time, counting what it encodes
+        backend = load_diffusers_backend("tiny-demo", torch.device("cpu"), torch.float32)
+        counts = _counting(backend)
+        return train(cfg, backend=backend, progress=False), counts["images"]
+
+    first, encoded = run(make_cfg(demo_data, out, max_train_steps=3, cache_latents_to_disk=True))
+    store = out.resolve() / "latent_cache"
+    assert encoded == 12 and len(list(store.glob("*.safetensors"))) == 12  # 6 images × (plain, mirrored)
+    # the same LoRA as with the latents in memory only: where a posterior comes from changes nothing
+    assert _same_lora(first.lora_path, memory_only.lora_path)
+
+    # a second run from the same output_dir (it goes to a new folder) loads every latent from disk
+    (demo_data / "extra.png").write_bytes((demo_data / "demo_000.png").read_bytes())  # a copy: same content, same key
+    with caplog.at_level("INFO", logger="lora_trainer"):
+        second, encoded = run(make_cfg(demo_data, out, max_train_steps=3, cache_latents_to_disk=True))
+    assert second.run_dir != first.run_dir and encoded == 0
+    assert "7 loaded from" in caplog.text and "0 encoded" in caplog.text
+
+    # an unreadable entry is encoded again, with a warning
+    from lora_trainer.engine.cache import encoder_fingerprint, file_digest, latent_key
+
+    encoder = encoder_fingerprint(load_pipeline("tiny-demo")[0].vae)
+    key = latent_key(file_digest(demo_data / "demo_001.png"), 64, False, encoder)
+    victim = store / f"{key}.safetensors"
+    victim.write_bytes(b"cut off")
+    with caplog.at_level("WARNING", logger="lora_trainer"):
+        third, encoded = run(make_cfg(demo_data, out, max_train_steps=2, cache_latents_to_disk=True))
+    assert encoded == 2 and victim.name in caplog.text and third.status == "finished"  # plain + mirrored
+    assert load_file(victim)["mean"].shape == (4, 16, 16)
+    # another resolution is another key (7 images, 6 distinct contents)
+    cfg = make_cfg(demo_data, out, max_train_steps=1, cache_latents_to_disk=True)
+    cfg.data.resolution = 128
+    assert run(cfg)[1] == 14 and len(list(store.glob("*.safetensors"))) == 24
+
+
+def test_latent_cache_keys_follow_content_and_encoder(demo_data, tmp_path):
+    from lora_trainer.engine.cache import encoder_fingerprint, file_digest, latent_key
+
+    backend = load_diffusers_backend("tiny-demo", torch.device("cpu"), torch.float32)
+    fp = encoder_fingerprint(backend.image_encoder())
+    digest = file_digest(demo_data / "demo_000.png")
+    keys = {latent_key(digest, 64, False, fp), latent_key(digest, 64, True, fp), latent_key(digest, 128, False, fp),
+            latent_key(file_digest(demo_data / "demo_001.png"), 64, False, fp)}
+    assert len(keys) == 4
+    with torch.no_grad():
+        backend.vae.decoder.conv_out.weight.add_(1.0)  # the decoder makes no latents: same encoder, same key
+        assert encoder_fingerprint(backend.image_encoder()) == fp
+        backend.vae.encoder.conv_in.weight.mul_(1.001)
+        assert encoder_fingerprint(backend.image_encoder()) != fp
+
+
+def test_cache_to_disk_needs_cache_latents(demo_data, tmp_path):
+    from lora_trainer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cache_latents_to_disk: true needs training.cache_latents: true"):
+        make_cfg(demo_data, tmp_path / "o", cache_latents=False, cache_latents_to_disk=True)
 
 
 def test_compile_unet_switch_trains_through_the_compiled_module(demo_data, tmp_path, monkeypatch):

@@ -1,18 +1,88 @@
 """Latents and text embeddings computed once before training, so steps do no VAE or text-encoder work.
 
-Each image is encoded once (and once mirrored when random_flip is on). The cached latent is one sample
-of the VAE posterior drawn with a fixed generator, as kohya's cache_latents and the diffusers examples
-do. Captions are encoded once each when the text encoder is frozen. Everything is kept on the CPU and
-moved per batch.
+Each image is encoded once (and once mirrored when random_flip is on). The VAE gives a posterior (mean
+and std); the cached latent is one sample of it, as kohya's cache_latents and the diffusers examples
+do, drawn with a generator seeded by the run's seed and the image's key, so the sample does not depend
+on the order of the images or on where the posterior came from. With ``store`` (cache_latents_to_disk)
+the posteriors are also kept on disk, one safetensors file per image and flip, keyed by the image's
+content, the resolution and the VAE encoder's weights: another run on the same images loads them and
+encodes only what is new. Captions are encoded once each when the text encoder is frozen. Everything is
+kept on the CPU and moved per batch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from pathlib import Path
 
 import torch
 
 log = logging.getLogger(__name__)
+
+CACHE_FORMAT = "1"  # bump when image loading, cropping or the stored tensors change
+
+
+def encoder_fingerprint(vae: torch.nn.Module) -> str:
+    """A digest of the weights that turn pixels into latents (the VAE's encoder and quant_conv), and their dtype.
+
+    A VAE whose decoder alone was fine-tuned (sd-vae-ft-mse) encodes exactly as the original, and
+    shares its cache entries.
+    """
+    params = [(n, p) for n, p in vae.named_parameters() if n.startswith(("encoder.", "quant_conv."))]
+    digest = hashlib.sha256()
+    for name, p in params or list(vae.named_parameters()):
+        digest.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        digest.update(p.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def latent_key(digest: str, resolution: int, flipped: bool, encoder: str) -> str:
+    """The cache key of one image (by its file's sha256) at one resolution, mirrored or not, for one VAE."""
+    text = f"{CACHE_FORMAT}|{digest}|{resolution}|{int(flipped)}|{encoder}"
+    return hashlib.sha256(text.encode()).hexdigest()[:40]
+
+
+class LatentStore:
+    """VAE posteriors on disk: ``<folder>/<key>.safetensors`` with ``mean`` and ``std`` (fp32)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{key}.safetensors"
+
+    def load(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            tensors = load_file(path)
+            return tensors["mean"], tensors["std"]
+        except (SafetensorError, OSError, KeyError, ValueError) as e:  # a cut-off write, a disk error
+            log.warning("latent cache: %s is unreadable (%s); encoding that image again", path.name, e)
+            return None
+
+    def save(self, key: str, mean: torch.Tensor, std: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        from lora_trainer.utils.fsio import atomic_write
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tensors = {"mean": mean.float().contiguous(), "std": std.float().contiguous()}
+        atomic_write(self.path(key), lambda tmp: save_file(tensors, str(tmp), metadata={"format": CACHE_FORMAT}))
+
+
+def _sample(mean: torch.Tensor, std: torch.Tensor, seed: int, key: str) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(int(hashlib.sha256(f"{seed}|{key}".encode()).hexdigest()[:15], 16))
+    return mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
 
 
 class EncodedCache:
@@ -25,28 +95,46 @@ class EncodedCache:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, backend, dataset, batch_size: int, seed: int, flips: bool, texts: bool,
-              progress: bool = True) -> EncodedCache:
+    def build(cls, backend, dataset, batch_size: int, seed: int, flips: bool, texts: bool, progress: bool = True,
+              digests: list[str] | None = None, store: LatentStore | None = None) -> EncodedCache:
+        """Encode ``dataset`` (an ImageDataset); ``digests``: each image file's sha256, when already known."""
         from tqdm.auto import tqdm
 
-        generator = torch.Generator(device=backend.device).manual_seed(seed)
-        latents, flipped, embeddings = [], [], {}
-        order = list(range(len(dataset)))
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        digests = digests or [file_digest(s.path) for s in dataset.samples]
+        encoder = encoder_fingerprint(backend.image_encoder())
+        variants = (False, True) if flips else (False,)
+        keys = [{f: latent_key(dig, dataset.resolution, f, encoder) for f in variants} for dig in digests]
+        posteriors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if store is not None:
+            for k in {k for per_image in keys for k in per_image.values()}:
+                found = store.load(k)
+                if found is not None:
+                    posteriors[k] = found
+        todo = [i for i, per_image in enumerate(keys) if any(k not in posteriors for k in per_image.values())]
+        batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
         for idx in tqdm(batches, desc="caching latents", unit="batch", disable=not progress):
-            items = [dataset[i] for i in idx]
-            pixels = torch.stack([it["pixel_values"] for it in items]).to(backend.device)
-            latents.append(backend.encode_images(pixels, generator).cpu())
-            if flips:
-                flipped.append(backend.encode_images(pixels.flip(-1), generator).cpu())
-            if texts:
-                new = sorted({it["caption"] for it in items} - embeddings.keys())
-                if new:
-                    for caption, emb in zip(new, backend.encode_prompts(new)):
-                        embeddings[caption] = emb.detach().cpu()
-        log.info("cached the latents of %d images%s%s", len(dataset), " (and mirrored)" if flips else "",
-                 f" and {len(embeddings)} caption embeddings" if texts else "")
-        return cls(torch.cat(latents), torch.cat(flipped) if flips else None, embeddings if texts else None)
+            pixels = torch.stack([dataset[i]["pixel_values"] for i in idx]).to(backend.device)
+            for f in variants:
+                mean, std = (t.float().cpu() for t in backend.encode_image_dist(pixels.flip(-1) if f else pixels))
+                for j, i in enumerate(idx):
+                    posteriors[keys[i][f]] = (mean[j].clone(), std[j].clone())
+                    if store is not None:
+                        store.save(keys[i][f], *posteriors[keys[i][f]])
+        dtype = backend.weight_dtype
+        stacked = {f: torch.stack([_sample(*posteriors[k[f]], seed, k[f]) for k in keys]).to(dtype) for f in variants}
+        embeddings = {}
+        if texts:
+            captions = sorted({s.caption for s in dataset.samples})
+            for i in tqdm(range(0, len(captions), batch_size), desc="caching captions", unit="batch",
+                          disable=not progress or len(captions) <= batch_size):
+                chunk = captions[i : i + batch_size]
+                for caption, emb in zip(chunk, backend.encode_prompts(chunk)):
+                    embeddings[caption] = emb.detach().cpu()
+        loaded = len(dataset) - len(todo)
+        log.info("cached the latents of %d images%s%s%s", len(dataset), " (and mirrored)" if flips else "",
+                 f" and {len(embeddings)} caption embeddings" if texts else "",
+                 f"; {loaded} loaded from {store.folder}, {len(todo)} encoded" if store is not None else "")
+        return cls(stacked[False], stacked.get(True), embeddings if texts else None)
 
     def latents(self, indices: torch.Tensor, flip: torch.Tensor | None, device) -> torch.Tensor:
         out = self._latents[indices]

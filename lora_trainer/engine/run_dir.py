@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -11,6 +12,29 @@ from lora_trainer.engine.checkpoint import CHECKPOINTS, find_latest
 
 log = logging.getLogger(__name__)
 LOGS = "logs"
+LATENT_CACHE = "latent_cache"  # in the configured output_dir, shared by every run made from it
+
+
+def latent_cache_dir(output_dir: str) -> Path:
+    return Path(output_dir).expanduser().resolve() / LATENT_CACHE
+
+
+def holds_a_run(folder: Path) -> bool:
+    """Whether ``folder`` has anything in it besides the shared latent cache."""
+    return folder.exists() and any(p.name != LATENT_CACHE for p in folder.iterdir())
+
+
+def remove_run(run_dir: Path) -> None:
+    """Delete a run folder that holds nothing worth keeping; the shared latent cache in it stays."""
+    if not (run_dir / LATENT_CACHE).is_dir():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for p in run_dir.iterdir():
+        if p.name != LATENT_CACHE:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
 
 def prepare_run_dir(output_dir: str, resume: str | None) -> tuple[Path, Path | None]:
@@ -18,7 +42,8 @@ def prepare_run_dir(output_dir: str, resume: str | None) -> tuple[Path, Path | N
 
     Resuming continues in the run folder that holds the checkpoint. A new run uses ``output_dir``
     when it is empty or absent; if it already holds anything (a finished or an interrupted run), the
-    new run goes to ``<output_dir>-<YYYYmmdd-HHMMSS>`` beside it, and the log says so.
+    new run goes to ``<output_dir>-<YYYYmmdd-HHMMSS>`` beside it, and the log says so (the latent
+    cache in ``output_dir`` alone does not count as a run).
     """
     out = Path(output_dir).expanduser().resolve()
     checkpoint = None
@@ -31,7 +56,7 @@ def prepare_run_dir(output_dir: str, resume: str | None) -> tuple[Path, Path | N
     if checkpoint is not None:
         run = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else checkpoint.parent
         return run, checkpoint
-    if out.exists() and any(out.iterdir()):
+    if holds_a_run(out):
         stamp = time.strftime("%Y%m%d-%H%M%S")
         new = out.with_name(f"{out.name}-{stamp}")
         n = 1

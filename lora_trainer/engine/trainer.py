@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import shutil
 import signal
 import threading
 import time
@@ -27,13 +26,13 @@ from lora_trainer.config import Config, resolve_mixed_precision, save_config, va
 from lora_trainer.data.check import check_scan, image_facts
 from lora_trainer.data.dataset import ImageDataset, collate, scan_dataset
 from lora_trainer.engine import checkpoint as ckpt
-from lora_trainer.engine.cache import EncodedCache
+from lora_trainer.engine.cache import EncodedCache, LatentStore
 from lora_trainer.engine.events import Callbacks, CallbackList, StepInfo, TrainResult
 from lora_trainer.engine.lora import add_lora, load_trainable_state, trainable_state
 from lora_trainer.engine.loss import diffusion_loss
 from lora_trainer.engine.optim import build_optimizer, check_optimizer
 from lora_trainer.engine.outputs import export_lora, write_summary
-from lora_trainer.engine.run_dir import prepare_run_dir, run_log_file
+from lora_trainer.engine.run_dir import holds_a_run, latent_cache_dir, prepare_run_dir, remove_run, run_log_file
 from lora_trainer.errors import LoraTrainerError
 from lora_trainer.models.base import TEXT_ENCODER, UNET
 
@@ -145,13 +144,13 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
     if restored is not None:
         ckpt.check_resume(restored, settings, resume_from)
 
-    fresh_run = restored is None and not any(run_dir.iterdir())
+    fresh_run = restored is None and not holds_a_run(run_dir)
     prepared = _Prepared(run_dir, scan, plan, restored, resume_from, settings, started)
     try:
         return _train_in(cfg, backend, callbacks, progress, prepared)
     except BaseException:
         if fresh_run and not ckpt.list_checkpoints(run_dir):
-            shutil.rmtree(run_dir, ignore_errors=True)  # failed before any checkpoint: leave no empty run behind
+            remove_run(run_dir)  # failed before any checkpoint: leave no empty run behind
         raise
 
 
@@ -241,9 +240,11 @@ def _train_in(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepar
         dataset = ImageDataset(scan.samples, d.resolution)
         cache = None
         if t.cache_latents:
+            digests = [getattr(scan.facts.get(s.path), "digest", "") or None for s in scan.samples]
+            store = LatentStore(latent_cache_dir(cfg.output.output_dir)) if t.cache_latents_to_disk else None
             cache = EncodedCache.build(backend, dataset, t.batch_size, t.seed, flips=d.random_flip,
                                        texts=t.cache_text_embeddings and not t.train_text_encoder,
-                                       progress=progress)
+                                       progress=progress, digests=None if None in digests else digests, store=store)
         cbs = CallbackList([callbacks])
         cbs.on_start(plan.total_steps, run_dir)
         writer = _tensorboard(log_dir, cfg.output.log_with == "tensorboard")

@@ -34,6 +34,12 @@ class TrainingBackend(Protocol):
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Pixels in [-1, 1] (B×3×H×W) → scaled latents, sampled with ``generator``."""
 
+    def image_encoder(self) -> nn.Module:
+        """The VAE whose encoder makes the latents (its weights key the latent cache)."""
+
+    def encode_image_dist(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixels in [-1, 1] → the scaled latent posterior's (mean, std), for the latent cache."""
+
     def encode_prompts(self, captions: list[str]) -> torch.Tensor:
         """Captions → conditioning (B×77×D); differentiable when the text encoder trains."""
 

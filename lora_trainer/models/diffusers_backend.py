@@ -55,6 +55,15 @@ class DiffusersBackend:
             latents = dist.sample(generator=generator) * self.vae.config.scaling_factor
         return latents.to(self.weight_dtype)
 
+    def image_encoder(self) -> nn.Module:
+        return self.vae
+
+    def encode_image_dist(self, pixels):
+        pixels = pixels.to(self.device, dtype=self.vae.dtype)
+        with torch.no_grad():
+            dist = self.vae.encode(pixels).latent_dist
+        return dist.mean * self.vae.config.scaling_factor, dist.std * self.vae.config.scaling_factor
+
     def encode_prompts(self, captions):
         ids = self.tokenizer(
             captions, padding="max_length", max_length=self.tokenizer.model_max_length,

@@ -63,14 +63,25 @@ class LdmBackend:
     def components(self) -> dict[str, nn.Module]:
         return {UNET: self.unet, TEXT_ENCODER: self.text_encoder}
 
-    def encode_images(self, pixels, generator):
-        # LDM's DiagonalGaussianDistribution.sample takes no generator: the latent sample draws from the
-        # global RNG, which the engine's checkpoints save and restore anyway.
+    def image_encoder(self) -> nn.Module:
+        return self.sd_model.first_stage_model
+
+    def _encode(self, pixels):
         vae = getattr(self.sd_model, "first_stage_model", None)
         dtype = next(vae.parameters()).dtype if vae is not None else self.weight_dtype  # A1111: --no-half-vae
         with torch.no_grad():
-            posterior = self.sd_model.encode_first_stage(pixels.to(self.device, dtype=dtype))
-            return self.sd_model.get_first_stage_encoding(posterior).to(self.weight_dtype)
+            return self.sd_model.encode_first_stage(pixels.to(self.device, dtype=dtype))
+
+    def encode_images(self, pixels, generator):
+        # LDM's DiagonalGaussianDistribution.sample takes no generator: the latent sample draws from the
+        # global RNG, which the engine's checkpoints save and restore anyway.
+        with torch.no_grad():
+            return self.sd_model.get_first_stage_encoding(self._encode(pixels)).to(self.weight_dtype)
+
+    def encode_image_dist(self, pixels):
+        posterior = self._encode(pixels)
+        scale = float(getattr(self.sd_model, "scale_factor", 1.0))
+        return posterior.mean * scale, posterior.std * scale
 
     def encode_prompts(self, captions):
         return self.sd_model.get_learned_conditioning(list(captions))
