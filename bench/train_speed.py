@@ -1,7 +1,7 @@
 """Training speed and memory: our trainer against the plain diffusers + peft recipe, same data and weights.
 
     python bench/train_speed.py [--device cpu|cuda] [--model tiny|sd15-shape] [--resolution 64] [--batch 4]
-                                [--gradient-checkpointing] [--variant NAME:key=value,key=value ...]
+                                [--gradient-checkpointing] [--variant NAME:key=value,key=value ...] [--repeat N]
 
 Each loop runs in its own child process (so each peak memory is its own): "reference" is the LoRA
 training loop as the diffusers documentation describes it (VAE and text encoder every step, no caching,
@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -225,6 +226,24 @@ def child(args) -> None:
     print(json.dumps(row))
 
 
+def median_rows(rounds: list[list[dict]]) -> list[dict]:
+    """One row per loop: the median of each measure over the rounds, and each round's steps/s ratio to the
+    reference of the same round (``ratios``)."""
+    names = list(dict.fromkeys(row["mode"] for rows in rounds for row in rows))
+    out = []
+    for name in names:
+        mine = [(rows, next(row for row in rows if row["mode"] == name)) for rows in rounds
+                if any(row["mode"] == name for row in rows)]
+        row = dict(mine[0][1])
+        for k, v in row.items():
+            if isinstance(v, float):
+                row[k] = statistics.median(m[k] for _, m in mine)
+        row["ratios"] = [m["steps_per_s"] / ref["steps_per_s"] for rows, m in mine
+                         for ref in rows if ref["mode"] == "reference"]
+        out.append(row)
+    return out
+
+
 def parse_variant(text: str) -> tuple[str, dict]:
     """``NAME:key=value,key=value`` → (NAME, {key: YAML value})."""
     import yaml
@@ -245,6 +264,8 @@ def main() -> None:
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--steps", type=int, default=30, help="timed steps, after --warmup")
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds of every loop, taking turns; the table shows the medians (3-5 on a busy machine)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="in every loop, the reference's too")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:key=value,...",
                    help="also run ours with these training keys changed (repeatable)")
@@ -275,20 +296,34 @@ def main() -> None:
     runs = ([] if args.no_reference else [("reference", "reference", {})]) + [("ours", n, o) for n, o in variants]
     if args.device == "cuda":
         runs.append(("flops", "flops", {}))
-    rows, flops = [], None
-    for mode, name, overrides in runs:
-        cmd = [sys.executable, __file__, "--mode", mode, "--name", name, "--overrides", json.dumps(overrides),
-               "--data", str(data), "--work", str(work)] + shared
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-        if proc.returncode:
-            print(f"{name}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}", file=sys.stderr)
-            continue
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-        if mode == "flops":
-            flops = result["per_image"]
-        else:
-            result["overrides"] = overrides
-            rows.append(result)
+    rounds: list[list[dict]] = []  # per round, one row per loop
+    flops = None
+    for r in range(args.repeat):
+        # the loops take turns, and each round starts with another one, so a slow spell of the machine
+        # falls on every loop alike; the median over rounds is reported
+        shift = r % len(runs)
+        order = runs[shift:] + runs[:shift]
+        rows_of_round = []
+        for mode, name, overrides in order:
+            if mode == "flops" and flops is not None:
+                continue
+            cmd = [sys.executable, __file__, "--mode", mode, "--name", name, "--overrides", json.dumps(overrides),
+                   "--data", str(data), "--work", str(work)] + shared
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+            if proc.returncode:
+                print(f"{name}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}", file=sys.stderr)
+                continue
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            if mode == "flops":
+                flops = result["per_image"]
+            else:
+                result["overrides"] = overrides
+                rows_of_round.append(result)
+        rounds.append(sorted(rows_of_round, key=lambda row: [n for _, n, _ in runs].index(row["mode"])))
+        if args.repeat > 1:
+            print(f"round {r + 1}/{args.repeat}: " + ", ".join(f"{row['mode']} {row['steps_per_s']:.2f} steps/s"
+                                                             for row in rounds[-1]), flush=True)
+    rows = median_rows(rounds)
     if flops:  # the FLOPs each loop does per image: the reference encodes images and captions every step
         for r in rows:
             cached_text = r["mode"] != "reference" and r["overrides"].get("cache_text_embeddings", True)
@@ -298,7 +333,7 @@ def main() -> None:
             r["tflop_per_image"] = per_image / 1e12
             r["mfu"] = per_image * r["images_per_s"] / (args.peak_tflops * 1e12)
     ref = next((r for r in rows if r["mode"] == "reference"), None)
-    summary = {"config": {k: v for k, v in vars(args).items() if k not in ("mode", "data", "work", "name",
+    summary = {"rounds": rounds, "config": {k: v for k, v in vars(args).items() if k not in ("mode", "data", "work", "name",
                                                                            "overrides")},
                "flops_per_image": flops, "rows": rows}
     if args.device == "cuda":
@@ -316,8 +351,12 @@ def main() -> None:
     if ref:
         for r in rows:
             if r is not ref:
+                spread = ""
+                if len(r["ratios"]) > 1:
+                    spread = f" (median of {len(r['ratios'])} rounds; {min(r['ratios']):.2f}-{max(r['ratios']):.2f})"
                 print(f"{r['mode']}/reference: {r['steps_per_s'] / ref['steps_per_s']:.2f}x steps/s, "
-                      f"{r['peak_memory_mb'] / ref['peak_memory_mb']:.2f}x peak memory")
+                      f"{r['peak_memory_mb'] / ref['peak_memory_mb']:.2f}x peak memory; per-round steps/s ratio "
+                      f"{statistics.median(r['ratios']):.2f}x{spread}")
     if flops:
         print("TFLOP per image: " + ", ".join(f"{k} {v / 1e12:.3f}" for k, v in flops.items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -121,3 +121,19 @@ def test_noise_schedule_and_prediction_type_come_from_the_model(setup):
     assert backend.prediction_type == "epsilon" and backend.family == "sd_v1"
     sd_model.parameterization = "v"
     assert LdmBackend(sd_model, "m", torch.device("cpu"), torch.float32).prediction_type == "v_prediction"
+
+
+def test_latent_cache_on_disk_with_the_webui_model(setup, tmp_path, caplog):
+    sd_model, backend, data = setup
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    mean, std = backend.encode_image_dist(x)
+    posterior = sd_model.encode_first_stage(x)
+    assert torch.allclose(mean, posterior.mean * sd_model.scale_factor) and (std > 0).all()
+
+    out = tmp_path / "out"
+    train(make_cfg(data, out, cache_latents_to_disk=True), backend=backend, progress=False)
+    remove_lora(sd_model.model.diffusion_model)
+    assert len(list((out / "latent_cache").glob("*.safetensors"))) == 4
+    with caplog.at_level("INFO", logger="lora_trainer"):
+        again = train(make_cfg(data, out, cache_latents_to_disk=True), backend=backend, progress=False)
+    assert again.status == "finished" and "4 loaded from" in caplog.text and "0 encoded" in caplog.text
