@@ -305,6 +305,7 @@ def _train_in(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepar
                 else:  # its own generator, so making a loader draws nothing from the global RNG (exact resume)
                     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches[first:], collate_fn=collate,
                                                          num_workers=t.dataloader_num_workers,
+                                                         pin_memory=device.type == "cuda",
                                                          generator=torch.Generator().manual_seed(t.seed + epoch))
                 step_loss = 0.0
                 for i, batch in enumerate(loader, start=first):

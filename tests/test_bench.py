@@ -1,0 +1,51 @@
+"""The speed benchmark: its turn-taking, and one short run end to end (numbers not judged here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def test_loops_take_turns_in_blocks():
+    sys.path.insert(0, str(BENCH))
+    try:
+        from turns import TakeTurns
+    finally:
+        sys.path.remove(str(BENCH))
+    log = []
+
+    def reference():
+        while True:
+            log.append("r")
+            yield
+
+    turns = TakeTurns(reference(), warmup=2, block=3, rounds=2)
+    for _ in range(2 + 2 * 3):  # what train() does with max_train_steps = warmup + rounds * block
+        log.append("o")
+        turns.on_step(None)
+    # our warm-up, the reference's warm-up and first block, then blocks in turn; ours ends the run
+    assert "".join(log) == "oo" + "rr" + "rrr" + "ooo" + "rrr" + "ooo"
+    assert len(turns.times["ours"]) == len(turns.times["reference"]) == 2
+    assert all(t > 0 for ts in turns.times.values() for t in ts)
+
+
+def test_benchmark_runs_end_to_end(tmp_path):
+    pytest.importorskip("diffusers.utils").USE_PEFT_BACKEND or pytest.skip(
+        "the reference loop uses diffusers' PEFT backend (transformers >= 4.34)")
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "train_speed.py"), "--steps", "2", "--rounds", "2",
+                           "--warmup", "1", "--images", "4", "--batch", "2", "--work", str(tmp_path / "work"),
+                           "--variant", "cl:channels_last=true", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"reference", "ours", "cl"} and rows["cl"]["overrides"] == {"channels_last": True}
+    for r in rows.values():
+        assert len(r["turn_s"]) == 2 and len(r["ratios"]) == 2 and r["peak_memory_mb"] > 0 and r["first_step_s"] > 0
+    assert "ours/reference:" in proc.stdout
