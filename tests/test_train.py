@@ -68,7 +68,8 @@ def fixed_loss(backend, data_dir, seed=123, rounds=4):
 
 
 # every switchable speed-up at once (real torch.compile: about a minute on 2 CPU cores); on a GPU in bf16
-EVERY_SPEEDUP = dict(channels_last=True, gradient_checkpointing=True, compile_unet=True, cache_latents=True)
+EVERY_SPEEDUP = dict(channels_last=True, gradient_checkpointing=True, compile_unet=True, cache_latents=True,
+                     cache_latents_to_disk=True)
 
 
 @pytest.mark.parametrize("speedups", [
@@ -310,6 +311,19 @@ def test_latent_cache_on_disk_is_reused_by_later_runs(demo_data, tmp_path, caplo
     cfg = make_cfg(demo_data, out, max_train_steps=1, cache_latents_to_disk=True)
     cfg.data.resolution = 128
     assert run(cfg)[1] == 14 and len(list(store.glob("*.safetensors"))) == 24
+
+
+def test_a_failed_run_keeps_the_latent_cache_and_nothing_else(demo_data, tmp_path):
+    class Boom(Callbacks):
+        def on_start(self, total_steps, run_dir):  # after the latents were cached
+            raise RuntimeError("boom")
+
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="boom"):
+        train(make_cfg(demo_data, out, cache_latents_to_disk=True), callbacks=Boom(), progress=False)
+    assert [p.name for p in out.iterdir()] == ["latent_cache"]
+    # the folder holds no run, so the next run goes into it (not into a timestamped one beside it)
+    assert train(make_cfg(demo_data, out, cache_latents_to_disk=True), progress=False).run_dir == out.resolve()
 
 
 def test_latent_cache_keys_follow_content_and_encoder(demo_data, tmp_path):

@@ -40,6 +40,7 @@ ADVANCED = [
     ("lr_warmup_steps", "Warmup steps", "number", None), ("mixed_precision", "Mixed precision", "choice",
                                                           ["auto", "no", "fp16", "bf16"]),
     ("gradient_checkpointing", "Gradient checkpointing (less memory)", "bool", None),
+    ("cache_latents_to_disk", "Keep encoded images on disk (the next run of this name skips encoding)", "bool", None),
     ("train_text_encoder", "Train the text encoder", "bool", None), ("caption_prefix", "Trigger word prefix", "text", None),
     ("min_snr_gamma", "Min-SNR gamma (0 = off)", "number", None), ("noise_offset", "Noise offset", "number", None),
     ("seed", "Seed", "number", None), ("save_steps", "Checkpoint every N steps (0 = off)", "number", None),
