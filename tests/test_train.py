@@ -374,3 +374,13 @@ def test_compile_unet_switch_trains_through_the_compiled_module(demo_data, tmp_p
                    progress=False)
     assert calls == [backend.unet] and any("lora_A" in n for n, _ in calls[0].named_modules())
     assert result.steps == 2 and all(k.startswith("lora_unet_") for k in load_file(result.lora_path))
+
+
+def test_attention_is_pytorch_sdpa_everywhere():
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    backend = load_diffusers_backend("tiny-demo", torch.device("cpu"), torch.float32)
+    for module in (backend.unet, backend.vae):
+        assert {type(p) for p in module.attn_processors.values()} == {AttnProcessor2_0}
+    if getattr(type(backend.text_encoder), "_supports_sdpa", False):  # transformers >= 4.41; A1111's 4.30 has none
+        assert backend.text_encoder.config._attn_implementation == "sdpa"
