@@ -326,6 +326,16 @@ def test_a_failed_run_keeps_the_latent_cache_and_nothing_else(demo_data, tmp_pat
     assert train(make_cfg(demo_data, out, cache_latents_to_disk=True), progress=False).run_dir == out.resolve()
 
 
+def test_an_unwritable_cache_does_not_stop_training(demo_data, tmp_path, caplog):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "latent_cache").write_text("a file where the cache folder would go")  # as a full or read-only disk
+    with caplog.at_level("WARNING", logger="lora_trainer"):
+        result = train(make_cfg(demo_data, out, cache_latents_to_disk=True), progress=False)
+    assert result.status == "finished" and caplog.text.count("latent cache: cannot write to") == 1
+    assert (out / "latent_cache").read_text().startswith("a file")
+
+
 def test_latent_cache_keys_follow_content_and_encoder(demo_data, tmp_path):
     from lora_trainer.engine.cache import encoder_fingerprint, file_digest, latent_key
 

@@ -52,6 +52,7 @@ class LatentStore:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
+        self.writable = True
 
     def path(self, key: str) -> Path:
         return self.folder / f"{key}.safetensors"
@@ -71,13 +72,21 @@ class LatentStore:
             return None
 
     def save(self, key: str, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Write one entry; if the disk refuses (full, read-only), warn once and train on without the store."""
         from safetensors.torch import save_file
 
         from lora_trainer.utils.fsio import atomic_write
 
-        self.folder.mkdir(parents=True, exist_ok=True)
+        if not self.writable:
+            return
         tensors = {"mean": mean.float().contiguous(), "std": std.float().contiguous()}
-        atomic_write(self.path(key), lambda tmp: save_file(tensors, str(tmp), metadata={"format": CACHE_FORMAT}))
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.path(key), lambda tmp: save_file(tensors, str(tmp), metadata={"format": CACHE_FORMAT}))
+        except OSError as e:
+            self.writable = False
+            log.warning("latent cache: cannot write to %s (%s); training goes on with the latents in memory only",
+                        self.folder, e)
 
 
 def _sample(mean: torch.Tensor, std: torch.Tensor, seed: int, key: str) -> torch.Tensor:
