@@ -216,8 +216,10 @@ def main() -> None:
     args = p.parse_args()
     if args.mode:
         return child(args)
-    if not 1 <= args.rounds <= args.steps:
-        raise SystemExit(f"--rounds {args.rounds}: between 1 and --steps ({args.steps})")
+    if not 1 <= args.rounds <= args.steps or args.steps % args.rounds:
+        raise SystemExit(f"--rounds {args.rounds}: between 1 and --steps ({args.steps}), and dividing it")
+    if args.warmup < 1:
+        raise SystemExit("--warmup: at least 1 (the first step compiles, allocates and loads; it is never timed)")
 
     from lora_trainer.data.demo_set import make_demo_dataset
 

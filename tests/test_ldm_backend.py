@@ -128,7 +128,8 @@ def test_latent_cache_on_disk_with_the_webui_model(setup, tmp_path, caplog):
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     mean, std = backend.encode_image_dist(x)
     posterior = sd_model.encode_first_stage(x)
-    assert torch.allclose(mean, posterior.mean * sd_model.scale_factor) and (std > 0).all()
+    assert torch.allclose(mean, posterior.mean) and torch.allclose(std, posterior.std) and (std > 0).all()
+    assert backend.latent_scale == sd_model.scale_factor
 
     out = tmp_path / "out"
     train(make_cfg(data, out, cache_latents_to_disk=True), backend=backend, progress=False)

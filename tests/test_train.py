@@ -275,6 +275,8 @@ def _same_lora(a, b):
 
 
 def test_latent_cache_on_disk_is_reused_by_later_runs(demo_data, tmp_path, caplog):
+    from lora_trainer.engine.cache import encoder_fingerprint, file_digest, latent_key
+
     out = tmp_path / "out"
     memory_only = train(make_cfg(demo_data, tmp_path / "mem", max_train_steps=3), progress=False)
 
@@ -283,30 +285,40 @@ def test_latent_cache_on_disk_is_reused_by_later_runs(demo_data, tmp_path, caplo
         counts = _counting(backend)
         return train(cfg, backend=backend, progress=False), counts["images"]
 
-    first, encoded = run(make_cfg(demo_data, out, max_train_steps=3, cache_latents_to_disk=True))
+    def disk_run(**kw):
+        return run(make_cfg(demo_data, out, max_train_steps=3, cache_latents_to_disk=True, **kw))
+
+    first, encoded = disk_run()
     store = out.resolve() / "latent_cache"
     assert encoded == 12 and len(list(store.glob("*.safetensors"))) == 12  # 6 images × (plain, mirrored)
     # the same LoRA as with the latents in memory only: where a posterior comes from changes nothing
     assert _same_lora(first.lora_path, memory_only.lora_path)
 
     # a second run from the same output_dir (it goes to a new folder) loads every latent from disk
-    (demo_data / "extra.png").write_bytes((demo_data / "demo_000.png").read_bytes())  # a copy: same content, same key
     with caplog.at_level("INFO", logger="lora_trainer"):
-        second, encoded = run(make_cfg(demo_data, out, max_train_steps=3, cache_latents_to_disk=True))
-    assert second.run_dir != first.run_dir and encoded == 0
-    assert "7 loaded from" in caplog.text and "0 encoded" in caplog.text
+        second, encoded = disk_run()
+    assert second.run_dir != first.run_dir and encoded == 0 and "6 loaded from" in caplog.text
+    assert _same_lora(second.lora_path, memory_only.lora_path)
 
-    # an unreadable entry is encoded again, with a warning
-    from lora_trainer.engine.cache import encoder_fingerprint, file_digest, latent_key
-
+    # an unreadable entry is encoded again, with a warning: still the same LoRA (one image per VAE call)
     encoder = encoder_fingerprint(load_pipeline("tiny-demo")[0].vae)
-    key = latent_key(file_digest(demo_data / "demo_001.png"), 64, False, encoder)
-    victim = store / f"{key}.safetensors"
+    victim = store / f"{latent_key(file_digest(demo_data / 'demo_001.png'), 64, False, encoder)}.safetensors"
     victim.write_bytes(b"cut off")
+    caplog.clear()
     with caplog.at_level("WARNING", logger="lora_trainer"):
-        third, encoded = run(make_cfg(demo_data, out, max_train_steps=2, cache_latents_to_disk=True))
+        third, encoded = disk_run(batch_size=3)
     assert encoded == 2 and victim.name in caplog.text and third.status == "finished"  # plain + mirrored
     assert load_file(victim)["mean"].shape == (4, 16, 16)
+    # and the same LoRA as a memory-only run at that batch size: loaded and fresh posteriors are equal
+    memory_batch3 = train(make_cfg(demo_data, tmp_path / "mem3", max_train_steps=3, batch_size=3), progress=False)
+    assert _same_lora(third.lora_path, memory_batch3.lora_path)
+
+    # a copy of an image has the same content, so the same key
+    (demo_data / "extra.png").write_bytes((demo_data / "demo_000.png").read_bytes())
+    caplog.clear()
+    with caplog.at_level("INFO", logger="lora_trainer"):
+        assert disk_run()[1] == 0
+    assert "7 loaded from" in caplog.text and "0 encoded" in caplog.text
     # another resolution is another key (7 images, 6 distinct contents)
     cfg = make_cfg(demo_data, out, max_train_steps=1, cache_latents_to_disk=True)
     cfg.data.resolution = 128
@@ -329,11 +341,26 @@ def test_a_failed_run_keeps_the_latent_cache_and_nothing_else(demo_data, tmp_pat
 def test_an_unwritable_cache_does_not_stop_training(demo_data, tmp_path, caplog):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "latent_cache").write_text("a file where the cache folder would go")  # as a full or read-only disk
+    (out / "latent_cache").write_text("a file where the cache folder would go")  # as a read-only folder
     with caplog.at_level("WARNING", logger="lora_trainer"):
         result = train(make_cfg(demo_data, out, cache_latents_to_disk=True), progress=False)
     assert result.status == "finished" and caplog.text.count("latent cache: cannot write to") == 1
     assert (out / "latent_cache").read_text().startswith("a file")
+
+
+def test_a_failing_cache_write_does_not_stop_training(demo_data, tmp_path, monkeypatch, caplog):
+    from safetensors import SafetensorError
+
+    from lora_trainer.engine import cache
+
+    def full_disk(tensors, filename, metadata=None):  # what safetensors raises when the disk is full
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(cache, "save_file", full_disk)
+    with caplog.at_level("WARNING", logger="lora_trainer"):
+        result = train(make_cfg(demo_data, tmp_path / "out", cache_latents_to_disk=True), progress=False)
+    assert result.status == "finished" and caplog.text.count("No space left on device") == 1
+    assert not list((tmp_path / "out" / "latent_cache").glob("*"))  # and no temp file left behind
 
 
 def test_latent_cache_keys_follow_content_and_encoder(demo_data, tmp_path):

@@ -1,7 +1,7 @@
 """Latents and text embeddings computed once before training, so steps do no VAE or text-encoder work.
 
 Each image is encoded once (and once mirrored when random_flip is on). The VAE gives a posterior (mean
-and std); the cached latent is one sample of it, as kohya's cache_latents and the diffusers examples
+and std); the cached latent is one sample of it, times the model's latent scaling factor, as kohya's cache_latents and the diffusers examples
 do, drawn with a generator seeded by the run's seed and the image's key, so the sample does not depend
 on the order of the images or on where the posterior came from. With ``store`` (cache_latents_to_disk)
 the posteriors are also kept on disk, one safetensors file per image and flip, keyed by the image's
@@ -17,6 +17,10 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lora_trainer.utils.fsio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +52,8 @@ def latent_key(digest: str, resolution: int, flipped: bool, encoder: str) -> str
 
 
 class LatentStore:
-    """VAE posteriors on disk: ``<folder>/<key>.safetensors`` with ``mean`` and ``std`` (fp32)."""
+    """VAE posteriors on disk: ``<folder>/<key>.safetensors`` with ``mean`` and ``std`` (fp32, before the
+    model's latent scaling factor, so a VAE config with another factor reads them right)."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -58,32 +63,28 @@ class LatentStore:
         return self.folder / f"{key}.safetensors"
 
     def load(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         path = self.path(key)
         if not path.is_file():
             return None
         try:
             tensors = load_file(path)
-            return tensors["mean"], tensors["std"]
+            mean, std = tensors["mean"], tensors["std"]
+            if mean.ndim != 3 or mean.shape != std.shape:
+                raise ValueError(f"mean {tuple(mean.shape)} and std {tuple(std.shape)} are not one C×H×W latent")
+            return mean, std
         except (SafetensorError, OSError, KeyError, ValueError) as e:  # a cut-off write, a disk error
             log.warning("latent cache: %s is unreadable (%s); encoding that image again", path.name, e)
             return None
 
     def save(self, key: str, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Write one entry; if the disk refuses (full, read-only), warn once and train on without the store."""
-        from safetensors.torch import save_file
-
-        from lora_trainer.utils.fsio import atomic_write
-
         if not self.writable:
             return
         tensors = {"mean": mean.float().contiguous(), "std": std.float().contiguous()}
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             atomic_write(self.path(key), lambda tmp: save_file(tensors, str(tmp), metadata={"format": CACHE_FORMAT}))
-        except OSError as e:
+        except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
             self.writable = False
             log.warning("latent cache: cannot write to %s (%s); training goes on with the latents in memory only",
                         self.folder, e)
@@ -120,17 +121,18 @@ class EncodedCache:
                 if found is not None:
                     posteriors[k] = found
         todo = [i for i, per_image in enumerate(keys) if any(k not in posteriors for k in per_image.values())]
-        batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
-        for idx in tqdm(batches, desc="caching latents", unit="batch", disable=not progress):
-            pixels = torch.stack([dataset[i]["pixel_values"] for i in idx]).to(backend.device)
+        # one image per VAE call: a posterior then does not depend on which images shared its batch, so an
+        # entry loaded from disk equals the one a fresh encode would give, whatever the batch size
+        for i in tqdm(todo, desc="caching latents", unit="image", disable=not progress):
+            pixels = dataset[i]["pixel_values"][None].to(backend.device)
             for f in variants:
-                mean, std = (t.float().cpu() for t in backend.encode_image_dist(pixels.flip(-1) if f else pixels))
-                for j, i in enumerate(idx):
-                    posteriors[keys[i][f]] = (mean[j].clone(), std[j].clone())
-                    if store is not None:
-                        store.save(keys[i][f], *posteriors[keys[i][f]])
-        dtype = backend.weight_dtype
-        stacked = {f: torch.stack([_sample(*posteriors[k[f]], seed, k[f]) for k in keys]).to(dtype) for f in variants}
+                mean, std = (t[0].float().cpu() for t in backend.encode_image_dist(pixels.flip(-1) if f else pixels))
+                posteriors[keys[i][f]] = (mean, std)
+                if store is not None:
+                    store.save(keys[i][f], mean, std)
+        scale, dtype = backend.latent_scale, backend.weight_dtype
+        stacked = {f: torch.stack([_sample(*posteriors[k[f]], seed, k[f]) * scale for k in keys]).to(dtype)
+                   for f in variants}
         embeddings = {}
         if texts:
             captions = sorted({s.caption for s in dataset.samples})

@@ -37,8 +37,10 @@ class TrainingBackend(Protocol):
     def image_encoder(self) -> nn.Module:
         """The VAE whose encoder makes the latents (its weights key the latent cache)."""
 
+    latent_scale: float  # the VAE's scaling factor: a latent is a posterior sample times this
+
     def encode_image_dist(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pixels in [-1, 1] → the scaled latent posterior's (mean, std), for the latent cache."""
+        """Pixels in [-1, 1] → the VAE posterior's (mean, std), before ``latent_scale``, for the latent cache."""
 
     def encode_prompts(self, captions: list[str]) -> torch.Tensor:
         """Captions → conditioning (B×77×D); differentiable when the text encoder trains."""

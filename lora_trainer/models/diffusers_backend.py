@@ -58,11 +58,15 @@ class DiffusersBackend:
     def image_encoder(self) -> nn.Module:
         return self.vae
 
+    @property
+    def latent_scale(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
     def encode_image_dist(self, pixels):
         pixels = pixels.to(self.device, dtype=self.vae.dtype)
         with torch.no_grad():
             dist = self.vae.encode(pixels).latent_dist
-        return dist.mean * self.vae.config.scaling_factor, dist.std * self.vae.config.scaling_factor
+        return dist.mean, dist.std
 
     def encode_prompts(self, captions):
         ids = self.tokenizer(

@@ -78,10 +78,13 @@ class LdmBackend:
         with torch.no_grad():
             return self.sd_model.get_first_stage_encoding(self._encode(pixels)).to(self.weight_dtype)
 
+    @property
+    def latent_scale(self) -> float:
+        return float(self.sd_model.scale_factor)  # a float or a 0-d buffer (scale_by_std) in CompVis' LatentDiffusion
+
     def encode_image_dist(self, pixels):
-        posterior = self._encode(pixels)
-        scale = float(getattr(self.sd_model, "scale_factor", 1.0))
-        return posterior.mean * scale, posterior.std * scale
+        posterior = self._encode(pixels)  # SD 1.x/2.x: a DiagonalGaussianDistribution
+        return posterior.mean, posterior.std
 
     def encode_prompts(self, captions):
         return self.sd_model.get_learned_conditioning(list(captions))
