@@ -336,3 +336,25 @@ def test_demo_set_is_idempotent_and_refuses_other_folders(tmp_path):
     with pytest.raises(DatasetError, match="not a demo set"):
         make_demo_dataset(own_csv)
     assert (own_csv / "metadata.csv").read_text(encoding="utf-8").endswith("my trip\n")
+
+
+def test_prefetch_keeps_order_and_stays_within_its_window():
+    import threading
+    import time
+
+    from lora_trainer.data.images import prefetch
+
+    started, lock = [], threading.Lock()
+
+    def work(i):
+        with lock:
+            started.append(i)
+        time.sleep(0.001 * (7 - i % 7))  # later items finish first
+        return i * i
+
+    out = []
+    for k, value in enumerate(prefetch(work, range(40), ahead=3)):
+        out.append(value)
+        assert len(started) <= k + 1 + 3, "more than `ahead` items in flight"
+    assert out == [i * i for i in range(40)]
+    assert list(prefetch(work, [])) == []

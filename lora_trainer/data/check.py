@@ -9,7 +9,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import logging
-import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -20,7 +19,7 @@ import yaml
 
 from lora_trainer.data.captions import split_tags, tag_frequency
 from lora_trainer.data.dataset import DatasetScan, scan_dataset
-from lora_trainer.data.images import ImageError, load_image, strict_decoding
+from lora_trainer.data.images import ImageError, decode_threads, load_image, strict_decoding
 from lora_trainer.data.phash import near_pairs, phash
 from lora_trainer.data.tokens import TOKEN_WINDOW, count_tokens
 from lora_trainer.errors import DatasetError, LoraTrainerError
@@ -280,7 +279,7 @@ def check_scan(scan: DatasetScan, resolution: int = 512, caption_prefix: str = "
     infos = [scan.facts.get(s.path) for s in scan.samples]
     todo = [k for k, info in enumerate(infos) if info is None]  # a scan made without inspect=image_facts
     if todo:
-        with strict_decoding(), ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        with strict_decoding(), ThreadPoolExecutor(decode_threads()) as pool:
             results = pool.map(_inspect, [scan.samples[k].path for k in todo])
             if progress:
                 from tqdm.auto import tqdm

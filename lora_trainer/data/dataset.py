@@ -16,6 +16,7 @@ from lora_trainer.data.captions import read_metadata_csv, strip_markdown, tag_fr
 from lora_trainer.data.images import (
     IMAGE_EXTENSIONS,
     ImageError,
+    decode_threads,
     is_image_name,
     load_image,
     resize_center_crop,
@@ -228,7 +229,7 @@ def scan_dataset(root, metadata_path=None, caption_extension: str = ".txt", capt
         log.warning("skipped %s: %s", rel, reason)
 
     order = sorted(candidates)
-    with strict_decoding(), ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # decoding frees the GIL
+    with strict_decoding(), ThreadPoolExecutor(decode_threads()) as pool:
         checked = list(pool.map(lambda rel: _check(root, candidates[rel], inspect), order))
     for rel, (reason, fact) in zip(order, checked):
         if reason:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +18,27 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _16BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # in PNG files these hold 16-bit gray
+
+
+def decode_threads() -> int:
+    """How many threads decode images at once (PIL decodes and resizes without holding the GIL)."""
+    return min(8, os.cpu_count() or 1)
+
+
+def prefetch(fn: Callable, items: Iterable, ahead: int | None = None) -> Iterator:
+    """``fn(item)`` for each item, in order, computed by decoding threads at most ``ahead`` items in advance
+    (so a slow consumer, a VAE, never holds more than that many decoded images)."""
+    threads = decode_threads()
+    ahead = ahead or 2 * threads
+    items = iter(items)
+    with ThreadPoolExecutor(threads) as pool:
+        pending = deque(pool.submit(fn, item) for _, item in zip(range(ahead), items))
+        while pending:
+            result = pending.popleft().result()
+            for item in items:  # one more in flight for the one taken
+                pending.append(pool.submit(fn, item))
+                break
+            yield result
 
 
 class ImageError(Exception):

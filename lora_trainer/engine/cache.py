@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lora_trainer.data.images import prefetch
 from lora_trainer.utils.fsio import atomic_write
 
 log = logging.getLogger(__name__)
@@ -123,8 +124,10 @@ class EncodedCache:
         todo = [i for i, per_image in enumerate(keys) if any(k not in posteriors for k in per_image.values())]
         # one image per VAE call: a posterior then does not depend on which images shared its batch, so an
         # entry loaded from disk equals the one a fresh encode would give, whatever the batch size
-        for i in tqdm(todo, desc="caching latents", unit="image", disable=not progress):
-            pixels = dataset[i]["pixel_values"][None].to(backend.device)
+        decoded = prefetch(dataset.__getitem__, todo)  # the next images decode while the VAE works
+        for i, item in tqdm(zip(todo, decoded), total=len(todo), desc="caching latents", unit="image",
+                            disable=not progress):
+            pixels = item["pixel_values"][None].to(backend.device)
             for f in variants:
                 mean, std = (t[0].float().cpu() for t in backend.encode_image_dist(pixels.flip(-1) if f else pixels))
                 posteriors[keys[i][f]] = (mean, std)
