@@ -138,3 +138,13 @@ def test_latent_cache_on_disk_with_the_webui_model(setup, tmp_path, caplog):
     with caplog.at_level("INFO", logger="lora_trainer"):
         again = train(make_cfg(data, out, cache_latents_to_disk=True), backend=backend, progress=False)
     assert again.status == "finished" and "4 loaded from" in caplog.text and "0 encoded" in caplog.text
+
+
+def test_an_encoder_that_returns_the_latent_itself(setup, monkeypatch):
+    sd_model, backend, _ = setup
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    expected = sd_model.encode_first_stage(x).mean
+    monkeypatch.setattr(sd_model, "encode_first_stage", lambda pixels: sd_model.first_stage_model.encode(pixels)
+                        .latent_dist.mean)
+    mean, std = backend.encode_image_dist(x)
+    assert torch.allclose(mean, expected) and torch.count_nonzero(std) == 0

@@ -84,6 +84,8 @@ class LdmBackend:
 
     def encode_image_dist(self, pixels):
         posterior = self._encode(pixels)  # SD 1.x/2.x: a DiagonalGaussianDistribution
+        if isinstance(posterior, torch.Tensor):  # an encoder that gives the latent itself: no spread
+            return posterior, torch.zeros_like(posterior)
         return posterior.mean, posterior.std
 
     def encode_prompts(self, captions):
