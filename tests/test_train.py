@@ -275,7 +275,8 @@ def _same_lora(a, b):
 
 
 def test_latent_cache_on_disk_is_reused_by_later_runs(demo_data, tmp_path, caplog):
-    from lora_trainer.engine.cache import encoder_fingerprint, file_digest, latent_key
+    from lora_trainer.data.images import file_digest
+    from lora_trainer.engine.cache import encoder_fingerprint, latent_key
 
     out = tmp_path / "out"
     memory_only = train(make_cfg(demo_data, tmp_path / "mem", max_train_steps=3), progress=False)
@@ -364,7 +365,8 @@ def test_a_failing_cache_write_does_not_stop_training(demo_data, tmp_path, monke
 
 
 def test_latent_cache_keys_follow_content_and_encoder(demo_data, tmp_path):
-    from lora_trainer.engine.cache import encoder_fingerprint, file_digest, latent_key
+    from lora_trainer.data.images import file_digest
+    from lora_trainer.engine.cache import encoder_fingerprint, latent_key
 
     backend = load_diffusers_backend("tiny-demo", torch.device("cpu"), torch.float32)
     fp = encoder_fingerprint(backend.image_encoder())

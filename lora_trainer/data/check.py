@@ -7,7 +7,6 @@ the tab's check panel and the training run (before it starts) print the same rep
 from __future__ import annotations
 
 import difflib
-import hashlib
 import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ import yaml
 
 from lora_trainer.data.captions import split_tags, tag_frequency
 from lora_trainer.data.dataset import DatasetScan, scan_dataset
-from lora_trainer.data.images import ImageError, decode_threads, load_image, strict_decoding
+from lora_trainer.data.images import ImageError, decode_threads, file_digest, load_image, strict_decoding
 from lora_trainer.data.phash import near_pairs, phash
 from lora_trainer.data.tokens import TOKEN_WINDOW, count_tokens
 from lora_trainer.errors import DatasetError, LoraTrainerError
@@ -117,7 +116,7 @@ class _ImageInfo:
 
 def image_facts(path: Path, img) -> _ImageInfo:
     """Size, perceptual hash and file digest of a decoded image (``scan_dataset(inspect=image_facts)``)."""
-    return _ImageInfo(img.size, phash(img), hashlib.sha256(path.read_bytes()).hexdigest())
+    return _ImageInfo(img.size, phash(img), file_digest(path))
 
 
 def _inspect(path: Path) -> _ImageInfo:

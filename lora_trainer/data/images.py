@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 from collections import deque
@@ -18,6 +19,11 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _16BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # in PNG files these hold 16-bit gray
+
+
+def file_digest(path) -> str:
+    """The sha256 of a file's bytes: identical files, and the latent cache's key of an image."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def decode_threads() -> int:

@@ -1,9 +1,9 @@
 """Latents and text embeddings computed once before training, so steps do no VAE or text-encoder work.
 
 Each image is encoded once (and once mirrored when random_flip is on). The VAE gives a posterior (mean
-and std); the cached latent is one sample of it, times the model's latent scaling factor, as kohya's cache_latents and the diffusers examples
-do, drawn with a generator seeded by the run's seed and the image's key, so the sample does not depend
-on the order of the images or on where the posterior came from. With ``store`` (cache_latents_to_disk)
+and std); the cached latent is one sample of it times the latent scaling factor, as kohya's cache_latents
+and the diffusers examples do, drawn with a generator seeded by the run's seed and the image's key, so
+the sample does not depend on the order of the images or on where the posterior came from. With ``store`` (cache_latents_to_disk)
 the posteriors are also kept on disk, one safetensors file per image and flip, keyed by the image's
 content, the resolution and the VAE encoder's weights: another run on the same images loads them and
 encodes only what is new. Captions are encoded once each when the text encoder is frozen. Everything is
@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lora_trainer.data.images import prefetch
+from lora_trainer.data.images import file_digest, prefetch
 from lora_trainer.utils.fsio import atomic_write
 
 log = logging.getLogger(__name__)
@@ -40,10 +40,6 @@ def encoder_fingerprint(vae: torch.nn.Module) -> str:
         digest.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
         digest.update(p.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:32]
-
-
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def latent_key(digest: str, resolution: int, flipped: bool, encoder: str) -> str:

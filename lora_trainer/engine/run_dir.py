@@ -26,15 +26,15 @@ def holds_a_run(folder: Path) -> bool:
 
 def remove_run(run_dir: Path) -> None:
     """Delete a run folder that holds nothing worth keeping; the shared latent cache in it stays."""
-    if not (run_dir / LATENT_CACHE).is_dir():
-        shutil.rmtree(run_dir, ignore_errors=True)
-        return
-    for p in run_dir.iterdir():
-        if p.name != LATENT_CACHE:
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
+    for p in run_dir.iterdir() if run_dir.is_dir() else ():
+        if p.name == LATENT_CACHE:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # empty now, unless the cache stays
+        run_dir.rmdir()
 
 
 def prepare_run_dir(output_dir: str, resume: str | None) -> tuple[Path, Path | None]:
