@@ -104,10 +104,10 @@ class EncodedCache:
     @torch.no_grad()
     def build(cls, backend, dataset, batch_size: int, seed: int, flips: bool, texts: bool, progress: bool = True,
               digests: list[str] | None = None, store: LatentStore | None = None) -> EncodedCache:
-        """Encode ``dataset`` (an ImageDataset); ``digests``: each image file's sha256, when already known."""
+        """Encode ``dataset`` (an ImageDataset); ``digests``: each image file's sha256 where already known."""
         from tqdm.auto import tqdm
 
-        digests = digests or [file_digest(s.path) for s in dataset.samples]
+        digests = [d or file_digest(s.path) for d, s in zip(digests or [None] * len(dataset), dataset.samples)]
         encoder = encoder_fingerprint(backend.image_encoder())
         variants = (False, True) if flips else (False,)
         keys = [{f: latent_key(dig, dataset.resolution, f, encoder) for f in variants} for dig in digests]

@@ -244,7 +244,7 @@ def _train_in(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepar
             store = LatentStore(latent_cache_dir(cfg.output.output_dir)) if t.cache_latents_to_disk else None
             cache = EncodedCache.build(backend, dataset, t.batch_size, t.seed, flips=d.random_flip,
                                        texts=t.cache_text_embeddings and not t.train_text_encoder,
-                                       progress=progress, digests=None if None in digests else digests, store=store)
+                                       progress=progress, digests=digests, store=store)
         cbs = CallbackList([callbacks])
         cbs.on_start(plan.total_steps, run_dir)
         writer = _tensorboard(log_dir, cfg.output.log_with == "tensorboard")
