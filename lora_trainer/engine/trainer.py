@@ -24,8 +24,9 @@ from diffusers.training_utils import cast_training_params
 
 from lora_trainer.config import Config, resolve_mixed_precision, save_config, validate_paths
 from lora_trainer.data.check import check_scan, image_facts
-from lora_trainer.data.dataset import ImageDataset, collate, scan_dataset
+from lora_trainer.data.dataset import ImageDataset, scan_dataset
 from lora_trainer.engine import checkpoint as ckpt
+from lora_trainer.engine.batches import Plan, batch_stream
 from lora_trainer.engine.cache import EncodedCache, LatentStore
 from lora_trainer.engine.events import Callbacks, CallbackList, StepInfo, TrainResult
 from lora_trainer.engine.lora import add_lora, load_trainable_state, trainable_state
@@ -45,46 +46,11 @@ class TrainingError(LoraTrainerError):
     """Training went wrong in a way the user can act on (NaN loss, out of memory)."""
 
 
-@dataclass(frozen=True)
-class Plan:
-    """How many images, batches and optimizer steps the run has."""
-
-    num_images: int
-    batch_size: int
-    grad_accum: int
-    total_steps: int
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return math.ceil(self.num_images / self.batch_size)
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return math.ceil(self.batches_per_epoch / self.grad_accum)
-
-    @property
-    def epochs(self) -> int:
-        return math.ceil(self.total_steps / self.steps_per_epoch)
-
-    @classmethod
-    def from_config(cls, cfg: Config, num_images: int) -> Plan:
-        t = cfg.training
-        plan = cls(num_images, t.batch_size, t.gradient_accumulation_steps, 0)
-        total = t.max_train_steps or t.epochs * plan.steps_per_epoch
-        return dataclasses.replace(plan, total_steps=total)
-
-
 def pick_device(mixed_precision: str) -> tuple[torch.device, str]:
     """The GPU if there is one, and the precision ``mixed_precision`` resolves to on it."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     return device, resolve_mixed_precision(mixed_precision, device.type, bf16)
-
-
-def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The shuffled batches of one epoch: a pure function of (seed, epoch), so a resume finds its place."""
-    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed + 1_000_003 * epoch)).tolist()
-    return [order[i : i + batch_size] for i in range(0, num_images, batch_size)]
 
 
 class _CtrlC:
@@ -294,64 +260,57 @@ def _train_in(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepar
                                       min_snr_gamma=t.min_snr_gamma)
 
         stopped = False
+        bpe = plan.batches_per_epoch
+        stream = batch_stream(plan, t.seed, step, None if cache is not None else dataset,
+                              [x.caption for x in scan.samples], t.dataloader_num_workers,
+                              pin_memory=device.type == "cuda")
         try:
-            while step < plan.total_steps and not stopped:
-                epoch = step // plan.steps_per_epoch
-                batches = epoch_batches(plan.num_images, plan.batch_size, t.seed, epoch)
-                first = (step - epoch * plan.steps_per_epoch) * plan.grad_accum
-                if cache is not None:  # no image is read again: batches are indices and captions
-                    loader = ({"indices": torch.tensor(b), "captions": [scan.samples[j].caption for j in b]}
-                              for b in batches[first:])
-                else:  # its own generator, so making a loader draws nothing from the global RNG (exact resume)
-                    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches[first:], collate_fn=collate,
-                                                         num_workers=t.dataloader_num_workers,
-                                                         pin_memory=device.type == "cuda",
-                                                         generator=torch.Generator().manual_seed(t.seed + epoch))
+            step_loss = 0.0
+            for epoch, i, batch in stream:
+                group_size = min(plan.grad_accum, bpe - (i // plan.grad_accum) * plan.grad_accum)
+                loss = one_micro_batch(batch)
+                loss_value = loss.item()  # the one host sync of a micro-batch
+                if not math.isfinite(loss_value):
+                    raise TrainingError(
+                        f"the loss became {loss_value} at step {step + 1}: lower training.learning_rate, "
+                        "or use mixed_precision bf16 or no instead of fp16")
+                scaler.scale(loss / group_size).backward()
+                step_loss += loss_value / group_size
+                if (i + 1) % plan.grad_accum and i + 1 < bpe:
+                    continue
+                # --- one optimizer step
+                if t.max_grad_norm > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], t.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                losses.append(step_loss)
+                first_loss = step_loss if first_loss is None else first_loss
+                lr = lr_scheduler.get_last_lr()[0]
+                elapsed = time.time() - loop_start
+                info = StepInfo(step, plan.total_steps, epoch + 1, step_loss, sum(losses) / len(losses), lr,
+                                elapsed, (step - start_step) / elapsed if elapsed > 0 else 0.0)
+                bar.update(1)
+                bar.set_postfix(loss=f"{info.loss_avg:.4f}", lr=f"{lr:.2e}", epoch=epoch + 1)
+                if writer is not None:
+                    writer.add_scalar("train/loss", step_loss, step)
+                    writer.add_scalar("train/lr", lr, step)
+                cbs.on_step(info)
                 step_loss = 0.0
-                for i, batch in enumerate(loader, start=first):
-                    group_size = min(plan.grad_accum, len(batches) - (i // plan.grad_accum) * plan.grad_accum)
-                    loss = one_micro_batch(batch)
-                    loss_value = loss.item()  # the one host sync of a micro-batch
-                    if not math.isfinite(loss_value):
-                        raise TrainingError(
-                            f"the loss became {loss_value} at step {step + 1}: lower training.learning_rate, "
-                            "or use mixed_precision bf16 or no instead of fp16")
-                    scaler.scale(loss / group_size).backward()
-                    step_loss += loss_value / group_size
-                    if (i + 1) % plan.grad_accum and i + 1 < len(batches):
-                        continue
-                    # --- one optimizer step
-                    if t.max_grad_norm > 0:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], t.max_grad_norm)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
-                    losses.append(step_loss)
-                    first_loss = step_loss if first_loss is None else first_loss
-                    lr = lr_scheduler.get_last_lr()[0]
-                    elapsed = time.time() - loop_start
-                    info = StepInfo(step, plan.total_steps, epoch + 1, step_loss, sum(losses) / len(losses), lr,
-                                    elapsed, (step - start_step) / elapsed if elapsed > 0 else 0.0)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{info.loss_avg:.4f}", lr=f"{lr:.2e}", epoch=epoch + 1)
-                    if writer is not None:
-                        writer.add_scalar("train/loss", step_loss, step)
-                        writer.add_scalar("train/lr", lr, step)
-                    cbs.on_step(info)
-                    step_loss = 0.0
-                    if t.save_steps and step % t.save_steps == 0 and step < plan.total_steps:
+                epochs_done, mid_epoch = divmod(step, plan.steps_per_epoch)
+                if step < plan.total_steps:  # the last step's state is the exported LoRA
+                    if t.save_steps and step % t.save_steps == 0:
                         save("save_steps")
-                    if ctrl_c.requested or cbs.should_stop():
-                        stopped = True
-                        break
-                    if step >= plan.total_steps:
-                        break
-                end_of_epoch = step % plan.steps_per_epoch == 0 and step < plan.total_steps
-                if end_of_epoch and t.save_every_n_epochs and (step // plan.steps_per_epoch) % t.save_every_n_epochs == 0:
-                    save("save_every_n_epochs")
+                    if not mid_epoch and t.save_every_n_epochs and epochs_done % t.save_every_n_epochs == 0:
+                        save("save_every_n_epochs")
+                if ctrl_c.requested or cbs.should_stop():
+                    stopped = True
+                    break
+                if step >= plan.total_steps:
+                    break
         except (TrainingError, torch.cuda.OutOfMemoryError) as e:
             # the weights are still those of the last complete step: keep them, so nothing trained is lost
             optimizer.zero_grad(set_to_none=True)
@@ -365,6 +324,7 @@ def _train_in(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepar
                 "out of GPU memory: lower training.batch_size (and raise gradient_accumulation_steps to keep the "
                 "effective batch), turn on training.gradient_checkpointing, or lower data.resolution") from e
         finally:
+            stream.close()
             bar.close()
             if writer is not None:
                 writer.close()

@@ -1,0 +1,109 @@
+"""Which images each micro-batch of a run holds, and the stream that reads them ahead of the GPU.
+
+The order is a pure function of (seed, epoch), so a resume finds its place. The whole rest of a run
+is one stream: images are decoded ahead across epoch boundaries, by threads (PIL decodes and
+resizes without holding the GIL) or, with ``dataloader_num_workers``, by one set of DataLoader
+worker processes for the whole run instead of a new set each epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import islice
+
+import torch
+
+from lora_trainer.data.dataset import ImageDataset, collate
+from lora_trainer.data.images import decode_threads, prefetch
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How many images, batches and optimizer steps the run has."""
+
+    num_images: int
+    batch_size: int
+    grad_accum: int
+    total_steps: int
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(self.num_images / self.batch_size)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.batches_per_epoch / self.grad_accum)
+
+    @property
+    def epochs(self) -> int:
+        return math.ceil(self.total_steps / self.steps_per_epoch)
+
+    @classmethod
+    def from_config(cls, cfg, num_images: int) -> Plan:
+        t = cfg.training
+        plan = cls(num_images, t.batch_size, t.gradient_accumulation_steps, 0)
+        total = t.max_train_steps or t.epochs * plan.steps_per_epoch
+        return dataclasses.replace(plan, total_steps=total)
+
+
+def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The shuffled batches of one epoch: a pure function of (seed, epoch), so a resume finds its place."""
+    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed + 1_000_003 * epoch)).tolist()
+    return [order[i : i + batch_size] for i in range(0, num_images, batch_size)]
+
+
+def schedule(plan: Plan, seed: int, step: int) -> Iterator[tuple[int, int, list[int]]]:
+    """(epoch, micro-batch index in its epoch, image indices) of every micro-batch from optimizer step ``step``
+    to the end of the last epoch."""
+    epoch = step // plan.steps_per_epoch
+    first = (step - epoch * plan.steps_per_epoch) * plan.grad_accum
+    for e in range(epoch, plan.epochs):
+        batches = epoch_batches(plan.num_images, plan.batch_size, seed, e)
+        for i in range(first if e == epoch else 0, len(batches)):
+            yield e, i, batches[i]
+
+
+def _decoded_in_threads(dataset: ImageDataset, batches: Iterator[list[int]], batch_size: int) -> Iterator[dict]:
+    sizes: list[int] = []
+
+    def indices():
+        for b in batches:
+            sizes.append(len(b))
+            yield from b
+
+    images = prefetch(dataset.__getitem__, indices(), ahead=max(2 * decode_threads(), 2 * batch_size))
+    with contextlib.closing(images):  # a run that stops early lets the decoding threads go at once
+        while True:
+            first = next(images, None)
+            if first is None:
+                return
+            yield collate([first, *islice(images, sizes.pop(0) - 1)])
+
+
+def batch_stream(plan: Plan, seed: int, step: int, dataset: ImageDataset | None, captions: list[str],
+                 num_workers: int = 0, pin_memory: bool = False) -> Iterator[tuple[int, int, dict]]:
+    """(epoch, index in epoch, batch) for the rest of the run. ``dataset`` None (latents cached): a batch is
+    its image indices and captions, nothing is read; else ``pixel_values`` too, decoded ahead."""
+    positions = schedule(plan, seed, step)
+    if dataset is None:
+        for e, i, b in positions:
+            yield e, i, {"indices": torch.tensor(b), "captions": [captions[j] for j in b]}
+        return
+    batches = (b for _, _, b in schedule(plan, seed, step))
+    if num_workers > 0:  # its own generator, so making the loader draws nothing from the global RNG (exact resume)
+        loaded = iter(torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
+                                                  num_workers=num_workers, pin_memory=pin_memory,
+                                                  generator=torch.Generator().manual_seed(seed)))
+    else:
+        loaded = _decoded_in_threads(dataset, batches, plan.batch_size)
+    try:
+        for (e, i, _), batch in zip(positions, loaded):
+            yield e, i, batch
+    finally:
+        if hasattr(loaded, "close"):
+            loaded.close()
+        del loaded  # a DataLoader's workers end with their iterator
