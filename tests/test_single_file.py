@@ -98,3 +98,18 @@ def test_shipped_sd15_config_and_tokenizer():
     tok = CLIPTokenizer.from_pretrained(SD15_CONFIG / "tokenizer")
     assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert len(tok) == 49408 and tok.model_max_length == 77
+
+
+def test_tiny_model_folder_has_the_vocabulary_files_every_transformers_reads(tmp_path):
+    # transformers 5 writes only tokenizer.json; 4.x (the WebUI's pins) reads vocab.json + merges.txt
+    from transformers import CLIPTokenizer
+
+    from lora_trainer.models.diffusers_backend import load_pipeline
+    from lora_trainer.models.tiny import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "tiny")
+    tok = folder / "tokenizer"
+    from_files = CLIPTokenizer(str(tok / "vocab.json"), str(tok / "merges.txt"), model_max_length=77)
+    pipe, _ = load_pipeline(str(folder))
+    text = "a photo of a cat, **core style**"
+    assert from_files(text).input_ids == pipe.tokenizer(text).input_ids

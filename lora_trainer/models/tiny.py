@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 TINY_NAME = "tiny-demo"
-TINY_VERSION = "2"  # bump when the architecture below changes; the cache folder is keyed by it
+TINY_VERSION = "3"  # bump when the folder written below changes; the cache folder is keyed by it
 TINY_RESOLUTION = 64
 
 
@@ -119,6 +119,9 @@ def save_tiny_model(folder: str | os.PathLike, seed: int = 0) -> Path:
         **parts, tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
     pipe.save_pretrained(folder, safe_serialization=True)
+    # transformers 5 saves only tokenizer.json, which transformers 4.x's CLIPTokenizer cannot read; with the
+    # vocabulary files too, one cached folder serves the WebUI's pins and the newest releases alike
+    write_tiny_tokenizer(folder / "tokenizer")
     for f in tok_dir.iterdir():
         f.unlink()
     tok_dir.rmdir()
