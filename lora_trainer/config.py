@@ -36,6 +36,7 @@ class DataConfig:
     recursive: bool = False
     resolution: int = 512
     random_flip: bool = False
+    fast_jpeg_decode: bool = True
 
 
 @dataclass

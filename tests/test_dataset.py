@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import struct
 import zlib
@@ -358,3 +359,22 @@ def test_prefetch_keeps_order_and_stays_within_its_window():
         assert len(started) <= k + 1 + 3, "more than `ahead` items in flight"
     assert out == [i * i for i in range(40)]
     assert list(prefetch(work, [])) == []
+
+
+def test_fast_jpeg_decode_reads_fewer_pixels_and_nearly_the_same_image(tmp_path, monkeypatch):
+    import lora_trainer.data.dataset as dataset_mod
+
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 255, (192, 256, 3), dtype=np.uint8)).resize((1024, 768))
+    photo.save(tmp_path / "photo.jpg", quality=92)
+    (tmp_path / "photo.txt").write_text("a photo")
+    samples = scan_dataset(tmp_path).samples
+    sizes = []
+    real = dataset_mod.resize_center_crop
+    monkeypatch.setattr(dataset_mod, "resize_center_crop", lambda img, res: sizes.append(img.size) or real(img, res))
+    full = ImageDataset(samples, 64)[0]["pixel_values"]
+    fast = ImageDataset(samples, 64, fast_jpeg_decode=True)[0]["pixel_values"]
+    # 1/4 scale is the smallest still at least 2 x 64 on both sides (1/8 would be 128 x 96)
+    assert sizes == [(1024, 768), (256, 192)]
+    mse = ((full - fast) * 127.5).pow(2).mean().item()
+    assert 10 * math.log10(255**2 / mse) > 38, mse  # within JPEG's own noise

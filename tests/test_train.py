@@ -303,7 +303,7 @@ def test_latent_cache_on_disk_is_reused_by_later_runs(demo_data, tmp_path, caplo
 
     # an unreadable entry is encoded again, with a warning: still the same LoRA (one image per VAE call)
     encoder = encoder_fingerprint(load_pipeline("tiny-demo")[0].vae)
-    victim = store / f"{latent_key(file_digest(demo_data / 'demo_001.png'), 64, False, encoder)}.safetensors"
+    victim = store / f"{latent_key(file_digest(demo_data / 'demo_001.png'), 64, False, encoder, True)}.safetensors"
     victim.write_bytes(b"cut off")
     caplog.clear()
     with caplog.at_level("WARNING", logger="lora_trainer"):
@@ -423,3 +423,10 @@ def test_attention_is_pytorch_sdpa_everywhere():
         assert {type(p) for p in module.attn_processors.values()} == {AttnProcessor2_0}
     if getattr(type(backend.text_encoder), "_supports_sdpa", False):  # transformers >= 4.41; A1111's 4.30 has none
         assert backend.text_encoder.config._attn_implementation == "sdpa"
+
+
+def test_latent_cache_keys_follow_the_decoding(demo_data):
+    from lora_trainer.engine.cache import latent_key
+
+    assert latent_key("d", 64, False, "e") == latent_key("d", 64, False, "e", fast_jpeg_decode=False)
+    assert latent_key("d", 64, False, "e") != latent_key("d", 64, False, "e", fast_jpeg_decode=True)

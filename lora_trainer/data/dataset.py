@@ -267,17 +267,22 @@ def _nothing_usable(scan: DatasetScan, n_images: int, others: Counter, recursive
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Samples → resized, center-cropped pixel tensors in [-1, 1] and their captions."""
+    """Samples → resized, center-cropped pixel tensors in [-1, 1] and their captions.
 
-    def __init__(self, samples: list[Sample], resolution: int):
-        self.samples, self.resolution = list(samples), resolution
+    ``fast_jpeg_decode``: JPEGs decode at a reduced scale (libjpeg's DCT scaling), at least twice the
+    resolution, so the resize that follows still filters down from more pixels than it keeps.
+    """
+
+    def __init__(self, samples: list[Sample], resolution: int, fast_jpeg_decode: bool = False):
+        self.samples, self.resolution, self.fast_jpeg_decode = list(samples), resolution, fast_jpeg_decode
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> dict:
         s = self.samples[i]
-        pixels = to_tensor(resize_center_crop(load_image(s.path), self.resolution))
+        draft = 2 * self.resolution if self.fast_jpeg_decode else None
+        pixels = to_tensor(resize_center_crop(load_image(s.path, draft=draft), self.resolution))
         return {"pixel_values": pixels, "caption": s.caption, "index": i}
 
 

@@ -42,9 +42,12 @@ def encoder_fingerprint(vae: torch.nn.Module) -> str:
     return digest.hexdigest()[:32]
 
 
-def latent_key(digest: str, resolution: int, flipped: bool, encoder: str) -> str:
-    """The cache key of one image (by its file's sha256) at one resolution, mirrored or not, for one VAE."""
+def latent_key(digest: str, resolution: int, flipped: bool, encoder: str,
+               fast_jpeg_decode: bool = False) -> str:
+    """The cache key of one image (by its file's sha256) at one resolution, mirrored or not, for one VAE,
+    decoded fully or at a reduced JPEG scale."""
     text = f"{CACHE_FORMAT}|{digest}|{resolution}|{int(flipped)}|{encoder}"
+    text += "|jpeg-draft-2x" if fast_jpeg_decode else ""  # (full decodes keep the keys they always had)
     return hashlib.sha256(text.encode()).hexdigest()[:40]
 
 
@@ -110,7 +113,8 @@ class EncodedCache:
         digests = [d or file_digest(s.path) for d, s in zip(digests or [None] * len(dataset), dataset.samples)]
         encoder = encoder_fingerprint(backend.image_encoder())
         variants = (False, True) if flips else (False,)
-        keys = [{f: latent_key(dig, dataset.resolution, f, encoder) for f in variants} for dig in digests]
+        fast = dataset.fast_jpeg_decode
+        keys = [{f: latent_key(dig, dataset.resolution, f, encoder, fast) for f in variants} for dig in digests]
         posteriors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if store is not None:
             for k in {k for per_image in keys for k in per_image.values()}:

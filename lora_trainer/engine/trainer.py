@@ -203,7 +203,7 @@ def _train_in(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepar
             step = restored.step
             log.info("resumed from %s at step %d of %d", resume_from, step, plan.total_steps)
 
-        dataset = ImageDataset(scan.samples, d.resolution)
+        dataset = ImageDataset(scan.samples, d.resolution, d.fast_jpeg_decode)
         cache = None
         if t.cache_latents:
             digests = [getattr(scan.facts.get(s.path), "digest", "") or None for s in scan.samples]
