@@ -153,3 +153,33 @@ def test_cli_check_prints_writes_json_and_sets_the_exit_code(flawed, tmp_path, c
     assert main(["check", str(tmp_path / "nothing")]) == 1
     assert "[error]" in capsys.readouterr().out
     assert main(["check"]) == 2  # no folder and no config
+
+
+def test_large_jpegs_are_checked_at_a_reduced_scale_with_their_whole_size(tmp_path, monkeypatch):
+    import lora_trainer.data.check as check_mod
+    from lora_trainer.data.check import image_facts
+
+    root = tmp_path / "set"
+    root.mkdir()
+    picture(1, 1024, 768).save(root / "wide.jpg", quality=92)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned by 90°: 600 wide, 800 high
+    picture(2, 800, 600).save(root / "turned.jpg", quality=92, exif=exif.tobytes())
+    decoded = {}
+
+    def spy(path, img, size):
+        decoded[path.name] = img.size
+        return image_facts(path, img, size)
+
+    scan = scan_dataset(root, inspect=spy)
+    assert decoded == {"wide.jpg": (256, 192), "turned.jpg": (150, 200)}  # 1/4 scale: the smallest >= 128 px
+    facts = {p.name: f for p, f in scan.facts.items()}
+    assert facts["wide.jpg"].size == (1024, 768) and facts["turned.jpg"].size == (600, 800)
+    full = phash(picture(1, 1024, 768))
+    assert np.count_nonzero(full != facts["wide.jpg"].phash) <= 4  # the same picture to the duplicate check
+    small = [f for f in check_scan(scan, 700).findings if f.check == "small"]  # the files' own sizes
+    assert small[0].files == ["turned.jpg (600×800)"]
+    # a scan made without inspect: the check decodes them itself, the same way
+    monkeypatch.setattr(check_mod, "phash", lambda img: decoded.setdefault("again", img.size) and full)
+    small = [f for f in check_scan(scan_dataset(root), 700).findings if f.check == "small"]
+    assert small[0].files == ["turned.jpg (600×800)"] and decoded["again"] in ((256, 192), (150, 200))

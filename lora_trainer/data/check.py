@@ -18,7 +18,14 @@ import yaml
 
 from lora_trainer.data.captions import split_tags, tag_frequency
 from lora_trainer.data.dataset import DatasetScan, scan_dataset
-from lora_trainer.data.images import ImageError, decode_threads, file_digest, load_image, strict_decoding
+from lora_trainer.data.images import (
+    SCAN_DRAFT_PX,
+    ImageError,
+    decode_threads,
+    file_digest,
+    open_image,
+    strict_decoding,
+)
 from lora_trainer.data.phash import near_pairs, phash
 from lora_trainer.data.tokens import TOKEN_WINDOW, count_tokens
 from lora_trainer.errors import DatasetError, LoraTrainerError
@@ -114,14 +121,14 @@ class _ImageInfo:
     error: str = ""
 
 
-def image_facts(path: Path, img) -> _ImageInfo:
+def image_facts(path: Path, img, size: tuple[int, int]) -> _ImageInfo:
     """Size, perceptual hash and file digest of a decoded image (``scan_dataset(inspect=image_facts)``)."""
-    return _ImageInfo(img.size, phash(img), file_digest(path))
+    return _ImageInfo(size, phash(img), file_digest(path))
 
 
 def _inspect(path: Path) -> _ImageInfo:
     try:
-        return image_facts(path, load_image(path))
+        return image_facts(path, *open_image(path, draft=SCAN_DRAFT_PX))
     except ImageError as e:  # changed since the scan
         return _ImageInfo(error=e.reason)
 

@@ -18,7 +18,9 @@ from lora_trainer.data.images import (
     ImageError,
     decode_threads,
     is_image_name,
+    SCAN_DRAFT_PX,
     load_image,
+    open_image,
     resize_center_crop,
     strict_decoding,
     to_tensor,
@@ -123,14 +125,14 @@ def _did_you_mean(rel: str, images: dict[str, Path]) -> str:
 
 
 def _check(root: Path, path: Path, inspect=None) -> tuple[str | None, object]:
-    """(why the image cannot be used or None, what ``inspect(path, image)`` made of the decoded image)."""
+    """(why the image cannot be used or None, what ``inspect(path, image, size)`` made of the image)."""
     if not _inside(root, path):
         return "escapes the dataset folder (a link to a file outside it)", None
-    try:
-        img = load_image(path)
+    try:  # every byte is decoded (a damaged file fails), a large JPEG at 1/8 scale: the check needs no more
+        img, size = open_image(path, draft=SCAN_DRAFT_PX)
     except ImageError as e:
         return e.reason, None
-    return None, inspect(path, img) if inspect else None
+    return None, inspect(path, img, size) if inspect else None
 
 
 def _read_sidecar(path: Path, problems: list[str]) -> str | None:
@@ -214,8 +216,9 @@ def scan_dataset(root, metadata_path=None, caption_extension: str = ".txt", capt
                  caption_prefix: str = "", recursive: bool = False, inspect=None) -> DatasetScan:
     """Find the images, check each one opens, attach captions; raise DatasetError if none is usable.
 
-    ``inspect(path, image)``, if given, sees every usable image while it is decoded anyway (the dataset
-    check's sizes and hashes); its results are in ``scan.facts``.
+    ``inspect(path, image, size)``, if given, sees every usable image while it is decoded anyway (the
+    dataset check's sizes and hashes; ``image`` may be a JPEG decoded at a reduced scale, ``size`` is the
+    whole picture's); its results are in ``scan.facts``.
     """
     if caption_priority not in ("csv", "txt"):
         raise ValueError(f"caption_priority must be 'csv' or 'txt', not {caption_priority!r}")

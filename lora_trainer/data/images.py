@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _16BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # in PNG files these hold 16-bit gray
+# the dataset scan and check decode JPEGs at a scale still this large (sizes and perceptual hashes need
+# no more)
+SCAN_DRAFT_PX = 128
 
 
 def file_digest(path) -> str:
@@ -118,15 +121,16 @@ def _flatten(img: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
-def _open(path: Path, draft: int | None = None) -> Image.Image:
+def _open(path: Path, draft: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
     try:
         if path.stat().st_size == 0:
             raise ImageError("empty file")
         with Image.open(path) as img:
+            size = img.size
             if draft:  # JPEG: decode at 1/2, 1/4 or 1/8 scale, still at least draft × draft
                 img.draft("RGB", (draft, draft))
-            img.load()  # decode everything now: a truncated file fails here, not during training
-            return img
+            img.load()  # decode everything now (all of a JPEG's data even at a reduced scale): a truncated
+            return img, size  # file fails here, not during training
     except ImageError:
         raise
     except FileNotFoundError:
@@ -146,21 +150,29 @@ def _open(path: Path, draft: int | None = None) -> Image.Image:
 def load_image(path, draft: int | None = None) -> Image.Image:
     """Open, fully decode and normalise an image to RGB, or raise ImageError with the reason.
 
-    ``draft``: a preview is enough; JPEGs may decode at a reduced scale (no smaller than draft px).
+    ``draft``: fewer pixels are enough; JPEGs may decode at a reduced scale (no smaller than draft px).
     """
+    return open_image(path, draft)[0]
+
+
+def open_image(path, draft: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """``load_image``, and the size of the whole picture as shown (EXIF orientation applied), also where
+    ``draft`` decoded fewer pixels."""
     path = Path(path)
-    img = _open(path, draft)
+    img, size = _open(path, draft)
     if img.width == 0 or img.height == 0:
         raise ImageError("zero-size image")
     try:
+        turned = img.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientations that swap width and height
         img = ImageOps.exif_transpose(img)
+        size = size[::-1] if turned else size
     except Exception as e:  # noqa: BLE001 - a broken EXIF block is no reason to lose the picture
         log.debug("%s: EXIF orientation ignored (%s)", path, e)
     if img.mode in _16BIT_MODES:
         img = _to_8bit(img)
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        return _flatten(img)
-    return img if img.mode == "RGB" else img.convert("RGB")
+        return _flatten(img), size
+    return (img if img.mode == "RGB" else img.convert("RGB")), size
 
 
 def resize_center_crop(img: Image.Image, resolution: int) -> Image.Image:
