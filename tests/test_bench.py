@@ -49,3 +49,14 @@ def test_benchmark_runs_end_to_end(tmp_path):
     for r in rows.values():
         assert len(r["turn_s"]) == 2 and len(r["ratios"]) == 2 and r["peak_memory_mb"] > 0 and r["first_step_s"] > 0
     assert "ours/reference:" in proc.stdout
+
+
+def test_peak_memory_of_a_child_is_its_own_not_its_parents():
+    # Linux carries a parent's ru_maxrss over fork + exec; the benchmark's children must not report it
+    hog = bytearray(300 * 2**20)
+    hog[:: 4096] = b"\1" * len(hog[:: 4096])  # touch every page: 300 MB resident in this process
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from train_speed import peak_memory_mb; "
+            "print(peak_memory_mb('cpu'))")
+    out = subprocess.run([sys.executable, "-c", code, str(BENCH)], capture_output=True, text=True, check=True)
+    del hog
+    assert 0 < float(out.stdout.split()[-1]) < 250
