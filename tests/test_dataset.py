@@ -378,3 +378,13 @@ def test_fast_jpeg_decode_reads_fewer_pixels_and_nearly_the_same_image(tmp_path,
     assert sizes == [(1024, 768), (256, 192)]
     mse = ((full - fast) * 127.5).pow(2).mean().item()
     assert 10 * math.log10(255**2 / mse) > 38, mse  # within JPEG's own noise
+
+
+def test_an_image_damaged_after_the_scan_is_named_in_the_error(tmp_path):
+    make_demo_dataset(tmp_path / "d", n=2, resolution=64)
+    samples = scan_dataset(tmp_path / "d").samples
+    samples[1].path.write_bytes(samples[1].path.read_bytes()[:100])
+    ds = ImageDataset(samples, 64)
+    assert ds[0]["pixel_values"].shape == (3, 64, 64)
+    with pytest.raises(DatasetError, match=r"demo_001\.png: truncated or corrupt.*changed after the dataset scan"):
+        ds[1]

@@ -245,3 +245,22 @@ def test_tiny_clip_tags(folder, tiny_clip, tmp_path):
     assert main(["label", "--input", str(folder), "--captioner", "clip-tags", "--model", str(tiny_clip),
                  "--overwrite", "--top-k", "3", "--threshold", "-1"]) == 0
     assert all(len(c.split(", ")) == 3 for c in rows(folder).values() if c != "a row we must keep")
+
+
+def test_large_jpegs_reach_the_captioner_decoded_at_a_reduced_scale_in_order(tmp_path):
+    class Sizes(Fake):
+        def caption(self, images):
+            self.sizes = getattr(self, "sizes", []) + [img.size for img in images]
+            return super().caption(images)
+
+    for k in range(5):  # alternate photo-sized JPEGs and small PNGs
+        img = Image.new("RGB", (2048, 1536) if k % 2 == 0 else (40, 30), (k * 10, 0, 0))
+        img.save(tmp_path / f"img{k}.{'jpg' if k % 2 == 0 else 'png'}", quality=95)
+    fake = Sizes()
+    result = label_dataset(tmp_path, captioner=fake, batch_size=2, progress=False)
+    assert len(result.captioned) == 5
+    # 1/2 scale: the smallest of libjpeg's scales still at least 768 px on both sides
+    assert fake.sizes == [(1024, 768), (40, 30), (1024, 768), (40, 30), (1024, 768)]
+    got = rows(tmp_path)  # each caption with its own image (JPEG may shift a solid colour by a level or two)
+    seen = [int(got[f"img{k}.{'jpg' if k % 2 == 0 else 'png'}"].split()[1]) for k in range(5)]
+    assert all(abs(v - k * 10) <= 3 for k, v in enumerate(seen)), seen

@@ -222,6 +222,25 @@ def test_nan_loss_saves_the_last_good_state_and_explains(demo_data, tmp_path, mo
     assert [s for s, _ in list_checkpoints(tmp_path / "out")] == [2]
 
 
+def test_an_image_damaged_during_an_uncached_run_saves_the_last_step_and_names_it(demo_data, tmp_path, monkeypatch):
+    import lora_trainer.data.dataset as dataset_module
+
+    reads = {"n": 0}
+    real = dataset_module.load_image
+
+    def damaged_after_eight_reads(path, draft=None):
+        reads["n"] += 1
+        if reads["n"] > 8:  # 6 images, batch 2: the first 4 steps read 8
+            path.write_bytes(b"")
+        return real(path, draft=draft)
+
+    monkeypatch.setattr(dataset_module, "load_image", damaged_after_eight_reads)
+    with pytest.raises(DatasetError, match=r"demo_00\d\.png: empty file \(it changed after the dataset scan\)"):
+        train(make_cfg(demo_data, tmp_path / "out", max_train_steps=6, cache_latents=False), progress=False)
+    [(step, _)] = list_checkpoints(tmp_path / "out")
+    assert step in (3, 4)  # the last complete step (two threads decode: the 9th read may be step 4's image)
+
+
 def test_a_run_that_fails_before_training_leaves_no_folder(demo_data, tmp_path, monkeypatch):
     import lora_trainer.models.diffusers_backend as db
     from lora_trainer.errors import ModelLoadError

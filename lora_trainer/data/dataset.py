@@ -285,7 +285,12 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         s = self.samples[i]
         draft = 2 * self.resolution if self.fast_jpeg_decode else None
-        pixels = to_tensor(resize_center_crop(load_image(s.path, draft=draft), self.resolution))
+        try:
+            img = load_image(s.path, draft=draft)
+        except ImageError as e:  # it was fine when the dataset was scanned
+            raise DatasetError(f"{s.path}: {e.reason} (it changed after the dataset scan); put it back, or "
+                               "start again so the scan leaves it out") from None
+        pixels = to_tensor(resize_center_crop(img, self.resolution))
         return {"pixel_values": pixels, "caption": s.caption, "index": i}
 
 

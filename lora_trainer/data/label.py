@@ -7,6 +7,7 @@ metadata.csv or a ``.txt`` file, keeps it and the model is not even loaded when 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import string
 from dataclasses import dataclass, field
@@ -14,11 +15,14 @@ from pathlib import Path
 
 from lora_trainer.data.caption_set import CaptionSet
 from lora_trainer.data.captioners import make_captioner
-from lora_trainer.data.images import ImageError, load_image, strict_decoding
+from lora_trainer.data.images import ImageError, load_image, prefetch, strict_decoding
 from lora_trainer.errors import LoraTrainerError
 
 log = logging.getLogger(__name__)
 MODES = ("only-missing", "overwrite")
+# captioners see at most 512 px (BLIP 384, CLIP 224-336, DeepDanbooru 512): large JPEGs decode at a reduced
+# scale still this large
+CAPTION_DRAFT_PX = 768
 
 
 @dataclass
@@ -91,18 +95,24 @@ def label_dataset(input_dir, captioner="blip", output_csv=None, template: str = 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc="captioning", unit="img")
+    def decode(i: int):
+        try:
+            return load_image(captions.items[i].path, draft=CAPTION_DRAFT_PX), None
+        except ImageError as e:
+            return None, e.reason
+
     try:
-        with strict_decoding():
+        # the next images decode in threads while the captioner works on these
+        with strict_decoding(), contextlib.closing(prefetch(decode, todo, ahead=2 * batch_size)) as decoded:
             for start in range(0, len(todo), batch_size):
                 batch, images = [], []
-                for i in todo[start:start + batch_size]:
-                    item = captions.items[i]
-                    try:
-                        images.append(load_image(item.path))
+                for i, (img, reason) in zip(todo[start:start + batch_size], decoded):
+                    if reason is None:
+                        images.append(img)
                         batch.append(i)
-                    except ImageError as e:
-                        result.skipped.append((item.rel, e.reason))
-                        log.warning("skipped %s: %s", item.rel, e.reason)
+                    else:
+                        result.skipped.append((captions.items[i].rel, reason))
+                        log.warning("skipped %s: %s", captions.items[i].rel, reason)
                 texts = list(captioner.caption(images)) if images else []
                 if len(texts) != len(images):
                     raise LoraTrainerError(f"captioner {getattr(captioner, 'name', captioner)} returned "

@@ -34,7 +34,7 @@ from lora_trainer.engine.loss import diffusion_loss
 from lora_trainer.engine.optim import build_optimizer, check_optimizer
 from lora_trainer.engine.outputs import export_lora, write_summary
 from lora_trainer.engine.run_dir import holds_a_run, latent_cache_dir, prepare_run_dir, remove_run, run_log_file
-from lora_trainer.errors import LoraTrainerError
+from lora_trainer.errors import DatasetError, LoraTrainerError
 from lora_trainer.models.base import TEXT_ENCODER, UNET
 
 log = logging.getLogger(__name__)
@@ -311,14 +311,15 @@ def _train_in(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepar
                     break
                 if step >= plan.total_steps:
                     break
-        except (TrainingError, torch.cuda.OutOfMemoryError) as e:
+        except (TrainingError, DatasetError, torch.cuda.OutOfMemoryError) as e:  # (DatasetError: an image
+            # that changed after the scan, when they are read each step)
             # the weights are still those of the last complete step: keep them, so nothing trained is lost
             optimizer.zero_grad(set_to_none=True)
             if step > 0:
                 save("error")
                 log.warning("saved the last good state (step %d); fix the cause and resume with "
                             "resume_from_checkpoint: latest", step)
-            if isinstance(e, TrainingError):
+            if not isinstance(e, torch.cuda.OutOfMemoryError):
                 raise
             raise TrainingError(
                 "out of GPU memory: lower training.batch_size (and raise gradient_accumulation_steps to keep the "
