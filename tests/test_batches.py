@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 
@@ -13,6 +14,7 @@ from lora_trainer.data.dataset import ImageDataset, scan_dataset
 from lora_trainer.data.demo_set import make_demo_dataset
 from lora_trainer.engine.batches import Plan, batch_stream, epoch_batches, schedule
 from lora_trainer.engine.trainer import train
+from lora_trainer.errors import DatasetError
 from test_train import StopAt, make_cfg
 
 
@@ -25,8 +27,9 @@ def test_schedule_is_the_epochs_in_a_row_and_a_resume_continues_it():
     plan = Plan(num_images=5, batch_size=2, grad_accum=2, total_steps=5)  # 3 batches = 2 steps an epoch
     assert plan.epochs == 3
     whole = list(schedule(plan, seed=3, step=0))
-    assert [b for _, _, b in whole] == [b for e in range(3) for b in epoch_batches(5, 2, 3, e)]
-    assert [(e, i) for e, i, _ in whole] == [(e, i) for e in range(3) for i in range(3)]
+    # step 5 is the third epoch's first: its second step (the 9th micro-batch) is not part of the run
+    assert [b for _, _, b in whole] == [b for e in range(3) for b in epoch_batches(5, 2, 3, e)][:8]
+    assert [(e, i) for e, i, _ in whole] == [(e, i) for e in range(3) for i in range(3)][:8]
     assert epoch_batches(5, 2, 3, 0) != epoch_batches(5, 2, 3, 1)  # each epoch shuffled anew
     # after step 3 (epoch 1's first step: its 2 micro-batches done) the run goes on at epoch 1, batch 2
     assert list(schedule(plan, seed=3, step=3)) == whole[5:]
@@ -84,3 +87,44 @@ def test_workers_start_once_per_run_and_train_as_the_main_process(demo_data, tmp
     assert str(os.getpid()) not in {p.name.split("-")[0] for p in pids.iterdir()}
     a, b = load_file(in_process.lora_path), load_file(resumed.lora_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class Broken(ImageDataset):
+    def __getitem__(self, i):
+        if i == 1:
+            raise DatasetError("demo_001.png: empty file (it changed after the dataset scan)")
+        return super().__getitem__(i)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_decoding_error_reaches_the_loop_as_its_own_message(demo_data, workers):
+    samples = scan_dataset(demo_data).samples
+    stream = batch_stream(Plan(5, 5, 1, 1), 0, 0, Broken(samples, 64), [s.caption for s in samples], workers)
+    with pytest.raises(DatasetError) as e:
+        next(stream)
+    assert str(e.value) == "demo_001.png: empty file (it changed after the dataset scan)"  # no worker traceback
+
+
+def test_nothing_is_scheduled_past_the_last_step():
+    plan = Plan(num_images=6, batch_size=2, grad_accum=2, total_steps=4)  # 3 batches: 2 steps an epoch
+    whole = list(schedule(plan, 0, 0))
+    assert len(whole) == 6  # steps 1-4: 2 + 1 micro-batches an epoch, 2 epochs
+    assert list(schedule(plan, 0, 3)) == whole[5:]
+    assert list(schedule(plan, 0, 4)) == [] and list(schedule(plan, 0, 9)) == []
+    short = Plan(num_images=6, batch_size=2, grad_accum=1, total_steps=4)  # ends inside the second epoch
+    assert [(e, i) for e, i, _ in schedule(short, 0, 0)] == [(0, 0), (0, 1), (0, 2), (1, 0)]
+
+
+def test_resuming_a_run_stopped_at_its_last_step_trains_no_more(demo_data, tmp_path, caplog):
+    # 5 images, batch 2: 3 steps an epoch; 4 steps end inside the second epoch
+    straight = train(make_cfg(demo_data, tmp_path / "a"), progress=False)
+    stopped = train(make_cfg(demo_data, tmp_path / "b"), callbacks=StopAt(4), progress=False)
+    assert stopped.status == "stopped" and stopped.steps == 4
+    with caplog.at_level("WARNING", logger="lora_trainer"):
+        cfg = make_cfg(demo_data, tmp_path / "b", resume_from_checkpoint="latest")
+        resumed = train(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, fast_jpeg_decode=False)),
+                        progress=False)
+    assert resumed.steps == 4 and resumed.status == "finished"
+    assert "fast_jpeg_decode True → False" in caplog.text  # the pixels would differ from the first run's
+    a, b = load_file(straight.lora_path), load_file(resumed.lora_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -361,6 +361,26 @@ def test_prefetch_keeps_order_and_stays_within_its_window():
     assert list(prefetch(work, [])) == []
 
 
+def test_prefetch_closed_early_starts_nothing_more():
+    import threading
+    import time
+
+    from lora_trainer.data.images import decode_threads, prefetch
+
+    started, lock = [], threading.Lock()
+
+    def work(i):
+        with lock:
+            started.append(i)
+        time.sleep(0.05)
+        return i
+
+    stream = prefetch(work, range(100), ahead=20)
+    assert next(stream) == 0
+    stream.close()  # 20 were queued: only those already running finish
+    assert len(started) <= 1 + 2 * decode_threads(), started
+
+
 def test_fast_jpeg_decode_reads_fewer_pixels_and_nearly_the_same_image(tmp_path, monkeypatch):
     import lora_trainer.data.dataset as dataset_mod
 

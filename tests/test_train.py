@@ -322,7 +322,7 @@ def test_latent_cache_on_disk_is_reused_by_later_runs(demo_data, tmp_path, caplo
 
     # an unreadable entry is encoded again, with a warning: still the same LoRA (one image per VAE call)
     encoder = encoder_fingerprint(load_pipeline("tiny-demo")[0].vae)
-    victim = store / f"{latent_key(file_digest(demo_data / 'demo_001.png'), 64, False, encoder, True)}.safetensors"
+    victim = store / f"{latent_key(file_digest(demo_data / 'demo_001.png'), 64, False, encoder)}.safetensors"
     victim.write_bytes(b"cut off")
     caplog.clear()
     with caplog.at_level("WARNING", logger="lora_trainer"):
@@ -444,8 +444,19 @@ def test_attention_is_pytorch_sdpa_everywhere():
         assert backend.text_encoder.config._attn_implementation == "sdpa"
 
 
-def test_latent_cache_keys_follow_the_decoding(demo_data):
+def test_latent_cache_keys_follow_the_decoding(tmp_path):
+    from PIL import Image
+
     from lora_trainer.engine.cache import latent_key
 
-    assert latent_key("d", 64, False, "e") == latent_key("d", 64, False, "e", fast_jpeg_decode=False)
-    assert latent_key("d", 64, False, "e") != latent_key("d", 64, False, "e", fast_jpeg_decode=True)
+    Image.new("RGB", (1024, 768), (9, 9, 9)).save(tmp_path / "photo.jpg")
+    Image.new("RGB", (200, 150), (9, 9, 9)).save(tmp_path / "small.jpg")
+    Image.new("RGB", (1024, 768), (9, 9, 9)).save(tmp_path / "big.png")
+    samples = scan_dataset(tmp_path).samples  # big.png, photo.jpg, small.jpg
+    fast, full = ImageDataset(samples, 64, fast_jpeg_decode=True), ImageDataset(samples, 64)
+    # only a JPEG that decodes smaller gets another key: a PNG set keeps its cache when the switch flips
+    assert [fast.decode_scale(i) for i in range(3)] == [1, 4, 1]
+    assert [full.decode_scale(i) for i in range(3)] == [1, 1, 1]
+    assert fast[1]["pixel_values"].shape == (3, 64, 64)
+    assert latent_key("d", 64, False, "e") == latent_key("d", 64, False, "e", decode_scale=1)
+    assert latent_key("d", 64, False, "e") != latent_key("d", 64, False, "e", decode_scale=4)

@@ -17,6 +17,7 @@ from lora_trainer.data.images import (
     IMAGE_EXTENSIONS,
     ImageError,
     decode_threads,
+    draft_scale,
     is_image_name,
     SCAN_DRAFT_PX,
     load_image,
@@ -281,6 +282,10 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def decode_scale(self, i: int) -> int:
+        """1, or the 2, 4, 8 that image ``i`` is shrunk by as it decodes (a large JPEG, fast_jpeg_decode)."""
+        return draft_scale(self.samples[i].path, 2 * self.resolution) if self.fast_jpeg_decode else 1
 
     def __getitem__(self, i: int) -> dict:
         s = self.samples[i]

@@ -40,7 +40,8 @@ def prefetch(fn: Callable, items: Iterable, ahead: int | None = None) -> Iterato
     threads = decode_threads()
     ahead = ahead or 2 * threads
     items = iter(items)
-    with ThreadPoolExecutor(threads) as pool:
+    pool = ThreadPoolExecutor(threads)
+    try:
         pending = deque(pool.submit(fn, item) for _, item in zip(range(ahead), items))
         while pending:
             result = pending.popleft().result()
@@ -48,6 +49,8 @@ def prefetch(fn: Callable, items: Iterable, ahead: int | None = None) -> Iterato
                 pending.append(pool.submit(fn, item))
                 break
             yield result
+    finally:  # closed early, or an error: what has not started yet never starts
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class ImageError(Exception):
@@ -145,6 +148,20 @@ def _open(path: Path, draft: int | None = None) -> tuple[Image.Image, tuple[int,
         raise _unidentified(path) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"truncated or corrupt: {e}") from None
+
+
+def draft_scale(path, draft: int) -> int:
+    """By how much ``load_image(path, draft=draft)`` shrinks the picture as it decodes: 1 (not a JPEG, or
+    not large enough), 2, 4 or 8. Reads the header only."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            img.draft("RGB", (draft, draft))
+            if img.size == (w, h):
+                return 1
+            return next(s for s in (8, 4, 2) if img.size == (-(-w // s), -(-h // s)))
+    except (OSError, ValueError, StopIteration, Image.DecompressionBombError):
+        return 1  # what cannot be opened is not decoded either: the scan or the decode says why
 
 
 def load_image(path, draft: int | None = None) -> Image.Image:

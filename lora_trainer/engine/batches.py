@@ -19,6 +19,7 @@ import torch
 
 from lora_trainer.data.dataset import ImageDataset, collate
 from lora_trainer.data.images import decode_threads, prefetch
+from lora_trainer.errors import DatasetError
 
 
 @dataclass(frozen=True)
@@ -57,13 +58,15 @@ def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int) -> li
 
 
 def schedule(plan: Plan, seed: int, step: int) -> Iterator[tuple[int, int, list[int]]]:
-    """(epoch, micro-batch index in its epoch, image indices) of every micro-batch from optimizer step ``step``
-    to the end of the last epoch."""
+    """(epoch, micro-batch index in its epoch, image indices) of every micro-batch of the optimizer steps
+    from ``step`` (0-based) to the last; none from a step at or past the end."""
     epoch = step // plan.steps_per_epoch
     first = (step - epoch * plan.steps_per_epoch) * plan.grad_accum
     for e in range(epoch, plan.epochs):
         batches = epoch_batches(plan.num_images, plan.batch_size, seed, e)
         for i in range(first if e == epoch else 0, len(batches)):
+            if e * plan.steps_per_epoch + i // plan.grad_accum >= plan.total_steps:
+                return
             yield e, i, batches[i]
 
 
@@ -76,7 +79,7 @@ def _decoded_in_threads(dataset: ImageDataset, batches: Iterator[list[int]], bat
             yield from b
 
     images = prefetch(dataset.__getitem__, indices(), ahead=max(2 * decode_threads(), 2 * batch_size))
-    with contextlib.closing(images):  # a run that stops early lets the decoding threads go at once
+    with contextlib.closing(images):  # a stopped run lets the decoding threads go (queued ones never start)
         while True:
             first = next(images, None)
             if first is None:
@@ -103,6 +106,8 @@ def batch_stream(plan: Plan, seed: int, step: int, dataset: ImageDataset | None,
     try:
         for (e, i, _), batch in zip(positions, loaded):
             yield e, i, batch
+    except DatasetError as err:  # from a worker process, torch wraps the message in the worker's traceback
+        raise DatasetError(str(err).strip().splitlines()[-1].split("DatasetError: ", 1)[-1]) from None
     finally:
         if hasattr(loaded, "close"):
             loaded.close()

@@ -42,12 +42,11 @@ def encoder_fingerprint(vae: torch.nn.Module) -> str:
     return digest.hexdigest()[:32]
 
 
-def latent_key(digest: str, resolution: int, flipped: bool, encoder: str,
-               fast_jpeg_decode: bool = False) -> str:
+def latent_key(digest: str, resolution: int, flipped: bool, encoder: str, decode_scale: int = 1) -> str:
     """The cache key of one image (by its file's sha256) at one resolution, mirrored or not, for one VAE,
-    decoded fully or at a reduced JPEG scale."""
+    decoded fully (``decode_scale`` 1) or at 1/2, 1/4, 1/8 of its size (fast_jpeg_decode)."""
     text = f"{CACHE_FORMAT}|{digest}|{resolution}|{int(flipped)}|{encoder}"
-    text += "|jpeg-draft-2x" if fast_jpeg_decode else ""  # (full decodes keep the keys they always had)
+    text += f"|jpeg-1/{decode_scale}" if decode_scale > 1 else ""  # (a full decode keeps its old key)
     return hashlib.sha256(text.encode()).hexdigest()[:40]
 
 
@@ -113,8 +112,9 @@ class EncodedCache:
         digests = [d or file_digest(s.path) for d, s in zip(digests or [None] * len(dataset), dataset.samples)]
         encoder = encoder_fingerprint(backend.image_encoder())
         variants = (False, True) if flips else (False,)
-        fast = dataset.fast_jpeg_decode
-        keys = [{f: latent_key(dig, dataset.resolution, f, encoder, fast) for f in variants} for dig in digests]
+        scales = [dataset.decode_scale(i) for i in range(len(dataset))]
+        keys = [{f: latent_key(dig, dataset.resolution, f, encoder, s) for f in variants}
+                for dig, s in zip(digests, scales)]
         posteriors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if store is not None:
             for k in {k for per_image in keys for k in per_image.values()}:

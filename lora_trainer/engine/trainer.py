@@ -106,7 +106,7 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
     plan = Plan.from_config(cfg, len(scan.samples))
     run_dir, resume_from = prepare_run_dir(cfg.output.output_dir, t.resume_from_checkpoint)
     restored = ckpt.load_checkpoint(resume_from) if resume_from else None
-    settings = ckpt.run_settings(t, plan.num_images, plan.total_steps)
+    settings = ckpt.run_settings(t, plan.num_images, plan.total_steps, d.fast_jpeg_decode)
     if restored is not None:
         ckpt.check_resume(restored, settings, resume_from)
 
