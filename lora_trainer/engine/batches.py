@@ -53,7 +53,8 @@ class Plan:
 
 def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """The shuffled batches of one epoch: a pure function of (seed, epoch), so a resume finds its place."""
-    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed + 1_000_003 * epoch)).tolist()
+    generator = torch.Generator().manual_seed(seed + 1_000_003 * epoch)
+    order = torch.randperm(num_images, generator=generator).tolist()
     return [order[i : i + batch_size] for i in range(0, num_images, batch_size)]
 
 
@@ -70,7 +71,7 @@ def schedule(plan: Plan, seed: int, step: int) -> Iterator[tuple[int, int, list[
             yield e, i, batches[i]
 
 
-def _decoded_in_threads(dataset: ImageDataset, batches: Iterator[list[int]], batch_size: int) -> Iterator[dict]:
+def _decoded_in_threads(dataset: ImageDataset, batches: Iterator[list[int]], batch: int) -> Iterator[dict]:
     sizes: list[int] = []
 
     def indices():
@@ -78,7 +79,7 @@ def _decoded_in_threads(dataset: ImageDataset, batches: Iterator[list[int]], bat
             sizes.append(len(b))
             yield from b
 
-    images = prefetch(dataset.__getitem__, indices(), ahead=max(2 * decode_threads(), 2 * batch_size))
+    images = prefetch(dataset.__getitem__, indices(), ahead=max(2 * decode_threads(), 2 * batch))
     with contextlib.closing(images):  # a stopped run lets the decoding threads go (queued ones never start)
         while True:
             first = next(images, None)
@@ -90,14 +91,15 @@ def _decoded_in_threads(dataset: ImageDataset, batches: Iterator[list[int]], bat
 def batch_stream(plan: Plan, seed: int, step: int, dataset: ImageDataset | None, captions: list[str],
                  num_workers: int = 0, pin_memory: bool = False) -> Iterator[tuple[int, int, dict]]:
     """(epoch, index in epoch, batch) for the rest of the run. ``dataset`` None (latents cached): a batch is
-    its image indices and captions, nothing is read; else ``pixel_values`` too, decoded ahead."""
+    its image indices and captions, nothing is read; else ``pixel_values`` too, decoded ahead (pinned on
+    CUDA by DataLoader workers; the threads leave them pageable)."""
     positions = schedule(plan, seed, step)
     if dataset is None:
         for e, i, b in positions:
             yield e, i, {"indices": torch.tensor(b), "captions": [captions[j] for j in b]}
         return
     batches = (b for _, _, b in schedule(plan, seed, step))
-    if num_workers > 0:  # its own generator, so making the loader draws nothing from the global RNG (exact resume)
+    if num_workers > 0:  # its own generator: making the loader draws nothing from the global RNG
         loaded = iter(torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                                                   num_workers=num_workers, pin_memory=pin_memory,
                                                   generator=torch.Generator().manual_seed(seed)))
