@@ -72,8 +72,22 @@ EVERY_SPEEDUP = dict(channels_last=True, gradient_checkpointing=True, compile_un
                      cache_latents_to_disk=True)
 
 
+def as_photos(data_dir, folder, size=1024):
+    """The demo set as large JPEGs (fast_jpeg_decode reads them at 1/8 scale at 64²)."""
+    from PIL import Image
+
+    folder.mkdir()
+    rows = (data_dir / "metadata.csv").read_text().replace(".png,", ".jpg,")
+    (folder / "metadata.csv").write_text(rows)
+    for png in data_dir.glob("*.png"):
+        Image.open(png).convert("RGB").resize((size, size), Image.BICUBIC).save(folder / f"{png.stem}.jpg",
+                                                                                 quality=92)
+    return folder
+
+
 @pytest.mark.parametrize("speedups", [
     pytest.param({}, id="plain"), pytest.param(EVERY_SPEEDUP, id="every-speedup"),
+    pytest.param({"cache_latents": False, "dataloader_num_workers": 2, "photos": True}, id="photos-uncached-workers"),
     pytest.param(dict(EVERY_SPEEDUP, compile_mode="reduce-overhead"), id="cuda-graphs",
                  marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU"))])
 def test_training_learns(demo_data, tmp_path, speedups):
@@ -81,7 +95,13 @@ def test_training_learns(demo_data, tmp_path, speedups):
     backend = load_diffusers_backend("tiny-demo", torch.device("cuda" if cuda else "cpu"),
                                      torch.bfloat16 if cuda else torch.float32)
     before = fixed_loss(backend, demo_data)
-    cfg = make_cfg(demo_data, tmp_path / "out", max_train_steps=40, batch_size=6, target_modules=WIDE_TARGETS,
+    speedups = dict(speedups)
+    data = as_photos(demo_data, tmp_path / "photos") if speedups.pop("photos", False) else demo_data
+    if data is not demo_data:  # every image captioned from the csv and read at 1/8 scale
+        photos = scan_dataset(data).samples
+        assert len(photos) == 6 and all(p.caption_source == "csv" for p in photos)
+        assert {ImageDataset(photos, 64, fast_jpeg_decode=True).decode_scale(i) for i in range(6)} == {8}
+    cfg = make_cfg(data, tmp_path / "out", max_train_steps=40, batch_size=6, target_modules=WIDE_TARGETS,
                    lora_rank=8, lora_alpha=8, **speedups)
     result = train(cfg, backend=backend, progress=False)
     after = fixed_loss(backend, demo_data)
