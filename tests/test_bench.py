@@ -60,3 +60,10 @@ def test_peak_memory_of_a_child_is_its_own_not_its_parents():
     out = subprocess.run([sys.executable, "-c", code, str(BENCH)], capture_output=True, text=True, check=True)
     del hog
     assert 0 < float(out.stdout.split()[-1]) < 250
+
+
+def test_step_overhead_runs_end_to_end():
+    proc = subprocess.run([sys.executable, str(BENCH / "step_overhead.py"), "--block", "1", "--rounds", "2",
+                           "--warmup", "1"], capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "bare/ours:" in proc.stdout and "ms/step" in proc.stdout
