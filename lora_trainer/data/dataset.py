@@ -16,10 +16,10 @@ from lora_trainer.data.captions import read_metadata_csv, strip_markdown, tag_fr
 from lora_trainer.data.images import (
     IMAGE_EXTENSIONS,
     ImageError,
+    SCAN_DRAFT_PX,
     decode_threads,
     draft_scale,
     is_image_name,
-    SCAN_DRAFT_PX,
     load_image,
     open_image,
     resize_center_crop,

@@ -95,6 +95,7 @@ def label_dataset(input_dir, captioner="blip", output_csv=None, template: str = 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc="captioning", unit="img")
+
     def decode(i: int):
         try:
             return load_image(captions.items[i].path, draft=CAPTION_DRAFT_PX), None

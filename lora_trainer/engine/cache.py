@@ -3,10 +3,10 @@
 Each image is encoded once (and once mirrored when random_flip is on). The VAE gives a posterior (mean
 and std); the cached latent is one sample of it times the latent scaling factor, as kohya's cache_latents
 and the diffusers examples do, drawn with a generator seeded by the run's seed and the image's key, so
-the sample does not depend on the order of the images or on where the posterior came from. With ``store`` (cache_latents_to_disk)
-the posteriors are also kept on disk, one safetensors file per image and flip, keyed by the image's
-content, the resolution and the VAE encoder's weights: another run on the same images loads them and
-encodes only what is new. Captions are encoded once each when the text encoder is frozen. Everything is
+the sample does not depend on the order of the images or on where the posterior came from. With
+``store`` (cache_latents_to_disk) the posteriors are also kept on disk, one safetensors file per image
+and flip, keyed by the image's content, the resolution, its JPEG decode scale and the VAE encoder's
+weights: another run on the same images loads them and encodes only what is new. Captions are encoded once each when the text encoder is frozen. Everything is
 kept on the CPU and moved per batch.
 """
 

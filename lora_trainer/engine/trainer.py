@@ -309,8 +309,6 @@ def _train_in(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepar
                 if ctrl_c.requested or cbs.should_stop():
                     stopped = True
                     break
-                if step >= plan.total_steps:
-                    break
         except (TrainingError, DatasetError, torch.cuda.OutOfMemoryError) as e:  # (DatasetError: an image
             # that changed after the scan, when they are read each step)
             # the weights are still those of the last complete step: keep them, so nothing trained is lost

@@ -112,19 +112,15 @@ def save_tiny_model(folder: str | os.PathLike, seed: int = 0) -> Path:
 
     folder = Path(folder)
     parts = build_tiny_components(seed)
-    tok_dir = folder / "_tokenizer_src"
+    # the vocabulary files stay beside what save_pretrained adds: transformers 5 writes only tokenizer.json,
+    # which 4.x's CLIPTokenizer cannot read, so one cached folder serves the WebUI's pins and the newest alike
+    tok_dir = folder / "tokenizer"
     write_tiny_tokenizer(tok_dir)
     tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
     pipe = StableDiffusionPipeline(
         **parts, tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
     pipe.save_pretrained(folder, safe_serialization=True)
-    # transformers 5 saves only tokenizer.json, which transformers 4.x's CLIPTokenizer cannot read; with the
-    # vocabulary files too, one cached folder serves the WebUI's pins and the newest releases alike
-    write_tiny_tokenizer(folder / "tokenizer")
-    for f in tok_dir.iterdir():
-        f.unlink()
-    tok_dir.rmdir()
     return folder
 
 
