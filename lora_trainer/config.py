@@ -83,6 +83,7 @@ class TrainingConfig:
     compile_unet: bool = False
     compile_mode: str = "default"
     channels_last: bool = False
+    attention: str = "auto"
 
 
 @dataclass
@@ -117,6 +118,7 @@ CHOICES = {
     "save_precision": ("fp32", "fp16", "bf16"),
     "log_with": ("tensorboard", "none"),
     "compile_mode": ("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+    "attention": ("auto", "sdpa", "xformers"),
 }
 # (lowest, highest, lowest is exclusive, highest is exclusive); None = unbounded
 RANGES = {

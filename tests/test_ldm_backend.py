@@ -85,6 +85,9 @@ def test_train_in_place_touches_only_lora_and_removes_cleanly(setup, tmp_path):
     # taking the adapters out gives back the model's exact outputs
     assert remove_lora(unet) == len(lora_layers)
     assert remove_lora(backend.text_encoder) > 0
+    cond, out = fixed_outputs(sd_model)  # with the training's attention kernel still in: the same, to rounding
+    assert torch.equal(cond, before_cond) and torch.allclose(out, before_out, atol=1e-5)
+    backend.restore_attention()
     cond, out = fixed_outputs(sd_model)
     assert torch.equal(cond, before_cond) and torch.equal(out, before_out)
     assert set(sd_model.state_dict()) == set(before_params)

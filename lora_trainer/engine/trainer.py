@@ -35,6 +35,7 @@ from lora_trainer.engine.optim import build_optimizer, check_optimizer
 from lora_trainer.engine.outputs import export_lora, write_summary
 from lora_trainer.engine.run_dir import holds_a_run, latent_cache_dir, prepare_run_dir, remove_run, run_log_file
 from lora_trainer.errors import DatasetError, LoraTrainerError
+from lora_trainer.models.attention import resolve_attention
 from lora_trainer.models.base import TEXT_ENCODER, UNET
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
     # --- everything that can be wrong with the input is checked before any model loads
     validate_paths(cfg, check_base_model=backend is None)
     check_optimizer(t.optimizer)
+    resolve_attention(t.attention)
     scan = scan_dataset(d.train_data_dir, metadata_path=d.metadata_path, caption_extension=d.caption_extension,
                         caption_priority=d.caption_priority, caption_prefix=d.caption_prefix, recursive=d.recursive,
                         inspect=image_facts)
@@ -171,6 +173,8 @@ def _train_in(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepar
             module.train()
         if t.gradient_checkpointing:
             backend.enable_gradient_checkpointing(text_encoder=t.train_text_encoder)
+        if hasattr(backend, "use_attention"):
+            backend.use_attention(t.attention)
         if t.channels_last:
             if hasattr(backend, "use_channels_last"):
                 backend.use_channels_last()

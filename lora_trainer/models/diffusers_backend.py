@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lora_trainer.errors import ModelLoadError
+from lora_trainer.models.attention import use_diffusers_attention
 from lora_trainer.models.base import TEXT_ENCODER, UNET
 from lora_trainer.models.compat import dtype_kwargs, enable_text_encoder_checkpointing
 
@@ -80,6 +81,9 @@ class DiffusersBackend:
         if self._channels_last:
             noisy_latents = noisy_latents.contiguous(memory_format=torch.channels_last)
         return unet(noisy_latents, timesteps, cond).sample
+
+    def use_attention(self, kind: str) -> None:
+        use_diffusers_attention(self.unet, kind)
 
     def compile_unet(self, mode: str = "default") -> None:
         """Run the UNet through torch.compile; its parameters (and names) stay those of ``self.unet``."""

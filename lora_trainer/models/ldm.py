@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from lora_trainer.models.attention import restore_ldm_attention, use_ldm_attention
 from lora_trainer.models.base import TEXT_ENCODER, UNET
 
 
@@ -40,7 +41,8 @@ class LdmBackend:
     """
 
     def __init__(self, sd_model, model_name: str, device: torch.device, weight_dtype: torch.dtype,
-                 checkpointing: tuple[Callable[[], None], Callable[[], None]] | None = None):
+                 checkpointing: tuple[Callable[[], None], Callable[[], None]] | None = None,
+                 upcast_attention: bool = False):
         from diffusers import DDPMScheduler
 
         self.sd_model = sd_model
@@ -56,6 +58,7 @@ class LdmBackend:
                                              prediction_type=self.prediction_type, clip_sample=False)
         self._checkpointing = checkpointing
         self._checkpointing_on = False
+        self._upcast_attention = upcast_attention
         for module in (self.unet, self.text_encoder):
             if module is not None:
                 module.requires_grad_(False)
@@ -97,6 +100,13 @@ class LdmBackend:
             # blocks see only the (frozen) latents, so make them carry a gradient
             noisy_latents = noisy_latents.detach().requires_grad_(True)
         return self.sd_model.apply_model(noisy_latents, timesteps, cond)
+
+    def use_attention(self, kind: str) -> None:
+        """Train with a memory-efficient attention kernel instead of the host's (models.attention)."""
+        use_ldm_attention(self.unet, kind, upcast=self._upcast_attention)
+
+    def restore_attention(self) -> None:
+        restore_ldm_attention(self.unet)
 
     def enable_gradient_checkpointing(self, text_encoder: bool) -> None:
         if self._checkpointing is None:

@@ -136,7 +136,8 @@ class WebUIHost:
         info = getattr(sd_model, "sd_checkpoint_info", None)
         name = getattr(info, "model_name", None) or getattr(info, "name", None) or "webui-model"
         return LdmBackend(sd_model, name, devices.device, devices.dtype_unet,
-                          checkpointing=(sd_hijack_checkpoint.add, sd_hijack_checkpoint.remove))
+                          checkpointing=(sd_hijack_checkpoint.add, sd_hijack_checkpoint.remove),
+                          upcast_attention=bool(getattr(shared.opts, "upcast_attn", False)))
 
     def release_backend(self, backend) -> None:
         """Remove the LoRA layers and put back every flag: the model computes exactly what it did."""
@@ -148,6 +149,7 @@ class WebUIHost:
             if module is not None:
                 remove_lora(module)
         backend.disable_gradient_checkpointing()
+        backend.restore_attention()
         if self._saved is not None:
             grads, modes = self._saved
             for n, p in backend.sd_model.named_parameters():
