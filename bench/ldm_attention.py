@@ -73,7 +73,9 @@ def one_loop(args) -> dict:
     shape = SHAPES[args.model]
     torch.manual_seed(0)
     unet = UNetModel(image_size=32, in_channels=4, out_channels=4, use_spatial_transformer=True,
-                     transformer_depth=1, legacy=False, **shape).to(device, dtype)
+                     transformer_depth=1, legacy=False, **shape).to(device)
+    if device.type == "cuda":  # frozen weights in the run's dtype, as the WebUI has them (LDM's fp32 GroupNorm
+        unet.to(dtype)         # does not take half weights on the CPU: there autocast alone lowers the precision)
     add_lora(unet, rank=8, alpha=8, dropout=0.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
              key="training.target_modules")
     for p in unet.parameters():  # LoRA in fp32, the frozen base in the run's dtype (as the trainer does)
@@ -113,7 +115,7 @@ def main() -> None:
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=5, help="timed steps, after one warm-up step")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="autocast dtype of the frozen weights")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="autocast dtype (CUDA: also the weights')")
     p.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
     p.add_argument("--loop", choices=LOOPS, help=argparse.SUPPRESS)  # set in the child processes
     args = p.parse_args()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from lora_trainer.config import Config, config_from_dict
+from lora_trainer.config import CHOICES, Config, config_from_dict
 from lora_trainer.errors import LoraTrainerError
 from lora_trainer.ui import compat
 from lora_trainer.ui.dataset_panel import create_dataset_panel
@@ -38,8 +38,9 @@ ADVANCED = [
     ("resolution", "Resolution", "number", None), ("lr_scheduler", "LR scheduler", "choice",
                                                    ["constant", "constant_with_warmup", "cosine", "linear"]),
     ("lr_warmup_steps", "Warmup steps", "number", None), ("mixed_precision", "Mixed precision", "choice",
-                                                          ["auto", "no", "fp16", "bf16"]),
+                                                          list(CHOICES["mixed_precision"])),
     ("gradient_checkpointing", "Gradient checkpointing (less memory)", "bool", None),
+    ("attention", "Attention kernel while training (auto = PyTorch SDPA)", "choice", list(CHOICES["attention"])),
     ("cache_latents_to_disk", "Keep encoded images on disk (the next run of this name skips encoding)", "bool", None),
     ("train_text_encoder", "Train the text encoder", "bool", None), ("caption_prefix", "Trigger word prefix", "text", None),
     ("min_snr_gamma", "Min-SNR gamma (0 = off)", "number", None), ("noise_offset", "Noise offset", "number", None),
