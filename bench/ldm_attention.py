@@ -5,9 +5,12 @@
 
 Inside AUTOMATIC1111 the trainer trains the loaded CompVis UNet, whose attention is the WebUI's "cross
 attention optimization". Its default (v1.10 "Automatic": Doggettx on CUDA without --xformers, InvokeAI on
-the CPU) is the LDM's own einsum + softmax, in slices: autograd keeps every slice's softmax for the
-backward pass, which is the whole tokens x tokens matrix, the same as the unsliced "own" loop here. Ours
-(lora_trainer.models.attention) is PyTorch SDPA. Each loop runs alone in its own child process: the UNet
+the CPU) is einsum + softmax in the input dtype, in slices of queries: autograd keeps every slice's
+softmax for the backward pass, the whole tokens x tokens matrix. Loops (--loops): "webui" is that
+computation written again here (slices of at most 32 MB of matrix, InvokeAI's CPU rule; Doggettx slices
+by free VRAM, which changes the time, not what is kept); "own" is the LDM package's stock forward (it
+also upcasts the matrix to fp32 on CUDA, so it keeps more than the WebUI's there); "sdpa" is ours
+(lora_trainer.models.attention). Each loop runs alone in its own child process: the UNet
 (random weights; the real LDM module names) with peft LoRA on the attention projections, forward and
 backward of an MSE loss, the median step after one warm-up step; the bytes autograd keeps for backward in
 one forward (each tensor counted once); peak memory (CPU: the child's VmHWM; CUDA: max_memory_allocated).
@@ -35,7 +38,23 @@ SHAPES = {
     "tiny": dict(model_channels=32, attention_resolutions=[1, 2], num_res_blocks=1, channel_mult=[1, 2],
                  num_heads=2, context_dim=32),
 }
-LOOPS = ("own", "sdpa")
+LOOPS = ("webui", "own", "sdpa")
+SLICE_BYTES = 32 * 2**20
+
+
+def webui_default_forward(self, x, context=None, mask=None, **kwargs):
+    """Attention as the WebUI's default optimizations compute it: k scaled, einsum + softmax in the input
+    dtype, queries in slices of at most SLICE_BYTES of attention matrix (masks: SD passes none)."""
+    import torch
+
+    context = x if context is None else context
+    q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2).flatten(0, 1)  # b n (h d) -> (b h) n d
+               for t in (self.to_q(x), self.to_k(context) * self.scale, self.to_v(context)))
+    rows = max(1, SLICE_BYTES // (q.shape[0] * k.shape[1] * q.element_size()))
+    out = torch.cat([torch.einsum("b i j, b j d -> b i d",
+                                  torch.einsum("b i d, b j d -> b i j", q[:, i:i + rows], k).softmax(-1, dtype=q.dtype), v)
+                     for i in range(0, q.shape[1], rows)], dim=1)
+    return self.to_out(out.unflatten(0, (-1, self.heads)).transpose(1, 2).flatten(2))
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
@@ -83,6 +102,10 @@ def one_loop(args) -> dict:
             p.data = p.data.float()
     if args.loop == "sdpa":
         use_ldm_attention(unet, "sdpa")
+    elif args.loop == "webui":  # as the WebUI sets its choice: on the class
+        from ldm.modules.attention import CrossAttention
+
+        CrossAttention.forward = webui_default_forward
     side = args.resolution // 8
     x = torch.randn(args.batch, 4, side, side, device=device)
     cond = torch.randn(args.batch, 77, shape["context_dim"], device=device)
@@ -116,6 +139,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=5, help="timed steps, after one warm-up step")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="autocast dtype (CUDA: also the weights')")
+    p.add_argument("--loops", default="webui,sdpa", help=f"comma-separated, of {', '.join(LOOPS)}")
     p.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
     p.add_argument("--loop", choices=LOOPS, help=argparse.SUPPRESS)  # set in the child processes
     args = p.parse_args()
@@ -123,9 +147,12 @@ def main() -> None:
         print(json.dumps(one_loop(args)))
         return
     rows = []
-    for loop in LOOPS:
+    loops = args.loops.split(",")
+    if not set(loops) <= set(LOOPS):
+        p.error(f"--loops: {args.loops!r}: each must be one of {', '.join(LOOPS)}")
+    for loop in loops:
         cmd = [sys.executable, __file__, "--loop", loop] + [f"--{k}={v}" for k, v in vars(args).items()
-                                                             if k not in ("loop", "out")]
+                                                             if k not in ("loop", "out", "loops")]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:  # the own attention may not fit where ours does: say so, measure the other
             why = "killed (out of memory?)" if proc.returncode < 0 else proc.stderr.strip().splitlines()[-1:]

@@ -86,21 +86,44 @@ def test_sdpa_keeps_no_attention_matrix_for_the_backward_pass(ldm_unet):
     assert ours < own / 2
 
 
-def test_mask_and_upcast(ldm_unet):
+def test_mask_and_upcast(ldm_unet, monkeypatch):
     attn = next(m for m in ldm_unet.modules() if type(m).__name__ == "CrossAttention")
     torch.manual_seed(4)
     x, context = torch.randn(2, 10, attn.to_q.in_features), torch.randn(2, 7, attn.to_k.in_features)
     mask = torch.ones(2, 7, dtype=torch.bool)
     mask[0, 3:] = False
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, *a, **kw: seen.append(q.dtype) or sdpa(q, *a, **kw))
     with torch.no_grad():
         own = attn(x, context, mask=mask)
         use_ldm_attention(ldm_unet, "sdpa")
         ours = attn(x, context, mask=mask)
         assert torch.allclose(ours, own, atol=1e-5)
-        use_ldm_attention(ldm_unet, "sdpa", upcast=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = attn(x, context, mask=mask)
-    assert low.dtype == torch.bfloat16 and torch.allclose(low.float(), own, atol=0.05)
+        use_ldm_attention(ldm_unet, "sdpa", upcast=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            upcast = attn(x, context, mask=mask)
+    assert seen == [torch.float32, torch.bfloat16, torch.float32]  # upcast: the kernel runs in fp32
+    assert low.dtype == upcast.dtype == torch.bfloat16  # and gives back what the layer computes in
+    assert torch.allclose(upcast.float(), own, atol=0.05)
+
+
+def test_another_instance_forward_is_kept_and_put_back(ldm_unet):
+    attns = [m for m in ldm_unet.modules() if type(m).__name__ == "CrossAttention"]
+    theirs = attns[0].forward  # another extension's hook on one instance (bound to it, as theirs would be)
+    attns[0].forward = theirs
+    use_ldm_attention(ldm_unet, "sdpa")
+    use_ldm_attention(ldm_unet, "sdpa")  # twice: still theirs underneath
+    assert all(m.forward.__func__.__name__ == "_ldm_forward" for m in attns)
+    replaced_later = attns[1].forward = lambda *a, **kw: None  # someone replaced ours during training
+    restore_ldm_attention(ldm_unet)
+    assert attns[0].__dict__["forward"] is theirs
+    assert attns[1].__dict__["forward"] is replaced_later
+    assert not any("forward" in m.__dict__ for m in attns[2:])
+    assert not any(k.startswith("_lora_trainer") for m in attns for k in m.__dict__)
 
 
 def test_diffusers_unet_gets_sdpa_processors():

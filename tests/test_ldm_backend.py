@@ -85,6 +85,8 @@ def test_train_in_place_touches_only_lora_and_removes_cleanly(setup, tmp_path):
     # taking the adapters out gives back the model's exact outputs
     assert remove_lora(unet) == len(lora_layers)
     assert remove_lora(backend.text_encoder) > 0
+    ours = [m for m in unet.modules() if "_lora_trainer_attention" in m.__dict__]
+    assert len(ours) == 14 and {m._lora_trainer_attention for m in ours} == {"sdpa"}  # training.attention: auto
     cond, out = fixed_outputs(sd_model)  # with the training's attention kernel still in: the same, to rounding
     assert torch.equal(cond, before_cond) and torch.allclose(out, before_out, atol=1e-5)
     backend.restore_attention()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import runpy
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,23 @@ def test_training_in_the_webui_leaves_the_model_exactly_as_before(webui, tmp_pat
     assert not webui.training and not any(m.training for m in webui.modules())
     assert not any(hasattr(m, "lora_A") for m in webui.modules())
     assert devices.gc_calls >= 1
+
+
+def test_the_webui_upcast_setting_reaches_the_kernel_and_hypernetworks_are_named(webui, tmp_path, caplog):
+    shared.opts.data["upcast_attn"] = True
+    shared.loaded_hypernetworks.append(types.SimpleNamespace(name="my_hypernet"))
+    host = WebUIHost()
+    try:
+        backend = host.make_backend(make_cfg(tmp_path))
+        backend.use_attention("auto")
+        ours = [m for m in webui.model.diffusion_model.modules() if "_lora_trainer_attention" in m.__dict__]
+        assert len(ours) == 14 and all(m._lora_trainer_upcast for m in ours)
+        assert "my_hypernet" in caplog.text and "not applied while training" in caplog.text
+        host.release_backend(backend)
+        assert not any("forward" in m.__dict__ for m in webui.modules())
+    finally:
+        shared.opts.data.pop("upcast_attn")
+        shared.loaded_hypernetworks.clear()
 
 
 @pytest.mark.parametrize("change, words", [

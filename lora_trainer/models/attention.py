@@ -11,8 +11,9 @@ tokens, not its square.
   v1.10's "Automatic": Doggettx on CUDA without --xformers, InvokeAI on the CPU): slicing saves memory
   in generation, but for the backward pass autograd keeps every slice's softmax, the whole matrix.
   For training, each CrossAttention instance gets its own ``forward`` here (an instance attribute, so
-  the WebUI's class-level choice is untouched) and ``restore_ldm_attention`` deletes it again. The
-  WebUI's hypernetworks, which its own forwards apply to the context, are not applied while training.
+  the WebUI's class-level choice is untouched; one another extension set on the instance is kept and
+  put back) and ``restore_ldm_attention`` takes it out again. The WebUI's hypernetworks, which its own
+  forwards apply to the context, are not applied while training.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from lora_trainer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 KINDS = ("auto", "sdpa", "xformers")
-_MARK = "_lora_trainer_attention"  # set on the instances whose forward is ours
+_MARK = "_lora_trainer_attention"  # set on the instances whose forward is ours: the kernel
+_PREVIOUS = "_lora_trainer_previous_forward"  # an instance-level forward that was there before ours
+_UPCAST = "_lora_trainer_upcast"
 
 
 def resolve_attention(kind: str) -> str:
@@ -40,14 +43,26 @@ def resolve_attention(kind: str) -> str:
     if kind == "xformers" and importlib.util.find_spec("xformers") is None:
         raise ConfigError("training.attention: 'xformers' needs the xformers package (pip install xformers, "
                           "CUDA only); or use 'sdpa' (PyTorch's own, as fast on PyTorch 2) or 'auto'")
+    if kind == "xformers" and not torch.cuda.is_available():
+        raise ConfigError("training.attention: 'xformers' runs on CUDA GPUs only and there is none here; "
+                          "use 'sdpa' or 'auto'")
     return "sdpa" if kind == "auto" else kind
 
 
 # --- LDM (CompVis / A1111) CrossAttention
 def _is_ldm_attention(module: nn.Module) -> bool:
+    # ldm's CrossAttention only: its MemoryEfficientCrossAttention is xformers already (the WebUI aliases it
+    # to CrossAttention), and sgm (SDXL, not trained yet) passes arguments this forward does not implement
     cls = type(module)
-    return (cls.__name__.endswith("CrossAttention") and cls.__module__.split(".")[0] in ("ldm", "sgm")
-            and all(hasattr(module, a) for a in ("heads", "to_q", "to_k", "to_v", "to_out")))
+    return (cls.__name__ == "CrossAttention" and cls.__module__.split(".")[0] == "ldm"
+            and all(hasattr(module, a) for a in ("heads", "scale", "to_q", "to_k", "to_v", "to_out")))
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 def _heads_first(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -58,8 +73,9 @@ def _ldm_forward(self, x, context=None, mask=None, **kwargs):
     """LDM CrossAttention's computation (q from x; k, v from the context) in a memory-efficient kernel."""
     context = x if context is None else context
     q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-    upcast, dtype = self._lora_trainer_upcast, q.dtype  # the WebUI's "upcast cross attention layer to float32"
-    with torch.autocast(q.device.type, enabled=False) if upcast else contextlib.nullcontext():
+    upcast, dtype = getattr(self, _UPCAST), q.dtype  # the WebUI's "upcast cross attention layer to float32"
+    with (torch.autocast(q.device.type, enabled=False) if upcast and _autocast_on(q.device.type)
+          else contextlib.nullcontext()):
         if upcast:
             q, k, v = q.float(), k.float(), v.float()
         if getattr(self, _MARK) == "xformers" and mask is None:
@@ -82,9 +98,11 @@ def use_ldm_attention(unet: nn.Module, kind: str, upcast: bool = False) -> int:
     count = 0
     for module in unet.modules():
         if _is_ldm_attention(module):
+            if _MARK not in module.__dict__ and "forward" in module.__dict__:
+                setattr(module, _PREVIOUS, module.__dict__["forward"])
             module.forward = types.MethodType(_ldm_forward, module)
             setattr(module, _MARK, kind)
-            module._lora_trainer_upcast = upcast
+            setattr(module, _UPCAST, upcast)
             count += 1
     log.info("attention: %s in %d attention layers of the UNet while training", kind, count)
     return count
@@ -94,9 +112,15 @@ def restore_ldm_attention(unet: nn.Module) -> int:
     """Take out what ``use_ldm_attention`` put in: the layers compute with the host's forward again."""
     count = 0
     for module in unet.modules():
-        if _MARK in module.__dict__:
-            for name in ("forward", _MARK, "_lora_trainer_upcast"):
-                module.__dict__.pop(name, None)
+        state = module.__dict__
+        if _MARK in state:
+            forward = state.get("forward")
+            if getattr(forward, "__func__", None) is _ldm_forward:  # not replaced by someone else since
+                del state["forward"]
+                if _PREVIOUS in state:
+                    state["forward"] = state[_PREVIOUS]
+            for name in (_MARK, _PREVIOUS, _UPCAST):
+                state.pop(name, None)
             count += 1
     return count
 
@@ -106,9 +130,11 @@ def use_diffusers_attention(unet: nn.Module, kind: str) -> None:
     kind = resolve_attention(kind)
     if kind == "xformers":
         unet.enable_xformers_memory_efficient_attention()
-    else:
-        from diffusers.models.attention_processor import AttnProcessor2_0
+    else:  # diffusers' non-SDPA default becomes SDPA; other processors (an IP-Adapter's, say) stay
+        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-        if not all(isinstance(p, AttnProcessor2_0) for p in unet.attn_processors.values()):
-            unet.set_attn_processor(AttnProcessor2_0())
+        processors = unet.attn_processors
+        if any(type(p) is AttnProcessor for p in processors.values()):
+            unet.set_attn_processor({name: AttnProcessor2_0() if type(p) is AttnProcessor else p
+                                     for name, p in processors.items()})
     log.info("attention: %s in the UNet", kind)

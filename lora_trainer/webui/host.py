@@ -133,6 +133,10 @@ class WebUIHost:
             log.info("took the active Lora networks out of %d layers before training", restored)
         self._saved = ({n: p.requires_grad for n, p in sd_model.named_parameters()},
                        {n: m.training for n, m in sd_model.named_modules()})
+        hypernetworks = [getattr(h, "name", str(h)) for h in getattr(shared, "loaded_hypernetworks", [])]
+        if hypernetworks:
+            log.warning("hypernetworks %s are not applied while training (nor in its sample images): the "
+                        "training's attention kernel does not run them", ", ".join(hypernetworks))
         info = getattr(sd_model, "sd_checkpoint_info", None)
         name = getattr(info, "model_name", None) or getattr(info, "name", None) or "webui-model"
         return LdmBackend(sd_model, name, devices.device, devices.dtype_unet,
@@ -145,11 +149,11 @@ class WebUIHost:
             return
         from modules import devices
 
+        backend.restore_attention()  # first: dict entries only, so nothing below can leave ours in
         for module in backend.components().values():
             if module is not None:
                 remove_lora(module)
         backend.disable_gradient_checkpointing()
-        backend.restore_attention()
         if self._saved is not None:
             grads, modes = self._saved
             for n, p in backend.sd_model.named_parameters():

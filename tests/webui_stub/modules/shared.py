@@ -7,5 +7,6 @@ sd_model = None
 cmd_opts = types.SimpleNamespace(lora_dir="", lowvram=False, medvram=False)
 opts = options.Options()
 state = shared_state.State()
+loaded_hypernetworks = []  # modules/shared.py: the hypernetworks a prompt or the settings loaded
 interrogator = interrogate.InterrogateModels()
 OptionInfo = options.OptionInfo
