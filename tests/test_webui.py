@@ -103,6 +103,51 @@ def test_the_webui_upcast_setting_reaches_the_kernel_and_hypernetworks_are_named
         shared.loaded_hypernetworks.clear()
 
 
+def test_gradient_checkpointing_the_webui_way_gives_the_same_gradients_for_less_memory(webui, tmp_path):
+    from modules import sd_hijack_checkpoint
+
+    from lora_trainer.engine.lora import add_lora
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from ldm_attention import SavedForBackward
+    finally:
+        sys.path.pop(0)
+    host = WebUIHost()
+    backend = host.make_backend(make_cfg(tmp_path))
+    unet = backend.unet
+    try:
+        torch.manual_seed(0)
+        add_lora(unet, rank=4, alpha=4, dropout=0.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                 key="training.target_modules")
+        with torch.no_grad():  # LoRA B starts at zero: give it weights, so gradients reach every LoRA matrix
+            for n, p in unet.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)
+        backend.use_attention("auto")
+
+        def grads():
+            torch.manual_seed(1)
+            x, t, cond = torch.randn(2, 4, 32, 32), torch.tensor([10, 900]), torch.randn(2, 77, 32)
+            unet.zero_grad(set_to_none=True)
+            with SavedForBackward() as saved:
+                out = backend.predict(x, t, cond)
+            out.pow(2).mean().backward()
+            return {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}, saved.bytes
+
+        plain, plain_bytes = grads()
+        backend.enable_gradient_checkpointing(text_encoder=False)
+        assert sd_hijack_checkpoint.stored  # the WebUI's hook is on: blocks run under reentrant checkpoint
+        checkpointed, checkpointed_bytes = grads()
+    finally:
+        host.release_backend(backend)
+    assert not sd_hijack_checkpoint.stored
+    assert plain.keys() == checkpointed.keys() and len(plain) > 0
+    for n, g in plain.items():
+        assert checkpointed[n] is not None and torch.allclose(checkpointed[n], g, rtol=1e-4, atol=1e-7), n
+    assert checkpointed_bytes < plain_bytes / 2, (checkpointed_bytes, plain_bytes)
+
+
 @pytest.mark.parametrize("change, words", [
     ("none", "no model is loaded"),
     ("sdxl", "SDXL"),
