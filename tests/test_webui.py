@@ -86,7 +86,10 @@ def test_training_in_the_webui_leaves_the_model_exactly_as_before(webui, tmp_pat
     assert devices.gc_calls >= 1
 
 
-def test_the_webui_upcast_setting_reaches_the_kernel_and_hypernetworks_are_named(webui, tmp_path, caplog):
+def test_the_webui_upcast_setting_reaches_the_kernel_and_what_gives_way_is_logged(webui, tmp_path, caplog):
+    from modules import sd_hijack  # noqa: F401  (loaded, as in the WebUI: the host names its optimization)
+
+    caplog.set_level("INFO", logger="lora_trainer")
     shared.opts.data["upcast_attn"] = True
     shared.loaded_hypernetworks.append(types.SimpleNamespace(name="my_hypernet"))
     host = WebUIHost()
@@ -96,6 +99,7 @@ def test_the_webui_upcast_setting_reaches_the_kernel_and_hypernetworks_are_named
         ours = [m for m in webui.model.diffusion_model.modules() if "_lora_trainer_attention" in m.__dict__]
         assert len(ours) == 14 and all(m._lora_trainer_upcast for m in ours)
         assert "my_hypernet" in caplog.text and "not applied while training" in caplog.text
+        assert "cross attention optimization (Doggettx) gives way to training.attention auto" in caplog.text
         host.release_backend(backend)
         assert not any("forward" in m.__dict__ for m in webui.modules())
     finally:

@@ -133,6 +133,10 @@ class WebUIHost:
             log.info("took the active Lora networks out of %d layers before training", restored)
         self._saved = ({n: p.requires_grad for n, p in sd_model.named_parameters()},
                        {n: m.training for n, m in sd_model.named_modules()})
+        current = getattr(sys.modules.get("modules.sd_hijack"), "current_optimizer", None)
+        if getattr(current, "name", None):
+            log.info("the WebUI's cross attention optimization (%s) gives way to training.attention %s while "
+                     "training, and is back after it", current.name, cfg.training.attention)
         hypernetworks = [getattr(h, "name", str(h)) for h in getattr(shared, "loaded_hypernetworks", [])]
         if hypernetworks:
             log.warning("hypernetworks %s are not applied while training (nor in its sample images): the "
