@@ -153,3 +153,13 @@ def test_xformers_without_xformers_is_a_clear_error_before_any_model_loads(tmp_p
 def test_attention_key_is_checked():
     with pytest.raises(ConfigError, match=r"attention.*auto.*sdpa.*xformers"):
         config_from_dict({"attention": "flash"})
+
+
+def test_a_scale_other_than_the_default_is_kept(ldm_unet):
+    attn = next(m for m in ldm_unet.modules() if type(m).__name__ == "CrossAttention")
+    attn.scale = 0.5  # LDM's own is dim_head ** -0.5, SDPA's default (then no scale is passed: torch 2.0 has none)
+    x = torch.randn(1, 12, attn.to_q.in_features)
+    with torch.no_grad():
+        own = attn(x)
+        use_ldm_attention(ldm_unet, "sdpa")
+        assert torch.allclose(attn(x), own, atol=1e-5)

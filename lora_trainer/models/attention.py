@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import math
 import types
 
 import torch
@@ -78,7 +79,8 @@ def _ldm_forward(self, x, context=None, mask=None, **kwargs):
           else contextlib.nullcontext()):
         if upcast:
             q, k, v = q.float(), k.float(), v.float()
-        if getattr(self, _MARK) == "xformers" and mask is None:
+        default_scale = math.isclose(self.scale, (q.shape[-1] // self.heads) ** -0.5)  # LDM's: dim_head ** -0.5
+        if getattr(self, _MARK) == "xformers" and mask is None and default_scale:
             import xformers.ops
 
             q, k, v = (t.unflatten(-1, (self.heads, -1)).contiguous() for t in (q, k, v))  # b n h d
@@ -86,8 +88,9 @@ def _ldm_forward(self, x, context=None, mask=None, **kwargs):
         else:
             if mask is not None:  # LDM: True where a key may be attended to, the same for every head and query
                 mask = mask.reshape(mask.shape[0], 1, 1, -1)
+            extra = {} if default_scale else {"scale": self.scale}  # (torch 2.0's SDPA has no ``scale``)
             out = F.scaled_dot_product_attention(*(_heads_first(t, self.heads) for t in (q, k, v)),
-                                                 attn_mask=mask, scale=self.scale)
+                                                 attn_mask=mask, **extra)
             out = out.transpose(1, 2).flatten(2)  # b h n d -> b n (h d)
     return self.to_out(out.to(dtype))
 
