@@ -9,6 +9,7 @@ LDM UNet too.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -16,6 +17,8 @@ from torch import nn
 
 from lora_trainer.models.attention import restore_ldm_attention, use_ldm_attention
 from lora_trainer.models.base import TEXT_ENCODER, UNET
+
+log = logging.getLogger(__name__)
 
 
 def ldm_text_encoder(sd_model) -> nn.Module | None:
@@ -42,7 +45,7 @@ class LdmBackend:
 
     def __init__(self, sd_model, model_name: str, device: torch.device, weight_dtype: torch.dtype,
                  checkpointing: tuple[Callable[[], None], Callable[[], None]] | None = None,
-                 upcast_attention: bool = False):
+                 upcast_attention: bool = False, host_attention: str | None = None):
         from diffusers import DDPMScheduler
 
         self.sd_model = sd_model
@@ -59,6 +62,7 @@ class LdmBackend:
         self._checkpointing = checkpointing
         self._checkpointing_on = False
         self._upcast_attention = upcast_attention
+        self._host_attention = host_attention  # the name of the host's own (the WebUI's optimization)
         for module in (self.unet, self.text_encoder):
             if module is not None:
                 module.requires_grad_(False)
@@ -104,6 +108,9 @@ class LdmBackend:
     def use_attention(self, kind: str) -> None:
         """Train with a memory-efficient attention kernel instead of the host's (models.attention)."""
         use_ldm_attention(self.unet, kind, upcast=self._upcast_attention)
+        if self._host_attention:
+            log.info("attention: the WebUI's cross attention optimization (%s) gives way while training, and is "
+                     "back after it", self._host_attention)
 
     def restore_attention(self) -> None:
         restore_ldm_attention(self.unet)

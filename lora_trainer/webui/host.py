@@ -133,10 +133,6 @@ class WebUIHost:
             log.info("took the active Lora networks out of %d layers before training", restored)
         self._saved = ({n: p.requires_grad for n, p in sd_model.named_parameters()},
                        {n: m.training for n, m in sd_model.named_modules()})
-        current = getattr(sys.modules.get("modules.sd_hijack"), "current_optimizer", None)
-        if getattr(current, "name", None):
-            log.info("the WebUI's cross attention optimization (%s) gives way to training.attention %s while "
-                     "training, and is back after it", current.name, cfg.training.attention)
         hypernetworks = [getattr(h, "name", str(h)) for h in getattr(shared, "loaded_hypernetworks", [])]
         if hypernetworks:
             log.warning("hypernetworks %s are not applied while training (nor in its sample images): the "
@@ -145,7 +141,9 @@ class WebUIHost:
         name = getattr(info, "model_name", None) or getattr(info, "name", None) or "webui-model"
         return LdmBackend(sd_model, name, devices.device, devices.dtype_unet,
                           checkpointing=(sd_hijack_checkpoint.add, sd_hijack_checkpoint.remove),
-                          upcast_attention=bool(getattr(shared.opts, "upcast_attn", False)))
+                          upcast_attention=bool(getattr(shared.opts, "upcast_attn", False)),
+                          host_attention=getattr(getattr(sys.modules.get("modules.sd_hijack"), "current_optimizer",
+                                                         None), "name", None))
 
     def release_backend(self, backend) -> None:
         """Remove the LoRA layers and put back every flag: the model computes exactly what it did."""
