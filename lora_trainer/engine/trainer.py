@@ -276,8 +276,8 @@ def _train_in(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepar
                 loss_value = loss.item()  # the one host sync of a micro-batch
                 if not math.isfinite(loss_value):
                     raise TrainingError(
-                        f"the loss became {loss_value} at step {step + 1}: lower training.learning_rate, "
-                        "or use mixed_precision bf16 or no instead of fp16")
+                        f"the loss became {loss_value} at step {step + 1}: lower training.learning_rate"
+                        + (", or use mixed_precision bf16 or no instead of fp16" if precision == "fp16" else ""))
                 scaler.scale(loss / group_size).backward()
                 step_loss += loss_value / group_size
                 if (i + 1) % plan.grad_accum and i + 1 < bpe:
