@@ -11,8 +11,8 @@ tokens, not its square.
   v1.10's "Automatic": Doggettx on CUDA without --xformers, InvokeAI on the CPU): slicing saves memory
   in generation, but for the backward pass autograd keeps every slice's softmax, the whole matrix.
   For training, each CrossAttention instance gets its own ``forward`` here (an instance attribute, so
-  the WebUI's class-level choice is untouched; one another extension set on the instance is kept and
-  put back) and ``restore_ldm_attention`` takes it out again. The WebUI's hypernetworks, which its own
+  the WebUI's class-level choice is untouched; a forward another extension set on the instance is kept
+  and put back) and ``restore_ldm_attention`` takes it out again. The WebUI's hypernetworks, which its own
   forwards apply to the context, are not applied while training.
 """
 
@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora_trainer.config import CHOICES
 from lora_trainer.errors import ConfigError
 
 log = logging.getLogger(__name__)
-KINDS = ("auto", "sdpa", "xformers")
+KINDS = CHOICES["attention"]  # auto, sdpa, xformers
 _MARK = "_lora_trainer_attention"  # set on the instances whose forward is ours: the kernel
 _PREVIOUS = "_lora_trainer_previous_forward"  # an instance-level forward that was there before ours
 _UPCAST = "_lora_trainer_upcast"
