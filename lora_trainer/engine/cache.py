@@ -6,8 +6,8 @@ and the diffusers examples do, drawn with a generator seeded by the run's seed a
 the sample does not depend on the order of the images or on where the posterior came from. With
 ``store`` (cache_latents_to_disk) the posteriors are also kept on disk, one safetensors file per image
 and flip, keyed by the image's content, the resolution, its JPEG decode scale and the VAE encoder's
-weights: another run on the same images loads them and encodes only what is new. Captions are encoded once each when the text encoder is frozen. Everything is
-kept on the CPU and moved per batch.
+weights: another run on the same images loads them and encodes only what is new. Captions are encoded
+once each when the text encoder is frozen. Everything is kept on the CPU and moved per batch.
 """
 
 from __future__ import annotations

@@ -173,8 +173,7 @@ def _train_in(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepar
             module.train()
         if t.gradient_checkpointing:
             backend.enable_gradient_checkpointing(text_encoder=t.train_text_encoder)
-        if hasattr(backend, "use_attention"):
-            backend.use_attention(t.attention)
+        backend.use_attention(t.attention)
         if t.channels_last:
             if hasattr(backend, "use_channels_last"):
                 backend.use_channels_last()

@@ -48,4 +48,7 @@ class TrainingBackend(Protocol):
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The model's prediction (noise or velocity) for noisy latents at timesteps."""
 
+    def use_attention(self, kind: str) -> None:
+        """Train the UNet with this attention kernel (training.attention: auto, sdpa, xformers)."""
+
     def enable_gradient_checkpointing(self, text_encoder: bool) -> None: ...
