@@ -10,7 +10,9 @@ softmax for the backward pass, the whole tokens x tokens matrix. Loops (--loops)
 computation written again here (slices of at most 32 MB of matrix, InvokeAI's CPU rule; Doggettx slices
 by free VRAM, which changes the time, not what is kept); "own" is the LDM package's stock forward (it
 also upcasts the matrix to fp32 on CUDA, so it keeps more than the WebUI's there); "sdpa" is ours
-(lora_trainer.models.attention). Each loop runs alone in its own child process: the UNet
+(lora_trainer.models.attention); "compiled" is ours with training.compile_unet (torch.compile of the
+UNet's forward, as LdmBackend.compile_unet; its warm-up step is the compile, and what autograd keeps is
+not counted: compiled graphs save their own tensors). Each loop runs alone in its own child process: the UNet
 (random weights; the real LDM module names) with peft LoRA on the attention projections, forward and
 backward of an MSE loss, the median step after one warm-up step; the bytes autograd keeps for backward in
 one forward (each tensor counted once); peak memory (CPU: the child's VmHWM; CUDA: max_memory_allocated).
@@ -20,6 +22,7 @@ Needs the LDM code: pip install --no-deps stable-diffusion-sdkit==2.1.5 (plus ei
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -38,7 +41,7 @@ SHAPES = {
     "tiny": dict(model_channels=32, attention_resolutions=[1, 2], num_res_blocks=1, channel_mult=[1, 2],
                  num_heads=2, context_dim=32),
 }
-LOOPS = ("webui", "own", "sdpa")
+LOOPS = ("webui", "own", "sdpa", "compiled")
 SLICE_BYTES = 32 * 2**20
 
 
@@ -100,8 +103,10 @@ def one_loop(args) -> dict:
     for p in unet.parameters():  # LoRA in fp32, the frozen base in the run's dtype (as the trainer does)
         if p.requires_grad:
             p.data = p.data.float()
-    if args.loop == "sdpa":
+    if args.loop in ("sdpa", "compiled"):
         use_ldm_attention(unet, "sdpa")
+    if args.loop == "compiled":
+        unet.forward = torch.compile(unet.forward)
     elif args.loop == "webui":  # as the WebUI sets its choice: on the class
         from ldm.modules.attention import CrossAttention
 
@@ -120,15 +125,17 @@ def one_loop(args) -> dict:
         unet.zero_grad(set_to_none=True)
         sync()
 
-    with SavedForBackward() as saved:
+    with SavedForBackward() if args.loop != "compiled" else contextlib.nullcontext() as saved:
+        start = time.perf_counter()
         step()  # warm-up, and what autograd keeps
+        first = time.perf_counter() - start
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return {"loop": args.loop, "step_s": statistics.median(times), "saved_for_backward_mb": saved.bytes / 2**20,
-            "peak_memory_mb": peak_memory_mb(args.device)}
+    return {"loop": args.loop, "step_s": statistics.median(times), "first_step_s": first,
+            "saved_for_backward_mb": saved.bytes / 2**20 if saved else None, "peak_memory_mb": peak_memory_mb(args.device)}
 
 
 def main() -> None:
@@ -163,12 +170,13 @@ def main() -> None:
     Path(args.out).write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "loop"},
                                           "rows": rows}, indent=2))
     print(f"LDM UNet ({args.model}), {args.resolution}², batch {args.batch}, {args.dtype}, {args.device}")
-    print(f"{'attention':<10} {'s/step':>8} {'saved for backward MB':>22} {'peak MB':>9}")
+    print(f"{'attention':<10} {'s/step':>8} {'first step s':>13} {'saved for backward MB':>22} {'peak MB':>9}")
     for r in rows:
         if "failed" in r:
             print(f"{r['loop']:<10} {'failed':>8}")
         else:
-            print(f"{r['loop']:<10} {r['step_s']:>8.3f} {r['saved_for_backward_mb']:>22.0f} {r['peak_memory_mb']:>9.0f}")
+            saved = "-" if r["saved_for_backward_mb"] is None else f"{r['saved_for_backward_mb']:.0f}"
+            print(f"{r['loop']:<10} {r['step_s']:>8.3f} {r['first_step_s']:>13.1f} {saved:>22} {r['peak_memory_mb']:>9.0f}")
 
 
 if __name__ == "__main__":

@@ -153,3 +153,54 @@ def test_an_encoder_that_returns_the_latent_itself(setup, monkeypatch):
                         .latent_dist.mean)
     mean, std = backend.encode_image_dist(x)
     assert torch.allclose(mean, expected) and torch.count_nonzero(std) == 0
+
+
+def test_compile_unet_trains_through_the_compiled_forward_and_leaves_the_webui_calls_eager(setup, tmp_path,
+                                                                                         monkeypatch):
+    sd_model, backend, data = setup
+    unet = sd_model.model.diffusion_model
+    compiled_calls = []
+
+    def fake_compile(fn, mode="default"):  # the real one: test_compiled_training_matches_eager_training
+        def compiled(*args, **kwargs):
+            compiled_calls.append(mode)
+            return fn(*args, **kwargs)
+        return compiled
+
+    def other_extensions_forward(*args, **kwargs):  # as ControlNet sets one on the UNet instance
+        return type(unet).forward(unet, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    unet.forward = other_extensions_forward
+    result = train(make_cfg(data, tmp_path / "out", compile_unet=True), backend=backend, progress=False)
+    assert result.steps == 3 and compiled_calls == ["default"] * 3  # one UNet call a step, each compiled
+    assert vars(unet)["forward"] is other_extensions_forward  # back after every step
+    fixed_outputs(sd_model)  # the WebUI's own calls (generation, samples) are not compiled
+    assert len(compiled_calls) == 3
+
+
+def test_compiled_training_matches_eager_training(tmp_path):
+    from safetensors.torch import load_file
+
+    from lora_trainer.errors import ConfigError
+    from lora_trainer.models.compiling import check_compile
+
+    try:
+        check_compile("cpu")
+    except ConfigError as err:
+        pytest.skip(str(err))
+    data = make_demo_dataset(tmp_path / "data", n=4, resolution=64)
+    weights = {}
+    from torch._dynamo.utils import counters
+
+    for compiled in (False, True):  # real torch.compile of the LDM UNet with our attention: ~1 min on 2 cores
+        counters.clear()
+        backend = LdmBackend(TinyLatentDiffusion(), "tiny-ldm", torch.device("cpu"), torch.float32)
+        result = train(make_cfg(data, tmp_path / f"out-{compiled}", max_train_steps=2, compile_unet=compiled),
+                       backend=backend, progress=False)
+        assert result.steps == 2 and "forward" not in vars(backend.unet)
+        assert bool(counters["stats"]["unique_graphs"]) == compiled  # dynamo built graphs only when asked
+        weights[compiled] = load_file(result.lora_path)
+    assert weights[True].keys() == weights[False].keys()
+    for key, eager in weights[False].items():
+        assert (weights[True][key] - eager).norm() <= 1e-3 * eager.norm(), key

@@ -455,6 +455,36 @@ def test_compile_unet_switch_trains_through_the_compiled_module(demo_data, tmp_p
     assert result.steps == 2 and all(k.startswith("lora_unet_") for k in load_file(result.lora_path))
 
 
+@pytest.mark.parametrize("missing, device, words", [
+    ("compiler", "cpu", "needs a C\\+\\+ compiler, and none of g\\+\\+ is on PATH"),
+    ("triton", "cuda", "compiling for the GPU needs the Triton compiler \\(pip install triton"),
+    ("dynamo", "cpu", "torch.compile does not run with torch")])
+def test_compile_unet_that_cannot_build_is_refused_before_any_model_loads(demo_data, tmp_path, monkeypatch,
+                                                                         missing, device, words):
+    import importlib.util
+    import shutil
+
+    import torch._dynamo
+
+    import lora_trainer.engine.trainer as trainer_module
+    import lora_trainer.models.diffusers_backend as db
+    from lora_trainer.errors import ConfigError
+
+    monkeypatch.setenv("CXX", "g++")
+    monkeypatch.setattr(trainer_module, "pick_device", lambda mp: (torch.device(device), "no"))
+    if missing == "compiler":
+        monkeypatch.setattr(shutil, "which", lambda name: None)
+    elif missing == "triton":
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+    else:
+        monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
+    monkeypatch.setattr(db, "load_diffusers_backend", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(ConfigError, match="training.compile_unet: .*" + words + ".*or set training.compile_unet: false"):
+        train(make_cfg(demo_data, tmp_path / "out", compile_unet=True), progress=False)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 def test_attention_is_pytorch_sdpa_everywhere():
     from diffusers.models.attention_processor import AttnProcessor2_0
 

@@ -37,6 +37,7 @@ from lora_trainer.engine.run_dir import holds_a_run, latent_cache_dir, prepare_r
 from lora_trainer.errors import DatasetError, LoraTrainerError
 from lora_trainer.models.attention import resolve_attention
 from lora_trainer.models.base import TEXT_ENCODER, UNET
+from lora_trainer.models.compiling import check_compile
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,8 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
     validate_paths(cfg, check_base_model=backend is None)
     check_optimizer(t.optimizer)
     resolve_attention(t.attention)
+    if t.compile_unet:
+        check_compile((backend.device if backend is not None else pick_device(t.mixed_precision)[0]).type)
     scan = scan_dataset(d.train_data_dir, metadata_path=d.metadata_path, caption_extension=d.caption_extension,
                         caption_priority=d.caption_priority, caption_prefix=d.caption_prefix, recursive=d.recursive,
                         inspect=image_facts)

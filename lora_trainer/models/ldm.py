@@ -9,6 +9,7 @@ LDM UNet too.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -33,6 +34,19 @@ def ldm_family(sd_model) -> str:
     if getattr(sd_model, "is_sd2", False) or getattr(sd_model.cond_stage_model, "model", None) is not None:
         return "sd_v2"
     return "sd_v1"
+
+
+@contextlib.contextmanager
+def _instance_forward(module: nn.Module, forward: Callable):
+    had, previous = "forward" in vars(module), vars(module).get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if had:
+            module.forward = previous
+        else:
+            del module.forward
 
 
 class LdmBackend:
@@ -63,6 +77,7 @@ class LdmBackend:
         self._checkpointing_on = False
         self._upcast_attention = upcast_attention
         self._host_attention = host_attention  # the name of the host's own (the WebUI's optimization)
+        self._compiled_forward = None
         for module in (self.unet, self.text_encoder):
             if module is not None:
                 module.requires_grad_(False)
@@ -103,7 +118,16 @@ class LdmBackend:
             # reentrant checkpointing passes no gradient through blocks whose inputs need none; the first
             # blocks see only the (frozen) latents, so make them carry a gradient
             noisy_latents = noisy_latents.detach().requires_grad_(True)
-        return self.sd_model.apply_model(noisy_latents, timesteps, cond)
+        if self._compiled_forward is None:
+            return self.sd_model.apply_model(noisy_latents, timesteps, cond)
+        with _instance_forward(self.unet, self._compiled_forward):
+            return self.sd_model.apply_model(noisy_latents, timesteps, cond)
+
+    def compile_unet(self, mode: str = "default") -> None:
+        """Train through torch.compile of the UNet's forward. It is the UNet's forward only inside ``predict``
+        (an instance attribute for the call): the WebUI's own calls, its samples and generation, stay as they
+        were, and a forward another extension set on the instance is back after every step."""
+        self._compiled_forward = torch.compile(self.unet.forward, mode=mode)
 
     def use_attention(self, kind: str) -> None:
         """Train with a memory-efficient attention kernel instead of the host's (models.attention)."""

@@ -41,6 +41,7 @@ ADVANCED = [
                                                           list(CHOICES["mixed_precision"])),
     ("gradient_checkpointing", "Gradient checkpointing (less memory)", "bool", None),
     ("attention", "Attention kernel while training (auto = PyTorch SDPA)", "choice", list(CHOICES["attention"])),
+    ("compile_unet", "Compile the UNet (torch.compile: faster steps after a first one of minutes)", "bool", None),
     ("cache_latents_to_disk", "Keep encoded images on disk (the next run of this name skips encoding)", "bool", None),
     ("train_text_encoder", "Train the text encoder", "bool", None), ("caption_prefix", "Trigger word prefix", "text", None),
     ("min_snr_gamma", "Min-SNR gamma (0 = off)", "number", None), ("noise_offset", "Noise offset", "number", None),
