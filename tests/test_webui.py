@@ -64,11 +64,15 @@ def test_training_in_the_webui_leaves_the_model_exactly_as_before(webui, tmp_pat
         layer.weight += 0.5
     networks.loaded_networks.append(object())
     assert not torch.equal(outputs(webui)[1], pristine[1])
+    shared.loaded_hypernetworks.append(types.SimpleNamespace(name="my_hypernet"))
 
     host = WebUIHost()
     session = TrainingSession.start(host, make_cfg(tmp_path, train_text_encoder=True, gradient_checkpointing=True),
                                     sample_prompt="demo style", sample_every=2)
-    status = session.wait(120)
+    try:
+        status = session.wait(120)
+    finally:
+        shared.loaded_hypernetworks.clear()
     assert status.state == "done", status.message
     lora = Path(shared.cmd_opts.lora_dir) / "webui_lora.safetensors"
     assert status.published == lora and lora.is_file()
@@ -76,6 +80,8 @@ def test_training_in_the_webui_leaves_the_model_exactly_as_before(webui, tmp_pat
     assert ("begin", "Train LoRA") in shared.state.calls and shared.state.calls[-1] == ("end",)
     assert [p.prompt for p in processing.calls] == ["demo style", "demo style"]  # samples at steps 2 and 4
     assert all(p.closed for p in processing.calls)
+    (run_log,) = (tmp_path / "run").rglob("train.log")  # what the WebUI's console said is in the run's log too
+    assert "hypernetworks my_hypernet are not applied while training" in run_log.read_text()
 
     # the same seed and input give the same output as before the user's Lora and the training
     after = outputs(webui)

@@ -59,7 +59,8 @@ class LdmBackend:
 
     def __init__(self, sd_model, model_name: str, device: torch.device, weight_dtype: torch.dtype,
                  checkpointing: tuple[Callable[[], None], Callable[[], None]] | None = None,
-                 upcast_attention: bool = False, host_attention: str | None = None):
+                 upcast_attention: bool = False, host_attention: str | None = None,
+                 hypernetworks: list[str] = ()):
         from diffusers import DDPMScheduler
 
         self.sd_model = sd_model
@@ -77,6 +78,7 @@ class LdmBackend:
         self._checkpointing_on = False
         self._upcast_attention = upcast_attention
         self._host_attention = host_attention  # the name of the host's own (the WebUI's optimization)
+        self._hypernetworks = list(hypernetworks)  # the WebUI's loaded ones: its attention forwards apply them
         self._compiled_forward = None
         for module in (self.unet, self.text_encoder):
             if module is not None:
@@ -135,6 +137,9 @@ class LdmBackend:
         if self._host_attention:
             log.info("attention: the WebUI's cross attention optimization (%s) gives way while training, and is "
                      "back after it", self._host_attention)
+        if self._hypernetworks:
+            log.warning("hypernetworks %s are not applied while training (nor in its sample images): the "
+                        "training's attention kernel does not run them", ", ".join(self._hypernetworks))
 
     def restore_attention(self) -> None:
         restore_ldm_attention(self.unet)

@@ -133,17 +133,14 @@ class WebUIHost:
             log.info("took the active Lora networks out of %d layers before training", restored)
         self._saved = ({n: p.requires_grad for n, p in sd_model.named_parameters()},
                        {n: m.training for n, m in sd_model.named_modules()})
-        hypernetworks = [getattr(h, "name", str(h)) for h in getattr(shared, "loaded_hypernetworks", [])]
-        if hypernetworks:
-            log.warning("hypernetworks %s are not applied while training (nor in its sample images): the "
-                        "training's attention kernel does not run them", ", ".join(hypernetworks))
         info = getattr(sd_model, "sd_checkpoint_info", None)
         name = getattr(info, "model_name", None) or getattr(info, "name", None) or "webui-model"
         return LdmBackend(sd_model, name, devices.device, devices.dtype_unet,
                           checkpointing=(sd_hijack_checkpoint.add, sd_hijack_checkpoint.remove),
                           upcast_attention=bool(getattr(shared.opts, "upcast_attn", False)),
                           host_attention=getattr(getattr(sys.modules.get("modules.sd_hijack"), "current_optimizer",
-                                                         None), "name", None))
+                                                         None), "name", None),
+                          hypernetworks=[getattr(h, "name", str(h)) for h in getattr(shared, "loaded_hypernetworks", [])])
 
     def release_backend(self, backend) -> None:
         """Remove the LoRA layers and put back every flag: the model computes exactly what it did."""
