@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU measurements issue #5 still needs, in one prepared run on a lent CUDA machine.
+#
+#   bash bench/gpu_checks.sh OUT_DIR [CHECK ...]     # checks: attention batch8 batch1 compiled learns (default: all)
+#
+# Each check has its own time limit and writes its log (and JSON) under OUT_DIR; one that fails or runs out
+# of time does not stop the next. The SD 1.5-shape model is built once (OUT_DIR/work) and shared. Needs
+# diffusers and peft importable, and for "attention" the LDM code (stable-diffusion-sdkit, einops, omegaconf).
+# All of them together take about 10 minutes on an H100; run a few at a time where a call is shorter.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?give the folder for the results}
+shift
+checks=("$@")
+[ ${#checks[@]} -gt 0 ] || checks=(attention batch8 batch1 compiled learns)
+mkdir -p "$out/work"
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+speed=("$py" bench/train_speed.py --device cuda --model sd15-shape --resolution 512 --work "$out/work")
+
+run() {  # name, seconds, command...
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit}s): $*"
+    local start=$SECONDS
+    timeout "$limit" "$@" > "$out/$name.log" 2>&1
+    local rc=$?
+    tail -n 25 "$out/$name.log"
+    echo "=== $name: exit $rc after $((SECONDS - start)) s"
+}
+
+"$py" -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))" || exit 1
+for check in "${checks[@]}"; do
+    case $check in
+        attention)  # the VRAM the WebUI's default attention costs while training, against SDPA (and compiled)
+            run attention 150 "$py" bench/ldm_attention.py --device cuda --model sd15-shape --dtype fp16 --batch 4 \
+                --steps 5 --loops webui,sdpa --out "$out/attention.json" ;;
+        batch8)  # >= 1.5x the reference's images/s, and MFU
+            run batch8 240 "${speed[@]}" --batch 8 --images 32 --steps 20 --rounds 4 --out "$out/batch8.json" ;;
+        batch1)  # under 4 GB, the whole process
+            run batch1 150 "${speed[@]}" --batch 1 --images 8 --steps 40 --rounds 4 --gradient-checkpointing \
+                --out "$out/batch1.json" ;;
+        compiled)  # what torch.compile buys at batch 8 (the first step compiles for minutes)
+            run compiled 300 "${speed[@]}" --batch 8 --images 32 --steps 20 --rounds 4 --no-reference --compile \
+                --out "$out/compiled.json" ;;
+        learns)  # the loss-decrease test, plain and with every speed-up, on CUDA in bf16
+            run learns 200 "$py" -m pytest -q -p no:cacheprovider tests/test_train.py -k learns ;;
+        *) echo "unknown check: $check (attention batch8 batch1 compiled learns)"; exit 2 ;;
+    esac
+done
