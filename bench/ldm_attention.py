@@ -10,7 +10,8 @@ softmax for the backward pass, the whole tokens x tokens matrix. Loops (--loops)
 computation written again here (slices of at most 32 MB of matrix, InvokeAI's CPU rule; Doggettx slices
 by free VRAM, which changes the time, not what is kept); "own" is the LDM package's stock forward (it
 also upcasts the matrix to fp32 on CUDA, so it keeps more than the WebUI's there); "sdpa" is ours
-(lora_trainer.models.attention); "compiled" is ours with training.compile_unet (torch.compile of the
+(lora_trainer.models.attention); "xformers" is ours with training.attention: xformers (CUDA, where
+the package is installed); "compiled" is ours with training.compile_unet (torch.compile of the
 UNet's forward, as LdmBackend.compile_unet; its warm-up step is the compile, and what autograd keeps is
 not counted: compiled graphs save their own tensors). Each loop runs alone in its own child process: the UNet
 (random weights; the real LDM module names) with peft LoRA on the attention projections, forward and
@@ -41,7 +42,7 @@ SHAPES = {
     "tiny": dict(model_channels=32, attention_resolutions=[1, 2], num_res_blocks=1, channel_mult=[1, 2],
                  num_heads=2, context_dim=32),
 }
-LOOPS = ("webui", "own", "sdpa", "compiled")
+LOOPS = ("webui", "own", "sdpa", "xformers", "compiled")
 SLICE_BYTES = 32 * 2**20
 
 
@@ -103,8 +104,8 @@ def one_loop(args) -> dict:
     for p in unet.parameters():  # LoRA in fp32, the frozen base in the run's dtype (as the trainer does)
         if p.requires_grad:
             p.data = p.data.float()
-    if args.loop in ("sdpa", "compiled"):
-        use_ldm_attention(unet, "sdpa")
+    if args.loop in ("sdpa", "xformers", "compiled"):
+        use_ldm_attention(unet, "xformers" if args.loop == "xformers" else "sdpa")
     if args.loop == "compiled":
         unet.forward = torch.compile(unet.forward)
     elif args.loop == "webui":  # as the WebUI sets its choice: on the class
