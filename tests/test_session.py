@@ -20,7 +20,21 @@ def cfg_for(tmp_path, steps, **extra):
                              "output_name": "ui_lora", "save_precision": "fp32", "log_with": "none", **extra})
 
 
-def test_session_trains_samples_and_publishes(tmp_path):
+def test_session_trains_samples_and_publishes(tmp_path, monkeypatch):
+    import contextlib
+
+    from lora_trainer.models.diffusers_backend import DiffusersBackend
+
+    on_device = []
+    real = DiffusersBackend.encoders_on_device
+
+    @contextlib.contextmanager
+    def counted(self):  # a sample needs the encoders that wait on the CPU (on a GPU) back where the UNet is
+        with real(self):
+            on_device.append(True)
+            yield
+
+    monkeypatch.setattr(DiffusersBackend, "encoders_on_device", counted)
     host = DiffusersHost(tmp_path / "Lora")
     session = TrainingSession.start(host, cfg_for(tmp_path, 4), sample_prompt="demo style", sample_every=2)
     status = session.wait(120)
@@ -28,6 +42,7 @@ def test_session_trains_samples_and_publishes(tmp_path):
     assert status.published == tmp_path / "Lora" / "ui_lora.safetensors" and status.published.is_file()
     assert [s for s, _ in status.losses] == [1, 2, 3, 4]
     assert [s for s, _ in status.samples] == [2, 4] and status.samples[0][1].size == (64, 64)
+    assert len(on_device) == 2
     assert "step 4/4" in format_status(status)
     # the model came back without LoRA layers
     again = TrainingSession.start(host, cfg_for(tmp_path, 1, output_name="ui_lora"))

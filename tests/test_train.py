@@ -104,7 +104,8 @@ def test_training_learns(demo_data, tmp_path, speedups):
     cfg = make_cfg(data, tmp_path / "out", max_train_steps=40, batch_size=6, target_modules=WIDE_TARGETS,
                    lora_rank=8, lora_alpha=8, **speedups)
     result = train(cfg, backend=backend, progress=False)
-    after = fixed_loss(backend, demo_data)
+    after = fixed_loss(backend, demo_data)  # (with the encoders back where the UNet is)
+    assert {p.device.type for m in (backend.vae, backend.text_encoder) for p in m.parameters()} == {backend.device.type}
     assert result.status == "finished" and result.steps == 40
     assert after < 0.8 * before, (before, after)
 
@@ -483,6 +484,37 @@ def test_compile_unet_that_cannot_build_is_refused_before_any_model_loads(demo_d
     with pytest.raises(ConfigError, match="training.compile_unet: .*" + words + ".*or set training.compile_unet: false"):
         train(make_cfg(demo_data, tmp_path / "out", compile_unet=True), progress=False)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("settings, expected", [
+    ({}, [("offload", True, 0), "restore"]),  # latents and captions cached: the VAE and text encoder wait
+    ({"train_text_encoder": True}, [("offload", False, 0), "restore"]),  # the text encoder trains: it stays
+    ({"cache_latents": False}, ["restore"])])  # the VAE encodes every step: everything stays
+def test_idle_encoders_wait_off_the_gpu_while_training(demo_data, tmp_path, monkeypatch, settings, expected):
+    backend = load_diffusers_backend("tiny-demo", torch.device("cpu"), torch.float32)
+    assert backend.offload_idle_encoders(text_encoder=True) == 0 and not backend._offloaded  # nothing on a CPU
+    calls, steps = [], StopAt(99)
+    monkeypatch.setattr(backend, "offload_idle_encoders", lambda text_encoder: calls.append(
+        ("offload", text_encoder, len(steps.seen))))
+    monkeypatch.setattr(backend, "restore_encoders", lambda: calls.append("restore"))
+    result = train(make_cfg(demo_data, tmp_path / "out", max_train_steps=2, **settings), backend=backend,
+                   callbacks=steps, progress=False)
+    assert result.steps == 2 and calls == expected  # before the first step, and back when training ends
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="moves the encoders off a GPU")
+def test_offloaded_encoders_free_their_gpu_memory_and_come_back_for_samples():
+    backend = load_diffusers_backend("tiny-demo", torch.device("cuda"), torch.bfloat16)
+    on = lambda m: {p.device.type for p in m.parameters()}  # noqa: E731
+    before = torch.cuda.memory_allocated()
+    freed = backend.offload_idle_encoders(text_encoder=True)
+    assert freed > 0 and before - torch.cuda.memory_allocated() >= 0.9 * freed
+    assert on(backend.vae) == on(backend.text_encoder) == {"cpu"} and on(backend.unet) == {"cuda"}
+    with backend.encoders_on_device():
+        assert on(backend.vae) == on(backend.text_encoder) == {"cuda"}
+    assert on(backend.vae) == {"cpu"}
+    backend.restore_encoders()
+    assert on(backend.vae) == on(backend.text_encoder) == {"cuda"}
 
 
 def test_attention_is_pytorch_sdpa_everywhere():

@@ -270,6 +270,8 @@ def _train_in(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepar
         stream = batch_stream(plan, t.seed, step, None if cache is not None else dataset,
                               [x.caption for x in scan.samples], t.dataloader_num_workers,
                               pin_memory=device.type == "cuda")
+        if cache is not None and hasattr(backend, "offload_idle_encoders"):
+            backend.offload_idle_encoders(text_encoder=cache.has_text)
         try:
             step_loss = 0.0
             for epoch, i, batch in stream:
@@ -331,6 +333,8 @@ def _train_in(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepar
         finally:
             stream.close()
             bar.close()
+            if hasattr(backend, "restore_encoders"):
+                backend.restore_encoders()
             if writer is not None:
                 writer.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -26,6 +27,7 @@ class DiffusersBackend:
         self.pipe = pipe  # for samples during training: it shares the modules the LoRA goes into
         self._compiled = None
         self._channels_last = False
+        self._offloaded: list[nn.Module] = []  # encoders moved to the CPU while training needs none
         self.model_name = model_name
         self.device = torch.device(device)
         self.weight_dtype = weight_dtype
@@ -84,6 +86,39 @@ class DiffusersBackend:
 
     def use_attention(self, kind: str) -> None:
         use_diffusers_attention(self.unet, kind)
+
+    def offload_idle_encoders(self, text_encoder: bool) -> int:
+        """With latents (and caption embeddings, ``text_encoder``) cached, training steps need neither the VAE nor
+        the frozen text encoder: they wait on the CPU and their GPU memory goes to the UNet (``encoders_on_device``
+        brings them back for samples). Returns the bytes freed on the GPU: none on the CPU."""
+        if self.device.type != "cuda":
+            return 0
+        self._offloaded = [self.vae] + ([self.text_encoder] if text_encoder else [])
+        freed = sum(t.numel() * t.element_size() for m in self._offloaded
+                    for t in [*m.parameters(), *m.buffers()])
+        for module in self._offloaded:
+            module.to("cpu")
+        torch.cuda.empty_cache()
+        log.info("%s wait%s on the CPU while training: %.0f MB of GPU memory for the UNet",
+                 " and ".join(type(m).__name__ for m in self._offloaded), "" if text_encoder else "s", freed / 2**20)
+        return freed
+
+    @contextlib.contextmanager
+    def encoders_on_device(self):
+        """The offloaded encoders on the GPU for the block (a sample image), then back on the CPU."""
+        for module in self._offloaded:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            for module in self._offloaded:
+                module.to("cpu")
+
+    def restore_encoders(self) -> None:
+        """Everything back on the training device, as before ``offload_idle_encoders``."""
+        for module in self._offloaded:
+            module.to(self.device)
+        self._offloaded = []
 
     def compile_unet(self, mode: str = "default") -> None:
         """Run the UNet through torch.compile; its parameters (and names) stay those of ``self.unet``."""

@@ -57,7 +57,7 @@ class DiffusersHost:
     def sample(self, backend, prompt: str, seed: int, steps: int = 20):
         res = backend.unet.config.sample_size * backend.pipe.vae_scale_factor
         generator = torch.Generator(backend.device).manual_seed(seed)
-        with torch.no_grad():
+        with torch.no_grad(), backend.encoders_on_device():
             return backend.pipe(prompt, num_inference_steps=steps, height=res, width=res, generator=generator).images[0]
 
     def publish(self, lora_path: Path, name: str) -> Path:
