@@ -129,7 +129,16 @@ class LdmBackend:
         """Train through torch.compile of the UNet's forward. It is the UNet's forward only inside ``predict``
         (an instance attribute for the call): the WebUI's own calls, its samples and generation, stay as they
         were, and a forward another extension set on the instance is back after every step."""
-        self._compiled_forward = torch.compile(self.unet.forward, mode=mode)
+        forward = self.unet.forward
+
+        def training_forward(*args, **kwargs):
+            return forward(*args, **kwargs)
+
+        # dynamo keeps compiled graphs on the code object it compiles: a code object of this run's own keeps
+        # them off UNetModel.forward's, which every run of a WebUI session shares (each run's new LoRA layers
+        # would pile up there, held, until dynamo's recompile limit stops compiling), and they go with the run
+        training_forward.__code__ = training_forward.__code__.replace()
+        self._compiled_forward = torch.compile(training_forward, mode=mode)
 
     def use_attention(self, kind: str) -> None:
         """Train with a memory-efficient attention kernel instead of the host's (models.attention)."""
