@@ -6,7 +6,8 @@
 # Each check has its own time limit and writes its log (and JSON) under OUT_DIR; one that fails or runs out
 # of time does not stop the next. The SD 1.5-shape model is built once (OUT_DIR/work) and shared. Needs
 # diffusers and peft importable, and for "attention" the LDM code (stable-diffusion-sdkit, einops, omegaconf).
-# All of them together take about 10 minutes on an H100; run a few at a time where a call is shorter.
+# Their limits add up to about 17 minutes (most run well inside theirs): where one call or the device time
+# is shorter, run a few checks a call, the first ones first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?give the folder for the results}
@@ -32,7 +33,7 @@ run() {  # name, seconds, command...
 "$py" -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))" || exit 1
 for check in "${checks[@]}"; do
     case $check in
-        attention)  # the VRAM the WebUI's default attention costs while training, against SDPA (and compiled)
+        attention)  # the VRAM the WebUI's default attention costs while training, against SDPA
             run attention 150 "$py" bench/ldm_attention.py --device cuda --model sd15-shape --dtype fp16 --batch 4 \
                 --steps 5 --loops webui,sdpa --out "$out/attention.json" ;;
         batch8)  # >= 1.5x the reference's images/s, and MFU

@@ -430,36 +430,31 @@ def test_cache_to_disk_needs_cache_latents(demo_data, tmp_path):
 
 
 def test_compile_unet_switch_trains_through_the_compiled_module(demo_data, tmp_path, monkeypatch):
-    calls = []
+    backend = load_diffusers_backend("tiny-demo", torch.device("cpu"), torch.float32)
+    compiled, calls = [], []
 
-    def fake_compile(module, mode="default"):  # the real compile takes minutes on 2 cores: check the wiring here
-        calls.append(module)
+    def fake_compile(fn, mode="default"):  # the real compile takes minutes on 2 cores: check the wiring here
+        compiled.append(any("lora_A" in n for n, _ in backend.unet.named_modules()))  # after LoRA went in
 
-        class Compiled(torch.nn.Module):  # a Module, as torch.compile returns (its truth value is len())
-            def __init__(self):
-                super().__init__()
-                self.inner = module
-
-            def forward(self, *a, **k):
-                return self.inner(*a, **k)
-
-            def __len__(self):  # as torch's OptimizedModule: len() of the wrapped module (a UNet has none)
-                return len(self.inner)
-
-        return Compiled()
+        def run(*args, **kwargs):
+            calls.append(mode)
+            return fn(*args, **kwargs)
+        return run
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    backend = load_diffusers_backend("tiny-demo", torch.device("cpu"), torch.float32)
     result = train(make_cfg(demo_data, tmp_path / "out", max_train_steps=2, compile_unet=True), backend=backend,
                    progress=False)
-    assert calls == [backend.unet] and any("lora_A" in n for n, _ in calls[0].named_modules())
+    assert compiled == [True] and calls == ["default"] * 2  # every step through the compiled call
     assert result.steps == 2 and all(k.startswith("lora_unet_") for k in load_file(result.lora_path))
 
 
 @pytest.mark.parametrize("missing, device, words", [
-    ("compiler", "cpu", "needs a C\\+\\+ compiler, and none of g\\+\\+ is on PATH"),
+    ("c++ compiler", "cpu", "compiling for the CPU needs a C\\+\\+ compiler, and none of .+ is on PATH"),
     ("triton", "cuda", "compiling for the GPU needs the Triton compiler \\(pip install triton"),
-    ("dynamo", "cpu", "torch.compile does not run with torch")])
+    ("new gpu", "cuda", "compute capability 7.0 and newer, and GeForce GTX 1080 is 6.1"),
+    ("c compiler", "cuda", "Triton needs a C compiler to build its GPU launcher, and none of gcc, clang"),
+    ("dynamo", "cpu", "torch.compile does not run with torch"),
+    ("device", "mps", "compiling for mps is not supported here")])
 def test_compile_unet_that_cannot_build_is_refused_before_any_model_loads(demo_data, tmp_path, monkeypatch,
                                                                          missing, device, words):
     import importlib.util
@@ -471,14 +466,16 @@ def test_compile_unet_that_cannot_build_is_refused_before_any_model_loads(demo_d
     import lora_trainer.models.diffusers_backend as db
     from lora_trainer.errors import ConfigError
 
-    monkeypatch.setenv("CXX", "g++")
+    monkeypatch.delenv("CC", raising=False)
     monkeypatch.setattr(trainer_module, "pick_device", lambda mp: (torch.device(device), "no"))
-    if missing == "compiler":
+    real_find_spec = importlib.util.find_spec
+    triton = None if missing == "triton" else object()  # a GPU machine has it
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: triton if name == "triton" else real_find_spec(name, *a))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (6, 1) if missing == "new gpu" else (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "GeForce GTX 1080")
+    if missing in ("c++ compiler", "c compiler"):
         monkeypatch.setattr(shutil, "which", lambda name: None)
-    elif missing == "triton":
-        real = importlib.util.find_spec
-        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
-    else:
+    if missing == "dynamo":
         monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
     monkeypatch.setattr(db, "load_diffusers_backend", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(ConfigError, match="training.compile_unet: .*" + words + ".*or set training.compile_unet: false"):
@@ -500,6 +497,31 @@ def test_idle_encoders_wait_off_the_gpu_while_training(demo_data, tmp_path, monk
     result = train(make_cfg(demo_data, tmp_path / "out", max_train_steps=2, **settings), backend=backend,
                    callbacks=steps, progress=False)
     assert result.steps == 2 and calls == expected  # before the first step, and back when training ends
+
+
+def test_out_of_memory_says_what_to_do_and_keeps_the_last_step_even_when_the_encoders_cannot_come_back(
+        demo_data, tmp_path, monkeypatch):
+    from lora_trainer.engine.trainer import TrainingError
+
+    backend = load_diffusers_backend("tiny-demo", torch.device("cpu"), torch.float32)
+    calls, predict = [], backend.predict
+
+    def out_of_memory_at_step_3(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return predict(*args)
+
+    def no_room(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 160.00 MiB")
+
+    monkeypatch.setattr(backend, "predict", out_of_memory_at_step_3)
+    monkeypatch.setattr(backend, "offload_idle_encoders", lambda text_encoder: backend._offloaded.append(backend.vae))
+    monkeypatch.setattr(backend.vae, "to", no_room)  # the GPU is still full when training ends
+    with pytest.raises(TrainingError, match="out of GPU memory: lower training.batch_size"):
+        train(make_cfg(demo_data, tmp_path / "out", max_train_steps=5), backend=backend, progress=False)
+    assert backend._offloaded == [backend.vae]  # left on the CPU, with a warning
+    assert [s for s, _ in list_checkpoints(tmp_path / "out")] == [2]  # the last good step is saved
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="moves the encoders off a GPU")

@@ -270,9 +270,9 @@ def _train_in(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepar
         stream = batch_stream(plan, t.seed, step, None if cache is not None else dataset,
                               [x.caption for x in scan.samples], t.dataloader_num_workers,
                               pin_memory=device.type == "cuda")
-        if cache is not None and hasattr(backend, "offload_idle_encoders"):
-            backend.offload_idle_encoders(text_encoder=cache.has_text)
         try:
+            if cache is not None and hasattr(backend, "offload_idle_encoders"):
+                backend.offload_idle_encoders(text_encoder=cache.has_text)
             step_loss = 0.0
             for epoch, i, batch in stream:
                 group_size = min(plan.grad_accum, bpe - (i // plan.grad_accum) * plan.grad_accum)
@@ -333,10 +333,10 @@ def _train_in(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepar
         finally:
             stream.close()
             bar.close()
-            if hasattr(backend, "restore_encoders"):
-                backend.restore_encoders()
             if writer is not None:
                 writer.close()
+            if hasattr(backend, "restore_encoders"):
+                backend.restore_encoders()
 
         if stopped:
             save("stopped")

@@ -12,6 +12,7 @@ from torch import nn
 from lora_trainer.errors import ModelLoadError
 from lora_trainer.models.attention import use_diffusers_attention
 from lora_trainer.models.base import TEXT_ENCODER, UNET
+from lora_trainer.models.compiling import compile_for_run
 from lora_trainer.models.compat import dtype_kwargs, enable_text_encoder_checkpointing
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class DiffusersBackend:
         return self.text_encoder(ids)[0]
 
     def predict(self, noisy_latents, timesteps, cond):
-        unet = self.unet if self._compiled is None else self._compiled  # (a Module's truth value is its len)
+        unet = self.unet if self._compiled is None else self._compiled
         if self._channels_last:
             noisy_latents = noisy_latents.contiguous(memory_format=torch.channels_last)
         return unet(noisy_latents, timesteps, cond).sample
@@ -106,23 +107,29 @@ class DiffusersBackend:
     @contextlib.contextmanager
     def encoders_on_device(self):
         """The offloaded encoders on the GPU for the block (a sample image), then back on the CPU."""
-        for module in self._offloaded:
-            module.to(self.device)
         try:
+            for module in self._offloaded:
+                module.to(self.device)
             yield
         finally:
             for module in self._offloaded:
                 module.to("cpu")
 
     def restore_encoders(self) -> None:
-        """Everything back on the training device, as before ``offload_idle_encoders``."""
-        for module in self._offloaded:
-            module.to(self.device)
+        """Everything back on the training device, as before ``offload_idle_encoders``. Where the GPU has no
+        room for them (after an out-of-memory error, whose traceback still holds the step's activations) they
+        stay on the CPU, with a warning, and the error that matters reaches the user."""
+        try:
+            for module in self._offloaded:
+                module.to(self.device)
+        except torch.cuda.OutOfMemoryError:
+            log.warning("no GPU memory to move the VAE and text encoder back: they stay on the CPU")
+            return
         self._offloaded = []
 
     def compile_unet(self, mode: str = "default") -> None:
-        """Run the UNet through torch.compile; its parameters (and names) stay those of ``self.unet``."""
-        self._compiled = torch.compile(self.unet, mode=mode)
+        """Train through torch.compile of the UNet; its parameters (and names) stay those of ``self.unet``."""
+        self._compiled = compile_for_run(self.unet, mode)
 
     def use_channels_last(self) -> None:
         """Keep the UNet's weights and activations in NHWC layout (faster convolutions on GPUs)."""

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from lora_trainer.models.attention import restore_ldm_attention, use_ldm_attention
 from lora_trainer.models.base import TEXT_ENCODER, UNET
+from lora_trainer.models.compiling import compile_for_run
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class LdmBackend:
     def __init__(self, sd_model, model_name: str, device: torch.device, weight_dtype: torch.dtype,
                  checkpointing: tuple[Callable[[], None], Callable[[], None]] | None = None,
                  upcast_attention: bool = False, host_attention: str | None = None,
-                 hypernetworks: list[str] = ()):
+                 hypernetworks: Sequence[str] = ()):
         from diffusers import DDPMScheduler
 
         self.sd_model = sd_model
@@ -129,16 +130,7 @@ class LdmBackend:
         """Train through torch.compile of the UNet's forward. It is the UNet's forward only inside ``predict``
         (an instance attribute for the call): the WebUI's own calls, its samples and generation, stay as they
         were, and a forward another extension set on the instance is back after every step."""
-        forward = self.unet.forward
-
-        def training_forward(*args, **kwargs):
-            return forward(*args, **kwargs)
-
-        # dynamo keeps compiled graphs on the code object it compiles: a code object of this run's own keeps
-        # them off UNetModel.forward's, which every run of a WebUI session shares (each run's new LoRA layers
-        # would pile up there, held, until dynamo's recompile limit stops compiling), and they go with the run
-        training_forward.__code__ = training_forward.__code__.replace()
-        self._compiled_forward = torch.compile(training_forward, mode=mode)
+        self._compiled_forward = compile_for_run(self.unet.forward, mode)
 
     def use_attention(self, kind: str) -> None:
         """Train with a memory-efficient attention kernel instead of the host's (models.attention)."""
