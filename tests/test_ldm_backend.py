@@ -217,17 +217,17 @@ def test_compiled_runs_in_one_webui_session_each_compile_and_free_their_layers(s
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, mode="default": real_compile(fn, backend="eager"))  # tracing only
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    monkeypatch.setattr(torch._dynamo.config, limit, 2)  # dynamo's limit of graphs per code object (8), made small
     old_layers = []
-    for run, rank in enumerate((2, 3, 4)):  # three runs in one session (the WebUI's), each with new LoRA layers
-        counters.clear()
-        backend = LdmBackend(sd_model, "tiny-ldm", torch.device("cpu"), torch.float32)
-        train(make_cfg(data, tmp_path / f"run{run}", max_train_steps=1, lora_rank=rank, compile_unet=True),
-              backend=backend, progress=False)
-        assert counters["stats"]["unique_graphs"] == 1, f"run {run} trained uncompiled"
-        old_layers += [weakref.ref(m) for m in backend.unet.modules() if hasattr(m, "lora_A")]
-        remove_lora(backend.unet)
-        backend.restore_attention()
-        del backend
-        gc.collect()
-        assert not any(ref() for ref in old_layers), "compiled graphs hold the LoRA layers of a finished run"
+    with torch._dynamo.config.patch(**{limit: 2}):  # dynamo's limit of graphs per code object (8), made small
+        for run, rank in enumerate((2, 3, 4)):  # three runs in one session (the WebUI's), each with new LoRA layers
+            counters.clear()
+            backend = LdmBackend(sd_model, "tiny-ldm", torch.device("cpu"), torch.float32)
+            train(make_cfg(data, tmp_path / f"run{run}", max_train_steps=1, lora_rank=rank, compile_unet=True),
+                  backend=backend, progress=False)
+            assert counters["stats"]["unique_graphs"] == 1, f"run {run} trained uncompiled"
+            old_layers += [weakref.ref(m) for m in backend.unet.modules() if hasattr(m, "lora_A")]
+            remove_lora(backend.unet)
+            backend.restore_attention()
+            del backend
+            gc.collect()
+            assert not any(ref() for ref in old_layers), "compiled graphs hold the LoRA layers of a finished run"
