@@ -61,13 +61,16 @@ def test_stop_and_one_at_a_time(tmp_path):
     assert status.published.is_file()
 
 
-def test_errors_reach_the_ui(tmp_path):
+def test_errors_reach_the_ui_before_the_model_loads(tmp_path, monkeypatch):
     empty = tmp_path / "empty"
     empty.mkdir()
     cfg = cfg_for(tmp_path, 2)
     cfg.data.train_data_dir = str(empty)
+    loads = []
+    monkeypatch.setattr(DiffusersHost, "make_backend", lambda self, cfg: loads.append(cfg))
     status = TrainingSession.start(DiffusersHost(tmp_path / "Lora"), cfg).wait(60)
     assert status.state == "error" and "no usable images" in status.message
+    assert loads == []  # the dataset is checked first: no model was loaded for a run that cannot start
 
 
 def test_strength_sweep(tmp_path):

@@ -158,6 +158,21 @@ def test_gradient_checkpointing_the_webui_way_gives_the_same_gradients_for_less_
     assert checkpointed_bytes < plain_bytes / 2, (checkpointed_bytes, plain_bytes)
 
 
+def test_a_bad_dataset_is_reported_before_the_webui_model_is_touched(webui, tmp_path):
+    layer = webui.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn1.to_q
+    layer.network_weights_backup = layer.weight.detach().clone()  # a Lora the user generated with, merged
+    layer.network_current_names = (("user_lora", 1.0, 1.0, None),)
+    with torch.no_grad():
+        layer.weight += 0.5
+    merged = layer.weight.detach().clone()
+    cfg = make_cfg(tmp_path)
+    (tmp_path / "empty").mkdir()
+    cfg.data.train_data_dir = str(tmp_path / "empty")
+    status = TrainingSession.start(WebUIHost(), cfg).wait(60)
+    assert status.state == "error" and "no usable images" in status.message
+    assert torch.equal(layer.weight, merged)  # the user's Lora is still merged: make_backend never ran
+
+
 @pytest.mark.parametrize("change, words", [
     ("none", "no model is loaded"),
     ("sdxl", "SDXL"),

@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,20 +90,25 @@ def _tensorboard(log_dir: Path, enabled: bool):
     return SummaryWriter(log_dir=str(log_dir))
 
 
-def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progress: bool = True) -> TrainResult:
+def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progress: bool = True,
+          make_backend: Callable[[], object] | None = None) -> TrainResult:
     """Train a LoRA as ``cfg`` says and export it; returns where everything went.
 
     ``backend`` defaults to a diffusers model loaded from ``cfg.model.base_model``; the WebUI passes
-    its own. ``callbacks`` get progress and may ask the loop to stop (it then saves and exports).
+    its own. A UI's host passes ``make_backend`` instead: it is called once the checks of the input have
+    passed, so a bad dataset or setting is reported before its model loads (or the WebUI's is touched).
+    ``callbacks`` get progress and may ask the loop to stop (it then saves and exports).
     """
     started = time.time()
     t, d = cfg.training, cfg.data
     # --- everything that can be wrong with the input is checked before any model loads
-    validate_paths(cfg, check_base_model=backend is None)
+    validate_paths(cfg, check_base_model=backend is None and make_backend is None)
     check_optimizer(t.optimizer)
     resolve_attention(t.attention)
+    device_type = None
     if t.compile_unet:
-        check_compile((backend.device if backend is not None else pick_device(t.mixed_precision)[0]).type)
+        device_type = (backend.device if backend is not None else pick_device(t.mixed_precision)[0]).type
+        check_compile(device_type)
     scan = scan_dataset(d.train_data_dir, metadata_path=d.metadata_path, caption_extension=d.caption_extension,
                         caption_priority=d.caption_priority, caption_prefix=d.caption_prefix, recursive=d.recursive,
                         inspect=image_facts)
@@ -118,6 +124,10 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
     fresh_run = restored is None and not holds_a_run(run_dir)
     prepared = _Prepared(run_dir, scan, plan, restored, resume_from, settings, started)
     try:
+        if make_backend is not None:
+            backend = make_backend()
+            if t.compile_unet and backend.device.type != device_type:  # (a WebUI started with --use-cpu, say)
+                check_compile(backend.device.type)
         return _train_in(cfg, backend, callbacks, progress, prepared)
     except BaseException:
         if fresh_run and not ckpt.list_checkpoints(run_dir):

@@ -110,15 +110,19 @@ class TrainingSession(Callbacks):
         return self.status
 
     # --- the run (background thread)
+    def _make_backend(self):  # (train calls it once the input checks have passed)
+        self.status.message = "preparing the model…"
+        self._backend = self.host.make_backend(self.cfg)
+        return self._backend
+
     def _run(self) -> None:
         from lora_trainer.engine.trainer import train
 
         try:
             with self.host.lock():
-                self.status.message = "preparing the model…"
-                self._backend = self.host.make_backend(self.cfg)
+                self.status.message = "checking the dataset and the settings…"
                 try:
-                    result = train(self.cfg, backend=self._backend, callbacks=self, progress=False)
+                    result = train(self.cfg, make_backend=self._make_backend, callbacks=self, progress=False)
                 finally:
                     backend, self._backend = self._backend, None
                     self.host.release_backend(backend)
