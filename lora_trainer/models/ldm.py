@@ -121,9 +121,8 @@ class LdmBackend:
             # reentrant checkpointing passes no gradient through blocks whose inputs need none; the first
             # blocks see only the (frozen) latents, so make them carry a gradient
             noisy_latents = noisy_latents.detach().requires_grad_(True)
-        if self._compiled_forward is None:
-            return self.sd_model.apply_model(noisy_latents, timesteps, cond)
-        with _instance_forward(self.unet, self._compiled_forward):
+        with (contextlib.nullcontext() if self._compiled_forward is None
+              else _instance_forward(self.unet, self._compiled_forward)):
             return self.sd_model.apply_model(noisy_latents, timesteps, cond)
 
     def compile_unet(self, mode: str = "default") -> None:
