@@ -37,6 +37,7 @@ class DataConfig:
     resolution: int = 512
     random_flip: bool = False
     fast_jpeg_decode: bool = True
+    weighted_captions: bool = False
 
 
 @dataclass

@@ -46,6 +46,11 @@ class TinyLatentDiffusion(nn.Module):
                 if not p.any():
                     p.normal_(0, 0.05)
         pipe, _ = load_pipeline("tiny-demo")
+        with torch.no_grad():  # a trained text encoder's final LayerNorm is not at weight 1, bias 0: at those, every
+            # output row has mean 0, and the WebUI's emphasis "Original" divides by the mean (0/0 = NaN)
+            norm = next(m for n, m in pipe.text_encoder.named_modules() if n.endswith("final_layer_norm"))
+            norm.weight.normal_(1.0, 0.1)
+            norm.bias.normal_(0.1, 0.1)
         self.first_stage_model = pipe.vae
         self.cond_stage_model = CondStage(pipe.text_encoder, pipe.tokenizer)
         self.scale_factor = pipe.vae.config.scaling_factor
@@ -61,10 +66,29 @@ class TinyLatentDiffusion(nn.Module):
     def get_first_stage_encoding(self, posterior):
         return posterior.sample() * self.scale_factor
 
+    emphasis = "Original"  # A1111's Settings → Emphasis mode (opts.emphasis): None, Ignore, Original, No norm
+
     def get_learned_conditioning(self, prompts):
+        """As A1111 v1.10's hijacked CLIP encodes a batch of prompts (sd_hijack_clip + sd_emphasis), first chunk
+        only: the emphasis syntax is parsed unless the mode is "None"; in "Original" and "No norm" each token's
+        row is multiplied by its weight, and "Original" then rescales the whole batch, every prompt at once, to
+        the mean it had before (so one prompt's rows depend on the others in its batch, and a mean of exactly
+        0 gives 0/0 = NaN, as in the WebUI). The parsing is ours (lora_trainer.data.emphasis), a stand-in."""
+        from lora_trainer.models.prompts import WINDOW, weighted_tokens
+
         w = self.cond_stage_model.wrapped
-        ids = w.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        return w.transformer(ids)[0]
+        if self.emphasis == "None":
+            ids = w.tokenizer(prompts, padding="max_length", max_length=WINDOW, truncation=True,
+                              return_tensors="pt").input_ids
+            return w.transformer(ids)[0]
+        tokens, weights = zip(*(weighted_tokens(w.tokenizer, p) for p in prompts))
+        z = w.transformer(torch.tensor(tokens))[0]
+        if self.emphasis in ("Original", "No norm"):
+            mean = z.mean()
+            z = z * torch.tensor(weights)[..., None]
+            if self.emphasis == "Original":
+                z = z * (mean / z.mean())
+        return z
 
     def apply_model(self, x, t, cond):
         return self.model.diffusion_model(x, t, context=cond)

@@ -295,9 +295,9 @@ def _counting(backend):
         counts["images"] += pixels.shape[0]
         return encode_dist(pixels)
 
-    def count_prompts(captions):
+    def count_prompts(captions, weighted=False):
         counts["prompts"] += len(captions)
-        return encode_prompts(captions)
+        return encode_prompts(captions, weighted=weighted)
 
     backend.encode_image_dist, backend.encode_prompts = count_images, count_prompts
     return counts

@@ -7,7 +7,7 @@ the sample does not depend on the order of the images or on where the posterior 
 ``store`` (cache_latents_to_disk) the posteriors are also kept on disk, one safetensors file per image
 and flip, keyed by the image's content, the resolution, its JPEG decode scale and the VAE encoder's
 weights: another run on the same images loads them and encodes only what is new. Captions are encoded
-once each when the text encoder is frozen. Everything is kept on the CPU and moved per batch.
+once each, one at a time, when the text encoder is frozen. Everything is kept on the CPU and moved per batch.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lora_trainer.data.images import file_digest, prefetch
+from lora_trainer.errors import DatasetError
 from lora_trainer.utils.fsio import atomic_write
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,8 @@ class LatentStore:
             mean, std = tensors["mean"], tensors["std"]
             if mean.ndim != 3 or mean.shape != std.shape:
                 raise ValueError(f"mean {tuple(mean.shape)} and std {tuple(std.shape)} are not one C×H×W latent")
+            if not _finite(mean, std):
+                raise ValueError("it holds non-finite values")
             return mean, std
         except (SafetensorError, OSError, KeyError, ValueError) as e:  # a cut-off write, a disk error
             log.warning("latent cache: %s is unreadable (%s); encoding that image again", path.name, e)
@@ -89,6 +92,43 @@ class LatentStore:
                         self.folder, e)
 
 
+def _finite(*tensors: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _names(paths, limit: int = 5) -> str:
+    names = [Path(p).name for p in paths]
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _check_latents(bad: list[Path], vae: torch.nn.Module) -> None:
+    if not bad:
+        return
+    dtype = next(vae.parameters()).dtype
+    cause = ("the VAE runs in fp16 and overflowed: run it in fp32 (in the WebUI: start it with --no-half-vae)"
+             if dtype == torch.float16 else "check these images; if every image fails, the VAE's weights are damaged")
+    raise DatasetError(f"the VAE gave non-finite latents for {len(bad)} image(s): {_names(bad)}; {cause}")
+
+
+def _encode_captions(backend, captions: list[str], samples, weighted: bool, progress: bool) -> dict[str, torch.Tensor]:
+    """Each caption on its own (its conditioning does not depend on which captions share a batch); a non-finite
+    one stops the run here, before step 1, naming the caption, its images and the cause where it can be told."""
+    from tqdm.auto import tqdm
+
+    embeddings, bad = {}, []
+    for caption in tqdm(captions, desc="caching captions", unit="caption", disable=not progress or len(captions) < 8):
+        emb = backend.encode_prompts([caption], weighted=weighted)[0].detach().cpu()
+        embeddings[caption] = emb
+        if not _finite(emb):
+            bad.append(caption)
+    if bad:
+        caption = bad[0]
+        images = [s.path for s in samples if s.caption == caption]
+        raise DatasetError(f"the text conditioning of {len(bad)} caption(s) is not finite, e.g. {caption!r} "
+                           f"(of {_names(images)}): {backend.explain_nonfinite_text(caption)}")
+    return embeddings
+
+
 def _sample(mean: torch.Tensor, std: torch.Tensor, seed: int, key: str) -> torch.Tensor:
     generator = torch.Generator().manual_seed(int(hashlib.sha256(f"{seed}|{key}".encode()).hexdigest()[:15], 16))
     return mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
@@ -104,9 +144,12 @@ class EncodedCache:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, backend, dataset, batch_size: int, seed: int, flips: bool, texts: bool, progress: bool = True,
-              digests: list[str] | None = None, store: LatentStore | None = None) -> EncodedCache:
-        """Encode ``dataset`` (an ImageDataset); ``digests``: each image file's sha256 where already known."""
+    def build(cls, backend, dataset, seed: int, flips: bool, texts: bool, progress: bool = True,
+              digests: list[str] | None = None, store: LatentStore | None = None,
+              weighted: bool = False) -> EncodedCache:
+        """Encode ``dataset`` (an ImageDataset); ``digests``: each image file's sha256 where already known;
+        ``weighted``: captions in the WebUI's emphasis syntax (data.weighted_captions). Non-finite latents or
+        caption conditioning raise a DatasetError that names the images or the caption."""
         from tqdm.auto import tqdm
 
         digests = [d or file_digest(s.path) for d, s in zip(digests or [None] * len(dataset), dataset.samples)]
@@ -125,25 +168,26 @@ class EncodedCache:
         # one image per VAE call: a posterior then does not depend on which images shared its batch, so an
         # entry loaded from disk equals the one a fresh encode would give, whatever the batch size
         decoded = prefetch(dataset.__getitem__, todo)  # the next images decode while the VAE works
+        bad: list[Path] = []
         for i, item in tqdm(zip(todo, decoded), total=len(todo), desc="caching latents", unit="image",
                             disable=not progress):
             pixels = item["pixel_values"][None].to(backend.device)
             for f in variants:
                 mean, std = (t[0].float().cpu() for t in backend.encode_image_dist(pixels.flip(-1) if f else pixels))
+                if not _finite(mean, std):
+                    bad.append(dataset.samples[i].path)
+                    break
                 posteriors[keys[i][f]] = (mean, std)
                 if store is not None:
                     store.save(keys[i][f], mean, std)
+        _check_latents(bad, backend.image_encoder())
         scale, dtype = backend.latent_scale, backend.weight_dtype
         stacked = {f: torch.stack([_sample(*posteriors[k[f]], seed, k[f]) * scale for k in keys]).to(dtype)
                    for f in variants}
         embeddings = {}
         if texts:
-            captions = sorted({s.caption for s in dataset.samples})
-            for i in tqdm(range(0, len(captions), batch_size), desc="caching captions", unit="batch",
-                          disable=not progress or len(captions) <= batch_size):
-                chunk = captions[i : i + batch_size]
-                for caption, emb in zip(chunk, backend.encode_prompts(chunk)):
-                    embeddings[caption] = emb.detach().cpu()
+            embeddings = _encode_captions(backend, sorted({s.caption for s in dataset.samples}), dataset.samples,
+                                          weighted, progress)
         loaded = len(dataset) - len(todo)
         log.info("cached the latents of %d images%s%s%s", len(dataset), " (and mirrored)" if flips else "",
                  f" and {len(embeddings)} caption embeddings" if texts else "",

@@ -29,6 +29,7 @@ from lora_trainer.data.dataset import ImageDataset, scan_dataset
 from lora_trainer.engine import checkpoint as ckpt
 from lora_trainer.engine.batches import Plan, batch_stream
 from lora_trainer.engine.cache import EncodedCache, LatentStore
+from lora_trainer.engine.diagnose import StepInputs, diagnose_nonfinite_loss
 from lora_trainer.engine.events import Callbacks, CallbackList, StepInfo, TrainResult
 from lora_trainer.engine.lora import add_lora, load_trainable_state, trainable_state
 from lora_trainer.engine.loss import diffusion_loss
@@ -117,7 +118,7 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
     plan = Plan.from_config(cfg, len(scan.samples))
     run_dir, resume_from = prepare_run_dir(cfg.output.output_dir, t.resume_from_checkpoint)
     restored = ckpt.load_checkpoint(resume_from) if resume_from else None
-    settings = ckpt.run_settings(t, plan.num_images, plan.total_steps, d.fast_jpeg_decode)
+    settings = ckpt.run_settings(t, plan.num_images, plan.total_steps, d)
     if restored is not None:
         ckpt.check_resume(restored, settings, resume_from)
 
@@ -224,9 +225,9 @@ def _train_in(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepar
         if t.cache_latents:
             digests = [getattr(scan.facts.get(s.path), "digest", "") or None for s in scan.samples]
             store = LatentStore(latent_cache_dir(cfg.output.output_dir)) if t.cache_latents_to_disk else None
-            cache = EncodedCache.build(backend, dataset, t.batch_size, t.seed, flips=d.random_flip,
+            cache = EncodedCache.build(backend, dataset, t.seed, flips=d.random_flip,
                                        texts=t.cache_text_embeddings and not t.train_text_encoder,
-                                       progress=progress, digests=digests, store=store)
+                                       progress=progress, digests=digests, store=store, weighted=d.weighted_captions)
         cbs = CallbackList([callbacks])
         cbs.on_start(plan.total_steps, run_dir)
         writer = _tensorboard(log_dir, cfg.output.log_with == "tensorboard")
@@ -253,7 +254,8 @@ def _train_in(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepar
             if path is not None:
                 cbs.on_checkpoint(path)
 
-        def one_micro_batch(batch) -> torch.Tensor:
+        def one_micro_batch(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            """The loss of one micro-batch, and its inputs (latents, conditioning) for a diagnosis."""
             flip = None
             if d.random_flip:
                 flip = torch.rand(len(batch["captions"]), generator=generator, device=device) < 0.5
@@ -268,14 +270,28 @@ def _train_in(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepar
                 if cache is not None and cache.has_text:
                     cond = cache.text(batch["captions"], device)
                 elif t.train_text_encoder:
-                    cond = backend.encode_prompts(batch["captions"])
+                    cond = backend.encode_prompts(batch["captions"], weighted=d.weighted_captions)
                 else:
                     with torch.no_grad():
-                        cond = backend.encode_prompts(batch["captions"])
-                return diffusion_loss(backend, latents, cond, generator, noise_offset=t.noise_offset,
+                        cond = backend.encode_prompts(batch["captions"], weighted=d.weighted_captions)
+                loss = diffusion_loss(backend, latents, cond, generator, noise_offset=t.noise_offset,
                                       min_snr_gamma=t.min_snr_gamma)
+            return loss, latents, cond
+
+        def diagnosis(value: float, batch, latents, cond, rng_before) -> str:
+            """Why the loss of this micro-batch is ``value`` (engine.diagnose); re-runs it once."""
+            def rerun():
+                generator.set_state(rng_before)
+                return one_micro_batch(batch)[0]
+
+            inputs = StepInputs(latents, cond, [scan.samples[int(i)].path for i in batch["indices"]],
+                                list(batch["captions"]))
+            return diagnose_nonfinite_loss(value, step + 1, precision, inputs,
+                                           [p for g in groups for p in g["params"]], grad_norm,
+                                           backend.components(), rerun, backend.explain_nonfinite_text)
 
         stopped = False
+        grad_norm = None  # the last optimizer step's gradient norm (a tensor), where gradients are clipped
         bpe = plan.batches_per_epoch
         stream = batch_stream(plan, t.seed, step, None if cache is not None else dataset,
                               [x.caption for x in scan.samples], t.dataloader_num_workers,
@@ -286,12 +302,11 @@ def _train_in(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepar
             step_loss = 0.0
             for epoch, i, batch in stream:
                 group_size = min(plan.grad_accum, bpe - (i // plan.grad_accum) * plan.grad_accum)
-                loss = one_micro_batch(batch)
+                rng_before = generator.get_state()
+                loss, latents, cond = one_micro_batch(batch)
                 loss_value = loss.item()  # the one host sync of a micro-batch
                 if not math.isfinite(loss_value):
-                    raise TrainingError(
-                        f"the loss became {loss_value} at step {step + 1}: lower training.learning_rate"
-                        + (", or use mixed_precision bf16 or no instead of fp16" if precision == "fp16" else ""))
+                    raise TrainingError(diagnosis(loss_value, batch, latents, cond, rng_before))
                 scaler.scale(loss / group_size).backward()
                 step_loss += loss_value / group_size
                 if (i + 1) % plan.grad_accum and i + 1 < bpe:
@@ -299,7 +314,8 @@ def _train_in(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepar
                 # --- one optimizer step
                 if t.max_grad_norm > 0:
                     scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], t.max_grad_norm)
+                    grad_norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]],
+                                                               t.max_grad_norm)  # (kept for a diagnosis, no sync)
                 scaler.step(optimizer)
                 scaler.update()
                 lr_scheduler.step()

@@ -42,8 +42,12 @@ class TrainingBackend(Protocol):
     def encode_image_dist(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixels in [-1, 1] → the VAE posterior's (mean, std), before ``latent_scale``, for the latent cache."""
 
-    def encode_prompts(self, captions: list[str]) -> torch.Tensor:
-        """Captions → conditioning (B×77×D); differentiable when the text encoder trains."""
+    def encode_prompts(self, captions: list[str], weighted: bool = False) -> torch.Tensor:
+        """Captions → conditioning (B×77×D); differentiable when the text encoder trains. Each caption's rows
+        depend on that caption alone; literal text unless ``weighted`` (the WebUI's ``(word:1.2)`` syntax)."""
+
+    def explain_nonfinite_text(self, caption: str) -> str:
+        """Why ``caption``'s conditioning came out non-finite, as far as the backend can tell."""
 
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The model's prediction (noise or velocity) for noisy latents at timesteps."""

@@ -14,6 +14,7 @@ from lora_trainer.models.attention import use_diffusers_attention
 from lora_trainer.models.base import TEXT_ENCODER, UNET
 from lora_trainer.models.compiling import compile_for_run
 from lora_trainer.models.compat import dtype_kwargs, enable_text_encoder_checkpointing
+from lora_trainer.models.prompts import encode_captions
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +73,14 @@ class DiffusersBackend:
             dist = self.vae.encode(pixels).latent_dist
         return dist.mean, dist.std
 
-    def encode_prompts(self, captions):
-        ids = self.tokenizer(
-            captions, padding="max_length", max_length=self.tokenizer.model_max_length,
-            truncation=True, return_tensors="pt",
-        ).input_ids.to(self.device)
-        return self.text_encoder(ids)[0]
+    def encode_prompts(self, captions, weighted: bool = False):
+        return encode_captions(self.tokenizer, self.text_encoder, list(captions), self.device, weighted)
+
+    def explain_nonfinite_text(self, caption: str) -> str:
+        """Why a caption's conditioning came out non-finite, as far as can be told."""
+        if self.text_encoder.dtype == torch.float16:
+            return "the text encoder runs in fp16 and overflowed: use mixed_precision bf16 or no"
+        return "the text encoder's own weights give non-finite values for it: a damaged checkpoint?"
 
     def predict(self, noisy_latents, timesteps, cond):
         unet = self.unet if self._compiled is None else self._compiled

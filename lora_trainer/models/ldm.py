@@ -16,9 +16,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from lora_trainer.data.emphasis import escape_emphasis
 from lora_trainer.models.attention import restore_ldm_attention, use_ldm_attention
 from lora_trainer.models.base import TEXT_ENCODER, UNET
 from lora_trainer.models.compiling import compile_for_run
+from lora_trainer.models.prompts import WINDOW
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ class LdmBackend:
     def __init__(self, sd_model, model_name: str, device: torch.device, weight_dtype: torch.dtype,
                  checkpointing: tuple[Callable[[], None], Callable[[], None]] | None = None,
                  upcast_attention: bool = False, host_attention: str | None = None,
-                 hypernetworks: Sequence[str] = ()):
+                 hypernetworks: Sequence[str] = (), emphasis: str | None = None):
         from diffusers import DDPMScheduler
 
         self.sd_model = sd_model
@@ -81,6 +83,7 @@ class LdmBackend:
         self._host_attention = host_attention  # the name of the host's own (the WebUI's optimization)
         self._hypernetworks = list(hypernetworks)  # the WebUI's loaded ones: its attention forwards apply them
         self._compiled_forward = None
+        self._emphasis = emphasis  # the host's prompt emphasis mode (A1111: opts.emphasis); None: no parser
         for module in (self.unet, self.text_encoder):
             if module is not None:
                 module.requires_grad_(False)
@@ -113,8 +116,36 @@ class LdmBackend:
             return posterior, torch.zeros_like(posterior)
         return posterior.mean, posterior.std
 
-    def encode_prompts(self, captions):
-        return self.sd_model.get_learned_conditioning(list(captions))
+    def encode_prompts(self, captions, weighted: bool = False):
+        """Each caption alone, as generation encodes a prompt (the WebUI's emphasis rescales by the mean of
+        everything it encodes at once), literally unless ``weighted`` (data.weighted_captions), and cut to
+        its first 77-token window as the command line cuts it."""
+        literal = not weighted and self._emphasis not in (None, "None")
+        prompts = [escape_emphasis(c) if literal else c for c in captions]
+        return torch.cat([self.sd_model.get_learned_conditioning([p])[:, :WINDOW] for p in prompts])
+
+    def explain_nonfinite_text(self, caption: str) -> str:
+        """Why a caption's conditioning came out non-finite: the text encoder itself, or the WebUI's encoding."""
+        try:
+            wrapped = getattr(self.sd_model.cond_stage_model, "wrapped", self.sd_model.cond_stage_model)
+            ids = wrapped.tokenizer([caption], padding="max_length", max_length=WINDOW, truncation=True,
+                                    return_tensors="pt").input_ids
+            with torch.no_grad():
+                raw = self.text_encoder(ids.to(self.device))[0]
+        except Exception:  # an encoder without an HF tokenizer and CLIPTextModel (SD 2.x's OpenCLIP)
+            return "the text encoder or the WebUI's prompt encoding gave non-finite values"
+        if not bool(torch.isfinite(raw).all()):
+            return ("the text encoder itself gives non-finite values for it: an fp16 overflow (start the WebUI with "
+                    "--no-half) or damaged weights" if raw.dtype == torch.float16
+                    else "the text encoder itself gives non-finite values for it: damaged checkpoint weights?")
+        mean = float(raw.float().mean())
+        if self._emphasis == "Original" and abs(mean) <= 1e-6 * float(raw.float().abs().mean()):
+            return (f"the WebUI's emphasis mode \"Original\" divides the text encoder's output by its mean, which is "
+                    f"{mean:.1e} for this caption (degenerate text encoder weights: a final layer norm left at "
+                    f"weight 1, bias 0?); Settings → Stable Diffusion → Emphasis mode \"No norm\" or \"None\" "
+                    f"avoids the division")
+        return ("the text encoder's own output is finite: the WebUI's prompt encoding (an extension's hook or a "
+                "textual inversion embedding named in the caption) made it non-finite")
 
     def predict(self, noisy_latents, timesteps, cond):
         if self._checkpointing_on:

@@ -6,6 +6,8 @@ fetches their weights itself the first time one is used. Both run under the WebU
 
 from __future__ import annotations
 
+import re
+
 from lora_trainer.errors import LoraTrainerError
 
 KINDS = {"webui-blip": "WebUI BLIP (interrogate CLIP)", "webui-deepbooru": "WebUI DeepBooru (anime tags)"}
@@ -35,13 +37,22 @@ class WebUIInterrogator:
         return out
 
     def _deepbooru(self, images: list) -> list[str]:
-        from modules import deepbooru
+        from modules import deepbooru, shared
 
+        # the WebUI escapes brackets for its prompts (Settings: "deepbooru: escape (\\) brackets"); a caption file
+        # holds the text as written: "hatsune miku (vocaloid)" (training escapes it again, or reads it as a prompt
+        # with data.weighted_captions)
+        escaped = getattr(shared.opts, "deepbooru_escape", True)
         deepbooru.model.start()
         try:
-            return [deepbooru.model.tag_multi(img.convert("RGB"), force_disable_ranks=True) for img in images]
+            tags = [deepbooru.model.tag_multi(img.convert("RGB"), force_disable_ranks=True) for img in images]
+            return [_unescape(t) for t in tags] if escaped else tags
         finally:
             deepbooru.model.stop()
+
+
+def _unescape(tags: str) -> str:
+    return re.sub(r"\\([()\[\]\\])", r"\1", tags)
 
 
 class QueueLocked:

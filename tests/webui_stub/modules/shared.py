@@ -6,6 +6,8 @@ from modules import interrogate, options, shared_state
 sd_model = None
 cmd_opts = types.SimpleNamespace(lora_dir="", lowvram=False, medvram=False)
 opts = options.Options()
+# the built-in options the extension reads (modules/shared_options.py defaults)
+opts.data.update(emphasis="Original", use_old_emphasis_implementation=False, deepbooru_escape=True, upcast_attn=False)
 state = shared_state.State()
 loaded_hypernetworks = []  # modules/shared.py: the hypernetworks a prompt or the settings loaded
 interrogator = interrogate.InterrogateModels()
