@@ -19,6 +19,7 @@ from lora_trainer.engine.events import Callbacks
 from lora_trainer.engine.trainer import train
 from lora_trainer.errors import DatasetError
 from lora_trainer.models.diffusers_backend import DiffusersBackend, load_pipeline
+from lora_trainer.models.conditioning import Conditioning
 from lora_trainer.models.ldm import LdmBackend
 
 CAPTIONS = ["hatsune miku (vocaloid), [sketch], 1girl", "a (red:1.3) circle BREAK on white", "plain words only",
@@ -67,18 +68,18 @@ def test_command_line_and_webui_give_the_same_conditioning(ldm):
     sd_model, webui = ldm
     cli = diffusers_twin(sd_model)
     for caption in CAPTIONS:  # literal (the default): brackets and BREAK are text, the WebUI's parser is escaped
-        assert torch.equal(webui.encode_prompts([caption]), cli.encode_prompts([caption])), caption
-        assert torch.allclose(webui.encode_prompts([caption], weighted=True),
-                              cli.encode_prompts([caption], weighted=True), atol=1e-6), caption
+        assert torch.equal(webui.encode_prompts([caption]).context, cli.encode_prompts([caption]).context), caption
+        assert torch.allclose(webui.encode_prompts([caption], weighted=True).context,
+                              cli.encode_prompts([caption], weighted=True).context, atol=1e-6), caption
     # the escaping matters: the WebUI's parser on the raw caption weighs (vocaloid) and [sketch]
     raw = sd_model.get_learned_conditioning([CAPTIONS[0]])
-    assert not torch.allclose(raw, cli.encode_prompts([CAPTIONS[0]]), atol=1e-4)
-    assert torch.allclose(raw, cli.encode_prompts([CAPTIONS[0]], weighted=True), atol=1e-6)
+    assert not torch.allclose(raw, cli.encode_prompts([CAPTIONS[0]]).context, atol=1e-4)
+    assert torch.allclose(raw, cli.encode_prompts([CAPTIONS[0]], weighted=True).context, atol=1e-6)
     # a caption without syntax encodes the same either way
-    assert torch.equal(cli.encode_prompts([CAPTIONS[2]], weighted=True), cli.encode_prompts([CAPTIONS[2]]))
+    assert torch.equal(cli.encode_prompts([CAPTIONS[2]], weighted=True).context, cli.encode_prompts([CAPTIONS[2]]).context)
     sd_model.emphasis = "None"  # the parser off in the WebUI: nothing to escape
     none = LdmBackend(sd_model, "tiny-ldm", torch.device("cpu"), torch.float32, emphasis="None")
-    assert torch.equal(none.encode_prompts([CAPTIONS[0]]), cli.encode_prompts([CAPTIONS[0]]))
+    assert torch.equal(none.encode_prompts([CAPTIONS[0]]).context, cli.encode_prompts([CAPTIONS[0]]).context)
 
 
 def dataset_of(folder, captions):
@@ -98,7 +99,7 @@ def test_a_caption_does_not_depend_on_its_batch_mates(ldm, weighted):
     """In the training loop (the text encoder trains) the backend encodes a batch: each row as if alone."""
     sd_model, backend = ldm
     prompts = [escape_emphasis(c) if not weighted else c for c in CAPTIONS]
-    batch = backend.encode_prompts(CAPTIONS, weighted=weighted)
+    batch = backend.encode_prompts(CAPTIONS, weighted=weighted).context
     for i, caption in enumerate(CAPTIONS):
         assert torch.equal(batch[i], sd_model.get_learned_conditioning([prompts[i]])[0]), caption
     if weighted:  # the stand-in WebUI's "Original" emphasis rescales a batch by its mean: batch-mates matter
@@ -110,11 +111,11 @@ def test_a_caption_does_not_depend_on_its_batch_mates(ldm, weighted):
 def test_the_cache_encodes_each_caption_alone(ldm, tmp_path):
     """Even over a backend whose batches mix (the WebUI's own batched call, weighted captions)."""
     sd_model, backend = ldm
-    backend.encode_prompts = lambda captions, weighted: sd_model.get_learned_conditioning(list(captions))
+    backend.encode_prompts = lambda captions, weighted: Conditioning(sd_model.get_learned_conditioning(list(captions)))
     _, dataset = dataset_of(tmp_path / "data", CAPTIONS)
     cache = EncodedCache.build(backend, dataset, seed=0, flips=False, texts=True, progress=False, weighted=True)
     for caption in CAPTIONS:
-        assert torch.equal(cache.text([caption], "cpu"), sd_model.get_learned_conditioning([caption])), caption
+        assert torch.equal(cache.text([caption], "cpu").context, sd_model.get_learned_conditioning([caption])), caption
 
 
 class Steps(Callbacks):

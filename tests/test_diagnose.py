@@ -14,6 +14,7 @@ from lora_trainer.engine.diagnose import StepInputs, diagnose_nonfinite_loss, fi
 from lora_trainer.engine.events import Callbacks
 from lora_trainer.engine.lora import add_lora
 from lora_trainer.engine.trainer import TrainingError, train
+from lora_trainer.models.conditioning import Conditioning
 
 
 def tiny_net(dtype=torch.float32) -> nn.Module:
@@ -23,7 +24,8 @@ def tiny_net(dtype=torch.float32) -> nn.Module:
 
 def diagnose(net, x, lora_params=(), grad_norm=None, latents=None, cond=None, precision="no"):
     inputs = StepInputs(latents if latents is not None else torch.zeros(2, 4),
-                        cond if cond is not None else torch.zeros(2, 3), [Path("a.png"), Path("b.png")], ["x", "y"])
+                        Conditioning(cond if cond is not None else torch.zeros(2, 3)), [Path("a.png"), Path("b.png")],
+                        ["x", "y"])
     return diagnose_nonfinite_loss(float("nan"), 7, precision, inputs, list(lora_params), grad_norm, {"unet": net},
                                    lambda: net(x).float().pow(2).mean(), lambda c: f"because of {c}")
 

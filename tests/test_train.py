@@ -226,20 +226,20 @@ def test_resume_refuses_a_checkpoint_of_another_shape(demo_data, tmp_path):
 
 
 def test_nan_loss_saves_the_last_good_state_and_explains(demo_data, tmp_path, monkeypatch):
-    import lora_trainer.engine.trainer as trainer_module
     from lora_trainer.engine.trainer import TrainingError
 
-    calls = {"n": 0}
-    real = trainer_module.diffusion_loss
+    backend = load_diffusers_backend("tiny-demo", torch.device("cpu"), torch.float32)
+    calls, predict = {"n": 0}, backend.predict
 
-    def nan_on_third(*args, **kwargs):
+    def nan_on_third(*args):  # one prediction goes NaN, and only that once (the diagnosis re-runs it finite)
         calls["n"] += 1
-        loss = real(*args, **kwargs)
-        return loss * float("nan") if calls["n"] == 3 else loss
+        out = predict(*args)
+        return out * float("nan") if calls["n"] == 3 else out
 
-    monkeypatch.setattr(trainer_module, "diffusion_loss", nan_on_third)
-    with pytest.raises(TrainingError, match="loss became nan at step 3.*learning_rate") as e:
-        train(make_cfg(demo_data, tmp_path / "out", max_train_steps=5), progress=False)
+    monkeypatch.setattr(backend, "predict", nan_on_third)
+    with pytest.raises(TrainingError, match="loss became nan at step 3, but the same step run again with checks "
+                                            "gave a finite loss.*learning_rate") as e:
+        train(make_cfg(demo_data, tmp_path / "out", max_train_steps=5), backend=backend, progress=False)
     assert "fp16" not in str(e.value)  # fp32 on the CPU: no advice about fp16
     assert [s for s, _ in list_checkpoints(tmp_path / "out")] == [2]
 

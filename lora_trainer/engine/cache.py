@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from lora_trainer.data.images import file_digest, prefetch
 from lora_trainer.errors import DatasetError
+from lora_trainer.models.conditioning import Conditioning
 from lora_trainer.utils.fsio import atomic_write
 
 log = logging.getLogger(__name__)
@@ -110,16 +111,16 @@ def _check_latents(bad: list[Path], vae: torch.nn.Module) -> None:
     raise DatasetError(f"the VAE gave non-finite latents for {len(bad)} image(s): {_names(bad)}; {cause}")
 
 
-def _encode_captions(backend, captions: list[str], samples, weighted: bool, progress: bool) -> dict[str, torch.Tensor]:
+def _encode_captions(backend, captions: list[str], samples, weighted: bool, progress: bool) -> dict[str, Conditioning]:
     """Each caption on its own (its conditioning does not depend on which captions share a batch); a non-finite
     one stops the run here, before step 1, naming the caption, its images and the cause where it can be told."""
     from tqdm.auto import tqdm
 
     embeddings, bad = {}, []
     for caption in tqdm(captions, desc="caching captions", unit="caption", disable=not progress or len(captions) < 8):
-        emb = backend.encode_prompts([caption], weighted=weighted)[0].detach().cpu()
-        embeddings[caption] = emb
-        if not _finite(emb):
+        cond = backend.encode_prompts([caption], weighted=weighted).rows()[0]
+        embeddings[caption] = cond
+        if cond.bad_rows():
             bad.append(caption)
     if bad:
         caption = bad[0]
@@ -135,7 +136,7 @@ def _sample(mean: torch.Tensor, std: torch.Tensor, seed: int, key: str) -> torch
 
 
 class EncodedCache:
-    def __init__(self, latents: torch.Tensor, flipped: torch.Tensor | None, texts: dict[str, torch.Tensor] | None):
+    def __init__(self, latents: torch.Tensor, flipped: torch.Tensor | None, texts: dict[str, Conditioning] | None):
         self._latents, self._flipped, self._texts = latents, flipped, texts
 
     @property
@@ -200,5 +201,5 @@ class EncodedCache:
             out = torch.where(flip.cpu()[:, None, None, None], self._flipped[indices], out)
         return out.to(device)
 
-    def text(self, captions: list[str], device) -> torch.Tensor:
-        return torch.stack([self._texts[c] for c in captions]).to(device)
+    def text(self, captions: list[str], device) -> Conditioning:
+        return Conditioning.cat([self._texts[c] for c in captions]).to(device)

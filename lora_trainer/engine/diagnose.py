@@ -81,7 +81,7 @@ def first_nonfinite(modules: dict[str, nn.Module]) -> Iterator[list[Origin]]:
 @dataclass
 class StepInputs:
     latents: torch.Tensor
-    cond: torch.Tensor
+    cond: object  # models.conditioning.Conditioning
     images: list[Path]  # the micro-batch's image files, row by row
     captions: list[str]
 
@@ -112,7 +112,7 @@ def diagnose_nonfinite_loss(value: float, step: int, precision: str, inputs: Ste
         why = (f"the backward pass of step {step - 1} gave non-finite gradients" if norm is not None
                and not math.isfinite(norm) else f"step {step - 1}'s update made them so")
         return f"{head}: the LoRA weights were already non-finite ({why}): {lr_advice}, and resume"
-    rows = _bad_rows(inputs.cond)
+    rows = inputs.cond.bad_rows()
     if rows:
         caption = inputs.captions[rows[0]]
         return f"{head}: its text conditioning was not finite, for the caption {caption!r}: {explain_text(caption)}"

@@ -13,6 +13,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from lora_trainer.models.conditioning import Conditioning
+
 # kohya key prefixes of the components a LoRA may adapt (SD 1.x / 2.x)
 UNET = "unet"
 TEXT_ENCODER = "text_encoder"
@@ -27,8 +29,13 @@ class TrainingBackend(Protocol):
     weight_dtype: torch.dtype  # dtype of the frozen weights (fp32 on CPU, fp16/bf16 on GPUs)
     noise_scheduler: object  # a diffusers DDPMScheduler (add_noise, get_velocity, config)
     prediction_type: str  # "epsilon" | "v_prediction"
+    kohya_prefixes: dict[str, str]  # component name → key prefix in the kohya file
+    latent_scale: float  # the VAE's scaling factor: a latent is a posterior sample times this
+    # optional abilities (Backend below gives each a default): what the loop may ask for
+    can_compile: bool  # compile_unet works
+    can_channels_last: bool  # use_channels_last works
 
-    def components(self) -> dict[str, nn.Module]:
+    def components(self) -> dict[str, nn.Module | None]:
         """The modules LoRA may be injected into, by component name (UNET, TEXT_ENCODER)."""
 
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -37,22 +44,53 @@ class TrainingBackend(Protocol):
     def image_encoder(self) -> nn.Module:
         """The VAE whose encoder makes the latents (its weights key the latent cache)."""
 
-    latent_scale: float  # the VAE's scaling factor: a latent is a posterior sample times this
-
     def encode_image_dist(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixels in [-1, 1] → the VAE posterior's (mean, std), before ``latent_scale``, for the latent cache."""
 
-    def encode_prompts(self, captions: list[str], weighted: bool = False) -> torch.Tensor:
-        """Captions → conditioning (B×77×D); differentiable when the text encoder trains. Each caption's rows
-        depend on that caption alone; literal text unless ``weighted`` (the WebUI's ``(word:1.2)`` syntax)."""
+    def encode_prompts(self, captions: list[str], weighted: bool = False) -> Conditioning:
+        """Captions → conditioning; differentiable when the text encoder trains. Each caption's rows depend on
+        that caption alone; literal text unless ``weighted`` (the WebUI's ``(word:1.2)`` syntax)."""
 
     def explain_nonfinite_text(self, caption: str) -> str:
         """Why ``caption``'s conditioning came out non-finite, as far as the backend can tell."""
 
-    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The model's prediction (noise or velocity) for noisy latents at timesteps."""
 
     def use_attention(self, kind: str) -> None:
         """Train the UNet with this attention kernel (training.attention: auto, sdpa, xformers)."""
 
     def enable_gradient_checkpointing(self, text_encoder: bool) -> None: ...
+
+    def compile_unet(self, mode: str) -> None: ...
+
+    def use_channels_last(self) -> None: ...
+
+    def offload_idle_encoders(self, text_encoder: bool) -> int:
+        """With everything cached, park the VAE (and the frozen text encoder) off the GPU; bytes freed."""
+
+    def restore_encoders(self) -> None:
+        """Undo ``offload_idle_encoders``."""
+
+
+class Backend:
+    """The defaults of a TrainingBackend's optional abilities: a backend overrides what it can do."""
+
+    kohya_prefixes = KOHYA_PREFIXES
+    can_compile = False
+    can_channels_last = False
+
+    def explain_nonfinite_text(self, caption: str) -> str:
+        return "the text encoder gave non-finite values for it"
+
+    def compile_unet(self, mode: str) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot compile its UNet")
+
+    def use_channels_last(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot change its memory layout")
+
+    def offload_idle_encoders(self, text_encoder: bool) -> int:
+        return 0
+
+    def restore_encoders(self) -> None:
+        pass

@@ -11,16 +11,19 @@ from torch import nn
 
 from lora_trainer.errors import ModelLoadError
 from lora_trainer.models.attention import use_diffusers_attention
-from lora_trainer.models.base import TEXT_ENCODER, UNET
+from lora_trainer.models.base import TEXT_ENCODER, UNET, Backend
 from lora_trainer.models.compiling import compile_for_run
+from lora_trainer.models.conditioning import Conditioning
 from lora_trainer.models.compat import dtype_kwargs, enable_text_encoder_checkpointing
 from lora_trainer.models.prompts import encode_captions
 
 log = logging.getLogger(__name__)
 
 
-class DiffusersBackend:
+class DiffusersBackend(Backend):
     """Wraps a StableDiffusionPipeline's parts for training; every base weight is frozen."""
+
+    can_compile = can_channels_last = True
 
     def __init__(self, pipe, model_name: str, device: torch.device, weight_dtype: torch.dtype,
                  prediction_type: str = "auto"):
@@ -74,7 +77,7 @@ class DiffusersBackend:
         return dist.mean, dist.std
 
     def encode_prompts(self, captions, weighted: bool = False):
-        return encode_captions(self.tokenizer, self.text_encoder, list(captions), self.device, weighted)
+        return Conditioning(encode_captions(self.tokenizer, self.text_encoder, list(captions), self.device, weighted))
 
     def explain_nonfinite_text(self, caption: str) -> str:
         """Why a caption's conditioning came out non-finite, as far as can be told."""
@@ -86,7 +89,7 @@ class DiffusersBackend:
         unet = self.unet if self._compiled is None else self._compiled
         if self._channels_last:
             noisy_latents = noisy_latents.contiguous(memory_format=torch.channels_last)
-        return unet(noisy_latents, timesteps, cond).sample
+        return unet(noisy_latents, timesteps, cond.context).sample
 
     def use_attention(self, kind: str) -> None:
         use_diffusers_attention(self.unet, kind)

@@ -18,8 +18,9 @@ from torch import nn
 
 from lora_trainer.data.emphasis import escape_emphasis
 from lora_trainer.models.attention import restore_ldm_attention, use_ldm_attention
-from lora_trainer.models.base import TEXT_ENCODER, UNET
+from lora_trainer.models.base import TEXT_ENCODER, UNET, Backend
 from lora_trainer.models.compiling import compile_for_run
+from lora_trainer.models.conditioning import Conditioning
 from lora_trainer.models.prompts import WINDOW
 
 log = logging.getLogger(__name__)
@@ -52,13 +53,15 @@ def _instance_forward(module: nn.Module, forward: Callable):
             del module.forward
 
 
-class LdmBackend:
+class LdmBackend(Backend):
     """TrainingBackend over a LatentDiffusion-like object.
 
     The object needs: ``model.diffusion_model`` (the UNet), ``cond_stage_model``, ``apply_model(x, t, cond)``,
     ``encode_first_stage`` + ``get_first_stage_encoding``, ``get_learned_conditioning(prompts)``, ``betas``
     and ``parameterization`` ("eps" or "v").
     """
+
+    can_compile = True
 
     def __init__(self, sd_model, model_name: str, device: torch.device, weight_dtype: torch.dtype,
                  checkpointing: tuple[Callable[[], None], Callable[[], None]] | None = None,
@@ -122,7 +125,7 @@ class LdmBackend:
         its first 77-token window as the command line cuts it."""
         literal = not weighted and self._emphasis not in (None, "None")
         prompts = [escape_emphasis(c) if literal else c for c in captions]
-        return torch.cat([self.sd_model.get_learned_conditioning([p])[:, :WINDOW] for p in prompts])
+        return Conditioning(torch.cat([self.sd_model.get_learned_conditioning([p])[:, :WINDOW] for p in prompts]))
 
     def explain_nonfinite_text(self, caption: str) -> str:
         """Why a caption's conditioning came out non-finite: the text encoder itself, or the WebUI's encoding."""
@@ -154,7 +157,7 @@ class LdmBackend:
             noisy_latents = noisy_latents.detach().requires_grad_(True)
         with (contextlib.nullcontext() if self._compiled_forward is None
               else _instance_forward(self.unet, self._compiled_forward)):
-            return self.sd_model.apply_model(noisy_latents, timesteps, cond)
+            return self.sd_model.apply_model(noisy_latents, timesteps, cond.context)
 
     def compile_unet(self, mode: str = "default") -> None:
         """Train through torch.compile of the UNet's forward. It is the UNet's forward only inside ``predict``

@@ -1,0 +1,264 @@
+"""One training run's state: what set-up made (the model with its LoRA layers, the optimizer, the caches) and
+what the loop moves (the step, the losses), with the few operations the loop in ``engine.trainer`` calls:
+``backward`` one micro-batch, ``optimizer_step``, ``report``, ``save``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
+
+from lora_trainer.config import Config
+from lora_trainer.data.dataset import ImageDataset
+from lora_trainer.engine import checkpoint as ckpt
+from lora_trainer.engine.batches import Plan, batch_stream
+from lora_trainer.engine.cache import EncodedCache, LatentStore
+from lora_trainer.engine.diagnose import StepInputs, diagnose_nonfinite_loss
+from lora_trainer.engine.events import CallbackList, StepInfo
+from lora_trainer.engine.lora import add_lora, load_trainable_state, trainable_state
+from lora_trainer.engine.loss import diffusion_loss
+from lora_trainer.engine.optim import build_optimizer
+from lora_trainer.engine.run_dir import latent_cache_dir
+from lora_trainer.errors import LoraTrainerError
+from lora_trainer.models.base import TEXT_ENCODER, UNET
+from lora_trainer.models.factory import DTYPES
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(LoraTrainerError):
+    """Training went wrong in a way the user can act on (NaN loss, out of memory)."""
+
+
+@dataclass
+class Run:
+    cfg: Config
+    backend: object  # models.base.TrainingBackend
+    precision: str  # "no" (fp32) | "fp16" | "bf16"
+    plan: Plan
+    scan: object  # data.dataset.DatasetScan
+    run_dir: Path
+    settings: dict  # what a resume must match (engine.checkpoint.run_settings)
+    modules: dict  # component name → module with LoRA layers
+    groups: list[dict]  # optimizer parameter groups
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator  # noise, timesteps and flips
+    dataset: ImageDataset
+    cbs: CallbackList
+    cache: EncodedCache | None = None
+    step: int = 0
+    first_loss: float | None = None
+    last_saved: int = -1
+    losses: deque = field(default_factory=lambda: deque(maxlen=20))
+    grad_norm: torch.Tensor | None = None  # the last optimizer step's, where gradients are clipped (no sync)
+    writer: object = None  # a TensorBoard SummaryWriter, or None
+    bar: object = None  # the tqdm progress bar
+    loop_start: float = 0.0
+    start_step: int = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.backend.device
+
+    def params(self) -> list:
+        return [p for g in self.groups for p in g["params"]]
+
+    def autocast(self):
+        if self.precision == "no":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=DTYPES[self.precision])
+
+    def batches(self):
+        """The rest of the run's micro-batches: (epoch, index in epoch, batch)."""
+        t = self.cfg.training
+        return batch_stream(self.plan, t.seed, self.step, None if self.cache is not None else self.dataset,
+                            [x.caption for x in self.scan.samples], t.dataloader_num_workers,
+                            pin_memory=self.device.type == "cuda")
+
+    # --- one micro-batch
+    def micro_batch(self, batch) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """The loss of one micro-batch, and its inputs (latents, conditioning) for a diagnosis."""
+        d, t, cache, backend = self.cfg.data, self.cfg.training, self.cache, self.backend
+        flip = None
+        if d.random_flip:
+            flip = torch.rand(len(batch["captions"]), generator=self.generator, device=self.device) < 0.5
+        if cache is not None:
+            latents = cache.latents(batch["indices"], flip, self.device)
+        else:
+            pixels = batch["pixel_values"].to(self.device)
+            if flip is not None:
+                pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+            latents = backend.encode_images(pixels, self.generator)
+        with self.autocast():
+            if cache is not None and cache.has_text:
+                cond = cache.text(batch["captions"], self.device)
+            else:
+                with torch.no_grad() if not t.train_text_encoder else contextlib.nullcontext():
+                    cond = backend.encode_prompts(batch["captions"], weighted=d.weighted_captions)
+            loss = diffusion_loss(backend, latents, cond, self.generator, noise_offset=t.noise_offset,
+                                  min_snr_gamma=t.min_snr_gamma)
+        return loss, latents, cond
+
+    def backward(self, batch, group_size: int) -> float:
+        """Forward and backward of one micro-batch (of ``group_size`` in this optimizer step); its loss. A
+        non-finite loss raises a TrainingError that says why (engine.diagnose)."""
+        rng_before = self.generator.get_state()
+        loss, latents, cond = self.micro_batch(batch)
+        value = loss.item()  # the one host sync of a micro-batch
+        if not math.isfinite(value):
+            raise TrainingError(self._diagnosis(value, batch, latents, cond, rng_before))
+        self.scaler.scale(loss / group_size).backward()
+        return value
+
+    def _diagnosis(self, value: float, batch, latents, cond, rng_before) -> str:
+        def rerun():
+            self.generator.set_state(rng_before)
+            return self.micro_batch(batch)[0]
+
+        inputs = StepInputs(latents, cond, [self.scan.samples[int(i)].path for i in batch["indices"]],
+                            list(batch["captions"]))
+        return diagnose_nonfinite_loss(value, self.step + 1, self.precision, inputs, self.params(), self.grad_norm,
+                                       self.backend.components(), rerun, self.backend.explain_nonfinite_text)
+
+    # --- one optimizer step
+    def optimizer_step(self) -> None:
+        t = self.cfg.training
+        if t.max_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params(), t.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+    def report(self, step_loss: float, epoch: int) -> None:
+        """Progress out: the bar, TensorBoard, the callbacks (a UI)."""
+        self.losses.append(step_loss)
+        self.first_loss = step_loss if self.first_loss is None else self.first_loss
+        lr = self.lr_scheduler.get_last_lr()[0]
+        elapsed = time.time() - self.loop_start
+        info = StepInfo(self.step, self.plan.total_steps, epoch + 1, step_loss, sum(self.losses) / len(self.losses),
+                        lr, elapsed, (self.step - self.start_step) / elapsed if elapsed > 0 else 0.0)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{info.loss_avg:.4f}", lr=f"{lr:.2e}", epoch=epoch + 1)
+        if self.writer is not None:
+            self.writer.add_scalar("train/loss", step_loss, self.step)
+            self.writer.add_scalar("train/lr", lr, self.step)
+        self.cbs.on_step(info)
+
+    # --- checkpoints
+    def save(self, reason: str) -> None:
+        if self.last_saved == self.step:
+            return
+        state = {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict(), "rng": ckpt.rng_state(self.generator)}
+        info = {"reason": reason, "epoch": self.step // self.plan.steps_per_epoch, "total_steps": self.plan.total_steps,
+                "loss": self.losses[-1] if self.losses else None, "first_loss": self.first_loss,
+                "settings": self.settings}
+        path = ckpt.save_checkpoint(self.run_dir, self.step, trainable_state(self.modules), state, info,
+                                    keep=self.cfg.training.checkpoints_total_limit)
+        self.last_saved = self.step
+        if path is not None:
+            self.cbs.on_checkpoint(path)
+
+    def save_if_due(self) -> None:
+        """A checkpoint where save_steps or save_every_n_epochs fall (the last step's state is the export)."""
+        t, step = self.cfg.training, self.step
+        if step >= self.plan.total_steps:
+            return
+        if t.save_steps and step % t.save_steps == 0:
+            self.save("save_steps")
+        epochs_done, mid_epoch = divmod(step, self.plan.steps_per_epoch)
+        if not mid_epoch and t.save_every_n_epochs and epochs_done % t.save_every_n_epochs == 0:
+            self.save("save_every_n_epochs")
+
+
+# --- set-up
+def add_lora_layers(cfg: Config, backend) -> tuple[dict, list[dict]]:
+    """LoRA layers into the UNet (and the text encoder if it trains); returns them and the parameter groups."""
+    t = cfg.training
+    components = backend.components()
+    modules = {UNET: components[UNET]}
+    if t.train_text_encoder:
+        modules[TEXT_ENCODER] = components[TEXT_ENCODER]
+    torch.manual_seed(t.seed)  # LoRA A's initialisation
+    groups = []
+    for name, module in modules.items():
+        te = name == TEXT_ENCODER
+        params = add_lora(module, rank=t.lora_rank, alpha=t.lora_alpha, dropout=t.lora_dropout,
+                          target_modules=t.text_encoder_target_modules if te else t.target_modules,
+                          key="training.text_encoder_target_modules" if te else "training.target_modules")
+        cast_training_params(module, dtype=torch.float32)  # LoRA in fp32, frozen base in compute dtype
+        groups.append({"params": params, "lr": t.text_encoder_lr if te else t.learning_rate})
+        module.train()
+    return modules, groups
+
+
+def prepare_backend(cfg: Config, backend) -> None:
+    """The model-wide switches: checkpointing, attention kernel, memory layout, compile (after the LoRA layers
+    are in, so the compiled graph has them)."""
+    t = cfg.training
+    if t.gradient_checkpointing:
+        backend.enable_gradient_checkpointing(text_encoder=t.train_text_encoder)
+    backend.use_attention(t.attention)
+    if t.channels_last:
+        if backend.can_channels_last:
+            backend.use_channels_last()
+        else:
+            log.warning("channels_last: this model backend cannot change its layout; training without")
+    if t.compile_unet:
+        if backend.can_compile:
+            backend.compile_unet(t.compile_mode)
+        else:
+            log.warning("compile_unet: this model backend cannot compile its UNet; training without")
+
+
+def optimization(cfg: Config, groups: list[dict], device, precision: str, total_steps: int):
+    """The optimizer, its learning-rate schedule and the fp16 gradient scaler."""
+    t = cfg.training
+    optimizer = build_optimizer(t, groups, device)
+    name = "constant_with_warmup" if t.lr_scheduler == "constant" and t.lr_warmup_steps else t.lr_scheduler
+    lr_scheduler = get_scheduler(name, optimizer, num_warmup_steps=t.lr_warmup_steps,
+                                 num_training_steps=total_steps)
+    return optimizer, lr_scheduler, torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def resume(run: Run, restored: ckpt.Restored, resume_from: Path) -> None:
+    """A checkpoint's LoRA weights, optimizer, schedule, scaler, RNG and step into ``run``."""
+    load_trainable_state(run.modules, {k: v.to(run.device) for k, v in restored.weights.items()})
+    run.optimizer.load_state_dict(restored.state["optimizer"])
+    run.lr_scheduler.load_state_dict(restored.state["lr_scheduler"])
+    run.scaler.load_state_dict(restored.state["scaler"])
+    ckpt.set_rng_state(restored.state["rng"], run.generator)
+    run.step = run.last_saved = restored.step
+    run.first_loss = restored.info.get("first_loss")
+    log.info("resumed from %s at step %d of %d", resume_from, run.step, run.plan.total_steps)
+
+
+def build_cache(run: Run, progress: bool) -> EncodedCache | None:
+    """Every image through the VAE once (and every caption through the frozen text encoder), before step 1."""
+    cfg, t, d = run.cfg, run.cfg.training, run.cfg.data
+    if not t.cache_latents:
+        return None
+    digests = [getattr(run.scan.facts.get(s.path), "digest", "") or None for s in run.scan.samples]
+    store = LatentStore(latent_cache_dir(cfg.output.output_dir)) if t.cache_latents_to_disk else None
+    return EncodedCache.build(run.backend, run.dataset, t.seed, flips=d.random_flip,
+                              texts=t.cache_text_embeddings and not t.train_text_encoder, progress=progress,
+                              digests=digests, store=store, weighted=d.weighted_captions)
+
+
+def with_precision(cfg: Config, precision: str) -> Config:
+    return dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, mixed_precision=precision))

@@ -1,0 +1,33 @@
+"""The one place a backend is made from a config (command line and standalone app), and its precision named.
+
+The WebUI makes its own backend over the model it has loaded (``lora_trainer.webui.host``); whichever way
+a backend came, ``precision_of`` reads the run's precision back from it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lora_trainer.config import resolve_mixed_precision
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def pick_device(mixed_precision: str) -> tuple[torch.device, str]:
+    """The GPU if there is one, and the precision ``mixed_precision`` resolves to on it."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return device, resolve_mixed_precision(mixed_precision, device.type, bf16)
+
+
+def load_backend(cfg):
+    """A diffusers backend of ``cfg.model.base_model`` on the best device, at the precision the config asks."""
+    from lora_trainer.models.diffusers_backend import load_diffusers_backend
+
+    device, precision = pick_device(cfg.training.mixed_precision)
+    return load_diffusers_backend(cfg.model.base_model, device, DTYPES[precision], cfg.model.prediction_type)
+
+
+def precision_of(backend) -> str:
+    """The mixed_precision value that a backend's weight dtype stands for ("no" = fp32)."""
+    return {v: k for k, v in DTYPES.items()}[backend.weight_dtype]
