@@ -17,7 +17,8 @@ from safetensors.torch import save
 from lora_trainer.export.diffusers_format import WEIGHT_NAME, save_diffusers_lora
 from lora_trainer.export.hashes import file_hashes, legacy_hash, model_hash
 from lora_trainer.export.kohya import clip_text_model_path, peft_to_kohya, read_kohya_lora, save_kohya_lora
-from lora_trainer.export.metadata import build_metadata
+from lora_trainer.config import config_from_dict
+from lora_trainer.export.metadata import ModelFacts, RunFacts, build_metadata
 from lora_trainer.models.tiny import tiny_model_path
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -74,18 +75,17 @@ def token_ids(seed=1):
     return torch.randint(0, 512, (2, 77), generator=torch.Generator().manual_seed(seed))
 
 
-def metadata(**over):
-    kw = {
-        "output_name": "x", "rank": 4, "alpha": 2.0, "dropout": 0.0, "base_model_version": "sd_v1",
-        "prediction_type": "epsilon", "sd_model_name": "tiny-demo", "resolution": 64,
-        "tag_frequency": {"data": {"demo style": 3, "café": 1}}, "num_train_images": 3, "learning_rate": 1e-4,
-        "unet_lr": 1e-4, "text_encoder_lr": None, "steps": 10, "max_train_steps": 10, "epoch": 1,
-        "num_epochs": 1, "seed": 1, "batch_size": 1, "gradient_accumulation_steps": 1,
-        "lr_scheduler": "constant", "optimizer": "AdamW", "mixed_precision": "no", "noise_offset": 0.0,
-        "min_snr_gamma": None, "training_started_at": 1700000000.5, "training_finished_at": 1700000100.25,
-        "comment": "hello", "network_args": {"target_modules": UNET_TARGETS},
-    }
-    return build_metadata(**{**kw, **over})
+def metadata(base_model_version="sd_v1", prediction_type="epsilon", clip_skip=None, extra=None, rank=4, alpha=2.0,
+             comment="hello", **config):
+    cfg = config_from_dict({
+        "train_data_dir": "data", "output_name": "x", "lora_rank": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
+        "resolution": 64, "learning_rate": 1e-4, "seed": 1, "batch_size": 1, "gradient_accumulation_steps": 1,
+        "lr_scheduler": "constant", "optimizer": "adamw", "mixed_precision": "no", "noise_offset": 0.0,
+        "min_snr_gamma": None, "training_comment": comment, "target_modules": UNET_TARGETS, **config})
+    run = RunFacts(steps=10, max_train_steps=10, epoch=1, num_epochs=1, num_train_images=3,
+                   tag_frequency={"data": {"demo style": 3, "café": 1}}, trained_text_encoder=False,
+                   started_at=1700000000.5, finished_at=1700000100.25)
+    return build_metadata(cfg, ModelFacts(base_model_version, prediction_type, "tiny-demo", clip_skip), run, extra)
 
 
 # --- keys, shapes, alpha -------------------------------------------------------------------------------
@@ -161,7 +161,7 @@ def test_metadata_has_every_key_as_a_string():
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
     assert json.loads(meta["ss_tag_frequency"]) == {"data": {"demo style": 3, "café": 1}}
     assert json.loads(meta["ss_network_args"]) == {"target_modules": UNET_TARGETS}
-    assert json.loads(metadata(network_args=None)["ss_network_args"]) == {}
+    assert meta["ss_network_train_unet_only"] == "True" and meta["ss_text_encoder_lr"] == "None"
     assert meta["ss_network_module"] == "networks.lora"
     assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("4", "2.0")
     assert (meta["ss_base_model_version"], meta["ss_v2"]) == ("sd_v1", "False")
@@ -183,11 +183,10 @@ def test_metadata_per_family():
     assert v["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
     assert v["modelspec.prediction_type"] == "v"
     assert metadata(base_model_version="sd_v2")["modelspec.architecture"] == "stable-diffusion-v2-512/lora"
-    xl = metadata(base_model_version="sdxl_base_v1-0", resolution=(1024, 768), clip_skip=2,
-                  extra={"ss_flip_aug": True})
+    xl = metadata(base_model_version="sdxl_base_v1-0", resolution=1024, clip_skip=2, extra={"ss_flip_aug": True})
     assert xl["ss_base_model_version"] == "sdxl_base_v1-0" and xl["ss_v2"] == "False"
     assert xl["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
-    assert xl["modelspec.resolution"] == "1024x768" and xl["ss_resolution"] == "(1024, 768)"
+    assert xl["modelspec.resolution"] == "1024x1024" and xl["ss_resolution"] == "(1024, 1024)"
     assert (xl["modelspec.encoder_layer"], xl["ss_clip_skip"], xl["ss_flip_aug"]) == ("2", "2", "True")
     with pytest.raises(ValueError, match="base_model_version"):
         metadata(base_model_version="sd_v3")

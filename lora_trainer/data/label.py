@@ -57,15 +57,8 @@ def check_template(template: str) -> str:
     return template
 
 
-def label_dataset(input_dir, captioner="blip", output_csv=None, template: str = "{caption}", prefix: str = "",
-                  mode: str = "only-missing", batch_size: int = 4, progress: bool = True, on_progress=None,
-                  model: str | None = None, download: bool = False) -> LabelResult:
-    """Caption the images of ``input_dir``; ``captioner`` is a name (blip, clip-tags), a captioner object,
-    or a function that makes one (called only if some image needs a caption).
-
-    ``on_progress(done, total)`` is called after each batch (for a UI). Nothing is written if no image
-    was captioned.
-    """
+def _check_label_args(input_dir, output_csv, template: str, mode: str, batch_size: int) -> tuple[Path, Path]:
+    """The input folder and the CSV to write, or a LoraTrainerError naming what is wrong."""
     check_template(template)
     if mode not in MODES:
         raise LoraTrainerError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -78,6 +71,45 @@ def label_dataset(input_dir, captioner="blip", output_csv=None, template: str = 
     csv_path = Path(output_csv).expanduser() if output_csv else root / "metadata.csv"
     if not csv_path.parent.is_dir():
         raise LoraTrainerError(f"output {csv_path}: its folder {csv_path.parent} does not exist")
+    return root, csv_path
+
+
+def _caption_batch(captioner, captions: CaptionSet, decoded, prefix: str, template: str, result: LabelResult) -> None:
+    """Caption one batch of (item index, (image, reason it could not be read)) into ``captions``."""
+    batch, images = [], []
+    for i, (img, reason) in decoded:
+        if reason is None:
+            images.append(img)
+            batch.append(i)
+        else:
+            result.skipped.append((captions.items[i].rel, reason))
+            log.warning("skipped %s: %s", captions.items[i].rel, reason)
+    texts = list(captioner.caption(images)) if images else []
+    if len(texts) != len(images):
+        raise LoraTrainerError(f"captioner {getattr(captioner, 'name', captioner)} returned "
+                               f"{len(texts)} captions for {len(images)} images")
+    for i, text in zip(batch, texts):
+        item = captions.items[i]
+        text = " ".join(str(text or "").split())
+        if not text:
+            result.skipped.append((item.rel, "the captioner returned no text"))
+            log.warning("skipped %s: the captioner returned no text", item.rel)
+            continue
+        captions.set_caption(i, prefix + template.format(caption=text))
+        item.source = "csv"  # the output of this command is metadata.csv
+        result.captioned.append(item.rel)
+
+
+def label_dataset(input_dir, captioner="blip", output_csv=None, template: str = "{caption}", prefix: str = "",
+                  mode: str = "only-missing", batch_size: int = 4, progress: bool = True, on_progress=None,
+                  model: str | None = None, download: bool = False) -> LabelResult:
+    """Caption the images of ``input_dir``; ``captioner`` is a name (blip, clip-tags), a captioner object,
+    or a function that makes one (called only if some image needs a caption).
+
+    ``on_progress(done, total)`` is called after each batch (for a UI). Nothing is written if no image
+    was captioned.
+    """
+    root, csv_path = _check_label_args(input_dir, output_csv, template, mode, batch_size)
     captions = CaptionSet.load(root, metadata_path=csv_path if csv_path.is_file() else None)
     captions.csv_path = csv_path.resolve()
     result = LabelResult(captions.csv_path)
@@ -106,28 +138,8 @@ def label_dataset(input_dir, captioner="blip", output_csv=None, template: str = 
         # the next images decode in threads while the captioner works on these
         with strict_decoding(), contextlib.closing(prefetch(decode, todo, ahead=2 * batch_size)) as decoded:
             for start in range(0, len(todo), batch_size):
-                batch, images = [], []
-                for i, (img, reason) in zip(todo[start:start + batch_size], decoded):
-                    if reason is None:
-                        images.append(img)
-                        batch.append(i)
-                    else:
-                        result.skipped.append((captions.items[i].rel, reason))
-                        log.warning("skipped %s: %s", captions.items[i].rel, reason)
-                texts = list(captioner.caption(images)) if images else []
-                if len(texts) != len(images):
-                    raise LoraTrainerError(f"captioner {getattr(captioner, 'name', captioner)} returned "
-                                           f"{len(texts)} captions for {len(images)} images")
-                for i, text in zip(batch, texts):
-                    item = captions.items[i]
-                    text = " ".join(str(text or "").split())
-                    if not text:
-                        result.skipped.append((item.rel, "the captioner returned no text"))
-                        log.warning("skipped %s: the captioner returned no text", item.rel)
-                        continue
-                    captions.set_caption(i, prefix + template.format(caption=text))
-                    item.source = "csv"  # the output of this command is metadata.csv
-                    result.captioned.append(item.rel)
+                _caption_batch(captioner, captions, zip(todo[start:start + batch_size], decoded), prefix, template,
+                               result)
                 done = min(start + batch_size, len(todo))
                 if bar is not None:
                     bar.update(done - bar.n)

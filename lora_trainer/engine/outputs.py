@@ -11,8 +11,8 @@ import torch
 from lora_trainer.engine.lora import lora_state_dict
 from lora_trainer.export.diffusers_format import save_diffusers_lora
 from lora_trainer.export.kohya import peft_to_kohya, save_kohya_lora
-from lora_trainer.export.metadata import build_metadata
-from lora_trainer.models.base import KOHYA_PREFIXES, TEXT_ENCODER, UNET
+from lora_trainer.export.metadata import ModelFacts, RunFacts, build_metadata
+from lora_trainer.models.base import TEXT_ENCODER, UNET
 from lora_trainer.utils.fsio import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -27,38 +27,14 @@ def export_lora(run_dir: Path, cfg, backend, modules: dict, scan, started_at: fl
     states = {name: lora_state_dict(module) for name, module in modules.items()}
     tensors = {}
     for name, state in states.items():  # (peft_to_kohya names CLIP layers as the WebUI does)
-        tensors.update(peft_to_kohya(state, KOHYA_PREFIXES[name], t.lora_alpha, dtype=SAVE_DTYPES[out.save_precision]))
-    metadata = build_metadata(
-        output_name=out.output_name,
-        rank=t.lora_rank,
-        alpha=t.lora_alpha,
-        dropout=t.lora_dropout,
-        base_model_version=backend.family,
-        prediction_type=backend.prediction_type,
-        sd_model_name=backend.model_name,
-        resolution=cfg.data.resolution,
-        tag_frequency={Path(cfg.data.train_data_dir).name: scan.tag_frequency()},
-        num_train_images=len(scan.samples),
-        learning_rate=t.learning_rate,
-        unet_lr=t.learning_rate,
-        text_encoder_lr=t.text_encoder_lr if TEXT_ENCODER in modules else None,
-        steps=steps,
-        max_train_steps=plan.total_steps,
-        epoch=-(-steps // plan.steps_per_epoch),
-        num_epochs=plan.epochs,
-        seed=t.seed,
-        batch_size=t.batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        lr_scheduler=t.lr_scheduler,
-        optimizer=t.optimizer,
-        mixed_precision=t.mixed_precision,
-        noise_offset=t.noise_offset,
-        min_snr_gamma=t.min_snr_gamma,
-        training_started_at=started_at,
-        training_finished_at=time.time(),
-        comment=out.training_comment,
-        network_args={"target_modules": list(t.target_modules)},
-    )
+        tensors.update(peft_to_kohya(state, backend.kohya_prefixes[name], t.lora_alpha,
+                                    dtype=SAVE_DTYPES[out.save_precision]))
+    model = ModelFacts(backend.family, backend.prediction_type, backend.model_name)
+    facts = RunFacts(steps=steps, max_train_steps=plan.total_steps, epoch=-(-steps // plan.steps_per_epoch),
+                     num_epochs=plan.epochs, num_train_images=len(scan.samples),
+                     tag_frequency={Path(cfg.data.train_data_dir).name: scan.tag_frequency()},
+                     trained_text_encoder=TEXT_ENCODER in modules, started_at=started_at, finished_at=time.time())
+    metadata = build_metadata(cfg, model, facts)
     lora_path = save_kohya_lora(run_dir / f"{out.output_name}.safetensors", tensors, metadata)
     diffusers_path = None
     if out.save_diffusers_format:

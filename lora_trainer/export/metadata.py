@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+from dataclasses import dataclass
 
 from lora_trainer import __version__
 
@@ -40,31 +41,45 @@ def _architecture(family: str, v_pred: bool) -> str:
     return f"{arch}/lora"
 
 
-def build_metadata(
-    *, output_name: str, rank: int, alpha: float, dropout: float | None, base_model_version: str,
-    prediction_type: str, sd_model_name: str, resolution, tag_frequency: dict, num_train_images: int,
-    learning_rate: float, unet_lr: float | None, text_encoder_lr: float | None, steps: int,
-    max_train_steps: int, epoch: int, num_epochs: int, seed: int, batch_size: int,
-    gradient_accumulation_steps: int, lr_scheduler: str, optimizer: str, mixed_precision: str,
-    noise_offset: float | None, min_snr_gamma: float | None, training_started_at: float,
-    training_finished_at: float, comment: str = "", network_args: dict | None = None,
-    clip_skip: int | None = None, extra: dict | None = None,
-) -> dict[str, str]:
-    """Metadata for a LoRA trained with these settings; every value a ``str``.
+@dataclass(frozen=True)
+class ModelFacts:
+    """The base model a LoRA was trained on: its ``family`` (``sd_v1``, ``sd_v2``, ``sdxl_base_v1-0``/``sdxl``),
+    ``prediction_type`` (``epsilon``/``v_prediction``), ``name`` (ss_sd_model_name), ``clip_skip`` if any."""
 
-    Model: ``base_model_version`` the family, ``sd_v1``, ``sd_v2`` or ``sdxl_base_v1-0`` (written as kohya
-    does: ``sd_v1_v``/``sd_v2_v`` when v-prediction); ``prediction_type`` ``epsilon`` or ``v_prediction``;
-    ``sd_model_name`` the base model's name (ss_sd_model_name); ``resolution`` an int or (width, height).
-    Network: ``rank`` (ss_network_dim), ``alpha`` (ss_network_alpha, the true lora_alpha), ``dropout``,
-    ``network_args`` (JSON in ss_network_args, e.g. ``{"target_modules": [...]}``).
-    Data: ``tag_frequency`` ``{dataset name: {tag: count}}``; ``num_train_images`` (images × repeats).
-    Run: ``learning_rate``, ``unet_lr``, ``text_encoder_lr`` (None: UNet only), ``steps`` done,
-    ``max_train_steps``, ``epoch`` reached, ``num_epochs`` planned, ``seed``, ``batch_size`` (per device),
-    ``gradient_accumulation_steps``, ``lr_scheduler``, ``optimizer``, ``mixed_precision``, ``noise_offset``,
-    ``min_snr_gamma``, ``clip_skip``; ``training_started_at``/``training_finished_at`` unix seconds
-    (``time.time()``); ``comment`` (ss_training_comment and modelspec.description).
+    family: str
+    prediction_type: str
+    name: str
+    clip_skip: int | None = None
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What the run did beyond its config: ``steps`` done of ``max_train_steps``, ``epoch`` reached of
+    ``num_epochs``, ``num_train_images`` (images × repeats), ``tag_frequency`` ``{dataset: {tag: count}}``,
+    ``trained_text_encoder``, ``started_at``/``finished_at`` unix seconds (``time.time()``)."""
+
+    steps: int
+    max_train_steps: int
+    epoch: int
+    num_epochs: int
+    num_train_images: int
+    tag_frequency: dict
+    trained_text_encoder: bool
+    started_at: float
+    finished_at: float
+
+
+def build_metadata(cfg, model: ModelFacts, run: RunFacts, extra: dict | None = None) -> dict[str, str]:
+    """Metadata for a LoRA trained by ``cfg`` (a lora_trainer Config) on ``model``; every value a ``str``.
+
+    The family is written as kohya does (``sd_v1_v``/``sd_v2_v`` when v-prediction); ss_network_alpha is the
+    true lora_alpha; ss_training_comment and modelspec.description carry output.training_comment.
     ``extra``: more keys (``ss_*`` or ``modelspec.*``) to add; dicts and lists become JSON, the rest ``str``.
     """
+    t, out = cfg.training, cfg.output
+    base_model_version, prediction_type = model.family, model.prediction_type
+    resolution, clip_skip, comment = cfg.data.resolution, model.clip_skip, out.training_comment
+    text_encoder_lr = t.text_encoder_lr if run.trained_text_encoder else None
     base_model_version = ALIASES.get(base_model_version, base_model_version)
     prediction_type = ALIASES.get(prediction_type, prediction_type)
     if base_model_version not in FAMILIES:
@@ -76,45 +91,45 @@ def build_metadata(
     width, height = _size(resolution)
     meta = {
         "ss_network_module": "networks.lora",
-        "ss_network_dim": _s(int(rank)),
-        "ss_network_alpha": _s(float(alpha)),
-        "ss_network_dropout": _s(dropout),
-        "ss_network_args": json.dumps(network_args or {}),
+        "ss_network_dim": _s(int(t.lora_rank)),
+        "ss_network_alpha": _s(float(t.lora_alpha)),
+        "ss_network_dropout": _s(t.lora_dropout),
+        "ss_network_args": json.dumps({"target_modules": list(t.target_modules)}),
         "ss_base_model_version": base_model_version + ("_v" if v_pred and not sdxl else ""),
         "ss_v2": _s(base_model_version == "sd_v2"),
         "ss_v_parameterization": _s(v_pred),
-        "ss_output_name": output_name,
-        "ss_sd_model_name": sd_model_name,
+        "ss_output_name": out.output_name,
+        "ss_sd_model_name": model.name,
         "ss_resolution": _s((width, height)),
         "ss_clip_skip": _s(clip_skip),
-        "ss_tag_frequency": json.dumps(tag_frequency),
-        "ss_num_train_images": _s(num_train_images),
-        "ss_learning_rate": _s(learning_rate),
-        "ss_unet_lr": _s(unet_lr),
+        "ss_tag_frequency": json.dumps(run.tag_frequency),
+        "ss_num_train_images": _s(run.num_train_images),
+        "ss_learning_rate": _s(t.learning_rate),
+        "ss_unet_lr": _s(t.learning_rate),
         "ss_text_encoder_lr": _s(text_encoder_lr),
         "ss_network_train_unet_only": _s(text_encoder_lr is None),
-        "ss_steps": _s(steps),
-        "ss_max_train_steps": _s(max_train_steps),
-        "ss_epoch": _s(epoch),
-        "ss_num_epochs": _s(num_epochs),
-        "ss_seed": _s(seed),
-        "ss_batch_size_per_device": _s(batch_size),
-        "ss_gradient_accumulation_steps": _s(gradient_accumulation_steps),
-        "ss_lr_scheduler": _s(lr_scheduler),
-        "ss_optimizer": _s(optimizer),
-        "ss_mixed_precision": _s(mixed_precision),
-        "ss_noise_offset": _s(noise_offset),
-        "ss_min_snr_gamma": _s(min_snr_gamma),
-        "ss_training_started_at": _s(training_started_at),
-        "ss_training_finished_at": _s(training_finished_at),
+        "ss_steps": _s(run.steps),
+        "ss_max_train_steps": _s(run.max_train_steps),
+        "ss_epoch": _s(run.epoch),
+        "ss_num_epochs": _s(run.num_epochs),
+        "ss_seed": _s(t.seed),
+        "ss_batch_size_per_device": _s(t.batch_size),
+        "ss_gradient_accumulation_steps": _s(t.gradient_accumulation_steps),
+        "ss_lr_scheduler": _s(t.lr_scheduler),
+        "ss_optimizer": _s(t.optimizer),
+        "ss_mixed_precision": _s(t.mixed_precision),
+        "ss_noise_offset": _s(t.noise_offset),
+        "ss_min_snr_gamma": _s(t.min_snr_gamma),
+        "ss_training_started_at": _s(run.started_at),
+        "ss_training_finished_at": _s(run.finished_at),
         "ss_training_comment": _s(comment or None),
         "modelspec.sai_model_spec": SAI_MODEL_SPEC,
         "modelspec.architecture": _architecture(base_model_version, v_pred),
         "modelspec.implementation": IMPL_STABILITY_AI if sdxl else IMPL_DIFFUSERS,
         "modelspec.implementation_version": f"lora-trainer/{__version__}",
-        "modelspec.title": output_name,
+        "modelspec.title": out.output_name,
         "modelspec.resolution": f"{width}x{height}",
-        "modelspec.date": datetime.datetime.fromtimestamp(int(training_finished_at)).isoformat(),
+        "modelspec.date": datetime.datetime.fromtimestamp(int(run.finished_at)).isoformat(),
         "modelspec.prediction_type": "v" if v_pred else "epsilon",
     }
     if comment:
