@@ -56,7 +56,8 @@ def webui_default_forward(self, x, context=None, mask=None, **kwargs):
                for t in (self.to_q(x), self.to_k(context) * self.scale, self.to_v(context)))
     rows = max(1, SLICE_BYTES // (q.shape[0] * k.shape[1] * q.element_size()))
     out = torch.cat([torch.einsum("b i j, b j d -> b i d",
-                                  torch.einsum("b i d, b j d -> b i j", q[:, i:i + rows], k).softmax(-1, dtype=q.dtype), v)
+                                  torch.einsum("b i d, b j d -> b i j", q[:, i:i + rows], k).softmax(-1, dtype=q.dtype),
+                                  v)
                      for i in range(0, q.shape[1], rows)], dim=1)
     return self.to_out(out.unflatten(0, (-1, self.heads)).transpose(1, 2).flatten(2))
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -136,7 +137,8 @@ def one_loop(args) -> dict:
         step()
         times.append(time.perf_counter() - start)
     return {"loop": args.loop, "step_s": statistics.median(times), "first_step_s": first,
-            "saved_for_backward_mb": saved.bytes / 2**20 if saved else None, "peak_memory_mb": peak_memory_mb(args.device)}
+            "saved_for_backward_mb": saved.bytes / 2**20 if saved else None,
+            "peak_memory_mb": peak_memory_mb(args.device)}
 
 
 def main() -> None:
@@ -177,7 +179,8 @@ def main() -> None:
             print(f"{r['loop']:<10} {'failed':>8}")
         else:
             saved = "-" if r["saved_for_backward_mb"] is None else f"{r['saved_for_backward_mb']:.0f}"
-            print(f"{r['loop']:<10} {r['step_s']:>8.3f} {r['first_step_s']:>13.1f} {saved:>22} {r['peak_memory_mb']:>9.0f}")
+            print(f"{r['loop']:<10} {r['step_s']:>8.3f} {r['first_step_s']:>13.1f} {saved:>22} "
+                  f"{r['peak_memory_mb']:>9.0f}")
 
 
 if __name__ == "__main__":

@@ -204,7 +204,8 @@ def _convert(name: str, value, key: str):
     if value is False and name in CHOICES:  # YAML 1.1 reads a bare no / off as false
         value = next((c for c in ("no", "none") if c in CHOICES[name]), value)
     if base is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or (isinstance(value, float) and not value.is_integer())):
             rng = RANGES.get(name)
             return None, f"{key}: expected an integer{' ' + _range_text(*rng) if rng else ''}, got {shown}"
         value = int(value)
@@ -253,7 +254,8 @@ def _check_special(values: dict[str, dict], errors: list[str]) -> None:
         errors.append("data.train_data_dir is required: the folder of training images")
     res = d.get("resolution")
     if isinstance(res, int) and res % 8:
-        errors.append(f"data.resolution: {res} must be a multiple of 8 (e.g. {res - res % 8 or 8} or {res - res % 8 + 8})")
+        errors.append(f"data.resolution: {res} must be a multiple of 8 "
+                      f"(e.g. {res - res % 8 or 8} or {res - res % 8 + 8})")
     ext = d.get("caption_extension")
     if isinstance(ext, str) and not ext.startswith("."):
         errors.append(f"data.caption_extension: {ext!r} must start with '.', e.g. '.txt'")

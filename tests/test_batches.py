@@ -9,13 +9,13 @@ import threading
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import StopAt, make_cfg
 
 from lora_trainer.data.dataset import ImageDataset, scan_dataset
 from lora_trainer.data.demo_set import make_demo_dataset
 from lora_trainer.engine.batches import Plan, batch_stream, epoch_batches, schedule
 from lora_trainer.engine.trainer import train
 from lora_trainer.errors import DatasetError
-from test_train import StopAt, make_cfg
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ import random
 
 import pytest
 import torch
-
 from ldm_model import TinyLatentDiffusion
+
 from lora_trainer.config import config_from_dict
 from lora_trainer.data.demo_set import make_demo_dataset
 from lora_trainer.data.emphasis import escape_emphasis, has_emphasis, parse_emphasis
@@ -18,8 +18,8 @@ from lora_trainer.engine.cache import EncodedCache
 from lora_trainer.engine.events import Callbacks
 from lora_trainer.engine.trainer import train
 from lora_trainer.errors import DatasetError
-from lora_trainer.models.diffusers_backend import DiffusersBackend, load_pipeline
 from lora_trainer.models.conditioning import Conditioning
+from lora_trainer.models.diffusers_backend import DiffusersBackend, load_pipeline
 from lora_trainer.models.ldm import LdmBackend
 
 CAPTIONS = ["hatsune miku (vocaloid), [sketch], 1girl", "a (red:1.3) circle BREAK on white", "plain words only",
@@ -76,7 +76,8 @@ def test_command_line_and_webui_give_the_same_conditioning(ldm):
     assert not torch.allclose(raw, cli.encode_prompts([CAPTIONS[0]]).context, atol=1e-4)
     assert torch.allclose(raw, cli.encode_prompts([CAPTIONS[0]], weighted=True).context, atol=1e-6)
     # a caption without syntax encodes the same either way
-    assert torch.equal(cli.encode_prompts([CAPTIONS[2]], weighted=True).context, cli.encode_prompts([CAPTIONS[2]]).context)
+    plain = CAPTIONS[2]
+    assert torch.equal(cli.encode_prompts([plain], weighted=True).context, cli.encode_prompts([plain]).context)
     sd_model.emphasis = "None"  # the parser off in the WebUI: nothing to escape
     none = LdmBackend(sd_model, "tiny-ldm", torch.device("cpu"), torch.float32, emphasis="None")
     assert torch.equal(none.encode_prompts([CAPTIONS[0]]).context, cli.encode_prompts([CAPTIONS[0]]).context)

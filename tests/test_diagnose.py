@@ -1,4 +1,5 @@
-"""A non-finite loss gets a diagnosis: inputs, LoRA weights, the first layer that made it (fp16 overflow, LoRA, base)."""
+"""A non-finite loss gets a diagnosis: inputs, LoRA weights, the first layer that made it (fp16 overflow, LoRA,
+the base model)."""
 
 from __future__ import annotations
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import save
 
+from lora_trainer.config import config_from_dict
 from lora_trainer.export.diffusers_format import WEIGHT_NAME, save_diffusers_lora
 from lora_trainer.export.hashes import file_hashes, legacy_hash, model_hash
 from lora_trainer.export.kohya import clip_text_model_path, peft_to_kohya, read_kohya_lora, save_kohya_lora
-from lora_trainer.config import config_from_dict
 from lora_trainer.export.metadata import ModelFacts, RunFacts, build_metadata
 from lora_trainer.models.tiny import tiny_model_path
 

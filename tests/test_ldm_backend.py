@@ -6,8 +6,8 @@ import re
 
 import pytest
 import torch
-
 from ldm_model import TinyLatentDiffusion
+
 from lora_trainer.config import config_from_dict
 from lora_trainer.data.demo_set import make_demo_dataset
 from lora_trainer.engine.lora import remove_lora

@@ -7,9 +7,9 @@ import socket
 
 import pytest
 import torch
+from ldm_checkpoint import write_ldm_checkpoint
 from safetensors.torch import save_file
 
-from ldm_checkpoint import write_ldm_checkpoint
 from lora_trainer.errors import ModelLoadError
 from lora_trainer.models.single_file import SD15_CONFIG, detect_family, load_single_file_pipeline
 from lora_trainer.models.tiny import build_tiny_components, tiny_model_path

@@ -20,9 +20,9 @@ from lora_trainer.engine.trainer import train
 from lora_trainer.errors import DatasetError
 from lora_trainer.models.diffusers_backend import load_diffusers_backend, load_pipeline
 
-
 # attention-only LoRA barely moves a random-weight model; the demo and this test adapt more layers
-WIDE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
+WIDE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                "conv2"]
 
 
 def make_cfg(data_dir, out_dir, random_flip=True, **training):
@@ -470,7 +470,8 @@ def test_compile_unet_that_cannot_build_is_refused_before_any_model_loads(demo_d
     monkeypatch.setattr(trainer_module, "pick_device", lambda mp: (torch.device(device), "no"))
     real_find_spec = importlib.util.find_spec
     triton = None if missing == "triton" else object()  # a GPU machine has it
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: triton if name == "triton" else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: triton if name == "triton" else real_find_spec(name, *a))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (6, 1) if missing == "new gpu" else (9, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "GeForce GTX 1080")
     if missing in ("c++ compiler", "c compiler"):
@@ -478,7 +479,8 @@ def test_compile_unet_that_cannot_build_is_refused_before_any_model_loads(demo_d
     if missing == "dynamo":
         monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
     monkeypatch.setattr(db, "load_diffusers_backend", lambda *a, **k: pytest.fail("model loaded"))
-    with pytest.raises(ConfigError, match="training.compile_unet: .*" + words + ".*or set training.compile_unet: false"):
+    with pytest.raises(ConfigError,
+                       match="training.compile_unet: .*" + words + ".*or set training.compile_unet: false"):
         train(make_cfg(demo_data, tmp_path / "out", compile_unet=True), progress=False)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 

@@ -153,8 +153,8 @@ def _images(scan: DatasetScan, names: list[str], infos: list[_ImageInfo], resolu
     wide = [(n, i.size) for n, i in zip(names, infos) if i.size and max(i.size) / min(i.size) > MAX_ASPECT]
     if wide:
         out.append(Finding("aspect", "warning",
-                           f"{_n(len(wide), 'image', 'has')} an extreme aspect ratio (over {MAX_ASPECT:g}:1); the centre "
-                           "square crop drops half the picture or more",
+                           f"{_n(len(wide), 'image', 'has')} an extreme aspect ratio (over {MAX_ASPECT:g}:1); "
+                           "the centre square crop drops half the picture or more",
                            [f"{n} ({w}×{h}, keeps {min(w, h) / max(w, h):.0%})" for n, (w, h) in wide],
                            "crop them by hand to the part that matters, or split a wide image into squares"))
     groups: dict[str, list[int]] = {}
@@ -202,14 +202,16 @@ def _captions(scan: DatasetScan, names: list[str], prefix: str, glossary: dict[s
     long = [(n, k) for n, k in zip(names, tokens) if k > TOKEN_WINDOW]
     if long:
         out.append(Finding("long-caption", "warning",
-                           f"{_n(len(long), 'caption', 'is')} longer than the text encoder's {TOKEN_WINDOW}-token window; "
-                           "the words past it are cut off in training", [f"{n} ({k} tokens)" for n, k in long],
+                           f"{_n(len(long), 'caption', 'is')} longer than the text encoder's "
+                           f"{TOKEN_WINDOW}-token window; the words past it are cut off in training",
+                           [f"{n} ({k} tokens)" for n, k in long],
                            "shorten them; put the most important tags first"))
     negative = [(n, m.group(0)) for n, t in zip(names, texts) for m in [_NEGATION.search(t)] if m]
     if negative:
         out.append(Finding("negative", "warning",
-                           f"{_n(len(negative), 'caption')} {'describes' if len(negative) == 1 else 'describe'} what is not there (a LoRA learns the words, "
-                           "so 'not blurry' teaches 'blurry')", [f"{n} ('{p}')" for n, p in negative],
+                           f"{_n(len(negative), 'caption')} {'describes' if len(negative) == 1 else 'describe'} "
+                           "what is not there (a LoRA learns the words, so 'not blurry' teaches 'blurry')",
+                           [f"{n} ('{p}')" for n, p in negative],
                            "remove these phrases; put them (without 'not') in the negative prompt when generating"))
     lowered = [t.lower() for t in texts]
     for idea, phrases in glossary.items():
@@ -242,7 +244,8 @@ def _tag_outliers(names: list[str], texts: list[str]) -> list[Finding]:
     out = []
     if variants:
         out.append(Finding("tag-variant", "warning",
-                           f"{_n(len(variants), 'tag', 'occurs')} once and {'looks' if len(variants) == 1 else 'look'} like a variant of a common tag: " +
+                           f"{_n(len(variants), 'tag', 'occurs')} once and "
+                           f"{'looks' if len(variants) == 1 else 'look'} like a variant of a common tag: " +
                            ", ".join(f"'{t}' (vs '{c}')" for t, c in variants[:8]),
                            [where[t] for t, _ in variants], "make them the same tag (the grid's find/replace)"))
     if singles and len(singles) > len(freq) // 2:

@@ -15,8 +15,8 @@ import torch
 from lora_trainer.data.captions import read_metadata_csv, strip_markdown, tag_frequency
 from lora_trainer.data.images import (
     IMAGE_EXTENSIONS,
-    ImageError,
     SCAN_DRAFT_PX,
+    ImageError,
     decode_threads,
     draft_scale,
     is_image_name,

@@ -129,7 +129,8 @@ def diagnose_nonfinite_loss(value: float, step: int, precision: str, inputs: Ste
 
 
 def _describe(origin: Origin, lora_params: list, lr_advice: str) -> str:
-    where = f"the forward pass first gave non-finite values in {origin.name} ({str(origin.dtype).replace('torch.', '')})"
+    dtype = str(origin.dtype).replace("torch.", "")
+    where = f"the forward pass first gave non-finite values in {origin.name} ({dtype})"
     if origin.lora:
         largest = max((float(p.detach().abs().max()) for p in lora_params if p.numel()), default=0.0)
         overflow = " (an fp16 overflow)" if origin.dtype == torch.float16 else ""

@@ -26,8 +26,16 @@ from lora_trainer.engine.batches import Plan
 from lora_trainer.engine.events import CallbackList, Callbacks, TrainResult
 from lora_trainer.engine.optim import check_optimizer
 from lora_trainer.engine.outputs import export_lora, write_summary
-from lora_trainer.engine.run import (Run, TrainingError, add_lora_layers, build_cache, optimization,
-                                     prepare_backend, resume, with_precision)
+from lora_trainer.engine.run import (
+    Run,
+    TrainingError,
+    add_lora_layers,
+    build_cache,
+    optimization,
+    prepare_backend,
+    resume,
+    with_precision,
+)
 from lora_trainer.engine.run_dir import holds_a_run, prepare_run_dir, remove_run, run_log_file
 from lora_trainer.errors import DatasetError
 from lora_trainer.models.attention import resolve_attention

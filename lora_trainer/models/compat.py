@@ -17,5 +17,6 @@ def dtype_kwargs(dtype: torch.dtype) -> dict:
 
 def enable_text_encoder_checkpointing(text_encoder) -> None:
     """transformers 5 renamed gradient_checkpointing_enable to activation_checkpointing_enable."""
-    enable = getattr(text_encoder, "activation_checkpointing_enable", None) or text_encoder.gradient_checkpointing_enable
+    enable = (getattr(text_encoder, "activation_checkpointing_enable", None)
+              or text_encoder.gradient_checkpointing_enable)
     enable()

@@ -12,9 +12,9 @@ from torch import nn
 from lora_trainer.errors import ModelLoadError
 from lora_trainer.models.attention import use_diffusers_attention
 from lora_trainer.models.base import TEXT_ENCODER, UNET, Backend
+from lora_trainer.models.compat import dtype_kwargs, enable_text_encoder_checkpointing
 from lora_trainer.models.compiling import compile_for_run
 from lora_trainer.models.conditioning import Conditioning
-from lora_trainer.models.compat import dtype_kwargs, enable_text_encoder_checkpointing
 from lora_trainer.models.prompts import encode_captions
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ def load_pipeline(base_model: str, weight_dtype: torch.dtype = torch.float32):
             path, local_files_only=True, **dtype_kwargs(weight_dtype), safety_checker=None,
             requires_safety_checker=False,
         )
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:
         raise ModelLoadError(f"model.base_model: could not load {path}: {e}") from e
     return pipe, name
 

@@ -284,8 +284,9 @@ def create_dataset_panel(host, data_dir, prefix, resolution):
         button.click(_handler(fn), inputs=grid_in + captions + extra, outputs=outputs)
     check_btn.click(_handler(run_check, extra_outputs=1), inputs=grid_in + captions + [data_dir, resolution, prefix],
                     outputs=[check_out] + outputs)
-    label_btn.click(_stream(functools.partial(auto_caption, host)), inputs=grid_in + captions + [data_dir, captioner, model, template, mode,
-                                                                  download, prefix], outputs=outputs)
+    label_btn.click(_stream(functools.partial(auto_caption, host)),
+                    inputs=grid_in + captions + [data_dir, captioner, model, template, mode, download, prefix],
+                    outputs=outputs)
     for box in (has, has_not):
         box.submit(_handler(do_filter), inputs=grid_in + captions + [has, has_not], outputs=outputs)
     return state

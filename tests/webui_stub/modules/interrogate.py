@@ -1,4 +1,5 @@
-"""modules/interrogate.py (v1.10.1): InterrogateModels.interrogate(pil_image) -> "caption, flavours" ("...<error>" on failure)."""
+"""modules/interrogate.py (v1.10.1): InterrogateModels.interrogate(pil_image) -> "caption, flavours"
+("...<error>" on failure)."""
 
 
 class InterrogateModels:
@@ -7,4 +8,6 @@ class InterrogateModels:
 
     def interrogate(self, pil_image):
         self.calls.append((pil_image.mode, pil_image.size))
-        return "a red circle, flat colors<error>" if self.fail else f"a red circle on a white background, {pil_image.mode}"
+        if self.fail:
+            return "a red circle, flat colors<error>"
+        return f"a red circle on a white background, {pil_image.mode}"
