@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from lora_trainer.config import default_value
 from lora_trainer.errors import LoraTrainerError
 
 log = logging.getLogger("lora_trainer")
@@ -87,16 +88,12 @@ def cmd_check(args) -> int:
     from lora_trainer.data.check import check_dataset
     from lora_trainer.utils.fsio import atomic_write_json
 
-    if args.config:
-        from lora_trainer.config import load_config
+    from lora_trainer.config import DataConfig, load_config
 
-        d = load_config(args.config).data
-        settings = {"root": d.train_data_dir, "resolution": d.resolution, "metadata_path": d.metadata_path,
-                    "caption_extension": d.caption_extension, "caption_priority": d.caption_priority,
-                    "caption_prefix": d.caption_prefix, "recursive": d.recursive}
-    else:
-        settings = {"root": None, "resolution": 512, "caption_extension": ".txt", "caption_priority": "csv",
-                    "caption_prefix": "", "recursive": False}
+    d = load_config(args.config).data if args.config else DataConfig()  # (the config's own defaults)
+    settings = {"root": d.train_data_dir or None, "resolution": d.resolution, "metadata_path": d.metadata_path,
+                "caption_extension": d.caption_extension, "caption_priority": d.caption_priority,
+                "caption_prefix": d.caption_prefix, "recursive": d.recursive}
     given = {"root": args.folder, "resolution": args.resolution, "metadata_path": args.metadata,
              "caption_extension": args.caption_extension, "caption_priority": args.caption_priority,
              "caption_prefix": args.prefix, "recursive": args.recursive or None}
@@ -167,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(changes nothing)")
     ck.add_argument("folder", nargs="?", help="the dataset folder (or take it from --config)")
     ck.add_argument("--config", "-c", help="take the folder and data settings from this training config")
-    ck.add_argument("--resolution", type=int, help="training resolution (default 512)")
+    ck.add_argument("--resolution", type=int, help=f"training resolution (default {default_value('resolution')})")
     ck.add_argument("--metadata", help="captions CSV (default: metadata.csv in the folder)")
     ck.add_argument("--caption-extension", help="caption sidecar extension (default .txt)")
     ck.add_argument("--caption-priority", choices=["csv", "txt"], help="which caption wins when both exist")
@@ -200,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     ui.add_argument("--port", type=int, default=7870)
     ui.add_argument("--lora-dir", default="output/Lora", help="where finished LoRAs are copied")
-    ui.add_argument("--base-model", default="tiny-demo", help="the base model the tab starts with")
+    ui.add_argument("--base-model", default=default_value("base_model"), help="the base model the tab starts with")
     ui.set_defaults(func=cmd_ui)
     return p
 

@@ -108,6 +108,14 @@ class Config:
 SECTION_CLASSES = {"data": DataConfig, "model": ModelConfig, "training": TrainingConfig, "output": OutputConfig}
 # field name → section (names are unique across sections, which is what makes the flat form work)
 FIELD_SECTION = {f.name: sec for sec, cls in SECTION_CLASSES.items() for f in fields(cls)}
+
+
+def default_value(key: str):
+    """The default of a config key (flat name, e.g. ``lora_rank``): the dataclasses are the one source."""
+    section = SECTION_CLASSES[FIELD_SECTION[key]]()
+    return getattr(section, key)
+
+
 ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout", "lr": "learning_rate", "warmup_steps": "lr_warmup_steps"}
 
 CHOICES = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lora_trainer.config import default_value
 from lora_trainer.webui.host import OPTIONS, SECTION, WebUIHost
 
 
@@ -27,7 +28,8 @@ def on_ui_settings():
     import gradio as gr
     from modules import shared
 
-    for opt, (_, default, label) in OPTIONS.items():
+    for opt, (key, label) in OPTIONS.items():
+        default = default_value(key)
         # the Settings page makes widgets for str, int and bool by itself; a float needs its component named
         component = gr.Number if isinstance(default, float) else None
         shared.opts.add_option(opt, shared.OptionInfo(default, label, component=component, section=SECTION))
