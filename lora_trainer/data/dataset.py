@@ -17,12 +17,14 @@ from lora_trainer.data.images import (
     IMAGE_EXTENSIONS,
     SCAN_DRAFT_PX,
     ImageError,
+    center_crop_box,
     decode_threads,
     draft_scale,
     is_image_name,
     load_image,
     open_image,
     resize_center_crop,
+    shown_sizes,
     strict_decoding,
     to_tensor,
 )
@@ -279,6 +281,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __init__(self, samples: list[Sample], resolution: int, fast_jpeg_decode: bool = False):
         self.samples, self.resolution, self.fast_jpeg_decode = list(samples), resolution, fast_jpeg_decode
+        self._geometry: dict[int, tuple[int, int, int, int, int]] = {}  # image → (h, w, top, left, scaled w)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -286,6 +289,34 @@ class ImageDataset(torch.utils.data.Dataset):
     def decode_scale(self, i: int) -> int:
         """1, or the 2, 4, 8 that image ``i`` is shrunk by as it decodes (a large JPEG, fast_jpeg_decode)."""
         return draft_scale(self.samples[i].path, 2 * self.resolution) if self.fast_jpeg_decode else 1
+
+    def geometry(self, i: int) -> tuple[int, int, int, int, int]:
+        """Image ``i``'s (height, width) as shown, the (top, left) where its training square is cut out of the
+        picture scaled to the resolution, and that scaled width. From the file's header (no decode), once."""
+        if i not in self._geometry:
+            draft = 2 * self.resolution if self.fast_jpeg_decode else None
+            try:
+                (width, height), decoded = shown_sizes(self.samples[i].path, draft)
+            except OSError as e:
+                raise DatasetError(f"{self.samples[i].path}: cannot read it ({e}) (it changed after the dataset "
+                                   "scan)") from None
+            w, _, left, top = center_crop_box(*decoded, self.resolution)
+            self._geometry[i] = (height, width, top, left, w)
+        return self._geometry[i]
+
+    def time_ids(self, indices, flip: torch.Tensor | None = None) -> torch.Tensor:
+        """SDXL's size conditioning of images ``indices`` (mirrored where ``flip``): B×6 float32, per image
+        (original height, width, crop top, left, target height, width) as diffusers' SDXL training computes
+        them: the whole picture's size, the crop's offset in the picture scaled to the resolution (measured
+        from the mirrored side when flipped), and the resolution."""
+        rows = []
+        flips = [False] * len(indices) if flip is None else [bool(f) for f in flip.tolist()]
+        for i, flipped in zip([int(i) for i in indices], flips):
+            height, width, top, left, scaled_w = self.geometry(i)
+            if flipped:
+                left = scaled_w - self.resolution - left
+            rows.append((height, width, top, left, self.resolution, self.resolution))
+        return torch.tensor(rows, dtype=torch.float32)
 
     def __getitem__(self, i: int) -> dict:
         s = self.samples[i]

@@ -192,14 +192,36 @@ def open_image(path, draft: int | None = None) -> tuple[Image.Image, tuple[int, 
     return (img if img.mode == "RGB" else img.convert("RGB")), size
 
 
+def center_crop_box(width: int, height: int, resolution: int) -> tuple[int, int, int, int]:
+    """(w, h, left, top): the size a ``width`` × ``height`` picture is scaled to (shorter side ``resolution``) and
+    where ``resize_center_crop`` cuts its centre square out of that."""
+    scale = resolution / min(width, height)
+    w, h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    return w, h, (w - resolution) // 2, (h - resolution) // 2
+
+
 def resize_center_crop(img: Image.Image, resolution: int) -> Image.Image:
     """Scale so the shorter side is ``resolution``, then cut the centre square."""
-    scale = resolution / min(img.width, img.height)
-    w, h = max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))
+    w, h, left, top = center_crop_box(img.width, img.height, resolution)
     if (w, h) != img.size:
+        scale = resolution / min(img.width, img.height)
         img = img.resize((w, h), Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)
-    left, top = (w - resolution) // 2, (h - resolution) // 2
     return img.crop((left, top, left + resolution, top + resolution))
+
+
+def shown_sizes(path, draft: int | None = None) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((w, h) of the whole picture, (w, h) that ``load_image(path, draft)`` decodes it to), both with the EXIF
+    orientation applied; reads the header only (the decode scale and the orientation are there)."""
+    with Image.open(path) as img:
+        size = img.size
+        if draft:
+            img.draft("RGB", (draft, draft))
+        decoded = img.size
+        try:
+            turned = img.getexif().get(0x0112) in (5, 6, 7, 8)
+        except Exception:  # noqa: BLE001 - as open_image: a broken EXIF block is ignored
+            turned = False
+    return (size[::-1], decoded[::-1]) if turned else (size, decoded)
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:

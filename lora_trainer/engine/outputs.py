@@ -28,7 +28,8 @@ def export_lora(run_dir: Path, cfg, backend, modules: dict, scan, started_at: fl
     tensors = {}
     for name, state in states.items():  # (peft_to_kohya names CLIP layers as the WebUI does)
         tensors.update(peft_to_kohya(state, backend.kohya_prefixes[name], t.lora_alpha,
-                                    dtype=SAVE_DTYPES[out.save_precision]))
+                                    dtype=SAVE_DTYPES[out.save_precision],
+                                    rename=lambda path, name=name: backend.kohya_module_path(name, path)))
     model = ModelFacts(backend.family, backend.prediction_type, backend.model_name)
     facts = RunFacts(steps=steps, max_train_steps=plan.total_steps, epoch=-(-steps // plan.steps_per_epoch),
                      num_epochs=plan.epochs, num_train_images=len(scan.samples),

@@ -4,12 +4,16 @@ Keys: ``<prefix><module path, '.'→'_'>.lora_down.weight`` ([r, in], conv [r, i
 ``.lora_up.weight`` ([out, r], conv [out, r, 1, 1]) and ``.alpha`` (0-d, the true lora_alpha: the
 strength scale is alpha / r).
 Prefixes: ``lora_unet_``, ``lora_te_`` (SD1/SD2), ``lora_te1_``/``lora_te2_`` (SDXL).
+UNet module names: an SD 1.x/2.x LoRA keeps diffusers' (``down_blocks_0_attentions_0_…``); an SDXL LoRA gets
+the original (LDM/sgm) block names (``input_blocks_4_1_transformer_blocks_0_attn1_to_q``), as kohya writes
+them, through ``LdmUnetNames``; a file never mixes the two.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -52,16 +56,18 @@ def kohya_name(module_path: str, prefix: str) -> str:
     return prefix + module_path.replace(".", "_")
 
 
-def peft_to_kohya(state_dict: dict, prefix: str, alpha: float, dtype: torch.dtype | None = None) -> dict:
+def peft_to_kohya(state_dict: dict, prefix: str, alpha: float, dtype: torch.dtype | None = None,
+                  rename: Callable[[str], str] | None = None) -> dict:
     """peft LoRA weights (from ``get_peft_model_state_dict``) → kohya tensors with the true ``alpha``.
 
-    Text-encoder paths get CLIP's ``text_model.`` level back if the transformers version dropped it.
+    ``rename``: module path → the path the file names it by (``LdmUnetNames`` for an SDXL UNet). Text-encoder
+    paths get CLIP's ``text_model.`` level back if the transformers version dropped it.
     Raises ValueError on a key that is not a LoRA A/B weight, or a module without both A and B.
     """
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
         module, ab = split_peft_key(key)
-        name = kohya_name(module, prefix)
+        name = kohya_name(rename(module) if rename else module, prefix)
         target = f"{name}.{'lora_down' if ab == 'A' else 'lora_up'}.weight"
         if target in out:
             raise ValueError(f"{key!r}: a second weight for {target} (two adapters in the state dict?)")
@@ -72,6 +78,72 @@ def peft_to_kohya(state_dict: dict, prefix: str, alpha: float, dtype: torch.dtyp
             if f"{name}.{part}.weight" not in out:
                 raise ValueError(f"{name}: the state dict has no {peft_part} weight for this module")
     return out
+
+
+_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+           "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_TRANSFORMER = ("norm", "proj_in", "transformer_blocks", "proj_out")
+_TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+        "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+_BLOCK = re.compile(r"^(?P<where>down_blocks|up_blocks)\.(?P<i>\d+)\."
+                    r"(?P<kind>resnets|attentions|downsamplers|upsamplers)\.(?P<j>\d+)\.(?P<rest>.+)$")
+_MID = re.compile(r"^mid_block\.(?P<kind>resnets|attentions)\.(?P<j>\d+)\.(?P<rest>.+)$")
+
+
+class LdmUnetNames:
+    """A diffusers UNet2DConditionModel's module path → the original (LDM/sgm) UNet's, as in the checkpoints
+    the WebUIs load and the files kohya writes: ``down_blocks.1.attentions.0.proj_in`` →
+    ``input_blocks.4.1.proj_in``, ``up_blocks.0.resnets.1.conv1`` → ``output_blocks.1.0.in_layers.2``,
+    ``add_embedding.linear_1`` → ``label_emb.0.0``. The inverse of the block arithmetic the WebUI's and
+    diffusers' loaders use. Built from the UNet's config (``layers_per_block``, ``up_block_types``); a path
+    it has no name for raises ValueError (a file must never mix the two namings)."""
+
+    def __init__(self, unet_config):
+        per_block = unet_config["layers_per_block"] if isinstance(unet_config, dict) else unet_config.layers_per_block
+        up_types = unet_config["up_block_types"] if isinstance(unet_config, dict) else unet_config.up_block_types
+        if not isinstance(per_block, int):
+            raise ValueError(f"layers_per_block {per_block!r}: LDM names need one number for every level")
+        self.per_block = per_block
+        self.up_has_attention = ["CrossAttn" in t for t in up_types]
+
+    def __call__(self, path: str) -> str:
+        for name, ldm in _TOP.items():
+            if path == name or path.startswith(name + "."):
+                return ldm + path[len(name):]
+        n = self.per_block
+        m = _BLOCK.match(path)
+        if m:
+            i, j, kind, rest = int(m["i"]), int(m["j"]), m["kind"], m["rest"]
+            if m["where"] == "down_blocks":
+                if kind == "downsamplers" and rest.startswith("conv"):
+                    return f"input_blocks.{(i + 1) * (n + 1)}.0.op{rest[len('conv'):]}"
+                if kind in ("resnets", "attentions"):
+                    return f"input_blocks.{1 + i * (n + 1) + j}.{self._inner(kind, rest, path, slot=True)}"
+            else:
+                if kind == "upsamplers" and rest.startswith("conv"):
+                    slot = 2 if self.up_has_attention[i] else 1
+                    return f"output_blocks.{i * (n + 1) + n}.{slot}.conv{rest[len('conv'):]}"
+                if kind in ("resnets", "attentions"):
+                    return f"output_blocks.{i * (n + 1) + j}.{self._inner(kind, rest, path, slot=True)}"
+        m = _MID.match(path)
+        if m:
+            j, kind = int(m["j"]), m["kind"]
+            return f"middle_block.{1 if kind == 'attentions' else 2 * j}.{self._inner(kind, m['rest'], path)}"
+        raise ValueError(f"no LDM name for the UNet module {path!r}")
+
+    @staticmethod
+    def _inner(kind: str, rest: str, path: str, slot: bool = False) -> str:
+        """The path inside a ResBlock or SpatialTransformer (``slot``: after its place in the level's
+        TimestepEmbedSequential: 0 the ResBlock, 1 the transformer)."""
+        head, _, tail = rest.partition(".")
+        if kind == "attentions":  # Transformer2DModel's inner names are SpatialTransformer's
+            if head not in _TRANSFORMER:
+                raise ValueError(f"no LDM name for the UNet module {path!r}")
+            return ("1." if slot else "") + rest
+        if head not in _RESNET:
+            raise ValueError(f"no LDM name for the UNet module {path!r}")
+        return ("0." if slot else "") + _RESNET[head] + (f".{tail}" if tail else "")
 
 
 def _check_metadata(metadata: dict) -> None:

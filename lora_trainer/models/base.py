@@ -15,9 +15,10 @@ from torch import nn
 
 from lora_trainer.models.conditioning import Conditioning
 
-# kohya key prefixes of the components a LoRA may adapt (SD 1.x / 2.x)
+# kohya key prefixes of the components a LoRA may adapt (SD 1.x / 2.x; SDXL's are in models.sdxl_backend)
 UNET = "unet"
 TEXT_ENCODER = "text_encoder"
+TEXT_ENCODER_2 = "text_encoder_2"  # SDXL's second text encoder (CLIP ViT-bigG)
 KOHYA_PREFIXES = {UNET: "lora_unet_", TEXT_ENCODER: "lora_te_"}
 
 
@@ -34,6 +35,7 @@ class TrainingBackend(Protocol):
     # optional abilities (Backend below gives each a default): what the loop may ask for
     can_compile: bool  # compile_unet works
     can_channels_last: bool  # use_channels_last works
+    uses_time_ids: bool  # predict needs each image's size/crop ids in cond.time_ids (SDXL)
 
     def components(self) -> dict[str, nn.Module | None]:
         """The modules LoRA may be injected into, by component name (UNET, TEXT_ENCODER)."""
@@ -53,6 +55,10 @@ class TrainingBackend(Protocol):
 
     def explain_nonfinite_text(self, caption: str) -> str:
         """Why ``caption``'s conditioning came out non-finite, as far as the backend can tell."""
+
+    def kohya_module_path(self, component: str, path: str) -> str:
+        """The module path a LoRA layer at ``path`` of ``component`` gets in the kohya file (before the prefix
+        and ``.``→``_``): the path itself, or the original model's name for it (SDXL's UNet: LDM block names)."""
 
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The model's prediction (noise or velocity) for noisy latents at timesteps."""
@@ -79,9 +85,13 @@ class Backend:
     kohya_prefixes = KOHYA_PREFIXES
     can_compile = False
     can_channels_last = False
+    uses_time_ids = False
 
     def explain_nonfinite_text(self, caption: str) -> str:
         return "the text encoder gave non-finite values for it"
+
+    def kohya_module_path(self, component: str, path: str) -> str:
+        return path
 
     def compile_unet(self, mode: str) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot compile its UNet")

@@ -1,12 +1,15 @@
 """What the UNet is conditioned on: made by a backend, kept by the cache, taken by ``predict``.
 
 SD 1.x/2.x need the text encoder's hidden states (B×77×D); SDXL adds a pooled text embedding (B×D'), and
-its per-image size/crop ids come with the images, not the captions. A language-model task has none of it.
-Rows are independent: the cache keeps one row per caption and a batch is their concatenation.
+its per-image size/crop ids (``time_ids``), which come with the images, not the captions: a backend's
+``encode_prompts`` leaves them None and the loop adds each batch's (``with_time_ids``) where the backend
+``uses_time_ids``. A language-model task has none of it. Rows are independent: the cache keeps one row per
+caption and a batch is their concatenation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 
 import torch
@@ -16,6 +19,8 @@ import torch
 class Conditioning:
     context: torch.Tensor  # B×T×D hidden states for cross-attention
     pooled: torch.Tensor | None = None  # B×D' pooled text embedding (SDXL)
+    # B×6 per image: original height, width, crop top, left, target height, width (SDXL's micro-conditioning)
+    time_ids: torch.Tensor | None = None
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
@@ -26,6 +31,12 @@ class Conditioning:
     def map(self, fn) -> Conditioning:
         """The same conditioning with ``fn`` applied to each of its tensors."""
         return Conditioning(**{k: fn(v) for k, v in self._tensors().items()})
+
+    def with_time_ids(self, time_ids: torch.Tensor) -> Conditioning:
+        """This conditioning with the batch's images' size/crop ids (one row per sample)."""
+        if time_ids.shape != (len(self), 6):
+            raise ValueError(f"time_ids must be {len(self)}×6 (one row per sample), not {tuple(time_ids.shape)}")
+        return dataclasses.replace(self, time_ids=time_ids)
 
     def to(self, device, dtype: torch.dtype | None = None) -> Conditioning:
         return self.map(lambda t: t.to(device, dtype=dtype) if dtype is not None else t.to(device))

@@ -21,11 +21,14 @@ def pick_device(mixed_precision: str) -> tuple[torch.device, str]:
 
 
 def load_backend(cfg):
-    """A diffusers backend of ``cfg.model.base_model`` on the best device, at the precision the config asks."""
+    """A diffusers backend of ``cfg.model.base_model`` on the best device, at the precision the config asks:
+    an SDXL one for an SDXL diffusers folder (or a tiny SDXL model), else the SD 1.x/2.x one."""
     from lora_trainer.models.diffusers_backend import load_diffusers_backend
+    from lora_trainer.models.sdxl_backend import is_sdxl_model, load_sdxl_backend
 
     device, precision = pick_device(cfg.training.mixed_precision)
-    return load_diffusers_backend(cfg.model.base_model, device, DTYPES[precision], cfg.model.prediction_type)
+    load = load_sdxl_backend if is_sdxl_model(cfg.model.base_model) else load_diffusers_backend
+    return load(cfg.model.base_model, device, DTYPES[precision], cfg.model.prediction_type)
 
 
 def precision_of(backend) -> str:
