@@ -107,6 +107,8 @@ class Run:
             else:
                 with torch.no_grad() if not t.train_text_encoder else contextlib.nullcontext():
                     cond = backend.encode_prompts(batch["captions"], weighted=d.weighted_captions)
+            if backend.uses_time_ids:  # SDXL: each image's size and crop offset (mirrored with it)
+                cond = cond.with_time_ids(self.dataset.time_ids(batch["indices"], flip).to(self.device))
             loss = diffusion_loss(backend, latents, cond, self.generator, noise_offset=t.noise_offset,
                                   min_snr_gamma=t.min_snr_gamma)
         return loss, latents, cond
