@@ -53,18 +53,34 @@ def open_tab(p, url: str, data, height: int):
     """A headless browser on the app, the dataset folder filled in."""
     browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
     page = browser.new_page(viewport={"width": 1300, "height": height})
+    # offline: what is not the app (gradio 3's fonts and scripts from a CDN) fails at once instead of timing out
+    page.route(lambda u: not u.startswith(url), lambda route: route.abort())
     page.goto(url)
     page.wait_for_selector("#lora_trainer_data_dir textarea", timeout=60_000)
     page.fill("#lora_trainer_data_dir textarea", str(data))
     return browser, page
 
 
+def shot(page, name: str, selector: str | None = None) -> None:
+    """With LORA_TRAINER_SHOTS=DIR, a screenshot of the page (or one element) to DIR/name.png, to look at."""
+    folder = os.environ.get("LORA_TRAINER_SHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        path = str(Path(folder) / f"{name}.png")
+        page.locator(selector).first.screenshot(path=path) if selector else page.screenshot(path=path, full_page=True)
+
+
 def test_train_and_sweep_in_the_browser(app, tmp_path):
     from lora_trainer.data.demo_set import make_demo_dataset
 
     data = make_demo_dataset(tmp_path / "data", n=4, resolution=64)
+    (data / "broken.png").write_bytes(b"not a png")
     with playwright.sync_playwright() as p:
         browser, page = open_tab(p, app, data, height=1100)
+        assert page.is_disabled("#lora_trainer_stop")  # nothing runs yet
+        page.click("#lora_trainer_sweep")  # nothing trained: a message, not an error pill
+        page.wait_for_function("document.querySelector('#lora_trainer_sweep_status').innerText"
+                               ".includes('Train a LoRA first')", timeout=30_000)
         page.fill("#lora_trainer_name textarea, #lora_trainer_name input", "browser_lora")
         page.click("#lora_trainer_advanced")
         page.wait_for_selector("#lora_trainer_resolution input")
@@ -78,19 +94,36 @@ def test_train_and_sweep_in_the_browser(app, tmp_path):
         page.fill("#lora_trainer_sweep_prompt textarea", "demo style, a red circle")
         page.click("#lora_trainer_train_generate")
 
-        seen = set()
+        seen, stop_enabled = set(), False
         deadline = time.time() + 180
         while time.time() < deadline:
             text = page.inner_text("#lora_trainer_status")
             seen.add(text)
+            if "step " in text and not stop_enabled:
+                stop_enabled = not page.is_disabled("#lora_trainer_stop")
+                shot(page, "training", "#lora_trainer_root")
             if "Finished" in text or "error" in text.lower():
                 break
             time.sleep(0.3)
         assert any("Finished after 6/6 steps" in t for t in seen), seen
-        assert any("step " in t and "/6" in t and "it/s" in t for t in seen), seen  # progress was shown
+        assert any("step " in t and "/6" in t and ("it/s" in t or "s/step" in t) for t in seen), seen
+        assert any("(avg of last" in t for t in seen), seen  # the loss says what it is
+        assert stop_enabled
+        final = page.inner_text("#lora_trainer_status")
+        assert "4 images used, 1 skipped" in final and "run browser_lora" in final
+        assert "output/runs" not in final  # the run folder's path is in a hover, not in the line
+        page.click("#lora_trainer_status summary")  # the skipped images' reasons, one click away
+        assert "broken.png" in page.inner_text("#lora_trainer_status")
+        ticks = page.eval_on_selector_all("#lora_trainer_loss text.lora_trainer_ytick", "e => e.length")
+        assert ticks >= 2 and "average of last 20 steps" in page.inner_text("#lora_trainer_loss")
+        page.wait_for_function("document.querySelector('#lora_trainer_stop').disabled", timeout=30_000)
+        shot(page, "finished", "#lora_trainer_root")
         page.wait_for_function("document.querySelectorAll('#lora_trainer_sweep_gallery img').length >= 5",
                                timeout=180_000)
         assert page.eval_on_selector_all("#lora_trainer_samples img", "e => e.length") >= 2
+        assert page.input_value("#lora_trainer_sweep_size input") == "64"  # the training's resolution
+        assert "browser_lora: strengths 0, 0.25" in page.inner_text("#lora_trainer_sweep_status")
+        shot(page, "sweep")
         assert page.input_value("#lora_trainer_lora_file textarea, #lora_trainer_lora_file input").endswith(
             "browser_lora.safetensors")
         browser.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -91,3 +93,27 @@ def test_strength_sweep(tmp_path):
                 generator=torch.Generator().manual_seed(3)).images[0]
     assert np.array_equal(np.asarray(images[0][1]), np.asarray(base))  # strength 0 is the base model
     assert not np.array_equal(np.asarray(images[0][1]), np.asarray(images[1][1]))
+
+
+def test_the_status_says_which_sample_renders_and_keeps_the_run_and_its_skipped_images(tmp_path):
+    from PIL import Image
+
+    seen = []
+
+    class SlowSampler(DiffusersHost):
+        def sample(self, backend, prompt, seed, steps=20):  # what the tab shows while a sample renders
+            seen.append((session.status.message, format_status(session.status)))
+            return Image.new("RGB", (8, 8))
+
+    cfg = cfg_for(tmp_path, 4)
+    (tmp_path / "data" / "broken.png").write_bytes(b"not a png")
+    session = TrainingSession(SlowSampler(tmp_path / "Lora"), cfg, sample_prompt="demo style", sample_every=2)
+    session._thread.start()
+    status = session.wait(120)
+    assert status.state == "done", status.message
+    assert [m for m, _ in seen] == ["making sample 1/2", "making sample 2/2"]
+    assert seen[-1][1].endswith("— making sample 2/2")  # not "ETA 00:00:00 — training"
+    assert status.run_dir == tmp_path / "run"
+    assert str(status.run_dir) not in format_status(status)
+    assert status.result.images_skipped == 1 and [Path(s["path"]).name for s in status.skipped] == ["broken.png"]
+    assert status.skipped[0]["reason"]

@@ -197,6 +197,41 @@ def test_strength_sweep_uses_the_webui_generation(webui, tmp_path):
     assert {p.seed for p in processing.calls} == {7} and {p.negative_prompt for p in processing.calls} == {"blurry"}
 
 
+def test_the_sweep_takes_size_and_steps_and_defaults_to_the_models_size_then_the_trainings(webui, tmp_path):
+    from lora_trainer.ui.views import SWEEP_STEPS
+
+    host = WebUIHost()
+    host.sweep(tmp_path / "my_style.safetensors", "a cat", "", [0, 1.0], seed=7)
+    assert {(p.width, p.height, p.steps) for p in processing.calls} == {(512, 512, SWEEP_STEPS)}  # SD 1.x, few steps
+    processing.calls.clear()
+    host.sweep(tmp_path / "my_style.safetensors", "a cat", "", [1.0], seed=7, steps=5, size=320)
+    assert [(p.width, p.height, p.steps) for p in processing.calls] == [(320, 320, 5)]
+    webui.is_sdxl = True
+    try:
+        assert host.native_image_size() == 1024
+    finally:
+        webui.is_sdxl = False
+    shared.sd_model = None  # the UI is built before the WebUI has loaded a model
+    assert host.native_image_size() == 512
+    shared.sd_model = webui
+    status = TrainingSession.start(host, make_cfg(tmp_path, max_train_steps=1)).wait(120)
+    assert status.state == "done", status.message
+    processing.calls.clear()
+    host.sweep(status.published, "a cat", "", [1.0], seed=7)
+    assert processing.calls[0].width == 64  # after a training: its resolution
+
+
+def test_send_to_txt2img_is_off_until_a_lora_exists(webui, tmp_path):
+    pytest.importorskip("gradio")
+    from lora_trainer.ui import tab
+
+    blocks = tab.create_tab(WebUIHost())
+    send, prompt_box = blocks.lora_trainer_send
+    assert send.interactive is False and send.visible is not False and prompt_box.value in ("", None)
+    text, button, _ = tab.send_update("", "a cat")
+    assert text == "" and button["interactive"] is False  # never the placeholder <lora:my_lora:0.7>
+
+
 def test_script_registers_the_tab_and_settings(webui):
     pytest.importorskip("gradio")
     from modules import infotext_utils

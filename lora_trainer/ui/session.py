@@ -6,9 +6,9 @@ GPU lock, sample generation and where the finished LoRA goes. The UI polls ``sta
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
-import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +16,7 @@ from typing import Protocol
 
 from lora_trainer.engine.events import Callbacks, StepInfo, StopFlag, TrainResult
 from lora_trainer.errors import LoraTrainerError
+from lora_trainer.ui.views import status_line
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,9 @@ class Status:
     samples: list[tuple[int, object]] = field(default_factory=list)  # (step, PIL image)
     result: TrainResult | None = None
     published: Path | None = None
+    run_dir: Path | None = None
+    samples_planned: int = 0  # how many sample images this run makes
+    skipped: list[dict] = field(default_factory=list)  # {"path", "reason"} of each image the run left out
 
     @property
     def running(self) -> bool:
@@ -127,6 +131,7 @@ class TrainingSession(Callbacks):
                     backend, self._backend = self._backend, None
                     self.host.release_backend(backend)
             self.status.result = result
+            self.status.skipped = read_skipped(result.run_dir)
             self.status.published = self.host.publish(result.lora_path, self.cfg.output.output_name)
             self.status.state = "stopped" if result.status == "stopped" else "done"
             self.status.message = (f"{'Stopped' if result.status == 'stopped' else 'Finished'} after "
@@ -138,8 +143,10 @@ class TrainingSession(Callbacks):
 
     # --- engine callbacks
     def on_start(self, total_steps: int, run_dir: Path) -> None:
-        self.status.state, self.status.total_steps = "training", total_steps
-        self.status.message = f"training ({run_dir})"
+        self.status.state, self.status.total_steps, self.status.run_dir = "training", total_steps, run_dir
+        self.status.message = "training"
+        if self.sample_every and self.sample_prompt:
+            self.status.samples_planned = total_steps // self.sample_every
 
     def on_step(self, info: StepInfo) -> None:
         s = self.status
@@ -155,28 +162,32 @@ class TrainingSession(Callbacks):
     def _sample(self, step: int) -> None:
         modules = [m for m in self._backend.components().values() if m is not None]
         modes = [m.training for m in modules]
+        s = self.status
+        previous = s.message
+        # a sample takes minutes on a slow GPU: say so, or "ETA 00:00:00" at the last step looks like a hang
+        s.message = f"making sample {step // self.sample_every}/{s.samples_planned or '?'}"
         try:
             for m in modules:
                 m.eval()
             image = self.host.sample(self._backend, self.sample_prompt, self.sample_seed)
             if image is not None:
-                self.status.samples.append((step, image))
+                s.samples.append((step, image))
         except Exception as e:  # a failed sample must not end the training
             log.warning("sample at step %d failed: %s", step, e)
         finally:
             for m, mode in zip(modules, modes):
                 m.train(mode)
+            if s.message.startswith("making sample"):  # (Stop may have changed it meanwhile)
+                s.message = previous
 
 
-def format_status(s: Status) -> str:
-    """One line for the tab: step/total, loss, speed, ETA."""
-    if s.state in ("idle", "loading") or not s.total_steps:
-        return s.message
-    parts = [f"step {s.step}/{s.total_steps}"]
-    if s.loss is not None:
-        parts.append(f"loss {s.loss:.4f}")
-    if s.steps_per_s:
-        parts.append(f"{s.steps_per_s:.2f} it/s")
-    if s.eta_s is not None and s.running:
-        parts.append(f"ETA {time.strftime('%H:%M:%S', time.gmtime(s.eta_s))}")
-    return " · ".join(parts) + (f" — {s.message}" if s.message else "")
+def read_skipped(run_dir: Path | None) -> list[dict]:
+    """The images a run left out, with reasons, from its ``summary.json`` (engine/outputs.py write_summary)."""
+    try:
+        skipped = json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8")).get("skipped") or []
+    except (OSError, TypeError, ValueError, AttributeError):
+        return []
+    return [item for item in skipped if isinstance(item, dict)]
+
+
+format_status = status_line  # one line of text for a Status (views.status_line)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import torch
 
 from lora_trainer.engine.lora import remove_lora
+from lora_trainer.ui.views import SWEEP_STEPS
 from lora_trainer.utils.fsio import write_new
 
 SWEEP_ADAPTER = "lora_trainer_sweep"
@@ -42,17 +44,30 @@ class DiffusersHost:
         return make_captioner(kind, model=model, download=download)
 
     def make_backend(self, cfg):
-        from lora_trainer.engine.trainer import DTYPES, pick_device
-        from lora_trainer.models.diffusers_backend import load_diffusers_backend
+        from lora_trainer.models.factory import load_backend
 
-        device, precision = pick_device(cfg.training.mixed_precision)
-        return load_diffusers_backend(cfg.model.base_model, device, DTYPES[precision], cfg.model.prediction_type)
+        return load_backend(cfg)
 
     def release_backend(self, backend) -> None:
         if backend is not None:
             for module in backend.components().values():
                 if module is not None:
                     remove_lora(module)
+
+    def native_image_size(self, base_model: str | None = None) -> int:
+        """The base model's own image size, read from its config files (no model is loaded for it)."""
+        from lora_trainer.models.tiny import TINY_NAME, TINY_RESOLUTION
+
+        base_model = base_model or self.base_model
+        if base_model == TINY_NAME:
+            return TINY_RESOLUTION
+        folder = Path(base_model).expanduser()
+        try:
+            unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+            vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
+            return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+        except (OSError, ValueError, KeyError, TypeError):
+            return 512  # a single-file checkpoint: SD 1.x is the only kind the app loads from one
 
     def sample(self, backend, prompt: str, seed: int, steps: int = 20):
         res = backend.unet.config.sample_size * backend.pipe.vae_scale_factor
@@ -65,11 +80,12 @@ class DiffusersHost:
         return write_new(self.lora_dir / f"{name}.safetensors", lambda p: shutil.copyfile(lora_path, p))
 
     def sweep(self, lora_path: Path, prompt: str, negative: str, strengths: list[float], seed: int,
-              base_model: str | None = None, steps: int = 20, size: int | None = None) -> list[tuple[float, object]]:
-        """The same prompt and seed at each LoRA strength (0 = the base model)."""
+              base_model: str | None = None, steps: int = SWEEP_STEPS,
+              size: int | None = None) -> list[tuple[float, object]]:
+        """The same prompt, seed, size and steps at each LoRA strength (0 = the base model)."""
         base_model = base_model or self.base_model
-        from lora_trainer.engine.trainer import DTYPES, pick_device
         from lora_trainer.models.diffusers_backend import load_pipeline
+        from lora_trainer.models.factory import DTYPES, pick_device
 
         device, precision = pick_device("auto")
         with self._lock:

@@ -1,12 +1,13 @@
 """The "Train LoRA" tab: the same Blocks inside the WebUI and in the standalone app.
 
-The tab turns its fields into a config (``config_from_dict``: the same validation and messages as the
-CLI), runs a ``TrainingSession`` on the host, shows live progress, and offers the strength sweep.
+The tab turns its fields into a config (``config_from_dict``: the same validation as the CLI, with config keys
+named by the tab's field labels), runs a ``TrainingSession`` on the host, shows live progress, and offers the
+strength sweep. What it shows is formatted in ``views`` (no gradio there); the handlers here are module-level
+functions of the host and the field values, so tests call them without a browser.
 """
 
 from __future__ import annotations
 
-import html
 import logging
 import time
 from pathlib import Path
@@ -17,12 +18,14 @@ from lora_trainer.config import CHOICES, Config, config_from_dict
 from lora_trainer.errors import LoraTrainerError
 from lora_trainer.ui import compat
 from lora_trainer.ui.dataset_panel import create_dataset_panel
-from lora_trainer.ui.session import TrainingSession, format_status
+from lora_trainer.ui.session import TrainingSession, friendly_error
+from lora_trainer.ui.views import SWEEP_STEPS, loss_svg, message_html, name_fields, status_html
 
 log = logging.getLogger(__name__)
 PREFIX = "lora_trainer_"
 POLL_S = 1.0
 DEFAULT_STRENGTHS = "0, 0.25, 0.5, 0.75, 1"
+CONFIG_SOURCE = "Train LoRA tab"  # config_from_dict's source: the start of its messages, dropped in the tab
 
 PRESETS = {
     "Style (defaults)": {},
@@ -33,7 +36,8 @@ PRESETS = {
 ADVANCED = [
     ("lora_rank", "Rank", "number", None), ("lora_alpha", "Alpha", "number", None),
     ("lora_dropout", "Dropout", "number", None), ("learning_rate", "Learning rate", "number", None),
-    ("batch_size", "Batch size", "number", None), ("gradient_accumulation_steps", "Gradient accumulation", "number", None),
+    ("batch_size", "Batch size", "number", None),
+    ("gradient_accumulation_steps", "Gradient accumulation", "number", None),
     ("epochs", "Epochs", "number", None), ("max_train_steps", "Max steps (0 = use epochs)", "number", None),
     ("resolution", "Resolution", "number", None), ("lr_scheduler", "LR scheduler", "choice",
                                                    ["constant", "constant_with_warmup", "cosine", "linear"]),
@@ -43,11 +47,17 @@ ADVANCED = [
     ("attention", "Attention kernel while training (auto = PyTorch SDPA)", "choice", list(CHOICES["attention"])),
     ("compile_unet", "Compile the UNet (torch.compile: faster steps after a first one of minutes)", "bool", None),
     ("cache_latents_to_disk", "Keep encoded images on disk (the next run of this name skips encoding)", "bool", None),
-    ("train_text_encoder", "Train the text encoder", "bool", None), ("caption_prefix", "Trigger word prefix", "text", None),
+    ("train_text_encoder", "Train the text encoder", "bool", None),
+    ("caption_prefix", "Trigger word prefix", "text", None),
     ("min_snr_gamma", "Min-SNR gamma (0 = off)", "number", None), ("noise_offset", "Noise offset", "number", None),
     ("seed", "Seed", "number", None), ("save_steps", "Checkpoint every N steps (0 = off)", "number", None),
 ]
 ZERO_IS_NONE = {"max_train_steps", "min_snr_gamma"}
+# config key → the label of the field that sets it, to name fields in messages as the tab shows them
+FIELD_LABELS = {"train_data_dir": "Dataset folder", "output_name": "LoRA name", "base_model": "Base model",
+                **{key: label for key, label, *_ in ADVANCED}}
+NO_LORA = ("Train a LoRA first: the strength sweep and Send to txt2img use the file in 'Trained LoRA' "
+           "(or put the path of a .safetensors LoRA there).")
 
 
 def _default(key: str, cfg: Config):
@@ -59,7 +69,7 @@ def _default(key: str, cfg: Config):
 
 
 def build_config(host, data_dir: str, name: str, preset: str, base_model: str | None, advanced: dict) -> Config:
-    """The tab's fields → a validated Config (errors name the field as the CLI would)."""
+    """The tab's fields → a validated Config (errors name config keys; ``tab_message`` names the fields)."""
     if not str(data_dir).strip():
         raise LoraTrainerError("choose the dataset folder (a folder of images with captions)")
     name = (name or "").strip()
@@ -73,32 +83,191 @@ def build_config(host, data_dir: str, name: str, preset: str, base_model: str | 
                     output_dir=str(Path(host.run_root) / name))
     if base_model:
         settings["base_model"] = base_model.strip()
-    return config_from_dict(settings, source="Train LoRA tab")
+    return config_from_dict(settings, source=CONFIG_SOURCE)
 
 
-def _loss_svg(losses: list[tuple[int, float]], width: int = 480, height: int = 160) -> str:
-    """The loss curve as inline SVG (no plotting library, same in every gradio version)."""
-    if len(losses) < 2:
-        return f"<div class='{PREFIX}loss_empty'>the loss curve appears here</div>"
-    steps = [s for s, _ in losses]
-    values = [v for _, v in losses]
-    lo, hi = min(values), max(values)
-    span = (hi - lo) or 1.0
-    pts = " ".join(f"{(s - steps[0]) / max(steps[-1] - steps[0], 1) * (width - 10) + 5:.1f},"
-                   f"{height - 5 - (v - lo) / span * (height - 20):.1f}" for s, v in losses)
-    return (f"<svg class='{PREFIX}loss' viewBox='0 0 {width} {height}' width='100%' height='{height}'>"
-            f"<polyline fill='none' stroke='currentColor' stroke-width='1.5' points='{pts}'/>"
-            f"<text x='5' y='12' font-size='11' fill='currentColor'>loss {values[0]:.3f} → {values[-1]:.3f}</text></svg>")
+def tab_message(error) -> str:
+    """An error's message as the tab says it: fields by their labels (``Dataset folder: …``), not config keys."""
+    text = str(error)
+    if text.startswith(f"{CONFIG_SOURCE}: "):
+        text = text[len(CONFIG_SOURCE) + 2:]
+    return name_fields(text, FIELD_LABELS)
 
 
-def _view(session: TrainingSession | None):
-    if session is None:
-        return "", _loss_svg([]), [], ""
+# --- training
+def training_view(session: TrainingSession) -> tuple:
+    """status, loss plot, samples, Trained LoRA, Stop (clickable only while the run goes)."""
     s = session.status
-    css = {"error": "error", "done": "done", "stopped": "done"}.get(s.state, "running")
-    status = f"<div class='{PREFIX}status {PREFIX}{css}'>{html.escape(format_status(s))}</div>"
     samples = [(img, f"step {step}") for step, img in s.samples]
-    return status, _loss_svg(s.losses), samples, str(s.published or "")
+    lora_file = str(s.published) if s.published else gr.update()
+    return (status_html(s, FIELD_LABELS), loss_svg(s.losses), samples, lora_file,
+            gr.update(interactive=s.running))
+
+
+def run_training(host, data_dir, name, preset, base_model, sample_prompt, sample_every, *values):
+    """Start a run and yield the tab's outputs while it goes: ``training_view`` plus the strength sweep's
+    gallery and message (cleared when the run starts: the sweep shown was of the previous LoRA), the sweep's
+    size (the new LoRA's resolution when it is done) and the LoRA this run made (for Train & generate)."""
+    keep = gr.update()
+    try:
+        advanced = {key: v for (key, *_), v in zip(ADVANCED, values)}
+        cfg = build_config(host, data_dir, name, preset, base_model if host.name == "standalone" else None, advanced)
+        session = TrainingSession.start(host, cfg, sample_prompt=sample_prompt or "",
+                                        sample_every=int(sample_every or 0))
+    except LoraTrainerError as e:
+        active = TrainingSession.active()  # (after a page reload: Stop still reaches a run that goes on)
+        running = active is not None and active.status.running
+        yield (message_html(tab_message(e), "error"), keep, keep, keep, gr.update(interactive=running),
+               keep, keep, keep, None)
+        return
+    yield (*training_view(session), [], message_html("the sweep of the new LoRA appears here", "hint"), keep, None)
+    while session.status.running:
+        time.sleep(POLL_S)
+        yield (*training_view(session), keep, keep, keep, None)
+    s = session.status
+    made = str(s.published) if s.published else None
+    yield (*training_view(session), keep, keep, cfg.data.resolution if made else keep, made)
+
+
+def stop_training() -> None:
+    session = TrainingSession.active()
+    if session is not None:
+        session.stop()
+
+
+# --- the strength sweep and Send to txt2img
+def default_sweep_size(host, base_model: str | None = None) -> int:
+    """The last training's resolution, else the model's own size (the host says: 512 for SD 1.x)."""
+    last = TrainingSession.active()
+    if last is not None and last.status.state in ("done", "stopped"):
+        return int(last.cfg.data.resolution)
+    if getattr(host, "image_size", None):
+        return int(host.image_size)
+    native = getattr(host, "native_image_size", None)
+    return int(native(base_model or None)) if native else 512
+
+
+def _sweep_settings(host, strength_text, size, steps, base) -> tuple[list[float], int, int]:
+    try:
+        values = [float(x) for x in str(strength_text or "").replace(";", ",").split(",") if x.strip()]
+    except ValueError:
+        raise LoraTrainerError(f"'Strengths' must be numbers separated by commas, e.g. {DEFAULT_STRENGTHS}") from None
+    if not values:
+        raise LoraTrainerError(f"'Strengths' is empty: give one or more, e.g. {DEFAULT_STRENGTHS}")
+    size = int(size or 0) or default_sweep_size(host, base)
+    if size % 8 or not 64 <= size <= 4096:
+        raise LoraTrainerError(f"'Size': {size} must be a multiple of 8 from 64 to 4096 (e.g. 512)")
+    steps = int(steps or 0) or SWEEP_STEPS
+    if not 1 <= steps <= 150:
+        raise LoraTrainerError(f"'Sampling steps': {steps} must be from 1 to 150")
+    return values, size, steps
+
+
+def sweep_images(host, lora_path, prompt, negative, seed, strength_text, size, steps, base=None) -> tuple:
+    """The sweep's gallery and message. Every problem is a message in the tab, not an exception."""
+    path_text = str(lora_path or "").strip()
+    if not path_text:
+        return [], message_html(NO_LORA, "error")
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        return [], message_html(f"Trained LoRA: {path} is not a file. {NO_LORA}", "error")
+    try:
+        values, size, steps = _sweep_settings(host, strength_text, size, steps, base)
+        images = host.sweep(path, prompt or "", negative or "", values, int(seed or 0),
+                            base_model=base if host.name == "standalone" else None, steps=steps, size=size)
+    except LoraTrainerError as e:
+        return [], message_html(tab_message(e), "error")
+    except Exception as e:  # the tab stays usable; the console has the traceback
+        log.exception("the strength sweep failed")
+        return [], message_html(tab_message(friendly_error(e)), "error")
+    done = (f"{path.stem}: strengths {', '.join(f'{s:g}' for s in values)} at {size}×{size}, {steps} steps, "
+            f"seed {int(seed or 0)}")
+    return [(img, f"strength {s:g}") for s, img in images], message_html(done, "info")
+
+
+def sweep_after_training(host, trained, *sweep_args) -> tuple:
+    """Train & generate's sweep: of the LoRA this run made, or a note when the run made none."""
+    if not trained:
+        return [], message_html("no sweep: the training made no LoRA (see its status)", "hint")
+    return sweep_images(host, trained, *sweep_args)
+
+
+def send_update(lora_path, prompt) -> tuple:
+    """The prompt Send to txt2img pastes, the button (clickable only with a trained LoRA) and the sweep hint.
+
+    The WebUI's paste binding copies the prompt box into txt2img and switches tabs on click; with an empty box it
+    pastes the last generation's parameters instead. So without a LoRA the button cannot be clicked at all.
+    """
+    path = Path(str(lora_path or "").strip()).expanduser()
+    if not str(lora_path or "").strip() or not path.is_file():
+        return "", gr.update(interactive=False), message_html(NO_LORA, "hint")
+    lora = f"<lora:{path.stem}:0.7>"
+    return (f"{prompt}, {lora}" if prompt else lora), gr.update(interactive=True), ""
+
+
+# --- the layout
+def _advanced_fields(defaults: Config) -> dict:
+    made = {}
+    with gr.Accordion("Advanced", open=False, elem_id=f"{PREFIX}advanced"):
+        with gr.Row():
+            for key, label, kind, extra in ADVANCED:
+                value, elem = _default(key, defaults), f"{PREFIX}{key}"
+                if kind == "choice":
+                    made[key] = gr.Dropdown(label=label, choices=extra, value=value, elem_id=elem)
+                elif kind == "text":
+                    made[key] = gr.Textbox(label=label, value=value, elem_id=elem)
+                elif kind == "number":
+                    made[key] = gr.Number(label=label, value=value, elem_id=elem)
+        with gr.Row():  # checkboxes on their own row, so their labels are not squeezed
+            for key, label, kind, _ in ADVANCED:
+                if kind == "bool":
+                    made[key] = gr.Checkbox(label=label, value=_default(key, defaults), elem_id=f"{PREFIX}{key}")
+    return made
+
+
+def _training_panel(host, defaults: Config) -> dict:
+    ui = {}
+    ui["data_dir"] = gr.Textbox(label="Dataset folder", placeholder="/path/to/images (captions in metadata.csv "
+                                "or .txt files)", elem_id=f"{PREFIX}data_dir")
+    with gr.Row():
+        ui["name"] = gr.Textbox(label="LoRA name", value="my_lora", elem_id=f"{PREFIX}name")
+        ui["preset"] = gr.Dropdown(label="Preset", choices=list(PRESETS), value=next(iter(PRESETS)),
+                                   elem_id=f"{PREFIX}preset")
+    ui["base_model"] = gr.Textbox(label="Base model (diffusers folder, .safetensors, or tiny-demo)",
+                                  value=defaults.model.base_model, visible=host.name == "standalone",
+                                  elem_id=f"{PREFIX}base_model")
+    ui["advanced"] = _advanced_fields(defaults)
+    with gr.Row():
+        ui["sample_prompt"] = gr.Textbox(label="Sample prompt (empty = no samples)", elem_id=f"{PREFIX}sample_prompt")
+        ui["sample_every"] = gr.Number(label="Sample every N steps", value=50, elem_id=f"{PREFIX}sample_every")
+    with gr.Row():
+        ui["train"] = gr.Button("Train", variant="primary", elem_id=f"{PREFIX}train")
+        ui["train_generate"] = gr.Button("Train & generate", elem_id=f"{PREFIX}train_generate")
+        ui["stop"] = gr.Button("Stop", variant="stop", interactive=False, elem_id=f"{PREFIX}stop")
+    return ui
+
+
+def _sweep_panel(host) -> dict:
+    ui = {}
+    with compat.group():
+        with gr.Row():
+            ui["prompt"] = gr.Textbox(label="Sweep prompt", scale=3, elem_id=f"{PREFIX}sweep_prompt")
+            ui["negative"] = gr.Textbox(label="Negative prompt", scale=2, elem_id=f"{PREFIX}sweep_negative")
+        with gr.Row():
+            ui["strengths"] = gr.Textbox(label="Strengths", value=DEFAULT_STRENGTHS, elem_id=f"{PREFIX}strengths")
+            ui["seed"] = gr.Number(label="Seed", value=1, elem_id=f"{PREFIX}sweep_seed")
+            # the last training's resolution, else the model's own; a finished training sets it to its resolution
+            ui["size"] = gr.Number(label="Size (px, square)", value=default_sweep_size(host),
+                                   elem_id=f"{PREFIX}sweep_size")
+            ui["steps"] = gr.Number(label="Sampling steps", value=SWEEP_STEPS, elem_id=f"{PREFIX}sweep_steps")
+        with gr.Row():
+            ui["sweep"] = gr.Button("Strength sweep", elem_id=f"{PREFIX}sweep")
+            ui["send"] = gr.Button("Send to txt2img", interactive=False, visible=host.name != "standalone",
+                                   elem_id=f"{PREFIX}send_txt2img")
+        ui["status"] = gr.HTML(message_html(NO_LORA, "hint"), elem_id=f"{PREFIX}sweep_status")
+        ui["gallery"] = compat.gallery("Strength sweep", f"{PREFIX}sweep_gallery", columns=5)
+        ui["send_prompt"] = gr.Textbox(visible=False, elem_id=f"{PREFIX}send_prompt")
+    return ui
 
 
 def create_tab(host) -> gr.Blocks:
@@ -107,103 +276,43 @@ def create_tab(host) -> gr.Blocks:
     with gr.Blocks(analytics_enabled=False) as tab, gr.Column(elem_id=f"{PREFIX}root"):
         with gr.Row():
             with gr.Column(scale=3):
-                data_dir = gr.Textbox(label="Dataset folder", placeholder="/path/to/images (captions in metadata.csv "
-                                      "or .txt files)", elem_id=f"{PREFIX}data_dir")
-                with gr.Row():
-                    name = gr.Textbox(label="LoRA name", value="my_lora", elem_id=f"{PREFIX}name")
-                    preset = gr.Dropdown(label="Preset", choices=list(PRESETS), value=next(iter(PRESETS)),
-                                         elem_id=f"{PREFIX}preset")
-                base_model = gr.Textbox(label="Base model (diffusers folder, .safetensors, or tiny-demo)",
-                                        value=defaults.model.base_model, visible=host.name == "standalone",
-                                        elem_id=f"{PREFIX}base_model")
-                with gr.Accordion("Advanced", open=False, elem_id=f"{PREFIX}advanced"):
-                    made = {}
-                    with gr.Row():
-                        for key, label, kind, extra in ADVANCED:
-                            value, elem = _default(key, defaults), f"{PREFIX}{key}"
-                            if kind == "choice":
-                                made[key] = gr.Dropdown(label=label, choices=extra, value=value, elem_id=elem)
-                            elif kind == "text":
-                                made[key] = gr.Textbox(label=label, value=value, elem_id=elem)
-                            elif kind == "number":
-                                made[key] = gr.Number(label=label, value=value, elem_id=elem)
-                    with gr.Row():  # checkboxes on their own row, so their labels are not squeezed
-                        for key, label, kind, _ in ADVANCED:
-                            if kind == "bool":
-                                made[key] = gr.Checkbox(label=label, value=_default(key, defaults),
-                                                        elem_id=f"{PREFIX}{key}")
-                    fields = [made[key] for key, *_ in ADVANCED]
-                with gr.Row():
-                    sample_prompt = gr.Textbox(label="Sample prompt (empty = no samples)", elem_id=f"{PREFIX}sample_prompt")
-                    sample_every = gr.Number(label="Sample every N steps", value=50, elem_id=f"{PREFIX}sample_every")
-                with gr.Row():
-                    train_btn = gr.Button("Train", variant="primary", elem_id=f"{PREFIX}train")
-                    train_gen_btn = gr.Button("Train & generate", elem_id=f"{PREFIX}train_generate")
-                    stop_btn = gr.Button("Stop", variant="stop", elem_id=f"{PREFIX}stop")
+                t = _training_panel(host, defaults)
             with gr.Column(scale=2):
                 status = gr.HTML(elem_id=f"{PREFIX}status")
-                loss = gr.HTML(_loss_svg([]), elem_id=f"{PREFIX}loss")
+                loss = gr.HTML(loss_svg([]), elem_id=f"{PREFIX}loss")
                 samples = compat.gallery("Samples during training", f"{PREFIX}samples", columns=4)
                 lora_file = gr.Textbox(label="Trained LoRA", interactive=True, elem_id=f"{PREFIX}lora_file")
-        create_dataset_panel(host, data_dir, made["caption_prefix"], made["resolution"])
-        with compat.group():
-            with gr.Row():
-                sweep_prompt = gr.Textbox(label="Sweep prompt", elem_id=f"{PREFIX}sweep_prompt")
-                sweep_negative = gr.Textbox(label="Negative prompt", elem_id=f"{PREFIX}sweep_negative")
-                sweep_seed = gr.Number(label="Seed", value=1, elem_id=f"{PREFIX}sweep_seed")
-                strengths = gr.Textbox(label="Strengths", value=DEFAULT_STRENGTHS, elem_id=f"{PREFIX}strengths")
-            with gr.Row():
-                sweep_btn = gr.Button("Strength sweep", elem_id=f"{PREFIX}sweep")
-                send_btn = gr.Button("Send to txt2img", elem_id=f"{PREFIX}send_txt2img", visible=host.name != "standalone")
-            sweep_gallery = compat.gallery("Strength sweep", f"{PREFIX}sweep_gallery", columns=5)
-            send_prompt = gr.Textbox(visible=False, elem_id=f"{PREFIX}send_prompt")
-
-        train_inputs = [data_dir, name, preset, base_model, sample_prompt, sample_every, *fields]
-        outputs = [status, loss, samples, lora_file]
-
-        def run_training(data_dir, name, preset, base_model, sample_prompt, sample_every, *values):
-            try:
-                advanced = {key: v for (key, *_), v in zip(ADVANCED, values)}
-                cfg = build_config(host, data_dir, name, preset, base_model if host.name == "standalone" else None,
-                                   advanced)
-                session = TrainingSession.start(host, cfg, sample_prompt=sample_prompt or "",
-                                                sample_every=int(sample_every or 0))
-            except LoraTrainerError as e:
-                yield f"<div class='{PREFIX}status {PREFIX}error'>{html.escape(str(e))}</div>", _loss_svg([]), [], ""
-                return
-            while session.status.running:
-                yield _view(session)
-                time.sleep(POLL_S)
-            yield _view(session)
-
-        def stop():
-            session = TrainingSession.active()
-            if session is not None:
-                session.stop()
-
-        def run_sweep(lora_path, prompt, negative, seed, strength_text, base):
-            if not lora_path or not Path(lora_path).is_file():
-                raise gr.Error("train a LoRA first (or put the path of a .safetensors LoRA in 'Trained LoRA')")
-            try:
-                values = [float(x) for x in strength_text.replace(";", ",").split(",") if x.strip()]
-            except ValueError:
-                raise gr.Error(f"strengths must be numbers separated by commas, e.g. {DEFAULT_STRENGTHS}") from None
-            images = host.sweep(Path(lora_path), prompt or "", negative or "", values, int(seed or 0),
-                                base_model=base if host.name == "standalone" else None)
-            return [(img, f"strength {s:g}") for s, img in images]
-
-        def send_to_txt2img(lora_path, prompt):
-            lora = Path(lora_path).stem if lora_path else "my_lora"
-            return f"{prompt}, <lora:{lora}:0.7>" if prompt else f"<lora:{lora}:0.7>"
-
-        sweep_inputs = [lora_file, sweep_prompt, sweep_negative, sweep_seed, strengths, base_model]
-        train_btn.click(run_training, inputs=train_inputs, outputs=outputs)
-        train_gen_btn.click(run_training, inputs=train_inputs, outputs=outputs).then(
-            run_sweep, inputs=sweep_inputs, outputs=[sweep_gallery])
-        stop_btn.click(stop, inputs=[], outputs=[])
-        sweep_btn.click(run_sweep, inputs=sweep_inputs, outputs=[sweep_gallery])
-        # kept current, so that the WebUI's paste binding on send_btn reads the right prompt when clicked
-        for source in (lora_file, sweep_prompt):
-            source.change(send_to_txt2img, inputs=[lora_file, sweep_prompt], outputs=[send_prompt])
-        tab.lora_trainer_send = (send_btn, send_prompt)  # the WebUI glue binds these to txt2img
+        create_dataset_panel(host, t["data_dir"], t["advanced"]["caption_prefix"], t["advanced"]["resolution"])
+        sw = _sweep_panel(host)
+        trained = gr.State(None)  # the LoRA the last run of this page made (None: it made none)
+        _wire(host, t, sw, [status, loss, samples, lora_file], trained)
+        tab.lora_trainer_send = (sw["send"], sw["send_prompt"])  # the WebUI glue binds these to txt2img
     return tab
+
+
+def _wire(host, t: dict, sw: dict, shown: list, trained) -> None:
+    fields = [t["advanced"][key] for key, *_ in ADVANCED]
+    train_inputs = [t["data_dir"], t["name"], t["preset"], t["base_model"], t["sample_prompt"], t["sample_every"],
+                    *fields]
+    outputs = [*shown, t["stop"], sw["gallery"], sw["status"], sw["size"], trained]
+    sweep_inputs = [sw["prompt"], sw["negative"], sw["seed"], sw["strengths"], sw["size"], sw["steps"], t["base_model"]]
+    lora_file = shown[3]
+
+    def train(*args):
+        yield from run_training(host, *args)
+
+    def sweep(*args):
+        return sweep_images(host, *args)
+
+    def sweep_after(*args):
+        return sweep_after_training(host, *args)
+
+    t["train"].click(train, inputs=train_inputs, outputs=outputs)
+    t["train_generate"].click(train, inputs=train_inputs, outputs=outputs).then(
+        sweep_after, inputs=[trained, *sweep_inputs], outputs=[sw["gallery"], sw["status"]])
+    t["stop"].click(stop_training, inputs=[], outputs=[])
+    sw["sweep"].click(sweep, inputs=[lora_file, *sweep_inputs], outputs=[sw["gallery"], sw["status"]])
+    # kept current, so that the WebUI's paste binding on the button reads the right prompt when clicked
+    for source in (lora_file, sw["prompt"]):
+        source.change(send_update, inputs=[lora_file, sw["prompt"]],
+                      outputs=[sw["send_prompt"], sw["send"], sw["status"]])

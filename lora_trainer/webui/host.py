@@ -14,6 +14,7 @@ from pathlib import Path
 from lora_trainer.engine.lora import remove_lora
 from lora_trainer.errors import LoraTrainerError
 from lora_trainer.models.ldm import LdmBackend, ldm_family
+from lora_trainer.ui.views import SWEEP_STEPS
 from lora_trainer.utils.fsio import write_new
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class WebUIHost:
 
     def __init__(self):
         self._saved = None  # (requires_grad flags, training modes) of the model before training
-        self.image_size = 512  # samples and sweeps are made at the resolution of the last training
+        self.image_size = None  # the last training's resolution (samples are made at it); None before one
 
     # --- settings and places
     def defaults(self) -> dict:
@@ -163,8 +164,20 @@ class WebUIHost:
         devices.torch_gc()
 
     # --- generation
+    def native_image_size(self, base_model=None) -> int:
+        """The loaded model's own image size: 1024 for SDXL, 768 for SD 2.x v-prediction, else 512."""
+        from modules import shared
+
+        sd_model = getattr(shared, "sd_model", None)
+        if sd_model is None:
+            return 512
+        family = ldm_family(sd_model)
+        if family == "sdxl":
+            return 1024
+        return 768 if family == "sd_v2" and getattr(sd_model, "parameterization", "eps") == "v" else 512
+
     def _txt2img(self, prompt: str, negative: str, seed: int, steps: int = 20, size: int | None = None):
-        size = size or self.image_size
+        size = size or self.image_size or self.native_image_size()
         from modules import processing, shared
 
         p = processing.StableDiffusionProcessingTxt2Img(
@@ -184,11 +197,11 @@ class WebUIHost:
             return self._txt2img(prompt, "", seed)
 
     def sweep(self, lora_path: Path, prompt: str, negative: str, strengths: list[float], seed: int,
-              base_model=None) -> list[tuple[float, object]]:
-        """txt2img with ``<lora:name:S>`` at each strength (0 = no LoRA at all), same prompt and seed."""
+              base_model=None, steps: int = SWEEP_STEPS, size: int | None = None) -> list[tuple[float, object]]:
+        """txt2img with ``<lora:name:S>`` at each strength (0 = no LoRA at all), same prompt, seed, size, steps."""
         name = Path(lora_path).stem
         with self.lock():
-            return [(s, self._txt2img(f"{prompt} <lora:{name}:{s:g}>" if s else prompt, negative, seed))
+            return [(s, self._txt2img(f"{prompt} <lora:{name}:{s:g}>" if s else prompt, negative, seed, steps, size))
                     for s in strengths]
 
     # --- the result
