@@ -85,10 +85,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_check(args) -> int:
+    from lora_trainer.config import DataConfig, load_config
     from lora_trainer.data.check import check_dataset
     from lora_trainer.utils.fsio import atomic_write_json
-
-    from lora_trainer.config import DataConfig, load_config
 
     d = load_config(args.config).data if args.config else DataConfig()  # (the config's own defaults)
     settings = {"root": d.train_data_dir or None, "resolution": d.resolution, "metadata_path": d.metadata_path,

@@ -14,15 +14,16 @@ ROOT = Path(__file__).resolve().parents[1]
 STUB = Path(__file__).resolve().parent / "webui_stub"
 sys.path.insert(0, str(STUB))
 
-from ldm_model import TinyLatentDiffusion  # noqa: E402
-
 import launch  # noqa: E402  (the stand-in)
 import networks  # noqa: E402
+from ldm_model import TinyLatentDiffusion  # noqa: E402
+from modules import devices, paths, processing, script_callbacks, shared  # noqa: E402
+
 from lora_trainer.config import config_from_dict  # noqa: E402
 from lora_trainer.data.demo_set import make_demo_dataset  # noqa: E402
+from lora_trainer.models.conditioning import Conditioning  # noqa: E402
 from lora_trainer.ui.session import TrainingSession  # noqa: E402
 from lora_trainer.webui.host import WebUIHost  # noqa: E402
-from modules import devices, paths, processing, script_callbacks, shared  # noqa: E402
 
 
 @pytest.fixture
@@ -138,7 +139,7 @@ def test_gradient_checkpointing_the_webui_way_gives_the_same_gradients_for_less_
 
         def grads():
             torch.manual_seed(1)
-            x, t, cond = torch.randn(2, 4, 32, 32), torch.tensor([10, 900]), torch.randn(2, 77, 32)
+            x, t, cond = torch.randn(2, 4, 32, 32), torch.tensor([10, 900]), Conditioning(torch.randn(2, 77, 32))
             unet.zero_grad(set_to_none=True)
             with SavedForBackward() as saved:
                 out = backend.predict(x, t, cond)
@@ -252,23 +253,37 @@ def test_script_registers_the_tab_and_settings(webui):
     assert WebUIHost().defaults()["lora_rank"] == 8
 
 
-def test_install_py_installs_only_what_is_missing():
-    launch.installed = {"peft", "torch", "transformers", "gradio", "huggingface_hub"}
-    launch.pip_calls.clear()
-    runpy.run_path(str(ROOT / "install.py"))
-    assert launch.pip_calls == ["install --no-deps diffusers==0.30.3"]
-    launch.installed |= {"diffusers"}
-    launch.pip_calls.clear()
-    runpy.run_path(str(ROOT / "install.py"))
-    assert launch.pip_calls == []
+def test_install_py_installs_only_what_is_missing_too_old_or_unusable(monkeypatch):
+    import importlib.metadata
+
+    versions = {"peft": "0.13.2", "diffusers": "0.30.3"}
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: versions[name])
+
+    def install(installed, broken=()):
+        launch.installed, launch.broken = set(installed), set(broken)
+        launch.pip_calls.clear()
+        runpy.run_path(str(ROOT / "install.py"))
+        return launch.pip_calls
+
+    host = {"torch", "transformers", "gradio", "huggingface_hub"}
+    assert install(host | {"peft"}) == ["install --no-deps diffusers==0.30.3"]  # missing
+    assert install(host | {"peft", "diffusers"}) == []  # all there, and they import: nothing touched
+    versions["peft"] = "0.12.0"  # older than we are tested with
+    assert install(host | {"peft", "diffusers"}) == ["install --no-deps peft==0.13.2"]
+    versions["peft"] = "0.17.1"  # newer, and it imports with the host's transformers (Forge, say): kept
+    assert install(host | {"peft", "diffusers"}) == []
+    # newer, and it does not import with the host's transformers (A1111 v1.10's 4.30.2): the pin replaces it
+    assert install(host | {"peft", "diffusers"}, broken={"peft"}) == ["install --no-deps peft==0.13.2"]
+    assert any("inject_adapter_in_model" in p for p in launch.probes)
+    launch.broken = set()
 
 
 def test_webui_interrogators_caption_under_the_queue_lock(webui):
+    from modules import call_queue, deepbooru
     from PIL import Image
 
     from lora_trainer.errors import LoraTrainerError
     from lora_trainer.webui.captioners import WebUIInterrogator
-    from modules import call_queue, deepbooru
 
     images = [Image.new("RGBA", (40, 30)), Image.new("L", (20, 20))]
     shared.interrogator.calls.clear()
@@ -276,9 +291,16 @@ def test_webui_interrogators_caption_under_the_queue_lock(webui):
         "a red circle on a white background, RGB", "a red circle on a white background, RGB"]
     assert shared.interrogator.calls == [("RGB", (40, 30)), ("RGB", (20, 20))]  # the WebUI gets RGB, as its button
     deepbooru.model.calls.clear()
-    assert WebUIInterrogator("webui-deepbooru").caption(images) == ["1girl, solo, 40px", "1girl, solo, 20px"]
+    # the WebUI escapes (vocaloid) for its prompts; a caption holds the text as written
+    assert WebUIInterrogator("webui-deepbooru").caption(images) == [
+        "1girl, hatsune miku (vocaloid), 40px", "1girl, hatsune miku (vocaloid), 20px"]
     assert deepbooru.model.calls[0] == "start" and deepbooru.model.calls[-1] == "stop"
     assert all(c[2] is True for c in deepbooru.model.calls[1:-1])  # no (tag:0.9) ranks inside captions
+    shared.opts.data["deepbooru_escape"] = False
+    try:  # with the WebUI's escaping off, nothing to undo
+        assert WebUIInterrogator("webui-deepbooru").caption(images[:1]) == ["1girl, hatsune miku (vocaloid), 40px"]
+    finally:
+        shared.opts.data["deepbooru_escape"] = True
 
     call_queue.queue_lock.acquire()  # generation in progress: the interrogator waits for the WebUI's queue
     try:

@@ -11,6 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from lora_trainer.config import default_value
 from lora_trainer.engine.lora import remove_lora
 from lora_trainer.errors import LoraTrainerError
 from lora_trainer.models.ldm import LdmBackend, ldm_family
@@ -19,15 +20,16 @@ from lora_trainer.utils.fsio import write_new
 
 log = logging.getLogger(__name__)
 SECTION = ("lora_trainer", "LoRA Trainer")
-# WebUI Settings → "LoRA Trainer": the tab's defaults (option name → config key, default, label)
+# WebUI Settings → "LoRA Trainer": the tab's defaults (option name → config key, label); the values start at
+# the config's own defaults (lora_trainer.config's dataclasses)
 OPTIONS = {
-    "lora_trainer_lora_rank": ("lora_rank", 8, "Default LoRA rank"),
-    "lora_trainer_lora_alpha": ("lora_alpha", 8, "Default LoRA alpha"),
-    "lora_trainer_learning_rate": ("learning_rate", 2e-4, "Default learning rate"),
-    "lora_trainer_batch_size": ("batch_size", 4, "Default batch size"),
-    "lora_trainer_epochs": ("epochs", 10, "Default epochs"),
-    "lora_trainer_resolution": ("resolution", 512, "Default training resolution"),
-    "lora_trainer_gradient_checkpointing": ("gradient_checkpointing", False, "Gradient checkpointing by default"),
+    "lora_trainer_lora_rank": ("lora_rank", "Default LoRA rank"),
+    "lora_trainer_lora_alpha": ("lora_alpha", "Default LoRA alpha"),
+    "lora_trainer_learning_rate": ("learning_rate", "Default learning rate"),
+    "lora_trainer_batch_size": ("batch_size", "Default batch size"),
+    "lora_trainer_epochs": ("epochs", "Default epochs"),
+    "lora_trainer_resolution": ("resolution", "Default training resolution"),
+    "lora_trainer_gradient_checkpointing": ("gradient_checkpointing", "Gradient checkpointing by default"),
 }
 
 
@@ -59,6 +61,16 @@ def unapply_lora_networks(sd_model) -> int:
     return restored
 
 
+def _emphasis_mode(cfg) -> str:
+    """The WebUI's emphasis mode (Settings → Stable Diffusion → Emphasis mode), which reads its prompt syntax."""
+    from modules import shared
+
+    if getattr(shared.opts, "use_old_emphasis_implementation", False) and not cfg.data.weighted_captions:
+        log.warning("the WebUI uses its old emphasis implementation, which escaped brackets do not reach: brackets "
+                    "in captions weigh their words; set Emphasis mode to None to train captions as written")
+    return str(getattr(shared.opts, "emphasis", "Original"))
+
+
 class WebUIHost:
     name = "webui"
 
@@ -70,7 +82,7 @@ class WebUIHost:
     def defaults(self) -> dict:
         from modules import shared
 
-        return {key: getattr(shared.opts, opt, default) for opt, (key, default, _) in OPTIONS.items()}
+        return {key: getattr(shared.opts, opt, default_value(key)) for opt, (key, _) in OPTIONS.items()}
 
     @property
     def run_root(self) -> Path:
@@ -117,7 +129,8 @@ class WebUIHost:
 
         sd_model = shared.sd_model
         if sd_model is None:
-            raise LoraTrainerError("no model is loaded: choose a Stable Diffusion 1.x checkpoint at the top of the page")
+            raise LoraTrainerError("no model is loaded: choose a Stable Diffusion 1.x checkpoint at the top of the "
+                                   "page")
         family = ldm_family(sd_model)
         if family == "sdxl":
             raise LoraTrainerError("the loaded model is SDXL; training SDXL LoRAs is not supported yet. "
@@ -141,7 +154,9 @@ class WebUIHost:
                           upcast_attention=bool(getattr(shared.opts, "upcast_attn", False)),
                           host_attention=getattr(getattr(sys.modules.get("modules.sd_hijack"), "current_optimizer",
                                                          None), "name", None),
-                          hypernetworks=[getattr(h, "name", str(h)) for h in getattr(shared, "loaded_hypernetworks", [])])
+                          hypernetworks=[getattr(h, "name", str(h))
+                                         for h in getattr(shared, "loaded_hypernetworks", [])],
+                          emphasis=_emphasis_mode(cfg))
 
     def release_backend(self, backend) -> None:
         """Remove the LoRA layers and put back every flag: the model computes exactly what it did."""

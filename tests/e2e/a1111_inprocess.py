@@ -1,0 +1,176 @@
+"""Checks inside a real AUTOMATIC1111 process (its own hijacked CLIP, emphasis, prompt parser, model and queue):
+run with the WebUI's python from its folder, the extension installed in ``extensions/``:
+
+    cd $A1111/webui && ../venv/bin/python $PROJECT/tests/e2e/a1111_inprocess.py [--ckpt models/Stable-diffusion/X]
+
+1. a literal caption (brackets, BREAK) encodes bitwise as the command line encodes it (HF tokenizer + text encoder);
+2. weighted captions (data.weighted_captions) match the command line's own emphasis within float error;
+3. a caption's conditioning does not depend on its batch-mates (emphasis "Original" rescales by a batch's mean);
+4. a text encoder whose output has mean 0 for one caption stops training before step 1, naming the caption;
+5. a short training through TrainingSession + WebUIHost (what the tab runs) finishes, writes models/Lora/<name>,
+   and leaves the UNet's output bitwise as before.
+Prints PASS/FAIL lines and a JSON summary; exit 1 if a check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CAPTIONS = ["hatsune miku (vocaloid), [sketch], 1girl", "a (red:1.3) circle BREAK on white", "plain words only",
+            r"a literal \(bracket\) and ((double))"]
+results: list[dict] = []
+
+
+def check(name: str, ok: bool, evidence: str) -> None:
+    results.append({"check": name, "ok": bool(ok), "evidence": evidence})
+    print(f"[{'PASS' if ok else 'FAIL'}] {name}: {evidence}", flush=True)
+
+
+def start_webui(ckpt: str | None):
+    sys.argv = ["launch.py", "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--no-half",
+                "--use-cpu", "all", "--skip-version-check", "--no-download-sd-model",
+                *(["--ckpt", ckpt] if ckpt else [])]
+    sys.path.insert(0, os.getcwd())
+    import webui  # noqa: F401  (the WebUI's imports and version checks)
+    from modules import initialize, shared
+
+    initialize.initialize()
+    t0 = time.time()
+    model = shared.sd_model  # loads the checkpoint
+    print(f"model loaded in {time.time() - t0:.1f} s: {model.sd_checkpoint_info.name}", flush=True)
+    return model
+
+
+def conditioning_checks(sd_model) -> None:
+    import torch
+    from modules import shared
+
+    from lora_trainer.models.prompts import encode_captions
+    from lora_trainer.webui.host import WebUIHost
+
+    cfg = _cfg(Path(tempfile.mkdtemp()), "c")
+    backend = WebUIHost().make_backend(cfg)
+    wrapped = sd_model.cond_stage_model.wrapped
+    print(f"emphasis mode: {shared.opts.emphasis}", flush=True)
+    with torch.no_grad():
+        for weighted in (False, True):
+            worst = 0.0
+            for caption in CAPTIONS:
+                webui = backend.encode_prompts([caption], weighted=weighted).context
+                cli = encode_captions(wrapped.tokenizer, wrapped.transformer, [caption], backend.device, weighted)
+                worst = max(worst, float((webui.float() - cli.float()).abs().max()))
+                if not weighted and not torch.equal(webui, cli):
+                    break
+            ok = worst == 0.0 if not weighted else worst < 1e-4
+            check(f"{'weighted' if weighted else 'literal'} captions: WebUI == command line", ok,
+                  f"largest difference {worst:.3g} over {len(CAPTIONS)} captions")
+        raw = sd_model.get_learned_conditioning([CAPTIONS[0]])
+        literal = backend.encode_prompts([CAPTIONS[0]]).context
+        check("the WebUI's parser would have weighed '(vocaloid)' and '[sketch]'", not torch.equal(raw, literal),
+              f"difference without escaping {float((raw - literal).abs().max()):.3g}")
+        batch = backend.encode_prompts(CAPTIONS, weighted=True).context
+        alone = torch.cat([backend.encode_prompts([c], weighted=True).context for c in CAPTIONS])
+        together = sd_model.get_learned_conditioning(CAPTIONS)[:, :77]
+        check("a caption's conditioning does not depend on its batch-mates", torch.equal(batch, alone),
+              "per caption: equal; the WebUI's own batched call differs by "
+              f"{float((together - alone).abs().max()):.3g}")
+    WebUIHost().release_backend(backend)
+
+
+def _dataset(folder: Path, captions: list[str]) -> Path:
+    from lora_trainer.data.demo_set import make_demo_dataset
+
+    data = make_demo_dataset(folder, n=len(captions), resolution=64)
+    with open(data / "metadata.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([("file_name", "text"), *((f"demo_{i:03d}.png", c) for i, c in enumerate(captions))])
+    return data
+
+
+def _cfg(tmp: Path, name: str, **extra):
+    from lora_trainer.config import config_from_dict
+
+    data = _dataset(tmp / "data", CAPTIONS)
+    return config_from_dict({"train_data_dir": str(data), "resolution": 64, "max_train_steps": 2, "batch_size": 2,
+                             "gradient_accumulation_steps": 1, "save_steps": 0, "output_name": name,
+                             "output_dir": str(tmp / "run"), "log_with": "none", **extra})
+
+
+def zero_mean_check(sd_model) -> None:
+    from lora_trainer.ui.session import TrainingSession
+    from lora_trainer.webui.host import WebUIHost
+
+    tmp = Path(tempfile.mkdtemp())
+    cfg = _cfg(tmp, "zero")
+    transformer = sd_model.cond_stage_model.wrapped.transformer
+    target = sd_model.cond_stage_model.wrapped.tokenizer("plain words only", add_special_tokens=False).input_ids
+    real = transformer.forward
+
+    def forward(input_ids=None, *args, **kwargs):  # a text encoder whose output is 0 for one caption
+        out = real(input_ids, *args, **kwargs)
+        for row, ids in enumerate(input_ids.tolist()):
+            if ids[1: 1 + len(target)] == target:
+                out.last_hidden_state[row] = 0.0
+        return out
+
+    transformer.forward = forward
+    try:
+        status = TrainingSession.start(WebUIHost(), cfg).wait(600)
+    finally:
+        del transformer.forward
+    ok = (status.state == "error" and "'plain words only'" in status.message and "Emphasis mode" in status.message
+          and status.step == 0)
+    check("a zero-mean caption stops the run before step 1, named", ok, status.message[:300])
+
+
+def training_check(sd_model) -> None:
+    import torch
+    from modules import shared
+
+    from lora_trainer.ui.session import TrainingSession
+    from lora_trainer.webui.host import WebUIHost
+
+    def unet_out():
+        torch.manual_seed(0)
+        x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
+        with torch.no_grad():
+            return sd_model.apply_model(x, t, sd_model.get_learned_conditioning(["a red circle"]))
+
+    before = unet_out()
+    name = f"e2e_inprocess_{int(time.time())}"
+    tmp = Path(tempfile.mkdtemp())
+    t0 = time.time()
+    status = TrainingSession.start(WebUIHost(), _cfg(tmp, name)).wait(1800)
+    took = time.time() - t0
+    lora = Path(shared.cmd_opts.lora_dir) / f"{name}.safetensors"
+    check("training through the tab's session finishes", status.state == "done" and lora.is_file(),
+          f"{status.state}: {status.message} ({status.step} steps, {took:.0f} s)")
+    check("the UNet computes exactly what it did before", torch.equal(before, unet_out()), "bitwise")
+    lora.unlink(missing_ok=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ckpt", default=None)
+    parser.add_argument("--project", default=str(Path(__file__).resolve().parents[2]))
+    args = parser.parse_args()
+    sys.path.insert(0, args.project)
+    sd_model = start_webui(args.ckpt)
+    t0 = time.time()
+    conditioning_checks(sd_model)
+    zero_mean_check(sd_model)
+    training_check(sd_model)
+    summary = {"passed": sum(r["ok"] for r in results), "failed": sum(not r["ok"] for r in results),
+               "seconds": round(time.time() - t0, 1), "results": results}
+    print(json.dumps(summary, indent=1))
+    return 0 if summary["failed"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
