@@ -4,8 +4,6 @@ diffusers file."""
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 from PIL import Image
@@ -18,7 +16,6 @@ from lora_trainer.config import config_from_dict
 from lora_trainer.data.dataset import ImageDataset, scan_dataset
 from lora_trainer.data.demo_set import make_demo_dataset
 from lora_trainer.data.images import load_image, shown_sizes
-from lora_trainer.engine.run import Run
 from lora_trainer.engine.trainer import train
 from lora_trainer.export.kohya import LdmUnetNames, peft_to_kohya
 from lora_trainer.models.base import TEXT_ENCODER, TEXT_ENCODER_2, UNET
@@ -34,9 +31,6 @@ from lora_trainer.models.tiny_sdxl import (
 
 CPU = torch.device("cpu")
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1"]
-# until engine/run.py passes each batch's image sizes into the conditioning, SDXL cannot train
-RUN_FILLS_TIME_IDS = "time_ids" in inspect.getsource(Run.micro_batch)
-needs_time_ids = pytest.mark.skipif(not RUN_FILLS_TIME_IDS, reason="engine/run.py does not pass time_ids yet")
 
 
 def sdxl_cfg(data_dir, out_dir, model=TINY_SDXL_NAME, **training):
@@ -203,7 +197,6 @@ def test_time_ids_are_each_images_real_size_and_crop(tmp_path):
         assert shown_sizes(s.path, 128)[1] == load_image(s.path, draft=128).size
 
 
-@needs_time_ids
 @pytest.mark.parametrize("cached", [True, False])
 def test_time_ids_reach_the_unet(tmp_path, cached):
     want = sized_images(tmp_path / "imgs")
@@ -236,7 +229,6 @@ def unet_inputs(seed=1):
              "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64], [1024.0, 768, 16, 0, 64, 64]])})
 
 
-@needs_time_ids
 @pytest.mark.parametrize("model, prediction", [(TINY_SDXL_NAME, "epsilon"), (TINY_SDXL_V_NAME, "v")])
 def test_sdxl_trains_and_exports_kohya_names(demo_data, tmp_path, model, prediction):
     cfg = sdxl_cfg(demo_data, tmp_path / "out", model=model, max_train_steps=3, target_modules=TARGETS,
@@ -259,7 +251,6 @@ def test_sdxl_trains_and_exports_kohya_names(demo_data, tmp_path, model, predict
     assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in te
 
 
-@needs_time_ids
 def test_sdxl_diffusers_file_agrees_with_the_kohya_file(demo_data, tmp_path, diffusers_loader):  # noqa: F811
     from diffusers import StableDiffusionXLPipeline
 
@@ -282,7 +273,6 @@ def test_sdxl_diffusers_file_agrees_with_the_kohya_file(demo_data, tmp_path, dif
     torch.testing.assert_close(outputs["diffusers"], want, **TOL)
 
 
-@needs_time_ids
 def test_sdxl_resume_gives_the_same_lora(demo_data, tmp_path):
     settings = dict(max_train_steps=4, batch_size=2, gradient_accumulation_steps=1, lora_dropout=0.1,
                     noise_offset=0.05, min_snr_gamma=5.0, save_steps=2, cache_latents=True)
