@@ -20,6 +20,9 @@ FORBIDDEN = {
     "export": ("gradio", "modules", "lora_trainer.ui", "lora_trainer.webui", "lora_trainer.engine"),
     "utils": ("gradio", "modules", "lora_trainer.ui", "lora_trainer.webui", "lora_trainer.engine"),
     "ui": ("modules", "lora_trainer.webui"),
+    # the parts of the UI that anything may use without gradio (a test, an HTTP API)
+    **{f"ui/{name}.py": ("gradio", "modules", "lora_trainer.webui")
+       for name in ("host", "run_config", "session", "views")},
 }
 
 
@@ -62,3 +65,19 @@ def test_no_function_is_longer_than_a_screen():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({lines} lines)")
     assert long == []
+
+
+def test_the_tabs_fields_are_the_configs_own():
+    """Every advanced field of the tab is a config key, its default the config's, its choices the config's."""
+    from lora_trainer.config import CHOICES, FIELD_SECTION, Config
+    from lora_trainer.ui.run_config import ADVANCED, PRESETS, ZERO_IS_NONE, field_default
+
+    defaults = Config()
+    for key, _label, kind, extra in ADVANCED:
+        assert key in FIELD_SECTION, key
+        section = getattr(defaults, FIELD_SECTION[key])
+        expected = getattr(section, key)
+        assert field_default(key, defaults) == (0 if expected is None and key in ZERO_IS_NONE else expected)
+        if kind == "choice":
+            assert extra == list(CHOICES[key]), key
+    assert all(k in FIELD_SECTION for preset in PRESETS.values() for k in preset)

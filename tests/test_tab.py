@@ -116,6 +116,7 @@ def test_errors_name_the_tabs_fields_not_config_keys(tmp_path):
 # --- the sweep and Send to txt2img
 class SweepHost:
     name = "webui"
+    chooses_base_model, sends_to_txt2img = False, True
     image_size = None
 
     def __init__(self):
@@ -209,7 +210,7 @@ def test_a_run_through_the_tab_turns_stop_on_and_off_clears_the_sweep_and_counts
     (data / "broken.png").write_bytes(b"not a png")
     host = DiffusersHost(tmp_path / "Lora", run_root=tmp_path / "runs")
     advanced = {"resolution": 64, "max_train_steps": 2, "batch_size": 2, "save_steps": 0, "epochs": 1}
-    values = [advanced.get(key, tab._default(key, tab.config_from_dict({"train_data_dir": "-"})))
+    values = [advanced.get(key, tab.field_default(key, tab.config_from_dict({"train_data_dir": "-"})))
               for key, *_ in tab.ADVANCED]
     updates = list(tab.run_training(host, str(data), "tab_lora", "Style (defaults)", "tiny-demo", "", 0, *values))
     status, loss, samples, lora_file, stop, gallery, sweep_status, size, trained = updates[0]

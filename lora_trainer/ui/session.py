@@ -12,34 +12,13 @@ import threading
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 from lora_trainer.engine.events import Callbacks, StepInfo, StopFlag, TrainResult
 from lora_trainer.errors import LoraTrainerError
+from lora_trainer.ui.host import Host
 from lora_trainer.ui.views import status_line
 
 log = logging.getLogger(__name__)
-
-
-class Host(Protocol):
-    """What a UI needs from the program it runs in."""
-
-    name: str
-
-    def lock(self):
-        """A context manager held for the whole run: the GPU is the run's alone (no generation meanwhile)."""
-
-    def make_backend(self, cfg):
-        """The TrainingBackend to train; raise LoraTrainerError with a clear message if there is none."""
-
-    def release_backend(self, backend) -> None:
-        """Take the LoRA layers out again and leave the model exactly as it was (also after errors)."""
-
-    def sample(self, backend, prompt: str, seed: int):
-        """One image from the model as it is now (with the LoRA being trained), or None."""
-
-    def publish(self, lora_path: Path, name: str) -> Path:
-        """Put the finished LoRA where generation finds it (never over an existing file); return where."""
 
 
 def friendly_error(e: BaseException) -> str:

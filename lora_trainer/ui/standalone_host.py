@@ -18,10 +18,12 @@ SWEEP_ADAPTER = "lora_trainer_sweep"
 
 class DiffusersHost:
     name = "standalone"
+    chooses_base_model, sends_to_txt2img = True, False  # a diffusers model named in the tab; no txt2img tab
 
     def __init__(self, lora_dir: str | Path = "output/Lora", run_root: str | Path = "output/runs",
                  base_model: str = "tiny-demo"):
         self.lora_dir, self.run_root = Path(lora_dir), Path(run_root)
+        self.image_size = None  # (the standalone sweep defaults to the model's own size; see tab.default_sweep_size)
         self.base_model = base_model
         self._lock = threading.Lock()
 

@@ -14,85 +14,26 @@ from pathlib import Path
 
 import gradio as gr
 
-from lora_trainer.config import CHOICES, Config, config_from_dict
+from lora_trainer.config import Config, config_from_dict
 from lora_trainer.errors import LoraTrainerError
 from lora_trainer.ui import compat
 from lora_trainer.ui.dataset_panel import create_dataset_panel
+from lora_trainer.ui.run_config import (
+    ADVANCED,
+    FIELD_LABELS,
+    NO_LORA,
+    PRESETS,
+    build_config,
+    field_default,
+    tab_message,
+)
 from lora_trainer.ui.session import TrainingSession, friendly_error
-from lora_trainer.ui.views import SWEEP_STEPS, loss_svg, message_html, name_fields, status_html
+from lora_trainer.ui.views import SWEEP_STEPS, loss_svg, message_html, status_html
 
 log = logging.getLogger(__name__)
 PREFIX = "lora_trainer_"
 POLL_S = 1.0
 DEFAULT_STRENGTHS = "0, 0.25, 0.5, 0.75, 1"
-CONFIG_SOURCE = "Train LoRA tab"  # config_from_dict's source: the start of its messages, dropped in the tab
-
-PRESETS = {
-    "Style (defaults)": {},
-    "Character / object": {"lora_rank": 16, "lora_alpha": 16, "train_text_encoder": True},
-    "Quick test (100 steps)": {"max_train_steps": 100, "save_steps": 0},
-}
-# the advanced fields: (config key, label, kind, extra)
-ADVANCED = [
-    ("lora_rank", "Rank", "number", None), ("lora_alpha", "Alpha", "number", None),
-    ("lora_dropout", "Dropout", "number", None), ("learning_rate", "Learning rate", "number", None),
-    ("batch_size", "Batch size", "number", None),
-    ("gradient_accumulation_steps", "Gradient accumulation", "number", None),
-    ("epochs", "Epochs", "number", None), ("max_train_steps", "Max steps (0 = use epochs)", "number", None),
-    ("resolution", "Resolution", "number", None), ("lr_scheduler", "LR scheduler", "choice",
-                                                   ["constant", "constant_with_warmup", "cosine", "linear"]),
-    ("lr_warmup_steps", "Warmup steps", "number", None), ("mixed_precision", "Mixed precision", "choice",
-                                                          list(CHOICES["mixed_precision"])),
-    ("gradient_checkpointing", "Gradient checkpointing (less memory)", "bool", None),
-    ("attention", "Attention kernel while training (auto = PyTorch SDPA)", "choice", list(CHOICES["attention"])),
-    ("compile_unet", "Compile the UNet (torch.compile: faster steps after a first one of minutes)", "bool", None),
-    ("cache_latents_to_disk", "Keep encoded images on disk (the next run of this name skips encoding)", "bool", None),
-    ("train_text_encoder", "Train the text encoder", "bool", None),
-    ("caption_prefix", "Trigger word prefix", "text", None),
-    ("min_snr_gamma", "Min-SNR gamma (0 = off)", "number", None), ("noise_offset", "Noise offset", "number", None),
-    ("seed", "Seed", "number", None), ("save_steps", "Checkpoint every N steps (0 = off)", "number", None),
-]
-ZERO_IS_NONE = {"max_train_steps", "min_snr_gamma"}
-# config key → the label of the field that sets it, to name fields in messages as the tab shows them
-FIELD_LABELS = {"train_data_dir": "Dataset folder", "output_name": "LoRA name", "base_model": "Base model",
-                **{key: label for key, label, *_ in ADVANCED}}
-NO_LORA = ("Train a LoRA first: the strength sweep and Send to txt2img use the file in 'Trained LoRA' "
-           "(or put the path of a .safetensors LoRA there).")
-
-
-def _default(key: str, cfg: Config):
-    for section in (cfg.data, cfg.model, cfg.training, cfg.output):
-        if hasattr(section, key):
-            value = getattr(section, key)
-            return 0 if value is None and key in ZERO_IS_NONE else value
-    raise KeyError(key)
-
-
-def build_config(host, data_dir: str, name: str, preset: str, base_model: str | None, advanced: dict) -> Config:
-    """The tab's fields → a validated Config (errors name config keys; ``tab_message`` names the fields)."""
-    if not str(data_dir).strip():
-        raise LoraTrainerError("choose the dataset folder (a folder of images with captions)")
-    name = (name or "").strip()
-    if not name:
-        raise LoraTrainerError("give the LoRA a name (it becomes <lora:name:0.7>)")
-    settings = dict(host.defaults()) if hasattr(host, "defaults") else {}
-    settings.update(PRESETS.get(preset, {}))
-    for key, value in advanced.items():  # gr.Number gives floats; the config takes 8.0 for an int field
-        settings[key] = None if key in ZERO_IS_NONE and not value else value
-    settings.update(train_data_dir=str(data_dir).strip(), output_name=name,
-                    output_dir=str(Path(host.run_root) / name))
-    if base_model:
-        settings["base_model"] = base_model.strip()
-    return config_from_dict(settings, source=CONFIG_SOURCE)
-
-
-def tab_message(error) -> str:
-    """An error's message as the tab says it: fields by their labels (``Dataset folder: …``), not config keys."""
-    text = str(error)
-    if text.startswith(f"{CONFIG_SOURCE}: "):
-        text = text[len(CONFIG_SOURCE) + 2:]
-    return name_fields(text, FIELD_LABELS)
-
 
 # --- training
 def training_view(session: TrainingSession) -> tuple:
@@ -111,7 +52,7 @@ def run_training(host, data_dir, name, preset, base_model, sample_prompt, sample
     keep = gr.update()
     try:
         advanced = {key: v for (key, *_), v in zip(ADVANCED, values)}
-        cfg = build_config(host, data_dir, name, preset, base_model if host.name == "standalone" else None, advanced)
+        cfg = build_config(host, data_dir, name, preset, base_model if host.chooses_base_model else None, advanced)
         session = TrainingSession.start(host, cfg, sample_prompt=sample_prompt or "",
                                         sample_every=int(sample_every or 0))
     except LoraTrainerError as e:
@@ -141,10 +82,9 @@ def default_sweep_size(host, base_model: str | None = None) -> int:
     last = TrainingSession.active()
     if last is not None and last.status.state in ("done", "stopped"):
         return int(last.cfg.data.resolution)
-    if getattr(host, "image_size", None):
+    if host.image_size:
         return int(host.image_size)
-    native = getattr(host, "native_image_size", None)
-    return int(native(base_model or None)) if native else 512
+    return int(host.native_image_size(base_model or None))
 
 
 def _sweep_settings(host, strength_text, size, steps, base) -> tuple[list[float], int, int]:
@@ -174,7 +114,7 @@ def sweep_images(host, lora_path, prompt, negative, seed, strength_text, size, s
     try:
         values, size, steps = _sweep_settings(host, strength_text, size, steps, base)
         images = host.sweep(path, prompt or "", negative or "", values, int(seed or 0),
-                            base_model=base if host.name == "standalone" else None, steps=steps, size=size)
+                            base_model=base if host.chooses_base_model else None, steps=steps, size=size)
     except LoraTrainerError as e:
         return [], message_html(tab_message(e), "error")
     except Exception as e:  # the tab stays usable; the console has the traceback
@@ -211,7 +151,7 @@ def _advanced_fields(defaults: Config) -> dict:
     with gr.Accordion("Advanced", open=False, elem_id=f"{PREFIX}advanced"):
         with gr.Row():
             for key, label, kind, extra in ADVANCED:
-                value, elem = _default(key, defaults), f"{PREFIX}{key}"
+                value, elem = field_default(key, defaults), f"{PREFIX}{key}"
                 if kind == "choice":
                     made[key] = gr.Dropdown(label=label, choices=extra, value=value, elem_id=elem)
                 elif kind == "text":
@@ -221,7 +161,7 @@ def _advanced_fields(defaults: Config) -> dict:
         with gr.Row():  # checkboxes on their own row, so their labels are not squeezed
             for key, label, kind, _ in ADVANCED:
                 if kind == "bool":
-                    made[key] = gr.Checkbox(label=label, value=_default(key, defaults), elem_id=f"{PREFIX}{key}")
+                    made[key] = gr.Checkbox(label=label, value=field_default(key, defaults), elem_id=f"{PREFIX}{key}")
     return made
 
 
@@ -234,7 +174,7 @@ def _training_panel(host, defaults: Config) -> dict:
         ui["preset"] = gr.Dropdown(label="Preset", choices=list(PRESETS), value=next(iter(PRESETS)),
                                    elem_id=f"{PREFIX}preset")
     ui["base_model"] = gr.Textbox(label="Base model (diffusers folder, .safetensors, or tiny-demo)",
-                                  value=defaults.model.base_model, visible=host.name == "standalone",
+                                  value=defaults.model.base_model, visible=host.chooses_base_model,
                                   elem_id=f"{PREFIX}base_model")
     ui["advanced"] = _advanced_fields(defaults)
     with gr.Row():
@@ -262,7 +202,7 @@ def _sweep_panel(host) -> dict:
             ui["steps"] = gr.Number(label="Sampling steps", value=SWEEP_STEPS, elem_id=f"{PREFIX}sweep_steps")
         with gr.Row():
             ui["sweep"] = gr.Button("Strength sweep", elem_id=f"{PREFIX}sweep")
-            ui["send"] = gr.Button("Send to txt2img", interactive=False, visible=host.name != "standalone",
+            ui["send"] = gr.Button("Send to txt2img", interactive=False, visible=host.sends_to_txt2img,
                                    elem_id=f"{PREFIX}send_txt2img")
         ui["status"] = gr.HTML(message_html(NO_LORA, "hint"), elem_id=f"{PREFIX}sweep_status")
         ui["gallery"] = compat.gallery("Strength sweep", f"{PREFIX}sweep_gallery", columns=5)
@@ -272,7 +212,7 @@ def _sweep_panel(host) -> dict:
 
 def create_tab(host) -> gr.Blocks:
     """The tab's Blocks for ``host`` (the WebUI's or the standalone app's)."""
-    defaults = config_from_dict({"train_data_dir": "-", **(host.defaults() if hasattr(host, "defaults") else {})})
+    defaults = config_from_dict({"train_data_dir": "-", **host.defaults()})
     with gr.Blocks(analytics_enabled=False) as tab, gr.Column(elem_id=f"{PREFIX}root"):
         with gr.Row():
             with gr.Column(scale=3):

@@ -73,6 +73,7 @@ def _emphasis_mode(cfg) -> str:
 
 class WebUIHost:
     name = "webui"
+    chooses_base_model, sends_to_txt2img = False, True  # the model the WebUI has loaded; its txt2img tab
 
     def __init__(self):
         self._saved = None  # (requires_grad flags, training modes) of the model before training

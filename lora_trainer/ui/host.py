@@ -1,0 +1,47 @@
+"""What a UI needs from the program it runs in: the WebUI (``lora_trainer.webui.host.WebUIHost``) or the
+standalone app (``lora_trainer.ui.standalone_host.DiffusersHost``). No gradio here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+
+class Host(Protocol):
+    name: str  # for logs and messages ("webui", "standalone")
+    chooses_base_model: bool  # the tab shows a base-model field (the WebUI trains the model it has loaded)
+    sends_to_txt2img: bool  # the tab offers "Send to txt2img" (a WebUI with a txt2img tab to send to)
+    run_root: Path  # run folders go under it, one per LoRA name
+    lora_dir: Path  # where published LoRAs go
+    image_size: int | None  # the last training's resolution (samples and sweeps are made at it); None before one
+
+    def defaults(self) -> dict:
+        """Config values the tab starts from (flat keys), on top of the config's own defaults."""
+
+    def lock(self):
+        """A context manager held for the whole run: the GPU is the run's alone (no generation meanwhile)."""
+
+    def captioners(self) -> dict[str, str]:
+        """The auto-captioners the tab offers: name → what it is."""
+
+    def make_captioner(self, kind: str, model: str | None, download: bool):
+        """A captioner (``caption(images) -> list[str]``) of ``kind``."""
+
+    def make_backend(self, cfg):
+        """The TrainingBackend to train; raise LoraTrainerError with a clear message if there is none."""
+
+    def release_backend(self, backend) -> None:
+        """Take the LoRA layers out again and leave the model exactly as it was (also after errors)."""
+
+    def sample(self, backend, prompt: str, seed: int):
+        """One image from the model as it is now (with the LoRA being trained), or None."""
+
+    def sweep(self, lora_path: Path, prompt: str, negative: str, strengths: list[float], seed: int,
+              base_model: str | None = None, steps: int | None = None, size: int | None = None) -> list:
+        """(strength, image) for each strength: the same prompt and seed with the LoRA at that strength."""
+
+    def publish(self, lora_path: Path, name: str) -> Path:
+        """Put the finished LoRA where generation finds it (never over an existing file); return where."""
+
+    def native_image_size(self, base_model: str | None = None) -> int:
+        """The model's own image size (512 for SD 1.x, 1024 for SDXL)."""
