@@ -12,6 +12,7 @@ import difflib
 import logging
 import math
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -374,8 +375,11 @@ def load_config(path, overrides: list[str] | None = None) -> Config:
     return config_from_dict(apply_overrides(d, overrides), source=str(path))
 
 
-def validate_paths(cfg: Config, check_base_model: bool = True) -> None:
-    """Check every path in the config exists and is of the right kind; raise one error listing all."""
+def validate_paths(cfg: Config, check_base_model: bool = True, builtin_models: Collection[str] = ()) -> None:
+    """Check every path in the config exists and is of the right kind; raise one error listing all.
+
+    ``builtin_models``: the names ``model.base_model`` may take besides a path (the models package owns them,
+    ``models.factory.BUILTIN_MODELS``; the config imports nothing of it). The config's own default is one."""
     errors = []
     data_dir = Path(cfg.data.train_data_dir).expanduser().resolve()
     if not cfg.data.train_data_dir:
@@ -387,7 +391,8 @@ def validate_paths(cfg: Config, check_base_model: bool = True) -> None:
         if not meta.is_file():
             errors.append(f"data.metadata_path: {meta} does not exist")
     base = cfg.model.base_model
-    if check_base_model and base != "tiny-demo":
+    builtin_models = tuple(dict.fromkeys([ModelConfig.base_model, *builtin_models]))
+    if check_base_model and base not in builtin_models:
         p = Path(base).expanduser().resolve()
         if p.suffix.lower() in PICKLE_SUFFIXES:
             errors.append(f"model.base_model: {p} is a pickle checkpoint, which is not loaded for safety "
@@ -399,8 +404,9 @@ def validate_paths(cfg: Config, check_base_model: bool = True) -> None:
             if not (p / "model_index.json").is_file():
                 errors.append(f"model.base_model: {p} is a folder without model_index.json (not a diffusers model)")
         else:
-            errors.append(f"model.base_model: {p} does not exist (expected a diffusers folder, a .safetensors "
-                          "checkpoint, or tiny-demo)")
+            named = f", or a built-in model: {', '.join(builtin_models)}" if builtin_models else ""
+            errors.append(f"model.base_model: {p} does not exist (expected a diffusers folder or a .safetensors "
+                          f"checkpoint{named})")
     resume = cfg.training.resume_from_checkpoint
     if resume and resume != "latest" and not Path(resume).expanduser().is_dir():
         errors.append(f"training.resume_from_checkpoint: {Path(resume).expanduser().resolve()} is not an existing "

@@ -193,6 +193,21 @@ def test_validate_paths(tmp_path):
         validate_paths(Config())  # "" would otherwise resolve to the working directory
 
 
+def test_built_in_model_names_come_from_the_models_package(tmp_path):
+    from lora_trainer.models.factory import BUILTIN_MODELS
+
+    assert set(BUILTIN_MODELS) == {"tiny-demo", "tiny-sdxl", "tiny-sdxl-v"}
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for name in BUILTIN_MODELS:
+        validate_paths(config_from_dict({"train_data_dir": str(images), "base_model": name}),
+                       builtin_models=BUILTIN_MODELS)
+    listed = "tiny-sdxx does not exist.*built-in model: tiny-demo, tiny-sdxl, tiny-sdxl-v\\)"
+    with pytest.raises(ConfigError, match=listed):
+        validate_paths(config_from_dict({"train_data_dir": str(images), "base_model": "tiny-sdxx"}),
+                       builtin_models=BUILTIN_MODELS)
+
+
 def test_template_shows_the_true_defaults(tmp_path):
     cfg = config_from_dict(yaml.safe_load(default_template()))
     assert cfg == dataclasses.replace(Config(), data=dataclasses.replace(Config().data,

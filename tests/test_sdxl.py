@@ -273,6 +273,25 @@ def test_sdxl_diffusers_file_agrees_with_the_kohya_file(demo_data, tmp_path, dif
     torch.testing.assert_close(outputs["diffusers"], want, **TOL)
 
 
+def test_the_command_line_trains_tiny_sdxl_by_name(demo_data, tmp_path, capsys):
+    """``base_model: tiny-sdxl`` (the name, not its folder) passes the path checks and trains an SDXL LoRA."""
+    import yaml
+
+    from lora_trainer.cli import main
+
+    cfg_path = tmp_path / "sdxl.yaml"
+    cfg_path.write_text(yaml.safe_dump({
+        "data": {"train_data_dir": str(demo_data), "resolution": 64},
+        "model": {"base_model": TINY_SDXL_NAME},
+        "training": {"max_train_steps": 1, "batch_size": 2, "gradient_accumulation_steps": 1},
+        "output": {"output_dir": str(tmp_path / "run"), "output_name": "xl", "save_diffusers_format": False,
+                   "log_with": "none"}}))
+    assert main(["train", "--config", str(cfg_path)]) == 0, capsys.readouterr().err
+    with safe_open(tmp_path / "run" / "xl.safetensors", "pt") as f:
+        assert f.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+        assert f.metadata()["ss_sd_model_name"] == TINY_SDXL_NAME
+
+
 def test_sdxl_resume_gives_the_same_lora(demo_data, tmp_path):
     settings = dict(max_train_steps=4, batch_size=2, gradient_accumulation_steps=1, lora_dropout=0.1,
                     noise_offset=0.05, min_snr_gamma=5.0, save_steps=2, cache_latents=True)

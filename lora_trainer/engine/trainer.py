@@ -40,7 +40,7 @@ from lora_trainer.engine.run_dir import holds_a_run, prepare_run_dir, remove_run
 from lora_trainer.errors import DatasetError
 from lora_trainer.models.attention import resolve_attention
 from lora_trainer.models.compiling import check_compile
-from lora_trainer.models.factory import load_backend, pick_device, precision_of
+from lora_trainer.models.factory import BUILTIN_MODELS, load_backend, pick_device, precision_of
 
 __all__ = ["TrainingError", "train"]
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
     started = time.time()
     t, d = cfg.training, cfg.data
     # --- everything that can be wrong with the input is checked before any model loads
-    validate_paths(cfg, check_base_model=backend is None and make_backend is None)
+    validate_paths(cfg, check_base_model=backend is None and make_backend is None, builtin_models=BUILTIN_MODELS)
     check_optimizer(t.optimizer)
     resolve_attention(t.attention)
     device_type = None

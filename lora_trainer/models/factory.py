@@ -9,7 +9,11 @@ from __future__ import annotations
 import torch
 
 from lora_trainer.config import resolve_mixed_precision
+from lora_trainer.models.tiny import TINY_NAME
+from lora_trainer.models.tiny_sdxl import TINY_SDXL_NAMES
 
+# the names model.base_model may take besides a path: the tiny models, built in code on first use
+BUILTIN_MODELS = (TINY_NAME, *TINY_SDXL_NAMES)
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
