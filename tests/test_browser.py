@@ -95,7 +95,7 @@ def test_train_and_sweep_in_the_browser(app, tmp_path):
         page.click("#lora_trainer_train_generate")
 
         seen, stop_enabled = set(), False
-        deadline = time.time() + 180
+        deadline = time.time() + 900  # (a loaded 2-core machine: 6 steps and 2 samples can take minutes)
         while time.time() < deadline:
             text = page.inner_text("#lora_trainer_status")
             seen.add(text)
@@ -119,7 +119,7 @@ def test_train_and_sweep_in_the_browser(app, tmp_path):
         page.wait_for_function("document.querySelector('#lora_trainer_stop').disabled", timeout=30_000)
         shot(page, "finished", "#lora_trainer_root")
         page.wait_for_function("document.querySelectorAll('#lora_trainer_sweep_gallery img').length >= 5",
-                               timeout=180_000)
+                               timeout=600_000)
         assert page.eval_on_selector_all("#lora_trainer_samples img", "e => e.length") >= 2
         assert page.input_value("#lora_trainer_sweep_size input") == "64"  # the training's resolution
         assert "browser_lora: strengths 0, 0.25" in page.inner_text("#lora_trainer_sweep_status")
