@@ -55,6 +55,8 @@ class TrainingConfig:
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     train_text_encoder: bool = False
     text_encoder_lr: float = 5e-5
+    train_text_encoder_2: bool = False  # SDXL's second text encoder (CLIP ViT-bigG)
+    text_encoder_2_lr: float | None = None  # None = text_encoder_lr
     text_encoder_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
     batch_size: int = 4
     epochs: int = 10
@@ -86,6 +88,15 @@ class TrainingConfig:
     compile_mode: str = "default"
     channels_last: bool = False
     attention: str = "auto"
+
+    @property
+    def trains_text_encoders(self) -> bool:
+        """Whether a text encoder gets LoRA layers (then captions are encoded every step, with gradients)."""
+        return self.train_text_encoder or self.train_text_encoder_2
+
+    @property
+    def text_encoder_2_learning_rate(self) -> float:
+        return self.text_encoder_lr if self.text_encoder_2_lr is None else self.text_encoder_2_lr
 
 
 @dataclass
@@ -137,6 +148,7 @@ RANGES = {
     "lora_alpha": (0, None, True, False),
     "lora_dropout": (0, 1, False, True),
     "text_encoder_lr": (0, None, True, False),
+    "text_encoder_2_lr": (0, None, True, False),
     "batch_size": (1, None, False, False),
     "epochs": (1, None, False, False),
     "max_train_steps": (1, None, False, False),

@@ -292,9 +292,10 @@ def test_the_command_line_trains_tiny_sdxl_by_name(demo_data, tmp_path, capsys):
         assert f.metadata()["ss_sd_model_name"] == TINY_SDXL_NAME
 
 
-def test_sdxl_resume_gives_the_same_lora(demo_data, tmp_path):
+@pytest.mark.parametrize("encoders", [{}, {"train_text_encoder_2": True, "text_encoder_2_lr": 1e-3}])
+def test_sdxl_resume_gives_the_same_lora(demo_data, tmp_path, encoders):
     settings = dict(max_train_steps=4, batch_size=2, gradient_accumulation_steps=1, lora_dropout=0.1,
-                    noise_offset=0.05, min_snr_gamma=5.0, save_steps=2, cache_latents=True)
+                    noise_offset=0.05, min_snr_gamma=5.0, save_steps=2, cache_latents=True, **encoders)
     straight = train(sdxl_cfg(demo_data, tmp_path / "a", model=TINY_SDXL_V_NAME, **settings), progress=False)
     first = train(sdxl_cfg(demo_data, tmp_path / "b", model=TINY_SDXL_V_NAME, **settings), callbacks=StopAt(2),
                   progress=False)
@@ -305,3 +306,95 @@ def test_sdxl_resume_gives_the_same_lora(demo_data, tmp_path):
     a, b = load_file(straight.lora_path), load_file(resumed.lora_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(a[k].abs().sum() > 0 for k in a if k.endswith("lora_up.weight"))
+    if encoders:
+        assert any(k.startswith("lora_te2_") and k.endswith("lora_up.weight") and a[k].abs().sum() > 0 for k in a)
+
+
+# --- the second text encoder ------------------------------------------------------------------------------
+
+def test_each_text_encoder_gets_its_own_learning_rate(tmp_path):
+    from lora_trainer.engine.run import add_lora_layers
+
+    def groups(**training):
+        backend = load_sdxl_backend(TINY_SDXL_NAME, CPU, torch.float32)
+        cfg = sdxl_cfg(tmp_path, tmp_path / "out", learning_rate=1e-4, text_encoder_lr=1e-5, **training)
+        modules, groups = add_lora_layers(cfg, backend)
+        return list(modules), [g["lr"] for g in groups]
+
+    assert groups() == ([UNET], [1e-4])
+    assert groups(train_text_encoder_2=True) == ([UNET, TEXT_ENCODER_2], [1e-4, 1e-5])  # None: text_encoder_lr
+    assert groups(train_text_encoder=True, train_text_encoder_2=True, text_encoder_2_lr=2e-5) == (
+        [UNET, TEXT_ENCODER, TEXT_ENCODER_2], [1e-4, 1e-5, 2e-5])
+
+
+def test_a_second_text_encoder_on_a_model_without_one_is_refused_before_any_step(demo_data, tmp_path):
+    from lora_trainer.errors import ConfigError
+
+    steps = StopAt(99)
+    with pytest.raises(ConfigError, match="training.train_text_encoder_2: this model \\(sd_v1\\) has one text"):
+        train(make_cfg(demo_data, tmp_path / "out", train_text_encoder_2=True), callbacks=steps, progress=False)
+    assert steps.seen == [] and not (tmp_path / "out").exists()
+
+
+def test_resume_must_match_the_second_text_encoder(tmp_path):
+    from lora_trainer.engine.checkpoint import Restored, check_resume, run_settings
+    from lora_trainer.errors import ConfigError
+
+    cfg = sdxl_cfg(tmp_path, tmp_path / "out", train_text_encoder_2=True)
+    settings = run_settings(cfg.training, 4, 4, cfg.data)
+    assert settings["train_text_encoder_2"] is True
+    old = Restored(2, {}, {}, {"settings": {k: v for k, v in settings.items() if k != "train_text_encoder_2"}})
+    with pytest.raises(ConfigError, match="train_text_encoder_2: False in the checkpoint, True now"):
+        check_resume(old, settings, tmp_path)  # (a checkpoint from before the key: one encoder trained)
+
+
+def test_sdxl_second_text_encoder_trains_and_both_files_carry_it(demo_data, tmp_path, diffusers_loader):  # noqa: F811
+    from diffusers import StableDiffusionXLPipeline
+
+    backend = load_sdxl_backend(TINY_SDXL_NAME, CPU, torch.float32)
+    cfg = sdxl_cfg(demo_data, tmp_path / "out", max_train_steps=3, train_text_encoder_2=True, text_encoder_2_lr=2e-2,
+                   gradient_checkpointing=True, lora_rank=4, lora_alpha=2)
+    result = train(cfg, backend=backend, progress=False)
+    with safe_open(result.lora_path, "pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert meta["ss_text_encoder_lr"] == "0.02" and meta["ss_network_train_unet_only"] == "False"
+    assert "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in keys
+    assert not any(k.startswith(("lora_te1_", "lora_te_")) for k in keys)
+    with safe_open(result.diffusers_path, "pt") as f:
+        assert any(k.startswith("text_encoder_2.") for k in f.keys())
+        assert not any(k.startswith("text_encoder.") for k in f.keys())
+    if not diffusers_loader:
+        pytest.skip("diffusers 0.30.3 loads text-encoder LoRAs via transformers' load_adapter (transformers >= 4.34)")
+    ids = backend.tokenizer_2(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+
+    def second(pipe):
+        return pipe.text_encoder_2(ids, output_hidden_states=True).hidden_states[-2]
+
+    backend.text_encoder_2.eval()
+    with torch.no_grad():
+        want = second(backend.pipe)  # the trained model: its second encoder with the LoRA layers in
+    for lora_file in (result.lora_path, result.diffusers_path):
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_model_path(), local_files_only=True)
+        with torch.no_grad():
+            before = second(pipe)
+            pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+            got = second(pipe)
+        assert not torch.allclose(before, want, atol=1e-3), "the LoRA changes nothing: the test could not fail"
+        torch.testing.assert_close(got, want, **TOL, msg=lambda m, f=lora_file.name: f"{f}: {m}")
+
+
+def test_metadata_names_each_text_encoders_learning_rate(tmp_path):
+    from lora_trainer.export.metadata import ModelFacts, RunFacts, build_metadata
+
+    cfg = sdxl_cfg(tmp_path, tmp_path / "out", text_encoder_lr=1e-5, text_encoder_2_lr=2e-5)
+
+    def meta(te1, te2):
+        run = RunFacts(steps=1, max_train_steps=1, epoch=1, num_epochs=1, num_train_images=1, tag_frequency={},
+                       trained_text_encoder=te1, trained_text_encoder_2=te2, started_at=0.0, finished_at=1.0)
+        m = build_metadata(cfg, ModelFacts("sdxl", "epsilon", TINY_SDXL_NAME), run)
+        return m["ss_text_encoder_lr"], m["ss_network_train_unet_only"]
+
+    assert meta(False, False) == ("None", "True")
+    assert meta(True, False) == ("1e-05", "False")
+    assert meta(False, True) == ("2e-05", "False")
+    assert meta(True, True) == ("[1e-05, 2e-05]", "False")  # per encoder, as newer kohya writes its list

@@ -105,13 +105,16 @@ def find_latest(output_dir: Path) -> Path | None:
 
 
 # What a resumed run must share with the run that wrote the checkpoint: the LoRA's shape...
-MUST_MATCH = ("lora_rank", "lora_alpha", "target_modules", "train_text_encoder", "text_encoder_target_modules")
+MUST_MATCH = ("lora_rank", "lora_alpha", "target_modules", "train_text_encoder", "text_encoder_target_modules",
+              "train_text_encoder_2")
 # ...and what decides the data order, the step count and the pixels (else it continues, but not as one run
-# would); a checkpoint without fast_jpeg_decode or weighted_captions is from before they existed, when every
-# image decoded fully and captions were read as written
+# would); a checkpoint without fast_jpeg_decode, weighted_captions or train_text_encoder_2 is from before they
+# existed, when every image decoded fully, captions were read as written and one text encoder could train
 SHOULD_MATCH = ("batch_size", "gradient_accumulation_steps", "seed", "num_images", "total_steps",
                 "fast_jpeg_decode", "weighted_captions")
 DATA_SETTINGS = ("fast_jpeg_decode", "weighted_captions")
+# what a checkpoint from before a setting existed was trained with
+BEFORE = {"fast_jpeg_decode": False, "weighted_captions": False, "train_text_encoder_2": False}
 
 
 def run_settings(training, num_images: int, total_steps: int, data) -> dict:
@@ -122,7 +125,7 @@ def run_settings(training, num_images: int, total_steps: int, data) -> dict:
 
 def check_resume(restored: Restored, settings: dict, path: Path) -> None:
     """Refuse a checkpoint whose LoRA has another shape; warn where the continuation will differ."""
-    saved = {"fast_jpeg_decode": False, "weighted_captions": False, **restored.info.get("settings", {})}
+    saved = {**BEFORE, **restored.info.get("settings", {})}
     wrong = [f"{k}: {saved[k]!r} in the checkpoint, {settings[k]!r} now" for k in MUST_MATCH
              if k in saved and saved[k] != settings[k]]
     if wrong:

@@ -12,7 +12,7 @@ from lora_trainer.engine.lora import lora_state_dict
 from lora_trainer.export.diffusers_format import save_diffusers_lora
 from lora_trainer.export.kohya import peft_to_kohya, save_kohya_lora
 from lora_trainer.export.metadata import ModelFacts, RunFacts, build_metadata
-from lora_trainer.models.base import TEXT_ENCODER, UNET
+from lora_trainer.models.base import TEXT_ENCODER, TEXT_ENCODER_2, UNET
 from lora_trainer.utils.fsio import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -34,14 +34,16 @@ def export_lora(run_dir: Path, cfg, backend, modules: dict, scan, started_at: fl
     facts = RunFacts(steps=steps, max_train_steps=plan.total_steps, epoch=-(-steps // plan.steps_per_epoch),
                      num_epochs=plan.epochs, num_train_images=len(scan.samples),
                      tag_frequency={Path(cfg.data.train_data_dir).name: scan.tag_frequency()},
-                     trained_text_encoder=TEXT_ENCODER in modules, started_at=started_at, finished_at=time.time())
+                     trained_text_encoder=TEXT_ENCODER in modules, trained_text_encoder_2=TEXT_ENCODER_2 in modules,
+                     started_at=started_at, finished_at=time.time())
     metadata = build_metadata(cfg, model, facts)
     lora_path = save_kohya_lora(run_dir / f"{out.output_name}.safetensors", tensors, metadata)
     diffusers_path = None
     if out.save_diffusers_format:
         diffusers_path = save_diffusers_lora(run_dir, states[UNET], states.get(TEXT_ENCODER),
                                              rank=t.lora_rank, alpha=t.lora_alpha,
-                                             dtype=SAVE_DTYPES[out.save_precision])
+                                             dtype=SAVE_DTYPES[out.save_precision],
+                                             text_encoder_2_state=states.get(TEXT_ENCODER_2))
     return lora_path, diffusers_path
 
 

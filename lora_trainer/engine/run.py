@@ -29,8 +29,8 @@ from lora_trainer.engine.lora import add_lora, load_trainable_state, trainable_s
 from lora_trainer.engine.loss import diffusion_loss
 from lora_trainer.engine.optim import build_optimizer
 from lora_trainer.engine.run_dir import latent_cache_dir
-from lora_trainer.errors import LoraTrainerError
-from lora_trainer.models.base import TEXT_ENCODER, UNET
+from lora_trainer.errors import ConfigError, LoraTrainerError
+from lora_trainer.models.base import TEXT_ENCODER, TEXT_ENCODER_2, UNET
 from lora_trainer.models.factory import DTYPES
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class Run:
             if cache is not None and cache.has_text:
                 cond = cache.text(batch["captions"], self.device)
             else:
-                with torch.no_grad() if not t.train_text_encoder else contextlib.nullcontext():
+                with torch.no_grad() if not t.trains_text_encoders else contextlib.nullcontext():
                     cond = backend.encode_prompts(batch["captions"], weighted=d.weighted_captions)
             if backend.uses_time_ids:  # SDXL: each image's size and crop offset (mirrored with it)
                 cond = cond.with_time_ids(self.dataset.time_ids(batch["indices"], flip).to(self.device))
@@ -189,22 +189,33 @@ class Run:
 
 
 # --- set-up
-def add_lora_layers(cfg: Config, backend) -> tuple[dict, list[dict]]:
-    """LoRA layers into the UNet (and the text encoder if it trains); returns them and the parameter groups."""
+def trained_modules(cfg: Config, backend) -> dict:
+    """The components that get LoRA layers: the UNet, and each text encoder the config trains. A second text
+    encoder on a model without one (SD 1.x/2.x) is refused here, before any step."""
     t = cfg.training
     components = backend.components()
-    modules = {UNET: components[UNET]}
-    if t.train_text_encoder:
-        modules[TEXT_ENCODER] = components[TEXT_ENCODER]
+    if t.train_text_encoder_2 and components.get(TEXT_ENCODER_2) is None:
+        raise ConfigError(f"training.train_text_encoder_2: this model ({backend.family}) has one text encoder; "
+                          "set train_text_encoder_2: false (train_text_encoder trains its text encoder)")
+    wanted = {UNET: True, TEXT_ENCODER: t.train_text_encoder, TEXT_ENCODER_2: t.train_text_encoder_2}
+    return {name: components[name] for name, on in wanted.items() if on}
+
+
+def add_lora_layers(cfg: Config, backend) -> tuple[dict, list[dict]]:
+    """LoRA layers into the UNet (and each text encoder that trains); returns them and the parameter groups,
+    each text encoder with its own learning rate."""
+    t = cfg.training
+    modules = trained_modules(cfg, backend)
+    lrs = {UNET: t.learning_rate, TEXT_ENCODER: t.text_encoder_lr, TEXT_ENCODER_2: t.text_encoder_2_learning_rate}
     torch.manual_seed(t.seed)  # LoRA A's initialisation
     groups = []
     for name, module in modules.items():
-        te = name == TEXT_ENCODER
+        te = name != UNET
         params = add_lora(module, rank=t.lora_rank, alpha=t.lora_alpha, dropout=t.lora_dropout,
                           target_modules=t.text_encoder_target_modules if te else t.target_modules,
                           key="training.text_encoder_target_modules" if te else "training.target_modules")
         cast_training_params(module, dtype=torch.float32)  # LoRA in fp32, frozen base in compute dtype
-        groups.append({"params": params, "lr": t.text_encoder_lr if te else t.learning_rate})
+        groups.append({"params": params, "lr": lrs[name]})
         module.train()
     return modules, groups
 
@@ -214,7 +225,8 @@ def prepare_backend(cfg: Config, backend) -> None:
     are in, so the compiled graph has them)."""
     t = cfg.training
     if t.gradient_checkpointing:
-        backend.enable_gradient_checkpointing(text_encoder=t.train_text_encoder)
+        second = {"text_encoder_2": True} if t.train_text_encoder_2 else {}  # (only SDXL's backend has one)
+        backend.enable_gradient_checkpointing(text_encoder=t.train_text_encoder, **second)
     backend.use_attention(t.attention)
     if t.channels_last:
         if backend.can_channels_last:
@@ -258,7 +270,7 @@ def build_cache(run: Run, progress: bool) -> EncodedCache | None:
     digests = [getattr(run.scan.facts.get(s.path), "digest", "") or None for s in run.scan.samples]
     store = LatentStore(latent_cache_dir(cfg.output.output_dir)) if t.cache_latents_to_disk else None
     return EncodedCache.build(run.backend, run.dataset, t.seed, flips=d.random_flip,
-                              texts=t.cache_text_embeddings and not t.train_text_encoder, progress=progress,
+                              texts=t.cache_text_embeddings and not t.trains_text_encoders, progress=progress,
                               digests=digests, store=store, weighted=d.weighted_captions)
 
 

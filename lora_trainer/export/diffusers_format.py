@@ -38,24 +38,29 @@ def fold_alpha(state: dict, rank: int, alpha: float, dtype: torch.dtype | None =
 
 
 def save_diffusers_lora(output_dir, unet_state: dict, text_encoder_state: dict | None = None, *,
-                        rank: int, alpha: float, dtype: torch.dtype | None = None) -> Path:
+                        rank: int, alpha: float, dtype: torch.dtype | None = None,
+                        text_encoder_2_state: dict | None = None) -> Path:
     """Write ``<output_dir>/pytorch_lora_weights.safetensors`` and return its path.
 
-    ``unet_state`` / ``text_encoder_state``: peft state dicts (``get_peft_model_state_dict``). Written by
-    diffusers' own ``save_lora_weights``, then moved into place without replacing an existing file
+    ``unet_state`` / ``text_encoder_state`` / ``text_encoder_2_state`` (SDXL's second encoder): peft state dicts
+    (``get_peft_model_state_dict``). Written by diffusers' own ``save_lora_weights`` (the SDXL pipeline's when
+    there is a second encoder: its keys go under ``text_encoder_2.``, where ``StableDiffusionXLPipeline.
+    load_lora_weights`` reads them), then moved into place without replacing an existing file
     (``pytorch_lora_weights_1.safetensors`` if the name is taken).
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    def folded(state, text_encoder=True):
+        return fold_alpha(state, rank, alpha, dtype, text_encoder=text_encoder) if state else None
+
+    layers = {"unet_lora_layers": folded(unet_state, text_encoder=False),
+              "text_encoder_lora_layers": folded(text_encoder_state)}
+    pipeline = StableDiffusionPipeline
+    if text_encoder_2_state:
+        pipeline, layers["text_encoder_2_lora_layers"] = StableDiffusionXLPipeline, folded(text_encoder_2_state)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".diffusers-lora-") as tmp:
-        StableDiffusionPipeline.save_lora_weights(
-            tmp,
-            unet_lora_layers=fold_alpha(unet_state, rank, alpha, dtype),
-            text_encoder_lora_layers=(fold_alpha(text_encoder_state, rank, alpha, dtype, text_encoder=True)
-                                      if text_encoder_state else None),
-            safe_serialization=True,
-        )
+        pipeline.save_lora_weights(tmp, **layers, safe_serialization=True)
         data = (Path(tmp) / WEIGHT_NAME).read_bytes()
     return write_new(output_dir / WEIGHT_NAME, lambda p: p.write_bytes(data))

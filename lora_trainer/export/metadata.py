@@ -56,7 +56,8 @@ class ModelFacts:
 class RunFacts:
     """What the run did beyond its config: ``steps`` done of ``max_train_steps``, ``epoch`` reached of
     ``num_epochs``, ``num_train_images`` (images × repeats), ``tag_frequency`` ``{dataset: {tag: count}}``,
-    ``trained_text_encoder``, ``started_at``/``finished_at`` unix seconds (``time.time()``)."""
+    ``trained_text_encoder`` (and ``trained_text_encoder_2``, SDXL's second), ``started_at``/``finished_at`` unix
+    seconds (``time.time()``)."""
 
     steps: int
     max_train_steps: int
@@ -67,6 +68,17 @@ class RunFacts:
     trained_text_encoder: bool
     started_at: float
     finished_at: float
+    trained_text_encoder_2: bool = False  # SDXL's second text encoder
+
+
+def _text_encoder_lr(t, run: RunFacts):
+    """ss_text_encoder_lr: the trained encoder's rate; with two that differ, both as a list (as newer kohya
+    writes its per-encoder ``text_encoder_lr``); None when only the UNet trained."""
+    lrs = ([t.text_encoder_lr] if run.trained_text_encoder else []) + (
+        [t.text_encoder_2_learning_rate] if run.trained_text_encoder_2 else [])
+    if not lrs:
+        return None
+    return lrs[0] if len(set(lrs)) == 1 else lrs
 
 
 def build_metadata(cfg, model: ModelFacts, run: RunFacts, extra: dict | None = None) -> dict[str, str]:
@@ -79,7 +91,7 @@ def build_metadata(cfg, model: ModelFacts, run: RunFacts, extra: dict | None = N
     t, out = cfg.training, cfg.output
     base_model_version, prediction_type = model.family, model.prediction_type
     resolution, clip_skip, comment = cfg.data.resolution, model.clip_skip, out.training_comment
-    text_encoder_lr = t.text_encoder_lr if run.trained_text_encoder else None
+    text_encoder_lr = _text_encoder_lr(t, run)
     base_model_version = ALIASES.get(base_model_version, base_model_version)
     prediction_type = ALIASES.get(prediction_type, prediction_type)
     if base_model_version not in FAMILIES:
