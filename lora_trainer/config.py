@@ -45,6 +45,7 @@ class DataConfig:
 class ModelConfig:
     base_model: str = "tiny-demo"
     prediction_type: str = "auto"
+    zero_terminal_snr: str = "auto"  # auto: as the model's scheduler says (rescale_betas_zero_snr)
 
 
 @dataclass
@@ -133,6 +134,7 @@ ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout", "lr": "learning_rat
 CHOICES = {
     "caption_priority": ("csv", "txt"),
     "prediction_type": ("auto", "epsilon", "v_prediction"),
+    "zero_terminal_snr": ("auto", "true", "false"),
     "lr_scheduler": ("constant", "constant_with_warmup", "cosine", "linear"),
     "optimizer": ("adamw", "adamw8bit"),
     "mixed_precision": ("auto", "no", "fp16", "bf16"),
@@ -222,6 +224,8 @@ def _convert(name: str, value, key: str):
         if isinstance(value, bool):
             return value, None
         return None, f"{key}: expected true or false, got {shown}"
+    if isinstance(value, bool) and name in CHOICES and str(value).lower() in CHOICES[name]:
+        value = str(value).lower()  # a choice of true / false, as YAML reads it
     if value is False and name in CHOICES:  # YAML 1.1 reads a bare no / off as false
         value = next((c for c in ("no", "none") if c in CHOICES[name]), value)
     if base is int:
@@ -267,7 +271,11 @@ def _convert(name: str, value, key: str):
 
 
 def _check_special(values: dict[str, dict], errors: list[str]) -> None:
-    d, o, t = values["data"], values["output"], values["training"]
+    d, o, t, m = values["data"], values["output"], values["training"], values["model"]
+    if m.get("zero_terminal_snr") == "true" and m.get("prediction_type") == "epsilon":
+        errors.append("model.zero_terminal_snr: true needs the v-prediction target (at the last timestep the noisy "
+                      "latent is pure noise: predicting the noise teaches nothing there); set model.prediction_type: "
+                      "v_prediction (or auto, for a v-prediction model), or model.zero_terminal_snr: false")
     if t.get("cache_latents_to_disk") is True and t.get("cache_latents") is False:
         errors.append("training.cache_latents_to_disk: true needs training.cache_latents: true (the disk cache "
                       "keeps the cached latents); set cache_latents: true, or cache_latents_to_disk: false")

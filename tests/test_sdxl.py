@@ -341,7 +341,7 @@ def test_resume_must_match_the_second_text_encoder(tmp_path):
     from lora_trainer.errors import ConfigError
 
     cfg = sdxl_cfg(tmp_path, tmp_path / "out", train_text_encoder_2=True)
-    settings = run_settings(cfg.training, 4, 4, cfg.data)
+    settings = run_settings(cfg.training, 4, 4, cfg.data, cfg.model)
     assert settings["train_text_encoder_2"] is True
     old = Restored(2, {}, {}, {"settings": {k: v for k, v in settings.items() if k != "train_text_encoder_2"}})
     with pytest.raises(ConfigError, match="train_text_encoder_2: False in the checkpoint, True now"):

@@ -111,27 +111,36 @@ MUST_MATCH = ("lora_rank", "lora_alpha", "target_modules", "train_text_encoder",
 # would); a checkpoint without fast_jpeg_decode, weighted_captions or train_text_encoder_2 is from before they
 # existed, when every image decoded fully, captions were read as written and one text encoder could train
 SHOULD_MATCH = ("batch_size", "gradient_accumulation_steps", "seed", "num_images", "total_steps",
-                "fast_jpeg_decode", "weighted_captions")
+                "fast_jpeg_decode", "weighted_captions", "zero_terminal_snr")
 DATA_SETTINGS = ("fast_jpeg_decode", "weighted_captions")
 # what a checkpoint from before a setting existed was trained with
-BEFORE = {"fast_jpeg_decode": False, "weighted_captions": False, "train_text_encoder_2": False}
+BEFORE = {"fast_jpeg_decode": False, "weighted_captions": False, "train_text_encoder_2": False,
+          "zero_terminal_snr": "false"}
 
 
-def run_settings(training, num_images: int, total_steps: int, data) -> dict:
+def run_settings(training, num_images: int, total_steps: int, data, model) -> dict:
     settings = {k: getattr(training, k) for k in MUST_MATCH + SHOULD_MATCH[:3]}
     return dict(settings, num_images=num_images, total_steps=total_steps,
-                **{k: getattr(data, k) for k in DATA_SETTINGS})
+                **{k: getattr(data, k) for k in DATA_SETTINGS}, zero_terminal_snr=model.zero_terminal_snr)
 
 
-def check_resume(restored: Restored, settings: dict, path: Path) -> None:
-    """Refuse a checkpoint whose LoRA has another shape; warn where the continuation will differ."""
+def left_to_the_model(cfg) -> tuple[str, ...]:
+    """The settings whose value the loaded model decides (``auto``): a resume checks them once it is loaded."""
+    return ("zero_terminal_snr",) if cfg.model.zero_terminal_snr == "auto" else ()
+
+
+def check_resume(restored: Restored, settings: dict, path: Path, keys=None) -> None:
+    """Refuse a checkpoint whose LoRA has another shape; warn where the continuation will differ. ``keys``: check
+    only these settings (the rest were checked before, or are checked once the model is loaded)."""
     saved = {**BEFORE, **restored.info.get("settings", {})}
+    keys = set(settings if keys is None else keys)
     wrong = [f"{k}: {saved[k]!r} in the checkpoint, {settings[k]!r} now" for k in MUST_MATCH
-             if k in saved and saved[k] != settings[k]]
+             if k in keys and k in saved and saved[k] != settings[k]]
     if wrong:
         raise ConfigError(f"training.resume_from_checkpoint: {path} was trained with other LoRA settings ("
                           + "; ".join(wrong) + "); use the same settings or start a new run")
-    differ = [f"{k} {saved[k]!r} → {settings[k]!r}" for k in SHOULD_MATCH if k in saved and saved[k] != settings[k]]
+    differ = [f"{k} {saved[k]!r} → {settings[k]!r}" for k in SHOULD_MATCH
+              if k in keys and k in saved and saved[k] != settings[k]]
     if differ:
         log.warning("resuming with changed settings (%s): training continues, but not exactly as the "
                     "uninterrupted run would have", ", ".join(differ))

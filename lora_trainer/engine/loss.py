@@ -1,7 +1,9 @@
 """The diffusion training loss, following the diffusers training examples (train_text_to_image_lora.py).
 
 DDPM noise at a random timestep, target epsilon or v from the scheduler's prediction type, optional
-noise offset and min-SNR-gamma weighting; the scheduler and ``compute_snr`` come from diffusers.
+noise offset and min-SNR-gamma weighting; the scheduler and ``compute_snr`` come from diffusers. With a
+zero-terminal-SNR schedule (``zero_terminal_snr_schedule``, arXiv 2305.08891) the last timestep is pure
+noise: its SNR is 0, the target must be v, and min-SNR takes its v form (the epsilon form divides by 0 there).
 """
 
 from __future__ import annotations
@@ -9,10 +11,45 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lora_trainer.errors import ConfigError
+
+
+def has_zero_terminal_snr(scheduler) -> bool:
+    """Whether a diffusers scheduler's betas are rescaled to zero terminal SNR (its config says so)."""
+    return bool(scheduler.config.get("rescale_betas_zero_snr", False))
+
+
+def zero_terminal_snr_schedule(scheduler, setting: str, prediction_type: str):
+    """The training noise schedule for ``model.zero_terminal_snr`` (auto: as the model's scheduler says; true:
+    betas rescaled to zero terminal SNR, via the scheduler's own ``rescale_betas_zero_snr``; false: not), and
+    whether it has zero terminal SNR. Zero terminal SNR with an epsilon target is refused: at the last step the
+    noisy latent is the noise itself, so predicting it teaches nothing and its min-SNR weight divides by 0."""
+    from diffusers import DDPMScheduler
+
+    wanted = has_zero_terminal_snr(scheduler) if setting == "auto" else setting == "true"
+    if wanted and prediction_type != "v_prediction":
+        why = "the model's scheduler has rescale_betas_zero_snr: true" if setting == "auto" else "it is set"
+        raise ConfigError(f"model.zero_terminal_snr: {setting} ({why}) needs the v-prediction target, but the model "
+                          f"predicts {prediction_type}: set model.prediction_type: v_prediction, or "
+                          "model.zero_terminal_snr: false")
+    if wanted != has_zero_terminal_snr(scheduler):
+        scheduler = DDPMScheduler.from_config(scheduler.config, rescale_betas_zero_snr=wanted)
+    if wanted and float(scheduler.alphas_cumprod[-1]) != 0.0:
+        raise RuntimeError("the installed diffusers did not rescale the betas to zero terminal SNR")
+    return scheduler, wanted
+
+
+def sample_timesteps(scheduler, bsz: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    """Uniform over every training timestep, the last one (SNR 0 with zero terminal SNR) included."""
+    return torch.randint(0, scheduler.config.num_train_timesteps, (bsz,), generator=generator, device=device).long()
+
 
 def diffusion_loss(backend, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None,
-                   noise_offset: float = 0.0, min_snr_gamma: float | None = None) -> torch.Tensor:
-    scheduler = backend.noise_scheduler
+                   noise_offset: float = 0.0, min_snr_gamma: float | None = None,
+                   timesteps: torch.Tensor | None = None, scheduler=None) -> torch.Tensor:
+    """The loss of one batch; ``timesteps`` fixed (a test) or else sampled with ``generator``; ``scheduler``: the
+    run's noise schedule (``zero_terminal_snr_schedule``), else the backend's."""
+    scheduler = backend.noise_scheduler if scheduler is None else scheduler
     bsz = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     if noise_offset:
@@ -20,8 +57,8 @@ def diffusion_loss(backend, latents: torch.Tensor, cond: torch.Tensor, generator
         offset = torch.randn((bsz, latents.shape[1], 1, 1), generator=generator, device=latents.device,
                              dtype=latents.dtype)
         noise = noise + noise_offset * offset
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (bsz,), generator=generator,
-                              device=latents.device).long()
+    if timesteps is None:
+        timesteps = sample_timesteps(scheduler, bsz, generator, latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
 
     if backend.prediction_type == "epsilon":
@@ -35,7 +72,8 @@ def diffusion_loss(backend, latents: torch.Tensor, cond: torch.Tensor, generator
     if min_snr_gamma is None:
         return F.mse_loss(pred.float(), target.float(), reduction="mean")
 
-    # Min-SNR weighting, https://arxiv.org/abs/2303.09556 (as in the diffusers examples)
+    # Min-SNR weighting, https://arxiv.org/abs/2303.09556 (as in the diffusers examples); the v form
+    # min(snr, γ) / (snr + 1) is 0, not NaN, at SNR 0
     from diffusers.training_utils import compute_snr
 
     snr = compute_snr(scheduler, timesteps)

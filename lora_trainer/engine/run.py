@@ -26,7 +26,7 @@ from lora_trainer.engine.cache import EncodedCache, LatentStore
 from lora_trainer.engine.diagnose import StepInputs, diagnose_nonfinite_loss
 from lora_trainer.engine.events import CallbackList, StepInfo
 from lora_trainer.engine.lora import add_lora, load_trainable_state, trainable_state
-from lora_trainer.engine.loss import diffusion_loss
+from lora_trainer.engine.loss import diffusion_loss, zero_terminal_snr_schedule
 from lora_trainer.engine.optim import build_optimizer
 from lora_trainer.engine.run_dir import latent_cache_dir
 from lora_trainer.errors import ConfigError, LoraTrainerError
@@ -57,6 +57,7 @@ class Run:
     generator: torch.Generator  # noise, timesteps and flips
     dataset: ImageDataset
     cbs: CallbackList
+    noise_scheduler: object = None  # the training noise schedule (with_noise_schedule); None: the backend's
     cache: EncodedCache | None = None
     step: int = 0
     first_loss: float | None = None
@@ -110,7 +111,7 @@ class Run:
             if backend.uses_time_ids:  # SDXL: each image's size and crop offset (mirrored with it)
                 cond = cond.with_time_ids(self.dataset.time_ids(batch["indices"], flip).to(self.device))
             loss = diffusion_loss(backend, latents, cond, self.generator, noise_offset=t.noise_offset,
-                                  min_snr_gamma=t.min_snr_gamma)
+                                  min_snr_gamma=t.min_snr_gamma, scheduler=self.noise_scheduler)
         return loss, latents, cond
 
     def backward(self, batch, group_size: int) -> float:
@@ -272,6 +273,19 @@ def build_cache(run: Run, progress: bool) -> EncodedCache | None:
     return EncodedCache.build(run.backend, run.dataset, t.seed, flips=d.random_flip,
                               texts=t.cache_text_embeddings and not t.trains_text_encoders, progress=progress,
                               digests=digests, store=store, weighted=d.weighted_captions)
+
+
+def with_noise_schedule(cfg: Config, backend) -> tuple[Config, object]:
+    """model.zero_terminal_snr decided on the loaded model (auto: as its scheduler says): the training noise
+    schedule, and the config saying what is used (true / false), for the snapshot, the resume settings and the
+    metadata. The backend's own scheduler is left as it is."""
+    scheduler, zero_snr = zero_terminal_snr_schedule(backend.noise_scheduler, cfg.model.zero_terminal_snr,
+                                                     backend.prediction_type)
+    if zero_snr:
+        log.info("zero terminal SNR: the noise schedule's betas are rescaled (the last timestep is pure noise)%s",
+                 " as the model's scheduler says" if cfg.model.zero_terminal_snr == "auto" else "")
+    model = dataclasses.replace(cfg.model, zero_terminal_snr="true" if zero_snr else "false")
+    return dataclasses.replace(cfg, model=model), scheduler
 
 
 def with_precision(cfg: Config, precision: str) -> Config:

@@ -34,6 +34,7 @@ from lora_trainer.engine.run import (
     optimization,
     prepare_backend,
     resume,
+    with_noise_schedule,
     with_precision,
 )
 from lora_trainer.engine.run_dir import holds_a_run, prepare_run_dir, remove_run, run_log_file
@@ -107,12 +108,13 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
     plan = Plan.from_config(cfg, len(scan.samples))
     run_dir, resume_from = prepare_run_dir(cfg.output.output_dir, t.resume_from_checkpoint)
     restored = ckpt.load_checkpoint(resume_from) if resume_from else None
-    settings = ckpt.run_settings(t, plan.num_images, plan.total_steps, d)
+    settings = ckpt.run_settings(t, plan.num_images, plan.total_steps, d, cfg.model)
+    pending = ckpt.left_to_the_model(cfg)  # (checked once the model is loaded)
     if restored is not None:
-        ckpt.check_resume(restored, settings, resume_from)
+        ckpt.check_resume(restored, settings, resume_from, keys=set(settings) - set(pending))
 
     fresh_run = restored is None and not holds_a_run(run_dir)
-    prepared = _Prepared(run_dir, scan, plan, restored, resume_from, settings, started)
+    prepared = _Prepared(run_dir, scan, plan, restored, resume_from, pending, started)
     try:
         if make_backend is not None:
             backend = make_backend()
@@ -134,7 +136,7 @@ class _Prepared:
     plan: Plan
     restored: ckpt.Restored | None
     resume_from: Path | None
-    settings: dict
+    pending: tuple[str, ...]  # resume settings the model decides (engine.checkpoint.left_to_the_model)
     started: float
 
 
@@ -150,8 +152,11 @@ def _set_up(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepared
     if backend is None:
         backend = load_backend(cfg)
     precision = precision_of(backend)
-    cfg = with_precision(cfg, precision)
+    cfg, noise_scheduler = with_noise_schedule(with_precision(cfg, precision), backend)
     t, plan, run_dir = cfg.training, prepared.plan, prepared.run_dir
+    settings = ckpt.run_settings(t, plan.num_images, plan.total_steps, cfg.data, cfg.model)  # as used
+    if prepared.restored is not None and prepared.pending:
+        ckpt.check_resume(prepared.restored, settings, prepared.resume_from, keys=prepared.pending)
     save_config(cfg, run_dir / "config.yaml")
     log.info("run folder %s; %d steps (%d epochs of %d), batch %d × accumulation %d, %s on %s",
              run_dir, plan.total_steps, plan.epochs, plan.steps_per_epoch, t.batch_size,
@@ -159,10 +164,10 @@ def _set_up(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepared
     modules, groups = add_lora_layers(cfg, backend)
     prepare_backend(cfg, backend)
     optimizer, lr_scheduler, scaler = optimization(cfg, groups, backend.device, precision, plan.total_steps)
-    run = Run(cfg, backend, precision, plan, prepared.scan, run_dir, prepared.settings, modules, groups, optimizer,
+    run = Run(cfg, backend, precision, plan, prepared.scan, run_dir, settings, modules, groups, optimizer,
               lr_scheduler, scaler, torch.Generator(device=backend.device).manual_seed(t.seed),
               ImageDataset(prepared.scan.samples, cfg.data.resolution, cfg.data.fast_jpeg_decode),
-              CallbackList([callbacks]))
+              CallbackList([callbacks]), noise_scheduler=noise_scheduler)
     if prepared.restored is not None:
         resume(run, prepared.restored, prepared.resume_from)
     run.cache = build_cache(run, progress)
