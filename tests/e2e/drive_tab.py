@@ -41,6 +41,7 @@ H = Path(os.environ.get("LORA_HARNESS", Path.home() / "a1111-host"))
 SHOTS = Path(os.environ.get("SHOTS", Path.home() / "a1111-host-shots"))
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 TRAIN_STEPS = int(os.environ.get("TRAIN_STEPS", "8"))
+TRAIN_TIMEOUT = int(os.environ.get("TRAIN_TIMEOUT", "3600"))  # s a training may take (a loaded 2-core machine: long)
 BATCH = int(os.environ.get("BATCH", "2"))
 SWEEP_STRENGTHS = os.environ.get("SWEEP_STRENGTHS", "0, 0.5, 1")
 TG_STRENGTHS = os.environ.get("TG_STRENGTHS", "0, 1")
@@ -142,10 +143,10 @@ def open_tab(page):
     page.wait_for_selector(f"{P}root", state="visible", timeout=30000)
 
 
-def wait_training(page, name, timeout_s=1800, shot_during=None, prev=None):
+def wait_training(page, name, timeout_s=None, shot_during=None, prev=None):
     """Until the status shows done/error (or the LoRA path appears). Returns (status text, seen during).
     prev: the status before the click; while it (or gradio's "queue: …" line) still shows, it is not this run's."""
-    t0 = time.time()
+    t0, timeout_s = time.time(), timeout_s or TRAIN_TIMEOUT
     during, seen = None, []
     while time.time() - t0 < timeout_s:
         s = status_text(page)
