@@ -116,6 +116,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    # the keys (flat names) the YAML document set; the others may take their model family's default
+    explicit: frozenset = field(default_factory=frozenset, compare=False, repr=False)
 
 
 SECTION_CLASSES = {"data": DataConfig, "model": ModelConfig, "training": TrainingConfig, "output": OutputConfig}
@@ -342,7 +344,8 @@ def config_from_dict(d: dict | None, source: str = "<config>") -> Config:
     if errors:
         listed = errors[0] if len(errors) == 1 else f"{len(errors)} problems:\n  " + "\n  ".join(errors)
         raise ConfigError(f"{source}: {listed}")
-    return Config(**{sec: cls(**values[sec]) for sec, cls in SECTION_CLASSES.items()})
+    return Config(**{sec: cls(**values[sec]) for sec, cls in SECTION_CLASSES.items()},
+                  explicit=frozenset(name for items in values.values() for name in items))
 
 
 def _parse_yaml(text: str, source: str):
@@ -446,7 +449,32 @@ def resolve_mixed_precision(value: str, device_type: str, bf16_supported: bool) 
 
 
 def config_to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    return {sec: dataclasses.asdict(getattr(cfg, sec)) for sec in SECTION_CLASSES}
+
+
+# What a model family trains best with where the config does not say (issue 16; kohya's SDXL LoRA guide: dim 32,
+# alpha 16, UNet lr 1e-4, text encoder lr 1e-5; SD 2.x 768-v at its own 768). SD 1.x keeps the dataclasses' own.
+FAMILY_DEFAULTS = {
+    "sdxl": {"resolution": 1024, "lora_rank": 32, "lora_alpha": 16.0, "learning_rate": 1e-4,
+             "text_encoder_lr": 1e-5},
+    "sd_v2_768_v": {"resolution": 768},
+}
+FAMILY_NAMES = {"sdxl": "SDXL", "sd_v2_768_v": "SD 2.x 768-v"}
+
+
+def family_defaults_left(cfg: Config, family: str | None) -> dict:
+    """The family's defaults for the keys ``cfg`` did not set (``Config.explicit``)."""
+    return {k: v for k, v in FAMILY_DEFAULTS.get(family, {}).items() if k not in cfg.explicit}
+
+
+def with_family_defaults(cfg: Config, family: str | None) -> tuple[Config, list[str]]:
+    """``cfg`` with its model family's defaults where it set nothing, and a line for each one applied
+    (``SDXL: resolution 1024 (not set in the config)``)."""
+    applied = family_defaults_left(cfg, family)
+    sections = {sec: {k: v for k, v in applied.items() if FIELD_SECTION[k] == sec} for sec in SECTION_CLASSES}
+    out = dataclasses.replace(cfg, **{sec: dataclasses.replace(getattr(cfg, sec), **items)
+                                      for sec, items in sections.items() if items})
+    return out, [f"{FAMILY_NAMES.get(family, family)}: {k} {v} (not set in the config)" for k, v in applied.items()]
 
 
 def save_config(cfg: Config, path) -> Path:

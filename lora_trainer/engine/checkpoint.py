@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from lora_trainer.config import FAMILY_DEFAULTS
 from lora_trainer.errors import ConfigError
 from lora_trainer.utils.fsio import atomic_dir
 
@@ -125,8 +126,11 @@ def run_settings(training, num_images: int, total_steps: int, data, model) -> di
 
 
 def left_to_the_model(cfg) -> tuple[str, ...]:
-    """The settings whose value the loaded model decides (``auto``): a resume checks them once it is loaded."""
-    return ("zero_terminal_snr",) if cfg.model.zero_terminal_snr == "auto" else ()
+    """The settings whose value the loaded model decides (``auto``, or a family default where the config set
+    nothing): a resume checks them once it is loaded."""
+    family_keys = {k for defaults in FAMILY_DEFAULTS.values() for k in defaults} - set(cfg.explicit)
+    pending = [k for k in MUST_MATCH + SHOULD_MATCH if k in family_keys]
+    return tuple(pending) + (("zero_terminal_snr",) if cfg.model.zero_terminal_snr == "auto" else ())
 
 
 def check_resume(restored: Restored, settings: dict, path: Path, keys=None) -> None:

@@ -18,7 +18,7 @@ import torch
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 
-from lora_trainer.config import Config
+from lora_trainer.config import Config, with_family_defaults
 from lora_trainer.data.dataset import ImageDataset
 from lora_trainer.engine import checkpoint as ckpt
 from lora_trainer.engine.batches import Plan, batch_stream
@@ -286,6 +286,22 @@ def with_noise_schedule(cfg: Config, backend) -> tuple[Config, object]:
                  " as the model's scheduler says" if cfg.model.zero_terminal_snr == "auto" else "")
     model = dataclasses.replace(cfg.model, zero_terminal_snr="true" if zero_snr else "false")
     return dataclasses.replace(cfg, model=model), scheduler
+
+
+def model_family(backend) -> str:
+    """The family whose defaults (config.FAMILY_DEFAULTS) a model takes: sdxl, sd_v2_768_v, sd_v2, sd_v1."""
+    if backend.family == "sd_v2" and backend.prediction_type == "v_prediction":
+        return "sd_v2_768_v"
+    return backend.family
+
+
+def with_model_defaults(cfg: Config, backend) -> Config:
+    """The model family's defaults for what the config did not set (SDXL: resolution 1024, rank 32, ...), each one
+    logged; the config returned is the one used (the snapshot and the resume settings take it)."""
+    cfg, applied = with_family_defaults(cfg, model_family(backend))
+    for line in applied:
+        log.info(line)
+    return cfg
 
 
 def with_precision(cfg: Config, precision: str) -> Config:

@@ -34,6 +34,7 @@ from lora_trainer.engine.run import (
     optimization,
     prepare_backend,
     resume,
+    with_model_defaults,
     with_noise_schedule,
     with_precision,
 )
@@ -152,7 +153,7 @@ def _set_up(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepared
     if backend is None:
         backend = load_backend(cfg)
     precision = precision_of(backend)
-    cfg, noise_scheduler = with_noise_schedule(with_precision(cfg, precision), backend)
+    cfg, noise_scheduler = with_noise_schedule(with_model_defaults(with_precision(cfg, precision), backend), backend)
     t, plan, run_dir = cfg.training, prepared.plan, prepared.run_dir
     settings = ckpt.run_settings(t, plan.num_images, plan.total_steps, cfg.data, cfg.model)  # as used
     if prepared.restored is not None and prepared.pending:
