@@ -24,6 +24,7 @@ from lora_trainer.data.images import file_digest, prefetch
 from lora_trainer.errors import DatasetError
 from lora_trainer.models.conditioning import Conditioning
 from lora_trainer.utils.fsio import atomic_write
+from lora_trainer.utils.text import name_list
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +98,8 @@ def _finite(*tensors: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-def _names(paths, limit: int = 5) -> str:
-    names = [Path(p).name for p in paths]
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+def _names(paths) -> str:
+    return name_list(Path(p).name for p in paths)
 
 
 def _check_latents(bad: list[Path], vae: torch.nn.Module) -> None:

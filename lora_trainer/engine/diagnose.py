@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lora_trainer.utils.text import name_list
+
 FP16_MAX = 65504.0
 
 
@@ -90,11 +92,6 @@ def _bad_rows(x: torch.Tensor) -> list[int]:
     return [i for i in range(x.shape[0]) if not bool(torch.isfinite(x[i]).all())]
 
 
-def _names(items, limit: int = 4) -> str:
-    items = list(dict.fromkeys(items))
-    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
-
-
 def diagnose_nonfinite_loss(value: float, step: int, precision: str, inputs: StepInputs, lora_params: list,
                             grad_norm: torch.Tensor | None, modules: dict[str, nn.Module],
                             rerun: Callable[[], torch.Tensor], explain_text: Callable[[str], str]) -> str:
@@ -105,7 +102,8 @@ def diagnose_nonfinite_loss(value: float, step: int, precision: str, inputs: Ste
                                                   if precision == "fp16" else "")
     rows = _bad_rows(inputs.latents)
     if rows:
-        return (f"{head}: its inputs were not finite: the latents of {_names(inputs.images[i].name for i in rows)} "
+        images = name_list((inputs.images[i].name for i in rows), limit=4)
+        return (f"{head}: its inputs were not finite: the latents of {images} "
                 "(the VAE's output for these images; run the dataset check on them, or train with a fp32 VAE)")
     if not all(bool(torch.isfinite(p).all()) for p in lora_params):
         norm = None if grad_norm is None else float(grad_norm)
