@@ -36,6 +36,7 @@ class TrainResult:
     images_used: int
     images_skipped: int
     wall_time_s: float
+    skipped: list[dict] = field(default_factory=list)  # {"path", "reason"} of each image left out
     extra: dict = field(default_factory=dict)
 
 

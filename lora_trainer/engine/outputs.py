@@ -47,7 +47,7 @@ def export_lora(run_dir: Path, cfg, backend, modules: dict, scan, started_at: fl
     return lora_path, diffusers_path
 
 
-def write_summary(run_dir: Path, result, scan) -> Path:
+def write_summary(run_dir: Path, result) -> Path:
     import diffusers
     import peft
 
@@ -59,7 +59,7 @@ def write_summary(run_dir: Path, result, scan) -> Path:
         "final_loss": result.final_loss,
         "images_used": result.images_used,
         "images_skipped": result.images_skipped,
-        "skipped": [{"path": s.path, "reason": s.reason} for s in scan.skipped],
+        "skipped": result.skipped,
         "wall_time_s": round(result.wall_time_s, 2),
         "lora_file": str(result.lora_path) if result.lora_path else None,
         "diffusers_file": str(result.diffusers_path) if result.diffusers_path else None,

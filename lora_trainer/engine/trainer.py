@@ -240,8 +240,9 @@ def _finish(run: Run, stopped: bool, started: float) -> TrainResult:
                          steps=run.step, total_steps=run.plan.total_steps,
                          final_loss=sum(run.losses) / len(run.losses) if run.losses else None,
                          first_loss=run.first_loss, images_used=len(run.scan.samples),
-                         images_skipped=len(run.scan.skipped), wall_time_s=time.time() - started)
-    write_summary(run.run_dir, result, run.scan)
+                         images_skipped=len(run.scan.skipped), wall_time_s=time.time() - started,
+                         skipped=[{"path": str(s.path), "reason": s.reason} for s in run.scan.skipped])
+    write_summary(run.run_dir, result)
     log.info("%s after %d steps: %s", status, run.step, lora_path)
     run.cbs.on_end(result)
     return result

@@ -6,7 +6,6 @@ GPU lock, sample generation and where the finished LoRA goes. The UI polls ``sta
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import traceback
@@ -110,7 +109,7 @@ class TrainingSession(Callbacks):
                     backend, self._backend = self._backend, None
                     self.host.release_backend(backend)
             self.status.result = result
-            self.status.skipped = read_skipped(result.run_dir)
+            self.status.skipped = result.skipped
             self.status.published = self.host.publish(result.lora_path, self.cfg.output.output_name)
             self.status.state = "stopped" if result.status == "stopped" else "done"
             self.status.message = (f"{'Stopped' if result.status == 'stopped' else 'Finished'} after "
@@ -158,15 +157,6 @@ class TrainingSession(Callbacks):
                 m.train(mode)
             if s.message.startswith("making sample"):  # (Stop may have changed it meanwhile)
                 s.message = previous
-
-
-def read_skipped(run_dir: Path | None) -> list[dict]:
-    """The images a run left out, with reasons, from its ``summary.json`` (engine/outputs.py write_summary)."""
-    try:
-        skipped = json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8")).get("skipped") or []
-    except (OSError, TypeError, ValueError, AttributeError):
-        return []
-    return [item for item in skipped if isinstance(item, dict)]
 
 
 format_status = status_line  # one line of text for a Status (views.status_line)
