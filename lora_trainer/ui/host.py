@@ -43,5 +43,9 @@ class Host(Protocol):
     def publish(self, lora_path: Path, name: str) -> Path:
         """Put the finished LoRA where generation finds it (never over an existing file); return where."""
 
+    def model_family(self, base_model: str | None = None) -> str | None:
+        """The model's family as config.FAMILY_DEFAULTS names it (sdxl, sd_v2_768_v, sd_v2, sd_v1), None if unknown
+        (no model loaded, or a base model that cannot be read without loading it)."""
+
     def native_image_size(self, base_model: str | None = None) -> int:
         """The model's own image size (512 for SD 1.x, 1024 for SDXL)."""

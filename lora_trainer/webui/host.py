@@ -180,17 +180,20 @@ class WebUIHost:
         devices.torch_gc()
 
     # --- generation
-    def native_image_size(self, base_model=None) -> int:
-        """The loaded model's own image size: 1024 for SDXL, 768 for SD 2.x v-prediction, else 512."""
+    def model_family(self, base_model=None) -> str | None:
+        """The loaded model's family, as config.FAMILY_DEFAULTS names it (sdxl, sd_v2_768_v, sd_v2, sd_v1); None
+        with no model loaded."""
         from modules import shared
 
         sd_model = getattr(shared, "sd_model", None)
         if sd_model is None:
-            return 512
+            return None
         family = ldm_family(sd_model)
-        if family == "sdxl":
-            return 1024
-        return 768 if family == "sd_v2" and getattr(sd_model, "parameterization", "eps") == "v" else 512
+        return "sd_v2_768_v" if family == "sd_v2" and getattr(sd_model, "parameterization", "eps") == "v" else family
+
+    def native_image_size(self, base_model=None) -> int:
+        """The loaded model's own image size: 1024 for SDXL, 768 for SD 2.x v-prediction, else 512."""
+        return {"sdxl": 1024, "sd_v2_768_v": 768}.get(self.model_family(), 512)
 
     def _txt2img(self, prompt: str, negative: str, seed: int, steps: int = 20, size: int | None = None):
         size = size or self.image_size or self.native_image_size()
