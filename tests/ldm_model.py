@@ -28,6 +28,29 @@ class CondStage(nn.Module):
         self.wrapped = Wrapped(transformer, tokenizer)
 
 
+def webui_encode(tokenizer, encode, prompts, emphasis: str):
+    """As A1111 v1.10's hijacked CLIP encodes a batch of prompts (sd_hijack_clip + sd_emphasis), first chunk
+    only: the emphasis syntax is parsed unless the mode is "None"; in "Original" and "No norm" each token's
+    row is multiplied by its weight, and "Original" then rescales the whole batch, every prompt at once, to
+    the mean it had before (so one prompt's rows depend on the others in its batch, and a mean of exactly
+    0 gives 0/0 = NaN, as in the WebUI). The parsing is ours (lora_trainer.data.emphasis), a stand-in.
+    ``encode``: token ids → hidden states."""
+    from lora_trainer.models.prompts import WINDOW, weighted_tokens
+
+    if emphasis == "None":
+        ids = tokenizer(prompts, padding="max_length", max_length=WINDOW, truncation=True,
+                        return_tensors="pt").input_ids
+        return encode(ids)
+    tokens, weights = zip(*(weighted_tokens(tokenizer, p) for p in prompts))
+    z = encode(torch.tensor(tokens))
+    if emphasis in ("Original", "No norm"):
+        mean = z.mean()
+        z = z * torch.tensor(weights, dtype=z.dtype)[..., None]
+        if emphasis == "Original":
+            z = z * (mean / z.mean())
+    return z
+
+
 class TinyLatentDiffusion(nn.Module):
     def __init__(self, seed: int = 0):
         super().__init__()
@@ -69,26 +92,8 @@ class TinyLatentDiffusion(nn.Module):
     emphasis = "Original"  # A1111's Settings → Emphasis mode (opts.emphasis): None, Ignore, Original, No norm
 
     def get_learned_conditioning(self, prompts):
-        """As A1111 v1.10's hijacked CLIP encodes a batch of prompts (sd_hijack_clip + sd_emphasis), first chunk
-        only: the emphasis syntax is parsed unless the mode is "None"; in "Original" and "No norm" each token's
-        row is multiplied by its weight, and "Original" then rescales the whole batch, every prompt at once, to
-        the mean it had before (so one prompt's rows depend on the others in its batch, and a mean of exactly
-        0 gives 0/0 = NaN, as in the WebUI). The parsing is ours (lora_trainer.data.emphasis), a stand-in."""
-        from lora_trainer.models.prompts import WINDOW, weighted_tokens
-
         w = self.cond_stage_model.wrapped
-        if self.emphasis == "None":
-            ids = w.tokenizer(prompts, padding="max_length", max_length=WINDOW, truncation=True,
-                              return_tensors="pt").input_ids
-            return w.transformer(ids)[0]
-        tokens, weights = zip(*(weighted_tokens(w.tokenizer, p) for p in prompts))
-        z = w.transformer(torch.tensor(tokens))[0]
-        if self.emphasis in ("Original", "No norm"):
-            mean = z.mean()
-            z = z * torch.tensor(weights)[..., None]
-            if self.emphasis == "Original":
-                z = z * (mean / z.mean())
-        return z
+        return webui_encode(w.tokenizer, lambda ids: w.transformer(ids)[0], prompts, self.emphasis)
 
     def apply_model(self, x, t, cond):
         return self.model.diffusion_model(x, t, context=cond)

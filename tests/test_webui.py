@@ -176,14 +176,14 @@ def test_a_bad_dataset_is_reported_before_the_webui_model_is_touched(webui, tmp_
 
 @pytest.mark.parametrize("change, words", [
     ("none", "no model is loaded"),
-    ("sdxl", "SDXL"),
+    ("sd3", "SD3"),
     ("medvram", "--medvram/--lowvram"),
 ])
 def test_clear_refusals_leave_the_webui_working(webui, tmp_path, change, words):
     if change == "none":
         shared.sd_model = None
-    elif change == "sdxl":
-        webui.is_sdxl = True
+    elif change == "sd3":
+        webui.is_sd3 = True
     else:
         shared.cmd_opts.medvram = True
     status = TrainingSession.start(WebUIHost(), make_cfg(tmp_path)).wait(60)

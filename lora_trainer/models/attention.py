@@ -53,10 +53,10 @@ def resolve_attention(kind: str) -> str:
 
 # --- LDM (CompVis / A1111) CrossAttention
 def _is_ldm_attention(module: nn.Module) -> bool:
-    # ldm's CrossAttention only: its MemoryEfficientCrossAttention is xformers already (the WebUI aliases it
-    # to CrossAttention), and sgm (SDXL, not trained yet) passes arguments this forward does not implement
+    # ldm's and sgm's (SDXL) CrossAttention only: MemoryEfficientCrossAttention is xformers already (the WebUI
+    # aliases it to CrossAttention in ldm, and turns it off in sgm)
     cls = type(module)
-    return (cls.__name__ == "CrossAttention" and cls.__module__.split(".")[0] == "ldm"
+    return (cls.__name__ == "CrossAttention" and cls.__module__.split(".")[0] in ("ldm", "sgm")
             and all(hasattr(module, a) for a in ("heads", "scale", "to_q", "to_k", "to_v", "to_out")))
 
 
@@ -73,6 +73,8 @@ def _heads_first(t: torch.Tensor, heads: int) -> torch.Tensor:
 
 def _ldm_forward(self, x, context=None, mask=None, **kwargs):
     """LDM CrossAttention's computation (q from x; k, v from the context) in a memory-efficient kernel."""
+    if kwargs.get("additional_tokens") is not None or kwargs.get("n_times_crossframe_attn_in_self"):
+        return type(self).forward(self, x, context, mask, **kwargs)  # sgm's video extras: the host's own forward
     context = x if context is None else context
     q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
     upcast, dtype = getattr(self, _UPCAST), q.dtype  # the WebUI's "upcast cross attention layer to float32"

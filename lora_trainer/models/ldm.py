@@ -26,10 +26,29 @@ from lora_trainer.models.prompts import WINDOW
 log = logging.getLogger(__name__)
 
 
+def clip_embedder(sd_model):
+    """The object holding the (first) HF CLIP text encoder as ``.transformer`` and its ``.tokenizer``: SD 1.x's
+    cond_stage_model (A1111 wraps it once more), SDXL's first conditioner embedder (the same, inside sgm's)."""
+    conditioner = getattr(sd_model, "conditioner", None)
+    cond = conditioner.embedders[0] if conditioner is not None else sd_model.cond_stage_model
+    return getattr(cond, "wrapped", cond)
+
+
 def ldm_text_encoder(sd_model) -> nn.Module | None:
-    """The HF CLIPTextModel inside an SD 1.x cond_stage_model (A1111 wraps it once more)."""
-    cond = sd_model.cond_stage_model
-    return getattr(getattr(cond, "wrapped", cond), "transformer", None)
+    """The HF CLIPTextModel inside the model's (first) text embedder; None for SD 2.x's OpenCLIP."""
+    return getattr(clip_embedder(sd_model), "transformer", None)
+
+
+def ldm_betas(sd_model) -> torch.Tensor:
+    """The training noise schedule's betas: CompVis' ``betas``; sgm (SDXL) keeps ``alphas_cumprod`` only, which
+    the WebUI may rescale for sampling (Settings → Noise schedule) and keeps the original of beside it."""
+    betas = getattr(sd_model, "betas", None)
+    if betas is not None:
+        return betas.detach().float().cpu()
+    cumprod = getattr(sd_model, "alphas_cumprod_original", None)
+    cumprod = (sd_model.alphas_cumprod if cumprod is None else cumprod).detach().double().cpu()
+    alphas = torch.cat([cumprod[:1], cumprod[1:] / cumprod[:-1]])
+    return (1 - alphas).float()
 
 
 def ldm_family(sd_model) -> str:
@@ -66,7 +85,8 @@ class LdmBackend(Backend):
     def __init__(self, sd_model, model_name: str, device: torch.device, weight_dtype: torch.dtype,
                  checkpointing: tuple[Callable[[], None], Callable[[], None]] | None = None,
                  upcast_attention: bool = False, host_attention: str | None = None,
-                 hypernetworks: Sequence[str] = (), emphasis: str | None = None):
+                 hypernetworks: Sequence[str] = (), emphasis: str | None = None, prediction_type: str = "auto",
+                 zero_terminal_snr: bool = False):
         from diffusers import DDPMScheduler
 
         self.sd_model = sd_model
@@ -76,10 +96,15 @@ class LdmBackend(Backend):
         self.family = ldm_family(sd_model)
         self.unet = sd_model.model.diffusion_model
         self.text_encoder = ldm_text_encoder(sd_model)
-        self.prediction_type = "v_prediction" if getattr(sd_model, "parameterization", "eps") == "v" else "epsilon"
-        betas = sd_model.betas.detach().float().cpu().numpy()
+        if prediction_type == "auto":
+            prediction_type = "v_prediction" if getattr(sd_model, "parameterization", "eps") == "v" else "epsilon"
+        self.prediction_type = prediction_type
+        betas = ldm_betas(sd_model).numpy()
+        # zero_terminal_snr: the model was trained so (the WebUI's model.ztsnr, its noise schedule setting, or
+        # the checkpoint's marker key); model.zero_terminal_snr "auto" reads it from this scheduler's config
         self.noise_scheduler = DDPMScheduler(num_train_timesteps=len(betas), trained_betas=betas,
-                                             prediction_type=self.prediction_type, clip_sample=False)
+                                             prediction_type=self.prediction_type, clip_sample=False,
+                                             rescale_betas_zero_snr=zero_terminal_snr)
         self._checkpointing = checkpointing
         self._checkpointing_on = False
         self._upcast_attention = upcast_attention
@@ -123,14 +148,18 @@ class LdmBackend(Backend):
         """Each caption alone, as generation encodes a prompt (the WebUI's emphasis rescales by the mean of
         everything it encodes at once), literally unless ``weighted`` (data.weighted_captions), and cut to
         its first 77-token window as the command line cuts it."""
+        return Conditioning(torch.cat([self.sd_model.get_learned_conditioning([p])[:, :WINDOW]
+                                       for p in self._prompts(captions, weighted)]))
+
+    def _prompts(self, captions, weighted: bool) -> list[str]:
+        """The captions as the WebUI's prompt parser must see them: escaped unless ``weighted``."""
         literal = not weighted and self._emphasis not in (None, "None")
-        prompts = [escape_emphasis(c) if literal else c for c in captions]
-        return Conditioning(torch.cat([self.sd_model.get_learned_conditioning([p])[:, :WINDOW] for p in prompts]))
+        return [escape_emphasis(c) if literal else c for c in captions]
 
     def explain_nonfinite_text(self, caption: str) -> str:
         """Why a caption's conditioning came out non-finite: the text encoder itself, or the WebUI's encoding."""
         try:
-            wrapped = getattr(self.sd_model.cond_stage_model, "wrapped", self.sd_model.cond_stage_model)
+            wrapped = clip_embedder(self.sd_model)
             ids = wrapped.tokenizer([caption], padding="max_length", max_length=WINDOW, truncation=True,
                                     return_tensors="pt").input_ids
             with torch.no_grad():
@@ -151,13 +180,17 @@ class LdmBackend(Backend):
                 "textual inversion embedding named in the caption) made it non-finite")
 
     def predict(self, noisy_latents, timesteps, cond):
+        return self._apply(noisy_latents, timesteps, cond.context)
+
+    def _apply(self, noisy_latents, timesteps, cond):
+        """The WebUI model's ``apply_model`` through the compiled forward, if any."""
         if self._checkpointing_on:
             # reentrant checkpointing passes no gradient through blocks whose inputs need none; the first
             # blocks see only the (frozen) latents, so make them carry a gradient
             noisy_latents = noisy_latents.detach().requires_grad_(True)
         with (contextlib.nullcontext() if self._compiled_forward is None
               else _instance_forward(self.unet, self._compiled_forward)):
-            return self.sd_model.apply_model(noisy_latents, timesteps, cond.context)
+            return self.sd_model.apply_model(noisy_latents, timesteps, cond)
 
     def compile_unet(self, mode: str = "default") -> None:
         """Train through torch.compile of the UNet's forward. It is the UNet's forward only inside ``predict``

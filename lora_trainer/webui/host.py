@@ -13,10 +13,11 @@ from pathlib import Path
 
 from lora_trainer.config import default_value
 from lora_trainer.engine.lora import remove_lora
-from lora_trainer.errors import LoraTrainerError
 from lora_trainer.models.ldm import LdmBackend, ldm_family
+from lora_trainer.models.sgm import SgmBackend
 from lora_trainer.ui.views import SWEEP_STEPS
 from lora_trainer.utils.fsio import write_new
+from lora_trainer.webui.model_checks import refuse_untrainable, schedule_facts
 
 log = logging.getLogger(__name__)
 SECTION = ("lora_trainer", "LoRA Trainer")
@@ -129,19 +130,8 @@ class WebUIHost:
         from modules import devices, sd_hijack_checkpoint, shared
 
         sd_model = shared.sd_model
-        if sd_model is None:
-            raise LoraTrainerError("no model is loaded: choose a Stable Diffusion 1.x checkpoint at the top of the "
-                                   "page")
-        family = ldm_family(sd_model)
-        if family == "sdxl":
-            raise LoraTrainerError("the loaded model is SDXL; training SDXL LoRAs is not supported yet. "
-                                   "Load a Stable Diffusion 1.x checkpoint to train.")
-        if family == "sd_v2" and cfg.training.train_text_encoder:
-            raise LoraTrainerError("training the text encoder of SD 2.x (OpenCLIP) is not supported yet; "
-                                   "turn off 'Train the text encoder'")
-        if getattr(shared.cmd_opts, "lowvram", False) or getattr(shared.cmd_opts, "medvram", False):
-            raise LoraTrainerError("training does not work with --medvram/--lowvram (they move the model between "
-                                   "CPU and GPU); restart the WebUI without them")
+        family = refuse_untrainable(sd_model, cfg, shared.cmd_opts)
+        prediction_type, zero_snr = schedule_facts(sd_model, cfg, shared.opts)
         self.image_size = cfg.data.resolution
         restored = unapply_lora_networks(sd_model)
         if restored:
@@ -150,14 +140,14 @@ class WebUIHost:
                        {n: m.training for n, m in sd_model.named_modules()})
         info = getattr(sd_model, "sd_checkpoint_info", None)
         name = getattr(info, "model_name", None) or getattr(info, "name", None) or "webui-model"
-        return LdmBackend(sd_model, name, devices.device, devices.dtype_unet,
-                          checkpointing=(sd_hijack_checkpoint.add, sd_hijack_checkpoint.remove),
-                          upcast_attention=bool(getattr(shared.opts, "upcast_attn", False)),
-                          host_attention=getattr(getattr(sys.modules.get("modules.sd_hijack"), "current_optimizer",
-                                                         None), "name", None),
-                          hypernetworks=[getattr(h, "name", str(h))
-                                         for h in getattr(shared, "loaded_hypernetworks", [])],
-                          emphasis=_emphasis_mode(cfg))
+        kind = SgmBackend if family == "sdxl" else LdmBackend
+        return kind(sd_model, name, devices.device, devices.dtype_unet,
+                    checkpointing=(sd_hijack_checkpoint.add, sd_hijack_checkpoint.remove),
+                    upcast_attention=bool(getattr(shared.opts, "upcast_attn", False)),
+                    host_attention=getattr(getattr(sys.modules.get("modules.sd_hijack"), "current_optimizer", None),
+                                           "name", None),
+                    hypernetworks=[getattr(h, "name", str(h)) for h in getattr(shared, "loaded_hypernetworks", [])],
+                    emphasis=_emphasis_mode(cfg), prediction_type=prediction_type, zero_terminal_snr=zero_snr)
 
     def release_backend(self, backend) -> None:
         """Remove the LoRA layers and put back every flag: the model computes exactly what it did."""
