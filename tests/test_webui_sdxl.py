@@ -194,11 +194,15 @@ def test_the_kohya_file_says_v_prediction_for_a_v_model(sdxl, tmp_path):
     ("te2", "second text encoder is not supported inside the WebUI"),
     ("refiner", "not a refiner"),
     ("inpaint", "inpainting"),
+    ("fp8", "FP8 weight"),
 ])
 def test_sdxl_refusals_are_clear_and_touch_nothing(sdxl, tmp_path, change, words):
     extra = {}
     if change == "te2":
         extra = {"train_text_encoder_2": True}
+    elif change == "fp8":  # A1111's fp8_storage: every Linear/Conv2d weight of the UNet in float8_e4m3fn
+        layer = sdxl.model.diffusion_model.input_blocks[4][1].proj_in
+        layer.weight.data = layer.weight.data.to(torch.float8_e4m3fn)
     elif change == "refiner":
         sdxl.conditioner.embedders[2].input_key = "aesthetic_score"
     else:

@@ -31,6 +31,10 @@ def refuse_untrainable(sd_model, cfg, cmd_opts) -> str:
     if getattr(sd_model, "is_sdxl_inpaint", False) or _in_channels(sd_model) not in (None, 4):
         raise LoraTrainerError("the loaded model is an inpainting model; LoRAs are trained on text-to-image models: "
                                "load the base model it was made from")
+    if _stores_fp8(sd_model.model):
+        raise LoraTrainerError("the loaded model's weights are stored in FP8 (Settings → Optimizations → FP8 weight); "
+                               "LoRA training needs them in fp16/bf16/fp32: set FP8 weight to Disable and reload the "
+                               "model")
     family = ldm_family(sd_model)
     if family == "sdxl":
         size_embedders(sd_model.conditioner)  # a refiner's (aesthetic score) is refused here
@@ -49,6 +53,13 @@ def refuse_untrainable(sd_model, cfg, cmd_opts) -> str:
         raise LoraTrainerError("training does not work with --medvram/--lowvram/--medvram-sdxl (they move the model "
                                "between CPU and GPU); restart the WebUI without them")
     return family
+
+
+def _stores_fp8(unet) -> bool:
+    import torch
+
+    fp8 = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)}
+    return any(m.weight.dtype in fp8 for m in unet.modules() if isinstance(m, torch.nn.Linear))
 
 
 def _in_channels(sd_model) -> int | None:

@@ -33,10 +33,10 @@ def check(name: str, ok: bool, evidence: str) -> None:
     print(f"[{'PASS' if ok else 'FAIL'}] {name}: {evidence}", flush=True)
 
 
-def start_webui(ckpt: str | None):
+def start_webui(ckpt: str | None, extra: list[str] = ()):
     sys.argv = ["launch.py", "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--no-half",
                 "--use-cpu", "all", "--skip-version-check", "--no-download-sd-model",
-                *(["--ckpt", ckpt] if ckpt else [])]
+                *(["--ckpt", ckpt] if ckpt else []), *extra]
     sys.path.insert(0, os.getcwd())
     import webui  # noqa: F401  (the WebUI's imports and version checks)
     from modules import initialize, shared
