@@ -61,7 +61,9 @@ def peft_to_kohya(state_dict: dict, prefix: str, alpha: float, dtype: torch.dtyp
     """peft LoRA weights (from ``get_peft_model_state_dict``) → kohya tensors with the true ``alpha``.
 
     ``rename``: module path → the path the file names it by (``LdmUnetNames`` for an SDXL UNet). Text-encoder
-    paths get CLIP's ``text_model.`` level back if the transformers version dropped it.
+    paths get CLIP's ``text_model.`` level back if the transformers version dropped it. With ``lora_te2_`` (SDXL's
+    second text encoder) a layer with some of the q/k/v/out projections gets zero modules for the others, which
+    AUTOMATIC1111 needs to apply any of them (``_complete_te2_attention``).
     Raises ValueError on a key that is not a LoRA A/B weight, or a module without both A and B.
     """
     out: dict[str, torch.Tensor] = {}
@@ -77,7 +79,33 @@ def peft_to_kohya(state_dict: dict, prefix: str, alpha: float, dtype: torch.dtyp
         for part, peft_part in (("lora_down", "lora_A"), ("lora_up", "lora_B")):
             if f"{name}.{part}.weight" not in out:
                 raise ValueError(f"{name}: the state dict has no {peft_part} weight for this module")
+    if prefix == "lora_te2_":
+        _complete_te2_attention(out)
     return out
+
+
+_TE2_ATTENTION = re.compile(r"^(?P<layer>lora_te2_text_model_encoder_layers_\d+_self_attn_)(?P<proj>q|k|v|out)_proj$")
+
+
+def _complete_te2_attention(out: dict) -> None:
+    """Zero LoRA modules for the q/k/v/out projections a layer of SDXL's second text encoder lacks, in place.
+
+    In AUTOMATIC1111 that encoder is open_clip's, its attention one ``nn.MultiheadAttention`` (q, k, v fused in
+    ``in_proj_weight``), and the WebUI changes it only when ``…_q_proj``, ``_k_proj``, ``_v_proj`` and ``_out_proj``
+    are all in the file (v1.10.1 ``extensions-builtin/Lora/networks.py`` ``network_apply_weights``): a LoRA trained
+    on q and v alone would be dropped without a word. A zero module changes nothing (up = 0); the four projections
+    of a CLIP layer are all hidden × hidden, so the missing ones take a present one's shapes and alpha.
+    """
+    layers: dict[str, set[str]] = {}
+    for key in out:
+        if m := _TE2_ATTENTION.match(key.partition(".")[0]):
+            layers.setdefault(m["layer"], set()).add(m["proj"])
+    for layer, present in layers.items():
+        like = f"{layer}{sorted(present)[0]}_proj"
+        for proj in {"q", "k", "v", "out"} - present:
+            for part in ("lora_down.weight", "lora_up.weight"):
+                out[f"{layer}{proj}_proj.{part}"] = torch.zeros_like(out[f"{like}.{part}"])
+            out[f"{layer}{proj}_proj.alpha"] = out[f"{like}.alpha"].clone()
 
 
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
