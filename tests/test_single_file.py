@@ -60,7 +60,7 @@ def test_detect_family(tmp_path, keys, family):
 
 @pytest.mark.parametrize("keys, words", [
     (["model.diffusion_model.a", "cond_stage_model.model.b"], "Stable Diffusion 2.x"),
-    (["model.diffusion_model.a", "conditioner.embedders.0.b"], "SDXL"),
+    (["model.diffusion_model.a", "cond_stage_model.transformer.b"], "has no weights for its VAE"),
 ])
 def test_other_families_are_refused_clearly(tmp_path, keys, words):
     with pytest.raises(ModelLoadError, match=words) as e:
@@ -78,7 +78,8 @@ def test_pickle_checkpoint_refused(tmp_path):
 def test_missing_file_or_config_folder_is_a_clear_error(tmp_path, no_network):
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_single_file_pipeline(tmp_path / "nowhere.safetensors")
-    path = _fake(tmp_path, "v1.safetensors", ["model.diffusion_model.a", "cond_stage_model.transformer.b"])
+    path = _fake(tmp_path, "v1.safetensors", ["model.diffusion_model.a", "cond_stage_model.transformer.b",
+                                              "first_stage_model.c"])
     with pytest.raises(ModelLoadError, match="no model_index.json"):  # diffusers would take it for a hub repo id
         load_single_file_pipeline(path, config_dir="runwayml/stable-diffusion-v1-5")
 

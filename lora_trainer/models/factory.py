@@ -26,7 +26,8 @@ def pick_device(mixed_precision: str) -> tuple[torch.device, str]:
 
 def load_backend(cfg):
     """A diffusers backend of ``cfg.model.base_model`` on the best device, at the precision the config asks:
-    an SDXL one for an SDXL diffusers folder (or a tiny SDXL model), else the SD 1.x/2.x one."""
+    an SDXL one for an SDXL diffusers folder, a single-file SDXL checkpoint or a tiny SDXL model
+    (``sdxl_backend.is_sdxl_model``), else the SD 1.x/2.x one."""
     from lora_trainer.models.diffusers_backend import load_diffusers_backend
     from lora_trainer.models.sdxl_backend import is_sdxl_model, load_sdxl_backend
 

@@ -125,13 +125,16 @@ def _model_index(path: Path) -> dict | None:
 
 
 def is_sdxl_model(base_model: str) -> bool:
-    """Whether ``base_model`` is an SDXL diffusers folder (its pipeline class, or a second text encoder), or
-    a tiny SDXL model's name."""
+    """Whether ``base_model`` is an SDXL diffusers folder (its pipeline class, or a second text encoder), a
+    single-file SDXL ``.safetensors`` checkpoint (its key names), or a tiny SDXL model's name."""
+    from lora_trainer.models.single_file import is_sdxl_file
     from lora_trainer.models.tiny_sdxl import TINY_SDXL_NAMES
 
     if base_model in TINY_SDXL_NAMES:
         return True
     path = Path(base_model).expanduser()
+    if path.is_file():
+        return is_sdxl_file(path)
     index = _model_index(path) if path.is_dir() else None
     if not index:
         return False
@@ -147,10 +150,15 @@ def resolve_sdxl_model(base_model: str) -> Path:
 
 
 def load_sdxl_pipeline(base_model: str, weight_dtype: torch.dtype = torch.float32):
-    """Load a StableDiffusionXLPipeline from a diffusers folder, offline; returns (pipe, model name)."""
+    """Load a StableDiffusionXLPipeline from a diffusers folder or a single-file checkpoint, offline; returns
+    (pipe, model name)."""
     from diffusers import StableDiffusionXLPipeline
 
     path = resolve_sdxl_model(base_model)
+    if path.is_file():
+        from lora_trainer.models.single_file import load_single_file_pipeline
+
+        return load_single_file_pipeline(path, torch_dtype=weight_dtype), path.stem
     index = _model_index(path) or {}
     if not (index.get("text_encoder") or [None])[0] or not (index.get("unet") or [None])[0]:
         raise ModelLoadError(f"model.base_model: {path} has no first text encoder or no UNet (an SDXL refiner?); "
