@@ -85,11 +85,15 @@ def cmd_train(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from lora_trainer.config import DataConfig, load_config
+    from lora_trainer.config import DataConfig, load_config, with_family_defaults
     from lora_trainer.data.check import check_dataset
+    from lora_trainer.models.family import family_of
     from lora_trainer.utils.fsio import atomic_write_json
 
-    d = load_config(args.config).data if args.config else DataConfig()  # (the config's own defaults)
+    d = DataConfig()  # (the config's own defaults)
+    if args.config:  # its data settings, at the resolution its model trains at (SDXL: 1024 where it sets none)
+        cfg = load_config(args.config)
+        d = with_family_defaults(cfg, family_of(cfg.model.base_model, cfg.model.prediction_type))[0].data
     settings = {"root": d.train_data_dir or None, "resolution": d.resolution, "metadata_path": d.metadata_path,
                 "caption_extension": d.caption_extension, "caption_priority": d.caption_priority,
                 "caption_prefix": d.caption_prefix, "recursive": d.recursive}

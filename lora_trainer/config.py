@@ -459,7 +459,7 @@ FAMILY_DEFAULTS = {
              "text_encoder_lr": 1e-5},
     "sd_v2_768_v": {"resolution": 768},
 }
-FAMILY_NAMES = {"sdxl": "SDXL", "sd_v2_768_v": "SD 2.x 768-v"}
+FAMILY_NAMES = {"sdxl": "SDXL", "sd_v2_768_v": "SD 2.x 768-v", "sd_v2": "SD 2.x", "sd_v1": "SD 1.x"}
 
 
 def family_defaults_left(cfg: Config, family: str | None) -> dict:

@@ -183,3 +183,58 @@ def test_large_jpegs_are_checked_at_a_reduced_scale_with_their_whole_size(tmp_pa
     monkeypatch.setattr(check_mod, "phash", lambda img: decoded.setdefault("again", img.size) and full)
     small = [f for f in check_scan(scan_dataset(root), 700).findings if f.check == "small"]
     assert small[0].files == ["turned.jpg (600×800)"] and decoded["again"] in ((256, 192), (150, 200))
+
+
+@pytest.fixture
+def mid_sized(tmp_path):
+    """Images of 600 px: large enough for SD 1.x's 512, too small for SDXL's 1024."""
+    root = tmp_path / "mid"
+    root.mkdir()
+    for k in range(4):
+        picture(k, 600, 600).save(root / f"img_{k}.png")
+        (root / f"img_{k}.txt").write_text(f"mystyle, a picture, tone {k}", encoding="utf-8")
+    return root
+
+
+def test_the_check_uses_the_resolution_the_run_will_use_its_models_default(mid_sized, tmp_path, capsys):
+    """An SDXL model's config that sets no resolution trains at 1024: the check says 1024, not the config's 512."""
+    import yaml
+
+    def check_with(base_model: str, **data) -> str:
+        path = tmp_path / "run.yaml"
+        path.write_text(yaml.safe_dump({"data": {"train_data_dir": str(mid_sized), **data},
+                                        "model": {"base_model": base_model}}))
+        main(["check", "--config", str(path)])
+        return capsys.readouterr().out
+
+    assert "smaller than the training resolution 1024" in check_with("tiny-sdxl")
+    assert "smaller than the training resolution" not in check_with("tiny-demo")
+    assert "smaller than the training resolution" not in check_with("tiny-sdxl", resolution=512)  # set: it counts
+
+
+def test_training_checks_at_the_resolution_the_run_will_use(mid_sized, tmp_path, monkeypatch, caplog):
+    """train() prints the dataset check before the model loads: at the model family's resolution (read from the
+    base model's files) where the config sets none."""
+    import logging
+
+    import lora_trainer.engine.trainer as trainer
+    from lora_trainer.config import config_from_dict
+
+    class Loaded(Exception):
+        pass
+
+    def no_load(cfg):
+        raise Loaded
+
+    monkeypatch.setattr(trainer, "load_backend", no_load)  # stop where the model would load
+    for base_model, words in [("tiny-sdxl", "smaller than the training resolution 1024"), ("tiny-demo", None)]:
+        cfg = config_from_dict({"train_data_dir": str(mid_sized), "base_model": base_model, "log_with": "none",
+                                "output_dir": str(tmp_path / "out" / base_model)})
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="lora_trainer"), pytest.raises(Loaded):
+            trainer.train(cfg, progress=False)
+        assert "4 images" in caplog.text
+        if words:
+            assert words in caplog.text
+        else:
+            assert "smaller than the training resolution" not in caplog.text

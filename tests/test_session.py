@@ -117,3 +117,120 @@ def test_the_status_says_which_sample_renders_and_keeps_the_run_and_its_skipped_
     assert str(status.run_dir) not in format_status(status)
     assert status.result.images_skipped == 1 and [Path(s["path"]).name for s in status.skipped] == ["broken.png"]
     assert status.skipped[0]["reason"]
+
+
+# --- the model family before the model loads, and samples on the run's noise schedule (issue 16)
+def test_the_dataset_check_runs_at_the_resolution_of_the_hosts_model_family(tmp_path, monkeypatch, caplog):
+    """A UI's run checks the images against the resolution it will train at: the host's model (here SDXL, the
+    WebUI's loaded one: the config's base_model says nothing) decides it where the config sets none."""
+    import logging
+
+    from PIL import Image
+
+    class SdxlLoaded(DiffusersHost):
+        chooses_base_model = False  # (as the WebUI: the loaded model, not model.base_model)
+
+        def model_family(self, base_model=None):
+            return "sdxl"
+
+        def make_backend(self, cfg):
+            raise LoraTrainerError("no model in this test")
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for k in range(4):
+        Image.new("RGB", (600, 600), (k * 40, 90, 200)).save(data / f"img_{k}.png")
+        (data / f"img_{k}.txt").write_text(f"a picture {k}")
+    cfg = config_from_dict({"train_data_dir": str(data), "output_dir": str(tmp_path / "run"), "log_with": "none"})
+    with caplog.at_level(logging.INFO, logger="lora_trainer"):
+        status = TrainingSession.start(SdxlLoaded(tmp_path / "Lora"), cfg).wait(60)
+    assert status.state == "error" and "no model in this test" in status.message
+    assert "smaller than the training resolution 1024" in caplog.text
+
+
+class SpiedPipelines:
+    """Records the scheduler and the arguments of every pipeline call (SD and SDXL) instead of sampling."""
+
+    def __init__(self, monkeypatch):
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+        from PIL import Image
+
+        self.calls = []
+
+        def call(pipe, prompt, **kwargs):
+            self.calls.append({"pipe": pipe, "scheduler": pipe.scheduler, **kwargs})
+            return type("Out", (), {"images": [Image.new("RGB", (8, 8))]})
+
+        for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline):
+            monkeypatch.setattr(cls, "__call__", call)
+
+
+def test_samples_during_training_use_the_runs_zero_snr_schedule_and_v_prediction(tmp_path, monkeypatch):
+    """model.zero_terminal_snr: true on a v-prediction model whose scheduler is not rescaled: the samples' scheduler
+    is rescaled too, with trailing timesteps and guidance rescale 0.7 (arXiv 2305.08891); the pipeline's own comes
+    back after. An SD model trained with prediction_type v_prediction samples with v_prediction."""
+    from lora_trainer.engine.loss import has_zero_terminal_snr
+
+    spy = SpiedPipelines(monkeypatch)
+    cfg = cfg_for(tmp_path, 1, base_model="tiny-sdxl-v", zero_terminal_snr="true", output_name="ztsnr")
+    status = TrainingSession.start(DiffusersHost(tmp_path / "Lora"), cfg, sample_prompt="demo",
+                                   sample_every=1).wait(180)
+    assert status.state == "done", status.message
+    (call,) = spy.calls
+    sampler = call["scheduler"].config
+    assert sampler.rescale_betas_zero_snr and sampler.timestep_spacing == "trailing"
+    assert sampler.prediction_type == "v_prediction" and call["guidance_rescale"] == 0.7
+    assert float(call["scheduler"].alphas_cumprod[-1]) < 1e-6  # (Euler keeps 2**-24 for its last sigma)
+    assert not has_zero_terminal_snr(call["pipe"].scheduler)  # the model's own scheduler is back
+
+    spy.calls.clear()
+    cfg = cfg_for(tmp_path, 1, prediction_type="v_prediction", output_name="vpred")  # tiny-demo: epsilon
+    status = TrainingSession.start(DiffusersHost(tmp_path / "Lora"), cfg, sample_prompt="demo",
+                                   sample_every=1).wait(180)
+    assert status.state == "done", status.message
+    (call,) = spy.calls
+    assert call["scheduler"].config.prediction_type == "v_prediction" and "guidance_rescale" not in call
+    assert not call["scheduler"].config.get("rescale_betas_zero_snr", False)
+
+
+def test_a_zero_snr_sample_is_an_image(tmp_path):
+    """The rescaled sampler really samples (no NaN at the pure-noise first step) on both diffusers releases."""
+    host = DiffusersHost(tmp_path / "Lora")
+    backend = host.make_backend(cfg_for(tmp_path, 1, base_model="tiny-sdxl-v", zero_terminal_snr="true"))
+    image = np.asarray(host.sample(backend, "demo", seed=1, steps=3))
+    assert image.shape[:2] == (64, 64) and image.std() > 0
+
+
+def test_the_sampling_scheduler_follows_the_training():
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
+
+    from lora_trainer.engine.sampling import guidance_rescale, sampling_scheduler, trained_schedule
+
+    sd = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
+    euler = EulerDiscreteScheduler(**sd)
+    assert sampling_scheduler(euler, "epsilon", False) is euler  # nothing to change
+    ddim = sampling_scheduler(PNDMScheduler(**sd, skip_prk_steps=True), "v_prediction", True)  # PNDM cannot rescale
+    assert isinstance(ddim, DDIMScheduler) and ddim.config.rescale_betas_zero_snr and not ddim.config.clip_sample
+    assert float(ddim.alphas_cumprod[-1]) == 0.0 and ddim.config.timestep_spacing == "trailing"
+    off = sampling_scheduler(EulerDiscreteScheduler(**sd, prediction_type="v_prediction", rescale_betas_zero_snr=True),
+                             "v_prediction", False)  # zero_terminal_snr: false on a rescaled model
+    assert not off.config.rescale_betas_zero_snr
+    assert (guidance_rescale("v_prediction", True), guidance_rescale("v_prediction", False)) == (0.7, 0.0)
+    assert trained_schedule({"ss_v_parameterization": "True", "ss_zero_terminal_snr": "True"}, euler) == (
+        "v_prediction", True)
+    assert trained_schedule({}, euler) == ("epsilon", False)  # a LoRA without the keys: the model's own
+
+
+def test_the_sweep_samples_an_sdxl_lora_on_its_zero_snr_schedule(tmp_path, monkeypatch):
+    from diffusers.utils import USE_PEFT_BACKEND
+
+    if not USE_PEFT_BACKEND:
+        pytest.skip("the standalone app's sweep uses diffusers' PEFT backend (transformers >= 4.34)")
+    host = DiffusersHost(tmp_path / "Lora", base_model="tiny-sdxl-v")
+    cfg = cfg_for(tmp_path, 1, base_model="tiny-sdxl-v", zero_terminal_snr="true", output_name="xl")
+    status = TrainingSession.start(host, cfg).wait(180)
+    assert status.state == "done", status.message
+    spy = SpiedPipelines(monkeypatch)
+    images = host.sweep(status.published, "demo", "", [0.0, 1.0], seed=3, steps=2)
+    assert [s for s, _ in images] == [0.0, 1.0] and len(spy.calls) == 2
+    assert all(c["scheduler"].config.rescale_betas_zero_snr and c["guidance_rescale"] == 0.7 for c in spy.calls)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from lora_trainer.config import config_from_dict
 from lora_trainer.engine.events import TrainResult
 from lora_trainer.ui import views
 from lora_trainer.ui.session import Status, TrainingSession
@@ -210,9 +211,10 @@ def test_a_run_through_the_tab_turns_stop_on_and_off_clears_the_sweep_and_counts
     (data / "broken.png").write_bytes(b"not a png")
     host = DiffusersHost(tmp_path / "Lora", run_root=tmp_path / "runs")
     advanced = {"resolution": 64, "max_train_steps": 2, "batch_size": 2, "save_steps": 0, "epochs": 1}
-    values = [advanced.get(key, tab.field_default(key, tab.config_from_dict({"train_data_dir": "-"})))
+    values = [advanced.get(key, tab.field_default(key, config_from_dict({"train_data_dir": "-"})))
               for key, *_ in tab.ADVANCED]
-    updates = list(tab.run_training(host, str(data), "tab_lora", "Style (defaults)", "tiny-demo", "", 0, *values))
+    updates = list(tab.run_training(host, str(data), "tab_lora", "Style (defaults)", "tiny-demo", "", 0, None,
+                                    *values))
     status, loss, samples, lora_file, stop, gallery, sweep_status, size, trained = updates[0]
     assert stop["interactive"] is True and gallery == [] and "new LoRA" in sweep_status
     status, loss, samples, lora_file, stop, gallery, sweep_status, size, trained = updates[-1]
@@ -223,7 +225,7 @@ def test_a_run_through_the_tab_turns_stop_on_and_off_clears_the_sweep_and_counts
     assert "<svg" in loss and "title='" in status
 
     bad = list(tab.run_training(host, str(tmp_path / "nowhere"), "tab_lora", "Style (defaults)", "tiny-demo", "",
-                                0, *values))
+                                0, None, *values))
     status, *_, stop, gallery, sweep_status, size, trained = bad[-1]
     assert "Dataset folder:" in status and "data.train_data_dir" not in status
     assert stop["interactive"] is False and trained is None

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from lora_trainer.config import Config, save_config, validate_paths
+from lora_trainer.config import Config, save_config, validate_paths, with_family_defaults
 from lora_trainer.data.check import check_scan, image_facts
 from lora_trainer.data.dataset import ImageDataset, scan_dataset
 from lora_trainer.engine import checkpoint as ckpt
@@ -31,6 +31,7 @@ from lora_trainer.engine.run import (
     TrainingError,
     add_lora_layers,
     build_cache,
+    model_family,
     optimization,
     prepare_backend,
     resume,
@@ -43,6 +44,7 @@ from lora_trainer.errors import DatasetError
 from lora_trainer.models.attention import resolve_attention
 from lora_trainer.models.compiling import check_compile
 from lora_trainer.models.factory import BUILTIN_MODELS, load_backend, pick_device, precision_of
+from lora_trainer.models.family import family_of
 
 __all__ = ["TrainingError", "train"]
 log = logging.getLogger(__name__)
@@ -83,13 +85,15 @@ def _tensorboard(log_dir: Path, enabled: bool):
 
 
 def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progress: bool = True,
-          make_backend: Callable[[], object] | None = None) -> TrainResult:
+          make_backend: Callable[[], object] | None = None, family: str | None = None) -> TrainResult:
     """Train a LoRA as ``cfg`` says and export it; returns where everything went.
 
     ``backend`` defaults to a diffusers model loaded from ``cfg.model.base_model``; the WebUI passes
     its own. A UI's host passes ``make_backend`` instead: it is called once the checks of the input have
     passed, so a bad dataset or setting is reported before its model loads (or the WebUI's is touched).
-    ``callbacks`` get progress and may ask the loop to stop (it then saves and exports).
+    ``callbacks`` get progress and may ask the loop to stop (it then saves and exports). ``family``: the model's
+    family where the caller knows it before the model loads (a UI's host); the dataset check runs at the resolution
+    the run will use (``checked_resolution``).
     """
     started = time.time()
     t, d = cfg.training, cfg.data
@@ -105,7 +109,8 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
                         caption_priority=d.caption_priority, caption_prefix=d.caption_prefix, recursive=d.recursive,
                         inspect=image_facts)
     log.info(scan.summary())
-    log.info(check_scan(scan, d.resolution, d.caption_prefix, progress=progress).summary())
+    resolution = checked_resolution(cfg, backend, make_backend, family)
+    log.info(check_scan(scan, resolution, d.caption_prefix, progress=progress).summary())
     plan = Plan.from_config(cfg, len(scan.samples))
     run_dir, resume_from = prepare_run_dir(cfg.output.output_dir, t.resume_from_checkpoint)
     restored = ckpt.load_checkpoint(resume_from) if resume_from else None
@@ -126,6 +131,18 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
         if fresh_run and not ckpt.list_checkpoints(run_dir):
             remove_run(run_dir)  # failed before any checkpoint: leave no empty run behind
         raise
+
+
+def checked_resolution(cfg: Config, backend=None, make_backend=None, family: str | None = None) -> int:
+    """The resolution the run will train at, known before a model loads: the config's, or its model family's
+    default where the config set none (SDXL: 1024), so the dataset check warns about the right sizes. The family:
+    ``family`` (a UI's host knows it), else the given backend's, else read from ``model.base_model``'s files when
+    train loads the model itself; a host's ``make_backend`` without ``family``: unknown, the config's value."""
+    if family is None and backend is not None:
+        family = model_family(backend)
+    elif family is None and make_backend is None:
+        family = family_of(cfg.model.base_model, cfg.model.prediction_type)
+    return with_family_defaults(cfg, family)[0].data.resolution
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,9 @@ class Host(Protocol):
     name: str  # for logs and messages ("webui", "standalone")
     chooses_base_model: bool  # the tab shows a base-model field (the WebUI trains the model it has loaded)
     sends_to_txt2img: bool  # the tab offers "Send to txt2img" (a WebUI with a txt2img tab to send to)
+    # the tab offers "Train the second text encoder (SDXL)" on an SDXL model (the WebUI's second encoder is open_clip,
+    # which peft 0.13.2 cannot wrap); the UI reads it with getattr(host, "trains_text_encoder_2", False)
+    trains_text_encoder_2: bool
     run_root: Path  # run folders go under it, one per LoRA name
     lora_dir: Path  # where published LoRAs go
     image_size: int | None  # the last training's resolution (samples and sweeps are made at it); None before one

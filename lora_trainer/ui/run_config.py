@@ -4,11 +4,13 @@ a run from the tab's values (the tab, a test, an HTTP API) uses this."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 
-from lora_trainer.config import CHOICES, Config, config_from_dict
+from lora_trainer.config import CHOICES, FAMILY_DEFAULTS, FAMILY_NAMES, Config, config_from_dict
 from lora_trainer.errors import LoraTrainerError
-from lora_trainer.ui.views import name_fields
+from lora_trainer.ui.views import name_fields, short_label
 
 CONFIG_SOURCE = "Train LoRA tab"  # config_from_dict's source: the start of its messages, dropped in the tab
 PRESETS = {
@@ -20,6 +22,8 @@ PRESETS = {
 ADVANCED = [
     ("lora_rank", "Rank", "number", None), ("lora_alpha", "Alpha", "number", None),
     ("lora_dropout", "Dropout", "number", None), ("learning_rate", "Learning rate", "number", None),
+    ("text_encoder_lr", "Text encoder learning rate", "number", None),
+    ("text_encoder_2_lr", "Second text encoder learning rate (0 = the text encoder's)", "number", None),
     ("batch_size", "Batch size", "number", None),
     ("gradient_accumulation_steps", "Gradient accumulation", "number", None),
     ("epochs", "Epochs", "number", None), ("max_train_steps", "Max steps (0 = use epochs)", "number", None),
@@ -32,11 +36,16 @@ ADVANCED = [
     ("compile_unet", "Compile the UNet (torch.compile: faster steps after a first one of minutes)", "bool", None),
     ("cache_latents_to_disk", "Keep encoded images on disk (the next run of this name skips encoding)", "bool", None),
     ("train_text_encoder", "Train the text encoder", "bool", None),
+    ("train_text_encoder_2", "Train the second text encoder (SDXL)", "bool", None),
     ("caption_prefix", "Trigger word prefix", "text", None),
     ("min_snr_gamma", "Min-SNR gamma (0 = off)", "number", None), ("noise_offset", "Noise offset", "number", None),
     ("seed", "Seed", "number", None), ("save_steps", "Checkpoint every N steps (0 = off)", "number", None),
 ]
-ZERO_IS_NONE = {"max_train_steps", "min_snr_gamma"}
+ZERO_IS_NONE = {"max_train_steps", "min_snr_gamma", "text_encoder_2_lr"}
+# the fields the model family fills (config.FAMILY_DEFAULTS: SDXL resolution 1024, rank 32, ...), and those shown
+# for SDXL only (on a host that can train its second text encoder)
+FAMILY_KEYS = tuple(dict.fromkeys(key for values in FAMILY_DEFAULTS.values() for key in values))
+SDXL_ONLY = ("train_text_encoder_2", "text_encoder_2_lr")
 # config key → the label of the field that sets it, to name fields in messages as the tab shows them
 FIELD_LABELS = {"train_data_dir": "Dataset folder", "output_name": "LoRA name", "base_model": "Base model",
                 **{key: label for key, label, *_ in ADVANCED}}
@@ -53,13 +62,24 @@ def field_default(key: str, cfg: Config):
     raise KeyError(key)
 
 
-def build_config(host, data_dir: str, name: str, preset: str, base_model: str | None, advanced: dict) -> Config:
-    """The tab's fields → a validated Config (errors name config keys; ``tab_message`` names the fields)."""
+def build_config(host, data_dir: str, name: str, preset: str, base_model: str | None, advanced: dict,
+                 filled: dict | None = None) -> Config:
+    """The tab's fields → a validated Config (errors name config keys; ``tab_message`` names the fields).
+
+    ``filled``: what the tab filled the family fields with (``family_fill``). A field that still shows it is passed
+    as a default, not as the user's (``Config.explicit``): the loaded model's family decides it where the tab did not
+    know the family. The SDXL-only fields count only where the tab shows them."""
     if not str(data_dir).strip():
         raise LoraTrainerError("choose the dataset folder (a folder of images with captions)")
     name = (name or "").strip()
     if not name:
         raise LoraTrainerError("give the LoRA a name (it becomes <lora:name:0.7>)")
+    advanced, defaulted = dict(advanced), set()
+    if filled is not None:
+        defaulted = {k for k in FAMILY_KEYS if k in advanced and is_default(advanced[k], filled["values"].get(k))}
+        if not shows_text_encoder_2(host, filled.get("family")):
+            for key in SDXL_ONLY:
+                advanced.pop(key, None)
     settings = dict(host.defaults())
     settings.update(PRESETS.get(preset, {}))
     for key, value in advanced.items():  # gr.Number gives floats; the config takes 8.0 for an int field
@@ -68,7 +88,61 @@ def build_config(host, data_dir: str, name: str, preset: str, base_model: str | 
                     output_dir=str(Path(host.run_root) / name))
     if base_model:
         settings["base_model"] = base_model.strip()
-    return config_from_dict(settings, source=CONFIG_SOURCE)
+    cfg = config_from_dict(settings, source=CONFIG_SOURCE)
+    return dataclasses.replace(cfg, explicit=cfg.explicit - defaulted) if defaulted else cfg
+
+
+# --- the model family's defaults in the fields
+def host_config(host) -> Config:
+    """The config the tab starts from: the config's defaults under the host's (the WebUI's Settings: SD 1.x's)."""
+    return config_from_dict({"train_data_dir": "-", **host.defaults()})
+
+
+def family_values(base: Config, family: str | None) -> dict:
+    """What the family fields show for ``family``: its defaults (config.FAMILY_DEFAULTS) over ``base``'s values."""
+    own = FAMILY_DEFAULTS.get(family, {}) if family else {}
+    return {key: own.get(key, field_default(key, base)) for key in FAMILY_KEYS}
+
+
+def family_fill(host, base: Config, base_model: str | None = None) -> dict:
+    """What the tab fills the family fields with when it starts: {"family": the host's model family or None,
+    "values": key → value}; the tab keeps it (a gr.State) to tell the user's values from its own."""
+    family = host.model_family(base_model if host.chooses_base_model else None)
+    return {"family": family, "values": family_values(base, family)}
+
+
+def is_default(value, filled) -> bool:
+    """Whether a field still shows ``filled``, the default the tab put there (a field the user emptied does not)."""
+    if value is None or filled is None:
+        return False
+    if isinstance(value, (int, float)) and isinstance(filled, (int, float)):
+        return math.isclose(value, filled, rel_tol=1e-9, abs_tol=0.0)
+    return value == filled
+
+
+def refill(filled: dict, base: Config, family: str | None, values: dict) -> tuple[dict, dict]:
+    """The model family is now ``family``: (key → new value of each family field that still shows what the tab
+    filled, the new fill). The fields the user changed keep their values; an unknown family (None) changes nothing."""
+    if family is None:
+        return {}, filled
+    new = family_values(base, family)
+    changes = {k: v for k, v in new.items() if is_default(values.get(k), filled["values"].get(k)) and values[k] != v}
+    return changes, {"family": family, "values": new}
+
+
+def shows_text_encoder_2(host, family: str | None) -> bool:
+    """Whether the tab offers the SDXL-only fields: an SDXL model, on a host that can train its second encoder."""
+    return family == "sdxl" and bool(getattr(host, "trains_text_encoder_2", False))
+
+
+def family_note(host, family: str | None) -> str:
+    """The note that says which family the defaults came from (empty while the family is unknown)."""
+    if not family:
+        return ""
+    where = "the base model" if host.chooses_base_model else "the loaded model"
+    own = ", ".join(f"{short_label(FIELD_LABELS[k]).lower()} {v:g}" for k, v in FAMILY_DEFAULTS.get(family, {}).items())
+    return (f"Defaults for {FAMILY_NAMES.get(family, family)} ({where}){': ' + own if own else ''}. "
+            "Fields you change keep your values.")
 
 
 def tab_message(error) -> str:

@@ -103,8 +103,10 @@ class TrainingSession(Callbacks):
         try:
             with self.host.lock():
                 self.status.message = "checking the dataset and the settings…"
-                try:
-                    result = train(self.cfg, make_backend=self._make_backend, callbacks=self, progress=False)
+                family = self.host.model_family(self.cfg.model.base_model if self.host.chooses_base_model else None)
+                try:  # (the family: the dataset check looks for images below the resolution the run will use)
+                    result = train(self.cfg, make_backend=self._make_backend, callbacks=self, progress=False,
+                                   family=family)
                 finally:
                     backend, self._backend = self._backend, None
                     self.host.release_backend(backend)

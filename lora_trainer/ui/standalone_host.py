@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import threading
@@ -16,9 +17,21 @@ from lora_trainer.utils.fsio import write_new
 SWEEP_ADAPTER = "lora_trainer_sweep"
 
 
+@contextlib.contextmanager
+def _scheduler(pipe, scheduler):
+    """``pipe`` samples with ``scheduler`` inside, with its own again after."""
+    own = pipe.scheduler
+    pipe.scheduler = scheduler
+    try:
+        yield pipe
+    finally:
+        pipe.scheduler = own
+
+
 class DiffusersHost:
     name = "standalone"
     chooses_base_model, sends_to_txt2img = True, False  # a diffusers model named in the tab; no txt2img tab
+    trains_text_encoder_2 = True  # SDXL's second text encoder is a transformers CLIP model here (peft wraps it)
 
     def __init__(self, lora_dir: str | Path = "output/Lora", run_root: str | Path = "output/runs",
                  base_model: str = "tiny-demo"):
@@ -26,6 +39,8 @@ class DiffusersHost:
         self.image_size = None  # (the standalone sweep defaults to the model's own size; see tab.default_sweep_size)
         self.base_model = base_model
         self._lock = threading.Lock()
+        self._run_cfg = None  # the config of the run whose backend make_backend made last (its samples follow it)
+        self._sampler = None  # (backend, scheduler, guidance_rescale) for that run's samples
 
     def defaults(self) -> dict:
         """Settings the tab starts from (the core config's defaults, on the chosen base model)."""
@@ -48,13 +63,24 @@ class DiffusersHost:
     def make_backend(self, cfg):
         from lora_trainer.models.factory import load_backend
 
-        return load_backend(cfg)
+        backend = load_backend(cfg)
+        self._run_cfg, self._sampler = cfg, None
+        return backend
 
     def release_backend(self, backend) -> None:
+        self._run_cfg = self._sampler = None  # (the sampler holds the backend: let its memory go)
         if backend is not None:
             for module in backend.components().values():
                 if module is not None:
                     remove_lora(module)
+
+    def model_family(self, base_model: str | None = None) -> str | None:
+        """The base model's family (sdxl, sd_v2_768_v, sd_v2, sd_v1) read from its files, nothing loaded: a diffusers
+        folder's model_index.json and configs, a single file's key names, a tiny model's name; None if they do not
+        say (a path that is not there yet, say)."""
+        from lora_trainer.models.family import family_of
+
+        return family_of(base_model or self.base_model)
 
     def native_image_size(self, base_model: str | None = None) -> int:
         """The base model's own image size, read from its config files (no model is loaded for it)."""
@@ -68,14 +94,34 @@ class DiffusersHost:
             unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
             vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
             return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-        except (OSError, ValueError, KeyError, TypeError):
-            return 512  # a single-file checkpoint: SD 1.x is the only kind the app loads from one
+        except (OSError, ValueError, KeyError, TypeError):  # a single-file checkpoint: by its family
+            return {"sdxl": 1024, "sd_v2_768_v": 768}.get(self.model_family(base_model), 512)
+
+    def _sampling(self, backend) -> tuple[object, float]:
+        """The scheduler and guidance rescale for samples of the run ``backend`` trains: the run's prediction type
+        and noise schedule (engine.run.with_noise_schedule decides it from the run's config and the model)."""
+        if self._sampler is None or self._sampler[0] is not backend:
+            from lora_trainer.engine.loss import has_zero_terminal_snr
+            from lora_trainer.engine.run import with_noise_schedule
+            from lora_trainer.engine.sampling import guidance_rescale, sampling_scheduler
+
+            zero_snr = False
+            if self._run_cfg is not None:
+                zero_snr = has_zero_terminal_snr(with_noise_schedule(self._run_cfg, backend)[1])
+            prediction = backend.prediction_type
+            self._sampler = (backend, sampling_scheduler(backend.pipe.scheduler, prediction, zero_snr),
+                             guidance_rescale(prediction, zero_snr))
+        return self._sampler[1], self._sampler[2]
 
     def sample(self, backend, prompt: str, seed: int, steps: int = 20):
+        """One image from the model with the LoRA as trained so far, sampled on the run's noise schedule."""
         res = backend.unet.config.sample_size * backend.pipe.vae_scale_factor
         generator = torch.Generator(backend.device).manual_seed(seed)
-        with torch.no_grad(), backend.encoders_on_device():
-            return backend.pipe(prompt, num_inference_steps=steps, height=res, width=res, generator=generator).images[0]
+        scheduler, rescale = self._sampling(backend)
+        extra = {"guidance_rescale": rescale} if rescale else {}
+        with torch.no_grad(), backend.encoders_on_device(), _scheduler(backend.pipe, scheduler):
+            return backend.pipe(prompt, num_inference_steps=steps, height=res, width=res, generator=generator,
+                                **extra).images[0]
 
     def publish(self, lora_path: Path, name: str) -> Path:
         self.lora_dir.mkdir(parents=True, exist_ok=True)
@@ -84,24 +130,39 @@ class DiffusersHost:
     def sweep(self, lora_path: Path, prompt: str, negative: str, strengths: list[float], seed: int,
               base_model: str | None = None, steps: int = SWEEP_STEPS,
               size: int | None = None) -> list[tuple[float, object]]:
-        """The same prompt, seed, size and steps at each LoRA strength (0 = the base model)."""
-        base_model = base_model or self.base_model
-        from lora_trainer.models.diffusers_backend import load_pipeline
+        """The same prompt, seed, size and steps at each LoRA strength (0 = the base model), sampled on the noise
+        schedule the LoRA was trained with (its metadata: prediction type, zero terminal SNR)."""
         from lora_trainer.models.factory import DTYPES, pick_device
 
         device, precision = pick_device("auto")
         with self._lock:
-            pipe, _ = load_pipeline(base_model, DTYPES[precision])
+            pipe, rescale = self._sweep_pipeline(base_model or self.base_model, Path(lora_path), DTYPES[precision])
             pipe.to(device)
-            pipe.load_lora_weights(str(Path(lora_path).parent), weight_name=Path(lora_path).name,
-                                   adapter_name=SWEEP_ADAPTER)
             size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+            extra = {"guidance_rescale": rescale} if rescale else {}
             images = []
             for strength in strengths:
                 pipe.set_adapters([SWEEP_ADAPTER], adapter_weights=[strength])
                 generator = torch.Generator(device).manual_seed(seed)
                 with torch.no_grad():
                     image = pipe(prompt, negative_prompt=negative or None, num_inference_steps=steps, height=size,
-                                 width=size, generator=generator).images[0]
+                                 width=size, generator=generator, **extra).images[0]
                 images.append((strength, image))
         return images
+
+    @staticmethod
+    def _sweep_pipeline(base_model: str, lora_path: Path, dtype) -> tuple[object, float]:
+        """The base model's pipeline (SD or SDXL) with the LoRA loaded as an adapter and a sampler on the LoRA's
+        noise schedule; and its guidance rescale."""
+        from safetensors import safe_open
+
+        from lora_trainer.engine.sampling import guidance_rescale, sampling_scheduler, trained_schedule
+        from lora_trainer.models.diffusers_backend import load_pipeline
+        from lora_trainer.models.sdxl_backend import is_sdxl_model, load_sdxl_pipeline
+
+        pipe, _ = (load_sdxl_pipeline if is_sdxl_model(base_model) else load_pipeline)(base_model, dtype)
+        pipe.load_lora_weights(str(lora_path.parent), weight_name=lora_path.name, adapter_name=SWEEP_ADAPTER)
+        with safe_open(str(lora_path), framework="pt") as f:
+            prediction, zero_snr = trained_schedule(f.metadata(), pipe.scheduler)
+        pipe.scheduler = sampling_scheduler(pipe.scheduler, prediction, zero_snr)
+        return pipe, guidance_rescale(prediction, zero_snr)

@@ -14,17 +14,24 @@ from pathlib import Path
 
 import gradio as gr
 
-from lora_trainer.config import Config, config_from_dict
+from lora_trainer.config import Config
 from lora_trainer.errors import LoraTrainerError
 from lora_trainer.ui import compat
 from lora_trainer.ui.dataset_panel import create_dataset_panel
 from lora_trainer.ui.run_config import (
     ADVANCED,
+    FAMILY_KEYS,
     FIELD_LABELS,
     NO_LORA,
     PRESETS,
+    SDXL_ONLY,
     build_config,
+    family_fill,
+    family_note,
     field_default,
+    host_config,
+    refill,
+    shows_text_encoder_2,
     tab_message,
 )
 from lora_trainer.ui.session import TrainingSession, friendly_error
@@ -45,14 +52,16 @@ def training_view(session: TrainingSession) -> tuple:
             gr.update(interactive=s.running))
 
 
-def run_training(host, data_dir, name, preset, base_model, sample_prompt, sample_every, *values):
+def run_training(host, data_dir, name, preset, base_model, sample_prompt, sample_every, filled, *values):
     """Start a run and yield the tab's outputs while it goes: ``training_view`` plus the strength sweep's
     gallery and message (cleared when the run starts: the sweep shown was of the previous LoRA), the sweep's
-    size (the new LoRA's resolution when it is done) and the LoRA this run made (for Train & generate)."""
+    size (the new LoRA's resolution when it is done) and the LoRA this run made (for Train & generate).
+    ``filled``: what the tab filled the family fields with (``refresh_family``), to tell the user's values."""
     keep = gr.update()
     try:
         advanced = {key: v for (key, *_), v in zip(ADVANCED, values)}
-        cfg = build_config(host, data_dir, name, preset, base_model if host.chooses_base_model else None, advanced)
+        cfg = build_config(host, data_dir, name, preset, base_model if host.chooses_base_model else None, advanced,
+                           filled)
         session = TrainingSession.start(host, cfg, sample_prompt=sample_prompt or "",
                                         sample_every=int(sample_every or 0))
     except LoraTrainerError as e:
@@ -68,6 +77,21 @@ def run_training(host, data_dir, name, preset, base_model, sample_prompt, sample
     s = session.status
     made = str(s.published) if s.published else None
     yield (*training_view(session), keep, keep, cfg.data.resolution if made else keep, made)
+
+
+def refresh_family(host, base_model, filled, *values) -> tuple:
+    """When the model family may have changed (the page loads, a new base model, Train): its defaults into each
+    family field (``FAMILY_KEYS``) the user did not change, the SDXL-only fields shown for SDXL, the note that names
+    the family. Outputs: the note, the fill, the ``FAMILY_KEYS`` fields, the ``SDXL_ONLY`` fields. An unknown family
+    changes nothing."""
+    filled = filled or {"family": None, "values": {}}
+    family = host.model_family(base_model if host.chooses_base_model else None)
+    changes, filled = refill(filled, host_config(host), family, dict(zip(FAMILY_KEYS, values)))
+    if family is None:
+        return (gr.update(), filled, *[gr.update()] * (len(FAMILY_KEYS) + len(SDXL_ONLY)))
+    fields = [gr.update(value=changes[key]) if key in changes else gr.update() for key in FAMILY_KEYS]
+    sdxl = [gr.update(visible=shows_text_encoder_2(host, family))] * len(SDXL_ONLY)
+    return (message_html(family_note(host, family), "hint"), filled, *fields, *sdxl)
 
 
 def stop_training() -> None:
@@ -146,26 +170,34 @@ def send_update(lora_path, prompt) -> tuple:
 
 
 # --- the layout
-def _advanced_fields(defaults: Config) -> dict:
+def _advanced_fields(host, defaults: Config, fill: dict) -> dict:
     made = {}
+
+    def value(key):
+        return fill["values"][key] if key in fill["values"] else field_default(key, defaults)
+
+    def visible(key):
+        return key not in SDXL_ONLY or shows_text_encoder_2(host, fill["family"])
+
     with gr.Accordion("Advanced", open=False, elem_id=f"{PREFIX}advanced"):
         with gr.Row():
             for key, label, kind, extra in ADVANCED:
-                value, elem = field_default(key, defaults), f"{PREFIX}{key}"
+                elem = f"{PREFIX}{key}"
                 if kind == "choice":
-                    made[key] = gr.Dropdown(label=label, choices=extra, value=value, elem_id=elem)
+                    made[key] = gr.Dropdown(label=label, choices=extra, value=value(key), elem_id=elem)
                 elif kind == "text":
-                    made[key] = gr.Textbox(label=label, value=value, elem_id=elem)
+                    made[key] = gr.Textbox(label=label, value=value(key), elem_id=elem)
                 elif kind == "number":
-                    made[key] = gr.Number(label=label, value=value, elem_id=elem)
+                    made[key] = gr.Number(label=label, value=value(key), visible=visible(key), elem_id=elem)
         with gr.Row():  # checkboxes on their own row, so their labels are not squeezed
             for key, label, kind, _ in ADVANCED:
                 if kind == "bool":
-                    made[key] = gr.Checkbox(label=label, value=field_default(key, defaults), elem_id=f"{PREFIX}{key}")
+                    made[key] = gr.Checkbox(label=label, value=value(key), visible=visible(key),
+                                            elem_id=f"{PREFIX}{key}")
     return made
 
 
-def _training_panel(host, defaults: Config) -> dict:
+def _training_panel(host, defaults: Config, fill: dict) -> dict:
     ui = {}
     ui["data_dir"] = gr.Textbox(label="Dataset folder", placeholder="/path/to/images (captions in metadata.csv "
                                 "or .txt files)", elem_id=f"{PREFIX}data_dir")
@@ -176,7 +208,10 @@ def _training_panel(host, defaults: Config) -> dict:
     ui["base_model"] = gr.Textbox(label="Base model (diffusers folder, .safetensors, or tiny-demo)",
                                   value=defaults.model.base_model, visible=host.chooses_base_model,
                                   elem_id=f"{PREFIX}base_model")
-    ui["advanced"] = _advanced_fields(defaults)
+    note = family_note(host, fill["family"])
+    ui["family_note"] = gr.HTML(message_html(note, "hint") if note else "", elem_id=f"{PREFIX}family_note")
+    ui["filled"] = gr.State(fill)  # what the family fields were filled with: a field still showing it is a default
+    ui["advanced"] = _advanced_fields(host, defaults, fill)
     with gr.Row():
         ui["sample_prompt"] = gr.Textbox(label="Sample prompt (empty = no samples)", elem_id=f"{PREFIX}sample_prompt")
         ui["sample_every"] = gr.Number(label="Sample every N steps", value=50, elem_id=f"{PREFIX}sample_every")
@@ -212,11 +247,12 @@ def _sweep_panel(host) -> dict:
 
 def create_tab(host) -> gr.Blocks:
     """The tab's Blocks for ``host`` (the WebUI's or the standalone app's)."""
-    defaults = config_from_dict({"train_data_dir": "-", **host.defaults()})
+    defaults = host_config(host)
+    fill = family_fill(host, defaults, defaults.model.base_model)
     with gr.Blocks(analytics_enabled=False) as tab, gr.Column(elem_id=f"{PREFIX}root"):
         with gr.Row():
             with gr.Column(scale=3):
-                t = _training_panel(host, defaults)
+                t = _training_panel(host, defaults, fill)
             with gr.Column(scale=2):
                 status = gr.HTML(elem_id=f"{PREFIX}status")
                 loss = gr.HTML(loss_svg([]), elem_id=f"{PREFIX}loss")
@@ -226,6 +262,7 @@ def create_tab(host) -> gr.Blocks:
         sw = _sweep_panel(host)
         trained = gr.State(None)  # the LoRA the last run of this page made (None: it made none)
         _wire(host, t, sw, [status, loss, samples, lora_file], trained)
+        _wire_family(host, tab, t)
         tab.lora_trainer_send = (sw["send"], sw["send_prompt"])  # the WebUI glue binds these to txt2img
     return tab
 
@@ -233,7 +270,7 @@ def create_tab(host) -> gr.Blocks:
 def _wire(host, t: dict, sw: dict, shown: list, trained) -> None:
     fields = [t["advanced"][key] for key, *_ in ADVANCED]
     train_inputs = [t["data_dir"], t["name"], t["preset"], t["base_model"], t["sample_prompt"], t["sample_every"],
-                    *fields]
+                    t["filled"], *fields]
     outputs = [*shown, t["stop"], sw["gallery"], sw["status"], sw["size"], trained]
     sweep_inputs = [sw["prompt"], sw["negative"], sw["seed"], sw["strengths"], sw["size"], sw["steps"], t["base_model"]]
     lora_file = shown[3]
@@ -247,8 +284,13 @@ def _wire(host, t: dict, sw: dict, shown: list, trained) -> None:
     def sweep_after(*args):
         return sweep_after_training(host, *args)
 
-    t["train"].click(train, inputs=train_inputs, outputs=outputs)
-    t["train_generate"].click(train, inputs=train_inputs, outputs=outputs).then(
+    def refresh(*args):
+        return refresh_family(host, *args)
+
+    family = _family_io(t)
+    # the family fields first (the WebUI may have loaded another model since the page loaded), then the run
+    t["train"].click(refresh, **family).then(train, inputs=train_inputs, outputs=outputs)
+    t["train_generate"].click(refresh, **family).then(train, inputs=train_inputs, outputs=outputs).then(
         sweep_after, inputs=[trained, *sweep_inputs], outputs=[sw["gallery"], sw["status"]])
     t["stop"].click(stop_training, inputs=[], outputs=[])
     sw["sweep"].click(sweep, inputs=[lora_file, *sweep_inputs], outputs=[sw["gallery"], sw["status"]])
@@ -256,3 +298,21 @@ def _wire(host, t: dict, sw: dict, shown: list, trained) -> None:
     for source in (lora_file, sw["prompt"]):
         source.change(send_update, inputs=[lora_file, sw["prompt"]],
                       outputs=[sw["send_prompt"], sw["send"], sw["status"]])
+
+
+def _family_io(t: dict) -> dict:
+    """refresh_family's inputs and outputs."""
+    fields = [t["advanced"][key] for key in FAMILY_KEYS]
+    return {"inputs": [t["base_model"], t["filled"], *fields],
+            "outputs": [t["family_note"], t["filled"], *fields, *(t["advanced"][key] for key in SDXL_ONLY)]}
+
+
+def _wire_family(host, tab, t: dict) -> None:
+    """The model family's defaults into the fields when the page loads (the WebUI may have loaded its model after
+    the tab was built) and when the base model changes (the standalone app)."""
+    def refresh(*args):
+        return refresh_family(host, *args)
+
+    tab.load(refresh, **_family_io(t))
+    if host.chooses_base_model:
+        t["base_model"].change(refresh, **_family_io(t))
