@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from lora_trainer.errors import LoraTrainerError
+from lora_trainer.errors import LoraTrainerError, ModelLoadError
 from lora_trainer.models.ldm import ldm_family
 from lora_trainer.models.sgm import size_embedders
+from lora_trainer.models.single_file import inspect_checkpoint
 
 log = logging.getLogger(__name__)
-MARKERS = ("v_pred", "ztsnr")  # marker keys some SDXL finetunes carry (A1111 dev PR #16567, #16569)
 
 
 def refuse_untrainable(sd_model, cfg, cmd_opts) -> str:
@@ -70,19 +70,16 @@ def _in_channels(sd_model) -> int | None:
         return None
 
 
-def checkpoint_markers(sd_model) -> set[str]:
+def checkpoint_markers(sd_model) -> frozenset[str]:
     """The marker keys (``v_pred``, ``ztsnr``) in the loaded checkpoint file's header; empty if not readable."""
     filename = getattr(getattr(sd_model, "sd_checkpoint_info", None), "filename", None)
     if not filename or Path(filename).suffix.lower() != ".safetensors":
-        return set()
-    from safetensors import safe_open
-
+        return frozenset()
     try:
-        with safe_open(str(filename), framework="pt") as f:
-            return {k for k in f.keys() if k in MARKERS}
-    except Exception as e:  # a file the WebUI could load but we cannot read: say so, train as the WebUI says
-        log.warning("could not read %s's keys to look for v-prediction markers: %s", filename, e)
-        return set()
+        return inspect_checkpoint(filename).markers
+    except ModelLoadError as e:  # a file the WebUI could load but we cannot read: say so, train as the WebUI says
+        log.warning("could not look for v-prediction markers: %s", e)
+        return frozenset()
 
 
 def schedule_facts(sd_model, cfg, opts) -> tuple[str, bool]:
