@@ -173,6 +173,7 @@ def test_a_v_pred_checkpoint_the_webui_loaded_as_eps_trains_v_with_zero_snr_and_
     assert backend.prediction_type == "v_prediction"
     assert backend.noise_scheduler.config.rescale_betas_zero_snr and backend.noise_scheduler.alphas_cumprod[-1] < 1e-6
     assert "loaded it as epsilon" in caplog.text and "its 'ztsnr' key" in caplog.text
+    assert "Noise schedule for sampling" in caplog.text
     sdxl.sd_checkpoint_info.filename = str(tmp_path / "missing.safetensors")  # unreadable: as the WebUI says
     assert WebUIHost().make_backend(make_cfg_plain()).prediction_type == "epsilon"
 

@@ -75,6 +75,7 @@ def _emphasis_mode(cfg) -> str:
 class WebUIHost:
     name = "webui"
     chooses_base_model, sends_to_txt2img = False, True  # the model the WebUI has loaded; its txt2img tab
+    trains_text_encoder_2 = False  # SDXL's second encoder is OpenCLIP in the WebUI: peft 0.13.2 cannot wrap it
 
     def __init__(self):
         self._saved = None  # (requires_grad flags, training modes) of the model before training

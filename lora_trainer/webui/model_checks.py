@@ -99,6 +99,10 @@ def schedule_facts(sd_model, cfg, opts) -> tuple[str, bool]:
     # SNR 0), so only a v-prediction one takes it
     setting = getattr(opts, "sd_noise_schedule", "Default") == "Zero Terminal SNR" and prediction == "v_prediction"
     ztsnr = "ztsnr" in markers or bool(getattr(sd_model, "ztsnr", False)) or setting
+    if "ztsnr" in markers and not getattr(sd_model, "ztsnr", False) and not setting:
+        log.warning("the loaded checkpoint was trained with zero terminal SNR (its 'ztsnr' key) but the WebUI samples "
+                    "without it: set Settings → Sampler parameters → Noise schedule for sampling to \"Zero Terminal "
+                    "SNR\" for its images (and the samples) to match")
     if ztsnr and cfg.model.zero_terminal_snr == "auto":
         log.info("zero terminal SNR: the loaded model is trained so (%s)", "its 'ztsnr' key" if "ztsnr" in markers
                  else "the WebUI's noise schedule setting")
