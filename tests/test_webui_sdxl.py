@@ -220,3 +220,27 @@ def test_the_sgm_conditioning_rows_are_independent_of_batch_mates(sdxl):
     together = backend.encode_prompts(["a cat", "a (very:1.5) large dog"])
     assert isinstance(alone, Conditioning)
     assert torch.equal(alone.context[0], together.context[0]) and torch.equal(alone.pooled[0], together.pooled[0])
+
+
+def test_on_a_gpu_the_vae_and_text_encoders_wait_on_the_cpu_and_come_back_for_samples(sdxl, monkeypatch):
+    """The moves the backend asks for (recorded: this machine has no GPU): parked before the steps, on the GPU
+    for a sample, back on the CPU after it, and on the GPU again when training ends."""
+    host = WebUIHost()
+    backend = host.make_backend(make_cfg_plain())
+    moves = []
+    for name, module in (("vae", sdxl.first_stage_model), ("text", sdxl.conditioner)):
+        monkeypatch.setattr(module, "to", lambda device, name=name, module=module: moves.append((name, str(device)))
+                            or module)
+    assert backend.offload_idle_encoders(text_encoder=True) == 0 and moves == []  # on the CPU: nothing moves
+    backend.device = torch.device("cuda")
+    assert backend.offload_idle_encoders(text_encoder=True) > 0
+    assert moves == [("vae", "cpu"), ("text", "cpu")]
+    moves.clear()
+    host.sample(backend, "a cat", seed=1)
+    assert moves == [("vae", "cuda"), ("text", "cuda"), ("vae", "cpu"), ("text", "cpu")] and processing.calls
+    moves.clear()
+    backend.restore_encoders()
+    assert moves == [("vae", "cuda"), ("text", "cuda")]
+    moves.clear()
+    backend.offload_idle_encoders(text_encoder=False)  # the text encoder trains: it stays
+    assert moves == [("vae", "cpu")]

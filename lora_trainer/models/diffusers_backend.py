@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from lora_trainer.models.base import TEXT_ENCODER, UNET, Backend
 from lora_trainer.models.compat import dtype_kwargs, enable_text_encoder_checkpointing
 from lora_trainer.models.compiling import compile_for_run
 from lora_trainer.models.conditioning import Conditioning
+from lora_trainer.models.offload import IdleEncoders
 from lora_trainer.models.prompts import encode_captions
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ class DiffusersBackend(Backend):
         self.pipe = pipe  # for samples during training: it shares the modules the LoRA goes into
         self._compiled = None
         self._channels_last = False
-        self._offloaded: list[nn.Module] = []  # encoders moved to the CPU while training needs none
+        self._idle = IdleEncoders()  # encoders moved to the CPU while training needs none
         self.model_name = model_name
         self.device = torch.device(device)
         self.weight_dtype = weight_dtype
@@ -94,44 +94,27 @@ class DiffusersBackend(Backend):
     def use_attention(self, kind: str) -> None:
         use_diffusers_attention(self.unet, kind)
 
+    def idle_encoders(self, text_encoder: bool) -> list[nn.Module]:
+        """What training steps do not need with latents (and, ``text_encoder``, captions) cached."""
+        return [self.vae] + ([self.text_encoder] if text_encoder else [])
+
     def offload_idle_encoders(self, text_encoder: bool) -> int:
         """With latents (and caption embeddings, ``text_encoder``) cached, training steps need neither the VAE nor
-        the frozen text encoder: they wait on the CPU and their GPU memory goes to the UNet (``encoders_on_device``
-        brings them back for samples). Returns the bytes freed on the GPU: none on the CPU."""
-        if self.device.type != "cuda":
-            return 0
-        self._offloaded = [self.vae] + ([self.text_encoder] if text_encoder else [])
-        freed = sum(t.numel() * t.element_size() for m in self._offloaded
-                    for t in [*m.parameters(), *m.buffers()])
-        for module in self._offloaded:
-            module.to("cpu")
-        torch.cuda.empty_cache()
-        log.info("%s wait%s on the CPU while training: %.0f MB of GPU memory for the UNet",
-                 " and ".join(type(m).__name__ for m in self._offloaded), "" if text_encoder else "s", freed / 2**20)
-        return freed
+        the frozen text encoder: they wait on the CPU (models.offload) and their GPU memory goes to the UNet
+        (``encoders_on_device`` brings them back for samples). Returns the bytes freed on the GPU: none on the CPU."""
+        return self._idle.park(self.idle_encoders(text_encoder), self.device)
 
-    @contextlib.contextmanager
+    @property
+    def _offloaded(self) -> list[nn.Module]:
+        return self._idle.modules
+
     def encoders_on_device(self):
         """The offloaded encoders on the GPU for the block (a sample image), then back on the CPU."""
-        try:
-            for module in self._offloaded:
-                module.to(self.device)
-            yield
-        finally:
-            for module in self._offloaded:
-                module.to("cpu")
+        return self._idle.on_device(self.device)
 
     def restore_encoders(self) -> None:
-        """Everything back on the training device, as before ``offload_idle_encoders``. Where the GPU has no
-        room for them (after an out-of-memory error, whose traceback still holds the step's activations) they
-        stay on the CPU, with a warning, and the error that matters reaches the user."""
-        try:
-            for module in self._offloaded:
-                module.to(self.device)
-        except torch.cuda.OutOfMemoryError:
-            log.warning("no GPU memory to move the VAE and text encoder back: they stay on the CPU")
-            return
-        self._offloaded = []
+        """Everything back on the training device, as before ``offload_idle_encoders``."""
+        self._idle.restore(self.device)
 
     def compile_unet(self, mode: str = "default") -> None:
         """Train through torch.compile of the UNet; its parameters (and names) stay those of ``self.unet``."""

@@ -21,6 +21,7 @@ from lora_trainer.models.attention import restore_ldm_attention, use_ldm_attenti
 from lora_trainer.models.base import TEXT_ENCODER, UNET, Backend
 from lora_trainer.models.compiling import compile_for_run
 from lora_trainer.models.conditioning import Conditioning
+from lora_trainer.models.offload import IdleEncoders
 from lora_trainer.models.prompts import WINDOW
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class LdmBackend(Backend):
         self._hypernetworks = list(hypernetworks)  # the WebUI's loaded ones: its attention forwards apply them
         self._compiled_forward = None
         self._emphasis = emphasis  # the host's prompt emphasis mode (A1111: opts.emphasis); None: no parser
+        self._idle = IdleEncoders()  # the VAE and text encoder, off the GPU while steps need neither
         for module in (self.unet, self.text_encoder):
             if module is not None:
                 module.requires_grad_(False)
@@ -210,6 +212,22 @@ class LdmBackend(Backend):
 
     def restore_attention(self) -> None:
         restore_ldm_attention(self.unet)
+
+    def idle_encoders(self, text_encoder: bool) -> list[nn.Module]:
+        """The WebUI's VAE and (captions cached, ``text_encoder``) its text encoder(s): SDXL's conditioner."""
+        text = getattr(self.sd_model, "conditioner", None) or self.sd_model.cond_stage_model
+        return [self.sd_model.first_stage_model] + ([text] if text_encoder else [])
+
+    def offload_idle_encoders(self, text_encoder: bool) -> int:
+        """On a GPU, the VAE and frozen text encoder(s) wait on the CPU while the UNet trains (models.offload);
+        the WebUI keeps its references, the modules move in place; samples bring them back."""
+        return self._idle.park(self.idle_encoders(text_encoder), self.device)
+
+    def encoders_on_device(self):
+        return self._idle.on_device(self.device)
+
+    def restore_encoders(self) -> None:
+        self._idle.restore(self.device)
 
     def enable_gradient_checkpointing(self, text_encoder: bool) -> None:
         if self._checkpointing is None:

@@ -103,18 +103,9 @@ class SdxlBackend(DiffusersBackend):
             enable_text_encoder_checkpointing(self.text_encoder_2)
             self.text_encoder_2.enable_input_require_grads()
 
-    def offload_idle_encoders(self, text_encoder: bool) -> int:
+    def idle_encoders(self, text_encoder: bool) -> list[nn.Module]:
         """As for SD 1.x, with both text encoders (SDXL's second is 695 M parameters) when captions are cached."""
-        if self.device.type != "cuda":
-            return 0
-        self._offloaded = [self.vae] + ([self.text_encoder, self.text_encoder_2] if text_encoder else [])
-        freed = sum(t.numel() * t.element_size() for m in self._offloaded for t in [*m.parameters(), *m.buffers()])
-        for module in self._offloaded:
-            module.to("cpu")
-        torch.cuda.empty_cache()
-        log.info("%s wait on the CPU while training: %.0f MB of GPU memory for the UNet",
-                 ", ".join(type(m).__name__ for m in self._offloaded), freed / 2**20)
-        return freed
+        return [self.vae] + ([self.text_encoder, self.text_encoder_2] if text_encoder else [])
 
 
 def _model_index(path: Path) -> dict | None:

@@ -203,7 +203,7 @@ class WebUIHost:
         """The WebUI's own generation, on the model as it is now (the LoRA being trained is in it)."""
         import torch
 
-        with torch.no_grad():
+        with torch.no_grad(), backend.encoders_on_device():  # the VAE and text encoder(s) back for the image
             return self._txt2img(prompt, "", seed)
 
     def sweep(self, lora_path: Path, prompt: str, negative: str, strengths: list[float], seed: int,
