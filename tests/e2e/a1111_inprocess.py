@@ -42,6 +42,9 @@ def start_webui(ckpt: str | None, extra: list[str] = ()):
     from modules import initialize, shared
 
     initialize.initialize()
+    from modules import script_callbacks
+
+    script_callbacks.before_ui_callback()  # where the Lora extension registers <lora:...> (the UI is not built here)
     t0 = time.time()
     model = shared.sd_model  # loads the checkpoint
     print(f"model loaded in {time.time() - t0:.1f} s: {model.sd_checkpoint_info.name}", flush=True)
