@@ -46,6 +46,7 @@ class ModelConfig:
     base_model: str = "tiny-demo"
     prediction_type: str = "auto"
     zero_terminal_snr: str = "auto"  # auto: as the model's scheduler says (rescale_betas_zero_snr)
+    task_type: str = "text-to-image"  # an image LoRA; "text-generation": a language model's (not available yet)
 
 
 @dataclass
@@ -132,11 +133,18 @@ def default_value(key: str):
 
 
 ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout", "lr": "learning_rate", "warmup_steps": "lr_warmup_steps"}
+# values other tools write for a choice (the lora-scripts articles: task_type "image-to-text" for an image LoRA)
+VALUE_ALIASES = {"task_type": {"image-to-text": "text-to-image", "sd": "text-to-image", "stable-diffusion":
+                               "text-to-image", "txt2img": "text-to-image", "llm": "text-generation"}}
+# attention projections named as in a text encoder or a language model → the UNet's (issue 17: the articles'
+# ``target_modules: ["q_proj", "v_proj"]``); the text encoder keeps its own names
+UNET_PROJECTIONS = {"q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "o_proj": "to_out.0", "out_proj": "to_out.0"}
 
 CHOICES = {
     "caption_priority": ("csv", "txt"),
     "prediction_type": ("auto", "epsilon", "v_prediction"),
     "zero_terminal_snr": ("auto", "true", "false"),
+    "task_type": ("text-to-image", "text-generation"),
     "lr_scheduler": ("constant", "constant_with_warmup", "cosine", "linear"),
     "optimizer": ("adamw", "adamw8bit"),
     "mixed_precision": ("auto", "no", "fp16", "bf16"),
@@ -255,6 +263,7 @@ def _convert(name: str, value, key: str):
         value = str(value)
         if name in CHOICES:
             value = value.lower()
+            value = VALUE_ALIASES.get(name, {}).get(value, value)
             if value not in CHOICES[name]:
                 return None, (f"{key}: {shown} is not one of {', '.join(CHOICES[name])}"
                               f"{_suggest(value, CHOICES[name])}")
@@ -274,6 +283,9 @@ def _convert(name: str, value, key: str):
 
 def _check_special(values: dict[str, dict], errors: list[str]) -> None:
     d, o, t, m = values["data"], values["output"], values["training"], values["model"]
+    if m.get("task_type") == "text-generation":
+        errors.append("model.task_type: text-generation (a LoRA for a language model) is not available yet; this "
+                      "version trains image LoRAs (task_type: text-to-image, also written image-to-text, sd)")
     if m.get("zero_terminal_snr") == "true" and m.get("prediction_type") == "epsilon":
         errors.append("model.zero_terminal_snr: true needs the v-prediction target (at the last timestep the noisy "
                       "latent is pure noise: predicting the noise teaches nothing there); set model.prediction_type: "
@@ -295,6 +307,20 @@ def _check_special(values: dict[str, dict], errors: list[str]) -> None:
         errors.append(f"output.output_name: {name!r} must be a plain file name (no '/', '\\', no leading '.')")
 
 
+def _read_as_written(values: dict[str, dict]) -> None:
+    """What other tools' configs mean, in our terms, each said once: text-encoder-style attention names in
+    training.target_modules are the UNet's projections (and, unless set, the text encoder's targets)."""
+    t = values["training"]
+    targets = t.get("target_modules")
+    if isinstance(targets, list) and any(m in UNET_PROJECTIONS for m in targets):
+        unet = list(dict.fromkeys(UNET_PROJECTIONS.get(m, m) for m in targets))
+        log.info("training.target_modules %s: the UNet's attention projections %s (the text encoder, if it trains, "
+                 "keeps %s)", targets, unet, [m for m in targets if m in UNET_PROJECTIONS])
+        t["target_modules"] = unet
+        t.setdefault("text_encoder_target_modules", [m for m in targets if m in UNET_PROJECTIONS and m != "o_proj"]
+                     or default_value("text_encoder_target_modules"))
+
+
 def config_from_dict(d: dict | None, source: str = "<config>") -> Config:
     """Validate a parsed YAML document (nested, flat or mixed) and build the Config."""
     if d is None:
@@ -308,15 +334,17 @@ def config_from_dict(d: dict | None, source: str = "<config>") -> Config:
     def put(section: str | None, key: str, value) -> None:
         name = ALIASES.get(key, key)
         home = FIELD_SECTION.get(name)
+        where = f"'{key}' {f'in {section}' if section else 'at top level'}"
         if home is None:
             errors.append(_unknown_key(key, section))
-        elif section and home != section:
-            errors.append(f"key '{key}' in {section}: belongs in section '{home}'")
-        elif (home, name) in origin:
-            errors.append(f"{home}.{name}: set twice (as {origin[(home, name)]} and as '{key}' "
-                          f"{f'in {section}' if section else 'at top level'}); keep one")
-        else:
-            origin[(home, name)] = f"'{key}' {f'in {section}' if section else 'at top level'}"
+            return
+        if section and home != section:  # a known key in another section: taken, as the articles write them
+            log.info("%s: read as %s.%s (it usually lives in section '%s')", where, home, name, home)
+        if (home, name) in origin and raw[home][name] != value:
+            errors.append(f"{home}.{name}: set twice with different values ({origin[(home, name)]}: "
+                          f"{raw[home][name]!r}, {where}: {value!r}); keep one")
+        elif (home, name) not in origin:
+            origin[(home, name)] = where
             raw[home][name] = value
 
     for key, value in d.items():
@@ -341,6 +369,7 @@ def config_from_dict(d: dict | None, source: str = "<config>") -> Config:
             else:
                 values[section][name] = converted
     _check_special(values, errors)
+    _read_as_written(values)
     if errors:
         listed = errors[0] if len(errors) == 1 else f"{len(errors)} problems:\n  " + "\n  ".join(errors)
         raise ConfigError(f"{source}: {listed}")

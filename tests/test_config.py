@@ -83,14 +83,63 @@ def test_unknown_key_searches_every_section_and_otherwise_lists_the_keys():
     assert "init-config" in error_of({"train_data_dir": "x", "zzz": 1})
 
 
-def test_key_in_the_wrong_section():
-    assert "key 'learning_rate' in data: belongs in section 'training'" in error_of(
-        {"data": {"train_data_dir": "x", "learning_rate": 1e-4}})
+def test_a_known_key_in_another_section_is_read_where_it_belongs_and_said_once(caplog):
+    caplog.set_level("INFO", logger="lora_trainer.config")
+    cfg = config_from_dict({"data": {"train_data_dir": "x", "learning_rate": 1e-4}})
+    assert cfg.training.learning_rate == 1e-4 and "learning_rate" in cfg.explicit
+    assert "'learning_rate' in data: read as training.learning_rate" in caplog.text
+    assert "unknown key 'learnig_rate' in data: did you mean 'learning_rate'" in error_of(
+        {"data": {"train_data_dir": "x", "learnig_rate": 1e-4}})
 
 
-def test_same_setting_flat_and_nested_is_an_error():
+def test_the_same_setting_twice_is_an_error_only_with_different_values():
     msg = error_of({"train_data_dir": "x", "epochs": 3, "training": {"epochs": 4}})
-    assert "training.epochs: set twice (as 'epochs' at top level and as 'epochs' in training)" in msg
+    assert "training.epochs: set twice with different values ('epochs' at top level: 3, 'epochs' in training: 4)" in msg
+    assert config_from_dict({"train_data_dir": "x", "epochs": 3, "training": {"epochs": 3}}).training.epochs == 3
+
+
+ARTICLE_FLAT = """
+train_data_dir: "./data/style_train"
+metadata_path: "./data/style_train/metadata.csv"
+base_model: "./models/sd-v1-5-pruned.safetensors"
+lora_rank: 16
+target_modules: ["q_proj", "v_proj"]
+batch_size: 4
+epochs: 15
+learning_rate: 2e-4
+output_dir: "./output/cyberpunk_lora"
+"""
+ARTICLE_NESTED = """
+data: {train_data_dir: "./data/style_train", metadata_path: "./data/style_train/metadata.csv"}
+model: {base_model: "./models/Stable-diffusion/v1-5-pruned.safetensors", lora_rank: 8, task_type: "image-to-text"}
+training: {batch_size: 4, epochs: 10, learning_rate: 2e-4, gradient_accumulation_steps: 2}
+output: {output_dir: "./output/my_style_lora", save_steps: 100}
+"""
+
+
+def test_the_lora_scripts_articles_configs_read_as_written(caplog):
+    """Issue 17: the articles' configs; that they also train is tests/test_train.py's."""
+    caplog.set_level("INFO", logger="lora_trainer.config")
+    flat = config_from_dict(yaml.safe_load(ARTICLE_FLAT))
+    assert flat.training.target_modules == ["to_q", "to_v"]  # q_proj/v_proj mean the UNet's projections
+    assert flat.training.text_encoder_target_modules == ["q_proj", "v_proj"]  # the text encoder keeps them
+    assert "the UNet's attention projections ['to_q', 'to_v']" in caplog.text
+    assert (flat.training.lora_rank, flat.training.epochs, flat.training.learning_rate) == (16, 15, 2e-4)
+    nested = config_from_dict(yaml.safe_load(ARTICLE_NESTED))
+    assert (nested.training.lora_rank, nested.training.save_steps, nested.model.task_type) == (8, 100, "text-to-image")
+    assert nested.training.gradient_accumulation_steps == 2 and nested.output.output_dir == "./output/my_style_lora"
+
+
+@pytest.mark.parametrize("value, expected", [("image-to-text", "text-to-image"), ("SD", "text-to-image"),
+                                             ("stable-diffusion", "text-to-image"), ("text-to-image", "text-to-image")])
+def test_task_type_names_the_image_lora_as_the_articles_do(value, expected):
+    assert config_from_dict({"train_data_dir": "x", "task_type": value}).model.task_type == expected
+
+
+@pytest.mark.parametrize("value", ["text-generation", "llm"])
+def test_the_language_model_task_says_it_is_not_available_yet(value):
+    assert "model.task_type: text-generation (a LoRA for a language model) is not available yet" in error_of(
+        {"train_data_dir": "x", "task_type": value})
 
 
 @pytest.mark.parametrize("training, words", [
