@@ -41,3 +41,17 @@ def test_the_articles_configs_train_as_written(article, tmp_path, monkeypatch, c
     assert (out_dir / "config.yaml").is_file() and any((out_dir / "logs").glob("events.out.tfevents.*"))
     assert len(list(out_dir.glob("*.safetensors"))) == 2  # and the kohya file for the WebUI
     assert "finished:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script, command", [("train.py", "train"), ("auto_label.py", "label")])
+def test_the_articles_commands_are_ours(script, command):
+    """``python train.py --config`` and ``python auto_label.py --input --output`` run our CLI's commands."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / script), "--help"], capture_output=True, text=True, cwd=root,
+                          timeout=300)
+    assert done.returncode == 0 and f"usage: lora-trainer {command}" in done.stdout
+    if command == "label":
+        assert "--input" in done.stdout and "--output" in done.stdout
