@@ -17,7 +17,8 @@ sys.path.insert(0, str(STUB))
 import launch  # noqa: E402  (the stand-in)
 import networks  # noqa: E402
 from ldm_model import TinyLatentDiffusion  # noqa: E402
-from modules import devices, paths, processing, script_callbacks, shared  # noqa: E402
+from modules import devices, processing, script_callbacks, shared  # noqa: E402
+from webui_session import webui_with  # noqa: E402
 
 from lora_trainer.config import config_from_dict  # noqa: E402
 from lora_trainer.data.demo_set import make_demo_dataset  # noqa: E402
@@ -28,14 +29,7 @@ from lora_trainer.webui.host import WebUIHost  # noqa: E402
 
 @pytest.fixture
 def webui(tmp_path):
-    shared.sd_model = TinyLatentDiffusion()
-    shared.cmd_opts.lora_dir = str(tmp_path / "models" / "Lora")
-    shared.cmd_opts.lowvram = shared.cmd_opts.medvram = False
-    paths.data_path = str(tmp_path)
-    processing.calls.clear()
-    networks.loaded_networks.clear()
-    yield shared.sd_model
-    shared.sd_model = None
+    yield from webui_with(TinyLatentDiffusion(), tmp_path)
 
 
 def outputs(sd_model):

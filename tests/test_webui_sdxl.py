@@ -11,11 +11,11 @@ import torch
 STUB = Path(__file__).resolve().parent / "webui_stub"
 sys.path.insert(0, str(STUB))
 
-import networks  # noqa: E402
-from modules import paths, processing, shared  # noqa: E402
+from modules import processing, shared  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from sgm_model import TinySgmDiffusion  # noqa: E402
+from webui_session import webui_with  # noqa: E402
 
 from lora_trainer.config import config_from_dict  # noqa: E402
 from lora_trainer.data.demo_set import make_demo_dataset  # noqa: E402
@@ -35,14 +35,7 @@ class SdConditioning(list):
 
 @pytest.fixture
 def sdxl(tmp_path):
-    shared.sd_model = TinySgmDiffusion()
-    shared.cmd_opts.lora_dir = str(tmp_path / "models" / "Lora")
-    shared.cmd_opts.lowvram = shared.cmd_opts.medvram = False
-    paths.data_path = str(tmp_path)
-    processing.calls.clear()
-    networks.loaded_networks.clear()
-    yield shared.sd_model
-    shared.sd_model = None
+    yield from webui_with(TinySgmDiffusion(), tmp_path)
 
 
 def make_cfg(tmp_path, **extra):

@@ -169,6 +169,11 @@ def main() -> int:
     conditioning_checks(sd_model)
     zero_mean_check(sd_model)
     training_check(sd_model)
+    return summarize(t0)
+
+
+def summarize(t0: float) -> int:
+    """Print the checks' JSON summary; the exit status (1 if one failed)."""
     summary = {"passed": sum(r["ok"] for r in results), "failed": sum(not r["ok"] for r in results),
                "seconds": round(time.time() - t0, 1), "results": results}
     print(json.dumps(summary, indent=1))

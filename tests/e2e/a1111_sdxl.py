@@ -18,14 +18,13 @@ Prints PASS/FAIL lines and a JSON summary; exit 1 if a check failed.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from a1111_inprocess import _dataset, check, results, start_webui  # noqa: E402
+from a1111_inprocess import _dataset, check, start_webui, summarize  # noqa: E402
 
 CAPTIONS = ["a (red:1.3) cube on a table", "two cats, [sketch]"]
 
@@ -150,10 +149,7 @@ def main() -> int:
     t0 = time.time()
     conditioning_check(sd_model)
     training_check(sd_model, args.steps)
-    summary = {"passed": sum(r["ok"] for r in results), "failed": sum(not r["ok"] for r in results),
-               "seconds": round(time.time() - t0, 1), "results": results}
-    print(json.dumps(summary, indent=1))
-    return 0 if summary["failed"] == 0 else 1
+    return summarize(t0)
 
 
 if __name__ == "__main__":
