@@ -1,23 +1,29 @@
 #!/usr/bin/env bash
-# The GPU measurements issue #5 still needs, in one prepared run on a lent CUDA machine.
+# The GPU measurements issues #5 and #16 still need, in one prepared run on a lent CUDA machine.
 #
-#   bash bench/gpu_checks.sh OUT_DIR [CHECK ...]     # checks: attention batch8 batch1 compiled learns (default: all)
+#   bash bench/gpu_checks.sh OUT_DIR [CHECK ...]     # checks: attention batch8 batch1 compiled learns sdxl1 sdxl4
+#                                                    # (default: all); SDXL alone: bash bench/gpu_checks.sh OUT sdxl1 sdxl4
 #
 # Each check has its own time limit and writes its log (and JSON) under OUT_DIR; one that fails or runs out
-# of time does not stop the next. The SD 1.5-shape model is built once (OUT_DIR/work) and shared. Needs
-# diffusers and peft importable, and for "attention" the LDM code (stable-diffusion-sdkit, einops, omegaconf).
-# Their limits add up to about 17 minutes (most run well inside theirs): where one call or the device time
+# of time does not stop the next. The SD 1.5-shape and SDXL-shape models are built once (OUT_DIR/work) and
+# shared (the SDXL one by sdxl1: ~14 GB of RAM and 7 GB of disk, a minute or two). Needs diffusers and peft
+# importable, and for "attention" the LDM code (stable-diffusion-sdkit, einops, omegaconf).
+# Their limits add up to about 30 minutes (most run well inside theirs): where one call or the device time
 # is shorter, run a few checks a call, the first ones first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?give the folder for the results}
 shift
 checks=("$@")
-[ ${#checks[@]} -gt 0 ] || checks=(attention batch8 batch1 compiled learns)
+[ ${#checks[@]} -gt 0 ] || checks=(attention batch8 batch1 compiled learns sdxl1 sdxl4)
 mkdir -p "$out/work"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 speed=("$py" bench/train_speed.py --device cuda --model sd15-shape --resolution 512 --work "$out/work")
+# issue #16: SDXL's shapes at 1024², LoRA rank 16, bf16 (mixed_precision auto), gradient checkpointing in both loops;
+# ours caches latents and both encoders' outputs and moves the VAE and the encoders to the CPU (its defaults)
+sdxl=("$py" bench/train_speed.py --device cuda --model sdxl-shape --resolution 1024 --rank 16 --gradient-checkpointing
+      --warmup 3 --work "$out/work")
 
 run() {  # name, seconds, command...
     local name=$1 limit=$2
@@ -46,6 +52,10 @@ for check in "${checks[@]}"; do
                 --out "$out/compiled.json" ;;
         learns)  # the loss-decrease test, plain and with every speed-up, on CUDA in bf16; the encoders' offload
             run learns 200 "$py" -m pytest -q -p no:cacheprovider tests/test_train.py -k "learns or offloaded" ;;
-        *) echo "unknown check: $check (attention batch8 batch1 compiled learns)"; exit 2 ;;
+        sdxl1)  # the whole process under 8 GB at batch 1 ("device MB" of ours; kohya's SDXL LoRA floor is 8 GB)
+            run sdxl1 480 "${sdxl[@]}" --batch 1 --images 8 --steps 20 --rounds 4 --out "$out/sdxl1.json" ;;
+        sdxl4)  # >= 1.5x the SDXL recipe's images/s at batch 4
+            run sdxl4 420 "${sdxl[@]}" --batch 4 --images 16 --steps 12 --rounds 4 --out "$out/sdxl4.json" ;;
+        *) echo "unknown check: $check (attention batch8 batch1 compiled learns sdxl1 sdxl4)"; exit 2 ;;
     esac
 done

@@ -1,11 +1,14 @@
 """Training speed and memory: our trainer against the plain diffusers + peft recipe, same data and weights.
 
-    python bench/train_speed.py [--device cpu|cuda] [--model tiny|sd15-shape] [--resolution 64] [--batch 4]
-                                [--images 16] [--photo-size WxH] [--steps 60] [--rounds 6] [--gradient-checkpointing]
-                                [--variant NAME:key=value,key=value ...] [--no-reference]
+    python bench/train_speed.py [--device cpu|cuda] [--model tiny|tiny-sdxl|sd15-shape|sdxl-shape] [--resolution 64]
+                                [--batch 4] [--rank 8] [--images 16] [--photo-size WxH] [--steps 60] [--rounds 6]
+                                [--gradient-checkpointing] [--variant NAME:key=value,key=value ...] [--no-reference]
 
-"reference" is the LoRA training loop as the diffusers documentation describes it (bench/reference_loop.py:
-VAE and text encoder every step, no caching, default attention); "ours" is
+Models: the built-in tiny SD (``tiny``) and SDXL (``tiny-sdxl``) models, or SD 1.5's / SDXL base's real shapes with
+random weights, built once from configs in the work folder (``sd15-shape``; ``sdxl-shape``: 2.6 B UNet parameters,
+7 GB of fp16 files, about 14 GB of RAM while it is built). "reference" is the LoRA training loop of the diffusers
+examples (bench/reference_loop.py: train_text_to_image_lora.py, or train_text_to_image_lora_sdxl.py for an SDXL
+model: VAE and text encoder(s) every step, no caching, default attention); "ours" is
 ``lora_trainer.engine.trainer.train`` with its defaults, and each ``--variant`` is ours with some training
 keys changed (``compile:compile_unet=true``). Two measurements:
 
@@ -42,8 +45,10 @@ from reference_loop import TARGETS, count_flops, reference_steps  # noqa: E402  
 
 
 def base_model(kind: str, folder: Path) -> str:
-    if kind == "tiny":
-        return "tiny-demo"
+    if kind in ("tiny", "tiny-sdxl"):
+        return {"tiny": "tiny-demo"}.get(kind, kind)
+    if kind == "sdxl-shape":
+        return sdxl_shape_model(folder)
     # SD 1.5's real shapes with random weights (no download): built from the shipped configs
     target = folder / "sd15-shape"
     if not (target / "model_index.json").exists():
@@ -61,6 +66,17 @@ def base_model(kind: str, folder: Path) -> str:
             scheduler=DDPMScheduler.from_pretrained(SD15_CONFIG / "scheduler"),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe.to(dtype=torch.float16).save_pretrained(target)  # half the disk; loaded in the run dtype
+    return str(target)
+
+
+def sdxl_shape_model(folder: Path) -> str:
+    """SDXL base's real shapes with random weights (no download): built from bench/sdxl_shapes.py, saved in fp16."""
+    target = folder / "sdxl-shape"
+    if not (target / "model_index.json").exists():
+        import torch
+        from sdxl_shapes import build_sdxl_shape_pipeline
+
+        build_sdxl_shape_pipeline(torch.float16).save_pretrained(target)  # loaded in the run's dtype
     return str(target)
 
 
@@ -110,7 +126,8 @@ def ours_config(args, data: Path, model: str, steps: int, overrides: dict):
     return config_from_dict({
         "train_data_dir": str(data), "base_model": model, "resolution": args.resolution, "batch_size": args.batch,
         "gradient_accumulation_steps": 1, "max_train_steps": steps, "save_steps": 0,
-        "lora_rank": 8, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": TARGETS, "learning_rate": 1e-4,
+        "lora_rank": args.rank, "lora_alpha": args.rank, "lora_dropout": 0.0, "target_modules": TARGETS,
+        "learning_rate": 1e-4,
         "log_with": "none",
         "output_dir": str(Path(tempfile.mkdtemp()) / "run"), "save_diffusers_format": False,
         "mixed_precision": "auto" if args.device == "cuda" else "no",
@@ -231,9 +248,10 @@ def spawn(args, mode: str, loops, data: Path, work: Path, shared: list[str]) -> 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--model", choices=["tiny", "sd15-shape"], default="tiny")
+    p.add_argument("--model", choices=["tiny", "tiny-sdxl", "sd15-shape", "sdxl-shape"], default="tiny")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = rank) of every loop")
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--photo-size", metavar="WxH", type=photo_size,
                    help="train on JPEGs of this size made from the demo images (camera photos: 4000x3000) "
@@ -275,7 +293,7 @@ def main() -> None:
     base_model(args.model, work)  # build once, outside the timed children
     block = args.steps // args.rounds
     shared = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-              if k in ("device", "model", "resolution", "batch", "steps", "rounds", "warmup")]
+              if k in ("device", "model", "resolution", "batch", "rank", "steps", "rounds", "warmup")]
     shared += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
 
     shared += ["--no-reference"] if args.no_reference else []

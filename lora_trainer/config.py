@@ -39,6 +39,8 @@ class DataConfig:
     random_flip: bool = False
     fast_jpeg_decode: bool = True
     weighted_captions: bool = False
+    validation_split: float = 0.0  # a fraction of the images held out for the validation loss (0 = none)
+    validation_dir: str | None = None  # or a second folder of validation images (the same caption rules)
 
 
 @dataclass
@@ -90,6 +92,7 @@ class TrainingConfig:
     compile_mode: str = "default"
     channels_last: bool = False
     attention: str = "auto"
+    validation_every_n_steps: int = 0  # the validation loss every N steps (0: at the end only)
 
     @property
     def trains_text_encoders(self) -> bool:
@@ -109,6 +112,10 @@ class OutputConfig:
     save_diffusers_format: bool = True
     training_comment: str = ""
     log_with: str = "tensorboard"
+    sample_prompts: str | list[str] | None = None  # prompts (kohya's sample syntax), or a file of them
+    sample_every_n_steps: int = 0  # sample images every N steps (0 = off)
+    sample_every_n_epochs: int = 0  # and/or at the end of every N epochs (0 = off)
+    sample_at_first: bool = False  # also before step 1 (the base model's images, to compare)
 
 
 @dataclass
@@ -178,6 +185,10 @@ RANGES = {
     "save_every_n_epochs": (0, None, False, False),
     "checkpoints_total_limit": (0, None, False, False),
     "dataloader_num_workers": (0, None, False, False),
+    "validation_split": (0, 1, False, True),
+    "validation_every_n_steps": (0, None, False, False),
+    "sample_every_n_steps": (0, None, False, False),
+    "sample_every_n_epochs": (0, None, False, False),
 }
 
 
@@ -229,6 +240,8 @@ def _convert(name: str, value, key: str):
     base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
     if value is None:
         return (None, None) if optional else (None, f"{key}: a value is required (got nothing)")
+    if name == "sample_prompts":
+        return _sample_prompts(value, key)
     shown = repr(value)
     if base is bool:
         if isinstance(value, bool):
@@ -281,6 +294,33 @@ def _convert(name: str, value, key: str):
     return value, None
 
 
+def _sample_prompts(value, key: str):
+    """output.sample_prompts: a list of prompts, or the path of a file of them (kohya's sample syntax either way;
+    engine.samples reads them); an empty list is none."""
+    if isinstance(value, str) and value.strip():
+        return value, None
+    if isinstance(value, list) and all(isinstance(v, str) and v.strip() for v in value):
+        return value or None, None
+    return None, (f"{key}: expected a list of prompts or the path of a file with one prompt per line, got "
+                  f"{value!r}")
+
+
+def _check_samples_and_validation(values: dict[str, dict], errors: list[str]) -> None:
+    d, o, t = values["data"], values["output"], values["training"]
+    if not o.get("sample_prompts"):
+        for name in ("sample_every_n_steps", "sample_every_n_epochs", "sample_at_first"):
+            if o.get(name):
+                errors.append(f"output.{name}: {o[name]!r} needs output.sample_prompts (the prompts to sample: a "
+                              "list, or a file with one prompt per line)")
+    if d.get("validation_split") and d.get("validation_dir"):
+        errors.append(f"data.validation_split: {d['validation_split']!r} and data.validation_dir: "
+                      f"{d['validation_dir']!r} are both set; hold out a part of the images or use a second "
+                      "folder, not both")
+    if t.get("validation_every_n_steps") and not (d.get("validation_split") or d.get("validation_dir")):
+        errors.append(f"training.validation_every_n_steps: {t['validation_every_n_steps']!r} needs validation "
+                      "images: data.validation_split (e.g. 0.1) or data.validation_dir")
+
+
 def _check_special(values: dict[str, dict], errors: list[str]) -> None:
     d, o, t, m = values["data"], values["output"], values["training"], values["model"]
     if m.get("task_type") == "text-generation":
@@ -302,6 +342,7 @@ def _check_special(values: dict[str, dict], errors: list[str]) -> None:
     ext = d.get("caption_extension")
     if isinstance(ext, str) and not ext.startswith("."):
         errors.append(f"data.caption_extension: {ext!r} must start with '.', e.g. '.txt'")
+    _check_samples_and_validation(values, errors)
     name = o.get("output_name")
     if isinstance(name, str) and (not name.strip() or "/" in name or "\\" in name or name.startswith(".")):
         errors.append(f"output.output_name: {name!r} must be a plain file name (no '/', '\\', no leading '.')")
@@ -459,6 +500,13 @@ def validate_paths(cfg: Config, check_base_model: bool = True, builtin_models: C
             named = f", or a built-in model: {', '.join(builtin_models)}" if builtin_models else ""
             errors.append(f"model.base_model: {p} does not exist (expected a diffusers folder or a .safetensors "
                           f"checkpoint{named})")
+    if cfg.data.validation_dir and not Path(cfg.data.validation_dir).expanduser().is_dir():
+        errors.append(f"data.validation_dir: {Path(cfg.data.validation_dir).expanduser().resolve()} is not an "
+                      "existing folder")
+    prompts = cfg.output.sample_prompts
+    if isinstance(prompts, str) and not Path(prompts).expanduser().is_file():
+        errors.append(f"output.sample_prompts: {Path(prompts).expanduser().resolve()} is not an existing file (a "
+                      "file with one prompt per line; or write the prompts in the config as a YAML list)")
     resume = cfg.training.resume_from_checkpoint
     if resume and resume != "latest" and not Path(resume).expanduser().is_dir():
         errors.append(f"training.resume_from_checkpoint: {Path(resume).expanduser().resolve()} is not an existing "

@@ -104,3 +104,35 @@ def test_the_webui_default_attention_written_again_computes_the_stock_forward(mo
             monkeypatch.setattr(ldm_attention, "SLICE_BYTES", slice_bytes)
             for attn, ctx in cases:
                 assert torch.allclose(ldm_attention.webui_default_forward(attn, x, ctx), attn(x, ctx), atol=1e-5)
+
+
+def test_the_sdxl_reference_loop_conditions_as_our_sdxl_backend_and_trains(tmp_path):
+    """The diffusers SDXL LoRA recipe (bench/reference_loop.py) on the tiny SDXL model: both encoders' penultimate
+    states side by side and the second's pooled embedding, the same conditioning our SdxlBackend computes; two
+    steps of it run with gradient checkpointing."""
+    import torch
+
+    pytest.importorskip("diffusers.utils").USE_PEFT_BACKEND or pytest.skip(
+        "the reference loop uses diffusers' PEFT backend (transformers >= 4.34)")
+    from types import SimpleNamespace
+
+    from lora_trainer.data.demo_set import make_demo_dataset
+    from lora_trainer.models.sdxl_backend import load_sdxl_backend
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        from reference_loop import Recipe, reference_steps
+    finally:
+        sys.path.remove(str(BENCH))
+    captions = ["a red circle", "a blue square on grey"]
+    recipe = Recipe("tiny-sdxl", torch.device("cpu"), torch.float32)
+    context, added = recipe.condition(recipe.token_ids(captions), torch.zeros(2, 6))
+    ours = load_sdxl_backend("tiny-sdxl", torch.device("cpu"), torch.float32).encode_prompts(captions)
+    torch.testing.assert_close(context, ours.context)
+    torch.testing.assert_close(added["text_embeds"], ours.pooled)
+    assert added["time_ids"].shape == (2, 6)
+    data = make_demo_dataset(tmp_path / "data", n=2, resolution=64)
+    args = SimpleNamespace(device="cpu", resolution=64, batch=2, gradient_checkpointing=True, rank=4)
+    steps = reference_steps(args, data, "tiny-sdxl")
+    next(steps)
+    next(steps)

@@ -49,6 +49,9 @@ class Callbacks:
 
     def on_checkpoint(self, path: Path) -> None: ...
 
+    def on_validation(self, step: int, loss: float) -> None:
+        """The validation loss at ``step`` (engine.validation)."""
+
     def on_end(self, result: TrainResult) -> None: ...
 
     def should_stop(self) -> bool:
@@ -83,6 +86,11 @@ class CallbackList(Callbacks):
     def on_checkpoint(self, path):
         for c in self.callbacks:
             c.on_checkpoint(path)
+
+    def on_validation(self, step, loss):
+        for c in self.callbacks:
+            if hasattr(c, "on_validation"):
+                c.on_validation(step, loss)
 
     def on_end(self, result):
         for c in self.callbacks:

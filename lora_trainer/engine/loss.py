@@ -46,12 +46,14 @@ def sample_timesteps(scheduler, bsz: int, generator: torch.Generator | None, dev
 
 def diffusion_loss(backend, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None,
                    noise_offset: float = 0.0, min_snr_gamma: float | None = None,
-                   timesteps: torch.Tensor | None = None, scheduler=None) -> torch.Tensor:
-    """The loss of one batch; ``timesteps`` fixed (a test) or else sampled with ``generator``; ``scheduler``: the
-    run's noise schedule (``zero_terminal_snr_schedule``), else the backend's."""
+                   timesteps: torch.Tensor | None = None, scheduler=None, noise: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """The loss of one batch; ``timesteps`` and ``noise`` fixed (a test, the validation loss) or else sampled with
+    ``generator``; ``scheduler``: the run's noise schedule (``zero_terminal_snr_schedule``), else the backend's."""
     scheduler = backend.noise_scheduler if scheduler is None else scheduler
     bsz = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if noise is None:
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     if noise_offset:
         # https://www.crosslabs.org//blog/diffusion-with-offset-noise
         offset = torch.randn((bsz, latents.shape[1], 1, 1), generator=generator, device=latents.device,

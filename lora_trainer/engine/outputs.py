@@ -16,6 +16,8 @@ from lora_trainer.models.base import TEXT_ENCODER, TEXT_ENCODER_2, UNET
 from lora_trainer.utils.fsio import atomic_write_json
 
 log = logging.getLogger(__name__)
+# what summary.json says of the validation loss and the sample images, where the run had them
+EVALUATIONS = ("validation_loss", "validation_images", "validation_losses", "sample_images")
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -63,6 +65,7 @@ def write_summary(run_dir: Path, result) -> Path:
         "wall_time_s": round(result.wall_time_s, 2),
         "lora_file": str(result.lora_path) if result.lora_path else None,
         "diffusers_file": str(result.diffusers_path) if result.diffusers_path else None,
+        **{key: result.extra[key] for key in EVALUATIONS if key in result.extra},  # (engine.validation, .samples)
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,
                      "python": platform.python_version()},
     }

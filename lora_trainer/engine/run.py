@@ -68,6 +68,8 @@ class Run:
     bar: object = None  # the tqdm progress bar
     loop_start: float = 0.0
     start_step: int = 0
+    sampler: object = None  # engine.samples.SampleMaker: sample images (output.sample_prompts), or None
+    validator: object = None  # engine.validation.Validator: the validation loss, or None
 
     @property
     def device(self) -> torch.device:
@@ -161,6 +163,30 @@ class Run:
             self.writer.add_scalar("train/loss", step_loss, self.step)
             self.writer.add_scalar("train/lr", lr, self.step)
         self.cbs.on_step(info)
+
+    # --- sample images and the validation loss
+    def evaluate_at_start(self) -> None:
+        """The baseline sample images before step 1 (output.sample_at_first)."""
+        if self.sampler is not None and self.cfg.output.sample_at_first and self.step == 0:
+            self.sampler.make(self, 0)
+
+    def evaluate_if_due(self, epoch_done: int | None, stopping: bool = False) -> None:
+        """After an optimizer step (``epoch_done``: the epoch it finished, else None): the validation loss and the
+        sample images where they fall; ``stopping`` (a stop asked for): the validation loss at this last step."""
+        last = stopping or self.step >= self.plan.total_steps
+        if self.validator is not None and (last or self.validator.due(self.step, self.plan.total_steps)):
+            if not self.validator.history or self.validator.history[-1][0] != self.step:
+                self.validator.evaluate(self, self.step)
+        if self.sampler is not None and not stopping and self.sampler.due(self.step, self.plan.total_steps,
+                                                                          epoch_done):
+            self.sampler.make(self, self.step)
+
+    def evaluations(self) -> dict:
+        """What summary.json says of the validation loss and the samples."""
+        out = self.validator.summary() if self.validator is not None else {}
+        if self.sampler is not None:
+            out["sample_images"] = [str(p.relative_to(self.run_dir)) for p in self.sampler.made]
+        return out
 
     # --- checkpoints
     def save(self, reason: str) -> None:

@@ -13,7 +13,10 @@ and diffusers' documentation of ``rescale_betas_zero_snr`` advise. A scheduler k
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+
+import torch
 
 from lora_trainer.engine.loss import has_zero_terminal_snr
 
@@ -64,3 +67,50 @@ def trained_schedule(metadata: dict | None, scheduler) -> tuple[str, bool]:
     zero = str(metadata.get("ss_zero_terminal_snr", "")).lower()
     zero_snr = zero == "true" if zero in ("true", "false") else has_zero_terminal_snr(scheduler)
     return prediction, zero_snr and prediction == "v_prediction"
+
+
+@contextlib.contextmanager
+def evaluating(modules):
+    """``modules`` in eval mode inside (no LoRA dropout: a sample or a validation loss is the same every time), in
+    their own mode again after; the global RNG (which dropout in training draws from) is left as it was."""
+    modules = [m for m in modules if m is not None]
+    modes = [m.training for m in modules]
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            for m in modules:
+                m.eval()
+            yield
+        finally:
+            for m, mode in zip(modules, modes):
+                m.train(mode)
+
+
+@contextlib.contextmanager
+def with_scheduler(pipe, scheduler):
+    """``pipe`` samples with ``scheduler`` inside, with its own again after."""
+    own = pipe.scheduler
+    pipe.scheduler = scheduler
+    try:
+        yield pipe
+    finally:
+        pipe.scheduler = own
+
+
+def sample_image(backend, prompt: str, seed: int, steps: int, scheduler, rescale: float, negative: str | None = None,
+                 size: tuple[int, int] | None = None, guidance_scale: float | None = None):
+    """One image from a diffusers backend's pipeline as the model is now (the LoRA being trained in it), sampled with
+    ``scheduler`` (``sampling_scheduler``: the run's noise schedule) and ``rescale`` (``guidance_rescale``); ``size``
+    (width, height), else the model's own. The command line's samples and the standalone app's are made here."""
+    pipe = backend.pipe
+    native = backend.unet.config.sample_size * pipe.vae_scale_factor
+    width, height = size or (native, native)
+    generator = torch.Generator(backend.device).manual_seed(seed)
+    extra = {"guidance_rescale": rescale} if rescale else {}
+    if negative:
+        extra["negative_prompt"] = negative
+    if guidance_scale is not None:
+        extra["guidance_scale"] = guidance_scale
+    with torch.no_grad(), backend.encoders_on_device(), with_scheduler(pipe, scheduler):
+        return pipe(prompt, num_inference_steps=steps, height=height, width=width, generator=generator,
+                    **extra).images[0]

@@ -40,6 +40,8 @@ from lora_trainer.engine.run import (
     with_precision,
 )
 from lora_trainer.engine.run_dir import holds_a_run, prepare_run_dir, remove_run, run_log_file
+from lora_trainer.engine.samples import SampleMaker, load_sample_prompts
+from lora_trainer.engine.validation import Validator, validation_samples
 from lora_trainer.errors import DatasetError
 from lora_trainer.models.attention import resolve_attention
 from lora_trainer.models.compiling import check_compile
@@ -111,6 +113,8 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
     log.info(scan.summary())
     resolution = checked_resolution(cfg, backend, make_backend, family)
     log.info(check_scan(scan, resolution, d.caption_prefix, progress=progress).summary())
+    scan, held_out = validation_samples(cfg, scan)  # (data.validation_split / validation_dir)
+    prompts = load_sample_prompts(cfg.output.sample_prompts)  # (read now: a mistake in them stops nothing later)
     plan = Plan.from_config(cfg, len(scan.samples))
     run_dir, resume_from = prepare_run_dir(cfg.output.output_dir, t.resume_from_checkpoint)
     restored = ckpt.load_checkpoint(resume_from) if resume_from else None
@@ -120,7 +124,7 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
         ckpt.check_resume(restored, settings, resume_from, keys=set(settings) - set(pending))
 
     fresh_run = restored is None and not holds_a_run(run_dir)
-    prepared = _Prepared(run_dir, scan, plan, restored, resume_from, pending, started)
+    prepared = _Prepared(run_dir, scan, plan, restored, resume_from, pending, started, held_out, prompts)
     try:
         if make_backend is not None:
             backend = make_backend()
@@ -156,6 +160,8 @@ class _Prepared:
     resume_from: Path | None
     pending: tuple[str, ...]  # resume settings the model decides (engine.checkpoint.left_to_the_model)
     started: float
+    held_out: list = ()  # the validation images (engine.validation)
+    prompts: list = ()  # the sample prompts (engine.samples)
 
 
 def _train_in(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepared) -> TrainResult:
@@ -189,6 +195,8 @@ def _set_up(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepared
     if prepared.restored is not None:
         resume(run, prepared.restored, prepared.resume_from)
     run.cache = build_cache(run, progress)
+    run.validator = Validator.for_run(run, list(prepared.held_out), progress, prepared.scan.facts)
+    run.sampler = SampleMaker.for_run(run, list(prepared.prompts))
     run.cbs.on_start(plan.total_steps, run_dir)
     run.writer = _tensorboard(log_dir, cfg.output.log_with == "tensorboard")
     from tqdm.auto import tqdm
@@ -206,6 +214,7 @@ def _loop(run: Run, ctrl_c: _CtrlC) -> bool:
     try:
         if run.cache is not None:  # steps need neither the VAE nor (with captions cached) the text encoder
             run.backend.offload_idle_encoders(text_encoder=run.cache.has_text)
+        run.evaluate_at_start()  # (the baseline samples, output.sample_at_first)
         step_loss = 0.0
         for epoch, i, batch in stream:
             group_size = min(plan.grad_accum, bpe - (i // plan.grad_accum) * plan.grad_accum)
@@ -215,8 +224,10 @@ def _loop(run: Run, ctrl_c: _CtrlC) -> bool:
             run.optimizer_step()
             run.report(step_loss, epoch)
             step_loss = 0.0
+            run.evaluate_if_due(epoch + 1 if i + 1 >= bpe else None)  # (validation loss, sample images)
             run.save_if_due()
             if ctrl_c.requested or run.cbs.should_stop():
+                run.evaluate_if_due(None, stopping=True)  # (the validation loss where it stopped)
                 return True
         return False
     except (TrainingError, DatasetError, torch.cuda.OutOfMemoryError) as e:  # (DatasetError: an image
@@ -259,6 +270,7 @@ def _finish(run: Run, stopped: bool, started: float) -> TrainResult:
                          first_loss=run.first_loss, images_used=len(run.scan.samples),
                          images_skipped=len(run.scan.skipped), wall_time_s=time.time() - started,
                          skipped=[{"path": str(s.path), "reason": s.reason} for s in run.scan.skipped])
+    result.extra.update(run.evaluations())  # (the validation loss, the sample images)
     write_summary(run.run_dir, result)
     log.info("%s after %d steps: %s", status, run.step, lora_path)
     run.cbs.on_end(result)

@@ -41,6 +41,7 @@ class Status:
     steps_per_s: float = 0.0
     eta_s: float | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)
+    validation: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss): the plot's 2nd series
     samples: list[tuple[int, object]] = field(default_factory=list)  # (step, PIL image)
     result: TrainResult | None = None
     published: Path | None = None
@@ -135,6 +136,9 @@ class TrainingSession(Callbacks):
         s.losses.append((info.step, info.loss))
         if self.sample_every and self.sample_prompt and info.step % self.sample_every == 0:
             self._sample(info.step)
+
+    def on_validation(self, step: int, loss: float) -> None:
+        self.status.validation.append((step, loss))
 
     def should_stop(self) -> bool:
         return self._stop.should_stop()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import threading
@@ -15,17 +14,6 @@ from lora_trainer.ui.views import SWEEP_STEPS
 from lora_trainer.utils.fsio import write_new
 
 SWEEP_ADAPTER = "lora_trainer_sweep"
-
-
-@contextlib.contextmanager
-def _scheduler(pipe, scheduler):
-    """``pipe`` samples with ``scheduler`` inside, with its own again after."""
-    own = pipe.scheduler
-    pipe.scheduler = scheduler
-    try:
-        yield pipe
-    finally:
-        pipe.scheduler = own
 
 
 class DiffusersHost:
@@ -114,14 +102,12 @@ class DiffusersHost:
         return self._sampler[1], self._sampler[2]
 
     def sample(self, backend, prompt: str, seed: int, steps: int = 20):
-        """One image from the model with the LoRA as trained so far, sampled on the run's noise schedule."""
-        res = backend.unet.config.sample_size * backend.pipe.vae_scale_factor
-        generator = torch.Generator(backend.device).manual_seed(seed)
+        """One image from the model with the LoRA as trained so far, sampled on the run's noise schedule (the same
+        function makes the command line's samples)."""
+        from lora_trainer.engine.sampling import sample_image
+
         scheduler, rescale = self._sampling(backend)
-        extra = {"guidance_rescale": rescale} if rescale else {}
-        with torch.no_grad(), backend.encoders_on_device(), _scheduler(backend.pipe, scheduler):
-            return backend.pipe(prompt, num_inference_steps=steps, height=res, width=res, generator=generator,
-                                **extra).images[0]
+        return sample_image(backend, prompt, seed, steps, scheduler, rescale)
 
     def publish(self, lora_path: Path, name: str) -> Path:
         self.lora_dir.mkdir(parents=True, exist_ok=True)

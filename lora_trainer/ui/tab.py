@@ -48,7 +48,7 @@ def training_view(session: TrainingSession) -> tuple:
     s = session.status
     samples = [(img, f"step {step}") for step, img in s.samples]
     lora_file = str(s.published) if s.published else gr.update()
-    return (status_html(s, FIELD_LABELS), loss_svg(s.losses), samples, lora_file,
+    return (status_html(s, FIELD_LABELS), loss_svg(s.losses, s.validation), samples, lora_file,
             gr.update(interactive=s.running))
 
 
