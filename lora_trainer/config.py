@@ -74,6 +74,9 @@ class TrainingConfig:
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
+    nan_guard_every: int = 10  # keep the last good LoRA + optimizer state every N steps, in memory (0: no guard)
+    nan_max_retries: int = 3  # rollbacks on a non-finite loss or gradient before the run stops (0: no guard)
+    nan_lr_factor: float = 0.5  # each rollback multiplies the learning rates by this
     gradient_accumulation_steps: int = 2
     mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
@@ -178,6 +181,9 @@ RANGES = {
     "adam_beta2": (0, 1, False, True),
     "adam_epsilon": (0, None, True, False),
     "max_grad_norm": (0, None, False, False),
+    "nan_guard_every": (0, None, False, False),
+    "nan_max_retries": (0, None, False, False),
+    "nan_lr_factor": (0, 1, True, False),
     "gradient_accumulation_steps": (1, None, False, False),
     "noise_offset": (0, None, False, False),
     "min_snr_gamma": (0, None, True, False),

@@ -7,11 +7,14 @@ The weights are safetensors; the rest is a torch file read back with ``weights_o
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import random
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora_trainer.config import FAMILY_DEFAULTS
-from lora_trainer.errors import ConfigError
+from lora_trainer.errors import ConfigError, LoraTrainerError
 from lora_trainer.utils.fsio import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -73,7 +76,8 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict, state: dict, info: 
     final = checkpoint_dir(run_dir, step)
     if final.exists():
         return None
-    with atomic_dir(final) as tmp:
+    # (built under a temp name: a failed write leaves the older checkpoints as they were, and no part of it)
+    with stops_on_full_disk(run_dir, f"checkpoint {final}"), atomic_dir(final) as tmp:
         save_file({k: v.contiguous() for k, v in weights.items()}, tmp / WEIGHTS)
         torch.save(state, tmp / STATE)
         (tmp / INFO).write_text(json.dumps(dict(info, step=step), indent=2, default=str), encoding="utf-8")
@@ -82,6 +86,30 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict, state: dict, info: 
         for _, old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFull(LoraTrainerError):
+    """No room on the disk for what the run writes (before it starts, or a write that failed)."""
+
+
+@contextlib.contextmanager
+def stops_on_full_disk(run_dir: Path, writing: str) -> Iterator[None]:
+    """A write inside that fails on a full disk (ENOSPC, EDQUOT) raises DiskFull, which says what happened and
+    where the last good state is (writes go to a temp name first: nothing older was touched)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        found = list_checkpoints(run_dir)
+        last = (f"the last good checkpoint, {found[-1][1]} (step {found[-1][0]}), is intact: free some space there "
+                "and continue with training.resume_from_checkpoint: latest" if found else
+                "no checkpoint had been saved before it: free some space and start the run again")
+        raise DiskFull(f"the disk is full: writing {writing} failed ({e.strerror or e}); its temp file was removed "
+                       f"and nothing older was replaced; {last}") from e
 
 
 def load_checkpoint(path: Path) -> Restored:

@@ -138,3 +138,15 @@ def _describe(origin: Origin, lora_params: list, lr_advice: str) -> str:
                 f"{FP16_MAX:g}); use mixed_precision bf16 or no")
     return (f"{where}, from finite inputs (up to {origin.largest_input:.3g}): the base model's own weights give "
             "non-finite values there (a damaged checkpoint?)")
+
+
+def diagnose_nonfinite_gradients(step: int, precision: str, grads: dict[str, torch.Tensor | None],
+                                 images: list[Path]) -> str:
+    """The message for gradients that became non-finite at ``step`` although its loss was finite (outside fp16,
+    where the GradScaler skips such a step itself): the backward pass made them. ``grads``: each LoRA parameter's
+    gradient by name; ``images``: the step's image files."""
+    bad = [name for name, g in grads.items() if g is not None and not bool(torch.isfinite(g).all())]
+    where = f", in {name_list(bad, limit=3)}" if bad and len(bad) < len(grads) else ""
+    advice = "lower training.learning_rate" + (" or train in fp32 (mixed_precision no)" if precision == "bf16" else "")
+    return (f"the gradients became non-finite at step {step} although its loss was finite: the backward pass gave "
+            f"non-finite values{where} (images {name_list((p.name for p in images), limit=4)}): {advice}")

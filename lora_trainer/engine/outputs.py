@@ -62,6 +62,7 @@ def write_summary(run_dir: Path, result) -> Path:
         "images_used": result.images_used,
         "images_skipped": result.images_skipped,
         "skipped": result.skipped,
+        "nan_rollbacks": result.extra.get("nan_rollbacks", []),  # the NaN guard's (engine.guard)
         "wall_time_s": round(result.wall_time_s, 2),
         "lora_file": str(result.lora_path) if result.lora_path else None,
         "diffusers_file": str(result.diffusers_path) if result.diffusers_path else None,

@@ -25,6 +25,7 @@ from lora_trainer.engine.batches import Plan, batch_stream
 from lora_trainer.engine.cache import EncodedCache, LatentStore
 from lora_trainer.engine.diagnose import StepInputs, diagnose_nonfinite_loss
 from lora_trainer.engine.events import CallbackList, StepInfo
+from lora_trainer.engine.guard import NanGuard, NonFinite
 from lora_trainer.engine.lora import add_lora, load_trainable_state, trainable_state
 from lora_trainer.engine.loss import diffusion_loss, zero_terminal_snr_schedule
 from lora_trainer.engine.optim import build_optimizer
@@ -70,6 +71,7 @@ class Run:
     start_step: int = 0
     sampler: object = None  # engine.samples.SampleMaker: sample images (output.sample_prompts), or None
     validator: object = None  # engine.validation.Validator: the validation loss, or None
+    guard: NanGuard = field(default_factory=lambda: NanGuard(every=0))  # the NaN guard (engine.guard); off here
 
     @property
     def device(self) -> torch.device:
@@ -118,12 +120,12 @@ class Run:
 
     def backward(self, batch, group_size: int) -> float:
         """Forward and backward of one micro-batch (of ``group_size`` in this optimizer step); its loss. A
-        non-finite loss raises a TrainingError that says why (engine.diagnose)."""
+        non-finite loss raises guard.NonFinite that says why (engine.diagnose)."""
         rng_before = self.generator.get_state()
         loss, latents, cond = self.micro_batch(batch)
         value = loss.item()  # the one host sync of a micro-batch
         if not math.isfinite(value):
-            raise TrainingError(self._diagnosis(value, batch, latents, cond, rng_before))
+            raise NonFinite(self._diagnosis(value, batch, latents, cond, rng_before), "loss")
         self.scaler.scale(loss / group_size).backward()
         return value
 
@@ -143,6 +145,7 @@ class Run:
         if t.max_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
             self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params(), t.max_grad_norm)
+        self.guard.check_gradients(self)  # non-finite gradients raise guard.NonFinite (with the guard on)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.lr_scheduler.step()

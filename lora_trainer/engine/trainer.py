@@ -24,6 +24,7 @@ from lora_trainer.data.dataset import ImageDataset, scan_dataset
 from lora_trainer.engine import checkpoint as ckpt
 from lora_trainer.engine.batches import Plan
 from lora_trainer.engine.events import CallbackList, Callbacks, TrainResult
+from lora_trainer.engine.guard import NanGuard, NonFinite, check_free_space, disk_estimate, skip_step
 from lora_trainer.engine.optim import check_optimizer
 from lora_trainer.engine.outputs import export_lora, write_summary
 from lora_trainer.engine.run import (
@@ -39,7 +40,7 @@ from lora_trainer.engine.run import (
     with_noise_schedule,
     with_precision,
 )
-from lora_trainer.engine.run_dir import holds_a_run, prepare_run_dir, remove_run, run_log_file
+from lora_trainer.engine.run_dir import holds_a_run, latent_cache_dir, prepare_run_dir, remove_run, run_log_file
 from lora_trainer.engine.samples import SampleMaker, load_sample_prompts
 from lora_trainer.engine.validation import Validator, validation_samples
 from lora_trainer.errors import DatasetError
@@ -188,10 +189,12 @@ def _set_up(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepared
     modules, groups = add_lora_layers(cfg, backend)
     prepare_backend(cfg, backend)
     optimizer, lr_scheduler, scaler = optimization(cfg, groups, backend.device, precision, plan.total_steps)
+    check_free_space(run_dir, disk_estimate(cfg, plan, sum(p.numel() for g in groups for p in g["params"]),
+                                            latent_cache_dir(cfg.output.output_dir)))
     run = Run(cfg, backend, precision, plan, prepared.scan, run_dir, settings, modules, groups, optimizer,
               lr_scheduler, scaler, torch.Generator(device=backend.device).manual_seed(t.seed),
               ImageDataset(prepared.scan.samples, cfg.data.resolution, cfg.data.fast_jpeg_decode),
-              CallbackList([callbacks]), noise_scheduler=noise_scheduler)
+              CallbackList([callbacks]), noise_scheduler=noise_scheduler, guard=NanGuard.from_config(t))
     if prepared.restored is not None:
         resume(run, prepared.restored, prepared.resume_from)
     run.cache = build_cache(run, progress)
@@ -208,28 +211,18 @@ def _set_up(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepared
 
 
 def _loop(run: Run, ctrl_c: _CtrlC) -> bool:
-    """Micro-batches until the last step (or a stop); True if stopped early."""
-    plan, stream = run.plan, run.batches()
-    bpe = plan.batches_per_epoch
+    """Steps until the last (or a stop); True if stopped early. A non-finite loss or gradient rolls back to the
+    guard's last good state and the steps go on from there (engine.guard), or ends the run with its diagnosis."""
     try:
         if run.cache is not None:  # steps need neither the VAE nor (with captions cached) the text encoder
             run.backend.offload_idle_encoders(text_encoder=run.cache.has_text)
         run.evaluate_at_start()  # (the baseline samples, output.sample_at_first)
-        step_loss = 0.0
-        for epoch, i, batch in stream:
-            group_size = min(plan.grad_accum, bpe - (i // plan.grad_accum) * plan.grad_accum)
-            step_loss += run.backward(batch, group_size) / group_size
-            if (i + 1) % plan.grad_accum and i + 1 < bpe:
-                continue  # gradients accumulate
-            run.optimizer_step()
-            run.report(step_loss, epoch)
-            step_loss = 0.0
-            run.evaluate_if_due(epoch + 1 if i + 1 >= bpe else None)  # (validation loss, sample images)
-            run.save_if_due()
-            if ctrl_c.requested or run.cbs.should_stop():
-                run.evaluate_if_due(None, stopping=True)  # (the validation loss where it stopped)
-                return True
-        return False
+        run.guard.take(run)
+        while True:
+            try:
+                return _steps(run, ctrl_c)
+            except NonFinite as e:
+                run.guard.recover(run, e)  # rolled back; else raises the diagnosis as a TrainingError
     except (TrainingError, DatasetError, torch.cuda.OutOfMemoryError) as e:  # (DatasetError: an image
         # that changed after the scan, when they are read each step)
         _keep_last_good_state(run)
@@ -239,11 +232,42 @@ def _loop(run: Run, ctrl_c: _CtrlC) -> bool:
                 "effective batch), turn on training.gradient_checkpointing, or lower data.resolution") from e
         raise
     finally:
-        stream.close()
         run.bar.close()
         if run.writer is not None:
             run.writer.close()
         run.backend.restore_encoders()
+
+
+def _steps(run: Run, ctrl_c: _CtrlC) -> bool:
+    """Micro-batches from the run's step to the last (or a stop); True if stopped early. Those the NaN guard
+    skips are not trained (a step of only such is taken without an update)."""
+    plan, stream, guard = run.plan, run.batches(), run.guard
+    bpe = plan.batches_per_epoch
+    try:
+        step_loss, trained = 0.0, 0
+        for epoch, i, batch in stream:
+            group_size = min(plan.grad_accum, bpe - (i // plan.grad_accum) * plan.grad_accum)
+            if not guard.skips(epoch, i):
+                guard.training(epoch, i, batch)
+                step_loss += run.backward(batch, group_size) / group_size
+                trained += 1
+            if (i + 1) % plan.grad_accum and i + 1 < bpe:
+                continue  # gradients accumulate
+            if trained:
+                run.optimizer_step()
+                run.report(step_loss if trained == group_size else step_loss * group_size / trained, epoch)
+            else:
+                skip_step(run)
+            step_loss, trained = 0.0, 0
+            run.evaluate_if_due(epoch + 1 if i + 1 >= bpe else None)  # (validation loss, sample images)
+            run.save_if_due()
+            guard.after_step(run)
+            if ctrl_c.requested or run.cbs.should_stop():
+                run.evaluate_if_due(None, stopping=True)  # (the validation loss where it stopped)
+                return True
+        return False
+    finally:
+        stream.close()
 
 
 def _keep_last_good_state(run: Run) -> None:
@@ -262,14 +286,16 @@ def _finish(run: Run, stopped: bool, started: float) -> TrainResult:
         log.warning("stopped at step %d of %d; resume with resume_from_checkpoint: latest", run.step,
                     run.plan.total_steps)
     status = "stopped" if stopped else "finished"
-    lora_path, diffusers_path = export_lora(run.run_dir, run.cfg, run.backend, run.modules, run.scan, started,
-                                            run.step, run.plan)
+    with ckpt.stops_on_full_disk(run.run_dir, f"the LoRA files of step {run.step} into {run.run_dir}"):
+        lora_path, diffusers_path = export_lora(run.run_dir, run.cfg, run.backend, run.modules, run.scan, started,
+                                                run.step, run.plan)
     result = TrainResult(status=status, run_dir=run.run_dir, lora_path=lora_path, diffusers_path=diffusers_path,
                          steps=run.step, total_steps=run.plan.total_steps,
                          final_loss=sum(run.losses) / len(run.losses) if run.losses else None,
                          first_loss=run.first_loss, images_used=len(run.scan.samples),
                          images_skipped=len(run.scan.skipped), wall_time_s=time.time() - started,
-                         skipped=[{"path": str(s.path), "reason": s.reason} for s in run.scan.skipped])
+                         skipped=[{"path": str(s.path), "reason": s.reason} for s in run.scan.skipped],
+                         extra={"nan_rollbacks": run.guard.rollbacks})
     result.extra.update(run.evaluations())  # (the validation loss, the sample images)
     write_summary(run.run_dir, result)
     log.info("%s after %d steps: %s", status, run.step, lora_path)

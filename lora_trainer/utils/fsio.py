@@ -89,6 +89,9 @@ def write_new(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
                     return target
                 except FileExistsError:
                     continue
+                except BaseException:  # (a full disk mid-copy, say): no half-written file under the final name
+                    target.unlink(missing_ok=True)
+                    raise
 
 
 def atomic_dir(final: str | os.PathLike) -> contextlib.AbstractContextManager[Path]:
