@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -15,6 +16,7 @@ from lora_trainer.config import config_from_dict, validate_paths
 from lora_trainer.data.dataset import scan_dataset
 from lora_trainer.data.demo_set import make_demo_dataset
 from lora_trainer.data.split import split_validation
+from lora_trainer.engine import validation
 from lora_trainer.engine.events import Callbacks
 from lora_trainer.engine.run import Run
 from lora_trainer.engine.samples import SamplePrompt, load_sample_prompts, parse_prompt
@@ -221,21 +223,33 @@ def test_validation_loss_is_the_same_every_time_and_not_the_training_loss(demo_d
         return twice[-1][0]
 
     monkeypatch.setattr(Validator, "loss", evaluated_twice)
+    inputs, real_loss = [], validation.diffusion_loss
+
+    def spied_loss(*args, **kw):
+        inputs.append((kw["timesteps"].tolist(), kw["noise"].clone()))
+        return real_loss(*args, **kw)
+
+    monkeypatch.setattr(validation, "diffusion_loss", spied_loss)
     curves, recorders = [], []
-    for k in range(2):
+    for k in range(2 if cached else 1):  # (one run without the cache: it checks the fixed inputs alone)
         recorders.append(Recorder())
         cfg = make_cfg(demo_data, tmp_path / f"out{k}", data={"validation_split": 0.34}, validation_every_n_steps=2,
                        max_train_steps=5, lora_dropout=0.5, cache_latents=cached, min_snr_gamma=5.0)
         result = train(cfg, callbacks=recorders[-1], progress=False)
         curves.append(summary(result)["validation_losses"])
     assert all(a == b for a, b in twice)
-    assert curves[0] == curves[1] and [step for step, _ in curves[0]] == [2, 4, 5]
+    # every evaluation: the 2 images at the same 4 timesteps with the same noise
+    assert [t for t, _ in inputs[:4]] == [[125, 125], [375, 375], [625, 625], [875, 875]]
+    assert len(inputs) == len(curves) * 2 * 3 * 4 and all(
+        t == inputs[i % 4][0] and torch.equal(noise, inputs[i % 4][1]) for i, (t, noise) in enumerate(inputs))
+    assert not torch.equal(inputs[0][1], inputs[1][1])
+    assert curves[0] == curves[-1] and [step for step, _ in curves[0]] == [2, 4, 5]
     assert recorders[0].validation == [tuple(x) for x in curves[0]]
     assert all(value != recorders[0].losses[step] for step, value in curves[0])
     assert len({value for _, value in curves[0]}) == 3  # (the LoRA learns: the curve moves)
-    assert summary(result)["validation_loss"] == curves[1][-1][1] and summary(result)["validation_images"] == 2
+    assert summary(result)["validation_loss"] == curves[-1][-1][1] and summary(result)["validation_images"] == 2
     scalars = tensorboard_tags(result.run_dir)["scalars"]["validation/loss"]
-    assert [(s, pytest.approx(v)) for s, v in scalars] == [tuple(x) for x in curves[1]]
+    assert [(s, pytest.approx(v)) for s, v in scalars] == [tuple(x) for x in curves[-1]]
     assert "validation loss" in (result.run_dir / "logs" / "train.log").read_text()
 
 
