@@ -171,9 +171,6 @@ class NanGuard:
     def _files(run, index_lists) -> list:
         return list(dict.fromkeys(run.scan.samples[i].path for indices in index_lists for i in indices))
 
-    def summary(self) -> list[dict]:
-        return list(self.rollbacks)
-
 
 def _set_base_lrs(scheduler, base_lrs: list[float]) -> None:
     """New base learning rates for a schedule (diffusers' are LambdaLR), and the optimizer's current ones from
