@@ -21,7 +21,9 @@ The loaders' side is written here from their source and never from our naming:
   ``load_lora_for_models`` (network.py ``detect_version`` for the family).
 "Applied" means: the loader finds a layer for the key, of a type it patches, with the LoRA's shapes, and it is
 the layer the LoRA was trained on (ComfyUI's diffusers→LDM map for the UNet; the checkpoint conversions for the
-text encoders). A key that is not applied fails the test, named.
+text encoders). A key that is not applied fails the test, named. The one module kind of the file no trained layer
+is behind: the zero modules the exporter adds so that A1111 applies bigG's attention (it needs q, k, v and
+out_proj together); they must be applied too, and change nothing.
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ import torch
 from torch import nn
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-LOADERS = ("a1111", "forge", "comfyui")
 RANK = 1  # the names do not depend on the rank; 1 keeps the file small
 
 
