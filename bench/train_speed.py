@@ -245,7 +245,7 @@ def spawn(args, mode: str, loops, data: Path, work: Path, shared: list[str]) -> 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--model", choices=["tiny", "tiny-sdxl", "sd15-shape", "sdxl-shape"], default="tiny")
@@ -270,7 +270,11 @@ def main() -> None:
     p.add_argument("--work", help="folder for the generated data and model, kept and reused (default: a new temp one)")
     for hidden in ("mode", "data", "loops"):
         p.add_argument(f"--{hidden}", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.mode:
         return child(args)
     if not 1 <= args.rounds <= args.steps or args.steps % args.rounds:
