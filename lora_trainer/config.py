@@ -80,6 +80,7 @@ class TrainingConfig:
     gradient_accumulation_steps: int = 2
     mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
+    fp8_base: bool = False  # the frozen UNet's weights stored in float8, upcast per layer (models.fp8)
     seed: int = 42
     noise_offset: float = 0.0
     min_snr_gamma: float | None = None
@@ -339,6 +340,9 @@ def _check_special(values: dict[str, dict], errors: list[str]) -> None:
     if t.get("cache_latents_to_disk") is True and t.get("cache_latents") is False:
         errors.append("training.cache_latents_to_disk: true needs training.cache_latents: true (the disk cache "
                       "keeps the cached latents); set cache_latents: true, or cache_latents_to_disk: false")
+    if t.get("fp8_base") is True and t.get("compile_unet") is True:
+        errors.append("training.fp8_base: true does not combine with training.compile_unet: true (the per-layer casts "
+                      "of the float8 weights break torch.compile's graph at every layer); set one of them to false")
     if not d.get("train_data_dir"):
         errors.append("data.train_data_dir is required: the folder of training images")
     res = d.get("resolution")

@@ -136,21 +136,23 @@ def find_latest(output_dir: Path) -> Path | None:
 # What a resumed run must share with the run that wrote the checkpoint: the LoRA's shape...
 MUST_MATCH = ("lora_rank", "lora_alpha", "target_modules", "train_text_encoder", "text_encoder_target_modules",
               "train_text_encoder_2")
-# ...and what decides the data order, the step count and the pixels (else it continues, but not as one run
-# would); a checkpoint without fast_jpeg_decode, weighted_captions or train_text_encoder_2 is from before they
-# existed, when every image decoded fully, captions were read as written and one text encoder could train
+# ...and what decides the data order, the step count, the pixels and the base weights (fp8_base rounds them) (else it
+# continues, but not as one run would); a checkpoint without fast_jpeg_decode, weighted_captions, train_text_encoder_2
+# or fp8_base is from before they existed, when every image decoded fully, captions were read as written, one text
+# encoder could train and the UNet kept its weights' dtype
 SHOULD_MATCH = ("batch_size", "gradient_accumulation_steps", "seed", "num_images", "total_steps",
-                "fast_jpeg_decode", "weighted_captions", "zero_terminal_snr")
+                "fast_jpeg_decode", "weighted_captions", "zero_terminal_snr", "fp8_base")
 DATA_SETTINGS = ("fast_jpeg_decode", "weighted_captions")
 # what a checkpoint from before a setting existed was trained with
 BEFORE = {"fast_jpeg_decode": False, "weighted_captions": False, "train_text_encoder_2": False,
-          "zero_terminal_snr": "false"}
+          "zero_terminal_snr": "false", "fp8_base": False}
 
 
 def run_settings(training, num_images: int, total_steps: int, data, model) -> dict:
     settings = {k: getattr(training, k) for k in MUST_MATCH + SHOULD_MATCH[:3]}
     return dict(settings, num_images=num_images, total_steps=total_steps,
-                **{k: getattr(data, k) for k in DATA_SETTINGS}, zero_terminal_snr=model.zero_terminal_snr)
+                **{k: getattr(data, k) for k in DATA_SETTINGS}, zero_terminal_snr=model.zero_terminal_snr,
+                fp8_base=training.fp8_base)
 
 
 def left_to_the_model(cfg) -> tuple[str, ...]:

@@ -33,6 +33,7 @@ from lora_trainer.engine.run_dir import latent_cache_dir
 from lora_trainer.errors import ConfigError, LoraTrainerError
 from lora_trainer.models.base import TEXT_ENCODER, TEXT_ENCODER_2, UNET
 from lora_trainer.models.factory import DTYPES
+from lora_trainer.models.fp8 import store_unet_in_fp8
 
 log = logging.getLogger(__name__)
 
@@ -251,12 +252,14 @@ def add_lora_layers(cfg: Config, backend) -> tuple[dict, list[dict]]:
 
 
 def prepare_backend(cfg: Config, backend) -> None:
-    """The model-wide switches: checkpointing, attention kernel, memory layout, compile (after the LoRA layers
-    are in, so the compiled graph has them)."""
+    """The model-wide switches: checkpointing, float8 UNet weights, attention kernel, memory layout, compile (after
+    the LoRA layers are in, so the compiled graph has them)."""
     t = cfg.training
     if t.gradient_checkpointing:
         second = {"text_encoder_2": True} if t.train_text_encoder_2 else {}  # (only SDXL's backend has one)
         backend.enable_gradient_checkpointing(text_encoder=t.train_text_encoder, **second)
+    if t.fp8_base:  # after the LoRA layers (they stay fp32) and the checkpointing (models.fp8 says why)
+        store_unet_in_fp8(backend, checkpointing=t.gradient_checkpointing)
     backend.use_attention(t.attention)
     if t.channels_last:
         if backend.can_channels_last:

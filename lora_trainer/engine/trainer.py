@@ -48,6 +48,7 @@ from lora_trainer.models.attention import resolve_attention
 from lora_trainer.models.compiling import check_compile
 from lora_trainer.models.factory import BUILTIN_MODELS, load_backend, pick_device, precision_of
 from lora_trainer.models.family import family_of
+from lora_trainer.models.fp8 import check_fp8_base
 
 __all__ = ["TrainingError", "train"]
 log = logging.getLogger(__name__)
@@ -104,6 +105,8 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
     validate_paths(cfg, check_base_model=backend is None and make_backend is None, builtin_models=BUILTIN_MODELS)
     check_optimizer(t.optimizer)
     resolve_attention(t.attention)
+    if t.fp8_base:
+        check_fp8_base(backend)
     device_type = None
     if t.compile_unet:
         device_type = (backend.device if backend is not None else pick_device(t.mixed_precision)[0]).type
@@ -176,6 +179,8 @@ def _set_up(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepared
     """The model at its precision with LoRA layers in, the optimizer, the resume, the caches: a Run."""
     if backend is None:
         backend = load_backend(cfg)
+    if cfg.training.fp8_base:  # (a host's backend is known only now: refused before anything in it changes)
+        check_fp8_base(backend)
     precision = precision_of(backend)
     cfg, noise_scheduler = with_noise_schedule(with_model_defaults(with_precision(cfg, precision), backend), backend)
     t, plan, run_dir = cfg.training, prepared.plan, prepared.run_dir

@@ -133,6 +133,8 @@ def build_metadata(cfg, model: ModelFacts, run: RunFacts, extra: dict | None = N
         "ss_noise_offset": _s(t.noise_offset),
         "ss_min_snr_gamma": _s(t.min_snr_gamma),
         "ss_zero_terminal_snr": _s(cfg.model.zero_terminal_snr == "true"),
+        "ss_fp8_base": _s(t.fp8_base),  # kohya's pair for "the UNet in float8, the text encoders as they are"
+        "ss_fp8_base_unet": _s(t.fp8_base),
         "ss_training_started_at": _s(run.started_at),
         "ss_training_finished_at": _s(run.finished_at),
         "ss_training_comment": _s(comment or None),

@@ -36,6 +36,7 @@ class TrainingBackend(Protocol):
     can_compile: bool  # compile_unet works
     can_channels_last: bool  # use_channels_last works
     uses_time_ids: bool  # predict needs each image's size/crop ids in cond.time_ids (SDXL)
+    can_fp8_base: bool  # training.fp8_base works: the UNet's frozen weights can be stored in float8 (models.fp8)
 
     def components(self) -> dict[str, nn.Module | None]:
         """The modules LoRA may be injected into, by component name (UNET, TEXT_ENCODER)."""
@@ -86,6 +87,14 @@ class Backend:
     can_compile = False
     can_channels_last = False
     uses_time_ids = False
+
+    @property
+    def can_fp8_base(self) -> bool:
+        """Where the UNet is a diffusers model (the command line's and the standalone app's backends): models.fp8
+        stores it through diffusers' layerwise casting. The WebUI's LDM UNet is not one."""
+        from lora_trainer.models.fp8 import is_diffusers_model
+
+        return is_diffusers_model(self.components().get(UNET))
 
     def explain_nonfinite_text(self, caption: str) -> str:
         return "the text encoder gave non-finite values for it"
