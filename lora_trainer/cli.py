@@ -1,4 +1,4 @@
-"""``python -m lora_trainer`` / ``lora-trainer``: demo, init-config, train."""
+"""``python -m lora_trainer`` / ``lora-trainer``: demo, init-config, train, estimate, check, label, ui."""
 
 from __future__ import annotations
 
@@ -84,6 +84,35 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_estimate(args) -> int:
+    """The pre-flight estimate of a config's run: peak memory against the device's free memory, time per step."""
+    import torch
+
+    from lora_trainer.config import load_config
+    from lora_trainer.engine.batches import Plan
+    from lora_trainer.engine.preflight import Where, estimate_for
+    from lora_trainer.models.factory import pick_device
+    from lora_trainer.models.family import family_of
+
+    cfg = load_config(args.config, overrides=args.set)
+    device = torch.device(args.device) if args.device else pick_device(cfg.training.mixed_precision)[0]
+    where = Where(cfg.model.base_model, family_of(cfg.model.base_model, cfg.model.prediction_type), device)
+    est = estimate_for(cfg, where, free=None if args.free_gb is None else int(args.free_gb * 2**30))
+    if est is None:
+        raise LoraTrainerError(f"estimate: the shapes of model.base_model {cfg.model.base_model!r} cannot be read "
+                               "without loading it (a diffusers folder, a .safetensors checkpoint or a built-in name)")
+    total = None
+    if cfg.data.train_data_dir and Path(cfg.data.train_data_dir).is_dir():
+        from lora_trainer.data.dataset import scan_dataset
+
+        d = cfg.data
+        scan = scan_dataset(d.train_data_dir, metadata_path=d.metadata_path, caption_extension=d.caption_extension,
+                            caption_priority=d.caption_priority, recursive=d.recursive)
+        total = Plan.from_config(cfg, len(scan.samples)).total_steps if scan.samples else None
+    print(est.summary(total))
+    return 1 if est.fits is False else 0
+
+
 def cmd_check(args) -> int:
     from lora_trainer.config import DataConfig, load_config, with_family_defaults
     from lora_trainer.data.check import check_dataset
@@ -163,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="override a setting, e.g. --set training.epochs=2 (repeatable)")
     tr.set_defaults(func=cmd_train)
+    es = sub.add_parser("estimate", help="estimate a config's peak memory and time per step, and whether it fits "
+                        "the device (nothing is loaded; exit 1 when it does not fit)")
+    es.add_argument("--config", "-c", required=True, help="YAML config (see init-config)")
+    es.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting (repeatable)")
+    es.add_argument("--device", help="cpu or cuda (default: where train would run)")
+    es.add_argument("--free-gb", type=float, help="compare with this much free memory instead of the device's")
+    es.set_defaults(func=cmd_estimate)
     ck = sub.add_parser("check", help="check a dataset: unreadable, small, duplicate images, caption problems "
                         "(changes nothing)")
     ck.add_argument("folder", nargs="?", help="the dataset folder (or take it from --config)")

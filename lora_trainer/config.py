@@ -81,6 +81,7 @@ class TrainingConfig:
     mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
     fp8_base: bool = False  # the frozen UNet's weights stored in float8, upcast per layer (models.fp8)
+    auto_fit: bool = False  # apply the pre-flight's settings that fit the device's memory (engine.preflight)
     seed: int = 42
     noise_offset: float = 0.0
     min_snr_gamma: float | None = None

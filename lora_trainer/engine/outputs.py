@@ -17,6 +17,7 @@ from lora_trainer.utils.fsio import atomic_write_json
 
 log = logging.getLogger(__name__)
 # what summary.json says of the validation loss and the sample images, where the run had them
+TIMING = ("preflight", "seconds_per_step")
 EVALUATIONS = ("validation_loss", "validation_images", "validation_losses", "sample_images")
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -67,6 +68,7 @@ def write_summary(run_dir: Path, result) -> Path:
         "lora_file": str(result.lora_path) if result.lora_path else None,
         "diffusers_file": str(result.diffusers_path) if result.diffusers_path else None,
         **{key: result.extra[key] for key in EVALUATIONS if key in result.extra},  # (engine.validation, .samples)
+        **{key: result.extra[key] for key in TIMING if key in result.extra},  # (engine.preflight, Run.timing)
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,
                      "python": platform.python_version()},
     }

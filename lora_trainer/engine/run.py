@@ -29,6 +29,7 @@ from lora_trainer.engine.guard import NanGuard, NonFinite
 from lora_trainer.engine.lora import add_lora, load_trainable_state, trainable_state
 from lora_trainer.engine.loss import diffusion_loss, zero_terminal_snr_schedule
 from lora_trainer.engine.optim import build_optimizer
+from lora_trainer.engine.preflight import duration_text
 from lora_trainer.engine.run_dir import latent_cache_dir
 from lora_trainer.errors import ConfigError, LoraTrainerError
 from lora_trainer.models.base import TEXT_ENCODER, TEXT_ENCODER_2, UNET
@@ -36,6 +37,7 @@ from lora_trainer.models.factory import DTYPES
 from lora_trainer.models.fp8 import store_unet_in_fp8
 
 log = logging.getLogger(__name__)
+CALIBRATION_STEPS = 3  # steps after the first over which the time per step is measured
 
 
 class TrainingError(LoraTrainerError):
@@ -73,6 +75,9 @@ class Run:
     sampler: object = None  # engine.samples.SampleMaker: sample images (output.sample_prompts), or None
     validator: object = None  # engine.validation.Validator: the validation loss, or None
     guard: NanGuard = field(default_factory=lambda: NanGuard(every=0))  # the NaN guard (engine.guard); off here
+    estimate: object = None  # the pre-flight's memory and time estimate (engine.preflight.Estimate), or None
+    measured_at: tuple | None = None  # (step, time) after the first step: the time per step is measured from it
+    seconds_per_step: float | None = None  # measured (``_measure_time``)
 
     @property
     def device(self) -> torch.device:
@@ -161,12 +166,38 @@ class Run:
         elapsed = time.time() - self.loop_start
         info = StepInfo(self.step, self.plan.total_steps, epoch + 1, step_loss, sum(self.losses) / len(self.losses),
                         lr, elapsed, (self.step - self.start_step) / elapsed if elapsed > 0 else 0.0)
+        self._measure_time()
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{info.loss_avg:.4f}", lr=f"{lr:.2e}", epoch=epoch + 1)
         if self.writer is not None:
             self.writer.add_scalar("train/loss", step_loss, self.step)
             self.writer.add_scalar("train/lr", lr, self.step)
         self.cbs.on_step(info)
+
+    def _measure_time(self) -> None:
+        """The time per step measured over the steps after the first (whose set-up and warm-up are left out), logged
+        once beside the pre-flight's estimate, with the time left."""
+        done = self.step - self.start_step
+        if done == 1:
+            self.measured_at = (self.step, time.time())
+        elif done == 1 + CALIBRATION_STEPS and self.measured_at is not None:
+            self.seconds_per_step = (time.time() - self.measured_at[1]) / CALIBRATION_STEPS
+            left = (self.plan.total_steps - self.step) * self.seconds_per_step
+            estimated = (f" (the pre-flight estimated {self.estimate.seconds_per_step:.3g})"
+                         if self.estimate is not None else "")
+            log.info("time: %.3g s/step measured over %d steps%s; about %s left", self.seconds_per_step,
+                     CALIBRATION_STEPS, estimated, duration_text(left))
+
+    def timing(self) -> dict:
+        """What summary.json says of the time per step: the pre-flight's estimate and the measured rate."""
+        out = {}
+        if self.estimate is not None:
+            est = self.estimate
+            out["preflight"] = {"peak_bytes": est.peak, "free_bytes": est.free, "fits": est.fits,
+                                "seconds_per_step": round(est.seconds_per_step, 4)}
+        if self.seconds_per_step is not None:
+            out["seconds_per_step"] = round(self.seconds_per_step, 4)
+        return out
 
     # --- sample images and the validation loss
     def evaluate_at_start(self) -> None:

@@ -27,6 +27,7 @@ from lora_trainer.engine.events import CallbackList, Callbacks, TrainResult
 from lora_trainer.engine.guard import NanGuard, NonFinite, check_free_space, disk_estimate, skip_step
 from lora_trainer.engine.optim import check_optimizer
 from lora_trainer.engine.outputs import export_lora, write_summary
+from lora_trainer.engine.preflight import Where, preflight
 from lora_trainer.engine.run import (
     Run,
     TrainingError,
@@ -89,7 +90,8 @@ def _tensorboard(log_dir: Path, enabled: bool):
 
 
 def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progress: bool = True,
-          make_backend: Callable[[], object] | None = None, family: str | None = None) -> TrainResult:
+          make_backend: Callable[[], object] | None = None, family: str | None = None,
+          where: Where | None = None) -> TrainResult:
     """Train a LoRA as ``cfg`` says and export it; returns where everything went.
 
     ``backend`` defaults to a diffusers model loaded from ``cfg.model.base_model``; the WebUI passes
@@ -97,7 +99,8 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
     passed, so a bad dataset or setting is reported before its model loads (or the WebUI's is touched).
     ``callbacks`` get progress and may ask the loop to stop (it then saves and exports). ``family``: the model's
     family where the caller knows it before the model loads (a UI's host); the dataset check runs at the resolution
-    the run will use (``checked_resolution``).
+    the run will use (``checked_resolution``). ``where``: where a host's run will train (engine.preflight.Where),
+    for the memory estimate before its model loads; the command line's is read from the config.
     """
     started = time.time()
     t, d = cfg.training, cfg.data
@@ -118,6 +121,8 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
     resolution = checked_resolution(cfg, backend, make_backend, family)
     log.info(check_scan(scan, resolution, d.caption_prefix, progress=progress).summary())
     scan, held_out = validation_samples(cfg, scan)  # (data.validation_split / validation_dir)
+    cfg, estimate = _preflight(cfg, backend, make_backend, family, where, len(scan.samples))
+    t = cfg.training
     prompts = load_sample_prompts(cfg.output.sample_prompts)  # (read now: a mistake in them stops nothing later)
     plan = Plan.from_config(cfg, len(scan.samples))
     run_dir, resume_from = prepare_run_dir(cfg.output.output_dir, t.resume_from_checkpoint)
@@ -128,7 +133,7 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
         ckpt.check_resume(restored, settings, resume_from, keys=set(settings) - set(pending))
 
     fresh_run = restored is None and not holds_a_run(run_dir)
-    prepared = _Prepared(run_dir, scan, plan, restored, resume_from, pending, started, held_out, prompts)
+    prepared = _Prepared(run_dir, scan, plan, restored, resume_from, pending, started, held_out, prompts, estimate)
     try:
         if make_backend is not None:
             backend = make_backend()
@@ -153,6 +158,17 @@ def checked_resolution(cfg: Config, backend=None, make_backend=None, family: str
     return with_family_defaults(cfg, family)[0].data.resolution
 
 
+def _preflight(cfg: Config, backend, make_backend, family, where: Where | None, num_images: int):
+    """The memory and time estimate before the model loads (engine.preflight): on a GPU, or anywhere with
+    training.auto_fit; with it, settings that fit are applied. A run with a loaded backend was estimated by its host."""
+    if where is None and backend is None and make_backend is None:
+        where = Where(cfg.model.base_model, family_of(cfg.model.base_model, cfg.model.prediction_type),
+                      pick_device(cfg.training.mixed_precision)[0])
+    if where is None or (where.device.type == "cpu" and not cfg.training.auto_fit):
+        return cfg, None
+    return preflight(cfg, where, lambda c: Plan.from_config(c, num_images).total_steps)
+
+
 @dataclass(frozen=True)
 class _Prepared:
     """What the checks before any model loads found out."""
@@ -166,6 +182,7 @@ class _Prepared:
     started: float
     held_out: list = ()  # the validation images (engine.validation)
     prompts: list = ()  # the sample prompts (engine.samples)
+    estimate: object = None  # the pre-flight's (engine.preflight.Estimate), or None
 
 
 def _train_in(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepared) -> TrainResult:
@@ -199,7 +216,8 @@ def _set_up(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepared
     run = Run(cfg, backend, precision, plan, prepared.scan, run_dir, settings, modules, groups, optimizer,
               lr_scheduler, scaler, torch.Generator(device=backend.device).manual_seed(t.seed),
               ImageDataset(prepared.scan.samples, cfg.data.resolution, cfg.data.fast_jpeg_decode),
-              CallbackList([callbacks]), noise_scheduler=noise_scheduler, guard=NanGuard.from_config(t))
+              CallbackList([callbacks]), noise_scheduler=noise_scheduler, guard=NanGuard.from_config(t),
+              estimate=prepared.estimate)
     if prepared.restored is not None:
         resume(run, prepared.restored, prepared.resume_from)
     run.cache = build_cache(run, progress)
@@ -300,7 +318,7 @@ def _finish(run: Run, stopped: bool, started: float) -> TrainResult:
                          first_loss=run.first_loss, images_used=len(run.scan.samples),
                          images_skipped=len(run.scan.skipped), wall_time_s=time.time() - started,
                          skipped=[{"path": str(s.path), "reason": s.reason} for s in run.scan.skipped],
-                         extra={"nan_rollbacks": run.guard.rollbacks})
+                         extra={"nan_rollbacks": run.guard.rollbacks, **run.timing()})
     result.extra.update(run.evaluations())  # (the validation loss, the sample images)
     write_summary(run.run_dir, result)
     log.info("%s after %d steps: %s", status, run.step, lora_path)
