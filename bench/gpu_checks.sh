@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements issues #5 and #16 still need, in one prepared run on a lent CUDA machine.
 #
-#   bash bench/gpu_checks.sh OUT_DIR [CHECK ...]     # checks: attention batch8 batch1 compiled learns sdxl1 sdxl4
+#   bash bench/gpu_checks.sh OUT_DIR [CHECK ...]     # checks: attention batch8 batch1 compiled learns sdxl1 sdxl4 preflight
 #                                                    # (default: all); SDXL alone: bash bench/gpu_checks.sh OUT sdxl1 sdxl4
 #
 # Each check has its own time limit and writes its log (and JSON) under OUT_DIR; one that fails or runs out
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 out=${1:?give the folder for the results}
 shift
 checks=("$@")
-[ ${#checks[@]} -gt 0 ] || checks=(attention batch8 batch1 compiled learns sdxl1 sdxl4)
+[ ${#checks[@]} -gt 0 ] || checks=(attention batch8 batch1 compiled learns sdxl1 sdxl4 preflight)
 mkdir -p "$out/work"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
@@ -56,6 +56,9 @@ for check in "${checks[@]}"; do
             run sdxl1 480 "${sdxl[@]}" --batch 1 --images 8 --steps 20 --rounds 4 --out "$out/sdxl1.json" ;;
         sdxl4)  # >= 1.5x the SDXL recipe's images/s at batch 4
             run sdxl4 420 "${sdxl[@]}" --batch 4 --images 16 --steps 12 --rounds 4 --out "$out/sdxl4.json" ;;
-        *) echo "unknown check: $check (attention batch8 batch1 compiled learns sdxl1 sdxl4)"; exit 2 ;;
+        preflight)  # issue 17: the pre-flight estimate against torch.cuda.max_memory_allocated, SD 1.5 shapes
+            run preflight 300 "$py" bench/preflight_accuracy.py --device cuda --model sd15-shape --steps 3 \
+                --out "$out/preflight.json" ;;
+        *) echo "unknown check: $check (attention batch8 batch1 compiled learns sdxl1 sdxl4 preflight)"; exit 2 ;;
     esac
 done

@@ -229,3 +229,27 @@ def test_a_run_through_the_tab_turns_stop_on_and_off_clears_the_sweep_and_counts
     status, *_, stop, gallery, sweep_status, size, trained = bad[-1]
     assert "Dataset folder:" in status and "data.train_data_dir" not in status
     assert stop["interactive"] is False and trained is None
+
+
+def test_estimate_memory_shows_the_runs_peak_and_what_would_fit(tmp_path, monkeypatch):
+    """The tab's Estimate memory: the same pre-flight as the run (engine.preflight) for the fields' settings, before
+    anything loads; where it does not fit, the settings that would; a field's mistake named by its label."""
+    from lora_trainer.data.demo_set import make_demo_dataset
+    from lora_trainer.engine import preflight
+    from lora_trainer.ui.standalone_host import DiffusersHost
+
+    data = make_demo_dataset(tmp_path / "data", n=4, resolution=64)
+    host = DiffusersHost(tmp_path / "Lora", run_root=tmp_path / "runs")
+    advanced = {"resolution": 64, "max_train_steps": 20, "batch_size": 4, "gradient_accumulation_steps": 1}
+    values = [advanced.get(key, tab.field_default(key, config_from_dict({"train_data_dir": "-"})))
+              for key, *_ in tab.ADVANCED]
+    shown = tab.estimate_memory(host, str(data), "tab_lora", "Style (defaults)", "tiny-demo", "", 0, None, *values)
+    assert "Estimate: peak ~" in shown and "for 20 steps" in shown and "NOT fit" not in shown
+
+    monkeypatch.setattr(preflight, "free_memory", lambda device: 2**20)  # (1 MB free)
+    shown = tab.estimate_memory(host, str(data), "tab_lora", "Style (defaults)", "tiny-demo", "", 0, None, *values)
+    assert "Does NOT fit" in shown and "error" in shown
+
+    values[[key for key, *_ in tab.ADVANCED].index("batch_size")] = 0
+    shown = tab.estimate_memory(host, str(data), "tab_lora", "Style (defaults)", "tiny-demo", "", 0, None, *values)
+    assert "Batch size:" in shown and "training.batch_size" not in shown

@@ -338,3 +338,18 @@ def test_the_tab_offers_the_webui_interrogators_first(webui):
             return ["x"] * len(images)
 
     assert QueueLocked(Inner()).caption([1, 2]) == ["x", "x"]
+
+
+def test_the_memory_estimate_takes_the_loaded_models_family_and_counts_its_weights_as_free(webui, tmp_path):
+    """Before Train: the loaded model's family (its diffusers shapes stand in for A1111's modules), on the WebUI's
+    device, with the model's own bytes there counted as free (training uses them in place)."""
+    from lora_trainer.engine.preflight import module_bytes
+    from lora_trainer.ui.estimate import estimate_message
+
+    host = WebUIHost()
+    where = host.preflight_where(make_cfg(tmp_path))
+    assert where.family == "sd_v1" and where.base_model is None and where.device == torch.device("cpu")
+    assert where.resident == module_bytes([webui]) > 0
+    text, kind = estimate_message(host, make_cfg(tmp_path, resolution=64, batch_size=1))
+    assert text.startswith("Estimate: peak ~") and kind in ("ok", "error")
+    assert "unet 1.6 GB" in text or "unet 3.2 GB" in text  # SD 1.5's UNet (fp16 or fp32), not the stand-in's

@@ -5,11 +5,11 @@ Nothing is allocated and nothing computed: the run's model is built from its con
 fake tensors (torch's FakeTensorMode: shapes and dtypes, no data) on the run's device, the run's own set-up code
 puts the LoRA layers in and switches checkpointing, attention and fp8 storage as training will (``engine.run``), and
 one training step is run on it (``diffusion_loss``, backward) while every tensor storage made and freed is counted
-(``LiveBytes``), with the FLOPs by ``torch.utils.flop_counter``'s formulas. The peak of a step is the weights kept on the device
-during steps, the LoRA parameters with their optimizer state (and the NaN guard's copy), and that traced peak; while
-the latent cache is built every weight is on the device and the VAE encodes one image; sample images add a VAE
-decode. Where the device is a GPU the fake tensors are CUDA ones and autocast is CUDA's, so the kernels chosen
-(SDPA's flash / memory-efficient) and the dtypes kept for backward are the GPU's.
+(``LiveBytes``), with the FLOPs by ``torch.utils.flop_counter``'s formulas. The peak of a step is the weights kept
+on the device during steps, the LoRA parameters with their optimizer state (and the NaN guard's copy), and that
+traced peak; while the latent cache is built every weight is on the device and the VAE encodes one image; sample
+images add a VAE decode. Where the device is a GPU the fake tensors are CUDA ones and autocast is CUDA's, so the
+kernels chosen (SDPA's flash / memory-efficient) and the dtypes kept for backward are the GPU's.
 
 Not counted: the CUDA context and the caching allocator's slack (``CUDA_OVERHEAD`` adds a measured figure), kernel
 workspaces, torch.compile's graphs. On the CPU the estimate is the bytes the tensors need; glibc's allocator keeps
@@ -480,13 +480,15 @@ class Where:
     resident: int = 0
 
 
-def module_bytes(modules) -> int:
-    """The bytes of the parameters and buffers of ``modules`` (a model already on the device)."""
+def module_bytes(modules, on: torch.device | None = None) -> int:
+    """The bytes of the parameters and buffers of ``modules`` (a model already loaded), those on device ``on`` only
+    where it is given."""
     seen = {}
     for m in modules:
         if m is not None:
             for x in [*m.parameters(), *m.buffers()]:
-                seen[id(x.untyped_storage())] = x.untyped_storage().nbytes()
+                if on is None or x.device.type == torch.device(on).type:
+                    seen[id(x.untyped_storage())] = x.untyped_storage().nbytes()
     return sum(seen.values())
 
 

@@ -52,3 +52,7 @@ class Host(Protocol):
 
     def native_image_size(self, base_model: str | None = None) -> int:
         """The model's own image size (512 for SD 1.x, 1024 for SDXL)."""
+
+    def preflight_where(self, cfg):
+        """Where ``cfg``'s run would train (engine.preflight.Where: the model's shapes, device, the bytes of it
+        already there), for the memory estimate before the model loads; None where that is not known."""

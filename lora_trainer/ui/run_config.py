@@ -32,6 +32,8 @@ ADVANCED = [
     ("lr_warmup_steps", "Warmup steps", "number", None), ("mixed_precision", "Mixed precision", "choice",
                                                           list(CHOICES["mixed_precision"])),
     ("gradient_checkpointing", "Gradient checkpointing (less memory)", "bool", None),
+    ("auto_fit", "Fit the GPU's memory (checkpointing, a smaller batch) where the estimate says it does not fit",
+     "bool", None),
     ("attention", "Attention kernel while training (auto = PyTorch SDPA)", "choice", list(CHOICES["attention"])),
     ("compile_unet", "Compile the UNet (torch.compile: faster steps after a first one of minutes)", "bool", None),
     ("cache_latents_to_disk", "Keep encoded images on disk (the next run of this name skips encoding)", "bool", None),
@@ -40,6 +42,9 @@ ADVANCED = [
     ("caption_prefix", "Trigger word prefix", "text", None),
     ("min_snr_gamma", "Min-SNR gamma (0 = off)", "number", None), ("noise_offset", "Noise offset", "number", None),
     ("seed", "Seed", "number", None), ("save_steps", "Checkpoint every N steps (0 = off)", "number", None),
+    ("validation_split", "Validation share of the images (0 = none; e.g. 0.1)", "number", None),
+    ("validation_every_n_steps", "Validation loss every N steps (0 = at the end)", "number", None),
+    ("nan_max_retries", "NaN rollbacks before the run stops (0 = no guard)", "number", None),
 ]
 ZERO_IS_NONE = {"max_train_steps", "min_snr_gamma", "text_encoder_2_lr"}
 # the fields the model family fills (config.FAMILY_DEFAULTS: SDXL resolution 1024, rank 32, ...), and those shown

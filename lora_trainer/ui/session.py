@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lora_trainer.engine.events import Callbacks, StepInfo, StopFlag, TrainResult
 from lora_trainer.errors import LoraTrainerError
+from lora_trainer.ui.estimate import preflight_where
 from lora_trainer.ui.host import Host
 from lora_trainer.ui.views import status_line
 
@@ -107,7 +108,7 @@ class TrainingSession(Callbacks):
                 family = self.host.model_family(self.cfg.model.base_model if self.host.chooses_base_model else None)
                 try:  # (the family: the dataset check looks for images below the resolution the run will use)
                     result = train(self.cfg, make_backend=self._make_backend, callbacks=self, progress=False,
-                                   family=family)
+                                   family=family, where=preflight_where(self.host, self.cfg))
                 finally:
                     backend, self._backend = self._backend, None
                     self.host.release_backend(backend)

@@ -55,6 +55,13 @@ class DiffusersHost:
         self._run_cfg, self._sampler = cfg, None
         return backend
 
+    def preflight_where(self, cfg):
+        from lora_trainer.engine.preflight import Where
+        from lora_trainer.models.factory import pick_device
+
+        base = cfg.model.base_model or self.base_model
+        return Where(base, self.model_family(base), pick_device(cfg.training.mixed_precision)[0])
+
     def release_backend(self, backend) -> None:
         self._run_cfg = self._sampler = None  # (the sampler holds the backend: let its memory go)
         if backend is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 from pathlib import Path
 
 import gradio as gr
@@ -18,6 +19,7 @@ from lora_trainer.config import Config
 from lora_trainer.errors import LoraTrainerError
 from lora_trainer.ui import compat
 from lora_trainer.ui.dataset_panel import create_dataset_panel
+from lora_trainer.ui.estimate import estimate_message
 from lora_trainer.ui.run_config import (
     ADVANCED,
     FAMILY_KEYS,
@@ -77,6 +79,22 @@ def run_training(host, data_dir, name, preset, base_model, sample_prompt, sample
     s = session.status
     made = str(s.published) if s.published else None
     yield (*training_view(session), keep, keep, cfg.data.resolution if made else keep, made)
+
+
+def estimate_memory(host, data_dir, name, preset, base_model, sample_prompt, sample_every, filled, *values) -> str:
+    """The pre-flight estimate of the run the fields describe (Train's inputs), as a message: its peak memory against
+    what the device has free, the time, and the settings that would fit where these do not."""
+    try:
+        advanced = {key: v for (key, *_), v in zip(ADVANCED, values)}
+        cfg = build_config(host, str(data_dir or "").strip() or "-", name, preset,
+                           base_model if host.chooses_base_model else None, advanced, filled)
+        text, kind = estimate_message(host, cfg)
+    except LoraTrainerError as e:
+        return message_html(tab_message(e), "error")
+    except Exception as e:  # noqa: BLE001 (an estimate that fails says so; training is not affected)
+        log.warning("memory estimate failed:\n%s", traceback.format_exc())
+        return message_html(f"No estimate: {type(e).__name__}: {e}", "hint")
+    return message_html(text, {"ok": "info"}.get(kind, kind))
 
 
 def refresh_family(host, base_model, filled, *values) -> tuple:
@@ -219,6 +237,8 @@ def _training_panel(host, defaults: Config, fill: dict) -> dict:
         ui["train"] = gr.Button("Train", variant="primary", elem_id=f"{PREFIX}train")
         ui["train_generate"] = gr.Button("Train & generate", elem_id=f"{PREFIX}train_generate")
         ui["stop"] = gr.Button("Stop", variant="stop", interactive=False, elem_id=f"{PREFIX}stop")
+        ui["estimate"] = gr.Button("Estimate memory", elem_id=f"{PREFIX}estimate")
+    ui["estimate_out"] = gr.HTML("", elem_id=f"{PREFIX}estimate_out")
     return ui
 
 
@@ -293,6 +313,11 @@ def _wire(host, t: dict, sw: dict, shown: list, trained) -> None:
     t["train_generate"].click(refresh, **family).then(train, inputs=train_inputs, outputs=outputs).then(
         sweep_after, inputs=[trained, *sweep_inputs], outputs=[sw["gallery"], sw["status"]])
     t["stop"].click(stop_training, inputs=[], outputs=[])
+
+    def estimate(*args):
+        return estimate_memory(host, *args)
+
+    t["estimate"].click(refresh, **family).then(estimate, inputs=train_inputs, outputs=[t["estimate_out"]])
     sw["sweep"].click(sweep, inputs=[lora_file, *sweep_inputs], outputs=[sw["gallery"], sw["status"]])
     # kept current, so that the WebUI's paste binding on the button reads the right prompt when clicked
     for source in (lora_file, sw["prompt"]):

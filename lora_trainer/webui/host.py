@@ -182,6 +182,18 @@ class WebUIHost:
         family = ldm_family(sd_model)
         return "sd_v2_768_v" if family == "sd_v2" and getattr(sd_model, "parameterization", "eps") == "v" else family
 
+    def preflight_where(self, cfg):
+        """The loaded model's family (its diffusers shapes stand in for A1111's modules) on the WebUI's device, with
+        the bytes of the model already there: training uses them in place."""
+        from modules import devices, shared
+
+        from lora_trainer.engine.preflight import Where, module_bytes
+
+        family = self.model_family()
+        if family is None:
+            return None
+        return Where(None, family, devices.device, module_bytes([shared.sd_model], on=devices.device))
+
     def native_image_size(self, base_model=None) -> int:
         """The loaded model's own image size: 1024 for SDXL, 768 for SD 2.x v-prediction, else 512."""
         return {"sdxl": 1024, "sd_v2_768_v": 768}.get(self.model_family(), 512)
