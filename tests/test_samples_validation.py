@@ -215,19 +215,27 @@ def test_validation_loss_is_the_same_every_time_and_not_the_training_loss(demo_d
     """Fixed timesteps, noise and latents, the model in eval mode (dropout on in training): two evaluations of the
     same weights agree exactly, two runs of one seed give the same curve; it is logged, in TensorBoard, summary.json
     and the callbacks, every N steps and at the end."""
-    twice = []
-    loss = Validator.loss
+    twice, modes = [], []
+    loss, evaluate = Validator.loss, Validator.evaluate
 
     def evaluated_twice(self, run):
         twice.append((loss(self, run), loss(self, run)))
         return twice[-1][0]
 
+    def evaluate_then_train(self, run, step):
+        value = evaluate(self, run, step)
+        modes.append(("after", {m.training for c in run.modules.values() for m in c.modules()}))
+        return value
+
     monkeypatch.setattr(Validator, "loss", evaluated_twice)
+    monkeypatch.setattr(Validator, "evaluate", evaluate_then_train)
     inputs, real_loss = [], validation.diffusion_loss
 
-    def spied_loss(*args, **kw):
+    def spied_loss(backend, *args, **kw):
+        modes.append(("during", {m.training for c in backend.components().values() if c is not None
+                                 for m in c.modules()}))
         inputs.append((kw["timesteps"].tolist(), kw["noise"].clone()))
-        return real_loss(*args, **kw)
+        return real_loss(backend, *args, **kw)
 
     monkeypatch.setattr(validation, "diffusion_loss", spied_loss)
     curves, recorders = [], []
@@ -238,6 +246,8 @@ def test_validation_loss_is_the_same_every_time_and_not_the_training_loss(demo_d
         result = train(cfg, callbacks=recorders[-1], progress=False)
         curves.append(summary(result)["validation_losses"])
     assert all(a == b for a, b in twice)
+    # every module in eval mode while it evaluates (no LoRA dropout), back in training mode after
+    assert modes and all(flags == ({False} if when == "during" else {True}) for when, flags in modes), modes
     # every evaluation: the 2 images at the same 4 timesteps with the same noise
     assert [t for t, _ in inputs[:4]] == [[125, 125], [375, 375], [625, 625], [875, 875]]
     assert len(inputs) == len(curves) * 2 * 3 * 4 and all(

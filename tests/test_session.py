@@ -234,3 +234,18 @@ def test_the_sweep_samples_an_sdxl_lora_on_its_zero_snr_schedule(tmp_path, monke
     images = host.sweep(status.published, "demo", "", [0.0, 1.0], seed=3, steps=2)
     assert [s for s, _ in images] == [0.0, 1.0] and len(spy.calls) == 2
     assert all(c["scheduler"].config.rescale_betas_zero_snr and c["guidance_rescale"] == 0.7 for c in spy.calls)
+
+
+def test_a_nan_rollback_replaces_the_plotted_steps_it_trains_again(tmp_path):
+    """engine.guard rolls back to its last good state and trains those steps again: the loss plot keeps one point
+    per step, the newest (a validation point of a rolled-back step goes too), so its steps only rise."""
+    from lora_trainer.engine.events import StepInfo
+
+    session = TrainingSession(DiffusersHost(tmp_path / "Lora", run_root=tmp_path / "runs"), cfg_for(tmp_path, 6))
+    for step, loss in ((1, 0.9), (2, 0.8), (3, float("nan")), (2, 0.7), (3, 0.6), (4, 0.5)):
+        if step == 3 and loss != loss:
+            session.on_validation(2, 0.85)
+            continue
+        session.on_step(StepInfo(step, 6, 1, loss, loss, 1e-4, 1.0, 1.0))
+    assert session.status.losses == [(1, 0.9), (2, 0.7), (3, 0.6), (4, 0.5)]
+    assert session.status.validation == []

@@ -134,6 +134,9 @@ class TrainingSession(Callbacks):
         s = self.status
         s.step, s.loss, s.steps_per_s = info.step, info.loss_avg, info.steps_per_s
         s.eta_s = info.eta_s if info.steps_per_s > 0 else None
+        for series in (s.losses, s.validation):  # a NaN rollback (engine.guard) trains these steps again: the new
+            while series and series[-1][0] >= info.step:  # losses replace the old ones, so the plot's steps rise
+                series.pop()
         s.losses.append((info.step, info.loss))
         if self.sample_every and self.sample_prompt and info.step % self.sample_every == 0:
             self._sample(info.step)
