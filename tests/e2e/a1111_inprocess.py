@@ -132,6 +132,24 @@ def zero_mean_check(sd_model) -> None:
     check("a zero-mean caption stops the run before step 1, named", ok, status.message[:300])
 
 
+def estimate_check(sd_model, family: str, cfg) -> None:
+    """The tab's Estimate memory on the real host: the loaded model's family and its bytes on the WebUI's device."""
+    from modules import devices
+
+    from lora_trainer.engine.preflight import module_bytes
+    from lora_trainer.ui.estimate import estimate_message
+    from lora_trainer.webui.host import WebUIHost
+
+    host = WebUIHost()
+    t0 = time.time()
+    where = host.preflight_where(cfg)
+    text, kind = estimate_message(host, cfg)
+    ok = (where is not None and where.family == family and where.device == devices.device
+          and where.resident == module_bytes([sd_model], on=devices.device) > 0 and text.startswith("Estimate: peak ~"))
+    check(f"the memory estimate for the loaded {family} model", ok,
+          f"{text[:240]} ({kind}; resident {where.resident if where else None} bytes; {time.time() - t0:.1f} s)")
+
+
 def training_check(sd_model) -> None:
     import torch
     from modules import shared
@@ -168,6 +186,7 @@ def main() -> int:
     t0 = time.time()
     conditioning_checks(sd_model)
     zero_mean_check(sd_model)
+    estimate_check(sd_model, "sd_v1", _cfg(Path(tempfile.mkdtemp()), "estimate"))
     training_check(sd_model)
     return summarize(t0)
 

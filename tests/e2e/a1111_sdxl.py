@@ -11,7 +11,8 @@ open_clip bigG, its prompt parser and Lora extension); run with the WebUI's pyth
    checkpointing on) finishes and writes models/Lora/<name> with kohya SDXL keys and metadata;
 4. the WebUI's own Lora loader matches every module of the file (none dropped), and the strength sweep through
    ``<lora:name:S>`` changes the image at 1 and gives the plain image at 0;
-5. the UNet's output is bitwise as before; no flag or forward of ours is left on the model.
+5. the UNet's output is bitwise as before; no flag or forward of ours is left on the model;
+6. the tab's memory estimate for the loaded SDXL model (its family's shapes, its bytes on the device).
 Prints PASS/FAIL lines and a JSON summary; exit 1 if a check failed.
 """
 
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from a1111_inprocess import _dataset, check, start_webui, summarize  # noqa: E402
+from a1111_inprocess import _dataset, check, estimate_check, start_webui, summarize  # noqa: E402
 
 CAPTIONS = ["a (red:1.3) cube on a table", "two cats, [sketch]"]
 
@@ -148,6 +149,7 @@ def main() -> int:
     sd_model = start_webui(args.ckpt, ["--ui-settings-file", args.ui_settings_file])
     t0 = time.time()
     conditioning_check(sd_model)
+    estimate_check(sd_model, "sdxl", _cfg(Path(tempfile.mkdtemp()), "estimate", 2))
     training_check(sd_model, args.steps)
     return summarize(t0)
 
