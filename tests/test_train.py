@@ -150,7 +150,7 @@ def test_run_outputs(demo_data, tmp_path):
     assert "run folder" in log_text and "saved checkpoint" in log_text and "finished after 4 steps" in log_text
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["images_used"] == 6 and summary["status"] == "finished"
-    assert [s for s, _ in list_checkpoints(run)] == [2]
+    assert [s for s, _ in list_checkpoints(run)] == [2, 4]  # (save_steps, and the end: a resume may train on)
     with safe_open(result.lora_path, "pt") as f:
         meta = f.metadata()
         keys = list(f.keys())

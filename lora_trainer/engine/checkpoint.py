@@ -112,25 +112,77 @@ def stops_on_full_disk(run_dir: Path, writing: str) -> Iterator[None]:
                        f"and nothing older was replaced; {last}") from e
 
 
+class CheckpointDamaged(ConfigError):
+    """A checkpoint file that cannot be read back (truncated, not UTF-8, missing its step, not plain tensors)."""
+
+
 def load_checkpoint(path: Path) -> Restored:
+    """A checkpoint folder read back; CheckpointDamaged names the file that cannot be. The training state is read
+    with ``weights_only=True``: a file that is not plain tensors and numbers is refused, never executed."""
     path = Path(path)
     if not (path / INFO).is_file():
         raise ConfigError(f"training.resume_from_checkpoint: {path} is not a complete checkpoint folder "
                           f"(no {INFO}); point it at a checkpoint-NNNNNN folder or use 'latest'")
-    info = json.loads((path / INFO).read_text(encoding="utf-8"))
-    state = torch.load(path / STATE, map_location="cpu", weights_only=True)
-    return Restored(step=int(info["step"]), weights=load_file(path / WEIGHTS), state=state, info=info)
+
+    def damaged(name: str, e: BaseException) -> CheckpointDamaged:
+        return CheckpointDamaged(f"training.resume_from_checkpoint: {path / name} is damaged ({type(e).__name__}: "
+                                 f"{str(e)[:200]}); resume from another checkpoint of the run (its checkpoints/ "
+                                 "folder), or use 'latest', which skips damaged ones")
+
+    try:
+        info = json.loads((path / INFO).read_text(encoding="utf-8"))
+        step = int(info["step"])
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise damaged(INFO, e) from e
+    try:
+        state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (UnpicklingError, a truncated zip, EOF, ...: each named the same way)
+        raise damaged(STATE, e) from e
+    try:
+        weights = load_file(path / WEIGHTS)
+    except Exception as e:  # noqa: BLE001 (SafetensorError on a truncated file, OSError)
+        raise damaged(WEIGHTS, e) from e
+    return Restored(step=step, weights=weights, state=state, info=info)
+
+
+def latest_candidates(output_dir: Path) -> list[Path]:
+    """Every checkpoint of the runs of one config, newest first: ``output_dir`` and the ``<output_dir>-<time>``
+    folders beside it, where new runs of the same config went (by when each checkpoint was written)."""
+    output_dir = Path(output_dir)
+    runs = [output_dir] + [p for p in output_dir.parent.glob(f"{output_dir.name}-*") if p.is_dir()]
+    found = [path for run in runs for _, path in list_checkpoints(run)]
+    return sorted(found, key=lambda p: ((p / INFO).stat().st_mtime, p.name), reverse=True)
 
 
 def find_latest(output_dir: Path) -> Path | None:
-    """The newest checkpoint of ``output_dir`` or, if it has none, of its newest timestamped sibling."""
-    output_dir = Path(output_dir)
-    runs = [output_dir] + sorted(output_dir.parent.glob(f"{output_dir.name}-*"), reverse=True)
-    for run in runs:
-        found = list_checkpoints(run)
-        if found:
-            return found[-1][1]
+    """The newest checkpoint among the runs of one config (``latest_candidates``)."""
+    found = latest_candidates(output_dir)
+    return found[0] if found else None
+
+
+def load_latest(output_dir: Path) -> tuple[Path, Restored] | None:
+    """The newest intact checkpoint among the runs of one config and what it holds; damaged ones are skipped with a
+    warning that names them. None: there is none."""
+    for path in latest_candidates(output_dir):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointDamaged as e:
+            log.warning("%s; trying the next newest checkpoint", e)
     return None
+
+
+def remove_leftovers(run_dir: Path) -> None:
+    """Temp folders and files a kill during a write left in a run folder (checkpoints and LoRA files are written
+    under a temp name and renamed when complete)."""
+    run_dir = Path(run_dir)
+    leftovers = [*(run_dir / CHECKPOINTS).glob(".checkpoint-*.tmp"), *run_dir.glob(".*.safetensors.*.tmp")]
+    for p in leftovers:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    if leftovers:
+        log.info("removed %d unfinished write(s) an interrupted run left in %s", len(leftovers), run_dir)
 
 
 # What a resumed run must share with the run that wrote the checkpoint: the LoRA's shape...

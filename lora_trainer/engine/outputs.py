@@ -22,9 +22,33 @@ EVALUATIONS = ("validation_loss", "validation_images", "validation_losses", "sam
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def set_aside_interim_exports(run_dir: Path, names: list[str]) -> None:
+    """A resumed run's earlier export (a stop's, an error's, a finished run continued) in its own folder: moved to
+    ``<stem>-step<N><suffix>`` (N: the steps summary.json says it had), so the documented names hold the newest
+    weights and nothing is lost. Run folders hold one run each: these files are this run's own."""
+    import json
+
+    from lora_trainer.utils.fsio import free_name
+
+    present = [run_dir / n for n in names if (run_dir / n).is_file()]
+    if not present:
+        return
+    try:
+        steps = json.loads((run_dir / "summary.json").read_text(encoding="utf-8")).get("steps")
+    except (OSError, ValueError):
+        steps = None
+    for path in present:
+        kept = free_name(path.with_name(f"{path.stem}-step{steps if steps is not None else 'interim'}{path.suffix}"))
+        path.rename(kept)
+        log.info("the export of the run's step %s stays as %s; %s takes the newest weights", steps, kept.name,
+                 path.name)
+
+
 def export_lora(run_dir: Path, cfg, backend, modules: dict, scan, started_at: float, steps: int, plan):
     """Write ``<output_name>.safetensors`` (kohya) and, if asked, the diffusers file; return both paths."""
     import time
+
+    from lora_trainer.export.diffusers_format import WEIGHT_NAME
 
     t, out = cfg.training, cfg.output
     states = {name: lora_state_dict(module) for name, module in modules.items()}
@@ -40,6 +64,7 @@ def export_lora(run_dir: Path, cfg, backend, modules: dict, scan, started_at: fl
                      trained_text_encoder=TEXT_ENCODER in modules, trained_text_encoder_2=TEXT_ENCODER_2 in modules,
                      started_at=started_at, finished_at=time.time())
     metadata = build_metadata(cfg, model, facts)
+    set_aside_interim_exports(run_dir, [f"{out.output_name}.safetensors", WEIGHT_NAME])
     lora_path = save_kohya_lora(run_dir / f"{out.output_name}.safetensors", tensors, metadata)
     diffusers_path = None
     if out.save_diffusers_format:

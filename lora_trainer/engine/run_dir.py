@@ -8,7 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
-from lora_trainer.engine.checkpoint import CHECKPOINTS, find_latest
+from lora_trainer.engine.checkpoint import CHECKPOINTS, Restored, load_checkpoint, load_latest, remove_leftovers
 
 log = logging.getLogger(__name__)
 LOGS = "logs"
@@ -37,25 +37,32 @@ def remove_run(run_dir: Path) -> None:
         run_dir.rmdir()
 
 
-def prepare_run_dir(output_dir: str, resume: str | None) -> tuple[Path, Path | None]:
-    """Return (run folder, checkpoint to resume from or None).
+def prepare_run_dir(output_dir: str, resume: str | None) -> tuple[Path, Path | None, Restored | None]:
+    """Return (run folder, checkpoint to resume from or None, what it holds).
 
-    Resuming continues in the run folder that holds the checkpoint. A new run uses ``output_dir``
+    Resuming continues in the run folder that holds the checkpoint; ``latest`` takes the newest intact checkpoint of
+    ``output_dir`` and the ``<output_dir>-<time>`` folders beside it, and says which. A new run uses ``output_dir``
     when it is empty or absent; if it already holds anything (a finished or an interrupted run), the
     new run goes to ``<output_dir>-<YYYYmmdd-HHMMSS>`` beside it, and the log says so (the latent
     cache in ``output_dir`` alone does not count as a run).
     """
     out = Path(output_dir).expanduser().resolve()
-    checkpoint = None
+    checkpoint = restored = None
     if resume == "latest":
-        checkpoint = find_latest(out)
-        if checkpoint is None:
-            log.warning("resume_from_checkpoint: latest: no checkpoint under %s; starting a new run", out)
+        found = load_latest(out)
+        if found is None:
+            log.warning("resume_from_checkpoint: latest: no checkpoint under %s or %s-*; starting a new run", out,
+                        out.name)
+        else:
+            checkpoint, restored = found
+            log.info("resume_from_checkpoint: latest is %s (step %d)", checkpoint, restored.step)
     elif resume:
         checkpoint = Path(resume).expanduser().resolve()
+        restored = load_checkpoint(checkpoint)
     if checkpoint is not None:
         run = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else checkpoint.parent
-        return run, checkpoint
+        remove_leftovers(run)
+        return run, checkpoint, restored
     if holds_a_run(out):
         stamp = time.strftime("%Y%m%d-%H%M%S")
         new = out.with_name(f"{out.name}-{stamp}")
@@ -66,7 +73,7 @@ def prepare_run_dir(output_dir: str, resume: str | None) -> tuple[Path, Path | N
         log.warning("%s already holds a run; this run goes to %s (nothing is overwritten)", out, new)
         out = new
     out.mkdir(parents=True, exist_ok=True)
-    return out, None
+    return out, None, None
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ from lora_trainer.engine.batches import Plan
 from lora_trainer.engine.events import CallbackList, Callbacks, TrainResult
 from lora_trainer.engine.guard import NanGuard, NonFinite, check_free_space, disk_estimate, skip_step
 from lora_trainer.engine.optim import check_optimizer
+from lora_trainer.engine.output_checks import check_output
 from lora_trainer.engine.outputs import export_lora, write_summary
 from lora_trainer.engine.preflight import Where, preflight
 from lora_trainer.engine.run import (
@@ -44,7 +45,7 @@ from lora_trainer.engine.run import (
 from lora_trainer.engine.run_dir import holds_a_run, latent_cache_dir, prepare_run_dir, remove_run, run_log_file
 from lora_trainer.engine.samples import SampleMaker, load_sample_prompts
 from lora_trainer.engine.validation import Validator, validation_samples
-from lora_trainer.errors import DatasetError
+from lora_trainer.errors import ConfigError, DatasetError
 from lora_trainer.models.attention import resolve_attention
 from lora_trainer.models.compiling import check_compile
 from lora_trainer.models.factory import BUILTIN_MODELS, load_backend, pick_device, precision_of
@@ -106,6 +107,7 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
     t, d = cfg.training, cfg.data
     # --- everything that can be wrong with the input is checked before any model loads
     validate_paths(cfg, check_base_model=backend is None and make_backend is None, builtin_models=BUILTIN_MODELS)
+    check_output(cfg.output.output_dir, cfg.output.output_name)
     check_optimizer(t.optimizer)
     resolve_attention(t.attention)
     if t.fp8_base:
@@ -125,8 +127,9 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
     t = cfg.training
     prompts = load_sample_prompts(cfg.output.sample_prompts)  # (read now: a mistake in them stops nothing later)
     plan = Plan.from_config(cfg, len(scan.samples))
-    run_dir, resume_from = prepare_run_dir(cfg.output.output_dir, t.resume_from_checkpoint)
-    restored = ckpt.load_checkpoint(resume_from) if resume_from else None
+    run_dir, resume_from, restored = prepare_run_dir(cfg.output.output_dir, t.resume_from_checkpoint)
+    if restored is not None:
+        _check_resumable(restored, resume_from, run_dir, plan.total_steps)
     settings = ckpt.run_settings(t, plan.num_images, plan.total_steps, d, cfg.model)
     pending = ckpt.left_to_the_model(cfg)  # (checked once the model is loaded)
     if restored is not None:
@@ -167,6 +170,27 @@ def _preflight(cfg: Config, backend, make_backend, family, where: Where | None, 
     if where is None or (where.device.type == "cpu" and not cfg.training.auto_fit):
         return cfg, None
     return preflight(cfg, where, lambda c: Plan.from_config(c, num_images).total_steps)
+
+
+def _check_resumable(restored, resume_from: Path, run_dir: Path, total_steps: int) -> None:
+    """A run that finished has nothing to resume unless the config now asks for more steps; then it continues from
+    its final checkpoint (kept where the run saves checkpoints), else from its last one, saying so."""
+    import json
+
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        summary = {}
+    finished = summary.get("steps") if summary.get("status") == "finished" else None
+    last = max(restored.step, finished or 0)
+    if last >= total_steps:
+        raise ConfigError(f"training.resume_from_checkpoint: the run in {run_dir} finished at step {last} of "
+                          f"{total_steps}: nothing is left to resume. To train it further, raise training.epochs or "
+                          "max_train_steps and resume again; for a new run, remove resume_from_checkpoint")
+    if finished is not None and restored.step < finished:
+        log.warning("the run in %s finished at step %d but kept no checkpoint of its end (training.save_steps 0): "
+                    "it continues from %s (step %d) to step %d", run_dir, finished, resume_from, restored.step,
+                    total_steps)
 
 
 @dataclass(frozen=True)
@@ -308,6 +332,8 @@ def _finish(run: Run, stopped: bool, started: float) -> TrainResult:
         run.save("stopped")
         log.warning("stopped at step %d of %d; resume with resume_from_checkpoint: latest", run.step,
                     run.plan.total_steps)
+    elif run.cfg.training.save_steps or run.cfg.training.save_every_n_epochs:
+        run.save("finished")  # (a resume with more epochs or steps continues from here)
     status = "stopped" if stopped else "finished"
     with ckpt.stops_on_full_disk(run.run_dir, f"the LoRA files of step {run.step} into {run.run_dir}"):
         lora_path, diffusers_path = export_lora(run.run_dir, run.cfg, run.backend, run.modules, run.scan, started,

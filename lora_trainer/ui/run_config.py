@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 from lora_trainer.config import CHOICES, FAMILY_DEFAULTS, FAMILY_NAMES, Config, config_from_dict
+from lora_trainer.engine.output_checks import name_problem
 from lora_trainer.errors import LoraTrainerError
 from lora_trainer.ui.views import name_fields, short_label
 
@@ -77,8 +78,9 @@ def build_config(host, data_dir: str, name: str, preset: str, base_model: str | 
     if not str(data_dir).strip():
         raise LoraTrainerError("choose the dataset folder (a folder of images with captions)")
     name = (name or "").strip()
-    if not name:
-        raise LoraTrainerError("give the LoRA a name (it becomes <lora:name:0.7>)")
+    problem = name_problem(name, Path(host.run_root))
+    if problem:
+        raise LoraTrainerError(f"LoRA name: {problem}")
     advanced, defaulted = dict(advanced), set()
     if filled is not None:
         defaulted = {k for k in FAMILY_KEYS if k in advanced and is_default(advanced[k], filled["values"].get(k))}

@@ -1,0 +1,180 @@
+"""Issue 19, output folders and resume: where a run writes is checked before any model loads; a resumed run's
+documented file names hold its newest weights; ``latest`` finds the newest run of a config and skips damaged
+checkpoints; a finished run has nothing to resume unless the config asks for more; leftovers of a kill are removed."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import tempfile
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train import StopAt, make_cfg
+
+from lora_trainer.data.demo_set import make_demo_dataset
+from lora_trainer.engine import checkpoint as ckpt
+from lora_trainer.engine.output_checks import name_problem
+from lora_trainer.engine.trainer import train
+from lora_trainer.errors import ConfigError
+
+
+@pytest.fixture
+def demo_data(tmp_path):
+    return make_demo_dataset(tmp_path / "data", n=4, resolution=64, seed=0)
+
+
+def cfg(data, out, **training):
+    c = make_cfg(data, out, random_flip=False, **{"max_train_steps": 4, "save_steps": 2, **training})
+    c.output.log_with = "none"
+    return c
+
+
+def never_loaded(monkeypatch):
+    import lora_trainer.engine.trainer as trainer
+
+    def fail(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(trainer, "load_backend", fail)
+
+
+# --- where a run writes
+@pytest.mark.parametrize("case,words", [
+    ("file", "is a file, not a folder"),
+    ("under_file", "which is a file: choose a folder path"),
+    ("read_only", "read-only file system"),
+])
+def test_an_output_folder_that_cannot_be_written_is_refused_before_the_model_loads(demo_data, tmp_path, monkeypatch,
+                                                                                  case, words):
+    never_loaded(monkeypatch)
+    (tmp_path / "afile").write_text("x")
+    out = {"file": tmp_path / "afile", "under_file": tmp_path / "afile" / "run", "read_only": tmp_path / "ro" / "run"}
+    if case == "read_only":  # (as root a chmod does not stop writes: the file system's answer, patched)
+        def read_only(*a, **k):
+            raise OSError(errno.EROFS, "Read-only file system")
+
+        monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(ConfigError, match="output.output_dir") as e:
+        train(cfg(demo_data, out[case]), progress=False)
+    assert words in str(e.value)
+
+
+@pytest.mark.parametrize("name,words", [
+    ("n" * 300, "bytes long"), ("bad\0name", "NUL"), ("a/b", "'/'"), ("dots.", "ends with a dot"), ("  ", "empty"),
+])
+def test_an_output_name_that_is_no_file_name_is_refused_before_the_model_loads(demo_data, tmp_path, monkeypatch,
+                                                                               name, words):
+    never_loaded(monkeypatch)
+    c = cfg(demo_data, tmp_path / "out")
+    c.output.output_name = name
+    with pytest.raises(ConfigError, match="output.output_name") as e:
+        train(c, progress=False)
+    assert words in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_names_that_fit_are_accepted():
+    for name in ("my_lora", "Ünïcode style v2", "a" * 200, "x.y-z"):
+        assert name_problem(name) is None, name
+
+
+def test_the_tab_names_the_lora_name_field(tmp_path):
+    from lora_trainer.ui.run_config import build_config
+    from lora_trainer.ui.standalone_host import DiffusersHost
+
+    host = DiffusersHost(tmp_path / "Lora", run_root=tmp_path / "runs")
+    with pytest.raises(Exception, match="LoRA name: .* contains '/'"):
+        build_config(host, str(tmp_path), "a/b", "Style (defaults)", "tiny-demo", {})
+
+
+# --- resume
+def test_a_resumed_run_puts_its_newest_weights_under_the_documented_names(demo_data, tmp_path):
+    stopped = train(cfg(demo_data, tmp_path / "out"), callbacks=StopAt(1), progress=False)
+    assert stopped.status == "stopped" and stopped.lora_path.name == "test_lora.safetensors"
+    partial = load_file(stopped.lora_path)
+    done = train(cfg(demo_data, tmp_path / "out", resume_from_checkpoint="latest"), progress=False)
+    assert done.run_dir == stopped.run_dir and done.status == "finished"
+    assert done.lora_path.name == "test_lora.safetensors"
+    assert done.diffusers_path.name == "pytorch_lora_weights.safetensors"
+    kept = done.run_dir / f"test_lora-step{stopped.steps}.safetensors"
+    assert kept.is_file() and (done.run_dir / f"pytorch_lora_weights-step{stopped.steps}.safetensors").is_file()
+    assert all(torch.equal(load_file(kept)[k], v) for k, v in partial.items())  # the partial one, kept as it was
+    newest = load_file(done.lora_path)
+    assert any(not torch.equal(newest[k], v) for k, v in partial.items())
+    assert not list(done.run_dir.glob("*_1.safetensors"))
+
+
+def test_latest_takes_the_newest_run_of_the_config_and_says_which(demo_data, tmp_path, caplog):
+    first = train(cfg(demo_data, tmp_path / "out"), progress=False)  # finished, with checkpoints
+    second = train(cfg(demo_data, tmp_path / "out"), callbacks=StopAt(2), progress=False)  # newer, interrupted
+    assert second.run_dir != first.run_dir and second.run_dir.name.startswith("out-")
+    caplog.set_level("INFO", logger="lora_trainer")
+    resumed = train(cfg(demo_data, tmp_path / "out", resume_from_checkpoint="latest"), progress=False)
+    assert resumed.run_dir == second.run_dir and resumed.status == "finished"
+    assert any("latest is" in r.message and str(second.run_dir) in r.message for r in caplog.records)
+
+
+def test_a_finished_run_has_nothing_to_resume_unless_the_config_asks_for_more(demo_data, tmp_path):
+    done = train(cfg(demo_data, tmp_path / "out"), progress=False)
+    with pytest.raises(ConfigError, match="finished at step 4 of 4: nothing is left to resume"):
+        train(cfg(demo_data, tmp_path / "out", resume_from_checkpoint="latest"), progress=False)
+    assert sorted(p.name for p in done.run_dir.glob("*.safetensors")) == ["pytorch_lora_weights.safetensors",
+                                                                         "test_lora.safetensors"]
+    more = train(cfg(demo_data, tmp_path / "out", max_train_steps=6, resume_from_checkpoint="latest"), progress=False)
+    assert more.run_dir == done.run_dir and more.steps == 6 and more.status == "finished"
+    assert (done.run_dir / "test_lora-step4.safetensors").is_file()
+
+
+def _damage(kind: str, folder):
+    if kind == "truncated weights":
+        path = folder / ckpt.WEIGHTS
+        path.write_bytes(path.read_bytes()[:100])
+    elif kind == "info not utf-8":
+        (folder / ckpt.INFO).write_bytes(b"\xff\xfe\x00garbage")
+    elif kind == "info without step":
+        info = json.loads((folder / ckpt.INFO).read_text())
+        del info["step"]
+        (folder / ckpt.INFO).write_text(json.dumps(info))
+    else:  # a torch file with a pickled callable: refused by weights_only, never run
+        class Boom:
+            def __reduce__(self):
+                return (os.system, ("touch pwned",))
+
+        (folder / ckpt.STATE).write_bytes(pickle.dumps({"optimizer": Boom()}))
+    return {"truncated weights": ckpt.WEIGHTS, "info not utf-8": ckpt.INFO, "info without step": ckpt.INFO,
+            "tampered state": ckpt.STATE}[kind]
+
+
+@pytest.mark.parametrize("kind", ["truncated weights", "info not utf-8", "info without step", "tampered state"])
+def test_a_damaged_checkpoint_is_named_and_latest_falls_back_to_an_intact_one(demo_data, tmp_path, kind, caplog,
+                                                                              monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    stopped = train(cfg(demo_data, tmp_path / "out", max_train_steps=6, save_steps=1), callbacks=StopAt(3),
+                    progress=False)
+    newest = ckpt.list_checkpoints(stopped.run_dir)[-1][1]
+    name = _damage(kind, newest)
+    with pytest.raises(ConfigError, match="is damaged") as e:
+        train(cfg(demo_data, tmp_path / "out", max_train_steps=6, save_steps=1, resume_from_checkpoint=str(newest)),
+              progress=False)
+    assert str(newest / name) in str(e.value)
+    caplog.set_level("WARNING", logger="lora_trainer")
+    resumed = train(cfg(demo_data, tmp_path / "out", max_train_steps=6, save_steps=1,
+                        resume_from_checkpoint="latest"), progress=False)
+    assert resumed.status == "finished" and resumed.steps == 6
+    assert any(str(newest / name) in r.message and "next newest" in r.message for r in caplog.records)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_leftovers_of_a_kill_during_a_write_are_removed_at_the_next_start(demo_data, tmp_path):
+    stopped = train(cfg(demo_data, tmp_path / "out"), callbacks=StopAt(2), progress=False)
+    half = stopped.run_dir / "checkpoints" / ".checkpoint-000003.abcd1234.tmp"
+    half.mkdir()
+    (half / ckpt.WEIGHTS).write_bytes(b"partial")
+    stray = stopped.run_dir / ".test_lora.safetensors.x1y2z3.tmp"
+    stray.write_bytes(b"partial")
+    train(cfg(demo_data, tmp_path / "out", resume_from_checkpoint="latest"), progress=False)
+    assert not half.exists() and not stray.exists()
