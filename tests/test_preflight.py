@@ -173,3 +173,16 @@ def test_sd15_shapes_match_the_measured_h100_peaks():
         est = preflight.estimate_run(cfg, preflight.model_configs(None, "sd_v1"), CPU, "bf16", free=2**40)
         allocated = (est.training_peak - est.overhead) / 2**20
         assert abs(allocated - measured) <= 0.1 * measured, (batch, allocated, measured)
+
+
+def test_the_shipped_family_configs_estimate_sdxl_and_sd2():
+    """The WebUI's model and single files are estimated from the shipped configs of their family (SDXL's tokenizers
+    have no vocabulary files there; SD 2.x is SD 1.5's with 2.x's widths): SDXL's UNet is 2.57 B parameters."""
+    from lora_trainer.config import Config
+
+    cfg = Config()
+    cfg.data.resolution, cfg.training.batch_size = 128, 1
+    for family, unet_params in (("sdxl", 2_567_463_684), ("sd_v2", 865_910_724)):
+        est = estimate_for(cfg, Where(None, family, CPU), free=2**40)
+        assert est.weights["unet"] == 4 * unet_params, family  # (fp32 on the CPU)
+        assert est.step > 0 and est.seconds_per_step > 0

@@ -146,9 +146,14 @@ def _meta_pipe(configs: dict) -> SimpleNamespace:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    from lora_trainer.models.single_file import _tokenizers
+
     def tokenizer(name):
         path = configs["tokenizers"].get(name) or configs["tokenizers"].get("tokenizer")
-        return CLIPTokenizer.from_pretrained(str(path), local_files_only=True) if path else None
+        if path is None:
+            return None
+        shipped = _tokenizers(path.parent).get(path.name)  # (the shipped SDXL configs have no vocabulary files)
+        return shipped or CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
 
     with torch.device("meta"):
         parts = {"unet": UNet2DConditionModel.from_config(configs["unet"]),
