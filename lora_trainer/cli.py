@@ -130,6 +130,9 @@ def cmd_check(args) -> int:
              "caption_extension": args.caption_extension, "caption_priority": args.caption_priority,
              "caption_prefix": args.prefix, "recursive": args.recursive or None}
     settings.update({k: v for k, v in given.items() if v is not None})
+    if settings["resolution"] < 64:
+        raise LoraTrainerError(f"check --resolution: {settings['resolution']} is too small: the training resolution "
+                               "is at least 64 (512 for SD 1.x, 1024 for SDXL)")
     if not settings["root"]:
         raise LoraTrainerError("check: give the dataset folder (check DIR) or a config (--config my.yaml)")
     report = check_dataset(glossary_path=args.glossary, progress=True, **settings)

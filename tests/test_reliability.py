@@ -178,3 +178,73 @@ def test_leftovers_of_a_kill_during_a_write_are_removed_at_the_next_start(demo_d
     stray.write_bytes(b"partial")
     train(cfg(demo_data, tmp_path / "out", resume_from_checkpoint="latest"), progress=False)
     assert not half.exists() and not stray.exists()
+
+
+# --- the last bad inputs
+def test_a_symlink_loop_in_the_dataset_is_skipped_with_a_reason(demo_data, tmp_path):
+    from lora_trainer.data.dataset import scan_dataset
+
+    (demo_data / "loop.png").symlink_to("loop.png")
+    scan = scan_dataset(demo_data)
+    assert len(scan.samples) == 4
+    assert [s.reason for s in scan.skipped if s.path == "loop.png"] == [
+        "a link that loops or points nowhere: remove it, or point it at an image"]
+
+
+def test_extra_csv_columns_are_not_captions_and_nul_bytes_go(tmp_path):
+    from lora_trainer.data.captions import read_metadata_csv
+
+    csv = tmp_path / "metadata.csv"
+    csv.write_text("file_name,text,score,source\na.png,a red cube,0.9,web\nb.png,two cats\x00,0.5,cam\n",
+                   encoding="utf-8")
+    entries, problems = read_metadata_csv(csv)
+    assert entries["a.png"].caption == "a red cube" and entries["b.png"].caption == "two cats"
+    assert sum("are not captions" in p for p in problems) == 1 and "'score', 'source'" in problems[0]
+    assert any("NUL characters removed" in p for p in problems)
+    csv.write_text("file_name,text\na.png,a red cube, on a table\n", encoding="utf-8")  # unquoted commas: one caption
+    assert read_metadata_csv(csv)[0]["a.png"].caption == "a red cube, on a table"
+
+
+def test_a_file_name_with_a_leading_space_matches_its_csv_row_exactly(demo_data):
+    from lora_trainer.data.dataset import scan_dataset
+
+    (demo_data / "demo_000.png").rename(demo_data / " spaced.png")
+    (demo_data / "metadata.csv").write_text('file_name,text\n" spaced.png",a spaced caption\n'
+                                            + "".join(f"demo_{i:03d}.png,demo {i}\n" for i in (1, 2, 3)),
+                                            encoding="utf-8")
+    scan = scan_dataset(demo_data)
+    assert {s.path.name: s.caption for s in scan.samples}[" spaced.png"] == "a spaced caption"
+    assert not scan.skipped
+
+
+def test_a_yaml_key_given_twice_is_an_error_naming_both_lines(tmp_path):
+    from lora_trainer.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  epochs: 3\n  lora_rank: 4\n  epochs: 5\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"key 'epochs' is given twice, on line 2 and line 4"):
+        load_config(path)
+
+
+def test_misleading_messages_now_say_what_is_wrong(demo_data, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from lora_trainer.cli import main as cli_main
+    from lora_trainer.data.dataset import scan_dataset
+    from lora_trainer.errors import DatasetError, ModelLoadError
+    from lora_trainer.models.diffusers_backend import load_pipeline
+    from lora_trainer.models.single_file import check_single_file
+
+    with pytest.raises(DatasetError, match="is a folder; give the metadata.csv file itself"):
+        scan_dataset(demo_data, metadata_path=str(tmp_path))
+    lora = tmp_path / "style.safetensors"
+    save_file({"lora_unet_down_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 8)}, lora)
+    with pytest.raises(ModelLoadError, match="a LoRA, not a base model"):
+        check_single_file(lora)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match="has no unet, vae, text_encoder, tokenizer, scheduler"):
+        load_pipeline(str(folder))
+    assert cli_main(["check", str(demo_data), "--resolution", "0"]) == 2
+    assert "check --resolution: 0 is too small" in capsys.readouterr().err

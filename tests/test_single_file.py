@@ -52,7 +52,7 @@ def _fake(tmp_path, name, keys):
     (["model.diffusion_model.input_blocks.0.0.weight", "cond_stage_model.transformer.text_model.x"], "sd_v1"),
     (["model.diffusion_model.input_blocks.0.0.weight", "cond_stage_model.model.transformer.x"], "sd_v2"),
     (["model.diffusion_model.input_blocks.0.0.weight", "conditioner.embedders.0.transformer.x"], "sdxl"),
-    (["lora_unet_x.lora_down.weight"], "unknown"),
+    (["lora_unet_x.lora_down.weight"], "lora"),
 ])
 def test_detect_family(tmp_path, keys, family):
     assert detect_family(_fake(tmp_path, "m.safetensors", keys)) == family

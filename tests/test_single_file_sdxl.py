@@ -307,7 +307,7 @@ def test_the_markers_set_the_scheduler_the_run_reads(tmp_path):
     (["model.diffusion_model.a", "conditioner.embedders.0.model.ln_final.weight"], (384, 4, 3, 3), "SDXL refiner"),
     (SDXL_KEYS, (320, 9, 3, 3), "inpainting .* 9 input channels"),
     (["model.diffusion_model.a", "cond_stage_model.transformer.text_model.x"], (320, 9, 3, 3), "9 input channels"),
-    (["lora_unet_x.lora_down.weight"], None, "not a Stable Diffusion checkpoint"),
+    (["lora_unet_x.lora_down.weight"], None, "is a LoRA, not a base model"),
 ])
 def test_kinds_we_do_not_train_are_refused_before_loading(tmp_path, monkeypatch, keys, first_conv, words):
     def no_loading(*args, **kwargs):

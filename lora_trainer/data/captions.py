@@ -72,6 +72,7 @@ def tag_frequency(captions: Iterable[str]) -> dict[str, int]:
 class CsvEntry:
     caption: str
     line: int  # where the row starts (1-based)
+    raw: str = ""  # the file name as the row writes it (spaces at its ends kept)
 
 
 def read_metadata_csv(path) -> tuple[dict[str, CsvEntry], list[str]]:
@@ -85,7 +86,7 @@ def read_metadata_csv(path) -> tuple[dict[str, CsvEntry], list[str]]:
     entries: dict[str, CsvEntry] = {}
     problems: list[str] = []
     reader = csv.reader(io.StringIO(text, newline=""))
-    seen_row, end = False, 0
+    seen_row, end, text_column, extra = False, 0, None, []
     while True:
         start = end + 1
         try:
@@ -99,8 +100,13 @@ def read_metadata_csv(path) -> tuple[dict[str, CsvEntry], list[str]]:
         if not any(cell.strip() for cell in row):
             continue
         first, seen_row = not seen_row, True
-        if first and len(row) > 1 and row[0].strip().lower() in _HEADER_FILE \
-                and row[1].strip().lower() in _HEADER_TEXT:
+        header = [cell.strip().lower() for cell in row]
+        if first and len(row) > 1 and header[0] in _HEADER_FILE and any(h in _HEADER_TEXT for h in header[1:]):
+            if len(row) > 2:  # more columns than file and caption: only the caption column is a caption
+                text_column = next(i for i, h in enumerate(header) if i and h in _HEADER_TEXT)
+                extra = [row[i].strip() for i in range(1, len(row)) if i != text_column]
+                problems.append(f"{path.name}: column(s) {', '.join(repr(c) for c in extra)} are not captions and "
+                                f"are ignored; the caption is column {row[text_column].strip()!r}")
             continue
         name = row[0].strip()
         if len(row) < 2:
@@ -109,11 +115,17 @@ def read_metadata_csv(path) -> tuple[dict[str, CsvEntry], list[str]]:
         if not name:
             problems.append(f"{where}: no file name in the first column")
             continue
-        caption = ",".join(row[1:]).strip()  # an unquoted caption with commas is still usable
+        if text_column is not None:
+            caption = row[text_column].strip() if text_column < len(row) else ""
+        else:
+            caption = ",".join(row[1:]).strip()  # an unquoted caption with commas is still usable
+        if "\0" in caption:
+            caption = caption.replace("\0", "")
+            problems.append(f"{where}: NUL characters removed from the caption of {name}")
         if end > start and _LOOKS_LIKE_ROW.search(caption):
             problems.append(f"{where}: the caption of {name} runs to line {end} and holds other rows "
                             "(an unclosed quote?)")
         if name in entries:
             problems.append(f"{where}: {name} is also on line {entries[name].line}; line {start} wins")
-        entries[name] = CsvEntry(caption, start)
+        entries[name] = CsvEntry(caption, start, row[0])
     return entries, problems

@@ -84,7 +84,18 @@ def _inside(root: Path, path: Path) -> bool:
     try:
         path.resolve().relative_to(root)
         return True
-    except ValueError:
+    except (ValueError, OSError, RuntimeError):  # (RuntimeError: a symlink loop, Python < 3.13)
+        return False
+
+
+LOOP = "a link that loops or points nowhere: remove it, or point it at an image"
+
+
+def _resolves(path: Path) -> bool:
+    try:
+        path.resolve(strict=True)
+        return True
+    except (OSError, RuntimeError):
         return False
 
 
@@ -129,6 +140,8 @@ def _did_you_mean(rel: str, images: dict[str, Path]) -> str:
 
 def _check(root: Path, path: Path, inspect=None) -> tuple[str | None, object]:
     """(why the image cannot be used or None, what ``inspect(path, image, size)`` made of the image)."""
+    if not _resolves(path):
+        return LOOP, None
     if not _inside(root, path):
         return "escapes the dataset folder (a link to a file outside it)", None
     try:  # every byte is decoded (a damaged file fails), a large JPEG at 1/8 scale: the check needs no more
@@ -142,7 +155,12 @@ def _read_sidecar(path: Path, problems: list[str]) -> str | None:
     if not path.is_file():
         return None
     try:
-        return path.read_text(encoding="utf-8-sig")
+        text = path.read_text(encoding="utf-8-sig")
+        if "\0" in text:
+            problems.append(f"{path.name}: NUL characters removed from the caption")
+            log.warning("%s", problems[-1])
+            text = text.replace("\0", "")
+        return text
     except UnicodeDecodeError:
         problems.append(f"{path.name}: caption file is not UTF-8 text; ignored (re-save it as UTF-8)")
     except OSError as e:
@@ -178,8 +196,10 @@ def find_dataset_files(root, metadata_path=None, caption_extension: str = ".txt"
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} is not an existing folder")
     csv_path = Path(metadata_path).expanduser().resolve() if metadata_path else root / "metadata.csv"
+    if metadata_path and csv_path.is_dir():
+        raise DatasetError(f"data.metadata_path: {csv_path} is a folder; give the metadata.csv file itself")
     if metadata_path and not csv_path.is_file():
-        raise DatasetError(f"metadata file {csv_path} does not exist")
+        raise DatasetError(f"data.metadata_path: metadata file {csv_path} does not exist")
     rows, problems = read_metadata_csv(csv_path) if csv_path.is_file() else ({}, [])
     for problem in problems:
         log.warning("%s", problem)
@@ -189,6 +209,10 @@ def find_dataset_files(root, metadata_path=None, caption_extension: str = ".txt"
     for name, entry in rows.items():
         where = f"listed in {csv_path.name} line {entry.line}"
         target = _csv_target(root, name)
+        if entry.raw != name:  # (a name with spaces at its ends: the file of that exact name first)
+            exact = _csv_target(root, entry.raw)
+            if not isinstance(exact, str) and exact[1].is_file():
+                target, name = exact, entry.raw
         if isinstance(target, str):
             reason = f"{where}: {target}"
         elif not target[1].is_file():

@@ -133,6 +133,20 @@ class DiffusersBackend(Backend):
             self.text_encoder.enable_input_require_grads()
 
 
+PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def check_folder_parts(path: Path, parts=PARTS) -> None:
+    """A diffusers folder missing a part it needs (a ``unet/`` folder, its ``config.json``): a ModelLoadError that
+    names it, instead of the loader's "no file named config.json"."""
+    missing = [p for p in parts if not (path / p).is_dir()]
+    missing += [f"{p}/config.json" for p in ("unet", "vae", "text_encoder") if p in parts and (path / p).is_dir()
+                and not (path / p / "config.json").is_file()]
+    if missing:
+        raise ModelLoadError(f"model.base_model: the diffusers folder {path} has no {', '.join(missing)}: copy the "
+                             "whole model folder (every part model_index.json lists)")
+
+
 def resolve_base_model(base_model: str) -> Path:
     """The folder or file a ``base_model`` value points to (the tiny demo model is built on first use)."""
     from lora_trainer.models.tiny import TINY_NAME, tiny_model_path
@@ -154,6 +168,7 @@ def load_pipeline(base_model: str, weight_dtype: torch.dtype = torch.float32):
         return load_single_file_pipeline(path, torch_dtype=weight_dtype), path.stem
     if not (path / "model_index.json").is_file():
         raise ModelLoadError(f"model.base_model: {path} is not a diffusers folder (no model_index.json)")
+    check_folder_parts(path)
     log.info("loading diffusers model from %s", path)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(

@@ -154,6 +154,9 @@ def load_sdxl_pipeline(base_model: str, weight_dtype: torch.dtype = torch.float3
     if not (index.get("text_encoder") or [None])[0] or not (index.get("unet") or [None])[0]:
         raise ModelLoadError(f"model.base_model: {path} has no first text encoder or no UNet (an SDXL refiner?); "
                              "only SDXL base models and their finetunes are trained")
+    from lora_trainer.models.diffusers_backend import PARTS, check_folder_parts
+
+    check_folder_parts(path, (*PARTS, "text_encoder_2", "tokenizer_2"))
     name = base_model if not Path(base_model).exists() else path.name
     log.info("loading diffusers SDXL model from %s", path)
     try:

@@ -32,7 +32,9 @@ MARKERS = ("v_pred", "ztsnr")  # marker keys some SDXL finetunes carry (A1111 de
 FIRST_CONV = "model.diffusion_model.input_blocks.0.0.weight"  # its input channels: 4, or 9 for inpainting
 FAMILY_NAMES = {"sd_v1": "Stable Diffusion 1.x", "sd_v2": "Stable Diffusion 2.x", "sdxl": "SDXL",
                 "sdxl_refiner": "an SDXL refiner", "sd3": "Stable Diffusion 3", "flux": "Flux",
-                "unknown": "not a Stable Diffusion checkpoint we recognise"}
+                "unknown": "not a Stable Diffusion checkpoint we recognise",
+                "lora": "a LoRA, not a base model: a LoRA goes in the WebUI's models/Lora folder (or is "
+                        "trained from a base model, not from it); give a full checkpoint or a diffusers folder"}
 # what a loadable checkpoint of each family holds: part → the prefix of its keys
 PARTS = {"sd_v1": {"UNet": "model.diffusion_model.", "VAE": "first_stage_model.",
                    "text encoder": "cond_stage_model.transformer."},
@@ -62,6 +64,9 @@ class CheckpointFacts:
 
 
 def _family(keys: set[str]) -> str:
+    if keys and all(k.startswith(("lora_unet_", "lora_te", "lora_te1_", "lora_te2_")) for k in keys) or any(
+            k.endswith((".lora_A.weight", ".lora_down.weight")) for k in keys):
+        return "lora"
     if any("joint_blocks." in k for k in keys):
         return "sd3"
     if any("double_blocks." in k for k in keys):
@@ -110,6 +115,8 @@ def check_single_file(path) -> CheckpointFacts:
         raise ModelLoadError(f"model.base_model: {path.name} looks like {FAMILY_NAMES['sd_v2']}, which is not "
                              f"supported as a single file: {SUPPORTED} (for SD 2.x, point base_model at a diffusers "
                              "folder)")
+    if facts.family == "lora":
+        raise ModelLoadError(f"model.base_model: {path.name} is {FAMILY_NAMES['lora']}: {SUPPORTED}")
     if facts.family not in CONFIGS:
         raise ModelLoadError(f"model.base_model: {path.name} looks like {FAMILY_NAMES[facts.family]}, which is not "
                              f"supported: {SUPPORTED}")
