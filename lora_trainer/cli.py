@@ -26,10 +26,20 @@ DEMO_SETTINGS = {
 
 
 def _setup_logging(verbose: bool) -> None:
+    """The terminal shows what the user must act on: our own lines; the libraries' notices (transformers' and
+    diffusers' own loggers, read from these variables when they load) only when they are errors, and Python warnings
+    (deprecations and the like) go to the run's log file (engine.run_dir.run_log_file), not the terminal."""
+    import os
+
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(message)s",
                         stream=sys.stderr)
     for noisy in ("diffusers", "transformers", "peft", "urllib3", "PIL"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+        logging.captureWarnings(True)
+        logging.getLogger("py.warnings").propagate = False
 
 
 def _train(cfg):

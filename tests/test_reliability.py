@@ -248,3 +248,22 @@ def test_misleading_messages_now_say_what_is_wrong(demo_data, tmp_path, capsys):
         load_pipeline(str(folder))
     assert cli_main(["check", str(demo_data), "--resolution", "0"]) == 2
     assert "check --resolution: 0 is too small" in capsys.readouterr().err
+
+
+def test_the_terminal_shows_no_library_notices(demo_data, tmp_path):
+    """transformers' and diffusers' notices (e.g. transformers 5's "requires torchvision" twice per run) and Python
+    warnings stay off the terminal of `python -m lora_trainer train`; our own lines are there."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data: {{train_data_dir: {demo_data}, resolution: 64}}\ntraining: {{max_train_steps: 1, "
+                      f"batch_size: 2, save_steps: 0}}\noutput: {{output_dir: {tmp_path / 'out'}, log_with: none}}\n")
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_VERBOSITY")}
+    done = subprocess.run([sys.executable, "-W", "always", "-m", "lora_trainer", "train", "-c", str(config)],
+                          capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1],
+                          timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "[transformers]" not in done.stderr and "Warning:" not in done.stderr, done.stderr[-2000:]
+    assert "finished after 1 steps" in done.stderr

@@ -88,9 +88,12 @@ def run_log_file(run_dir: Path):
     if logger.getEffectiveLevel() > logging.INFO:
         logger.setLevel(logging.INFO)
     logger.addHandler(handler)
+    warnings = logging.getLogger("py.warnings")  # (Python warnings, where the CLI captures them)
+    warnings.addHandler(handler)
     try:
         yield run_dir / LOGS
     finally:
+        warnings.removeHandler(handler)
         logger.removeHandler(handler)
         logger.setLevel(old_level)
         handler.close()
