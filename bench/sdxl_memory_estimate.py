@@ -20,52 +20,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-import weakref
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sdxl_shapes  # noqa: E402  (bench/, beside this file)
 
+from lora_trainer.engine.preflight import LiveBytes  # noqa: E402  (the storages alive, the same counter as the trainer's)
+
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 MiB = 2**20
-
-
-class LiveBytes(TorchDispatchMode):
-    """The bytes of the tensor storages made inside it that are still alive, and their peak. Storages that existed
-    before (``ignore``: the weights, the inputs) are not counted, nor are views of them."""
-
-    def __init__(self, existing=()):
-        super().__init__()
-        self._keep = [t.untyped_storage() for t in existing]
-        self._refs = {id(s): None for s in self._keep}
-        self.now = self.peak = 0
-
-    def _track(self, t: torch.Tensor) -> None:
-        storage = t.untyped_storage()
-        key = id(storage)
-        if key in self._refs:
-            return
-        size = storage.nbytes()
-
-        def freed(_, key=key, size=size):
-            self._refs.pop(key, None)
-            self.now -= size
-
-        self._refs[key] = weakref.ref(storage, freed)
-        self.now += size
-        self.peak = max(self.peak, self.now)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self._track(t)
-        return out
 
 
 def fake_weights(model: torch.nn.Module) -> None:
