@@ -225,8 +225,9 @@ def test_a_full_disk_while_writing_the_lora_names_the_last_checkpoint(demo_data,
 
     monkeypatch.setattr(outputs, "save_kohya_lora", full_disk)
     out = tmp_path / "out"
-    with pytest.raises(DiskFull, match=r"writing the LoRA files of step 4 into .*out failed.*checkpoint-000003 "
-                                       r"\(step 3\), is intact"):
+    # (the run's final checkpoint was saved before the export: it is the last good one)
+    with pytest.raises(DiskFull, match=r"writing the LoRA files of step 4 into .*out failed.*checkpoint-000004 "
+                                       r"\(step 4\), is intact"):
         train(make_cfg(demo_data, out, max_train_steps=4, save_steps=3), progress=False)
 
 

@@ -182,9 +182,8 @@ def _check_resumable(restored, resume_from: Path, run_dir: Path, total_steps: in
     except (OSError, ValueError):
         summary = {}
     finished = summary.get("steps") if summary.get("status") == "finished" else None
-    last = max(restored.step, finished or 0)
-    if last >= total_steps:
-        raise ConfigError(f"training.resume_from_checkpoint: the run in {run_dir} finished at step {last} of "
+    if finished is not None and finished >= total_steps:  # (a run stopped at its last step resumes to finish)
+        raise ConfigError(f"training.resume_from_checkpoint: the run in {run_dir} finished at step {finished} of "
                           f"{total_steps}: nothing is left to resume. To train it further, raise training.epochs or "
                           "max_train_steps and resume again; for a new run, remove resume_from_checkpoint")
     if finished is not None and restored.step < finished:
