@@ -99,8 +99,7 @@ def cmd_estimate(args) -> int:
     import torch
 
     from lora_trainer.config import load_config
-    from lora_trainer.engine.batches import Plan
-    from lora_trainer.engine.preflight import Where, estimate_for
+    from lora_trainer.engine.preflight import Where, estimate_for, total_steps_of
     from lora_trainer.models.factory import pick_device
     from lora_trainer.models.family import family_of
 
@@ -111,15 +110,7 @@ def cmd_estimate(args) -> int:
     if est is None:
         raise LoraTrainerError(f"estimate: the shapes of model.base_model {cfg.model.base_model!r} cannot be read "
                                "without loading it (a diffusers folder, a .safetensors checkpoint or a built-in name)")
-    total = None
-    if cfg.data.train_data_dir and Path(cfg.data.train_data_dir).is_dir():
-        from lora_trainer.data.dataset import scan_dataset
-
-        d = cfg.data
-        scan = scan_dataset(d.train_data_dir, metadata_path=d.metadata_path, caption_extension=d.caption_extension,
-                            caption_priority=d.caption_priority, recursive=d.recursive)
-        total = Plan.from_config(cfg, len(scan.samples)).total_steps if scan.samples else None
-    print(est.summary(total))
+    print(est.summary(total_steps_of(cfg)))
     return 1 if est.fits is False else 0
 
 

@@ -511,6 +511,23 @@ def estimate_for(cfg, where: Where, free: int | None = None) -> Estimate | None:
     return estimate_run(cfg, configs, where.device, precision, free=free, resident=where.resident)
 
 
+def total_steps_of(cfg) -> int | None:
+    """The run's steps where its dataset folder can be counted now (a quick scan, nothing decoded twice)."""
+    from lora_trainer.data.dataset import scan_dataset
+    from lora_trainer.engine.batches import Plan
+    from lora_trainer.errors import LoraTrainerError
+
+    d = cfg.data
+    if not d.train_data_dir or not Path(d.train_data_dir).is_dir():
+        return None
+    try:
+        scan = scan_dataset(d.train_data_dir, metadata_path=d.metadata_path, caption_extension=d.caption_extension,
+                            caption_priority=d.caption_priority, recursive=d.recursive)
+    except LoraTrainerError:
+        return None
+    return Plan.from_config(cfg, len(scan.samples)).total_steps
+
+
 def preflight(cfg, where: Where, total_steps) -> tuple[object, Estimate | None]:
     """Before the model loads (engine.trainer): the estimate logged; where it does not fit, a warning with the settings
     that would, or with ``training.auto_fit`` the config returned with them. ``total_steps``: a function of a config.
