@@ -69,6 +69,7 @@ class TinyLatentDiffusion(nn.Module):
                 if not p.any():
                     p.normal_(0, 0.05)
         pipe, _ = load_pipeline("tiny-demo")
+        torch.manual_seed(seed + 1)  # the first load builds the tiny model and draws from the generator, later ones not
         with torch.no_grad():  # a trained text encoder's final LayerNorm is not at weight 1, bias 0: at those, every
             # output row has mean 0, and the WebUI's emphasis "Original" divides by the mean (0/0 = NaN)
             norm = next(m for n, m in pipe.text_encoder.named_modules() if n.endswith("final_layer_norm"))
