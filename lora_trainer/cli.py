@@ -116,6 +116,7 @@ def cmd_estimate(args) -> int:
 
 def cmd_check(args) -> int:
     from lora_trainer.config import DataConfig, load_config, with_family_defaults
+    from lora_trainer.data.buckets import BucketSpec
     from lora_trainer.data.check import check_dataset
     from lora_trainer.models.family import family_of
     from lora_trainer.utils.fsio import atomic_write_json
@@ -136,7 +137,8 @@ def cmd_check(args) -> int:
                                "is at least 64 (512 for SD 1.x, 1024 for SDXL)")
     if not settings["root"]:
         raise LoraTrainerError("check: give the dataset folder (check DIR) or a config (--config my.yaml)")
-    report = check_dataset(glossary_path=args.glossary, progress=True, **settings)
+    buckets = BucketSpec.from_data(d, settings["resolution"])  # (the config's buckets; on by default)
+    report = check_dataset(glossary_path=args.glossary, progress=True, buckets=buckets, **settings)
     print(report.summary(max_files=args.max_files))
     if args.json:
         print(f"report written to {atomic_write_json(args.json, report.to_dict())}")

@@ -37,6 +37,12 @@ class DataConfig:
     recursive: bool = False
     resolution: int = 512
     random_flip: bool = False
+    enable_bucket: bool = True  # aspect-ratio buckets (data.buckets); false: every image center-cropped to a square
+    min_bucket_reso: int = 256  # a bucket's shortest side (at most the resolution)
+    max_bucket_reso: int | None = None  # a bucket's longest side; None: twice the resolution
+    bucket_reso_steps: int = 64  # bucket sides are multiples of this
+    bucket_no_upscale: bool = False  # images smaller than resolution² train at their own size (rounded down)
+    random_crop: bool = False  # cut each image out of its resized picture at a random place (seeded) each epoch
     fast_jpeg_decode: bool = True
     weighted_captions: bool = False
     validation_split: float = 0.0  # a fraction of the images held out for the validation loss (0 = none)
@@ -168,6 +174,9 @@ CHOICES = {
 # (lowest, highest, lowest is exclusive, highest is exclusive); None = unbounded
 RANGES = {
     "resolution": (64, 4096, False, False),
+    "min_bucket_reso": (64, 4096, False, False),
+    "max_bucket_reso": (64, 8192, False, False),
+    "bucket_reso_steps": (8, 1024, False, False),
     "lora_rank": (1, 1024, False, False),
     "lora_alpha": (0, None, True, False),
     "lora_dropout": (0, 1, False, True),
@@ -329,6 +338,30 @@ def _check_samples_and_validation(values: dict[str, dict], errors: list[str]) ->
                       "images: data.validation_split (e.g. 0.1) or data.validation_dir")
 
 
+def _check_buckets(values: dict[str, dict], errors: list[str]) -> None:
+    """The bucket keys together (data.buckets): steps a multiple of 8 (the VAE's factor), min <= resolution <= max,
+    and a random crop only where images are decoded each step."""
+    d, t = values["data"], values["training"]
+    step, low, high, res = (d.get(k) for k in ("bucket_reso_steps", "min_bucket_reso", "max_bucket_reso", "resolution"))
+    if isinstance(step, int) and step % 8:
+        errors.append(f"data.bucket_reso_steps: {step} must be a multiple of 8 (the VAE's factor; 64 is usual, "
+                      f"e.g. {max(8, step - step % 8)} or {step - step % 8 + 8})")
+    if isinstance(low, int) and isinstance(high, int) and low > high:
+        errors.append(f"data.min_bucket_reso: {low} is above data.max_bucket_reso: {high}; lower the one or raise "
+                      "the other")
+    if isinstance(res, int) and isinstance(low, int) and low > res:
+        errors.append(f"data.min_bucket_reso: {low} is above data.resolution: {res} (the square bucket); set it "
+                      f"to {res} or less")
+    if isinstance(res, int) and isinstance(high, int) and high < res:
+        errors.append(f"data.max_bucket_reso: {high} is below data.resolution: {res} (the square bucket); set it "
+                      f"to {res} or more, or null (twice the resolution)")
+    if d.get("random_crop") is True and d.get("enable_bucket") is False:
+        errors.append("data.random_crop: true needs data.enable_bucket: true (the square crop is always centred)")
+    if d.get("random_crop") is True and t.get("cache_latents", default_value("cache_latents")):
+        errors.append("data.random_crop: true needs training.cache_latents: false (a cached latent is one crop, "
+                      "encoded once); set cache_latents: false, or random_crop: false")
+
+
 def _check_special(values: dict[str, dict], errors: list[str]) -> None:
     d, o, t, m = values["data"], values["output"], values["training"], values["model"]
     if m.get("task_type") == "text-generation":
@@ -350,6 +383,7 @@ def _check_special(values: dict[str, dict], errors: list[str]) -> None:
     if isinstance(res, int) and res % 8:
         errors.append(f"data.resolution: {res} must be a multiple of 8 "
                       f"(e.g. {res - res % 8 or 8} or {res - res % 8 + 8})")
+    _check_buckets(values, errors)
     ext = d.get("caption_extension")
     if isinstance(ext, str) and not ext.startswith("."):
         errors.append(f"data.caption_extension: {ext!r} must start with '.', e.g. '.txt'")

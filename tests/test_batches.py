@@ -75,7 +75,7 @@ def test_workers_start_once_per_run_and_train_as_the_main_process(demo_data, tmp
     pids = tmp_path / "pids"
     pids.mkdir()
     monkeypatch.setattr(PidRecorder, "folder", pids)
-    monkeypatch.setattr("lora_trainer.engine.trainer.ImageDataset", PidRecorder)
+    monkeypatch.setattr("lora_trainer.engine.run.ImageDataset", PidRecorder)  # (run.training_dataset)
     cfg = make_cfg(demo_data, tmp_path / "b", dataloader_num_workers=2, save_steps=4, **settings)
     first = train(cfg, callbacks=StopAt(4), progress=False)
     assert first.status == "stopped" and first.steps == 4

@@ -76,7 +76,8 @@ def test_every_check_finds_its_files(flawed):
     assert files("unreadable") == ["truncated.jpg"]
     assert any("truncated or corrupt" in f.message for f in report.by_check("unreadable"))
     assert files("small") == ["tiny64.png (64×64)"]
-    assert files("aspect") == ["panorama.png (600×200, keeps 33%)"]
+    # (buckets on, as by default: at 128 px with the default min_bucket_reso the only bucket is the square)
+    assert files("crop") == ["panorama.png (600×200 → 128×128, keeps 33%)"]
     assert [sorted(f.files) for f in report.by_check("duplicate")] == [["orig.png", "orig_copy.png"]]
     near = report.by_check("near-duplicate")
     assert len(near) == 1 and set(near[0].files) == {"orig.png", "orig_copy.png", "orig_small.png",
@@ -89,7 +90,7 @@ def test_every_check_finds_its_files(flawed):
     assert "use 'anime style' everywhere" in synonyms[0].fix
     assert [f.check for f in report.by_check("size")] == ["size"]  # 18 images: few for a style
     assert "pictrue" in report.by_check("tag-variant")[0].message
-    assert checks >= {"unreadable", "small", "aspect", "duplicate", "near-duplicate", "no-caption",
+    assert checks >= {"unreadable", "small", "crop", "duplicate", "near-duplicate", "no-caption",
                       "long-caption", "negative", "synonyms", "size", "tag-variant"}
     assert all(f.fix for f in report.findings)  # every finding says what to do
     assert {p.name: p.read_bytes() for p in flawed.iterdir()} == before  # nothing changed on disk
@@ -177,11 +178,12 @@ def test_large_jpegs_are_checked_at_a_reduced_scale_with_their_whole_size(tmp_pa
     assert facts["wide.jpg"].size == (1024, 768) and facts["turned.jpg"].size == (600, 800)
     full = phash(picture(1, 1024, 768))
     assert np.count_nonzero(full != facts["wide.jpg"].phash) <= 4  # the same picture to the duplicate check
-    small = [f for f in check_scan(scan, 700).findings if f.check == "small"]  # the files' own sizes
+    # the files' own sizes (square crops: with buckets 600×800 trains downscaled in 576×768, nothing is small)
+    small = [f for f in check_scan(scan, 700, buckets=None).findings if f.check == "small"]
     assert small[0].files == ["turned.jpg (600×800)"]
     # a scan made without inspect: the check decodes them itself, the same way
     monkeypatch.setattr(check_mod, "phash", lambda img: decoded.setdefault("again", img.size) and full)
-    small = [f for f in check_scan(scan_dataset(root), 700).findings if f.check == "small"]
+    small = [f for f in check_scan(scan_dataset(root), 700, buckets=None).findings if f.check == "small"]
     assert small[0].files == ["turned.jpg (600×800)"] and decoded["again"] in ((256, 192), (150, 200))
 
 

@@ -317,6 +317,7 @@ def _same_lora(a, b):
 
 
 def test_latent_cache_on_disk_is_reused_by_later_runs(demo_data, tmp_path, caplog):
+    from lora_trainer.data.buckets import BucketSpec
     from lora_trainer.data.images import file_digest
     from lora_trainer.engine.cache import encoder_fingerprint, latent_key
 
@@ -345,7 +346,8 @@ def test_latent_cache_on_disk_is_reused_by_later_runs(demo_data, tmp_path, caplo
 
     # an unreadable entry is encoded again, with a warning: still the same LoRA (one image per VAE call)
     encoder = encoder_fingerprint(load_pipeline("tiny-demo")[0].vae)
-    victim = store / f"{latent_key(file_digest(demo_data / 'demo_001.png'), 64, False, encoder)}.safetensors"
+    fit = BucketSpec(64).fit(64, 64)  # (buckets on, as by default: the square one; a key names its bucket)
+    victim = store / f"{latent_key(file_digest(demo_data / 'demo_001.png'), 64, False, encoder, fit=fit)}.safetensors"
     victim.write_bytes(b"cut off")
     caplog.clear()
     with caplog.at_level("WARNING", logger="lora_trainer"):

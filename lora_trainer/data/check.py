@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from lora_trainer.data.buckets import CROP_WARN, UPSCALE_WARN, BucketSpec, groups
 from lora_trainer.data.captions import split_tags, tag_frequency
 from lora_trainer.data.dataset import DatasetScan, scan_dataset
 from lora_trainer.data.images import (
@@ -33,7 +34,7 @@ from lora_trainer.errors import DatasetError, LoraTrainerError
 log = logging.getLogger(__name__)
 GLOSSARY = Path(__file__).with_name("glossary.yaml")
 SEVERITIES = ("error", "warning", "info")
-MAX_ASPECT = 2.0  # the centre square crop then drops half the picture or more
+MAX_ASPECT = 2.0  # without buckets the centre square crop then drops half the picture or more
 NEAR_BITS = 6  # pHash distance for "near duplicate" (resized or re-encoded copies are 0-2 apart)
 SIZE_GUIDE = (50, 200)  # images, for a style LoRA
 # a negation that describes what is NOT in the image: it belongs in the negative prompt
@@ -57,6 +58,8 @@ class CheckReport:
     root: str
     images: int  # images the trainer will use
     findings: list[Finding] = field(default_factory=list)
+    # the aspect-ratio buckets the images train in: [{"resolution": [w, h], "count": n}], sorted; [] without
+    buckets: list[dict] = field(default_factory=list)
 
     @property
     def has_errors(self) -> bool:
@@ -69,12 +72,16 @@ class CheckReport:
         return [f for f in self.findings if f.check == check]
 
     def to_dict(self) -> dict:
-        return {"root": self.root, "images": self.images, "findings": [asdict(f) for f in self.findings]}
+        return {"root": self.root, "images": self.images, "findings": [asdict(f) for f in self.findings],
+                "buckets": self.buckets}
 
     def summary(self, max_files: int = 5) -> str:
         head = (f"dataset check of {self.root}: {self.images} images; {self.count('error')} errors, "
                 f"{self.count('warning')} warnings, {self.count('info')} notes")
         lines = [head]
+        if self.buckets:
+            listed = ", ".join("{}×{} ×{}".format(*b["resolution"], b["count"]) for b in self.buckets)
+            lines.append(f"  aspect-ratio buckets ({len(self.buckets)}; a batch holds one bucket's images): {listed}")
         for f in sorted(self.findings, key=lambda f: SEVERITIES.index(f.severity)):
             files = ", ".join(f.files[:max_files]) + (f" (+{len(f.files) - max_files} more)"
                                                       if len(f.files) > max_files else "")
@@ -140,9 +147,44 @@ def _rel(scan: DatasetScan, path: Path) -> str:
         return str(path)
 
 
-def _images(scan: DatasetScan, names: list[str], infos: list[_ImageInfo], resolution: int) -> list[Finding]:
+def _bucket_findings(names: list[str], infos: list[_ImageInfo], spec: BucketSpec) -> tuple[list[Finding], list[dict],
+                                                                                           set[str]]:
+    """With aspect-ratio buckets: the images that still lose more than CROP_WARN of the picture to the crop or are
+    scaled up more than UPSCALE_WARN (warnings), the histogram, and the names scaled up less than that."""
+    sized = [(n, i.size) for n, i in zip(names, infos) if i.size]
+    fits = [spec.fit(*size) for _, size in sized]
+    if not fits:
+        return [], [], set()
+    histogram = [{"resolution": list(reso), "count": len(members)} for reso, members in groups(fits).items()]
     out = []
-    small = [(n, i.size) for n, i in zip(names, infos) if i.size and min(i.size) < resolution]
+    cropped = [(n, f) for (n, _), f in zip(sized, fits) if f.kept < 1 - CROP_WARN]
+    if cropped:
+        out.append(Finding("crop", "warning",
+                           f"{_n(len(cropped), 'image')} still {'loses' if len(cropped) == 1 else 'lose'} more than "
+                           f"{CROP_WARN:.0%} of the picture to the crop into {'its' if len(cropped) == 1 else 'their'} "
+                           "bucket (a shape no bucket has)",
+                           [f"{n} ({f.size[0]}×{f.size[1]} → {f.bucket[0]}×{f.bucket[1]}, keeps {f.kept:.0%})"
+                            for n, f in cropped],
+                           f"crop them by hand to the part that matters, or widen the buckets' range (data."
+                           f"max_bucket_reso {spec.max_reso} up, min_bucket_reso {spec.min_reso} down)"))
+    enlarged = [(n, f) for (n, _), f in zip(sized, fits) if f.scale > UPSCALE_WARN]
+    if enlarged:
+        out.append(Finding("upscale", "warning",
+                           f"{_n(len(enlarged), 'image', 'is')} scaled up more than {UPSCALE_WARN:g}× into "
+                           f"{'its' if len(enlarged) == 1 else 'their'} bucket (blurry)",
+                           [f"{n} ({f.size[0]}×{f.size[1]} → {f.bucket[0]}×{f.bucket[1]}, ×{f.scale:.1f})"
+                            for n, f in enlarged],
+                           "use larger originals, or set data.bucket_no_upscale: true (small images then train at "
+                           "their own size)"))
+    upscaled = {n for (n, _), f in zip(sized, fits) if f.scale > 1.0 + 1e-9}
+    return out, histogram, upscaled - {n for n, _ in enlarged}
+
+
+def _images(scan: DatasetScan, names: list[str], infos: list[_ImageInfo], resolution: int,
+            buckets: BucketSpec | None = None) -> tuple[list[Finding], list[dict]]:
+    out, histogram, upscaled = _bucket_findings(names, infos, buckets) if buckets else ([], [], set())
+    small = [(n, i.size) for n, i in zip(names, infos) if i.size and min(i.size) < resolution
+             and (buckets is None or n in upscaled)]  # (with buckets: those scaled up into their bucket, up to 2×)
     if small:
         worst = min(min(s) for _, s in small)
         out.append(Finding("small", "warning",
@@ -151,12 +193,13 @@ def _images(scan: DatasetScan, names: list[str], infos: list[_ImageInfo], resolu
                            [f"{n} ({w}×{h})" for n, (w, h) in small],
                            f"use larger originals, or lower data.resolution to {max(64, worst // 64 * 64)}"))
     wide = [(n, i.size) for n, i in zip(names, infos) if i.size and max(i.size) / min(i.size) > MAX_ASPECT]
-    if wide:
+    if wide and buckets is None:  # (with buckets: the crop finding names what still loses much)
         out.append(Finding("aspect", "warning",
                            f"{_n(len(wide), 'image', 'has')} an extreme aspect ratio (over {MAX_ASPECT:g}:1); "
                            "the centre square crop drops half the picture or more",
                            [f"{n} ({w}×{h}, keeps {min(w, h) / max(w, h):.0%})" for n, (w, h) in wide],
-                           "crop them by hand to the part that matters, or split a wide image into squares"))
+                           "crop them by hand to the part that matters, split a wide image into squares, or turn "
+                           "on data.enable_bucket (each image trained in the shape nearest its own)"))
     groups: dict[str, list[int]] = {}
     for k, info in enumerate(infos):
         if info.digest:
@@ -186,7 +229,7 @@ def _images(scan: DatasetScan, names: list[str], infos: list[_ImageInfo], resolu
             out.append(Finding("near-duplicate", "warning",
                                f"{len(g)} images look the same (resized, re-encoded or lightly edited copies)",
                                [names[k] for k in g], "keep the largest, best-quality one"))
-    return out
+    return out, histogram
 
 
 def _captions(scan: DatasetScan, names: list[str], prefix: str, glossary: dict[str, list[str]]) -> list[Finding]:
@@ -271,11 +314,19 @@ def _size(n: int) -> list[Finding]:
     return []
 
 
+def _spec(buckets, resolution: int) -> BucketSpec | None:
+    if buckets is True:
+        return BucketSpec(resolution)
+    return buckets or None
+
+
 def check_scan(scan: DatasetScan, resolution: int = 512, caption_prefix: str = "", glossary=None,
-               progress: bool = False) -> CheckReport:
+               progress: bool = False, buckets: BucketSpec | bool | None = True) -> CheckReport:
     """Check the images and captions of a scan (the trainer's own view of the set).
 
-    Images are decoded again only if the scan was made without ``inspect=image_facts``.
+    ``buckets``: the run's aspect-ratio buckets (data.buckets.BucketSpec; True: the default ones at
+    ``resolution``; None or False: every image center-cropped to a square). Images are decoded again only if the
+    scan was made without ``inspect=image_facts``.
     """
     report = CheckReport(str(scan.root), len(scan.samples))
     for skipped in scan.skipped:
@@ -300,7 +351,8 @@ def check_scan(scan: DatasetScan, resolution: int = 512, caption_prefix: str = "
         if info.error:
             report.findings.append(Finding("unreadable", "warning", f"skipped: {info.error}", [name],
                                            "re-save the file as PNG or JPEG, or remove it"))
-    report.findings += _images(scan, names, infos, resolution)
+    found, report.buckets = _images(scan, names, infos, resolution, _spec(buckets, resolution))
+    report.findings += found
     glossary = load_glossary(scan.root) if glossary is None else glossary
     report.findings += _captions(scan, names, caption_prefix, glossary)
     report.findings += _size(len(scan.samples))
@@ -309,8 +361,9 @@ def check_scan(scan: DatasetScan, resolution: int = 512, caption_prefix: str = "
 
 def check_dataset(root, resolution: int = 512, metadata_path=None, caption_extension: str = ".txt",
                   caption_priority: str = "csv", caption_prefix: str = "", recursive: bool = False,
-                  glossary_path=None, progress: bool = False) -> CheckReport:
-    """Scan and check a dataset folder; a folder the trainer cannot use at all is one error finding."""
+                  glossary_path=None, progress: bool = False, buckets: BucketSpec | bool | None = True) -> CheckReport:
+    """Scan and check a dataset folder; a folder the trainer cannot use at all is one error finding. ``buckets``:
+    as check_scan's."""
     glossary = load_glossary(Path(root).expanduser().resolve(), glossary_path)
     try:
         scan = scan_dataset(root, metadata_path, caption_extension, caption_priority, caption_prefix, recursive,
@@ -318,4 +371,4 @@ def check_dataset(root, resolution: int = 512, metadata_path=None, caption_exten
     except DatasetError as e:
         return CheckReport(str(root), 0, [Finding("unusable", "error", str(e), [],
                                                   "point it at a folder of .jpg/.png/.webp images")])
-    return check_scan(scan, resolution, caption_prefix, glossary, progress)
+    return check_scan(scan, resolution, caption_prefix, glossary, progress, buckets)

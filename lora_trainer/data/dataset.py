@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import posixpath
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from lora_trainer.data.buckets import BucketSpec, Fit, bucket_info, groups
 from lora_trainer.data.captions import read_metadata_csv, strip_markdown, tag_frequency
 from lora_trainer.data.images import (
     IMAGE_EXTENSIONS,
@@ -24,6 +26,7 @@ from lora_trainer.data.images import (
     load_image,
     open_image,
     resize_center_crop,
+    resize_crop,
     shown_sizes,
     strict_decoding,
     to_tensor,
@@ -297,61 +300,128 @@ def _nothing_usable(scan: DatasetScan, n_images: int, others: Counter, recursive
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Samples → resized, center-cropped pixel tensors in [-1, 1] and their captions.
+    """Samples → pixel tensors in [-1, 1] and their captions: each image scaled and cropped into its aspect-ratio
+    bucket (``buckets``, data.buckets; centred, or at a seeded random place with ``random_crop``), or, without
+    buckets, resized and center-cropped to a ``resolution`` square.
 
-    ``fast_jpeg_decode``: JPEGs decode at a reduced scale (libjpeg's DCT scaling), at least twice the
-    resolution, so the resize that follows still filters down from more pixels than it keeps.
+    ``fast_jpeg_decode``: JPEGs decode at a reduced scale (libjpeg's DCT scaling), at least twice the size they
+    are resized to, so the resize that follows still filters down from more pixels than it keeps. ``sizes``: each
+    picture's (w, h) as shown where already known (the dataset scan's); else read from the file headers.
+    An item is ``dataset[i]``, or ``dataset[(i, epoch)]`` for the random crop of that epoch.
     """
 
-    def __init__(self, samples: list[Sample], resolution: int, fast_jpeg_decode: bool = False):
+    def __init__(self, samples: list[Sample], resolution: int, fast_jpeg_decode: bool = False,
+                 buckets: BucketSpec | None = None, sizes: list | None = None, random_crop: bool = False,
+                 seed: int = 0):
         self.samples, self.resolution, self.fast_jpeg_decode = list(samples), resolution, fast_jpeg_decode
+        self.buckets, self.random_crop, self.seed = buckets, random_crop and buckets is not None, seed
+        self._sizes = list(sizes) if sizes is not None else None
+        self._fits: list[Fit] | None = None
         self._geometry: dict[int, tuple[int, int, int, int, int]] = {}  # image → (h, w, top, left, scaled w)
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _shown(self, i: int, draft=None) -> tuple[tuple[int, int], tuple[int, int]]:
+        try:
+            return shown_sizes(self.samples[i].path, draft)
+        except OSError as e:
+            raise DatasetError(f"{self.samples[i].path}: cannot read it ({e}) (it changed after the dataset "
+                               "scan)") from None
+
+    @property
+    def fits(self) -> list[Fit]:
+        """Each image's bucket (data.buckets.Fit); computed once, from the sizes or the file headers."""
+        if self.buckets is None:
+            raise ValueError("this dataset crops squares (data.enable_bucket is off): it has no buckets")
+        if self._fits is None:
+            sizes = self._sizes or [None] * len(self)
+            self._fits = [self.buckets.fit(*(size or self._shown(i)[0])) for i, size in enumerate(sizes)]
+        return self._fits
+
+    def groups(self) -> list[list[int]]:
+        """Image indices by bucket (one group of all images without buckets): a batch holds one group's images."""
+        if self.buckets is None:
+            return [list(range(len(self)))]
+        return list(groups(self.fits).values())
+
+    def bucket_info(self) -> dict | None:
+        """kohya's ss_bucket_info of these images, or None without buckets."""
+        return bucket_info(self.fits) if self.buckets is not None else None
+
+    def _draft(self, i: int):
+        if not self.fast_jpeg_decode:
+            return None
+        if self.buckets is None:
+            return 2 * self.resolution
+        w, h = self.fits[i].resized
+        return 2 * w, 2 * h
+
     def decode_scale(self, i: int) -> int:
         """1, or the 2, 4, 8 that image ``i`` is shrunk by as it decodes (a large JPEG, fast_jpeg_decode)."""
-        return draft_scale(self.samples[i].path, 2 * self.resolution) if self.fast_jpeg_decode else 1
+        return draft_scale(self.samples[i].path, self._draft(i)) if self.fast_jpeg_decode else 1
+
+    def crop(self, i: int, epoch: int | None = None) -> tuple[int, int]:
+        """(top, left) of image ``i``'s crop in its resized picture: centred, or with random_crop a place drawn
+        from (seed, epoch, image) for ``epoch`` (so a resume cuts the same)."""
+        fit = self.fits[i]
+        if not self.random_crop or epoch is None:
+            return fit.centre()
+        rows, cols = fit.slack
+        digest = hashlib.sha256(f"{self.seed}|{epoch}|{i}".encode()).hexdigest()
+        return int(digest[:15], 16) % (rows + 1), int(digest[15:30], 16) % (cols + 1)
 
     def geometry(self, i: int) -> tuple[int, int, int, int, int]:
-        """Image ``i``'s (height, width) as shown, the (top, left) where its training square is cut out of the
-        picture scaled to the resolution, and that scaled width. From the file's header (no decode), once."""
+        """Image ``i``'s (height, width) as shown, the (top, left) where its centred training crop is cut out of the
+        resized picture, and that picture's width. From the file's header (no decode), once."""
         if i not in self._geometry:
-            draft = 2 * self.resolution if self.fast_jpeg_decode else None
-            try:
-                (width, height), decoded = shown_sizes(self.samples[i].path, draft)
-            except OSError as e:
-                raise DatasetError(f"{self.samples[i].path}: cannot read it ({e}) (it changed after the dataset "
-                                   "scan)") from None
-            w, _, left, top = center_crop_box(*decoded, self.resolution)
-            self._geometry[i] = (height, width, top, left, w)
+            if self.buckets is not None:
+                fit = self.fits[i]
+                (width, height), (top, left) = fit.size, fit.centre()
+                self._geometry[i] = (height, width, top, left, fit.resized[0])
+            else:
+                (width, height), decoded = self._shown(i, self._draft(i))
+                w, _, left, top = center_crop_box(*decoded, self.resolution)
+                self._geometry[i] = (height, width, top, left, w)
         return self._geometry[i]
 
-    def time_ids(self, indices, flip: torch.Tensor | None = None) -> torch.Tensor:
+    def target(self, i: int) -> tuple[int, int]:
+        """The (width, height) image ``i`` trains at: its bucket, or the resolution square."""
+        return self.fits[i].bucket if self.buckets is not None else (self.resolution, self.resolution)
+
+    def time_ids(self, indices, flip: torch.Tensor | None = None, crops: torch.Tensor | None = None) -> torch.Tensor:
         """SDXL's size conditioning of images ``indices`` (mirrored where ``flip``): B×6 float32, per image
-        (original height, width, crop top, left, target height, width) as diffusers' SDXL training computes
-        them: the whole picture's size, the crop's offset in the picture scaled to the resolution (measured
-        from the mirrored side when flipped), and the resolution."""
+        (original height, width, crop top, left, target height, width) as the SDXL paper and diffusers' SDXL
+        training define them: the whole picture's size, the crop's offset in the resized picture (``crops``: the
+        batch's (top, left) where it was cut at random; measured from the mirrored side when flipped), and the
+        size trained at (the bucket)."""
         rows = []
         flips = [False] * len(indices) if flip is None else [bool(f) for f in flip.tolist()]
-        for i, flipped in zip([int(i) for i in indices], flips):
+        for k, (i, flipped) in enumerate(zip([int(i) for i in indices], flips)):
             height, width, top, left, scaled_w = self.geometry(i)
+            if crops is not None:
+                top, left = (int(v) for v in crops[k].tolist())
+            target_w, target_h = self.target(i)
             if flipped:
-                left = scaled_w - self.resolution - left
-            rows.append((height, width, top, left, self.resolution, self.resolution))
+                left = scaled_w - target_w - left
+            rows.append((height, width, top, left, target_h, target_w))
         return torch.tensor(rows, dtype=torch.float32)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key) -> dict:
+        i, epoch = key if isinstance(key, tuple) else (key, None)
         s = self.samples[i]
-        draft = 2 * self.resolution if self.fast_jpeg_decode else None
         try:
-            img = load_image(s.path, draft=draft)
+            img = load_image(s.path, draft=self._draft(i))
         except ImageError as e:  # it was fine when the dataset was scanned
             raise DatasetError(f"{s.path}: {e.reason} (it changed after the dataset scan); put it back, or "
                                "start again so the scan leaves it out") from None
-        pixels = to_tensor(resize_center_crop(img, self.resolution))
-        return {"pixel_values": pixels, "caption": s.caption, "index": i}
+        if self.buckets is None:
+            return {"pixel_values": to_tensor(resize_center_crop(img, self.resolution)), "caption": s.caption,
+                    "index": i}
+        fit = self.fits[i]
+        top, left = self.crop(i, epoch)
+        pixels = to_tensor(resize_crop(img, fit.resized, (left, top, left + fit.bucket[0], top + fit.bucket[1])))
+        return {"pixel_values": pixels, "caption": s.caption, "index": i, "crop": (top, left)}
 
 
 def collate(batch: list[dict]) -> dict:
@@ -359,4 +429,5 @@ def collate(batch: list[dict]) -> dict:
         "pixel_values": torch.stack([b["pixel_values"] for b in batch]),
         "captions": [b["caption"] for b in batch],
         "indices": torch.tensor([b["index"] for b in batch], dtype=torch.long),
+        **({"crops": torch.tensor([b["crop"] for b in batch], dtype=torch.long)} if "crop" in batch[0] else {}),
     }

@@ -124,14 +124,14 @@ def _flatten(img: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
-def _open(path: Path, draft: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+def _open(path: Path, draft: int | tuple[int, int] | None = None) -> tuple[Image.Image, tuple[int, int]]:
     try:
         if path.stat().st_size == 0:
             raise ImageError("empty file")
         with Image.open(path) as img:
             size = img.size
-            if draft:  # JPEG: decode at 1/2, 1/4 or 1/8 scale, still at least draft × draft
-                img.draft("RGB", (draft, draft))
+            if draft:  # JPEG: decode at 1/2, 1/4 or 1/8 scale, still at least draft × draft (or (w, h))
+                img.draft("RGB", _pair(draft))
             img.load()  # decode everything now (all of a JPEG's data even at a reduced scale): a truncated
             return img, size  # file fails here, not during training
     except ImageError:
@@ -150,13 +150,17 @@ def _open(path: Path, draft: int | None = None) -> tuple[Image.Image, tuple[int,
         raise ImageError(f"truncated or corrupt: {e}") from None
 
 
-def draft_scale(path, draft: int) -> int:
+def _pair(draft: int | tuple[int, int]) -> tuple[int, int]:
+    return (draft, draft) if isinstance(draft, int) else tuple(draft)
+
+
+def draft_scale(path, draft: int | tuple[int, int]) -> int:
     """By how much ``load_image(path, draft=draft)`` shrinks the picture as it decodes: 1 (not a JPEG, or
     not large enough), 2, 4 or 8. Reads the header only."""
     try:
         with Image.open(path) as img:
             w, h = img.size
-            img.draft("RGB", (draft, draft))
+            img.draft("RGB", _pair(draft))
             if img.size == (w, h):
                 return 1
             return next(s for s in (8, 4, 2) if img.size == (-(-w // s), -(-h // s)))
@@ -164,7 +168,7 @@ def draft_scale(path, draft: int) -> int:
         return 1  # what cannot be opened is not decoded either: the scan or the decode says why
 
 
-def load_image(path, draft: int | None = None) -> Image.Image:
+def load_image(path, draft: int | tuple[int, int] | None = None) -> Image.Image:
     """Open, fully decode and normalise an image to RGB, or raise ImageError with the reason.
 
     ``draft``: fewer pixels are enough; JPEGs may decode at a reduced scale (no smaller than draft px).
@@ -172,7 +176,7 @@ def load_image(path, draft: int | None = None) -> Image.Image:
     return open_image(path, draft)[0]
 
 
-def open_image(path, draft: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+def open_image(path, draft: int | tuple[int, int] | None = None) -> tuple[Image.Image, tuple[int, int]]:
     """``load_image``, and the size of the whole picture as shown (EXIF orientation applied), also where
     ``draft`` decoded fewer pixels."""
     path = Path(path)
@@ -209,13 +213,22 @@ def resize_center_crop(img: Image.Image, resolution: int) -> Image.Image:
     return img.crop((left, top, left + resolution, top + resolution))
 
 
-def shown_sizes(path, draft: int | None = None) -> tuple[tuple[int, int], tuple[int, int]]:
+def resize_crop(img: Image.Image, resized: tuple[int, int], box: tuple[int, int, int, int]) -> Image.Image:
+    """Scale to ``resized`` (w, h), then cut ``box`` (left, top, right, bottom) out of that: an image into its
+    aspect-ratio bucket (data.buckets)."""
+    if img.size != tuple(resized):
+        down = resized[0] < img.width
+        img = img.resize(tuple(resized), Image.Resampling.LANCZOS if down else Image.Resampling.BICUBIC)
+    return img.crop(box)
+
+
+def shown_sizes(path, draft: int | tuple[int, int] | None = None) -> tuple[tuple[int, int], tuple[int, int]]:
     """((w, h) of the whole picture, (w, h) that ``load_image(path, draft)`` decodes it to), both with the EXIF
     orientation applied; reads the header only (the decode scale and the orientation are there)."""
     with Image.open(path) as img:
         size = img.size
         if draft:
-            img.draft("RGB", (draft, draft))
+            img.draft("RGB", _pair(draft))
         decoded = img.size
         try:
             turned = img.getexif().get(0x0112) in (5, 6, 7, 8)

@@ -1,6 +1,8 @@
 """Which images each micro-batch of a run holds, and the stream that reads them ahead of the GPU.
 
-The order is a pure function of (seed, epoch), so a resume finds its place. The whole rest of a run
+The order is a pure function of (seed, epoch), so a resume finds its place. With aspect-ratio buckets a batch
+holds the images of one bucket: each bucket's images are shuffled and cut into batches (the last one of a bucket
+may be smaller), and the batches of all buckets are shuffled together. The whole rest of a run
 is one stream: images are decoded ahead across epoch boundaries, by threads (PIL decodes and
 resizes without holding the GIL) or, with ``dataloader_num_workers``, by one set of DataLoader
 worker processes for the whole run instead of a new set each epoch.
@@ -30,10 +32,13 @@ class Plan:
     batch_size: int
     grad_accum: int
     total_steps: int
+    buckets: tuple[tuple[int, ...], ...] | None = None  # image indices by bucket; None: one group of all
 
     @property
     def batches_per_epoch(self) -> int:
-        return math.ceil(self.num_images / self.batch_size)
+        if self.buckets is None:
+            return math.ceil(self.num_images / self.batch_size)
+        return sum(math.ceil(len(b) / self.batch_size) for b in self.buckets)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -44,18 +49,28 @@ class Plan:
         return math.ceil(self.total_steps / self.steps_per_epoch)
 
     @classmethod
-    def from_config(cls, cfg, num_images: int) -> Plan:
+    def from_config(cls, cfg, num_images: int, buckets: list[list[int]] | None = None) -> Plan:
+        """``buckets``: the image indices of each bucket (ImageDataset.groups()); None or one group: no buckets."""
         t = cfg.training
-        plan = cls(num_images, t.batch_size, t.gradient_accumulation_steps, 0)
+        groups = tuple(tuple(b) for b in buckets) if buckets is not None and len(buckets) > 1 else None
+        plan = cls(num_images, t.batch_size, t.gradient_accumulation_steps, 0, groups)
         total = t.max_train_steps or t.epochs * plan.steps_per_epoch
         return dataclasses.replace(plan, total_steps=total)
 
 
-def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The shuffled batches of one epoch: a pure function of (seed, epoch), so a resume finds its place."""
+def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int,
+                  buckets: tuple[tuple[int, ...], ...] | None = None) -> list[list[int]]:
+    """The shuffled batches of one epoch: a pure function of (seed, epoch), so a resume finds its place. With
+    ``buckets`` each batch holds one bucket's images; the batches of all buckets come in a shuffled order."""
     generator = torch.Generator().manual_seed(seed + 1_000_003 * epoch)
-    order = torch.randperm(num_images, generator=generator).tolist()
-    return [order[i : i + batch_size] for i in range(0, num_images, batch_size)]
+    if buckets is None:
+        order = torch.randperm(num_images, generator=generator).tolist()
+        return [order[i : i + batch_size] for i in range(0, num_images, batch_size)]
+    batches = []
+    for members in buckets:
+        order = [members[k] for k in torch.randperm(len(members), generator=generator).tolist()]
+        batches += [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return [batches[k] for k in torch.randperm(len(batches), generator=generator).tolist()]
 
 
 def schedule(plan: Plan, seed: int, step: int) -> Iterator[tuple[int, int, list[int]]]:
@@ -64,14 +79,14 @@ def schedule(plan: Plan, seed: int, step: int) -> Iterator[tuple[int, int, list[
     epoch = step // plan.steps_per_epoch
     first = (step - epoch * plan.steps_per_epoch) * plan.grad_accum
     for e in range(epoch, plan.epochs):
-        batches = epoch_batches(plan.num_images, plan.batch_size, seed, e)
+        batches = epoch_batches(plan.num_images, plan.batch_size, seed, e, plan.buckets)
         for i in range(first if e == epoch else 0, len(batches)):
             if e * plan.steps_per_epoch + i // plan.grad_accum >= plan.total_steps:
                 return
             yield e, i, batches[i]
 
 
-def _decoded_in_threads(dataset: ImageDataset, batches: Iterator[list[int]], batch: int) -> Iterator[dict]:
+def _decoded_in_threads(dataset: ImageDataset, batches: Iterator[list], batch: int) -> Iterator[dict]:
     sizes: list[int] = []
 
     def indices():
@@ -98,7 +113,8 @@ def batch_stream(plan: Plan, seed: int, step: int, dataset: ImageDataset | None,
         for e, i, b in positions:
             yield e, i, {"indices": torch.tensor(b), "captions": [captions[j] for j in b]}
         return
-    batches = (b for _, _, b in schedule(plan, seed, step))
+    # a random crop depends on the epoch: the items are (image, epoch) then (ImageDataset.crop)
+    batches = (([(j, e) for j in b] if dataset.random_crop else b) for e, _, b in schedule(plan, seed, step))
     if num_workers > 0:  # its own generator: making the loader draws nothing from the global RNG
         loaded = iter(torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                                                   num_workers=num_workers, pin_memory=pin_memory,

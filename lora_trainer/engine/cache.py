@@ -28,7 +28,7 @@ from lora_trainer.utils.text import name_list
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = "1"  # bump when image loading, cropping or the stored tensors change
+CACHE_FORMAT = "2"  # bump when image loading, cropping or the stored tensors change (2: aspect-ratio buckets)
 
 
 def encoder_fingerprint(vae: torch.nn.Module) -> str:
@@ -45,11 +45,15 @@ def encoder_fingerprint(vae: torch.nn.Module) -> str:
     return digest.hexdigest()[:32]
 
 
-def latent_key(digest: str, resolution: int, flipped: bool, encoder: str, decode_scale: int = 1) -> str:
+def latent_key(digest: str, resolution: int, flipped: bool, encoder: str, decode_scale: int = 1,
+               fit=None) -> str:
     """The cache key of one image (by its file's sha256) at one resolution, mirrored or not, for one VAE,
-    decoded fully (``decode_scale`` 1) or at 1/2, 1/4, 1/8 of its size (fast_jpeg_decode)."""
+    decoded fully (``decode_scale`` 1) or at 1/2, 1/4, 1/8 of its size (fast_jpeg_decode), in its aspect-ratio
+    bucket (``fit``, data.buckets.Fit: the bucket and the size it is resized to; None: the centre square)."""
     text = f"{CACHE_FORMAT}|{digest}|{resolution}|{int(flipped)}|{encoder}"
     text += f"|jpeg-1/{decode_scale}" if decode_scale > 1 else ""  # (a full decode keeps its old key)
+    if fit is not None:
+        text += "|bucket-{}x{}|resized-{}x{}".format(*fit.bucket, *fit.resized)
     return hashlib.sha256(text.encode()).hexdigest()[:40]
 
 
@@ -136,7 +140,8 @@ def _sample(mean: torch.Tensor, std: torch.Tensor, seed: int, key: str) -> torch
 
 
 class EncodedCache:
-    def __init__(self, latents: torch.Tensor, flipped: torch.Tensor | None, texts: dict[str, Conditioning] | None):
+    def __init__(self, latents: list[torch.Tensor], flipped: list[torch.Tensor] | None,
+                 texts: dict[str, Conditioning] | None):
         self._latents, self._flipped, self._texts = latents, flipped, texts
 
     @property
@@ -157,8 +162,9 @@ class EncodedCache:
         encoder = encoder_fingerprint(backend.image_encoder())
         variants = (False, True) if flips else (False,)
         scales = [dataset.decode_scale(i) for i in range(len(dataset))]
-        keys = [{f: latent_key(dig, dataset.resolution, f, encoder, s) for f in variants}
-                for dig, s in zip(digests, scales)]
+        fits = dataset.fits if dataset.buckets is not None else [None] * len(dataset)
+        keys = [{f: latent_key(dig, dataset.resolution, f, encoder, s, fit) for f in variants}
+                for dig, s, fit in zip(digests, scales, fits)]
         posteriors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if store is not None:
             for k in {k for per_image in keys for k in per_image.values()}:
@@ -183,8 +189,8 @@ class EncodedCache:
                     store.save(keys[i][f], mean, std)
         _check_latents(bad, backend.image_encoder())
         scale, dtype = backend.latent_scale, backend.weight_dtype
-        stacked = {f: torch.stack([_sample(*posteriors[k[f]], seed, k[f]) * scale for k in keys]).to(dtype)
-                   for f in variants}
+        # one tensor per image: images of different buckets have latents of different sizes
+        latents = {f: [(_sample(*posteriors[k[f]], seed, k[f]) * scale).to(dtype) for k in keys] for f in variants}
         embeddings = {}
         if texts:
             embeddings = _encode_captions(backend, sorted({s.caption for s in dataset.samples}), dataset.samples,
@@ -193,13 +199,13 @@ class EncodedCache:
         log.info("cached the latents of %d images%s%s%s", len(dataset), " (and mirrored)" if flips else "",
                  f" and {len(embeddings)} caption embeddings" if texts else "",
                  f"; {loaded} loaded from {store.folder}, {len(todo)} encoded" if store is not None else "")
-        return cls(stacked[False], stacked.get(True), embeddings if texts else None)
+        return cls(latents[False], latents.get(True), embeddings if texts else None)
 
     def latents(self, indices: torch.Tensor, flip: torch.Tensor | None, device) -> torch.Tensor:
-        out = self._latents[indices]
-        if flip is not None:
-            out = torch.where(flip.cpu()[:, None, None, None], self._flipped[indices], out)
-        return out.to(device)
+        """The latents of images ``indices`` (one bucket), mirrored where ``flip``, stacked on ``device``."""
+        flips = [False] * len(indices) if flip is None else flip.cpu().tolist()
+        rows = [(self._flipped if f else self._latents)[i] for i, f in zip(indices.tolist(), flips)]
+        return torch.stack(rows).to(device)
 
     def text(self, captions: list[str], device) -> Conditioning:
         return Conditioning.cat([self._texts[c] for c in captions]).to(device)

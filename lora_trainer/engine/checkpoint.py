@@ -193,11 +193,14 @@ MUST_MATCH = ("lora_rank", "lora_alpha", "target_modules", "train_text_encoder",
 # or fp8_base is from before they existed, when every image decoded fully, captions were read as written, one text
 # encoder could train and the UNet kept its weights' dtype
 SHOULD_MATCH = ("batch_size", "gradient_accumulation_steps", "seed", "num_images", "total_steps",
-                "fast_jpeg_decode", "weighted_captions", "zero_terminal_snr", "fp8_base")
-DATA_SETTINGS = ("fast_jpeg_decode", "weighted_captions")
-# what a checkpoint from before a setting existed was trained with
+                "fast_jpeg_decode", "weighted_captions", "zero_terminal_snr", "fp8_base", "enable_bucket",
+                "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale", "random_crop")
+DATA_SETTINGS = ("fast_jpeg_decode", "weighted_captions", "enable_bucket", "min_bucket_reso", "max_bucket_reso",
+                 "bucket_reso_steps", "bucket_no_upscale", "random_crop")
+# what a checkpoint from before a setting existed was trained with (before aspect-ratio buckets: square crops)
 BEFORE = {"fast_jpeg_decode": False, "weighted_captions": False, "train_text_encoder_2": False,
-          "zero_terminal_snr": "false", "fp8_base": False}
+          "zero_terminal_snr": "false", "fp8_base": False, "enable_bucket": False, "min_bucket_reso": 256,
+          "max_bucket_reso": None, "bucket_reso_steps": 64, "bucket_no_upscale": False, "random_crop": False}
 
 
 def run_settings(training, num_images: int, total_steps: int, data, model) -> dict:

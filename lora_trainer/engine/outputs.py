@@ -18,6 +18,7 @@ from lora_trainer.utils.fsio import atomic_write_json
 log = logging.getLogger(__name__)
 # what summary.json says of the validation loss and the sample images, where the run had them
 TIMING = ("preflight", "seconds_per_step")
+BUCKETS = ("buckets", "mean_img_ar_error")  # the aspect-ratio buckets and their image counts (engine.run.log_buckets)
 EVALUATIONS = ("validation_loss", "validation_images", "validation_losses", "sample_images")
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -44,8 +45,10 @@ def set_aside_interim_exports(run_dir: Path, names: list[str]) -> None:
                  path.name)
 
 
-def export_lora(run_dir: Path, cfg, backend, modules: dict, scan, started_at: float, steps: int, plan):
-    """Write ``<output_name>.safetensors`` (kohya) and, if asked, the diffusers file; return both paths."""
+def export_lora(run_dir: Path, cfg, backend, modules: dict, scan, started_at: float, steps: int, plan,
+                bucket_info: dict | None = None):
+    """Write ``<output_name>.safetensors`` (kohya) and, if asked, the diffusers file; return both paths.
+    ``bucket_info``: the run's aspect-ratio buckets (ImageDataset.bucket_info: kohya's ss_bucket_info)."""
     import time
 
     from lora_trainer.export.diffusers_format import WEIGHT_NAME
@@ -62,7 +65,7 @@ def export_lora(run_dir: Path, cfg, backend, modules: dict, scan, started_at: fl
                      num_epochs=plan.epochs, num_train_images=len(scan.samples),
                      tag_frequency={Path(cfg.data.train_data_dir).name: scan.tag_frequency()},
                      trained_text_encoder=TEXT_ENCODER in modules, trained_text_encoder_2=TEXT_ENCODER_2 in modules,
-                     started_at=started_at, finished_at=time.time())
+                     started_at=started_at, finished_at=time.time(), bucket_info=bucket_info)
     metadata = build_metadata(cfg, model, facts)
     set_aside_interim_exports(run_dir, [f"{out.output_name}.safetensors", WEIGHT_NAME])
     lora_path = save_kohya_lora(run_dir / f"{out.output_name}.safetensors", tensors, metadata)
@@ -94,6 +97,7 @@ def write_summary(run_dir: Path, result) -> Path:
         "diffusers_file": str(result.diffusers_path) if result.diffusers_path else None,
         **{key: result.extra[key] for key in EVALUATIONS if key in result.extra},  # (engine.validation, .samples)
         **{key: result.extra[key] for key in TIMING if key in result.extra},  # (engine.preflight, Run.timing)
+        **{key: result.extra[key] for key in BUCKETS if key in result.extra},
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,
                      "python": platform.python_version()},
     }

@@ -19,6 +19,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 
 from lora_trainer.config import Config, with_family_defaults
+from lora_trainer.data.buckets import BucketSpec, histogram_text
 from lora_trainer.data.dataset import ImageDataset
 from lora_trainer.engine import checkpoint as ckpt
 from lora_trainer.engine.batches import Plan, batch_stream
@@ -78,6 +79,7 @@ class Run:
     estimate: object = None  # the pre-flight's memory and time estimate (engine.preflight.Estimate), or None
     measured_at: tuple | None = None  # (step, time) after the first step: the time per step is measured from it
     seconds_per_step: float | None = None  # measured (``_measure_time``)
+    buckets: dict = field(default_factory=dict)  # what summary.json says of the buckets (``log_buckets``)
 
     @property
     def device(self) -> torch.device:
@@ -119,7 +121,8 @@ class Run:
                 with torch.no_grad() if not t.trains_text_encoders else contextlib.nullcontext():
                     cond = backend.encode_prompts(batch["captions"], weighted=d.weighted_captions)
             if backend.uses_time_ids:  # SDXL: each image's size and crop offset (mirrored with it)
-                cond = cond.with_time_ids(self.dataset.time_ids(batch["indices"], flip).to(self.device))
+                ids = self.dataset.time_ids(batch["indices"], flip, batch.get("crops"))  # (crops: cut at random)
+                cond = cond.with_time_ids(ids.to(self.device))
             loss = diffusion_loss(backend, latents, cond, self.generator, noise_offset=t.noise_offset,
                                   min_snr_gamma=t.min_snr_gamma, scheduler=self.noise_scheduler)
         return loss, latents, cond
@@ -324,6 +327,27 @@ def resume(run: Run, restored: ckpt.Restored, resume_from: Path) -> None:
     run.step = run.last_saved = restored.step
     run.first_loss = restored.info.get("first_loss")
     log.info("resumed from %s at step %d of %d", resume_from, run.step, run.plan.total_steps)
+
+
+def training_dataset(cfg: Config, scan, resolution: int | None = None) -> ImageDataset:
+    """The run's images as the trainer sees them: in their aspect-ratio buckets (data.enable_bucket) at
+    ``resolution`` (default: the config's), their sizes from the dataset scan."""
+    d = cfg.data
+    resolution = resolution or d.resolution
+    sizes = [getattr(scan.facts.get(s.path), "size", None) for s in scan.samples]
+    return ImageDataset(scan.samples, resolution, d.fast_jpeg_decode, BucketSpec.from_data(d, resolution),
+                        sizes if all(sizes) else None, d.random_crop, cfg.training.seed)
+
+
+def log_buckets(dataset: ImageDataset) -> dict:
+    """The run log's line of the buckets and their image counts; what summary.json says of them."""
+    info = dataset.bucket_info()
+    if info is None:
+        log.info("buckets: off (data.enable_bucket false): every image center-cropped to %d×%d", dataset.resolution,
+                 dataset.resolution)
+        return {}
+    log.info("images in %s (mean aspect-ratio error %.3f)", histogram_text(dataset.fits), info["mean_img_ar_error"])
+    return {"buckets": list(info["buckets"].values()), "mean_img_ar_error": round(info["mean_img_ar_error"], 6)}
 
 
 def build_cache(run: Run, progress: bool) -> EncodedCache | None:

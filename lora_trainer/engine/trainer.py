@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from lora_trainer.config import Config, save_config, validate_paths, with_family_defaults
+from lora_trainer.data.buckets import BucketSpec
 from lora_trainer.data.check import check_scan, image_facts
-from lora_trainer.data.dataset import ImageDataset, scan_dataset
+from lora_trainer.data.dataset import scan_dataset
 from lora_trainer.engine import checkpoint as ckpt
 from lora_trainer.engine.batches import Plan
 from lora_trainer.engine.events import CallbackList, Callbacks, TrainResult
@@ -34,10 +35,12 @@ from lora_trainer.engine.run import (
     TrainingError,
     add_lora_layers,
     build_cache,
+    log_buckets,
     model_family,
     optimization,
     prepare_backend,
     resume,
+    training_dataset,
     with_model_defaults,
     with_noise_schedule,
     with_precision,
@@ -121,12 +124,13 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
                         inspect=image_facts)
     log.info(scan.summary())
     resolution = checked_resolution(cfg, backend, make_backend, family)
-    log.info(check_scan(scan, resolution, d.caption_prefix, progress=progress).summary())
+    log.info(check_scan(scan, resolution, d.caption_prefix, progress=progress,
+                        buckets=BucketSpec.from_data(d, resolution)).summary())
     scan, held_out = validation_samples(cfg, scan)  # (data.validation_split / validation_dir)
     cfg, estimate = _preflight(cfg, backend, make_backend, family, where, len(scan.samples))
     t = cfg.training
     prompts = load_sample_prompts(cfg.output.sample_prompts)  # (read now: a mistake in them stops nothing later)
-    plan = Plan.from_config(cfg, len(scan.samples))
+    plan = Plan.from_config(cfg, len(scan.samples), training_dataset(cfg, scan, resolution).groups())
     run_dir, resume_from, restored = prepare_run_dir(cfg.output.output_dir, t.resume_from_checkpoint)
     if restored is not None:
         _check_resumable(restored, resume_from, run_dir, plan.total_steps)
@@ -224,6 +228,9 @@ def _set_up(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepared
     precision = precision_of(backend)
     cfg, noise_scheduler = with_noise_schedule(with_model_defaults(with_precision(cfg, precision), backend), backend)
     t, plan, run_dir = cfg.training, prepared.plan, prepared.run_dir
+    dataset = training_dataset(cfg, prepared.scan)
+    if Plan.from_config(cfg, plan.num_images, dataset.groups()).buckets != plan.buckets:  # (the resolution was
+        plan = Plan.from_config(cfg, plan.num_images, dataset.groups())  # the model family's, known only now)
     settings = ckpt.run_settings(t, plan.num_images, plan.total_steps, cfg.data, cfg.model)  # as used
     if prepared.restored is not None and prepared.pending:
         ckpt.check_resume(prepared.restored, settings, prepared.resume_from, keys=prepared.pending)
@@ -238,9 +245,9 @@ def _set_up(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepared
                                             latent_cache_dir(cfg.output.output_dir)))
     run = Run(cfg, backend, precision, plan, prepared.scan, run_dir, settings, modules, groups, optimizer,
               lr_scheduler, scaler, torch.Generator(device=backend.device).manual_seed(t.seed),
-              ImageDataset(prepared.scan.samples, cfg.data.resolution, cfg.data.fast_jpeg_decode),
-              CallbackList([callbacks]), noise_scheduler=noise_scheduler, guard=NanGuard.from_config(t),
+              dataset, CallbackList([callbacks]), noise_scheduler=noise_scheduler, guard=NanGuard.from_config(t),
               estimate=prepared.estimate)
+    run.buckets = log_buckets(dataset)
     if prepared.restored is not None:
         resume(run, prepared.restored, prepared.resume_from)
     run.cache = build_cache(run, progress)
@@ -336,14 +343,14 @@ def _finish(run: Run, stopped: bool, started: float) -> TrainResult:
     status = "stopped" if stopped else "finished"
     with ckpt.stops_on_full_disk(run.run_dir, f"the LoRA files of step {run.step} into {run.run_dir}"):
         lora_path, diffusers_path = export_lora(run.run_dir, run.cfg, run.backend, run.modules, run.scan, started,
-                                                run.step, run.plan)
+                                                run.step, run.plan, bucket_info=run.dataset.bucket_info())
     result = TrainResult(status=status, run_dir=run.run_dir, lora_path=lora_path, diffusers_path=diffusers_path,
                          steps=run.step, total_steps=run.plan.total_steps,
                          final_loss=sum(run.losses) / len(run.losses) if run.losses else None,
                          first_loss=run.first_loss, images_used=len(run.scan.samples),
                          images_skipped=len(run.scan.skipped), wall_time_s=time.time() - started,
                          skipped=[{"path": str(s.path), "reason": s.reason} for s in run.scan.skipped],
-                         extra={"nan_rollbacks": run.guard.rollbacks, **run.timing()})
+                         extra={"nan_rollbacks": run.guard.rollbacks, **run.timing(), **run.buckets})
     result.extra.update(run.evaluations())  # (the validation loss, the sample images)
     write_summary(run.run_dir, result)
     log.info("%s after %d steps: %s", status, run.step, lora_path)

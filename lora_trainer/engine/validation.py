@@ -15,6 +15,7 @@ import logging
 
 import torch
 
+from lora_trainer.data.buckets import BucketSpec
 from lora_trainer.data.check import image_facts
 from lora_trainer.data.dataset import ImageDataset, collate, scan_dataset
 from lora_trainer.data.split import split_validation
@@ -56,7 +57,7 @@ class Validator:
 
     def __init__(self, dataset: ImageDataset, cache: EncodedCache | None, seed: int, batch_size: int, every: int):
         self.dataset, self.cache, self.seed, self.batch_size, self.every = dataset, cache, seed, batch_size, every
-        self._noise: torch.Tensor | None = None  # (images, K, C, H, W) on the CPU, drawn at the first evaluation
+        self._noise: dict | None = None  # image → (K, C, H, W) on the CPU, drawn at the first evaluation
         self.history: list[tuple[int, float]] = []
 
     @classmethod
@@ -66,7 +67,9 @@ class Validator:
         if not samples:
             return None
         cfg, t, d = run.cfg, run.cfg.training, run.cfg.data
-        dataset = ImageDataset(samples, d.resolution, d.fast_jpeg_decode)
+        sizes = [getattr(facts.get(s.path), "size", None) for s in samples]
+        dataset = ImageDataset(samples, d.resolution, d.fast_jpeg_decode, BucketSpec.from_data(d),
+                               sizes if all(sizes) else None)  # (in their buckets, centred)
         cache = None
         if run.cache is not None:
             digests = [getattr(facts.get(s.path), "digest", "") or None for s in samples]
@@ -101,12 +104,20 @@ class Validator:
             cond = cond.with_time_ids(self.dataset.time_ids(indices).to(device))
         return latents, cond
 
-    def _noise_for(self, latents: torch.Tensor) -> torch.Tensor:
+    def _noise_for(self, indices: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """The fixed noise of images ``indices``: one draw for all when they share a size, else one per image
+        (seeded by the seed and the image: images of other buckets have latents of other sizes)."""
         if self._noise is None:
-            generator = torch.Generator().manual_seed(self.seed)
-            self._noise = torch.randn((len(self.dataset), VALIDATION_TIMESTEPS, *latents.shape[1:]),
-                                      generator=generator)
-        return self._noise
+            self._noise = {}
+            if len(self.dataset.groups()) == 1:
+                generator = torch.Generator().manual_seed(self.seed)
+                drawn = torch.randn((len(self.dataset), VALIDATION_TIMESTEPS, *latents.shape[1:]), generator=generator)
+                self._noise = dict(enumerate(drawn))
+        for i in indices.tolist():
+            if i not in self._noise:
+                generator = torch.Generator().manual_seed(self.seed + 1_000_003 * (i + 1))
+                self._noise[i] = torch.randn((VALIDATION_TIMESTEPS, *latents.shape[1:]), generator=generator)
+        return torch.stack([self._noise[i] for i in indices.tolist()])
 
     @torch.no_grad()
     def loss(self, run) -> float:
@@ -114,11 +125,12 @@ class Validator:
         backend, device, n = run.backend, run.device, len(self.dataset)
         scheduler, gamma = run.noise_scheduler or backend.noise_scheduler, run.cfg.training.min_snr_gamma
         total = 0.0
+        batches = [torch.tensor(group[start:start + self.batch_size]) for group in self.dataset.groups()
+                   for start in range(0, len(group), self.batch_size)]  # (a batch holds images of one bucket)
         with evaluating(backend.components().values()):
-            for start in range(0, n, self.batch_size):
-                indices = torch.arange(start, min(n, start + self.batch_size))
+            for indices in batches:
                 latents, cond = self._inputs(run, indices)
-                noise = self._noise_for(latents)[indices]
+                noise = self._noise_for(indices, latents)
                 for k, t in enumerate(self.timesteps(scheduler)):
                     timesteps = torch.full((len(indices),), t, dtype=torch.long, device=device)
                     with run.autocast():

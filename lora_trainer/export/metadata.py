@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 
 from lora_trainer import __version__
+from lora_trainer.data.buckets import BucketSpec
 
 FAMILIES = ("sd_v1", "sd_v2", "sdxl_base_v1-0")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -69,6 +70,7 @@ class RunFacts:
     started_at: float
     finished_at: float
     trained_text_encoder_2: bool = False  # SDXL's second text encoder
+    bucket_info: dict | None = None  # the aspect-ratio buckets (data.buckets.bucket_info); None: square crops
 
 
 def _text_encoder_lr(t, run: RunFacts):
@@ -101,6 +103,7 @@ def build_metadata(cfg, model: ModelFacts, run: RunFacts, extra: dict | None = N
     v_pred = prediction_type == "v_prediction"
     sdxl = base_model_version.startswith("sdxl")
     width, height = _size(resolution)
+    bucket_spec = BucketSpec.from_data(cfg.data) if run.bucket_info is not None else None
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": _s(int(t.lora_rank)),
@@ -135,6 +138,11 @@ def build_metadata(cfg, model: ModelFacts, run: RunFacts, extra: dict | None = N
         "ss_zero_terminal_snr": _s(cfg.model.zero_terminal_snr == "true"),
         "ss_fp8_base": _s(t.fp8_base),  # kohya's pair for "the UNet in float8, the text encoders as they are"
         "ss_fp8_base_unet": _s(t.fp8_base),
+        "ss_enable_bucket": _s(run.bucket_info is not None),
+        "ss_bucket_no_upscale": _s(bool(getattr(cfg.data, "bucket_no_upscale", False))),
+        "ss_min_bucket_reso": _s(bucket_spec.min_reso if bucket_spec else None),
+        "ss_max_bucket_reso": _s(bucket_spec.max_reso if bucket_spec else None),
+        "ss_bucket_info": json.dumps(run.bucket_info),  # (kohya: json.dumps, "null" without buckets)
         "ss_training_started_at": _s(run.started_at),
         "ss_training_finished_at": _s(run.finished_at),
         "ss_training_comment": _s(comment or None),
