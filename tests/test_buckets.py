@@ -172,6 +172,15 @@ def test_a_batch_holds_one_buckets_images_in_a_seeded_order():
     assert Plan.from_config(cfg, 9, [list(range(9))]).total_steps == 10
 
 
+def test_the_estimates_step_count_counts_each_buckets_batches(mixed, tmp_path):
+    from lora_trainer.engine.preflight import total_steps_of
+
+    cfg = bucket_cfg(mixed, tmp_path / "run", max_train_steps=None, epochs=2, batch_size=3)
+    assert total_steps_of(cfg) == 2 * (1 + 1 + 2)  # buckets of 2, 2 and 4 images (not 2 × ceil(8 / 3) = 6)
+    cfg.data.enable_bucket = False
+    assert total_steps_of(cfg) == 2 * 3
+
+
 def test_a_mixed_set_trains_in_its_buckets_and_the_file_says_which(mixed, tmp_path, monkeypatch, caplog):
     seen = []
     micro_batch = Run.micro_batch

@@ -512,9 +512,11 @@ def estimate_for(cfg, where: Where, free: int | None = None) -> Estimate | None:
 
 
 def total_steps_of(cfg) -> int | None:
-    """The run's steps where its dataset folder can be counted now (a quick scan, nothing decoded twice)."""
+    """The run's steps where its dataset folder can be counted now (a quick scan, nothing decoded; the images'
+    buckets from their file headers), at the config's resolution."""
     from lora_trainer.data.dataset import scan_dataset
     from lora_trainer.engine.batches import Plan
+    from lora_trainer.engine.run import training_dataset
     from lora_trainer.errors import LoraTrainerError
 
     d = cfg.data
@@ -523,9 +525,10 @@ def total_steps_of(cfg) -> int | None:
     try:
         scan = scan_dataset(d.train_data_dir, metadata_path=d.metadata_path, caption_extension=d.caption_extension,
                             caption_priority=d.caption_priority, recursive=d.recursive)
+        groups = training_dataset(cfg, scan).groups()
     except LoraTrainerError:
         return None
-    return Plan.from_config(cfg, len(scan.samples)).total_steps
+    return Plan.from_config(cfg, len(scan.samples), groups).total_steps
 
 
 def preflight(cfg, where: Where, total_steps) -> tuple[object, Estimate | None]:

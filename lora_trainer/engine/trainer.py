@@ -127,10 +127,11 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
     log.info(check_scan(scan, resolution, d.caption_prefix, progress=progress,
                         buckets=BucketSpec.from_data(d, resolution)).summary())
     scan, held_out = validation_samples(cfg, scan)  # (data.validation_split / validation_dir)
-    cfg, estimate = _preflight(cfg, backend, make_backend, family, where, len(scan.samples))
+    buckets = training_dataset(cfg, scan, resolution).groups()
+    cfg, estimate = _preflight(cfg, backend, make_backend, family, where, len(scan.samples), buckets)
     t = cfg.training
     prompts = load_sample_prompts(cfg.output.sample_prompts)  # (read now: a mistake in them stops nothing later)
-    plan = Plan.from_config(cfg, len(scan.samples), training_dataset(cfg, scan, resolution).groups())
+    plan = Plan.from_config(cfg, len(scan.samples), buckets)
     run_dir, resume_from, restored = prepare_run_dir(cfg.output.output_dir, t.resume_from_checkpoint)
     if restored is not None:
         _check_resumable(restored, resume_from, run_dir, plan.total_steps)
@@ -165,15 +166,16 @@ def checked_resolution(cfg: Config, backend=None, make_backend=None, family: str
     return with_family_defaults(cfg, family)[0].data.resolution
 
 
-def _preflight(cfg: Config, backend, make_backend, family, where: Where | None, num_images: int):
+def _preflight(cfg: Config, backend, make_backend, family, where: Where | None, num_images: int, buckets):
     """The memory and time estimate before the model loads (engine.preflight): on a GPU, or anywhere with
-    training.auto_fit; with it, settings that fit are applied. A run with a loaded backend was estimated by its host."""
+    training.auto_fit; with it, settings that fit are applied. A run with a loaded backend was estimated by its host.
+    ``buckets``: the images' indices by bucket, for the step count (engine.batches.Plan)."""
     if where is None and backend is None and make_backend is None:
         where = Where(cfg.model.base_model, family_of(cfg.model.base_model, cfg.model.prediction_type),
                       pick_device(cfg.training.mixed_precision)[0])
     if where is None or (where.device.type == "cpu" and not cfg.training.auto_fit):
         return cfg, None
-    return preflight(cfg, where, lambda c: Plan.from_config(c, num_images).total_steps)
+    return preflight(cfg, where, lambda c: Plan.from_config(c, num_images, buckets).total_steps)
 
 
 def _check_resumable(restored, resume_from: Path, run_dir: Path, total_steps: int) -> None:
