@@ -45,6 +45,12 @@ class DataConfig:
     random_crop: bool = False  # cut each image out of its resized picture at a random place (seeded) each epoch
     fast_jpeg_decode: bool = True
     weighted_captions: bool = False
+    # caption augmentation (data.augment), each time an image is trained; the prefix and **core** tags always kept
+    shuffle_caption: bool = False  # the comma-separated tags in a new order
+    keep_tokens: int = 0  # ...but the first N tags in place
+    caption_tag_dropout_rate: float = 0.0  # each other tag left out with this probability
+    caption_dropout_rate: float = 0.0  # the whole caption replaced by the empty prompt with this probability
+    caption_dropout_every_n_epochs: int = 0  # ...and in every N-th epoch (0: never)
     validation_split: float = 0.0  # a fraction of the images held out for the validation loss (0 = none)
     validation_dir: str | None = None  # or a second folder of validation images (the same caption rules)
 
@@ -177,6 +183,10 @@ RANGES = {
     "min_bucket_reso": (64, 4096, False, False),
     "max_bucket_reso": (64, 8192, False, False),
     "bucket_reso_steps": (8, 1024, False, False),
+    "keep_tokens": (0, None, False, False),
+    "caption_tag_dropout_rate": (0, 1, False, True),
+    "caption_dropout_rate": (0, 1, False, True),
+    "caption_dropout_every_n_epochs": (0, None, False, False),
     "lora_rank": (1, 1024, False, False),
     "lora_alpha": (0, None, True, False),
     "lora_dropout": (0, 1, False, True),
@@ -384,6 +394,10 @@ def _check_special(values: dict[str, dict], errors: list[str]) -> None:
         errors.append(f"data.resolution: {res} must be a multiple of 8 "
                       f"(e.g. {res - res % 8 or 8} or {res - res % 8 + 8})")
     _check_buckets(values, errors)
+    if d.get("weighted_captions") is True and (d.get("shuffle_caption") is True or d.get("caption_tag_dropout_rate")):
+        errors.append("data.weighted_captions: true does not combine with data.shuffle_caption or "
+                      "data.caption_tag_dropout_rate (a weighted group such as (red, blue:1.2) holds commas: cut at "
+                      "them it would lose its weight); set weighted_captions: false, or leave the tags in order")
     ext = d.get("caption_extension")
     if isinstance(ext, str) and not ext.startswith("."):
         errors.append(f"data.caption_extension: {ext!r} must start with '.', e.g. '.txt'")

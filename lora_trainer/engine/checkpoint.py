@@ -186,6 +186,8 @@ def remove_leftovers(run_dir: Path) -> None:
 
 
 # What a resumed run must share with the run that wrote the checkpoint: the LoRA's shape...
+CAPTION_SETTINGS = ("shuffle_caption", "keep_tokens", "caption_tag_dropout_rate", "caption_dropout_rate",
+                    "caption_dropout_every_n_epochs")  # (data.augment)
 MUST_MATCH = ("lora_rank", "lora_alpha", "target_modules", "train_text_encoder", "text_encoder_target_modules",
               "train_text_encoder_2")
 # ...and what decides the data order, the step count, the pixels and the base weights (fp8_base rounds them) (else it
@@ -194,13 +196,16 @@ MUST_MATCH = ("lora_rank", "lora_alpha", "target_modules", "train_text_encoder",
 # encoder could train and the UNet kept its weights' dtype
 SHOULD_MATCH = ("batch_size", "gradient_accumulation_steps", "seed", "num_images", "total_steps",
                 "fast_jpeg_decode", "weighted_captions", "zero_terminal_snr", "fp8_base", "enable_bucket",
-                "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale", "random_crop")
+                "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale", "random_crop",
+                *CAPTION_SETTINGS)
 DATA_SETTINGS = ("fast_jpeg_decode", "weighted_captions", "enable_bucket", "min_bucket_reso", "max_bucket_reso",
-                 "bucket_reso_steps", "bucket_no_upscale", "random_crop")
+                 "bucket_reso_steps", "bucket_no_upscale", "random_crop", *CAPTION_SETTINGS)
 # what a checkpoint from before a setting existed was trained with (before aspect-ratio buckets: square crops)
 BEFORE = {"fast_jpeg_decode": False, "weighted_captions": False, "train_text_encoder_2": False,
           "zero_terminal_snr": "false", "fp8_base": False, "enable_bucket": False, "min_bucket_reso": 256,
-          "max_bucket_reso": None, "bucket_reso_steps": 64, "bucket_no_upscale": False, "random_crop": False}
+          "max_bucket_reso": None, "bucket_reso_steps": 64, "bucket_no_upscale": False, "random_crop": False,
+          "shuffle_caption": False, "keep_tokens": 0, "caption_tag_dropout_rate": 0.0, "caption_dropout_rate": 0.0,
+          "caption_dropout_every_n_epochs": 0}
 
 
 def run_settings(training, num_images: int, total_steps: int, data, model) -> dict:

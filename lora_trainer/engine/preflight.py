@@ -398,9 +398,11 @@ def _estimate_from(traced: _Traced, cfg, device: torch.device, rate: float, samp
                    batch: int | None = None) -> Estimate:
     """The estimate for ``cfg``'s settings from a trace of them (``batch``: another batch size than the trace's,
     the step's activations scaled to it)."""
+    from lora_trainer.engine.run import caches_text
+
     t = cfg.training
     cached_latents = t.cache_latents
-    cached_text = cached_latents and t.cache_text_embeddings and not t.trains_text_encoders
+    cached_text = caches_text(cfg)
     idle = {"VAE"} if cached_latents else set()
     idle |= {TEXT_ENCODER, TEXT_ENCODER_2} if cached_text else set()
     weights = {k: v for k, v in traced.weights.items() if k not in idle}

@@ -19,6 +19,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 
 from lora_trainer.config import Config, with_family_defaults
+from lora_trainer.data.augment import CaptionAugment
 from lora_trainer.data.buckets import BucketSpec, histogram_text
 from lora_trainer.data.dataset import ImageDataset
 from lora_trainer.engine import checkpoint as ckpt
@@ -80,6 +81,7 @@ class Run:
     measured_at: tuple | None = None  # (step, time) after the first step: the time per step is measured from it
     seconds_per_step: float | None = None  # measured (``_measure_time``)
     buckets: dict = field(default_factory=dict)  # what summary.json says of the buckets (``log_buckets``)
+    augment: CaptionAugment | None = None  # caption augmentation (data.augment), or None: captions as written
 
     @property
     def device(self) -> torch.device:
@@ -96,9 +98,21 @@ class Run:
     def batches(self):
         """The rest of the run's micro-batches: (epoch, index in epoch, batch)."""
         t = self.cfg.training
-        return batch_stream(self.plan, t.seed, self.step, None if self.cache is not None else self.dataset,
-                            [x.caption for x in self.scan.samples], t.dataloader_num_workers,
-                            pin_memory=self.device.type == "cuda")
+        stream = batch_stream(self.plan, t.seed, self.step, None if self.cache is not None else self.dataset,
+                              [x.caption for x in self.scan.samples], t.dataloader_num_workers,
+                              pin_memory=self.device.type == "cuda")
+        return stream if self.augment is None else self._augmented(stream)
+
+    def _augmented(self, stream):
+        """The stream with each caption as data.augment makes it for its image and epoch."""
+        samples, aug = self.scan.samples, self.augment
+        try:
+            for epoch, i, batch in stream:
+                captions = [aug.caption(samples[j].caption, samples[j].core_tags, j, epoch)
+                            for j in batch["indices"].tolist()]
+                yield epoch, i, {**batch, "captions": captions}
+        finally:
+            stream.close()
 
     # --- one micro-batch
     def micro_batch(self, batch) -> tuple[torch.Tensor, torch.Tensor, object]:
@@ -350,6 +364,14 @@ def log_buckets(dataset: ImageDataset) -> dict:
     return {"buckets": list(info["buckets"].values()), "mean_img_ar_error": round(info["mean_img_ar_error"], 6)}
 
 
+def caches_text(cfg: Config) -> bool:
+    """Whether the caption embeddings are cached with the latents: not where a text encoder trains or the captions
+    change from epoch to epoch (data.augment)."""
+    t = cfg.training
+    return (t.cache_latents and t.cache_text_embeddings and not t.trains_text_encoders
+            and CaptionAugment.from_config(cfg.data, t.seed) is None)
+
+
 def build_cache(run: Run, progress: bool) -> EncodedCache | None:
     """Every image through the VAE once (and every caption through the frozen text encoder), before step 1."""
     cfg, t, d = run.cfg, run.cfg.training, run.cfg.data
@@ -357,8 +379,11 @@ def build_cache(run: Run, progress: bool) -> EncodedCache | None:
         return None
     digests = [getattr(run.scan.facts.get(s.path), "digest", "") or None for s in run.scan.samples]
     store = LatentStore(latent_cache_dir(cfg.output.output_dir)) if t.cache_latents_to_disk else None
-    return EncodedCache.build(run.backend, run.dataset, t.seed, flips=d.random_flip,
-                              texts=t.cache_text_embeddings and not t.trains_text_encoders, progress=progress,
+    if t.cache_text_embeddings and not t.trains_text_encoders and run.augment is not None:
+        log.info("caption embeddings: encoded each step, not cached (the captions change: %s)",
+                 run.augment.describe())
+    return EncodedCache.build(run.backend, run.dataset, t.seed, flips=d.random_flip, texts=caches_text(cfg),
+                              progress=progress,
                               digests=digests, store=store, weighted=d.weighted_captions)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from lora_trainer.config import Config, save_config, validate_paths, with_family_defaults
+from lora_trainer.data.augment import CaptionAugment
 from lora_trainer.data.buckets import BucketSpec
 from lora_trainer.data.check import check_scan, image_facts
 from lora_trainer.data.dataset import scan_dataset
@@ -250,6 +251,9 @@ def _set_up(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepared
               dataset, CallbackList([callbacks]), noise_scheduler=noise_scheduler, guard=NanGuard.from_config(t),
               estimate=prepared.estimate)
     run.buckets = log_buckets(dataset)
+    run.augment = CaptionAugment.from_config(cfg.data, t.seed)
+    if run.augment is not None:
+        log.info("captions augmented: %s", run.augment.describe())
     if prepared.restored is not None:
         resume(run, prepared.restored, prepared.resume_from)
     run.cache = build_cache(run, progress)

@@ -143,6 +143,11 @@ def build_metadata(cfg, model: ModelFacts, run: RunFacts, extra: dict | None = N
         "ss_min_bucket_reso": _s(bucket_spec.min_reso if bucket_spec else None),
         "ss_max_bucket_reso": _s(bucket_spec.max_reso if bucket_spec else None),
         "ss_bucket_info": json.dumps(run.bucket_info),  # (kohya: json.dumps, "null" without buckets)
+        "ss_shuffle_caption": _s(bool(cfg.data.shuffle_caption)),
+        "ss_keep_tokens": _s(int(cfg.data.keep_tokens)),
+        "ss_caption_dropout_rate": _s(float(cfg.data.caption_dropout_rate)),
+        "ss_caption_dropout_every_n_epochs": _s(int(cfg.data.caption_dropout_every_n_epochs)),
+        "ss_caption_tag_dropout_rate": _s(float(cfg.data.caption_tag_dropout_rate)),
         "ss_training_started_at": _s(run.started_at),
         "ss_training_finished_at": _s(run.finished_at),
         "ss_training_comment": _s(comment or None),
