@@ -102,6 +102,30 @@ def test_check_from_the_tab(folder):
     assert len(out) == 1 + 4 + 3 * PER_PAGE and "dataset folder" in out[2]
 
 
+def test_captions_show_an_augmented_draw_while_shuffling_is_on(folder):
+    out = run(panel.load_captions, None, BLANK, str(folder), "trig, ")
+    assert all("e.g. one epoch" not in info for *_, info in slots(out))  # augmentation off: no example
+    state = out[0]
+    # the tab's fields: shuffle on, keep 0 tags, tag dropout 0.5, caption dropout 0
+    out = run(panel.set_augment, state, captions_on_screen(out), "trig, ", True, 0, 0.5, 0)
+    examples = [info.split("e.g. one epoch: ", 1)[1].split("</div>")[0] for visible, _, caption, info in slots(out)
+                if visible and caption]
+    assert examples and all(e.startswith("trig, mystyle") for e in examples)  # prefix, then the **core** tag
+    assert any(len(e.split(", ")) < 5 for e in examples)  # some tags dropped in this draw
+    out = run(panel.set_augment, state, captions_on_screen(out), "trig, ", False, 0, 0, 0)
+    assert all("e.g. one epoch" not in info for *_, info in slots(out))
+
+
+def test_the_check_shows_the_bucket_histogram(tmp_path):
+    for k, size in enumerate([(768, 512), (768, 512), (512, 512), (512, 1024)]):  # (buckets at 512: 256-1024)
+        Image.new("RGB", size, (40 * k, 50, 90)).save(tmp_path / f"img_{k}.png")
+        (tmp_path / f"img_{k}.txt").write_text("a picture")
+    out = panel._handler(panel.run_check, extra_outputs=1)(None, *BLANK, str(tmp_path), 512, "", True)
+    assert "aspect-ratio buckets (3;" in out[0] and "512×512</td><td>1<" in out[0]
+    out = panel._handler(panel.run_check, extra_outputs=1)(None, *BLANK, str(tmp_path), 512, "", False)
+    assert "aspect-ratio buckets" not in out[0]
+
+
 def test_actions_before_loading_say_what_to_do():
     out = run(panel.save_captions, None, BLANK)
     assert "load the captions first" in out[1]

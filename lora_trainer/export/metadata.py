@@ -103,7 +103,6 @@ def build_metadata(cfg, model: ModelFacts, run: RunFacts, extra: dict | None = N
     v_pred = prediction_type == "v_prediction"
     sdxl = base_model_version.startswith("sdxl")
     width, height = _size(resolution)
-    bucket_spec = BucketSpec.from_data(cfg.data) if run.bucket_info is not None else None
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": _s(int(t.lora_rank)),
@@ -138,16 +137,7 @@ def build_metadata(cfg, model: ModelFacts, run: RunFacts, extra: dict | None = N
         "ss_zero_terminal_snr": _s(cfg.model.zero_terminal_snr == "true"),
         "ss_fp8_base": _s(t.fp8_base),  # kohya's pair for "the UNet in float8, the text encoders as they are"
         "ss_fp8_base_unet": _s(t.fp8_base),
-        "ss_enable_bucket": _s(run.bucket_info is not None),
-        "ss_bucket_no_upscale": _s(bool(getattr(cfg.data, "bucket_no_upscale", False))),
-        "ss_min_bucket_reso": _s(bucket_spec.min_reso if bucket_spec else None),
-        "ss_max_bucket_reso": _s(bucket_spec.max_reso if bucket_spec else None),
-        "ss_bucket_info": json.dumps(run.bucket_info),  # (kohya: json.dumps, "null" without buckets)
-        "ss_shuffle_caption": _s(bool(cfg.data.shuffle_caption)),
-        "ss_keep_tokens": _s(int(cfg.data.keep_tokens)),
-        "ss_caption_dropout_rate": _s(float(cfg.data.caption_dropout_rate)),
-        "ss_caption_dropout_every_n_epochs": _s(int(cfg.data.caption_dropout_every_n_epochs)),
-        "ss_caption_tag_dropout_rate": _s(float(cfg.data.caption_tag_dropout_rate)),
+        **_data_keys(cfg.data, run.bucket_info),
         "ss_training_started_at": _s(run.started_at),
         "ss_training_finished_at": _s(run.finished_at),
         "ss_training_comment": _s(comment or None),
@@ -166,3 +156,20 @@ def build_metadata(cfg, model: ModelFacts, run: RunFacts, extra: dict | None = N
         meta["modelspec.encoder_layer"] = _s(clip_skip)
     meta.update({k: _s(v) for k, v in (extra or {}).items()})
     return meta
+
+
+def _data_keys(d, bucket_info: dict | None) -> dict[str, str]:
+    """kohya's keys of the aspect-ratio buckets and the caption augmentation (data.buckets, data.augment)."""
+    spec = BucketSpec.from_data(d) if bucket_info is not None else None
+    return {
+        "ss_enable_bucket": _s(bucket_info is not None),
+        "ss_bucket_no_upscale": _s(bool(d.bucket_no_upscale)),
+        "ss_min_bucket_reso": _s(spec.min_reso if spec else None),
+        "ss_max_bucket_reso": _s(spec.max_reso if spec else None),
+        "ss_bucket_info": json.dumps(bucket_info),  # (kohya: json.dumps, "null" without buckets)
+        "ss_shuffle_caption": _s(bool(d.shuffle_caption)),
+        "ss_keep_tokens": _s(int(d.keep_tokens)),
+        "ss_caption_dropout_rate": _s(float(d.caption_dropout_rate)),
+        "ss_caption_dropout_every_n_epochs": _s(int(d.caption_dropout_every_n_epochs)),
+        "ss_caption_tag_dropout_rate": _s(float(d.caption_tag_dropout_rate)),
+    }

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from lora_trainer.data.augment import CaptionAugment
 from lora_trainer.data.caption_set import CaptionSet, CaptionView
 from lora_trainer.data.images import ImageError, load_image
 from lora_trainer.data.tokens import TOKEN_WINDOW
@@ -29,6 +30,7 @@ class GridState:
     order: list[int] = field(default_factory=list)  # indices into captions.items, in display order
     page: int = 0
     discard_ok: bool = False  # Load was pressed once with unsaved edits: a second press discards them
+    augment: CaptionAugment | None = None  # the tab's caption augmentation: each caption shows an example draw
 
     def __post_init__(self):
         if not self.order:
@@ -68,15 +70,34 @@ def thumbnail(path) -> Image.Image | None:
     return img
 
 
-def info_html(view: CaptionView) -> str:
-    """Under each caption: what the trainer tokenizes, its token count against the window, core tags."""
+def augment_of(prefix: str, shuffle=False, keep_tokens=0, tag_dropout=0.0, dropout=0.0) -> CaptionAugment | None:
+    """The tab's caption augmentation fields → data.augment's CaptionAugment (None: all off). Fields left empty
+    count as off; the config's checks name bad values when training starts."""
+    def number(value, kind):
+        try:
+            return max(kind(value or 0), 0)
+        except (TypeError, ValueError):
+            return kind(0)
+
+    aug = CaptionAugment(bool(shuffle), number(keep_tokens, int), dropout_rate=min(number(dropout, float), 1.0),
+                         tag_dropout_rate=min(number(tag_dropout, float), 1.0), prefix=prefix or "")
+    return aug if aug.active else None
+
+
+def info_html(view: CaptionView, example: str | None = None) -> str:
+    """Under each caption: what the trainer tokenizes, its token count against the window, core tags; with caption
+    augmentation, ``example``: one draw of what a step encodes."""
     over = view.truncated
     tokens = (f"<span class='{P}tokens{' ' + P + 'over' if over else ''}'>{view.tokens}/{TOKEN_WINDOW} tokens"
               f"{' — cut off in training' if over else ''}</span>")
     core = (f" · core: {html.escape(', '.join(view.core_tags))}" if view.core_tags else "")
+    drawn = ""
+    if example is not None:
+        drawn = (f"<div class='{P}trainer_example' title='shuffled and dropped anew each epoch'>e.g. one epoch: "
+                 f"{html.escape(example) or '(no caption: dropped this time)'}</div>")
     return (f"<div class='{P}caption_info'>{tokens}{core}"
             f"<div class='{P}trainer_text' title='what the trainer tokenizes'>{html.escape(view.text) or '(empty)'}"
-            "</div></div>")
+            f"</div>{drawn}</div>")
 
 
 def page_slots(state: GridState) -> list[Slot]:
@@ -88,7 +109,8 @@ def page_slots(state: GridState) -> list[Slot]:
         item = state.captions.items[i]
         thumb = thumbnail(item.path)
         label = item.rel + ("" if thumb is not None else " (cannot be read: skipped in training)")
-        slots.append(Slot(True, label, item.caption, thumb, info_html(view)))
+        example = state.augment.caption(view.text, view.core_tags, i, 0) if state.augment is not None else None
+        slots.append(Slot(True, label, item.caption, thumb, info_html(view, example)))
     return slots + [Slot(False)] * (PER_PAGE - len(slots))
 
 
@@ -121,4 +143,17 @@ def report_html(report) -> str:
     head = (f"{report.images} images · {report.count('error')} errors · {report.count('warning')} warnings · "
             f"{report.count('info')} notes")
     body = f"<ul>{''.join(items)}</ul>" if items else "<div>no problems found</div>"
-    return f"<div class='{P}check'><div>{html.escape(head)}</div>{body}</div>"
+    return f"<div class='{P}check'><div>{html.escape(head)}</div>{body}{buckets_html(report.buckets)}</div>"
+
+
+def buckets_html(buckets: list[dict]) -> str:
+    """The dataset check's aspect-ratio buckets as a bar per bucket (width × height, images); empty without."""
+    if not buckets:
+        return ""
+    most = max(b["count"] for b in buckets)
+    rows = "".join(f"<tr><td>{w}×{h}</td><td>{b['count']}</td><td><div class='{P}bar' style='width:"
+                   f"{100 * b['count'] / most:.0f}%'>&nbsp;</div></td></tr>"
+                   for b in buckets for w, h in [b["resolution"]])
+    return (f"<div class='{P}buckets'><div>aspect-ratio buckets ({len(buckets)}; a batch holds one bucket's "
+            f"images)</div><table><thead><tr><th>size</th><th>images</th><th></th></tr></thead><tbody>{rows}"
+            "</tbody></table></div>")

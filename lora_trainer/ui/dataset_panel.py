@@ -19,6 +19,7 @@ from lora_trainer.ui import compat
 from lora_trainer.ui.caption_grid import (
     PER_PAGE,
     GridState,
+    augment_of,
     page_label,
     page_slots,
     report_html,
@@ -79,7 +80,12 @@ def _need(state):
     return state
 
 
-def load_captions(state, folder, prefix_text):
+AUGMENT_FIELDS = ("shuffle_caption", "keep_tokens", "caption_tag_dropout_rate", "caption_dropout_rate")  # (their order
+# is caption_grid.augment_of's)
+
+
+def load_captions(state, folder, prefix_text, *augment):
+    """``augment``: the tab's AUGMENT_FIELDS values (each caption then shows an example draw)."""
     if state is not None and state.captions.changed and not state.discard_ok:
         state.discard_ok = True
         return render(state, f"{len(state.captions.changed)} unsaved caption edits: press Save, or press "
@@ -88,8 +94,16 @@ def load_captions(state, folder, prefix_text):
         raise LoraTrainerError("choose the dataset folder first")
     cs = CaptionSet.load(str(folder).strip(), prefix=prefix_text or "")
     missing = sum(not i.caption for i in cs.items)
-    return render(GridState(cs), f"loaded {len(cs)} images from {cs.root}" +
+    return render(GridState(cs, augment=augment_of(prefix_text, *augment)), f"loaded {len(cs)} images from {cs.root}" +
                   (f"; {missing} have no caption" if missing else ""))
+
+
+def set_augment(state, prefix_text, *augment):
+    """The caption augmentation fields changed: the examples under the captions follow."""
+    if state is None:
+        return render(None)
+    state.augment = augment_of(prefix_text, *augment)
+    return render(state)
 
 
 def turn_page(delta):
@@ -146,12 +160,14 @@ def save_captions(state):
                   f"{', '.join(p.name for p in result.written[:3])}{'…' if len(result.written) > 3 else ''}{backup}")
 
 
-def run_check(state, folder, res, prefix_text):
+def run_check(state, folder, res, prefix_text, buckets=True):
+    """The dataset check at the tab's resolution, with its aspect-ratio buckets where ``buckets`` (the field)."""
     from lora_trainer.data.check import check_dataset
 
     if not str(folder or "").strip():
         raise LoraTrainerError("choose the dataset folder first")
-    report = check_dataset(str(folder).strip(), resolution=int(res or 512), caption_prefix=prefix_text or "")
+    report = check_dataset(str(folder).strip(), resolution=int(res or 512), caption_prefix=prefix_text or "",
+                           buckets=True if buckets else None)
     unsaved = len(state.captions.changed) if state is not None else 0
     note = f" ({unsaved} unsaved edits are not in it: the check reads the files)" if unsaved else ""
     return [report_html(report)] + render(state, f"checked{note}")
@@ -192,7 +208,8 @@ def auto_caption(host, state, folder, kind, model_name, template_text, mode_valu
         yield render(state, f"auto-caption failed: {e}", "error")
         return
     cs = CaptionSet.load(str(folder).strip(), prefix=prefix_text or "")
-    yield render(GridState(cs), f"auto-caption: {outcome['result'].summary()}")
+    yield render(GridState(cs, augment=state.augment if state is not None else None),
+                 f"auto-caption: {outcome['result'].summary()}")
 
 
 def _status_only(message: str, kind: str) -> list:
@@ -212,8 +229,11 @@ def _stream(fn):
     return run
 
 
-def create_dataset_panel(host, data_dir, prefix, resolution):
-    """The panel's components and events, inside the tab; ``prefix``/``resolution`` are the tab's fields."""
+def create_dataset_panel(host, data_dir, fields: dict):
+    """The panel's components and events, inside the tab; ``fields``: the tab's advanced fields by config key (the
+    prefix, resolution, buckets and caption augmentation are read from them)."""
+    prefix, resolution, buckets = fields["caption_prefix"], fields["resolution"], fields["enable_bucket"]
+    augment = [fields[key] for key in AUGMENT_FIELDS]
     with gr.Accordion("Dataset: captions, check, auto-caption", open=False, elem_id=f"{P}dataset"):
         with gr.Row():
             load_btn = gr.Button("Load captions", elem_id=f"{P}load_captions")
@@ -270,23 +290,33 @@ def create_dataset_panel(host, data_dir, prefix, resolution):
         with gr.Accordion("Tag frequency", open=False, elem_id=f"{P}tag_freq"):
             table = gr.HTML(tag_table_html([], 0))
     state = gr.State(None)
-    outputs = [state, status, page_md, table, *slots]
+    ui = dict(locals())
+    _wire(host, ui, [state, status, page_md, table, *slots], data_dir, prefix, resolution, buckets, augment)
+    return state
+
+
+def _wire(host, ui: dict, outputs: list, data_dir, prefix, resolution, buckets, augment: list) -> None:
+    """The panel's events: each takes the slots' text first (``_handler``) and renders the grid."""
+    state, captions, check_out = ui["state"], ui["captions"], ui["check_out"]
+    has, has_not, find, repl, regex, tag, scope = (ui[k] for k in ("has", "has_not", "find", "repl", "regex", "tag",
+                                                                   "scope"))
     grid_in = [state]
     events = [
-        (load_btn, load_captions, [data_dir, prefix]), (prev_btn, turn_page(-1), []), (next_btn, turn_page(1), []),
-        (filter_btn, do_filter, [has, has_not]), (clear_btn, clear_filter, []),
-        (replace_btn, do_replace, [find, repl, regex, scope]),
-        (front_btn, tag_tool("front"), [tag, scope]), (end_btn, tag_tool("end"), [tag, scope]),
-        (remove_btn, tag_tool("remove"), [tag, scope]), (sort_btn, tag_tool("sort"), [tag, scope]),
-        (save_btn, save_captions, []),
+        ("load_btn", load_captions, [data_dir, prefix, *augment]), ("prev_btn", turn_page(-1), []),
+        ("next_btn", turn_page(1), []), ("filter_btn", do_filter, [has, has_not]), ("clear_btn", clear_filter, []),
+        ("replace_btn", do_replace, [find, repl, regex, scope]),
+        ("front_btn", tag_tool("front"), [tag, scope]), ("end_btn", tag_tool("end"), [tag, scope]),
+        ("remove_btn", tag_tool("remove"), [tag, scope]), ("sort_btn", tag_tool("sort"), [tag, scope]),
+        ("save_btn", save_captions, []),
     ]
     for button, fn, extra in events:
-        button.click(_handler(fn), inputs=grid_in + captions + extra, outputs=outputs)
-    check_btn.click(_handler(run_check, extra_outputs=1), inputs=grid_in + captions + [data_dir, resolution, prefix],
-                    outputs=[check_out] + outputs)
-    label_btn.click(_stream(functools.partial(auto_caption, host)),
-                    inputs=grid_in + captions + [data_dir, captioner, model, template, mode, download, prefix],
-                    outputs=outputs)
+        ui[button].click(_handler(fn), inputs=grid_in + captions + extra, outputs=outputs)
+    ui["check_btn"].click(_handler(run_check, extra_outputs=1),
+                    inputs=grid_in + captions + [data_dir, resolution, prefix, buckets], outputs=[check_out] + outputs)
+    for field in (prefix, *augment):
+        field.change(_handler(set_augment), inputs=grid_in + captions + [prefix, *augment], outputs=outputs)
+    labelling = [ui[k] for k in ("captioner", "model", "template", "mode", "download")]
+    ui["label_btn"].click(_stream(functools.partial(auto_caption, host)),
+                          inputs=grid_in + captions + [data_dir, *labelling, prefix], outputs=outputs)
     for box in (has, has_not):
         box.submit(_handler(do_filter), inputs=grid_in + captions + [has, has_not], outputs=outputs)
-    return state

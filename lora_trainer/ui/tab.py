@@ -278,7 +278,7 @@ def create_tab(host) -> gr.Blocks:
                 loss = gr.HTML(loss_svg([]), elem_id=f"{PREFIX}loss")
                 samples = compat.gallery("Samples during training", f"{PREFIX}samples", columns=4)
                 lora_file = gr.Textbox(label="Trained LoRA", interactive=True, elem_id=f"{PREFIX}lora_file")
-        create_dataset_panel(host, t["data_dir"], t["advanced"]["caption_prefix"], t["advanced"]["resolution"])
+        create_dataset_panel(host, t["data_dir"], t["advanced"])
         sw = _sweep_panel(host)
         trained = gr.State(None)  # the LoRA the last run of this page made (None: it made none)
         _wire(host, t, sw, [status, loss, samples, lora_file], trained)
