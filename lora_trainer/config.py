@@ -38,7 +38,7 @@ class DataConfig:
     resolution: int = 512
     random_flip: bool = False
     enable_bucket: bool = True  # aspect-ratio buckets (data.buckets); false: every image center-cropped to a square
-    min_bucket_reso: int = 256  # a bucket's shortest side (at most the resolution)
+    min_bucket_reso: int | None = None  # a bucket's shortest side; None: 256, or the resolution where it is smaller
     max_bucket_reso: int | None = None  # a bucket's longest side; None: twice the resolution
     bucket_reso_steps: int = 64  # bucket sides are multiples of this
     bucket_no_upscale: bool = False  # images smaller than resolution² train at their own size (rounded down)

@@ -13,6 +13,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
+MIN_RESO = 256  # a bucket's shortest side where data.min_bucket_reso is not set (kohya's default)
 CROP_WARN = 0.10  # the dataset check names images that lose more than this share of the picture to the crop
 UPSCALE_WARN = 2.0  # ...or are scaled up more than this
 
@@ -57,14 +58,14 @@ class BucketSpec:
     resolution, ``max_reso`` twice the resolution where the config sets none, both multiples of the step."""
 
     resolution: int
-    min_reso: int = 256
+    min_reso: int | None = None  # None: MIN_RESO
     max_reso: int | None = None
     step: int = 64
     no_upscale: bool = False
 
     def __post_init__(self):  # (sides stay multiples of the step; the square bucket always within the range)
         side = self.square
-        low = -(-min(self.min_reso, self.resolution) // self.step) * self.step
+        low = -(-min(MIN_RESO if self.min_reso is None else self.min_reso, self.resolution) // self.step) * self.step
         object.__setattr__(self, "min_reso", min(low, side))
         high = (self.max_reso or 2 * self.resolution) // self.step * self.step
         object.__setattr__(self, "max_reso", max(high, side))

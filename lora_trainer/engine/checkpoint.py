@@ -202,7 +202,7 @@ DATA_SETTINGS = ("fast_jpeg_decode", "weighted_captions", "enable_bucket", "min_
                  "bucket_reso_steps", "bucket_no_upscale", "random_crop", *CAPTION_SETTINGS)
 # what a checkpoint from before a setting existed was trained with (before aspect-ratio buckets: square crops)
 BEFORE = {"fast_jpeg_decode": False, "weighted_captions": False, "train_text_encoder_2": False,
-          "zero_terminal_snr": "false", "fp8_base": False, "enable_bucket": False, "min_bucket_reso": 256,
+          "zero_terminal_snr": "false", "fp8_base": False, "enable_bucket": False, "min_bucket_reso": None,
           "max_bucket_reso": None, "bucket_reso_steps": 64, "bucket_no_upscale": False, "random_crop": False,
           "shuffle_caption": False, "keep_tokens": 0, "caption_tag_dropout_rate": 0.0, "caption_dropout_rate": 0.0,
           "caption_dropout_every_n_epochs": 0}
