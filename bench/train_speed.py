@@ -3,6 +3,7 @@
     python bench/train_speed.py [--device cpu|cuda] [--model tiny|tiny-sdxl|sd15-shape|sdxl-shape] [--resolution 64]
                                 [--batch 4] [--rank 8] [--images 16] [--photo-size WxH] [--steps 60] [--rounds 6]
                                 [--gradient-checkpointing] [--variant NAME:key=value,key=value ...] [--no-reference]
+                                [--mixed-aspect]
 
 Models: the built-in tiny SD (``tiny``) and SDXL (``tiny-sdxl``) models, or SD 1.5's / SDXL base's real shapes with
 random weights, built once from configs in the work folder (``sd15-shape``; ``sdxl-shape``: 2.6 B UNet parameters,
@@ -18,6 +19,10 @@ keys changed (``compile:compile_unet=true``). Two measurements:
 - memory and start-up: each loop alone in its own child process (so each peak is its own): peak memory
   (CUDA: max_memory_allocated, and the whole device's use, CUDA context and allocator cache included,
   polled every 20 ms; CPU: peak RSS) and time to the first step.
+
+``--mixed-aspect``: the images in four shapes (4:3, 3:4, 1:1, 2:1); "ours" trains them in aspect-ratio buckets
+(data.enable_bucket, buckets from half the resolution, steps of a quarter) and a "square" loop center-cropped, and
+the two are compared at their pixels per image (a bucket holds at most resolution² pixels).
 
 On CUDA one more child counts the FLOPs of one step with torch.utils.flop_counter (VAE encode, text
 encoder, UNet forward + backward with LoRA) for the model FLOPs utilisation (MFU) against --peak-tflops.
@@ -223,6 +228,45 @@ def as_photos(demo: Path, folder: Path, size: tuple[int, int]) -> Path:
     return folder
 
 
+MIXED_SHAPES = ((4, 3), (3, 4), (1, 1), (2, 1))  # --mixed-aspect: width:height of the images, in turn
+
+
+def as_mixed(demo: Path, folder: Path, resolution: int) -> Path:
+    """The demo set in MIXED_SHAPES, each about twice the resolution's pixels a side (scaled down as it loads)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = (demo / "metadata.csv").read_text(encoding="utf-8").splitlines()
+    for k, row in enumerate(rows[1:]):
+        name = row.split(",", 1)[0]
+        w, h = MIXED_SHAPES[k % len(MIXED_SHAPES)]
+        scale = 2 * resolution / (w * h) ** 0.5
+        if not (folder / name).exists():
+            Image.open(demo / name).convert("RGB").resize((round(w * scale), round(h * scale)),
+                                                          Image.BICUBIC).save(folder / name)
+    (folder / "metadata.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return folder
+
+
+def bucket_overrides(resolution: int) -> dict:
+    """--mixed-aspect: buckets that differ at the bench's small resolutions (kohya's 256..1024 in steps of 64 are
+    for 512)."""
+    return {"enable_bucket": True, "min_bucket_reso": max(64, resolution // 2),
+            "bucket_reso_steps": max(8, resolution // 4 // 8 * 8)}
+
+
+def pixels_per_image(data: Path, resolution: int, overrides: dict) -> float:
+    """The mean pixels an image trains at: its bucket's, or the resolution's square."""
+    from lora_trainer.config import config_from_dict
+    from lora_trainer.data.dataset import scan_dataset
+    from lora_trainer.engine.run import training_dataset
+
+    cfg = config_from_dict({"train_data_dir": str(data), "resolution": resolution, **overrides})
+    dataset = training_dataset(cfg, scan_dataset(data))
+    sizes = [dataset.target(i) for i in range(len(dataset))]
+    return sum(w * h for w, h in sizes) / len(sizes)
+
+
 def parse_variant(text: str) -> tuple[str, dict]:
     """``NAME:key=value,key=value`` → (NAME, {key: YAML value})."""
     import yaml
@@ -264,6 +308,8 @@ def parse_args() -> argparse.Namespace:
                    help="also run ours with these training keys changed (repeatable)")
     p.add_argument("--compile", action="store_true", help="same as --variant compile:compile_unet=true")
     p.add_argument("--no-reference", action="store_true", help="skip the reference loop")
+    p.add_argument("--mixed-aspect", action="store_true",
+                   help="images of four aspect ratios: ours in buckets against a square-cropped loop")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="the GPU's dense bf16 peak for MFU (H100/H200 SXM: 989)")
     p.add_argument("--out", default="bench/train_speed.json")
@@ -284,9 +330,12 @@ def main() -> None:
 
     from lora_trainer.data.demo_set import make_demo_dataset
 
-    variants = [("ours", {})] + [parse_variant(v) for v in args.variant]
+    mixed = bucket_overrides(args.resolution) if args.mixed_aspect else {}
+    variants = [("ours", mixed)] + [(n, {**mixed, **o}) for n, o in map(parse_variant, args.variant)]
     if args.compile:
-        variants.append(("compile", {"compile_unet": True}))
+        variants.append(("compile", {**mixed, "compile_unet": True}))
+    if args.mixed_aspect:
+        variants.append(("square", {"enable_bucket": False}))
     loops = ([] if args.no_reference else [("reference", None)]) + variants
     work = Path(args.work or tempfile.mkdtemp(prefix="lora-bench-"))
     data = make_demo_dataset(work / f"data-{args.images}-{args.resolution}", n=args.images,
@@ -294,6 +343,8 @@ def main() -> None:
     if args.photo_size:
         data = as_photos(data, work / f"photos-{args.images}-{args.resolution}-{'x'.join(map(str, args.photo_size))}",
                          args.photo_size)
+    if args.mixed_aspect:
+        data = as_mixed(data, work / f"mixed-{args.images}-{args.resolution}", args.resolution)
     base_model(args.model, work)  # build once, outside the timed children
     block = args.steps // args.rounds
     shared = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
@@ -327,6 +378,8 @@ def main() -> None:
             r["mfu"] = per_image * r["images_per_s"] / (args.peak_tflops * 1e12)
     summary = {"config": {k: v for k, v in vars(args).items() if k not in ("mode", "data", "work", "loops")},
                "flops_per_image": flops, "rows": rows}
+    if args.mixed_aspect:
+        summary["buckets_vs_square"] = compare_buckets(rows, data, args.resolution)
     if args.device == "cuda":
         import torch
 
@@ -336,6 +389,22 @@ def main() -> None:
         print("TFLOP per image: " + ", ".join(f"{k} {v / 1e12:.3f}" for k, v in flops.items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def compare_buckets(rows: list[dict], data: Path, resolution: int) -> dict | None:
+    """--mixed-aspect: bucketed ("ours") against square ("square") steps/s, and per million pixels trained."""
+    by = {r["mode"]: r for r in rows}
+    if "ours" not in by or "square" not in by:
+        return None
+    px = {"ours": pixels_per_image(data, resolution, by["ours"]["overrides"]),
+          "square": pixels_per_image(data, resolution, {"enable_bucket": False})}
+    out = {name: {"steps_per_s": by[name]["steps_per_s"], "pixels_per_image": px[name],
+                  "mpx_per_s": by[name]["images_per_s"] * px[name] / 1e6} for name in px}
+    out["steps_ratio"] = out["ours"]["steps_per_s"] / out["square"]["steps_per_s"]
+    out["pixel_rate_ratio"] = out["ours"]["mpx_per_s"] / out["square"]["mpx_per_s"]
+    print(f"buckets vs square: {out['steps_ratio']:.2f}x steps/s, {out['pixel_rate_ratio']:.2f}x pixels/s "
+          f"({px['ours']:.0f} vs {px['square']:.0f} pixels per image)")
+    return out
 
 
 def print_table(rows: list[dict], rounds: int) -> None:

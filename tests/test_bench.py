@@ -51,6 +51,23 @@ def test_benchmark_runs_end_to_end(tmp_path):
     assert "ours/reference:" in proc.stdout
 
 
+@pytest.mark.slow
+def test_the_mixed_aspect_benchmark_compares_buckets_with_square_crops(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "train_speed.py"), "--mixed-aspect", "--resolution", "128",
+                           "--no-reference", "--steps", "2", "--rounds", "1", "--warmup", "1", "--images", "4",
+                           "--batch", "1", "--work", str(tmp_path / "work"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = {r["mode"]: r for r in result["rows"]}
+    assert rows["square"]["overrides"] == {"enable_bucket": False} and rows["ours"]["overrides"]["enable_bucket"]
+    cmp = result["buckets_vs_square"]
+    # 4:3, 3:4, 1:1 and 2:1 in buckets of at most 128² pixels (160×96: 15360), against four 128² squares
+    assert cmp["square"]["pixels_per_image"] == 128 * 128 and cmp["ours"]["pixels_per_image"] < 128 * 128
+    assert cmp["steps_ratio"] > 0 and "buckets vs square:" in proc.stdout
+
+
 def test_peak_memory_of_a_child_is_its_own_not_its_parents():
     # Linux carries a parent's ru_maxrss over fork + exec; the benchmark's children must not report it
     hog = bytearray(300 * 2**20)
