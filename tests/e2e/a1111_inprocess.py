@@ -176,6 +176,51 @@ def training_check(sd_model) -> None:
     lora.unlink(missing_ok=True)
 
 
+def buckets_check(sd_model) -> None:
+    """Aspect-ratio buckets and shuffled captions on the WebUI's model: portraits, landscapes and squares train in
+    their buckets (latents cached per bucket through the WebUI's VAE, captions encoded each step by its CLIP); the
+    file says so; the UNet is restored."""
+    import torch
+    from modules import shared
+    from PIL import Image
+
+    from lora_trainer.ui.session import TrainingSession
+    from lora_trainer.webui.host import WebUIHost
+
+    tmp = Path(tempfile.mkdtemp())
+    data = tmp / "mixed"
+    data.mkdir()
+    rows = [("file_name", "text")]
+    for k, size in enumerate([(192, 128), (128, 192), (128, 128), (256, 128)]):
+        Image.effect_noise(size, 40 + 10 * k).convert("RGB").save(data / f"img_{k}.png")
+        rows.append((f"img_{k}.png", f"**zxq style**, shape {k}, soft light, plain ground"))
+    with open(data / "metadata.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows(rows)
+    before = sd_model.model.diffusion_model.state_dict()
+    before = {k: v.clone() for k, v in before.items()}
+    name = f"e2e_buckets_{int(time.time())}"
+    cfg = _cfg(tmp, name, train_data_dir=str(data), resolution=128, min_bucket_reso=64, bucket_reso_steps=32,
+               shuffle_caption=True, caption_tag_dropout_rate=0.3, batch_size=1, max_train_steps=4)
+    t0 = time.time()
+    status = TrainingSession.start(WebUIHost(), cfg).wait(1800)
+    lora = Path(shared.cmd_opts.lora_dir) / f"{name}.safetensors"
+    meta = {}
+    if lora.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(lora), "pt") as f:
+            meta = f.metadata()
+    info = json.loads(meta.get("ss_bucket_info") or "null") or {}
+    sizes = sorted(tuple(b["resolution"]) for b in info.get("buckets", {}).values())
+    check("mixed aspect ratios train in their buckets with shuffled captions", status.state == "done"
+          and len(sizes) >= 3 and meta.get("ss_shuffle_caption") == "True",
+          f"{status.state}: {status.message[:160]} ({time.time() - t0:.0f} s); buckets {sizes}")
+    after = sd_model.model.diffusion_model.state_dict()
+    check("the UNet's weights are as before (buckets run)", all(torch.equal(before[k], after[k]) for k in before),
+          f"{len(before)} tensors compared")
+    lora.unlink(missing_ok=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ckpt", default=None)
@@ -188,6 +233,7 @@ def main() -> int:
     zero_mean_check(sd_model)
     estimate_check(sd_model, "sd_v1", _cfg(Path(tempfile.mkdtemp()), "estimate"))
     training_check(sd_model)
+    buckets_check(sd_model)
     return summarize(t0)
 
 

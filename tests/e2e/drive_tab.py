@@ -266,6 +266,18 @@ def main():
             set_field(page, "batch_size", BATCH)
             set_field(page, "sample_prompt", "a photo")
             set_field(page, "sample_every", max(1, TRAIN_STEPS // 2))  # two samples
+            # caption augmentation (issue 18): shuffled tags; the caption grid shows one epoch's draw under each
+            page.locator(f"{P}shuffle_caption input").first.check()
+            page.wait_for_timeout(300)
+        with Timer("2 caption grid: load, the augmented draw"):
+            page.locator(f"{P}dataset .label-wrap").first.click()
+            page.wait_for_timeout(500)
+            page.locator(f"{P}load_captions").click()
+            page.wait_for_selector(f"{P}caption_info_0 .lora_trainer_trainer_example", timeout=60000)
+            example = page.locator(f"{P}caption_info_0 .lora_trainer_trainer_example").first.inner_text().strip()
+        shot(page, "02b_caption_grid", selector=f"{P}dataset")
+        check("2 the caption grid shows an augmented draw while Shuffle is ticked",
+              example.startswith("e.g. one epoch:") and "neon street" in example, repr(example))
         shot(page, "02_filled")
         with Timer("2 train (click → done)"):
             page.locator(f"{P}train").click()
@@ -316,6 +328,12 @@ def main():
                       f"sshs_model_hash={str(meta.get('sshs_model_hash'))[:16]}, sshs_legacy_hash={meta.get('sshs_legacy_hash')}, "
                       f"{len(meta)} metadata keys")
             check("3 models/Lora/<name>.safetensors written", ok and str(f) == path or ok, ev + f"; tab path {path}")
+            buckets = json.loads(meta.get("ss_bucket_info") or "null") if ok else None
+            check("3 the file says: trained in buckets, tags shuffled (the tab's fields)",
+                  ok and meta.get("ss_enable_bucket") == "True" and meta.get("ss_shuffle_caption") == "True"
+                  and bool(buckets and buckets.get("buckets")),
+                  f"ss_enable_bucket={meta.get('ss_enable_bucket')}, ss_shuffle_caption={meta.get('ss_shuffle_caption')}, "
+                  f"ss_bucket_info={meta.get('ss_bucket_info')}")
             names = lora_names()
             check("3 GET /sdapi/v1/loras lists it", name in names, f"{name} in list: {name in names} ({len(names)} entries)")
             with_lora = txt2img(f"a photo <lora:{name}:0.7>")
