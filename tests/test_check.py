@@ -109,6 +109,16 @@ def test_a_clean_set_has_no_warnings_but_its_size(tmp_path):
     assert "no problems found" in report.summary()
 
 
+def test_small_images_at_the_lowest_resolution_are_not_told_to_lower_it(tmp_path):
+    for k, side in enumerate((40, 48, 100)):
+        Image.new("RGB", (side, side), (30 * k, 90, 60)).save(tmp_path / f"img_{k}.png")
+        (tmp_path / f"img_{k}.txt").write_text("a square")
+    at = {res: next(f for f in check_dataset(tmp_path, resolution=res).findings if f.check == "small")
+          for res in (64, 128)}
+    assert at[64].fix == "use larger originals (64 px is the lowest resolution there is)"
+    assert at[128].fix == "use larger originals, or lower data.resolution to 64"
+
+
 def test_unusable_folder_is_one_error(tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
     report = check_dataset(tmp_path)

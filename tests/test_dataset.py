@@ -181,8 +181,17 @@ def test_every_bad_file_skipped_with_its_reason(messy, caplog):
     absolute = str(messy.parent / "outside.png")
     assert reasons[absolute].startswith("listed in metadata.csv line 7: escapes the dataset folder")
     assert len(reasons) == 8 and not any(".hidden" in p for p in reasons)
-    for name, why in reasons.items():
-        assert f"skipped {name}: {why}" in caplog.text
+    # each is listed once, by the dataset check, with a fix for its own kind (not "re-save as PNG" for all)
+    assert "skipped" not in caplog.text
+    from lora_trainer.data.check import check_scan
+
+    listed = {f.files[0]: f for f in check_scan(scan, resolution=64).findings if f.check == "unreadable"}
+    assert listed.keys() == reasons.keys() and all(listed[n].message == f"skipped: {why}" for n, why in reasons.items())
+    fixes = {name: f.fix for name, f in listed.items()}
+    assert fixes["missing.png"].startswith("correct the name in the caption file")
+    assert fixes["../outside.png"] == fixes[absolute] and fixes[absolute].startswith("copy the image into the dataset")
+    assert fixes["empty.png"].startswith("the file has no data") and fixes["readme.md"].startswith("remove it")
+    assert fixes["notes.png"].startswith("remove it") and fixes["truncated.jpg"].startswith("re-save the file as PNG")
     assert reasons["corrupt.webp"] == "truncated or corrupt: starts like a WebP file but cannot be decoded"
     assert scan.summary() == (
         f"dataset {messy}: 2 images used, 8 skipped (2 corrupt, 1 empty, 1 missing, 2 not an image, "

@@ -18,7 +18,7 @@ import yaml
 
 from lora_trainer.data.buckets import CROP_WARN, UPSCALE_WARN, BucketSpec, groups
 from lora_trainer.data.captions import split_tags, tag_frequency
-from lora_trainer.data.dataset import DatasetScan, scan_dataset
+from lora_trainer.data.dataset import FIXES, DatasetScan, kind_of, scan_dataset
 from lora_trainer.data.images import (
     SCAN_DRAFT_PX,
     ImageError,
@@ -187,11 +187,13 @@ def _images(scan: DatasetScan, names: list[str], infos: list[_ImageInfo], resolu
              and (buckets is None or n in upscaled)]  # (with buckets: those scaled up into their bucket, up to 2×)
     if small:
         worst = min(min(s) for _, s in small)
+        lower = max(64, worst // 64 * 64)
         out.append(Finding("small", "warning",
                            f"{_n(len(small), 'image', 'is')} smaller than the training resolution {resolution} px and "
                            f"get upscaled (the smallest side is {worst} px: ×{resolution / worst:.1f}, blurry)",
                            [f"{n} ({w}×{h})" for n, (w, h) in small],
-                           f"use larger originals, or lower data.resolution to {max(64, worst // 64 * 64)}"))
+                           "use larger originals" + (f", or lower data.resolution to {lower}" if lower < resolution
+                                                     else f" ({resolution} px is the lowest resolution there is)")))
     wide = [(n, i.size) for n, i in zip(names, infos) if i.size and max(i.size) / min(i.size) > MAX_ASPECT]
     if wide and buckets is None:  # (with buckets: the crop finding names what still loses much)
         out.append(Finding("aspect", "warning",
@@ -331,7 +333,7 @@ def check_scan(scan: DatasetScan, resolution: int = 512, caption_prefix: str = "
     report = CheckReport(str(scan.root), len(scan.samples))
     for skipped in scan.skipped:
         report.findings.append(Finding("unreadable", "warning", f"skipped: {skipped.reason}", [skipped.path],
-                                       "re-save the file as PNG or JPEG, or remove it from the folder"))
+                                       skipped.fix))
     if scan.problems:
         report.findings.append(Finding("csv", "warning", f"{len(scan.problems)} caption file problems: "
                                        + "; ".join(scan.problems[:3]), [], "fix the lines named"))
@@ -350,7 +352,7 @@ def check_scan(scan: DatasetScan, resolution: int = 512, caption_prefix: str = "
     for name, info in zip(names, infos):
         if info.error:
             report.findings.append(Finding("unreadable", "warning", f"skipped: {info.error}", [name],
-                                           "re-save the file as PNG or JPEG, or remove it"))
+                                           FIXES[kind_of(info.error)]))
     found, report.buckets = _images(scan, names, infos, resolution, _spec(buckets, resolution))
     report.findings += found
     glossary = load_glossary(scan.root) if glossary is None else glossary

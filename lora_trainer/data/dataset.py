@@ -38,7 +38,18 @@ ACCEPTED = ", ".join(IMAGE_EXTENSIONS)
 # reason text -> the kind counted in the summary (first match wins; anything else is "corrupt")
 _KINDS = (("not found", "missing"), ("escapes", "outside the folder"), ("not a supported", "not an image"),
           ("not an image", "not an image"), ("empty file", "empty"), ("too large", "too large"),
-          ("cannot read", "unreadable"))
+          ("cannot read", "unreadable"), ("loops or points nowhere", "broken link"), ("a folder", "not an image"))
+# what to do about a skipped file, by its kind
+FIXES = {
+    "missing": "correct the name in the caption file (metadata.csv), or put the image back",
+    "outside the folder": "copy the image into the dataset folder and name it relative to that folder",
+    "not an image": "remove it from the folder (or, if it is a picture in another format, save it as PNG or JPEG)",
+    "empty": "the file has no data (an interrupted copy?): copy it again, or remove it",
+    "too large": "scale the picture down (4096 px a side is plenty) and save it again, or remove it",
+    "unreadable": "give yourself read permission on the file (chmod), or remove it",
+    "broken link": "remove the link, or point it at an image",
+    "corrupt": "re-save the file as PNG or JPEG (open it in an image editor), or remove it",
+}
 
 
 @dataclass(frozen=True)
@@ -56,7 +67,16 @@ class Skipped:
 
     @property
     def kind(self) -> str:
-        return next((kind for key, kind in _KINDS if key in self.reason), "corrupt")
+        return kind_of(self.reason)
+
+    @property
+    def fix(self) -> str:
+        return FIXES[self.kind]
+
+
+def kind_of(reason: str) -> str:
+    """The kind of a reason a file is skipped for (a key of FIXES)."""
+    return next((kind for key, kind in _KINDS if key in reason), "corrupt")
 
 
 @dataclass
@@ -228,7 +248,7 @@ def find_dataset_files(root, metadata_path=None, caption_extension: str = ".txt"
             files.csv_names[target[0]] = name
             continue
         files.csv_skipped.append(Skipped(name, reason))
-        log.warning("skipped %s: %s", name, reason)
+        log.debug("skipped %s: %s", name, reason)  # (the dataset check lists them, with a fix each)
     return files
 
 
@@ -259,7 +279,7 @@ def scan_dataset(root, metadata_path=None, caption_extension: str = ".txt", capt
 
     def skip(rel: str, reason: str) -> None:
         scan.skipped.append(Skipped(rel, reason))
-        log.warning("skipped %s: %s", rel, reason)
+        log.debug("skipped %s: %s", rel, reason)  # (the dataset check lists them, with a fix each)
 
     order = sorted(candidates)
     with strict_decoding(), ThreadPoolExecutor(decode_threads()) as pool:
