@@ -26,20 +26,37 @@ DEMO_SETTINGS = {
 
 
 def _setup_logging(verbose: bool) -> None:
-    """The terminal shows what the user must act on: our own lines; the libraries' notices (transformers' and
-    diffusers' own loggers, read from these variables when they load) only when they are errors, and Python warnings
-    (deprecations and the like) go to the run's log file (engine.run_dir.run_log_file), not the terminal."""
-    import os
-
+    """The terminal shows what the user must act on: our own lines; Python warnings (deprecations and the like) go to
+    the run's log file (engine.run_dir.run_log_file), not the terminal; the libraries' notices likewise where a
+    command loads models (``_libraries_to_the_log_file``)."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(message)s",
                         stream=sys.stderr)
-    for noisy in ("diffusers", "transformers", "peft", "urllib3", "PIL"):
+    for noisy in ("urllib3", "PIL"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     if not verbose:
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
         logging.captureWarnings(True)
         logging.getLogger("py.warnings").propagate = False
+
+
+def _libraries_to_the_log_file() -> None:
+    """transformers', diffusers' and peft's notices (warnings and up) to the run's log file only (run_dir.LIBRARIES
+    there), off the terminal: their own terminal handlers are removed, their errors still shown. Imports them: only
+    for the commands that load models."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for lib in (diffusers_logging, transformers_logging):
+        lib.disable_default_handler()  # (each library's stderr handler, added when it first logs)
+    for name in ("diffusers", "transformers", "peft"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
+        if not any(getattr(h, "lora_trainer_errors", False) for h in logger.handlers):
+            errors = logging.StreamHandler(sys.stderr)  # (what fails shows, as before)
+            errors.setLevel(logging.ERROR)
+            errors.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+            errors.lora_trainer_errors = True
+            logger.addHandler(errors)
 
 
 def _train(cfg):
@@ -47,6 +64,8 @@ def _train(cfg):
 
     from lora_trainer.engine.trainer import train
 
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):  # (--verbose: the libraries' notices on the terminal)
+        _libraries_to_the_log_file()
     with logging_redirect_tqdm(loggers=[logging.root]):
         return train(cfg)
 

@@ -76,6 +76,9 @@ def prepare_run_dir(output_dir: str, resume: str | None) -> tuple[Path, Path | N
     return out, None, None
 
 
+LIBRARIES = ("transformers", "diffusers", "peft")  # their loggers' records go to train.log too
+
+
 @contextlib.contextmanager
 def run_log_file(run_dir: Path):
     """Copy the package's log records into ``<run>/logs/train.log`` while the run lasts."""
@@ -88,12 +91,16 @@ def run_log_file(run_dir: Path):
     if logger.getEffectiveLevel() > logging.INFO:
         logger.setLevel(logging.INFO)
     logger.addHandler(handler)
-    warnings = logging.getLogger("py.warnings")  # (Python warnings, where the CLI captures them)
-    warnings.addHandler(handler)
+    # Python warnings (where the CLI captures them) and the libraries' notices (where the CLI keeps them off the
+    # terminal: they do not reach the root logger then)
+    others = [logging.getLogger(name) for name in ("py.warnings", *LIBRARIES)]
+    for other in others:
+        other.addHandler(handler)
     try:
         yield run_dir / LOGS
     finally:
-        warnings.removeHandler(handler)
+        for other in others:
+            other.removeHandler(handler)
         logger.removeHandler(handler)
         logger.setLevel(old_level)
         handler.close()
