@@ -112,6 +112,8 @@ def test_captions_show_an_augmented_draw_while_shuffling_is_on(folder):
                 if visible and caption]
     assert examples and all(e.startswith("trig, mystyle") for e in examples)  # prefix, then the **core** tag
     assert any(len(e.split(", ")) < 5 for e in examples)  # some tags dropped in this draw
+    uncaptioned = [info for visible, _, caption, info in slots(out) if visible and not caption]
+    assert uncaptioned and all("e.g. one epoch: trig</div>" in info for info in uncaptioned)  # (the prefix alone)
     out = run(panel.set_augment, state, captions_on_screen(out), "trig, ", False, 0, 0, 0)
     assert all("e.g. one epoch" not in info for *_, info in slots(out))
 

@@ -109,7 +109,8 @@ def page_slots(state: GridState) -> list[Slot]:
         item = state.captions.items[i]
         thumb = thumbnail(item.path)
         label = item.rel + ("" if thumb is not None else " (cannot be read: skipped in training)")
-        example = state.augment.caption(view.text, view.core_tags, i, 0) if state.augment is not None else None
+        drawn = state.augment is not None and view.text  # (an empty caption has nothing to draw from)
+        example = state.augment.caption(view.text, view.core_tags, i, 0) if drawn else None
         slots.append(Slot(True, label, item.caption, thumb, info_html(view, example)))
     return slots + [Slot(False)] * (PER_PAGE - len(slots))
 
