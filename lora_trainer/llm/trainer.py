@@ -134,6 +134,7 @@ def _set_up(cfg: Config, prepared: _Prepared, run_dir: Path, log_dir: Path, call
         except TypeError:  # (transformers before 4.35)
             model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
+    torch.manual_seed(t.seed)  # (the LoRA's initial weights, and dropout: the same run for the same seed)
     model = add_lora(model, t, prepared.targets)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
