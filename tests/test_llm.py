@@ -285,3 +285,19 @@ def test_unknown_target_modules_list_the_models_layers(base, tmp_path):
     with pytest.raises(ConfigError, match="training.target_modules.*gate_proj"):
         train_llm(config_from_dict(llm_config(base, data, tmp_path / "out", target_modules=["c_attn"])),
                   progress=False)
+
+
+def test_packing_checkpointing_and_accumulation_train(base, tmp_path, caplog):
+    caplog.set_level("INFO", logger="lora_trainer")
+    rows = color_rows() + [{"text": "one two three four " * 6}]
+    data = write_rows(tmp_path / "data", rows)
+    raw = llm_config(base, data, tmp_path / "out", epochs=2, batch_size=1, gradient_accumulation_steps=2,
+                     gradient_checkpointing=True, save_steps=1)
+    raw["data"].update(packing=True, max_seq_length=16)
+    result = train_llm(config_from_dict(raw), progress=False)
+    assert "longer than data.max_seq_length 16 tokens and were cut" in caplog.text and "packing: 5 rows" in caplog.text
+    assert result.status == "finished" and result.steps == 2 * math.ceil(result.rows_trained / 2)
+    assert result.rows_trained < len(rows)  # (rows joined)
+    assert len(list((result.run_dir / "checkpoints").iterdir())) == 3  # (checkpoints_total_limit)
+    first, last = result.first_loss, result.final_loss
+    assert math.isfinite(first) and math.isfinite(last)

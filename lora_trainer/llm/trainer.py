@@ -28,6 +28,7 @@ from lora_trainer.llm.rows import read_rows
 from lora_trainer.llm.run import LlmPlan, LlmRun, NonFiniteLoss
 
 log = logging.getLogger(__name__)
+DATA_SETTINGS = ("max_seq_length", "packing", "train_on_prompt")  # (besides engine.checkpoint's SHOULD_MATCH)
 
 
 @dataclass
@@ -94,6 +95,12 @@ def train_llm(cfg: Config, callbacks: Callbacks | None = None, progress: bool = 
         if restored.info.get("task_type") != "text-generation":
             raise ConfigError(f"training.resume_from_checkpoint: {resume_from} is an image LoRA's checkpoint")
         ckpt.check_resume(restored, prepared.settings, resume_from)
+        saved = restored.info.get("settings", {})
+        differ = [f"{k} {saved[k]!r} → {prepared.settings[k]!r}" for k in DATA_SETTINGS
+                  if k in saved and saved[k] != prepared.settings[k]]
+        if differ:
+            log.warning("resuming with changed data settings (%s): training continues, but not as the uninterrupted "
+                        "run would have", ", ".join(differ))
         if restored.step >= prepared.plan.total_steps:
             raise ConfigError(f"training.resume_from_checkpoint: {resume_from} is at step {restored.step}, the run "
                               f"has {prepared.plan.total_steps}: nothing is left; raise training.epochs or "
