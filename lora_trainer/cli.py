@@ -1,4 +1,5 @@
-"""``python -m lora_trainer`` / ``lora-trainer``: demo, init-config, train, estimate, check, label, ui."""
+"""``python -m lora_trainer`` / ``lora-trainer``: demo, init-config, train, estimate, check, label, ui; and for a
+language model's LoRA (``model.task_type: text-generation``): train, generate, merge."""
 
 from __future__ import annotations
 
@@ -107,9 +108,75 @@ def cmd_init_config(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from lora_trainer.config import load_config
+    from lora_trainer.config import is_text_generation, load_config
 
-    _report(_train(load_config(args.config, overrides=args.set)))
+    cfg = load_config(args.config, overrides=args.set)
+    if is_text_generation(cfg):
+        _report_llm(_train_llm(cfg))
+    else:
+        _report(_train(cfg))
+    return 0
+
+
+def _train_llm(cfg):
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from lora_trainer.llm.trainer import train_llm
+
+    with logging_redirect_tqdm(loggers=[logging.root]):
+        return train_llm(cfg)
+
+
+def _report_llm(result) -> None:
+    print(f"\n{result.status}: {result.steps}/{result.total_steps} steps in {result.wall_time_s:.1f} s, "
+          f"{result.rows_trained} training sequences, {result.rows_held_out} held out")
+    if result.first_loss is not None and result.final_loss is not None:
+        print(f"loss: first step {result.first_loss:.4f}, last steps {result.final_loss:.4f}")
+    if result.evaluations:
+        last = result.evaluations[-1]
+        print(f"eval loss {last['eval_loss']:.4f}, perplexity {last['perplexity']:.3f} (epoch {last['epoch']})")
+    print(f"run folder:   {result.run_dir}")
+    print(f"PEFT adapter: {result.adapter_dir}")
+    print(f"try it:       python -m lora_trainer generate --adapter {result.adapter_dir} --prompt \"...\"")
+
+
+def _refuse_text_generation(cfg, command: str) -> None:
+    from lora_trainer.config import is_text_generation
+
+    if is_text_generation(cfg):
+        raise LoraTrainerError(f"{command}: this config trains a language model's LoRA (model.task_type: "
+                               f"text-generation); {command} is for image LoRAs")
+
+
+def cmd_generate(args) -> int:
+    from lora_trainer.llm.generate import DTYPES, chat_prompt, find_adapter, generate, load_with_adapter
+
+    model, tok = load_with_adapter(find_adapter(args.adapter), args.base, args.trust_remote_code,
+                                   dtype=DTYPES[args.dtype])
+    prompts = [args.prompt] if args.prompt is not None else None
+    while True:
+        if prompts is None:
+            try:
+                prompt = input("> ")
+            except EOFError:
+                return 0
+        elif not prompts:
+            return 0
+        else:
+            prompt = prompts.pop()
+        text = chat_prompt(tok, prompt) if args.chat else prompt
+        generate(model, tok, text, max_new_tokens=args.max_new_tokens, sample=args.sample,
+                 temperature=args.temperature, top_p=args.top_p, stream=True, seed=args.seed)
+        sys.stdout.flush()
+
+
+def cmd_merge(args) -> int:
+    from lora_trainer.llm.generate import find_adapter
+    from lora_trainer.llm.merge import merge_adapter
+
+    out = merge_adapter(find_adapter(args.adapter), args.output, args.base, args.dtype, args.max_shard_size,
+                        args.trust_remote_code)
+    print(f"merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained)")
     return 0
 
 
@@ -123,6 +190,7 @@ def cmd_estimate(args) -> int:
     from lora_trainer.models.family import family_of
 
     cfg = load_config(args.config, overrides=args.set)
+    _refuse_text_generation(cfg, "estimate")
     device = torch.device(args.device) if args.device else pick_device(cfg.training.mixed_precision)[0]
     where = Where(cfg.model.base_model, family_of(cfg.model.base_model, cfg.model.prediction_type), device)
     est = estimate_for(cfg, where, free=None if args.free_gb is None else int(args.free_gb * 2**30))
@@ -143,6 +211,7 @@ def cmd_check(args) -> int:
     d = DataConfig()  # (the config's own defaults)
     if args.config:  # its data settings, at the resolution its model trains at (SDXL: 1024 where it sets none)
         cfg = load_config(args.config)
+        _refuse_text_generation(cfg, "check")
         d = with_family_defaults(cfg, family_of(cfg.model.base_model, cfg.model.prediction_type))[0].data
     settings = {"root": d.train_data_dir or None, "resolution": d.resolution, "metadata_path": d.metadata_path,
                 "caption_extension": d.caption_extension, "caption_priority": d.caption_priority,
@@ -263,7 +332,35 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--lora-dir", default="output/Lora", help="where finished LoRAs are copied")
     ui.add_argument("--base-model", default=default_value("base_model"), help="the base model the tab starts with")
     ui.set_defaults(func=cmd_ui)
+    _add_llm_commands(sub)
     return p
+
+
+def _add_llm_commands(sub) -> None:
+    ge = sub.add_parser("generate", help="a language model's LoRA: generate text from a prompt, streamed (without "
+                        "--prompt: prompts read one per line)")
+    ge.add_argument("--adapter", required=True, help="the PEFT adapter folder, or the run folder that holds it")
+    ge.add_argument("--prompt", help="the prompt (default: ask for prompts until end of input)")
+    ge.add_argument("--chat", action="store_true", help="send the prompt as a user turn in the chat template")
+    ge.add_argument("--max-new-tokens", type=int, default=128)
+    ge.add_argument("--sample", action="store_true", help="sample (default: greedy)")
+    ge.add_argument("--temperature", type=float, default=0.8, help="with --sample")
+    ge.add_argument("--top-p", type=float, default=0.95, help="with --sample")
+    ge.add_argument("--seed", type=int, help="with --sample: the same text each time")
+    ge.add_argument("--base", help="the base model folder (default: the one the adapter names)")
+    ge.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    ge.add_argument("--trust-remote-code", action="store_true", help="run the Python code the model folder ships")
+    ge.set_defaults(func=cmd_generate)
+    me = sub.add_parser("merge", help="a language model's LoRA: merge it into its base and save the model "
+                        "(safetensors shards and tokenizer) in a new folder")
+    me.add_argument("--adapter", required=True, help="the PEFT adapter folder, or the run folder that holds it")
+    me.add_argument("--output", "-o", required=True, help="the new folder (must not exist)")
+    me.add_argument("--base", help="the base model folder (default: the one the adapter names)")
+    me.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+                    help="the merged weights' dtype (auto: the base model's)")
+    me.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 2GB or 500MB")
+    me.add_argument("--trust-remote-code", action="store_true", help="run the Python code the model folder ships")
+    me.set_defaults(func=cmd_merge)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,6 +53,10 @@ class DataConfig:
     caption_dropout_every_n_epochs: int = 0  # ...and in every N-th epoch (0: never)
     validation_split: float = 0.0  # a fraction of the images held out for the validation loss (0 = none)
     validation_dir: str | None = None  # or a second folder of validation images (the same caption rules)
+    # a language model's LoRA (model.task_type: text-generation; lora_trainer.llm)
+    max_seq_length: int = 512  # tokens per row; longer rows are cut (the log counts them)
+    train_on_prompt: bool = False  # the loss counts the prompt's tokens too (default: only the completion's)
+    packing: bool = False  # short rows joined into sequences of up to max_seq_length tokens
 
 
 @dataclass
@@ -60,7 +64,8 @@ class ModelConfig:
     base_model: str = "tiny-demo"
     prediction_type: str = "auto"
     zero_terminal_snr: str = "auto"  # auto: as the model's scheduler says (rescale_betas_zero_snr)
-    task_type: str = "text-to-image"  # an image LoRA; "text-generation": a language model's (not available yet)
+    task_type: str = "text-to-image"  # an image LoRA; "text-generation": a language model's (lora_trainer.llm)
+    trust_remote_code: bool = False  # text-generation: run the Python code a model folder ships (auto_map)
 
 
 @dataclass
@@ -213,6 +218,7 @@ RANGES = {
     "checkpoints_total_limit": (0, None, False, False),
     "dataloader_num_workers": (0, None, False, False),
     "validation_split": (0, 1, False, True),
+    "max_seq_length": (8, None, False, False),
     "validation_every_n_steps": (0, None, False, False),
     "sample_every_n_steps": (0, None, False, False),
     "sample_every_n_epochs": (0, None, False, False),
@@ -372,11 +378,38 @@ def _check_buckets(values: dict[str, dict], errors: list[str]) -> None:
                       "encoded once); set cache_latents: false, or random_crop: false")
 
 
+TEXT_GENERATION = "text-generation"
+
+
+def is_text_generation(cfg_or_values) -> bool:
+    """Whether a config (or its checked values) trains a language model's LoRA (lora_trainer.llm)."""
+    model = cfg_or_values["model"] if isinstance(cfg_or_values, dict) else cfg_or_values.model
+    task = model.get("task_type") if isinstance(model, dict) else model.task_type
+    return task == TEXT_GENERATION
+
+
+def _check_text_generation(values: dict[str, dict], errors: list[str]) -> None:
+    """A language model's config: its data and model keys (the image keys are not read)."""
+    d, o, m = values["data"], values["output"], values["model"]
+    if not d.get("train_data_dir") and not d.get("metadata_path"):
+        errors.append("data.train_data_dir (a folder of *.jsonl / *.json / *.csv / *.txt files) or data.metadata_path "
+                      "(one such file) is required for model.task_type: text-generation")
+    if m.get("base_model", ModelConfig.base_model) == ModelConfig.base_model:
+        errors.append("model.base_model is required for model.task_type: text-generation: a local Hugging Face "
+                      "causal-LM folder (config.json, tokenizer and *.safetensors weights)")
+    if d.get("validation_split") and d.get("validation_dir"):
+        errors.append("data.validation_dir is not read for model.task_type: text-generation; use "
+                      "data.validation_split (e.g. 0.05)")
+    name = o.get("output_name")
+    if isinstance(name, str) and (not name.strip() or "/" in name or "\\" in name or name.startswith(".")):
+        errors.append(f"output.output_name: {name!r} must be a plain folder name (no '/', '\\', no leading '.')")
+
+
 def _check_special(values: dict[str, dict], errors: list[str]) -> None:
     d, o, t, m = values["data"], values["output"], values["training"], values["model"]
-    if m.get("task_type") == "text-generation":
-        errors.append("model.task_type: text-generation (a LoRA for a language model) is not available yet; this "
-                      "version trains image LoRAs (task_type: text-to-image, also written image-to-text, sd)")
+    if is_text_generation(values):
+        _check_text_generation(values, errors)
+        return
     if m.get("zero_terminal_snr") == "true" and m.get("prediction_type") == "epsilon":
         errors.append("model.zero_terminal_snr: true needs the v-prediction target (at the last timestep the noisy "
                       "latent is pure noise: predicting the noise teaches nothing there); set model.prediction_type: "
@@ -469,7 +502,8 @@ def config_from_dict(d: dict | None, source: str = "<config>") -> Config:
             else:
                 values[section][name] = converted
     _check_special(values, errors)
-    _read_as_written(values)
+    if not is_text_generation(values):  # (a language model's q_proj is its own)
+        _read_as_written(values)
     if errors:
         listed = errors[0] if len(errors) == 1 else f"{len(errors)} problems:\n  " + "\n  ".join(errors)
         raise ConfigError(f"{source}: {listed}")

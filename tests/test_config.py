@@ -137,9 +137,12 @@ def test_task_type_names_the_image_lora_as_the_articles_do(value, expected):
 
 
 @pytest.mark.parametrize("value", ["text-generation", "llm"])
-def test_the_language_model_task_says_it_is_not_available_yet(value):
-    assert "model.task_type: text-generation (a LoRA for a language model) is not available yet" in error_of(
+def test_the_language_model_task_needs_its_base_model(value):
+    """Accepted (tests/test_llm.py trains it), but the image default base model is refused for it."""
+    assert "model.base_model is required for model.task_type: text-generation" in error_of(
         {"train_data_dir": "x", "task_type": value})
+    assert config_from_dict({"train_data_dir": "x", "task_type": value, "base_model": "m"}).model.task_type == (
+        "text-generation")
 
 
 @pytest.mark.parametrize("training, words", [

@@ -20,6 +20,8 @@ FORBIDDEN = {
     "export": ("gradio", "modules", "lora_trainer.ui", "lora_trainer.webui", "lora_trainer.engine"),
     "utils": ("gradio", "modules", "lora_trainer.ui", "lora_trainer.webui", "lora_trainer.engine"),
     "ui": ("modules", "lora_trainer.webui"),
+    "llm": ("gradio", "modules", "lora_trainer.ui", "lora_trainer.webui", "lora_trainer.models", "lora_trainer.data",
+            "lora_trainer.export", "diffusers"),  # (a language model's LoRA needs none of the image side)
     # the parts of the UI that anything may use without gradio (a test, an HTTP API)
     **{f"ui/{name}.py": ("gradio", "modules", "lora_trainer.webui")
        for name in ("host", "run_config", "session", "views")},

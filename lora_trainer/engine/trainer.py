@@ -9,8 +9,6 @@ holds and the operations the loop calls live in ``engine.run``.
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +25,8 @@ from lora_trainer.engine import checkpoint as ckpt
 from lora_trainer.engine.batches import Plan
 from lora_trainer.engine.events import CallbackList, Callbacks, TrainResult
 from lora_trainer.engine.guard import NanGuard, NonFinite, check_free_space, disk_estimate, skip_step
+from lora_trainer.engine.interrupt import CtrlC as _CtrlC
+from lora_trainer.engine.interrupt import tensorboard_writer as _tensorboard
 from lora_trainer.engine.optim import check_optimizer
 from lora_trainer.engine.output_checks import check_output
 from lora_trainer.engine.outputs import export_lora, write_summary
@@ -58,40 +58,6 @@ from lora_trainer.models.fp8 import check_fp8_base
 
 __all__ = ["TrainingError", "train"]
 log = logging.getLogger(__name__)
-
-
-class _CtrlC:
-    """First Ctrl-C: stop after this step and save. Second: abort at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-
-
-def _tensorboard(log_dir: Path, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        log.warning("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
-        return None
-    return SummaryWriter(log_dir=str(log_dir))
 
 
 def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progress: bool = True,

@@ -1,0 +1,172 @@
+"""Rows to token ids and labels, the held-out share, packing, and the batches of each epoch.
+
+Labels are -100 (ignored by the loss) on prompt tokens (unless ``data.train_on_prompt``), on the non-assistant
+turns of a conversation and on padding. Batches hold rows of similar length, padded to the longest in the batch
+(not to ``max_seq_length``); which rows form them is a pure function of (seed, epoch), so a resume finds its place.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lora_trainer.errors import DatasetError
+from lora_trainer.llm.rows import Row
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+AUTO_SPLIT, AUTO_SPLIT_MIN_ROWS = 0.05, 40  # the held-out share where data.validation_split is not set
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+
+
+def _ids(tok, text: str, special: bool) -> list[int]:
+    return list(tok(text, add_special_tokens=special)["input_ids"]) if text else []
+
+
+def _render(tok, messages, source: str, generation_prompt: bool = False) -> str:
+    if not messages:
+        return ""
+    if not hasattr(tok, "apply_chat_template"):
+        raise DatasetError(f"{source}: \"messages\" rows need transformers >= 4.34 (chat templates); this one is "
+                           "older: write the rows as {\"prompt\", \"completion\"}")
+    if not getattr(tok, "chat_template", None):
+        raise DatasetError(f"{source}: \"messages\" rows need the tokenizer's chat template, and the model's "
+                           "tokenizer has none (tokenizer_config.json \"chat_template\"); add one, or write the rows "
+                           "as {\"prompt\", \"completion\"}")
+    return tok.apply_chat_template([{"role": r, "content": c} for r, c in messages], tokenize=False,
+                                   add_generation_prompt=generation_prompt)
+
+
+def chat_pieces(tok, row: Row) -> list[tuple[str, bool]]:
+    """A conversation as (text, trained) pieces: each assistant turn trained, the rest (with the template's
+    assistant header) not. The template must render a conversation as a growing prefix."""
+    msgs, done, pieces = row.messages, "", []
+    for k, (role, _) in enumerate(msgs):
+        if role != "assistant":
+            continue
+        before = _render(tok, msgs[:k], row.source, generation_prompt=True)
+        after = _render(tok, msgs[:k + 1], row.source)
+        if not (before.startswith(done) and after.startswith(before)):
+            raise DatasetError(f"{row.source}: the tokenizer's chat template does not render the conversation turn "
+                               "by turn (an earlier part changes as turns are added), so the assistant turns cannot "
+                               "be told apart; write the rows as {\"prompt\", \"completion\"}")
+        pieces += [(before[len(done):], False), (after[len(before):], True)]
+        done = after
+    pieces.append((_render(tok, msgs, row.source)[len(done):], False))
+    return [p for p in pieces if p[0]]
+
+
+def encode(tok, row: Row, train_on_prompt: bool) -> Example:
+    """One row's token ids and labels (prompt tokens -100 unless ``train_on_prompt``); ends with EOS."""
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    if row.messages is not None:
+        ids, trained = [], []
+        for text, train in chat_pieces(tok, row):
+            piece = _ids(tok, text, special=False)
+            ids += piece
+            trained += [train or train_on_prompt] * len(piece)
+    elif row.text is not None:
+        ids = _ids(tok, row.text, special=True) + eos
+        trained = [True] * len(ids)
+    else:
+        prompt, completion = _ids(tok, row.prompt, special=True), _ids(tok, row.completion, special=False) + eos
+        ids, trained = prompt + completion, [train_on_prompt] * len(prompt) + [True] * len(completion)
+    return Example(tuple(ids), tuple(i if t else IGNORE for i, t in zip(ids, trained)))
+
+
+def encode_rows(tok, rows: list[Row], max_len: int, train_on_prompt: bool) -> list[Example]:
+    """Every row encoded and cut to ``max_len`` tokens; the log counts the cut rows, and rows left with nothing to
+    learn (a prompt longer than ``max_len``) are dropped with a warning."""
+    out, cut, empty = [], 0, []
+    for row in rows:
+        ex = encode(tok, row, train_on_prompt)
+        if len(ex.input_ids) > max_len:
+            cut += 1
+            ex = Example(ex.input_ids[:max_len], ex.labels[:max_len])
+        if all(x == IGNORE for x in ex.labels[1:]):  # (the first label is never predicted)
+            empty.append(row.source)
+            continue
+        out.append(ex)
+    if cut:
+        log.info("%d of %d rows are longer than data.max_seq_length %d tokens and were cut to it", cut, len(rows),
+                 max_len)
+    if empty:
+        log.warning("%d rows left out: nothing to learn within data.max_seq_length %d tokens (the prompt fills it), "
+                    "e.g. %s", len(empty), max_len, empty[0])
+    if not out:
+        raise DatasetError(f"no row has a token to learn within data.max_seq_length {max_len}; raise it")
+    return out
+
+
+def split_rows(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(training rows, held-out rows): ``fraction`` of them, at least one, chosen by ``seed``."""
+    if fraction <= 0 or len(rows) < 2:
+        return rows, []
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    n = min(len(rows) - 1, max(1, round(len(rows) * fraction)))
+    held = set(order[:n])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def auto_split(configured: float, explicit: bool, n_rows: int) -> float:
+    """data.validation_split as set, or 5% where the set has at least 40 rows and it is not set."""
+    return configured if explicit else (AUTO_SPLIT if n_rows >= AUTO_SPLIT_MIN_ROWS else 0.0)
+
+
+def pack(examples: list[Example], max_len: int, seed: int) -> list[Example]:
+    """Short rows joined (in a seeded order) into sequences of up to ``max_len`` tokens; a row is never split.
+    Attention crosses the joined rows (each begins with the tokenizer's own start token where it has one)."""
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    packed, ids, labels = [], [], []
+    for i in order:
+        ex = examples[i]
+        if ids and len(ids) + len(ex.input_ids) > max_len:
+            packed.append(Example(tuple(ids), tuple(labels)))
+            ids, labels = [], []
+        ids, labels = ids + list(ex.input_ids), labels + list(ex.labels)
+    packed.append(Example(tuple(ids), tuple(labels)))
+    log.info("packing: %d rows joined into %d sequences of up to %d tokens", len(examples), len(packed), max_len)
+    return packed
+
+
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The rows of each batch of an epoch: shuffled, sorted by length within windows of 64 batches (so a batch
+    pads little), and the batches shuffled. ``ceil(n / batch_size)`` batches every epoch."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    window, batches = batch_size * 64, []
+    for s in range(0, len(order), window):
+        chunk = sorted(order[s:s + window], key=lambda i: lengths[i])
+        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def batches_per_epoch(n: int, batch_size: int) -> int:
+    return math.ceil(n / batch_size)
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded to the longest row: input_ids, attention_mask, labels (-100 on padding)."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for r, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[r, :n] = torch.tensor(e.input_ids)
+        labels[r, :n] = torch.tensor(e.labels)
+        mask[r, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def target_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The tokens a batch's loss counts (labels shifted by one: the first position predicts nothing)."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())

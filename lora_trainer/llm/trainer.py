@@ -1,0 +1,227 @@
+"""Training a language model's LoRA (``model.task_type: text-generation``): the checks before the model loads, set-up,
+the loop, and the finish (a PEFT adapter folder and summary.json in the run folder).
+
+The run folder, checkpoints, resume, Ctrl-C and the TensorBoard writer are the image trainer's own (engine.run_dir,
+engine.checkpoint, engine.interrupt); what reads the data and the model lives beside this file."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lora_trainer.config import Config, resolve_mixed_precision, save_config
+from lora_trainer.engine import checkpoint as ckpt
+from lora_trainer.engine.events import CallbackList, Callbacks
+from lora_trainer.engine.interrupt import CtrlC, tensorboard_writer
+from lora_trainer.engine.optim import build_optimizer, check_optimizer
+from lora_trainer.engine.output_checks import check_output
+from lora_trainer.engine.run_dir import prepare_run_dir, remove_run, run_log_file
+from lora_trainer.errors import ConfigError
+from lora_trainer.llm import data as llm_data
+from lora_trainer.llm.model import add_lora, default_targets, load_model, load_tokenizer, read_model_config
+from lora_trainer.llm.outputs import export_adapter, write_summary
+from lora_trainer.llm.rows import read_rows
+from lora_trainer.llm.run import LlmPlan, LlmRun, NonFiniteLoss
+
+log = logging.getLogger(__name__)
+DATA_SETTINGS = ("max_seq_length", "packing", "train_on_prompt")  # (besides engine.checkpoint's SHOULD_MATCH)
+
+
+@dataclass
+class LlmResult:
+    status: str  # "finished" | "stopped"
+    run_dir: Path
+    adapter_dir: Path
+    steps: int
+    total_steps: int
+    first_loss: float | None
+    final_loss: float | None
+    rows_trained: int
+    rows_held_out: int
+    wall_time_s: float
+    evaluations: list[dict] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """What the checks before the model loads found out."""
+
+    model_config: dict
+    tokenizer: object
+    examples: list
+    held_out: list
+    plan: LlmPlan
+    targets: list[str]
+    settings: dict
+
+
+def _prepare(cfg: Config) -> _Prepared:
+    t, d, m = cfg.training, cfg.data, cfg.model
+    model_config = read_model_config(m.base_model, m.trust_remote_code)
+    check_output(cfg.output.output_dir, cfg.output.output_name)
+    check_optimizer(t.optimizer)
+    rows = read_rows(d.train_data_dir, d.metadata_path, d.recursive)
+    fraction = llm_data.auto_split(d.validation_split, "validation_split" in cfg.explicit, len(rows))
+    train_rows, held_rows = llm_data.split_rows(rows, fraction, t.seed)
+    tok = load_tokenizer(m.base_model, m.trust_remote_code)
+    examples = llm_data.encode_rows(tok, train_rows, d.max_seq_length, d.train_on_prompt)
+    held = llm_data.encode_rows(tok, held_rows, d.max_seq_length, d.train_on_prompt) if held_rows else []
+    if d.packing:
+        examples = llm_data.pack(examples, d.max_seq_length, t.seed)
+    log.info("%d training rows%s from %s", len(train_rows),
+             f", {len(held_rows)} held out for the eval loss ({fraction:.0%})" if held_rows else
+             " (none held out: data.validation_split)", d.metadata_path or d.train_data_dir)
+    plan = LlmPlan.from_config(t, len(examples))
+    targets = t.target_modules if "target_modules" in cfg.explicit else default_targets(model_config.get("model_type"))
+    settings = {"lora_rank": t.lora_rank, "lora_alpha": t.lora_alpha, "target_modules": list(targets),
+                "batch_size": t.batch_size, "gradient_accumulation_steps": t.gradient_accumulation_steps,
+                "seed": t.seed, "num_images": len(examples), "total_steps": plan.total_steps,
+                "max_seq_length": d.max_seq_length, "packing": d.packing, "train_on_prompt": d.train_on_prompt}
+    return _Prepared(model_config, tok, examples, held, plan, list(targets), settings)
+
+
+def train_llm(cfg: Config, callbacks: Callbacks | None = None, progress: bool = True) -> LlmResult:
+    """Train a language model's LoRA as ``cfg`` says and export the adapter; returns where everything went.
+    ``callbacks`` get progress and may ask the loop to stop (it then saves a checkpoint and exports)."""
+    started = time.time()
+    prepared = _prepare(cfg)
+    run_dir, resume_from, restored = prepare_run_dir(cfg.output.output_dir, cfg.training.resume_from_checkpoint)
+    if restored is not None:
+        if restored.info.get("task_type") != "text-generation":
+            raise ConfigError(f"training.resume_from_checkpoint: {resume_from} is an image LoRA's checkpoint")
+        ckpt.check_resume(restored, prepared.settings, resume_from)
+        saved = restored.info.get("settings", {})
+        differ = [f"{k} {saved[k]!r} → {prepared.settings[k]!r}" for k in DATA_SETTINGS
+                  if k in saved and saved[k] != prepared.settings[k]]
+        if differ:
+            log.warning("resuming with changed data settings (%s): training continues, but not as the uninterrupted "
+                        "run would have", ", ".join(differ))
+        if restored.step >= prepared.plan.total_steps:
+            raise ConfigError(f"training.resume_from_checkpoint: {resume_from} is at step {restored.step}, the run "
+                              f"has {prepared.plan.total_steps}: nothing is left; raise training.epochs or "
+                              "max_train_steps to train further")
+    fresh = restored is None
+    try:
+        with run_log_file(run_dir) as log_dir, CtrlC() as ctrl_c:
+            run = _set_up(cfg, prepared, run_dir, log_dir, callbacks, progress)
+            if restored is not None:
+                run.resume(restored, resume_from)
+                run.bar.update(run.step)
+            stopped = _loop(run, ctrl_c)
+            return _finish(run, stopped, started)
+    except BaseException:
+        if fresh and not ckpt.list_checkpoints(run_dir):
+            remove_run(run_dir)  # failed before any checkpoint: leave no empty run behind
+        raise
+
+
+def _device_and_precision(t) -> tuple[torch.device, str]:
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+        return device, resolve_mixed_precision(t.mixed_precision, "cuda", torch.cuda.is_bf16_supported())
+    return torch.device("cpu"), resolve_mixed_precision(t.mixed_precision, "cpu", False)
+
+
+def _set_up(cfg: Config, prepared: _Prepared, run_dir: Path, log_dir: Path, callbacks, progress: bool) -> LlmRun:
+    from transformers import get_scheduler
+
+    t, m = cfg.training, cfg.model
+    device, precision = _device_and_precision(t)
+    dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    model = load_model(m.base_model, dtype, device, m.trust_remote_code)
+    model.config.use_cache = False
+    if t.gradient_checkpointing:
+        try:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        except TypeError:  # (transformers before 4.35)
+            model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    torch.manual_seed(t.seed)  # (the LoRA's initial weights, and dropout: the same run for the same seed)
+    model = add_lora(model, t, prepared.targets)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(t, [{"params": trainable, "lr": t.learning_rate}], device)
+    name = "constant_with_warmup" if t.lr_scheduler == "constant" and t.lr_warmup_steps else t.lr_scheduler
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=t.lr_warmup_steps,
+                              num_training_steps=prepared.plan.total_steps)
+    save_config(cfg, run_dir / "config.yaml")
+    plan = prepared.plan
+    log.info("run folder %s; %d steps (%d epochs of %d), batch %d × accumulation %d, %s on %s; LoRA rank %d on %s "
+             "(%d trainable parameters)", run_dir, plan.total_steps, plan.epochs, plan.steps_per_epoch, t.batch_size,
+             t.gradient_accumulation_steps, precision if precision != "no" else "fp32", device, t.lora_rank,
+             ", ".join(prepared.targets), sum(p.numel() for p in trainable))
+    run = LlmRun(cfg, model, prepared.tokenizer, device, precision, plan, prepared.examples, prepared.held_out,
+                 run_dir, prepared.settings, optimizer, scheduler,
+                 torch.amp.GradScaler(device.type, enabled=precision == "fp16"), CallbackList([callbacks]))
+    run.writer = tensorboard_writer(log_dir, cfg.output.log_with == "tensorboard")
+    from tqdm.auto import tqdm
+
+    run.bar = tqdm(total=plan.total_steps, desc="training", unit="step", disable=not progress, dynamic_ncols=True)
+    run.cbs.on_start(plan.total_steps, run_dir)
+    return run
+
+
+def _loop(run: LlmRun, ctrl_c: CtrlC) -> bool:
+    """Steps until the last (or a stop); True if stopped early. The held-out loss at the end of every epoch."""
+    plan = run.plan
+    run.loop_start, run.start_step = time.time(), run.step
+    try:
+        while run.step < plan.total_steps:
+            epoch = run.step // plan.steps_per_epoch
+            groups = run.epoch_groups(epoch)
+            for s in range(run.step % plan.steps_per_epoch, len(groups)):
+                run.report(run.train_step(groups[s]), epoch)
+                epoch_done = epoch + 1 if s + 1 == len(groups) else None
+                if epoch_done:
+                    run.evaluate(epoch_done)
+                run.save_if_due(epoch_done)
+                if run.step >= plan.total_steps:
+                    break
+                if ctrl_c.requested or run.cbs.should_stop():
+                    return True
+        return False
+    except (NonFiniteLoss, torch.cuda.OutOfMemoryError) as e:
+        run.optimizer.zero_grad(set_to_none=True)
+        if run.step > 0:
+            run.save("error")
+            log.warning("saved the last good state (step %d); resume with resume_from_checkpoint: latest", run.step)
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            raise NonFiniteLoss("out of GPU memory: lower training.batch_size or data.max_seq_length (raise "
+                                "gradient_accumulation_steps to keep the effective batch), or turn on "
+                                "training.gradient_checkpointing") from e
+        raise
+    finally:
+        run.bar.close()
+        if run.writer is not None:
+            run.writer.close()
+
+
+def _finish(run: LlmRun, stopped: bool, started: float) -> LlmResult:
+    t = run.cfg.training
+    if stopped:
+        run.save("stopped")
+        log.warning("stopped at step %d of %d; resume with resume_from_checkpoint: latest", run.step,
+                    run.plan.total_steps)
+    else:
+        if not run.evaluations or run.evaluations[-1]["step"] != run.step:
+            run.evaluate(run.plan.epochs)  # (max_train_steps ended the run within an epoch)
+        if t.save_steps or t.save_every_n_epochs:
+            run.save("finished")
+    status = "stopped" if stopped else "finished"
+    with ckpt.stops_on_full_disk(run.run_dir, f"the adapter of step {run.step}"):
+        adapter = export_adapter(run.model, run.tokenizer, run.run_dir, run.cfg.output.output_name, run.step)
+    recent = run.losses[-10:]
+    elapsed = time.time() - run.loop_start
+    result = LlmResult(status, run.run_dir, adapter, run.step, run.plan.total_steps, run.first_loss,
+                       sum(recent) / len(recent) if recent else None, len(run.examples), len(run.held_out),
+                       time.time() - started, run.evaluations,
+                       extra={"tokens_per_s": round(run.tokens_trained / elapsed, 1) if elapsed > 0 else None})
+    write_summary(run.run_dir, result)
+    log.info("%s after %d steps: adapter %s", status, run.step, adapter)
+    run.cbs.on_end(result)
+    return result

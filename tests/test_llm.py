@@ -1,0 +1,303 @@
+"""A language model's LoRA (model.task_type: text-generation) on a tiny random LLaMA built in code (no download):
+config, data rows and masks, training that memorises, generation, the adapter through peft, bit-exact resume, merge,
+and the command line."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import transformers
+import yaml
+from safetensors.torch import load_file
+
+from lora_trainer.cli import main
+from lora_trainer.config import config_from_dict
+from lora_trainer.engine.events import Callbacks
+from lora_trainer.errors import ConfigError, DatasetError, ModelLoadError
+from lora_trainer.llm.data import IGNORE, collate, encode, encode_rows, pack
+from lora_trainer.llm.generate import find_adapter, generate, load_with_adapter
+from lora_trainer.llm.model import default_targets, load_tokenizer
+from lora_trainer.llm.rows import Row, read_rows
+from lora_trainer.llm.tiny import make_tiny_llama
+from lora_trainer.llm.trainer import train_llm
+
+OLD_TRANSFORMERS = int(transformers.__version__.split(".")[0]) < 5 and tuple(
+    int(x) for x in transformers.__version__.split(".")[:2]) < (4, 34)
+COLORS = [("sky", "blue"), ("grass", "green"), ("snow", "white"), ("night", "black")]
+WORDS = "what is the color of sky grass blue green red snow white night black one two three four".split()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("model") / "tiny-llama", WORDS)
+
+
+@pytest.fixture(scope="module")
+def tok(base):
+    return load_tokenizer(str(base), False)
+
+
+def write_rows(folder, rows, name="rows.jsonl"):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    return folder
+
+
+def color_rows():
+    return [{"prompt": f"what is the color of {thing}", "completion": color} for thing, color in COLORS]
+
+
+def llm_config(base, data, out, **training):
+    settings = {"lora_rank": 8, "lora_alpha": 16, "learning_rate": 1e-2, "batch_size": 4, "epochs": 30,
+                "gradient_accumulation_steps": 1, "lora_dropout": 0.0, "save_steps": 0, **training}
+    return {"model": {"task_type": "text-generation", "base_model": str(base)}, "data": {"train_data_dir": str(data)},
+            "training": settings, "output": {"output_dir": str(out), "output_name": "colors"}}
+
+
+# --- config ---------------------------------------------------------------------------------------------------
+
+def test_config_accepts_the_language_model_task_with_its_keys(base):
+    cfg = config_from_dict({"task_type": "llm", "base_model": str(base), "train_data_dir": "d",
+                            "target_modules": ["q_proj", "v_proj"]})
+    assert cfg.model.task_type == "text-generation"
+    assert (cfg.data.max_seq_length, cfg.data.train_on_prompt, cfg.data.packing, cfg.model.trust_remote_code) == (
+        512, False, False, False)
+    assert cfg.training.target_modules == ["q_proj", "v_proj"]  # a language model's own names, not the UNet's
+
+
+@pytest.mark.parametrize("settings, words", [
+    ({"data": {"max_seq_length": 4}}, ["data.max_seq_length", ">= 8"]),
+    ({"data": {"packing": "maybe"}}, ["data.packing", "true or false"]),
+    ({"model": {"trust_remote_code": "yes please"}}, ["model.trust_remote_code", "true or false"]),
+    ({"model": {"task_type": "chat"}}, ["model.task_type", "text-to-image", "text-generation"]),
+    ({"model": {"base_model": None}}, ["model.base_model", "causal-LM folder"]),
+    ({"data": {"train_data_dir": ""}}, ["data.train_data_dir", "data.metadata_path", ".jsonl"]),
+])
+def test_config_names_the_bad_key_and_what_is_allowed(settings, words):
+    raw = {"model": {"task_type": "text-generation", "base_model": "m"}, "data": {"train_data_dir": "d"}}
+    for section, values in settings.items():
+        raw[section].update(values)
+    raw["model"] = {k: v for k, v in raw["model"].items() if v is not None}
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(raw)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_targets_follow_the_architecture():
+    assert default_targets("llama") == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert default_targets("falcon") == default_targets("gpt_neox") == ["query_key_value"]
+    assert default_targets("gpt2") == ["c_attn"]
+
+
+# --- data ------------------------------------------------------------------------------------------------------
+
+def test_prompt_tokens_and_padding_are_masked(tok):
+    row = Row("x:1", prompt="what is the color of sky", completion="blue")
+    ex = encode(tok, row, train_on_prompt=False)
+    n_prompt = len(tok("what is the color of sky")["input_ids"])
+    assert ex.labels[:n_prompt] == (IGNORE,) * n_prompt
+    assert ex.labels[n_prompt:] == ex.input_ids[n_prompt:] == (tok.convert_tokens_to_ids("blue"), tok.eos_token_id)
+    assert encode(tok, row, train_on_prompt=True).labels == ex.input_ids
+    short = encode(tok, Row("x:2", prompt="sky", completion="blue"), False)
+    batch = collate([ex, short], tok.pad_token_id)
+    assert batch["input_ids"].shape == (2, len(ex.input_ids))  # padded to the longest row, not max_seq_length
+    assert (batch["labels"][1, len(short.input_ids):] == IGNORE).all()
+    assert batch["attention_mask"][1].tolist() == [1] * len(short.input_ids) + [0] * (len(ex.input_ids) - 3)
+
+
+@pytest.mark.skipif(OLD_TRANSFORMERS, reason="chat templates need transformers >= 4.34 (this venv pins 4.30)")
+def test_only_the_assistant_turns_are_trained(tok):
+    row = Row("x:1", messages=(("user", "what is the color of sky"), ("assistant", "blue"),
+                               ("user", "what is the color of snow"), ("assistant", "white")))
+    ex = encode(tok, row, train_on_prompt=False)
+    trained = [tok.convert_ids_to_tokens(i) for i, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE]
+    assert trained == ["blue", "</s>", "white", "</s>"]
+
+
+def test_messages_without_a_chat_template_name_the_file(tmp_path):
+    model = make_tiny_llama(tmp_path / "plain", WORDS, chat_template=False)
+    data = write_rows(tmp_path / "d", [{"messages": [{"role": "user", "content": "sky"},
+                                                     {"role": "assistant", "content": "blue"}]}])
+    with pytest.raises(DatasetError) as e:
+        encode_rows(load_tokenizer(str(model), False), read_rows(str(data)), 64, False)
+    assert f"{data / 'rows.jsonl'}:1" in str(e.value) and "chat template" in str(e.value)
+
+
+@pytest.mark.parametrize("name, text, line", [
+    ("a.jsonl", '{"prompt": "sky", "completion": "blue"}\n\n{"prompt": "snow", "completion": 3}\n', 3),
+    ("b.jsonl", '{"prompt": "sky", "completion": "blue"}\n{"prompt": "snow", \n', 2),
+    ("c.json", '[\n  {"text": "sky blue"},\n  {"question": "snow"}\n]\n', 3),
+    ("d.csv", "prompt,completion\nsky,blue\nsnow,white,extra\n", 3),
+])
+def test_a_bad_row_gets_one_line_naming_file_and_line(tmp_path, name, text, line):
+    (tmp_path / name).write_text(text, encoding="utf-8")
+    with pytest.raises(DatasetError) as e:
+        read_rows(str(tmp_path))
+    message = str(e.value)
+    assert message.startswith(f"{tmp_path / name}:{line}: ") and "\n" not in message
+
+
+def test_rows_from_each_file_kind(tmp_path, tok):
+    write_rows(tmp_path, color_rows()[:1])
+    (tmp_path / "b.csv").write_text("prompt,completion\nwhat is the color of snow,white\n", encoding="utf-8")
+    (tmp_path / "c.txt").write_text("one two three four", encoding="utf-8")
+    (tmp_path / "d.json").write_text(json.dumps([{"text": "the sky"}]), encoding="utf-8")
+    rows = read_rows(str(tmp_path))
+    assert [(r.completion or r.text) for r in rows] == ["white", "one two three four", "the sky", "blue"]
+    examples = encode_rows(tok, rows, max_len=4, train_on_prompt=False)  # (the prompts fill 4 tokens: left out)
+    assert [len(e.input_ids) for e in examples] == [4, 3]
+    assert len(pack(encode_rows(tok, rows, 64, False), 64, 0)) == 1
+
+
+# --- training --------------------------------------------------------------------------------------------------
+
+def test_train_memorises_then_generates_and_the_adapter_reloads(base, tmp_path, capsys):
+    """Through the command line: train dispatches on task_type; the loss falls; greedy decoding gives the memorised
+    completion; the adapter folder is peft's, in safetensors; it changes the base model's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    data = write_rows(tmp_path / "data", color_rows())
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(llm_config(base, data, tmp_path / "out")))
+    assert main(["train", "-c", str(tmp_path / "cfg.yaml")]) == 0
+    assert "PEFT adapter:" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["task_type"] == "text-generation" and summary["steps"] == 30
+    assert summary["final_loss"] < 0.2 * summary["first_loss"]
+    adapter = tmp_path / "out" / "colors"
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in adapter.iterdir()}
+    assert not list(adapter.glob("*.bin")) and json.loads((adapter / "adapter_config.json").read_text()).get(
+        "modules_to_save") is None
+    assert any(k.endswith("q_proj.lora_A.weight") for k in load_file(adapter / "adapter_model.safetensors"))
+    assert (tmp_path / "out" / "config.yaml").is_file() and (tmp_path / "out" / "logs" / "train.log").is_file()
+
+    model, tok = load_with_adapter(find_adapter(str(tmp_path / "out")))
+    for thing, color in COLORS:
+        assert generate(model, tok, f"what is the color of {thing}", max_new_tokens=2)[1] == [
+            tok.convert_tokens_to_ids(color), tok.eos_token_id]
+    ids = tok("what is the color of sky", return_tensors="pt")["input_ids"]
+    plain = AutoModelForCausalLM.from_pretrained(str(base), local_files_only=True)
+    with torch.no_grad():
+        before = plain(ids).logits
+        after = PeftModel.from_pretrained(plain, str(adapter)).eval()(ids).logits
+    assert not torch.allclose(before, after, atol=1e-3)
+    assert main(["generate", "--adapter", str(tmp_path / "out"), "--prompt", "what is the color of snow",
+                 "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.split() == ["white"]
+
+
+class StopAt(Callbacks):
+    def __init__(self, step):
+        self.step, self.now = step, 0
+
+    def on_step(self, info):
+        self.now = info.step
+
+    def should_stop(self):
+        return self.now >= self.step
+
+
+def test_resume_is_bit_exact(base, tmp_path):
+    """Stopped at step 3 (within an epoch, with dropout and accumulation), resumed from 'latest': the same adapter
+    tensors as the run that never stopped."""
+    rows = color_rows() + [{"text": "one two three four"}, {"prompt": "what is", "completion": "red"}]
+    data = write_rows(tmp_path / "data", rows)
+    settings = {"batch_size": 2, "gradient_accumulation_steps": 2, "epochs": 3, "lora_dropout": 0.2,
+                "lr_scheduler": "cosine"}
+    whole = train_llm(config_from_dict(llm_config(base, data, tmp_path / "whole", **settings)), progress=False)
+    cut = llm_config(base, data, tmp_path / "cut", **settings)
+    stopped = train_llm(config_from_dict(cut), callbacks=StopAt(3), progress=False)
+    assert (stopped.status, stopped.steps, whole.steps) == ("stopped", 3, 6)
+    cut["training"]["resume_from_checkpoint"] = "latest"
+    resumed = train_llm(config_from_dict(cut), progress=False)
+    assert resumed.status == "finished" and resumed.run_dir == stopped.run_dir
+    a, b = (load_file(r.adapter_dir / "adapter_model.safetensors") for r in (whole, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    early = load_file(next(stopped.run_dir.glob("colors-step3")) / "adapter_model.safetensors")
+    assert not all(torch.equal(a[k], early[k]) for k in a)  # (the stop's export, kept aside, is another state)
+
+
+def test_held_out_rows_give_eval_loss_and_perplexity_per_epoch(base, tmp_path):
+    rows = [{"prompt": f"what is the color of {t}", "completion": c} for _ in range(10) for t, c in COLORS]
+    data = write_rows(tmp_path / "data", rows)  # 40 rows: 5% (2) held out by default
+    result = train_llm(config_from_dict(llm_config(base, data, tmp_path / "out", epochs=2, batch_size=8)),
+                       progress=False)
+    assert (result.rows_trained, result.rows_held_out) == (38, 2)
+    assert [e["epoch"] for e in result.evaluations] == [1, 2]
+    assert all(math.isclose(e["perplexity"], math.exp(e["eval_loss"])) for e in result.evaluations)
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["eval_loss"] == result.evaluations[-1]["eval_loss"]
+
+
+def test_merge_writes_shards_that_load_as_a_plain_model(base, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    data = write_rows(tmp_path / "data", color_rows())
+    result = train_llm(config_from_dict(llm_config(base, data, tmp_path / "out", epochs=3)), progress=False)
+    out = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(result.adapter_dir), "--output", str(out), "--max-shard-size", "40KB"]) == 0
+    assert len(list(out.glob("*.safetensors"))) >= 2 and not list(out.glob("*.bin"))
+    merged = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
+    peft_model, tok = load_with_adapter(result.adapter_dir)
+    ids = tok("what is the color of grass", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, peft_model(ids).logits, atol=1e-4)
+    assert main(["merge", "--adapter", str(result.adapter_dir), "--output", str(out)]) == 2  # never overwrites
+
+
+# --- refusals before the model loads ---------------------------------------------------------------------------
+
+def test_pickled_weights_and_remote_code_are_refused(base, tmp_path):
+    import shutil
+
+    data = write_rows(tmp_path / "data", color_rows())
+    pickled = tmp_path / "pickled"
+    shutil.copytree(base, pickled)
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="only pickled weights"):
+        train_llm(config_from_dict(llm_config(pickled, data, tmp_path / "out")))
+    remote = tmp_path / "remote"
+    shutil.copytree(base, remote)
+    config = json.loads((remote / "config.json").read_text())
+    (remote / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "x.Model"}}))
+    with pytest.raises(ConfigError, match="model.trust_remote_code: true"):
+        train_llm(config_from_dict(llm_config(remote, data, tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_row_stops_the_cli_with_one_line(base, tmp_path, capsys):
+    data = tmp_path / "data"
+    write_rows(data, color_rows())
+    with open(data / "rows.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"prompt": "what is"}\n')
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(llm_config(base, data, tmp_path / "out")))
+    assert main(["train", "-c", str(tmp_path / "cfg.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {data / 'rows.jsonl'}:5: ") and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_target_modules_list_the_models_layers(base, tmp_path):
+    data = write_rows(tmp_path / "data", color_rows())
+    with pytest.raises(ConfigError, match="training.target_modules.*gate_proj"):
+        train_llm(config_from_dict(llm_config(base, data, tmp_path / "out", target_modules=["c_attn"])),
+                  progress=False)
+
+
+def test_packing_checkpointing_and_accumulation_train(base, tmp_path, caplog):
+    caplog.set_level("INFO", logger="lora_trainer")
+    rows = color_rows() + [{"text": "one two three four " * 6}]
+    data = write_rows(tmp_path / "data", rows)
+    raw = llm_config(base, data, tmp_path / "out", epochs=2, batch_size=1, gradient_accumulation_steps=2,
+                     gradient_checkpointing=True, save_steps=1)
+    raw["data"].update(packing=True, max_seq_length=16)
+    result = train_llm(config_from_dict(raw), progress=False)
+    assert "longer than data.max_seq_length 16 tokens and were cut" in caplog.text and "packing: 5 rows" in caplog.text
+    assert result.status == "finished" and result.steps == 2 * math.ceil(result.rows_trained / 2)
+    assert result.rows_trained < len(rows)  # (rows joined)
+    assert len(list((result.run_dir / "checkpoints").iterdir())) == 3  # (checkpoints_total_limit)
+    first, last = result.first_loss, result.final_loss
+    assert math.isfinite(first) and math.isfinite(last)
