@@ -65,8 +65,6 @@ def _train(cfg):
 
     from lora_trainer.engine.trainer import train
 
-    if not logging.getLogger().isEnabledFor(logging.DEBUG):  # (--verbose: the libraries' notices on the terminal)
-        _libraries_to_the_log_file()
     with logging_redirect_tqdm(loggers=[logging.root]):
         return train(cfg)
 
@@ -111,6 +109,8 @@ def cmd_train(args) -> int:
     from lora_trainer.config import is_text_generation, load_config
 
     cfg = load_config(args.config, overrides=args.set)
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):  # (--verbose: the libraries' notices on the terminal)
+        _libraries_to_the_log_file()
     if is_text_generation(cfg):
         _report_llm(_train_llm(cfg))
     else:
@@ -168,6 +168,14 @@ def cmd_generate(args) -> int:
         generate(model, tok, text, max_new_tokens=args.max_new_tokens, sample=args.sample,
                  temperature=args.temperature, top_p=args.top_p, stream=True, seed=args.seed)
         sys.stdout.flush()
+
+
+def cmd_resize(args) -> int:
+    from lora_trainer.export.resize import resize_lora
+
+    report = resize_lora(args.lora, args.out, rank=args.rank, energy=args.energy, device=args.device)
+    print(report.summary())
+    return 0
 
 
 def cmd_merge(args) -> int:
@@ -332,6 +340,16 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--lora-dir", default="output/Lora", help="where finished LoRAs are copied")
     ui.add_argument("--base-model", default=default_value("base_model"), help="the base model the tab starts with")
     ui.set_defaults(func=cmd_ui)
+    rs = sub.add_parser("resize", help="shrink a LoRA's rank (SVD of each module; the scale kept): a fixed rank, "
+                        "or per module the fewest dimensions that keep a share of it")
+    rs.add_argument("--lora", required=True, help="the kohya-format .safetensors LoRA")
+    size = rs.add_mutually_exclusive_group(required=True)
+    size.add_argument("--rank", type=int, help="the new rank (modules of a lower rank keep theirs)")
+    size.add_argument("--energy", type=float, help="per module, keep this share of the squared Frobenius norm "
+                      "(e.g. 0.95)")
+    rs.add_argument("--out", "-o", required=True, help="the new file (an existing one is kept: name_1 is written)")
+    rs.add_argument("--device", default="cpu", help="where the SVDs run (cpu, cuda)")
+    rs.set_defaults(func=cmd_resize)
     _add_llm_commands(sub)
     return p
 

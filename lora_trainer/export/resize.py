@@ -1,0 +1,145 @@
+"""Shrink a kohya-format LoRA's rank after training (``python -m lora_trainer resize``), as kohya's
+networks/resize_lora.py does: each module's ``up · down`` product through an SVD, its largest singular values kept,
+the new alpha set so the module's scale ``alpha / rank`` stays what it was.
+
+A rank is fixed (``rank``: each module keeps at most that many) or chosen per module (``energy``: the fewest singular
+values that keep that share of the module's squared Frobenius norm, kohya's ``sv_fro``). Linear and convolution
+(LoCon) modules are resized; other module types (LoHa, LoKr, DoRA, ...) are refused by name, never dropped. One module
+at a time is read from the file, so memory stays at the LoRA's size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from lora_trainer.errors import LoraTrainerError
+
+PARTS = (".lora_down.weight", ".lora_up.weight", ".alpha")
+
+
+@dataclass(frozen=True)
+class Resized:
+    """One module: its name, rank before and after, and the share of its Frobenius norm kept (1.0: lossless)."""
+
+    name: str
+    rank: int
+    new_rank: int
+    kept: float
+    norm: float  # the module's delta weight's Frobenius norm (scale included), for the overall share
+
+
+@dataclass(frozen=True)
+class ResizeReport:
+    path: Path
+    modules: list[Resized]
+
+    @property
+    def kept(self) -> float:
+        """The share of the whole LoRA's Frobenius norm kept (over all modules' delta weights)."""
+        total = sum(m.norm**2 for m in self.modules)
+        return math.sqrt(sum((m.kept * m.norm) ** 2 for m in self.modules) / total) if total else 1.0
+
+    def summary(self, worst: int = 5) -> str:
+        ranks = sorted({m.new_rank for m in self.modules})
+        shown = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]} (per module)"
+        low = sorted(self.modules, key=lambda m: m.kept)[:worst]
+        lines = [f"resized {len(self.modules)} modules to rank {shown}: {self.kept:.2%} of the Frobenius norm kept "
+                 f"-> {self.path}",
+                 "least kept: " + ", ".join(f"{m.name} {m.rank}->{m.new_rank} {m.kept:.2%}" for m in low)]
+        return "\n".join(lines)
+
+
+def modules_of(keys) -> list[str]:
+    """The module names of a LoRA's keys; a key of another kind (LoHa's hada_*, LoKr's lokr_*, DoRA's dora_scale)
+    is a LoraTrainerError naming it."""
+    names, other = [], []
+    for key in keys:
+        part = next((p for p in PARTS if key.endswith(p)), None)
+        if part is None:
+            other.append(key)
+        elif part == ".lora_down.weight":
+            names.append(key[: -len(part)])
+    if other:
+        raise LoraTrainerError(f"resize: {len(other)} tensors are not LoRA up/down/alpha weights (e.g. "
+                               f"{', '.join(sorted(other)[:3])}): LoHa, LoKr or DoRA modules cannot be resized here")
+    return sorted(names)
+
+
+def svd_resize(down: torch.Tensor, up: torch.Tensor, alpha: float, rank: int | None, energy: float | None,
+               device="cpu") -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """(new down, new up, new alpha, share of the norm kept) of one module; in float32, returned in the input's
+    dtype. A convolution's down is (r, in, kh, kw) and its up (out, r, 1, 1)."""
+    old_rank = down.shape[0]
+    w = up.reshape(up.shape[0], old_rank).to(device, torch.float32) @ down.reshape(old_rank, -1).to(device,
+                                                                                                      torch.float32)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    s, energy_of = s[:old_rank], (s[:old_rank] ** 2)
+    total = float(energy_of.sum())
+    if energy is not None:
+        share = torch.cumsum(energy_of, 0) / total if total > 0 else torch.ones_like(energy_of)
+        new = int(torch.searchsorted(share, torch.tensor(energy, device=share.device)).item()) + 1
+    else:
+        new = rank
+    new = max(1, min(new, old_rank))
+    root = s[:new].sqrt()
+    new_down = (root[:, None] * vh[:new]).reshape(new, *down.shape[1:])
+    new_up = (u[:, :new] * root[None, :]).reshape(up.shape[0], new, *up.shape[2:])
+    kept = math.sqrt(float(energy_of[:new].sum()) / total) if total > 0 else 1.0
+    new_down, new_up = new_down.to("cpu", down.dtype).contiguous(), new_up.to("cpu", up.dtype).contiguous()
+    return new_down, new_up, alpha * new / old_rank, kept
+
+
+def resize_lora(path, out, rank: int | None = None, energy: float | None = None, device: str = "cpu"):
+    """Write ``path`` resized (``rank`` or ``energy``) to ``out`` (never over an existing file: ``out_1``); the
+    ResizeReport. The metadata keeps the training facts, with ss_network_dim/ss_network_alpha of the new file
+    ("Dynamic" where modules differ, as kohya writes) and the original rank in ss_training_comment."""
+    from lora_trainer.export.kohya import save_kohya_lora
+
+    if (rank is None) == (energy is None):
+        raise LoraTrainerError("resize: give either --rank R (a number of dimensions) or --energy E (0 < E <= 1)")
+    if rank is not None and rank < 1:
+        raise LoraTrainerError(f"resize: --rank {rank} must be 1 or more")
+    if energy is not None and not 0 < energy <= 1:
+        raise LoraTrainerError(f"resize: --energy {energy} must be above 0 and at most 1 (e.g. 0.95)")
+    path = Path(path)
+    if not path.is_file() or path.suffix != ".safetensors":
+        raise LoraTrainerError(f"resize: {path} is not a .safetensors LoRA file")
+    tensors, modules = {}, []
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        meta = dict(f.metadata() or {})
+        names = modules_of(f.keys())
+        if not names:
+            raise LoraTrainerError(f"resize: {path} holds no LoRA modules (no *.lora_down.weight tensors)")
+        for name in names:
+            down, up = f.get_tensor(name + ".lora_down.weight"), f.get_tensor(name + ".lora_up.weight")
+            old_alpha = f.get_tensor(name + ".alpha") if name + ".alpha" in f.keys() else None  # (none: alpha = rank)
+            alpha = float(old_alpha) if old_alpha is not None else float(down.shape[0])
+            new_down, new_up, new_alpha, kept = svd_resize(down, up, alpha, rank, energy, device)
+            scale = alpha / down.shape[0]
+            norm = scale * float((up.reshape(up.shape[0], -1).float() @ down.reshape(down.shape[0], -1).float()).norm())
+            tensors[name + ".lora_down.weight"], tensors[name + ".lora_up.weight"] = new_down, new_up
+            tensors[name + ".alpha"] = torch.tensor(new_alpha, dtype=torch.float32 if old_alpha is None
+                                                    else old_alpha.dtype)
+            modules.append(Resized(name, down.shape[0], new_down.shape[0], kept, norm))
+    written = save_kohya_lora(out, tensors, _metadata(meta, modules, tensors))
+    return ResizeReport(written, modules)
+
+
+def _metadata(meta: dict[str, str], modules: list[Resized], tensors: dict) -> dict[str, str]:
+    ranks = {m.new_rank for m in modules}
+    alphas = {float(tensors[m.name + ".alpha"]) for m in modules}
+    old = sorted({m.rank for m in modules})
+    meta = dict(meta)
+    meta["ss_network_dim"] = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
+    meta["ss_network_alpha"] = str(alphas.pop()) if len(alphas) == 1 else "Dynamic"
+    note = f"dimension is resized from {'/'.join(map(str, old))} to {meta['ss_network_dim']}"
+    meta["ss_training_comment"] = note + (f"; {meta['ss_training_comment']}" if meta.get("ss_training_comment")
+                                          and meta["ss_training_comment"] != "None" else "")
+    meta["lora_trainer_resize"] = json.dumps({"from_rank": old, "modules": len(modules)})
+    return meta

@@ -1,0 +1,121 @@
+"""Resizing a LoRA's rank (export.resize, ``python -m lora_trainer resize``): lossless at the full rank, the best
+approximation of a lower rank with the share of the norm it keeps, the scale kept, LoCon convolutions too, other
+module types refused, nothing overwritten; the resized file loads in diffusers and gives the UNet it describes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from test_export import (  # noqa: F401 (diffusers_loader: a fixture)
+    CONV_TARGETS,
+    TOL,
+    UNET_TARGETS,
+    diffusers_loader,
+    kohya_tensors,
+    metadata,
+    outputs_before_and_after,
+    tiny_unet,
+    unet_inputs,
+    with_lora,
+)
+
+from lora_trainer.cli import main
+from lora_trainer.errors import LoraTrainerError
+from lora_trainer.export.kohya import save_kohya_lora
+from lora_trainer.export.resize import resize_lora
+
+
+def deltas(tensors: dict) -> dict[str, torch.Tensor]:
+    """Each module's weight change, scale included: alpha / rank · up · down (as a matrix)."""
+    out = {}
+    for key in tensors:
+        if key.endswith(".lora_down.weight"):
+            name = key[: -len(".lora_down.weight")]
+            down, up = tensors[key].float(), tensors[name + ".lora_up.weight"].float()
+            scale = float(tensors[name + ".alpha"]) / down.shape[0]
+            out[name] = scale * up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
+    return out
+
+
+@pytest.fixture
+def lora(tmp_path):
+    unet = with_lora(tiny_unet(), 8, 4.0, UNET_TARGETS + CONV_TARGETS)
+    path = save_kohya_lora(tmp_path / "full.safetensors", kohya_tensors(4.0, unet=unet), metadata(rank=8, alpha=4.0))
+    return unet, path
+
+
+def test_the_full_rank_is_lossless_and_loads_in_diffusers(lora, tmp_path, diffusers_loader):  # noqa: F811
+    unet, path = lora
+    report = resize_lora(path, tmp_path / "same.safetensors", rank=8)
+    assert report.kept == pytest.approx(1.0, abs=1e-6) and all(m.new_rank == 8 for m in report.modules)
+    before, after = deltas(load_file(path)), deltas(load_file(report.path))
+    assert any(d.dim() and d.shape[1] > 100 for d in before.values())  # a 3×3 convolution is among them
+    for name, d in before.items():
+        torch.testing.assert_close(after[name], d, atol=1e-6, rtol=1e-4)
+    x, t, cond = unet_inputs()
+    with torch.no_grad():
+        want = unet(x, t, cond).sample
+    base, got = outputs_before_and_after(report.path, lambda pipe: pipe.unet(x, t, cond).sample)
+    assert not torch.allclose(base, want, atol=1e-3)
+    torch.testing.assert_close(got, want, **TOL)
+
+
+def test_a_lower_rank_is_the_best_approximation_with_the_scale_kept(lora, tmp_path,
+                                                                   diffusers_loader):  # noqa: F811
+    _, path = lora
+    report = resize_lora(path, tmp_path / "r2.safetensors", rank=2)
+    before, tensors = deltas(load_file(path)), load_file(report.path)
+    after = deltas(tensors)
+    total = kept = 0.0
+    for name, d in before.items():
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        best = u[:, :2] @ torch.diag(s[:2]) @ vh[:2]  # (Eckart-Young: the closest rank-2 matrix)
+        torch.testing.assert_close(after[name], best, atol=1e-6, rtol=1e-4)
+        assert tensors[name + ".lora_down.weight"].shape[0] == 2
+        assert float(tensors[name + ".alpha"]) == pytest.approx(4.0 * 2 / 8)  # alpha / rank unchanged: 0.5
+        module = next(m for m in report.modules if m.name == name)
+        assert module.kept == pytest.approx(float(s[:2].norm() / s.norm()), rel=1e-5)
+        total, kept = total + float(s.norm()) ** 2, kept + float(s[:2].norm()) ** 2
+    assert report.kept == pytest.approx((kept / total) ** 0.5, rel=1e-5) and report.kept < 0.99
+    with safe_open(str(report.path), "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("2", "1.0")
+    assert meta["ss_training_comment"].startswith("dimension is resized from 8 to 2")
+    assert json.loads(meta["lora_trainer_resize"])["from_rank"] == [8] and meta["sshs_model_hash"]
+    base, got = outputs_before_and_after(report.path, lambda pipe: pipe.unet(*unet_inputs()).sample)
+    assert not torch.allclose(base, got, atol=1e-4)  # (it loads, and changes the UNet)
+
+
+def test_energy_chooses_each_modules_rank(lora, tmp_path):
+    _, path = lora
+    report = resize_lora(path, tmp_path / "e.safetensors", energy=0.9)
+    before = deltas(load_file(path))
+    for m in report.modules:
+        s2 = torch.linalg.svdvals(before[m.name]) ** 2
+        need = int((torch.cumsum(s2, 0) / s2.sum() < 0.9).sum()) + 1  # the fewest that keep 90%
+        assert m.new_rank == min(need, 8) and m.kept ** 2 >= 0.9 - 1e-6
+    with safe_open(str(report.path), "pt") as f:
+        dims = {m.new_rank for m in report.modules}
+        assert f.metadata()["ss_network_dim"] == (str(dims.pop()) if len(dims) == 1 else "Dynamic")
+
+
+def test_bad_input_is_named_and_nothing_is_overwritten(lora, tmp_path, capsys):
+    _, path = lora
+    tensors = load_file(path)
+    tensors["lora_unet_x.hada_w1_a"] = torch.zeros(2, 2)
+    loha = save_kohya_lora(tmp_path / "loha.safetensors", tensors, metadata())
+    with pytest.raises(LoraTrainerError, match="lora_unet_x.hada_w1_a.*LoHa"):
+        resize_lora(loha, tmp_path / "x.safetensors", rank=2)
+    with pytest.raises(LoraTrainerError, match="either --rank"):
+        resize_lora(path, tmp_path / "x.safetensors")
+    with pytest.raises(LoraTrainerError, match="--energy 1.5"):
+        resize_lora(path, tmp_path / "x.safetensors", energy=1.5)
+    taken = tmp_path / "taken.safetensors"
+    taken.write_bytes(b"the user's file")
+    assert main(["resize", "--lora", str(path), "--rank", "4", "--out", str(taken)]) == 0
+    assert taken.read_bytes() == b"the user's file" and (tmp_path / "taken_1.safetensors").is_file()
+    assert "resized" in capsys.readouterr().out
