@@ -178,7 +178,31 @@ def cmd_resize(args) -> int:
     return 0
 
 
+def _lora_and_weight(text: str) -> tuple[str, float]:
+    """``FILE[:WEIGHT]`` (a Windows drive's colon is part of the file)."""
+    path, sep, weight = text.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
 def cmd_merge(args) -> int:
+    if args.lora:  # image LoRAs into a single-file checkpoint
+        from lora_trainer.export.merge import merge_into_checkpoint
+
+        if args.adapter or not args.base:
+            raise LoraTrainerError("merge: --lora FILE[:WEIGHT] merges into a checkpoint: give --base CKPT.safetensors "
+                                   "(and no --adapter, which is for a language model's LoRA)")
+        loras = [_lora_and_weight(text) for text in args.lora]
+        out = merge_into_checkpoint(args.base, loras, args.output, args.dtype)
+        print(f"merged {len(loras)} LoRA(s) into {out} ({', '.join(f'{p} x{w:g}' for p, w in loras)})")
+        return 0
+    if not args.adapter:
+        raise LoraTrainerError("merge: give --lora FILE[:WEIGHT] (image LoRAs into --base CKPT) or --adapter (a "
+                               "language model's LoRA)")
     from lora_trainer.llm.generate import find_adapter
     from lora_trainer.llm.merge import merge_adapter
 
@@ -369,11 +393,16 @@ def _add_llm_commands(sub) -> None:
     ge.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     ge.add_argument("--trust-remote-code", action="store_true", help="run the Python code the model folder ships")
     ge.set_defaults(func=cmd_generate)
-    me = sub.add_parser("merge", help="a language model's LoRA: merge it into its base and save the model "
-                        "(safetensors shards and tokenizer) in a new folder")
-    me.add_argument("--adapter", required=True, help="the PEFT adapter folder, or the run folder that holds it")
-    me.add_argument("--output", "-o", required=True, help="the new folder (must not exist)")
-    me.add_argument("--base", help="the base model folder (default: the one the adapter names)")
+    me = sub.add_parser("merge", help="merge image LoRAs into a single-file checkpoint (--base CKPT --lora F[:W] "
+                        "...), or a language model's LoRA into its base (--adapter; safetensors shards and tokenizer)")
+    me.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]",
+                    help="a kohya-format LoRA and its weight (1 if not given); repeat for several, merged in order")
+    me.add_argument("--adapter", help="a language model's PEFT adapter folder, or the run folder that holds it")
+    me.add_argument("--output", "--out", "-o", required=True,
+                    help="the new file (--lora; never over an existing one: name_1) or folder (--adapter; must not "
+                    "exist)")
+    me.add_argument("--base", help="--lora: the single-file .safetensors checkpoint; --adapter: the base model folder "
+                    "(default: the one the adapter names)")
     me.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
                     help="the merged weights' dtype (auto: the base model's)")
     me.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 2GB or 500MB")

@@ -1,0 +1,164 @@
+"""Merge kohya-format LoRAs into a single-file checkpoint (``python -m lora_trainer merge --base CKPT --lora F[:W]``):
+each adapted weight becomes ``W + weight · alpha / rank · up · down``, in the checkpoint's own key layout, so the
+WebUIs and ComfyUI load the result as a normal checkpoint.
+
+A LoRA module is found in the checkpoint by its kohya name: the UNet's LDM/sgm names (``lora_unet_input_blocks_…``,
+ours and kohya's SDXL files) or the diffusers names kohya's SD 1.x/2.x files use (``lora_unet_down_blocks_…``, mapped
+through export.kohya.LdmUnetNames with the block layout read from the checkpoint's keys); the text encoders' CLIP
+names (``lora_te_``, ``lora_te1_``), and for OpenCLIP encoders (SD 2.x's, SDXL's second) their fused q/k/v
+projection's slices. Linear and LoCon convolution modules merge; a module of another kind, or one the checkpoint has
+no weight for, stops the merge with its name (nothing is dropped silently). The checkpoint is read one tensor at a time
+(memory: the output's tensors and one more); the file is written under a temporary name and renamed, never over an
+existing file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from lora_trainer.errors import LoraTrainerError
+from lora_trainer.export.kohya import LdmUnetNames
+from lora_trainer.export.resize import modules_of
+
+UNET = "model.diffusion_model."
+CLIP_PREFIXES = {"cond_stage_model.transformer.": "lora_te_", "conditioner.embedders.0.transformer.": "lora_te1_"}
+OPEN_CLIP_PREFIXES = {"cond_stage_model.model.": "lora_te_", "conditioner.embedders.1.model.": "lora_te2_"}
+_OPEN_CLIP = {"attn.out_proj.weight": "self_attn_out_proj", "mlp.c_fc.weight": "mlp_fc1",
+              "mlp.c_proj.weight": "mlp_fc2"}
+_DIFFUSERS_UNET = re.compile(r"^lora_unet_(?P<block>(?:down|up)_blocks_\d+_(?:attentions|resnets|downsamplers|"
+                             r"upsamplers)_\d+|mid_block_(?:attentions|resnets)_\d+)_(?P<rest>.+)$")
+_HEADS = ("transformer_blocks", "proj_in", "proj_out", "norm1", "norm2", "norm", "conv1", "conv2", "conv_shortcut",
+          "time_emb_proj", "conv")
+
+
+@dataclass(frozen=True)
+class Target:
+    key: str  # the checkpoint's tensor
+    part: int | None = None  # q, k, v (0, 1, 2) of a fused OpenCLIP in_proj_weight; None: the whole tensor
+
+
+def checkpoint_targets(keys) -> dict[str, Target]:
+    """kohya module name → the checkpoint tensor it changes, for a single-file checkpoint's keys."""
+    out = {}
+    for key in keys:
+        if key.startswith(UNET) and key.endswith(".weight"):
+            out["lora_unet_" + key[len(UNET):-len(".weight")].replace(".", "_")] = Target(key)
+        for prefix, lora in CLIP_PREFIXES.items():
+            if key.startswith(prefix + "text_model.") and key.endswith(".weight"):
+                out[lora + key[len(prefix):-len(".weight")].replace(".", "_")] = Target(key)
+        for prefix, lora in OPEN_CLIP_PREFIXES.items():
+            m = re.match(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.(.+)$", key)
+            if not m:
+                continue
+            layer = f"{lora}text_model_encoder_layers_{m[1]}_"
+            if m[2] == "attn.in_proj_weight":
+                for i, proj in enumerate("qkv"):
+                    out[f"{layer}self_attn_{proj}_proj"] = Target(key, i)
+            elif m[2] in _OPEN_CLIP:
+                out[layer + _OPEN_CLIP[m[2]]] = Target(key)
+    return out
+
+
+def unet_layout(keys) -> dict | None:
+    """The UNet's block layout read from its LDM keys (``layers_per_block``, ``up_block_types``: levels with
+    attention), for export.kohya.LdmUnetNames; None without an LDM UNet."""
+    ops = sorted(int(m[1]) for k in keys if (m := re.match(re.escape(UNET) + r"input_blocks\.(\d+)\.0\.op\.", k)))
+    outs = [int(m[1]) for k in keys if (m := re.match(re.escape(UNET) + r"output_blocks\.(\d+)\.", k))]
+    if not ops or not outs:
+        return None
+    per = ops[0] - 1
+    levels = max(outs) // (per + 1) + 1
+    attn = [any(k.startswith(f"{UNET}output_blocks.{(per + 1) * i}.1.proj_in.") for k in keys) for i in range(levels)]
+    return {"layers_per_block": per, "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in attn]}
+
+
+def ldm_name(name: str, names: LdmUnetNames | None) -> str | None:
+    """A diffusers-named UNet module (kohya's SD 1.x files) under its LDM name, or None."""
+    m = _DIFFUSERS_UNET.match(name)
+    if names is None or not m:
+        return None
+    head = next((h for h in _HEADS if m["rest"] == h or m["rest"].startswith(h + "_")), None)
+    if head is None:
+        return None
+    block = re.sub(r"^(down_blocks|up_blocks|mid_block)_", r"\1.", m["block"])  # down_blocks.1_attentions_0
+    block = re.sub(r"[._](attentions|resnets|downsamplers|upsamplers)_", r".\1.", block)  # down_blocks.1.attentions.0
+    tail = m["rest"][len(head):]
+    try:
+        path = names(f"{block}.{head}" + (f".{tail[1:]}" if tail else ""))
+    except ValueError:
+        return None
+    return "lora_unet_" + path.replace(".", "_")
+
+
+def _delta(f, name: str, shape: torch.Size, part: int | None, weight: float) -> torch.Tensor:
+    down, up = f.get_tensor(name + ".lora_down.weight").float(), f.get_tensor(name + ".lora_up.weight").float()
+    rank = down.shape[0]
+    alpha = float(f.get_tensor(name + ".alpha")) if name + ".alpha" in f.keys() else float(rank)
+    delta = weight * alpha / rank * (up.reshape(up.shape[0], rank) @ down.reshape(rank, -1))
+    rows = shape[0] // 3 if part is not None else shape[0]
+    return delta.reshape(rows, *shape[1:])
+
+
+def plan_merge(base: Path, loras: list[tuple[Path, float]]) -> dict[str, list[tuple[Path, str, int | None, float]]]:
+    """Checkpoint key → the LoRA modules that change it: (file, module, fused part, weight). Every module of every
+    file must find its weight (else a LoraTrainerError naming them)."""
+    with safe_open(str(base), framework="pt") as f:
+        keys = list(f.keys())
+    targets = checkpoint_targets(keys)
+    layout = unet_layout(keys)
+    names = LdmUnetNames(layout) if layout else None
+    plan: dict[str, list] = {}
+    for path, weight in loras:
+        with safe_open(str(path), framework="pt") as f:
+            modules = modules_of(f.keys())
+        missing = []
+        for module in modules:
+            target = targets.get(module) or targets.get(ldm_name(module, names) or "")
+            if target is None:
+                missing.append(module)
+            else:
+                plan.setdefault(target.key, []).append((path, module, target.part, weight))
+        if missing:
+            raise LoraTrainerError(f"merge: {len(missing)} modules of {path} have no weight in {base} (e.g. "
+                                   f"{', '.join(missing[:3])}): a LoRA for another model family?")
+    return plan
+
+
+def merge_into_checkpoint(base, loras: list[tuple[str, float]], out, dtype: str = "auto") -> Path:
+    """Write ``base`` with ``loras`` ((file, weight), in order) merged to ``out``; returns the path written."""
+    from safetensors.torch import save_file
+
+    from lora_trainer.utils.fsio import write_new
+
+    base, out = Path(base), Path(out)
+    if not base.is_file() or base.suffix != ".safetensors":
+        raise LoraTrainerError(f"merge: --base {base} is not a single-file .safetensors checkpoint")
+    files = [(Path(p), float(w)) for p, w in loras]
+    for p, _ in files:
+        if not p.is_file():
+            raise LoraTrainerError(f"merge: --lora {p} does not exist")
+    cast = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    plan = plan_merge(base, files)
+    tensors, opened = {}, {p: safe_open(str(p), framework="pt") for p, _ in files}
+    with safe_open(str(base), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        for key in f.keys():
+            tensor = f.get_tensor(key)
+            if key in plan:
+                merged = tensor.float()
+                for path, module, part, weight in plan[key]:
+                    delta = _delta(opened[path], module, tensor.shape, part, weight)
+                    if part is None:
+                        merged += delta
+                    else:
+                        merged[part * delta.shape[0]:(part + 1) * delta.shape[0]] += delta
+                tensor = merged.to(tensor.dtype)
+            tensors[key] = tensor.to(cast) if cast is not None and tensor.is_floating_point() else tensor
+    meta["lora_trainer_merged"] = json.dumps([{"file": p.name, "weight": w} for p, w in files])
+    return write_new(out, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
