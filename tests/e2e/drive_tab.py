@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -148,11 +149,13 @@ def wait_training(page, name, timeout_s=None, shot_during=None, prev=None):
     prev: the status before the click; while it (or gradio's "queue: …" line) still shows, it is not this run's."""
     t0, timeout_s = time.time(), timeout_s or TRAIN_TIMEOUT
     during, seen = None, []
+    timer = re.compile(r"^\d+(\.\d+)?(/\d+(\.\d+)?)?s\n")  # gradio 3's elapsed/ETA line over a pending output
+    prev = timer.sub("", prev) if prev is not None else None
     while time.time() - t0 < timeout_s:
         s = status_text(page)
         if s and (not seen or seen[-1] != s):
             seen.append(s)
-        if prev is not None and (s == prev or s.startswith("queue:")):
+        if prev is not None and (timer.sub("", s) == prev or s.startswith("queue:")):
             time.sleep(0.5)
             continue
         if shot_during and during is None and "step" in s and "/" in s and "0/" not in s.split("·")[0]:
