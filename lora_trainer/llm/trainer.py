@@ -20,7 +20,7 @@ from lora_trainer.engine.interrupt import CtrlC, tensorboard_writer
 from lora_trainer.engine.optim import build_optimizer, check_optimizer
 from lora_trainer.engine.output_checks import check_output
 from lora_trainer.engine.run_dir import prepare_run_dir, remove_run, run_log_file
-from lora_trainer.errors import ConfigError
+from lora_trainer.errors import ConfigError, LoraTrainerError
 from lora_trainer.llm import data as llm_data
 from lora_trainer.llm.model import add_lora, default_targets, load_model, load_tokenizer, read_model_config
 from lora_trainer.llm.outputs import export_adapter, write_summary
@@ -191,7 +191,7 @@ def _loop(run: LlmRun, ctrl_c: CtrlC) -> bool:
             run.save("error")
             log.warning("saved the last good state (step %d); resume with resume_from_checkpoint: latest", run.step)
         if isinstance(e, torch.cuda.OutOfMemoryError):
-            raise NonFiniteLoss("out of GPU memory: lower training.batch_size or data.max_seq_length (raise "
+            raise LoraTrainerError("out of GPU memory: lower training.batch_size or data.max_seq_length (raise "
                                 "gradient_accumulation_steps to keep the effective batch), or turn on "
                                 "training.gradient_checkpointing") from e
         raise
