@@ -101,7 +101,9 @@ def test_the_merged_checkpoint_gives_the_base_plus_lora_unet(checkpoint, tmp_pat
 def test_open_clip_q_k_v_merge_into_their_slices(tmp_path):
     d = 8
     base = {"conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight": torch.randn(3 * d, d),
-            "conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc.weight": torch.randn(2 * d, d)}
+            "conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc.weight": torch.randn(2 * d, d),
+            "model_ema.num_updates": torch.tensor(7), "model_ema.decay": torch.tensor(0.999),  # (0-dim, as LDM has)
+            "alphas_cumprod": torch.rand(10, dtype=torch.float64), "mask": torch.tensor([True, False])}
     save_file(base, str(tmp_path / "xl.safetensors"))
     gen = torch.Generator().manual_seed(0)
     layer = "lora_te2_text_model_encoder_layers_0_"
@@ -117,6 +119,8 @@ def test_open_clip_q_k_v_merge_into_their_slices(tmp_path):
     qkv = base["conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"]
     torch.testing.assert_close(fused[d:2 * d], qkv[d:2 * d] + k)
     assert torch.equal(fused[:d], qkv[:d]) and torch.equal(fused[2 * d:], qkv[2 * d:])  # q and v untouched
+    for key in ("model_ema.num_updates", "model_ema.decay", "alphas_cumprod", "mask"):  # the rest: bit for bit
+        assert merged[key].dtype == base[key].dtype and torch.equal(merged[key], base[key]), key
 
 
 def test_unknown_modules_are_refused_and_nothing_is_overwritten(checkpoint, tmp_path):

@@ -7,9 +7,9 @@ ours and kohya's SDXL files) or the diffusers names kohya's SD 1.x/2.x files use
 through export.kohya.LdmUnetNames with the block layout read from the checkpoint's keys); the text encoders' CLIP
 names (``lora_te_``, ``lora_te1_``), and for OpenCLIP encoders (SD 2.x's, SDXL's second) their fused q/k/v
 projection's slices. Linear and LoCon convolution modules merge; a module of another kind, or one the checkpoint has
-no weight for, stops the merge with its name (nothing is dropped silently). The checkpoint is read one tensor at a time
-(memory: the output's tensors and one more); the file is written under a temporary name and renamed, never over an
-existing file.
+no weight for, stops the merge with its name (nothing is dropped silently). The checkpoint is read and the result
+written one tensor at a time (memory: a tensor and the LoRAs); the file is written under a temporary name and renamed,
+never over an existing file.
 """
 
 from __future__ import annotations
@@ -130,10 +130,33 @@ def plan_merge(base: Path, loras: list[tuple[Path, float]]) -> dict[str, list[tu
     return plan
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def write_streamed(path: Path, entries: list[tuple[str, torch.dtype, list[int]]], tensors, metadata: dict) -> None:
+    """A safetensors file written one tensor at a time: the header from ``entries`` (key, dtype, shape), then each
+    tensor ``tensors`` yields, in that order (memory: one tensor)."""
+    header, offset = {"__metadata__": metadata}, 0
+    for key, dtype, shape in entries:
+        size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        header[key] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # (the data starts 8-byte aligned, as safetensors writes it)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for (key, dtype, shape), tensor in zip(entries, tensors):
+            if tensor.dtype != dtype or list(tensor.shape) != list(shape):
+                raise ValueError(f"{key}: {tensor.dtype} {list(tensor.shape)}, not the {dtype} {shape} announced")
+            if tensor.numel():
+                f.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))  # (no copy)
+
+
 def merge_into_checkpoint(base, loras: list[tuple[str, float]], out, dtype: str = "auto") -> Path:
     """Write ``base`` with ``loras`` ((file, weight), in order) merged to ``out``; returns the path written."""
-    from safetensors.torch import save_file
-
     from lora_trainer.utils.fsio import write_new
 
     base, out = Path(base), Path(out)
@@ -145,20 +168,30 @@ def merge_into_checkpoint(base, loras: list[tuple[str, float]], out, dtype: str 
             raise LoraTrainerError(f"merge: --lora {p} does not exist")
     cast = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     plan = plan_merge(base, files)
-    tensors, opened = {}, {p: safe_open(str(p), framework="pt") for p, _ in files}
+    opened = {p: safe_open(str(p), framework="pt") for p, _ in files}
     with safe_open(str(base), framework="pt") as f:
         meta = dict(f.metadata() or {})
+        meta["lora_trainer_merged"] = json.dumps([{"file": p.name, "weight": w} for p, w in files])
+        entries = []
         for key in f.keys():
-            tensor = f.get_tensor(key)
-            if key in plan:
-                merged = tensor.float()
-                for path, module, part, weight in plan[key]:
-                    delta = _delta(opened[path], module, tensor.shape, part, weight)
-                    if part is None:
-                        merged += delta
-                    else:
-                        merged[part * delta.shape[0]:(part + 1) * delta.shape[0]] += delta
-                tensor = merged.to(tensor.dtype)
-            tensors[key] = tensor.to(cast) if cast is not None and tensor.is_floating_point() else tensor
-    meta["lora_trainer_merged"] = json.dumps([{"file": p.name, "weight": w} for p, w in files])
-    return write_new(out, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+            part = f.get_slice(key)
+            kind = _DTYPES.get(part.get_dtype())
+            if kind is None:
+                raise LoraTrainerError(f"merge: {base} holds {key} as {part.get_dtype()}, which is not merged here")
+            entries.append((key, cast if cast is not None and kind.is_floating_point else kind, part.get_shape()))
+
+        def tensors():
+            for key, want, _ in entries:
+                tensor = f.get_tensor(key)
+                if key in plan:
+                    merged = tensor.float()
+                    for path, module, part, weight in plan[key]:
+                        delta = _delta(opened[path], module, tensor.shape, part, weight)
+                        if part is None:
+                            merged += delta
+                        else:
+                            merged[part * delta.shape[0]:(part + 1) * delta.shape[0]] += delta
+                    tensor = merged
+                yield tensor.to(want)
+
+        return write_new(out, lambda tmp: write_streamed(tmp, entries, tensors(), meta))
