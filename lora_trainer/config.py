@@ -400,9 +400,7 @@ def _check_text_generation(values: dict[str, dict], errors: list[str]) -> None:
     if d.get("validation_split") and d.get("validation_dir"):
         errors.append("data.validation_dir is not read for model.task_type: text-generation; use "
                       "data.validation_split (e.g. 0.05)")
-    name = o.get("output_name")
-    if isinstance(name, str) and (not name.strip() or "/" in name or "\\" in name or name.startswith(".")):
-        errors.append(f"output.output_name: {name!r} must be a plain folder name (no '/', '\\', no leading '.')")
+    _check_output_name(o.get("output_name"), "folder", errors)
 
 
 def _check_special(values: dict[str, dict], errors: list[str]) -> None:
@@ -435,9 +433,13 @@ def _check_special(values: dict[str, dict], errors: list[str]) -> None:
     if isinstance(ext, str) and not ext.startswith("."):
         errors.append(f"data.caption_extension: {ext!r} must start with '.', e.g. '.txt'")
     _check_samples_and_validation(values, errors)
-    name = o.get("output_name")
+    _check_output_name(o.get("output_name"), "file", errors)
+
+
+def _check_output_name(name, what: str, errors: list[str]) -> None:
+    """output.output_name names a file (an image LoRA) or a folder (a language model's adapter) in output_dir."""
     if isinstance(name, str) and (not name.strip() or "/" in name or "\\" in name or name.startswith(".")):
-        errors.append(f"output.output_name: {name!r} must be a plain file name (no '/', '\\', no leading '.')")
+        errors.append(f"output.output_name: {name!r} must be a plain {what} name (no '/', '\\', no leading '.')")
 
 
 def _read_as_written(values: dict[str, dict]) -> None:
