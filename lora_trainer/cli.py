@@ -166,7 +166,7 @@ def cmd_generate(args) -> int:
             prompt = prompts.pop()
         text = chat_prompt(tok, prompt) if args.chat else prompt
         generate(model, tok, text, max_new_tokens=args.max_new_tokens, sample=args.sample,
-                 temperature=args.temperature, top_p=args.top_p, stream=True, seed=args.seed)
+                 temperature=args.temperature, top_p=args.top_p, stream=True, seed=args.seed, templated=args.chat)
         sys.stdout.flush()
 
 
@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--lora", required=True, help="the kohya-format .safetensors LoRA")
     size = rs.add_mutually_exclusive_group(required=True)
     size.add_argument("--rank", type=int, help="the new rank (modules of a lower rank keep theirs)")
-    size.add_argument("--energy", type=float, help="per module, keep this share of the squared Frobenius norm "
+    size.add_argument("--energy", type=float, help="per module, keep this share of the Frobenius norm (kohya's sv_fro) "
                       "(e.g. 0.95)")
     rs.add_argument("--out", "-o", required=True, help="the new file (an existing one is kept: name_1 is written)")
     rs.add_argument("--device", default="cpu", help="where the SVDs run (cpu, cuda)")

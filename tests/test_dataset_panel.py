@@ -114,8 +114,10 @@ def test_captions_show_an_augmented_draw_while_shuffling_is_on(folder):
     assert any(len(e.split(", ")) < 5 for e in examples)  # some tags dropped in this draw
     uncaptioned = [info for visible, _, caption, info in slots(out) if visible and not caption]
     assert uncaptioned and all("e.g. one epoch: trig</div>" in info for info in uncaptioned)  # (the prefix alone)
-    out = run(panel.set_augment, state, captions_on_screen(out), "trig, ", False, 0, 0, 0)
+    out = run(panel.set_augment, state, captions_on_screen(out), "ohwx, ", False, 0, 0, 0)
     assert all("e.g. one epoch" not in info for *_, info in slots(out))
+    shown = [info for visible, _, caption, info in slots(out) if visible and caption]
+    assert all("ohwx, mystyle" in info and "trig" not in info for info in shown)  # the new prefix, not the loaded one
 
 
 def test_the_check_shows_the_bucket_histogram(tmp_path):

@@ -152,6 +152,17 @@ def test_rows_from_each_file_kind(tmp_path, tok):
     assert len(pack(encode_rows(tok, rows, 64, False), 64, 0)) == 1
 
 
+def test_line_breaks_in_csv_fields_and_unicode_separators_in_json_are_kept(tmp_path, tok):
+    (tmp_path / "a.csv").write_text('prompt,completion\nwrite code,"def f():\n    return 1"\n', encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "one\u2028two\x85three"}, ensure_ascii=False) + "\n",
+                                      encoding="utf-8")
+    rows = read_rows(str(tmp_path))
+    assert [r.completion or r.text for r in rows] == ["def f():\n    return 1", "one\u2028two\x85three"]
+    # an empty prompt: the completion starts as a prompt would have (the tokenizer's special tokens)
+    ex = encode(tok, Row("x:1", prompt="", completion="blue"), train_on_prompt=False)
+    assert list(ex.input_ids) == list(tok("blue")["input_ids"]) + [tok.eos_token_id]
+
+
 # --- training --------------------------------------------------------------------------------------------------
 
 def test_train_memorises_then_generates_and_the_adapter_reloads(base, tmp_path, capsys):

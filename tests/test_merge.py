@@ -121,6 +121,17 @@ def test_open_clip_q_k_v_merge_into_their_slices(tmp_path):
     assert torch.equal(fused[:d], qkv[:d]) and torch.equal(fused[2 * d:], qkv[2 * d:])  # q and v untouched
     for key in ("model_ema.num_updates", "model_ema.decay", "alphas_cumprod", "mask"):  # the rest: bit for bit
         assert merged[key].dtype == base[key].dtype and torch.equal(merged[key], base[key]), key
+    half = merge_into_checkpoint(tmp_path / "xl.safetensors", [(tmp_path / "te2.safetensors", 1.0)],
+                                 tmp_path / "half.safetensors", dtype="fp16")
+    with safe_open(str(half), "pt") as f:  # fp16 weights; the schedule and counters as they were
+        assert f.get_tensor("alphas_cumprod").dtype == torch.float64 and f.get_tensor("model_ema.decay").dtype == \
+            torch.float32 and f.get_slice(next(iter(base))).get_dtype() == "F16"
+    with open(half, "rb") as f:  # each tensor's data starts at a multiple of its element size
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    sizes = {"F64": 8, "I64": 8, "F32": 4, "F16": 2, "BOOL": 1}
+    assert all((8 + n + v["data_offsets"][0]) % sizes[v["dtype"]] == 0
+               for k, v in header.items() if k != "__metadata__")
 
 
 def test_unknown_modules_are_refused_and_nothing_is_overwritten(checkpoint, tmp_path):
@@ -128,8 +139,16 @@ def test_unknown_modules_are_refused_and_nothing_is_overwritten(checkpoint, tmp_
     tensors = load_file(lora)
     tensors["lora_unet_x.hada_w1_a"] = torch.zeros(2, 2)
     save_kohya_lora(tmp_path / "loha.safetensors", tensors, {})
-    with pytest.raises(LoraTrainerError, match="lora_unet_x.hada_w1_a"):
+    with pytest.raises(LoraTrainerError, match="^merge: .*lora_unet_x.hada_w1_a.*cannot be merged"):
         merge_into_checkpoint(checkpoint, [(tmp_path / "loha.safetensors", 1.0)], tmp_path / "x.safetensors")
+    # the names of another family's LoRA can exist here with other widths (SD 2.x's 1024 against SD 1.x's 768)
+    wide = {k: (torch.zeros(v.shape[0], 2 * v.shape[1]) if k.endswith("attn1_to_k.lora_down.weight") else v)
+            for k, v in load_file(lora).items()}
+    save_kohya_lora(tmp_path / "wide.safetensors", wide, {})
+    with pytest.raises(LoraTrainerError, match="do not fit the shapes .*attn1_to_k"):
+        merge_into_checkpoint(checkpoint, [(tmp_path / "wide.safetensors", 1.0)], tmp_path / "x.safetensors")
+    with pytest.raises(LoraTrainerError, match="must end in .safetensors"):
+        merge_into_checkpoint(checkpoint, [(lora, 1.0)], tmp_path / "x.ckpt")
     foreign = {k.replace("lora_unet_input_blocks_1_1", "lora_unet_input_blocks_9_1"): v
                for k, v in load_file(lora).items()}
     save_kohya_lora(tmp_path / "foreign.safetensors", foreign, {})

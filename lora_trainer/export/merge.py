@@ -96,6 +96,12 @@ def ldm_name(name: str, names: LdmUnetNames | None) -> str | None:
     return "lora_unet_" + path.replace(".", "_")
 
 
+def _shape(f, name: str) -> tuple[int, int]:
+    """(rows, columns) of a LoRA module's ``up · down``: its output features and its input's elements."""
+    up, down = f.get_slice(name + ".lora_up.weight").get_shape(), f.get_slice(name + ".lora_down.weight").get_shape()
+    return up[0], int(torch.Size(down[1:]).numel())
+
+
 def _delta(f, name: str, shape: torch.Size, part: int | None, weight: float) -> torch.Tensor:
     down, up = f.get_tensor(name + ".lora_down.weight").float(), f.get_tensor(name + ".lora_up.weight").float()
     rank = down.shape[0]
@@ -110,23 +116,32 @@ def plan_merge(base: Path, loras: list[tuple[Path, float]]) -> dict[str, list[tu
     file must find its weight (else a LoraTrainerError naming them)."""
     with safe_open(str(base), framework="pt") as f:
         keys = list(f.keys())
+        shapes = {}
+        for key in keys:  # (rows, columns) a module changes: the whole weight, or each third of a fused q/k/v
+            rows, *rest = f.get_slice(key).get_shape() or [1]
+            cols = int(torch.Size(rest).numel())
+            shapes[key] = {None: (rows, cols), 0: (rows // 3, cols), 1: (rows // 3, cols), 2: (rows // 3, cols)}
     targets = checkpoint_targets(keys)
     layout = unet_layout(keys)
     names = LdmUnetNames(layout) if layout else None
     plan: dict[str, list] = {}
     for path, weight in loras:
         with safe_open(str(path), framework="pt") as f:
-            modules = modules_of(f.keys())
-        missing = []
-        for module in modules:
-            target = targets.get(module) or targets.get(ldm_name(module, names) or "")
-            if target is None:
-                missing.append(module)
-            else:
-                plan.setdefault(target.key, []).append((path, module, target.part, weight))
-        if missing:
-            raise LoraTrainerError(f"merge: {len(missing)} modules of {path} have no weight in {base} (e.g. "
-                                   f"{', '.join(missing[:3])}): a LoRA for another model family?")
+            modules = modules_of(f.keys(), "merge")
+            missing, wrong = [], []
+            for module in modules:
+                target = targets.get(module) or targets.get(ldm_name(module, names) or "")
+                if target is None:
+                    missing.append(module)
+                elif _shape(f, module) != shapes[target.key][target.part]:
+                    wrong.append(f"{module} ({_shape(f, module)} for {shapes[target.key][target.part]})")
+                else:
+                    plan.setdefault(target.key, []).append((path, module, target.part, weight))
+        if missing or wrong:
+            listed = ", ".join((missing or wrong)[:3])
+            what = "have no weight in" if missing else "do not fit the shapes of the weights they change in"
+            raise LoraTrainerError(f"merge: {len(missing or wrong)} modules of {path} {what} {base} (e.g. {listed}): "
+                                   "a LoRA for another model family?")
     return plan
 
 
@@ -162,6 +177,8 @@ def merge_into_checkpoint(base, loras: list[tuple[str, float]], out, dtype: str 
     base, out = Path(base), Path(out)
     if not base.is_file() or base.suffix != ".safetensors":
         raise LoraTrainerError(f"merge: --base {base} is not a single-file .safetensors checkpoint")
+    if out.suffix != ".safetensors":
+        raise LoraTrainerError(f"merge: --out {out} must end in .safetensors (the WebUIs read a .ckpt as a pickle)")
     files = [(Path(p), float(w)) for p, w in loras]
     for p, _ in files:
         if not p.is_file():
@@ -178,7 +195,11 @@ def merge_into_checkpoint(base, loras: list[tuple[str, float]], out, dtype: str 
             kind = _DTYPES.get(part.get_dtype())
             if kind is None:
                 raise LoraTrainerError(f"merge: {base} holds {key} as {part.get_dtype()}, which is not merged here")
-            entries.append((key, cast if cast is not None and kind.is_floating_point else kind, part.get_shape()))
+            weight = "." in key and not key.startswith("model_ema.")  # (not alphas_cumprod, betas, EMA counters)
+            entries.append((key, cast if cast is not None and kind.is_floating_point and weight else kind,
+                            part.get_shape()))
+        # the largest elements first, as safetensors orders them, so each tensor's data starts aligned to its size
+        entries.sort(key=lambda e: (-torch.empty((), dtype=e[1]).element_size(), e[0]))
 
         def tensors():
             for key, want, _ in entries:

@@ -3,7 +3,8 @@ networks/resize_lora.py does: each module's ``up · down`` product through an SV
 the new alpha set so the module's scale ``alpha / rank`` stays what it was.
 
 A rank is fixed (``rank``: each module keeps at most that many) or chosen per module (``energy``: the fewest singular
-values that keep that share of the module's squared Frobenius norm, kohya's ``sv_fro``). Linear and convolution
+values that keep that share of the module's Frobenius norm, kohya's ``sv_fro``: their squares' sum at least
+``energy²`` of the whole). Linear and convolution
 (LoCon) modules are resized; other module types (LoHa, LoKr, DoRA, ...) are refused by name, never dropped. One module
 at a time is read from the file, so memory stays at the LoRA's size.
 """
@@ -55,9 +56,9 @@ class ResizeReport:
         return "\n".join(lines)
 
 
-def modules_of(keys) -> list[str]:
+def modules_of(keys, command: str = "resize") -> list[str]:
     """The module names of a LoRA's keys; a key of another kind (LoHa's hada_*, LoKr's lokr_*, DoRA's dora_scale)
-    is a LoraTrainerError naming it."""
+    is a LoraTrainerError naming it (and ``command``, the one that cannot take it)."""
     names, other = [], []
     for key in keys:
         part = next((p for p in PARTS if key.endswith(p)), None)
@@ -66,8 +67,8 @@ def modules_of(keys) -> list[str]:
         elif part == ".lora_down.weight":
             names.append(key[: -len(part)])
     if other:
-        raise LoraTrainerError(f"resize: {len(other)} tensors are not LoRA up/down/alpha weights (e.g. "
-                               f"{', '.join(sorted(other)[:3])}): LoHa, LoKr or DoRA modules cannot be resized here")
+        raise LoraTrainerError(f"{command}: {len(other)} tensors are not LoRA up/down/alpha weights (e.g. "
+                               f"{', '.join(sorted(other)[:3])}): LoHa, LoKr or DoRA modules cannot be {command}d here")
     return sorted(names)
 
 
@@ -83,7 +84,7 @@ def svd_resize(down: torch.Tensor, up: torch.Tensor, alpha: float, rank: int | N
     total = float(energy_of.sum())
     if energy is not None:
         share = torch.cumsum(energy_of, 0) / total if total > 0 else torch.ones_like(energy_of)
-        new = int(torch.searchsorted(share, torch.tensor(energy, device=share.device)).item()) + 1
+        new = int(torch.searchsorted(share, torch.tensor(energy**2, device=share.device)).item()) + 1
     else:
         new = rank
     new = max(1, min(new, old_rank))

@@ -77,7 +77,9 @@ def encode(tok, row: Row, train_on_prompt: bool) -> Example:
         ids = _ids(tok, row.text, special=True) + eos
         trained = [True] * len(ids)
     else:
-        prompt, completion = _ids(tok, row.prompt, special=True), _ids(tok, row.completion, special=False) + eos
+        prompt = _ids(tok, row.prompt, special=True)
+        # (an empty prompt: the completion takes the special tokens, BOS, that a prompt would have started with)
+        completion = _ids(tok, row.completion, special=not prompt) + eos
         ids, trained = prompt + completion, [train_on_prompt] * len(prompt) + [True] * len(completion)
     return Example(tuple(ids), tuple(i if t else IGNORE for i, t in zip(ids, trained)))
 

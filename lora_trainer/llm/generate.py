@@ -63,11 +63,14 @@ def chat_prompt(tok, prompt: str) -> str:
 
 @torch.no_grad()
 def generate(model, tok, prompt: str, max_new_tokens: int = 128, sample: bool = False, temperature: float = 0.8,
-             top_p: float = 0.95, stream: bool = False, seed: int | None = None) -> tuple[str, list[int]]:
-    """(the new text, its token ids); greedy unless ``sample``; ``stream`` prints the text as it comes."""
+             top_p: float = 0.95, stream: bool = False, seed: int | None = None,
+             templated: bool = False) -> tuple[str, list[int]]:
+    """(the new text, its token ids); greedy unless ``sample``; ``stream`` prints the text as it comes.
+    ``templated``: the prompt is a chat template's text, which holds its special tokens (BOS) already: none are added,
+    as training tokenized the conversations."""
     from transformers import TextStreamer
 
-    ids = tok(prompt, return_tensors="pt")["input_ids"].to(model.device)
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=not templated)["input_ids"].to(model.device)
     if seed is not None:
         torch.manual_seed(seed)
     kwargs = {"do_sample": True, "temperature": temperature, "top_p": top_p} if sample else {"do_sample": False}

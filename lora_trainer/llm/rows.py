@@ -7,6 +7,7 @@ columns); a .txt file is one document. A bad row stops the run with one line nam
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,8 @@ def _row(obj, where: str) -> Row:
 
 def _jsonl(path: Path, text: str) -> list[Row]:
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):  # (not splitlines: JSON strings may hold U+2028, U+0085 raw)
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
@@ -89,7 +91,7 @@ def _json(path: Path, text: str) -> list[Row]:
 
 
 def _csv(path: Path, text: str) -> list[Row]:
-    reader = csv.DictReader(text.splitlines())
+    reader = csv.DictReader(io.StringIO(text, newline=""))  # (a quoted field keeps its line breaks)
     cols = set(reader.fieldnames or ())
     if not ({"prompt", "completion"} <= cols or "text" in cols):
         raise DatasetError(f"{path}:1: a CSV needs a header with the columns prompt,completion or text; it has "

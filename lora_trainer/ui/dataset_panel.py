@@ -99,9 +99,10 @@ def load_captions(state, folder, prefix_text, *augment):
 
 
 def set_augment(state, prefix_text, *augment):
-    """The caption augmentation fields changed: the examples under the captions follow."""
+    """The prefix or the augmentation fields changed: the text under each caption and its example draw follow."""
     if state is None:
         return render(None)
+    state.captions.prefix = prefix_text or ""  # (what the trainer tokenizes, under each caption, follows it too)
     state.augment = augment_of(prefix_text, *augment)
     return render(state)
 
