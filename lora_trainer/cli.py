@@ -61,10 +61,16 @@ def _libraries_to_the_log_file() -> None:
 
 
 def _train(cfg):
+    """The run of ``cfg``, an image LoRA's or (model.task_type text-generation) a language model's, the log lines
+    kept above the progress bar."""
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from lora_trainer.engine.trainer import train
+    from lora_trainer.config import is_text_generation
 
+    if is_text_generation(cfg):
+        from lora_trainer.llm.trainer import train_llm as train
+    else:
+        from lora_trainer.engine.trainer import train
     with logging_redirect_tqdm(loggers=[logging.root]):
         return train(cfg)
 
@@ -111,20 +117,8 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, overrides=args.set)
     if not logging.getLogger().isEnabledFor(logging.DEBUG):  # (--verbose: the libraries' notices on the terminal)
         _libraries_to_the_log_file()
-    if is_text_generation(cfg):
-        _report_llm(_train_llm(cfg))
-    else:
-        _report(_train(cfg))
+    (_report_llm if is_text_generation(cfg) else _report)(_train(cfg))
     return 0
-
-
-def _train_llm(cfg):
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    from lora_trainer.llm.trainer import train_llm
-
-    with logging_redirect_tqdm(loggers=[logging.root]):
-        return train_llm(cfg)
 
 
 def _report_llm(result) -> None:

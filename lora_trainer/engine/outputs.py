@@ -26,12 +26,13 @@ SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 def set_aside_interim_exports(run_dir: Path, names: list[str]) -> None:
     """A resumed run's earlier export (a stop's, an error's, a finished run continued) in its own folder: moved to
     ``<stem>-step<N><suffix>`` (N: the steps summary.json says it had), so the documented names hold the newest
-    weights and nothing is lost. Run folders hold one run each: these files are this run's own."""
+    weights and nothing is lost. Run folders hold one run each: these files (or, a language model's adapter,
+    folders) are this run's own."""
     import json
 
     from lora_trainer.utils.fsio import free_name
 
-    present = [run_dir / n for n in names if (run_dir / n).is_file()]
+    present = [run_dir / n for n in names if (run_dir / n).exists()]
     if not present:
         return
     try:

@@ -3,14 +3,14 @@ and the tokenizer), built under a temp name and renamed, never over an earlier o
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 from pathlib import Path
 
 import torch
 
-from lora_trainer.utils.fsio import atomic_dir, atomic_write_json, free_name
+from lora_trainer.engine.outputs import set_aside_interim_exports
+from lora_trainer.utils.fsio import atomic_dir, atomic_write_json
 
 log = logging.getLogger(__name__)
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -20,22 +20,10 @@ def is_adapter(folder: Path) -> bool:
     return (Path(folder) / ADAPTER_CONFIG).is_file()
 
 
-def _set_aside(final: Path, run_dir: Path) -> None:
-    """A resumed run's earlier adapter (a stop's, or a finished run continued) kept as ``<name>-step<N>``."""
-    try:
-        steps = json.loads((run_dir / "summary.json").read_text(encoding="utf-8")).get("steps")
-    except (OSError, ValueError):
-        steps = None
-    kept = free_name(final.with_name(f"{final.name}-step{steps if steps is not None else 'interim'}"))
-    final.rename(kept)
-    log.info("the adapter of the run's step %s stays as %s; %s takes the newest weights", steps, kept.name, final.name)
-
-
 def export_adapter(model, tokenizer, run_dir: Path, name: str, steps: int) -> Path:
     """``<run>/<name>/``: what ``peft.PeftModel.from_pretrained`` (and vLLM's LoRA loading) reads, in safetensors."""
     final = Path(run_dir) / name
-    if final.exists():
-        _set_aside(final, Path(run_dir))
+    set_aside_interim_exports(Path(run_dir), [name])  # (a resumed run's earlier adapter: <name>-step<N>)
     with atomic_dir(final) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
