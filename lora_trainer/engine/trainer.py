@@ -198,8 +198,9 @@ def _set_up(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepared
     cfg, noise_scheduler = with_noise_schedule(with_model_defaults(with_precision(cfg, precision), backend), backend)
     t, plan, run_dir = cfg.training, prepared.plan, prepared.run_dir
     dataset = training_dataset(cfg, prepared.scan)
-    if Plan.from_config(cfg, plan.num_images, dataset.groups()).buckets != plan.buckets:  # (the resolution was
-        plan = Plan.from_config(cfg, plan.num_images, dataset.groups())  # the model family's, known only now)
+    replanned = Plan.from_config(cfg, plan.num_images, dataset.groups())
+    if replanned.buckets != plan.buckets:  # (the resolution was the model family's, known only now)
+        plan = replanned
     settings = ckpt.run_settings(t, plan.num_images, plan.total_steps, cfg.data, cfg.model)  # as used
     if prepared.restored is not None and prepared.pending:
         ckpt.check_resume(prepared.restored, settings, prepared.resume_from, keys=prepared.pending)
