@@ -270,3 +270,15 @@ def merge_into_checkpoint(base, loras: list[tuple[str, float]], out, dtype: str 
     changes = {key: c for (_, key), c in plan.items()}
     opened = {p: safe_open(str(p), framework="pt") for p, _ in files}
     return write_new(out, lambda tmp: write_merged(base, tmp, changes, opened, dtype_of(dtype), merged_note(files)))
+
+
+def merge_into_folder_of(base, lora, weight: float, folder) -> Path:
+    """The tab's "Merge into checkpoint": ``lora`` at ``weight`` merged into ``base`` (a single file or a diffusers
+    folder), written into ``folder`` as ``<base>-<lora>[-<weight>]`` (.safetensors for a file), never over anything
+    there (``_1``, ``_2``, … where the name is taken); returns the path written."""
+    from lora_trainer.utils.fsio import free_name
+
+    base, lora = Path(base), Path(lora)
+    name = f"{base.stem if base.is_file() else base.name}-{lora.stem}" + (f"-{weight:g}" if weight != 1 else "")
+    out = Path(folder) / (name + ".safetensors" if base.is_file() else name)
+    return merge_into_checkpoint(base, [(str(lora), weight)], out if base.is_file() else free_name(out))
