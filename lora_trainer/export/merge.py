@@ -223,7 +223,10 @@ def write_merged(src: Path, dst: Path, changes: dict, opened: dict, cast: torch.
         entries.sort(key=lambda e: (-torch.empty((), dtype=e[1]).element_size(), e[0]))
 
         def tensors():
-            for key, want, _ in entries:
+            from tqdm.auto import tqdm
+
+            # (a bar on a terminal only: the WebUI's console and the logs stay quiet)
+            for key, want, _ in tqdm(entries, desc=f"merging {src.name}", unit="tensor", disable=None, leave=False):
                 tensor = f.get_tensor(key)
                 if key in changes:
                     merged = tensor.float()
