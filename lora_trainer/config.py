@@ -54,7 +54,7 @@ class DataConfig:
     validation_split: float = 0.0  # a fraction of the images held out for the validation loss (0 = none)
     validation_dir: str | None = None  # or a second folder of validation images (the same caption rules)
     # a language model's LoRA (model.task_type: text-generation; lora_trainer.llm)
-    max_seq_length: int = 512  # tokens per row; longer rows are cut (the log counts them)
+    max_seq_length: int = 512  # tokens per row; a longer text row is split into chunks, a longer prompt row cut
     train_on_prompt: bool = False  # the loss counts the prompt's tokens too (default: only the completion's)
     packing: bool = False  # short rows joined into sequences of up to max_seq_length tokens
 

@@ -17,7 +17,7 @@ from lora_trainer.cli import main
 from lora_trainer.config import config_from_dict
 from lora_trainer.engine.events import Callbacks
 from lora_trainer.errors import ConfigError, DatasetError, ModelLoadError
-from lora_trainer.llm.data import IGNORE, collate, encode, encode_rows, pack
+from lora_trainer.llm.data import IGNORE, chunk, collate, encode, encode_rows, pack
 from lora_trainer.llm.generate import find_adapter, generate, load_with_adapter
 from lora_trainer.llm.model import default_targets, load_tokenizer
 from lora_trainer.llm.rows import Row, read_rows
@@ -148,7 +148,7 @@ def test_rows_from_each_file_kind(tmp_path, tok):
     rows = read_rows(str(tmp_path))
     assert [(r.completion or r.text) for r in rows] == ["white", "one two three four", "the sky", "blue"]
     examples = encode_rows(tok, rows, max_len=4, train_on_prompt=False)  # (the prompts fill 4 tokens: left out)
-    assert [len(e.input_ids) for e in examples] == [4, 3]
+    assert [len(e.input_ids) for e in examples] == [4, 2, 3]  # (the .txt document's 5 tokens: two chunks)
     assert len(pack(encode_rows(tok, rows, 64, False), 64, 0)) == 1
 
 
@@ -161,6 +161,31 @@ def test_line_breaks_in_csv_fields_and_unicode_separators_in_json_are_kept(tmp_p
     # an empty prompt: the completion starts as a prompt would have (the tokenizer's special tokens)
     ex = encode(tok, Row("x:1", prompt="", completion="blue"), train_on_prompt=False)
     assert list(ex.input_ids) == list(tok("blue")["input_ids"]) + [tok.eos_token_id]
+
+
+def test_long_text_documents_are_split_into_chunks_and_prompt_rows_cut(tmp_path, tok, caplog):
+    """A .txt document and a {"text"} row longer than max_seq_length become consecutive chunks that together hold
+    every token, each token after the first a target exactly once; a prompt/completion row is cut (and counted)."""
+    caplog.set_level("INFO", logger="lora_trainer")
+    words = [w for _, c in COLORS for w in ("the", "color", "of", c)] * 3  # 48 words
+    (tmp_path / "a.txt").write_text(" ".join(words), encoding="utf-8")
+    write_rows(tmp_path, [{"text": " ".join(words[:20])}, {"prompt": "what is the color of sky",
+                                                           "completion": " ".join(words[:20])}], name="b.jsonl")
+    rows = read_rows(str(tmp_path))
+    examples = encode_rows(tok, rows, max_len=8, train_on_prompt=False)
+    doc = encode(tok, rows[0], False)
+    assert len(doc.input_ids) == 49  # (the words and EOS)
+    chunks = chunk(doc, 8)
+    assert [len(c.input_ids) for c in chunks] == [8] * 6 + [7]  # starts 0, 7, 14, ..., 42: one token of overlap
+    assert examples[:7] == chunks
+    assert [i for c in chunks for i in c.input_ids[1:]] == list(doc.input_ids[1:])  # every target once, in order
+    assert all(a.input_ids[-1] == b.input_ids[0] for a, b in zip(chunks, chunks[1:]))
+    assert [len(e.input_ids) for e in examples[7:]] == [8, 8, 7, 8]  # the 21-token text row: 3 chunks; the prompt row
+    assert examples[-1].input_ids == encode(tok, rows[2], False).input_ids[:8]  # ...cut to 8
+    assert "2 of 3 text rows/documents are longer than data.max_seq_length 8 tokens and were split into 10 " in (
+        caplog.text)
+    assert "1 of 3 rows are longer than data.max_seq_length 8 tokens and were cut to it" in caplog.text
+    assert chunk(doc, 64) == [doc]
 
 
 # --- training --------------------------------------------------------------------------------------------------
@@ -306,9 +331,10 @@ def test_packing_checkpointing_and_accumulation_train(base, tmp_path, caplog):
                      gradient_checkpointing=True, save_steps=1)
     raw["data"].update(packing=True, max_seq_length=16)
     result = train_llm(config_from_dict(raw), progress=False)
-    assert "longer than data.max_seq_length 16 tokens and were cut" in caplog.text and "packing: 5 rows" in caplog.text
+    assert "1 of 5 text rows/documents are longer than data.max_seq_length 16 tokens and were split into 2 chunks" in (
+        caplog.text) and "packing: 6 rows" in caplog.text
     assert result.status == "finished" and result.steps == 2 * math.ceil(result.rows_trained / 2)
-    assert result.rows_trained < len(rows)  # (rows joined)
+    assert result.rows_trained < len(rows) + 1  # (the 6 rows, the long one split in two, joined)
     assert len(list((result.run_dir / "checkpoints").iterdir())) == 3  # (checkpoints_total_limit)
     first, last = result.first_loss, result.final_loss
     assert math.isfinite(first) and math.isfinite(last)
