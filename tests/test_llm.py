@@ -338,3 +338,78 @@ def test_packing_checkpointing_and_accumulation_train(base, tmp_path, caplog):
     assert len(list((result.run_dir / "checkpoints").iterdir())) == 3  # (checkpoints_total_limit)
     first, last = result.first_loss, result.final_loss
     assert math.isfinite(first) and math.isfinite(last)
+
+
+# --- a quantized base (training.quantize_base: QLoRA); no CUDA here: the refusals and the set-up, not a CUDA run ----
+
+def test_quantize_base_is_a_language_model_choice():
+    raw = {"model": {"task_type": "text-generation", "base_model": "m"}, "data": {"train_data_dir": "d"}}
+    assert config_from_dict({**raw, "training": {"quantize_base": "4bit"}}).training.quantize_base == "4bit"
+    assert config_from_dict(raw).training.quantize_base == "no"
+    assert config_from_dict({**raw, "training": {"quantize_base": False}}).training.quantize_base == "no"  # (YAML no)
+    with pytest.raises(ConfigError, match=r"training.quantize_base: '3bit' is not one of no, 4bit, 8bit"):
+        config_from_dict({**raw, "training": {"quantize_base": "3bit"}})
+    with pytest.raises(ConfigError, match=r"training.quantize_base: '8bit' is for model.task_type: text-generation"):
+        config_from_dict({"train_data_dir": "d", "quantize_base": "8bit"})
+    with pytest.raises(ConfigError, match=r"training.fp8_base: true is for image LoRAs.*quantize_base"):
+        config_from_dict({**raw, "training": {"fp8_base": True}})
+
+
+@pytest.mark.parametrize("cuda, installed, words", [
+    (False, True, ["training.quantize_base: '4bit' needs a CUDA GPU", "quantize_base: no"]),
+    (True, False, ["training.quantize_base: '4bit' needs the bitsandbytes package", "pip install bitsandbytes"]),
+])
+def test_quantize_base_without_cuda_or_bitsandbytes_stops_before_the_data_is_read(base, tmp_path, monkeypatch, cuda,
+                                                                                    installed, words):
+    from lora_trainer.llm import quantize
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(quantize, "bitsandbytes_installed", lambda: installed)
+    data = write_rows(tmp_path / "data", [{"prompt": "what is"}])  # (a bad row: not reached)
+    with pytest.raises(ConfigError) as e:
+        train_llm(config_from_dict(llm_config(base, data, tmp_path / "out", quantize_base="4bit")), progress=False)
+    assert all(w in str(e.value) for w in words), str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantize_base_builds_the_qlora_bitsandbytes_config(monkeypatch):
+    """4bit: NF4, double quantization, computing in the run's mixed precision; 8bit: LLM.int8. (transformers 4.30
+    reads bitsandbytes' version as it builds the config: a version stands in for the package not installed here.)"""
+    import importlib.metadata
+
+    from lora_trainer.llm.quantize import quantization_config
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda n: "0.45.0" if n == "bitsandbytes" else real(n))
+    q = quantization_config("4bit", "bf16")
+    assert (q.load_in_4bit, q.load_in_8bit, q.bnb_4bit_quant_type, q.bnb_4bit_use_double_quant,
+            q.bnb_4bit_compute_dtype) == (True, False, "nf4", True, torch.bfloat16)
+    assert quantization_config("4bit", "fp16").bnb_4bit_compute_dtype == torch.float16
+    assert quantization_config("4bit", "no").bnb_4bit_compute_dtype == torch.float32
+    q8 = quantization_config("8bit", "bf16")
+    assert (q8.load_in_8bit, q8.load_in_4bit) == (True, False)
+    assert quantization_config("no", "bf16") is None
+
+
+def test_a_quantized_base_loads_through_transformers_onto_the_gpu_unmoved(base, monkeypatch):
+    """The loading call a quantized run makes (the model is placed by transformers as it loads, never moved after);
+    recorded with transformers' loader replaced, as there is no CUDA here."""
+    from transformers import AutoModelForCausalLM
+
+    from lora_trainer.llm.model import load_model
+
+    seen = {}
+
+    class Loaded:
+        def to(self, device):
+            raise AssertionError("a quantized model is not moved")
+
+    def fake(folder, **kwargs):
+        seen.update(kwargs, folder=folder)
+        return Loaded()
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fake)
+    marker = object()
+    assert isinstance(load_model(str(base), torch.bfloat16, torch.device("cuda"), False, quantization=marker), Loaded)
+    assert seen["quantization_config"] is marker and seen["device_map"] == {"": 0}
+    assert seen["use_safetensors"] is True and seen["local_files_only"] is True
