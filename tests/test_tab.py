@@ -167,10 +167,13 @@ def test_the_sweep_size_defaults_to_the_last_trainings_resolution(no_last_run, m
 
     class Last:
         status = Status(state="done")
-        cfg = type("Cfg", (), {"data": type("Data", (), {"resolution": 768})})
+        cfg = type("Cfg", (), {"data": type("Data", (), {"resolution": 768}),
+                               "model": type("Model", (), {"task_type": "text-to-image"})})
 
     monkeypatch.setattr(TrainingSession, "_active", Last())
     assert tab.default_sweep_size(host) == 768
+    Last.cfg.model.task_type = "text-generation"  # (the app's last run trained a language model: no image size)
+    assert tab.default_sweep_size(host) == 640
 
 
 def test_send_to_txt2img_without_a_lora_cannot_be_clicked_and_sends_no_placeholder(tmp_path):

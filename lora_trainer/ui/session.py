@@ -72,17 +72,20 @@ class TrainingSession(Callbacks):
     # --- control
     @classmethod
     def start(cls, host: Host, cfg, **kw) -> TrainingSession:
-        with cls._active_lock:
-            if cls._active is not None and cls._active.status.running:
+        """A new run of ``cls`` (this class, or a subclass for another task: ui.llm_session) on its thread; one run
+        at a time, whatever its task (the slot is this class's, shared by the subclasses)."""
+        with TrainingSession._active_lock:
+            active = TrainingSession._active
+            if active is not None and active.status.running:
                 raise LoraTrainerError("a training is already running; stop it first or wait for it to end")
             session = cls(host, cfg, **kw)
-            cls._active = session
+            TrainingSession._active = session
         session._thread.start()
         return session
 
     @classmethod
     def active(cls) -> TrainingSession | None:
-        return cls._active
+        return TrainingSession._active
 
     def stop(self) -> None:
         self._stop.request()

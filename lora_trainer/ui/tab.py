@@ -16,7 +16,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from lora_trainer.config import Config
+from lora_trainer.config import Config, is_text_generation
 from lora_trainer.errors import LoraTrainerError
 from lora_trainer.ui import compat
 from lora_trainer.ui.dataset_panel import create_dataset_panel
@@ -123,7 +123,7 @@ def stop_training() -> None:
 def default_sweep_size(host, base_model: str | None = None) -> int:
     """The last training's resolution, else the model's own size (the host says: 512 for SD 1.x)."""
     last = TrainingSession.active()
-    if last is not None and last.status.state in ("done", "stopped"):
+    if last is not None and last.status.state in ("done", "stopped") and not is_text_generation(last.cfg):
         return int(last.cfg.data.resolution)
     if host.image_size:
         return int(host.image_size)
