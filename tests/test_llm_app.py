@@ -66,7 +66,7 @@ def test_the_fields_build_a_text_generation_config(host, base, tmp_path):
     # empty fields are the config's own (by architecture, 5% held out from 40 rows on, the epochs count)
     assert not {"target_modules", "validation_split", "max_train_steps"} & cfg.explicit
     cfg = build_llm_config(host, str(base), str(data.parent), "colors",
-                           {**values, "target_modules": "q_proj, v_proj", "validation_split": 0.25,
+                           {**values, "target_modules": "q_proj, v_proj", "validation_split": " 0.25 ",
                             "max_train_steps": 7, "quantize_base": "no"})
     assert cfg.data.train_data_dir == str(data.parent) and not cfg.data.metadata_path
     assert (cfg.training.target_modules, cfg.data.validation_split, cfg.training.max_train_steps) == (
@@ -80,6 +80,7 @@ def test_the_fields_build_a_text_generation_config(host, base, tmp_path):
     ("BASE", "DATA", "a/b", {}, ["Adapter name: 'a/b' contains '/'"]),
     ("BASE", "DATA", "x", {"max_seq_length": 4}, ["Max tokens per row: 4 is out of range"]),
     ("BASE", "DATA", "x", {"quantize_base": "3bit"}, ["Quantized base: '3bit' is not one of"]),
+    ("BASE", "DATA", "x", {"validation_split": "a tenth"}, ["Held-out share: expected a number", "'a tenth'"]),
 ])
 def test_a_bad_field_is_named_by_its_label(host, base, tmp_path, base_model, data, name, changed, words):
     data = {"DATA": str(rows_file(tmp_path / "data"))}.get(data, str(tmp_path / data) if data else "")

@@ -22,7 +22,7 @@ LLM_FIELDS = [
     ("epochs", "Epochs", "number", None), ("max_train_steps", "Max steps (0 = use epochs)", "number", None),
     ("max_seq_length", "Max tokens per row (longer text is split into chunks, a longer prompt row cut)", "number",
      None),
-    ("validation_split", "Held-out share (empty = 5% from 40 rows on)", "number", None),
+    ("validation_split", "Held-out share (e.g. 0.05; empty = 5% from 40 rows on, else none)", "text", None),
     ("lr_scheduler", "LR scheduler", "choice", list(CHOICES["lr_scheduler"])),
     ("mixed_precision", "Mixed precision", "choice", list(CHOICES["mixed_precision"])),
     ("quantize_base", "Quantized base (QLoRA: CUDA and bitsandbytes)", "choice", list(CHOICES["quantize_base"])),
@@ -36,7 +36,7 @@ LLM_FIELDS = [
 LLM_KEYS = [key for key, *_ in LLM_FIELDS]
 # where the mode starts (a language model's usual LoRA; the config's own defaults are an image LoRA's)
 LLM_START = {"lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.05, "batch_size": 4,
-             "gradient_accumulation_steps": 1, "epochs": 3, "max_train_steps": 0, "validation_split": None,
+             "gradient_accumulation_steps": 1, "epochs": 3, "max_train_steps": 0, "validation_split": "",
              "target_modules": ""}
 LLM_LABELS = {"base_model": "Base model", "train_data_dir": "Data", "metadata_path": "Data",
               "output_name": "Adapter name", **{key: label for key, label, *_ in LLM_FIELDS}}
@@ -71,11 +71,13 @@ def build_llm_config(host, base_model: str, data_path: str, name: str, values: d
                 "output_dir": str(Path(host.run_root) / name),
                 **({"metadata_path": str(path)} if path.is_file() else {"train_data_dir": str(path)})}
     for key, value in values.items():
+        if isinstance(value, str):
+            value = value.strip()
         if key == "target_modules":
             value = [m.strip() for m in str(value or "").split(",") if m.strip()] or None
-        if value is None or (key == "max_train_steps" and not value):
+        if value is None or value == "" or (key == "max_train_steps" and not value):
             continue  # (empty: the config's default; max steps 0: the epochs count)
-        settings[key] = value
+        settings[key] = value  # (a text field's number, "0.05", is read by the config as a number)
     return config_from_dict(settings, source=CONFIG_SOURCE)
 
 
