@@ -232,9 +232,16 @@ def _suggest(name: str, options) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+# other tools' keys for a setting we spell otherwise (transformers' from_pretrained: load_in_4bit)
+OTHER_TOOLS_KEYS = {"load_in_4bit": "training.quantize_base: 4bit", "load_in_8bit": "training.quantize_base: 8bit"}
+
+
 def _unknown_key(key: str, section: str | None) -> str:
     """``unknown key 'x' in training: did you mean 'y'?``, searching every name and alias."""
     where = f"in {section}" if section else "at top level"
+    if key in OTHER_TOOLS_KEYS:
+        return (f"unknown key '{key}' {where}: write {OTHER_TOOLS_KEYS[key]} (a language model's quantized base; "
+                "leave it out for none)")
     close = difflib.get_close_matches(key, [*FIELD_SECTION, *ALIASES, *([] if section else SECTION_CLASSES)],
                                       n=1, cutoff=0.6)
     if close:

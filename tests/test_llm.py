@@ -353,6 +353,8 @@ def test_quantize_base_is_a_language_model_choice():
         config_from_dict({"train_data_dir": "d", "quantize_base": "8bit"})
     with pytest.raises(ConfigError, match=r"training.fp8_base: true is for image LoRAs.*quantize_base"):
         config_from_dict({**raw, "training": {"fp8_base": True}})
+    with pytest.raises(ConfigError, match=r"unknown key 'load_in_4bit' in training: write training.quantize_base: 4b"):
+        config_from_dict({**raw, "training": {"load_in_4bit": True}})
 
 
 @pytest.mark.parametrize("cuda, installed, words", [

@@ -120,6 +120,11 @@ def test_a_run_through_the_panel_shows_progress_and_its_adapter_answers(host, ba
     text, message = panel.generate_text(host, str(tmp_path / "runs" / "colors"), "what is the color of snow", 3,
                                         True, False, 5)  # (a run folder finds its adapter; sampled)
     assert "sampled, seed 5" in message and "error" not in message
+    from lora_trainer.ui import llm_try
+
+    assert llm_try._loaded  # (kept for the next try) ...
+    again = list(panel.run_llm_training(host, str(base), str(data), "again", *field_values(max_train_steps=1)))
+    assert "Finished after 1/1 steps" in again[-1][0] and not llm_try._loaded  # ...and let go when a run starts
     for adapter_text, prompt, n, words in [
         ("", "sky", 2, "Adapter: train one first"),
         (str(tmp_path), "sky", 2, "Adapter:"),

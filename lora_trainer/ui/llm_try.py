@@ -4,6 +4,7 @@ its base model once and kept while it is the one asked for, and text generated f
 
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 
@@ -12,11 +13,24 @@ import torch
 from lora_trainer.errors import LoraTrainerError
 from lora_trainer.llm.generate import chat_prompt, find_adapter, generate, load_with_adapter
 from lora_trainer.llm.outputs import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from lora_trainer.ui.session import TrainingSession
+from lora_trainer.ui.session import FREE_BEFORE_RUN, TrainingSession
 
 log = logging.getLogger(__name__)
 MAX_NEW_TOKENS = 4096
 _loaded: dict = {}  # the adapter kept loaded: {"key": (folder, mtime), "model", "tok"}
+
+
+def release() -> None:
+    """Let the kept model go (a training is about to start, or another adapter is asked for)."""
+    if _loaded:
+        _loaded.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+if release not in FREE_BEFORE_RUN:
+    FREE_BEFORE_RUN.append(release)
 
 
 def loaded_adapter(folder: Path):
@@ -25,7 +39,7 @@ def loaded_adapter(folder: Path):
     weights = folder / ADAPTER_WEIGHTS
     key = (str(folder.resolve()), (weights if weights.is_file() else folder / ADAPTER_CONFIG).stat().st_mtime_ns)
     if _loaded.get("key") != key:
-        _loaded.clear()  # (the previous model's memory goes first)
+        release()  # (the previous model's memory goes first)
         cuda = torch.cuda.is_available()
         dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
         model, tok = load_with_adapter(folder, device=torch.device("cuda" if cuda else "cpu"), dtype=dtype)

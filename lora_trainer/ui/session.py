@@ -19,6 +19,9 @@ from lora_trainer.ui.host import Host
 from lora_trainer.ui.views import status_line
 
 log = logging.getLogger(__name__)
+# what frees memory a UI holds outside training (the app's adapter loaded to try it, ui.llm_try), called before each
+# run starts: the run, not a model kept for a button, gets the GPU
+FREE_BEFORE_RUN: list = []
 
 
 def friendly_error(e: BaseException) -> str:
@@ -80,6 +83,8 @@ class TrainingSession(Callbacks):
                 raise LoraTrainerError("a training is already running; stop it first or wait for it to end")
             session = cls(host, cfg, **kw)
             TrainingSession._active = session
+        for free in FREE_BEFORE_RUN:
+            free()
         session._thread.start()
         return session
 
