@@ -4,6 +4,7 @@ and the command line."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -415,3 +416,34 @@ def test_a_quantized_base_loads_through_transformers_onto_the_gpu_unmoved(base, 
     assert isinstance(load_model(str(base), torch.bfloat16, torch.device("cuda"), False, quantization=marker), Loaded)
     assert seen["quantization_config"] is marker and seen["device_map"] == {"": 0}
     assert seen["use_safetensors"] is True and seen["local_files_only"] is True
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None,
+                    reason="QLoRA needs a CUDA GPU and bitsandbytes (neither is assumed in CI)")
+@pytest.mark.parametrize("mode, layer", [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
+def test_a_quantized_base_trains_on_cuda_and_its_adapter_loads_on_the_full_base(base, tmp_path, monkeypatch, mode,
+                                                                                  layer):
+    """Where a GPU and bitsandbytes are (not on the machines this was written on: never run there): the base's
+    projections are bitsandbytes layers, the loss falls, and the adapter is an ordinary one that loads on the
+    full-precision base and changes its logits."""
+    from lora_trainer.llm import trainer as llm_trainer
+
+    data = write_rows(tmp_path / "data", color_rows())
+    seen, real = {}, llm_trainer.add_lora
+
+    def spy(model, t, targets):
+        seen["layers"] = {type(m).__name__ for m in model.modules()}
+        return real(model, t, targets)
+
+    monkeypatch.setattr(llm_trainer, "add_lora", spy)
+    result = train_llm(config_from_dict(llm_config(base, data, tmp_path / "out", quantize_base=mode,
+                                                   mixed_precision="bf16")), progress=False)
+    assert layer in seen["layers"], seen
+    assert result.final_loss < 0.5 * result.first_loss
+    model, tok = load_with_adapter(result.adapter_dir)
+    ids = tok("what is the color of sky", return_tensors="pt")["input_ids"].to(model.device)
+    with torch.no_grad():
+        after = model(ids).logits
+        with model.disable_adapter():
+            before = model(ids).logits
+    assert not torch.allclose(before, after, atol=1e-3)
