@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The GPU measurements issues #5 and #16 still need, in one prepared run on a lent CUDA machine.
+# The GPU measurements issues #5, #16, #20 (QLoRA) and #23 still need, in one prepared run on a lent CUDA machine.
 #
 #   bash bench/gpu_checks.sh OUT_DIR [CHECK ...]     # checks: attention batch8 batch1 compiled learns sdxl1 sdxl4 preflight
-#                                                    #   profile batches llm (default: all)
+#                                                    #   profile batches llm qlora (default: all)
 #   In a 15-minute device session (start-up included), issue 23's first: profile batch8 batches llm sdxl1
 #
 # Each check has its own time limit and writes its log (and JSON) under OUT_DIR; one that fails or runs out
@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 out=${1:?give the folder for the results}
 shift
 checks=("$@")
-[ ${#checks[@]} -gt 0 ] || checks=(attention batch8 batch1 compiled learns sdxl1 sdxl4 preflight profile batches llm)
+[ ${#checks[@]} -gt 0 ] || checks=(attention batch8 batch1 compiled learns sdxl1 sdxl4 preflight profile batches llm qlora)
 mkdir -p "$out/work"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
@@ -71,7 +71,9 @@ for check in "${checks[@]}"; do
         llm)  # issue 20: a ~0.7 B random LLaMA (hidden 1536, 24 layers), ours against the plain transformers+peft loop
             run llm 300 "$py" bench/llm_speed.py --device cuda --hidden 1536 --layers 24 --rows 256 --batch 8 \
                 --max-len 512 --rounds 4 --out "$out/llm.json" ;;
+        qlora)  # issue 20: training.quantize_base 4bit/8bit on CUDA (needs bitsandbytes; skipped, and says so, without)
+            run qlora 200 "$py" -m pytest -q -rs -p no:cacheprovider tests/test_llm.py -k "quantized_base_trains_on_cuda" ;;
         *) echo "unknown check: $check (attention batch8 batch1 compiled learns sdxl1 sdxl4 preflight profile batches"\
-                " llm)"; exit 2 ;;
+                " llm qlora)"; exit 2 ;;
     esac
 done
