@@ -19,11 +19,11 @@ def bitsandbytes_installed() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
 
-def check_quantization(mode: str, cuda: bool | None = None) -> None:
+def check_quantization(mode: str) -> None:
     """Refuse ``training.quantize_base`` where it cannot run: no CUDA GPU, or no bitsandbytes."""
     if mode == "no":
         return
-    if not (torch.cuda.is_available() if cuda is None else cuda):
+    if not torch.cuda.is_available():
         raise ConfigError(f"training.quantize_base: {mode!r} needs a CUDA GPU (bitsandbytes quantizes on CUDA only) "
                           "and none is available here; set training.quantize_base: no to train on the base in the "
                           "run's precision")

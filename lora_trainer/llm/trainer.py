@@ -67,7 +67,8 @@ def _prepare(cfg: Config) -> _Prepared:
     t, d, m = cfg.training, cfg.data, cfg.model
     model_config = read_model_config(m.base_model, m.trust_remote_code)
     check_quantization(t.quantize_base)
-    quantization = quantization_config(t.quantize_base, _device_and_precision(t)[1])
+    quantization = None if t.quantize_base == "no" else quantization_config(t.quantize_base,
+                                                                             _device_and_precision(t)[1])
     check_output(cfg.output.output_dir, cfg.output.output_name)
     check_optimizer(t.optimizer)
     rows = read_rows(d.train_data_dir, d.metadata_path, d.recursive)

@@ -5,7 +5,6 @@ its base model once and kept while it is the one asked for, and text generated f
 from __future__ import annotations
 
 import gc
-import logging
 from pathlib import Path
 
 import torch
@@ -15,7 +14,6 @@ from lora_trainer.llm.generate import chat_prompt, find_adapter, generate, load_
 from lora_trainer.llm.outputs import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from lora_trainer.ui.session import FREE_BEFORE_RUN, TrainingSession
 
-log = logging.getLogger(__name__)
 MAX_NEW_TOKENS = 4096
 _loaded: dict = {}  # the adapter kept loaded: {"key": (folder, mtime), "model", "tok"}
 
