@@ -363,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(about 0.2-0.35; the best tag is always kept)")
     lb.add_argument("--batch-size", type=int, default=4)
     lb.set_defaults(func=cmd_label)
-    ui = sub.add_parser("ui", help="the Train LoRA tab as a standalone app on 127.0.0.1")
+    ui = sub.add_parser("ui", help="the Train LoRA tab as a standalone app on 127.0.0.1 (Task: an image LoRA, or a "
+                        "language model's)")
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     ui.add_argument("--port", type=int, default=7870)
     ui.add_argument("--lora-dir", default="output/Lora", help="where finished LoRAs are copied")
