@@ -15,7 +15,9 @@ minutes). How the work is shared:
   (and the step's loss) are summed over the processes in one all-reduce, so the update is the one a single process
   computes on the whole micro-batch. The random draws of a micro-batch (flips, noise, timesteps) are made for the
   whole micro-batch on every process, from generators seeded alike, and each process takes its rows: with cached
-  latents the run equals the single-process run of batch_size × N, and every process's generator stays the same.
+  latents the run equals the single-process run of batch_size × N, and every process's generator stays the same
+  (decoding images each step, each process samples its own images' latents: the generators then part). The global
+  RNG (LoRA dropout's masks) is seeded per rank, so the processes' dropout masks differ.
 - The LoRA layers start alike (the same seed; rank 0's weights are broadcast besides). The latent cache is encoded
   once, each process taking every N-th image, and shared (and written to the disk cache by rank 0).
 - Rank 0 alone writes: the run folder, its log, TensorBoard, samples, validation, checkpoints, the LoRA files and
