@@ -110,6 +110,25 @@ def test_only_train_runs_under_a_launcher(monkeypatch, capsys, tmp_path):
         Group.from_environment(1, {"WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "x", "MASTER_PORT": "1"})
 
 
+def test_processes_that_would_train_other_images_or_steps_are_refused_naming_each_rank(demo_data, tmp_path):
+    from lora_trainer.data.dataset import scan_dataset
+    from lora_trainer.engine.trainer import _check_agreement
+
+    class Peers:  # rank 1 saw another dataset (a machine with one image less)
+        def __init__(self, other):
+            self.other = other
+
+        def gather(self, mine, what):
+            return [mine, {**mine, **self.other}]
+
+    scan, cfg = scan_dataset(demo_data), make_cfg(demo_data, tmp_path / "out", batch_size=1)
+    plan = Plan.from_config(cfg, len(scan.samples), None, 2)
+    _check_agreement(Peers({}), cfg, plan, scan)
+    with pytest.raises(ConfigError, match=r"disagree on images \(rank 0: 5, rank 1: 4\); dataset digest \(rank 0: "
+                                          r"[0-9a-f]{12}, rank 1: x\): every machine needs the same dataset"):
+        _check_agreement(Peers({"images": 4, "dataset digest": "x"}), cfg, plan, scan)
+
+
 # --- torchrun: two processes, the same LoRA as one process, resumed
 def torchrun(config: Path, tmp_path: Path, name: str) -> subprocess.CompletedProcess:
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

@@ -99,11 +99,13 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
                         buckets=BucketSpec.from_data(d, resolution)).summary())
     scan, held_out = validation_samples(cfg, scan)  # (data.validation_split / validation_dir)
     buckets = training_dataset(cfg, scan, resolution).groups()
-    cfg, estimate = _preflight(cfg, backend, make_backend, family, where, len(scan.samples), buckets)
+    world = group.world_size if group is not None else 1
+    cfg, estimate = _preflight(cfg, backend, make_backend, family, where, len(scan.samples), buckets, world)
     t = cfg.training
     prompts = load_sample_prompts(cfg.output.sample_prompts)  # (read now: a mistake in them stops nothing later)
-    world = group.world_size if group is not None else 1
     plan = Plan.from_config(cfg, len(scan.samples), buckets, world)
+    if group is not None:
+        _check_agreement(group, cfg, plan, scan)
 
     def run_folder():
         run_dir, resume_from, restored = prepare_run_dir(cfg.output.output_dir, t.resume_from_checkpoint)
@@ -145,7 +147,8 @@ def checked_resolution(cfg: Config, backend=None, make_backend=None, family: str
     return with_family_defaults(cfg, family)[0].data.resolution
 
 
-def _preflight(cfg: Config, backend, make_backend, family, where: Where | None, num_images: int, buckets):
+def _preflight(cfg: Config, backend, make_backend, family, where: Where | None, num_images: int, buckets,
+               world_size: int = 1):
     """The memory and time estimate before the model loads (engine.preflight): on a GPU, or anywhere with
     training.auto_fit; with it, settings that fit are applied. A run with a loaded backend was estimated by its host.
     ``buckets``: the images' indices by bucket, for the step count (engine.batches.Plan)."""
@@ -154,7 +157,27 @@ def _preflight(cfg: Config, backend, make_backend, family, where: Where | None, 
                       pick_device(cfg.training.mixed_precision)[0])
     if where is None or (where.device.type == "cpu" and not cfg.training.auto_fit):
         return cfg, None
-    return preflight(cfg, where, lambda c: Plan.from_config(c, num_images, buckets).total_steps)
+    return preflight(cfg, where, lambda c: Plan.from_config(c, num_images, buckets, world_size).total_steps)
+
+
+def _check_agreement(group: Group, cfg: Config, plan: Plan, scan) -> None:
+    """The processes of a multi-process run must train the same images in the same steps: refused, naming each
+    process's values, where a dataset differs between machines or training.auto_fit chose differently on GPUs of
+    different memory."""
+    import hashlib
+
+    t = cfg.training
+    digest = hashlib.sha256("\n".join(f"{s.path.name}\t{s.caption}" for s in scan.samples).encode()).hexdigest()[:12]
+    mine = {"images": plan.num_images, "dataset digest": digest, "batch_size": t.batch_size,
+            "gradient_accumulation_steps": t.gradient_accumulation_steps, "steps": plan.total_steps}
+    every = group.gather(mine, "comparing the processes' settings")
+    differ = [k for k in mine if len({str(m[k]) for m in every}) > 1]
+    if differ:
+        raise ConfigError("the processes of this run disagree on " + "; ".join(
+            f"{k} ({', '.join(f'rank {r}: {m[k]}' for r, m in enumerate(every))})" for k in differ)
+            + ": every machine needs the same dataset (data.train_data_dir) and the same settings; set "
+              "training.batch_size and gradient_accumulation_steps in the config instead of training.auto_fit "
+              "where the GPUs differ")
 
 
 def _check_resumable(restored, resume_from: Path, run_dir: Path, total_steps: int) -> None:
