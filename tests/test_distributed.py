@@ -110,6 +110,23 @@ def test_only_train_runs_under_a_launcher(monkeypatch, capsys, tmp_path):
         Group.from_environment(1, {"WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "x", "MASTER_PORT": "1"})
 
 
+def test_sigterm_asks_a_process_of_several_to_stop_after_its_step():
+    """torchrun passes a Ctrl-C on to its processes as SIGTERM: it stops the run after the step (once; the
+    launcher's next word is SIGKILL); a single process keeps the default (SIGTERM ends it)."""
+    import signal
+
+    from lora_trainer.engine.interrupt import CtrlC
+
+    before = signal.getsignal(signal.SIGTERM)
+    with CtrlC(sigterm=True) as ctrl_c:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert ctrl_c.requested
+        os.kill(os.getpid(), signal.SIGTERM)  # (no KeyboardInterrupt: a second SIGTERM is not a second Ctrl-C)
+    assert signal.getsignal(signal.SIGTERM) == before
+    with CtrlC():
+        assert signal.getsignal(signal.SIGTERM) == before
+
+
 def test_processes_that_would_train_other_images_or_steps_are_refused_naming_each_rank(demo_data, tmp_path):
     from lora_trainer.data.dataset import scan_dataset
     from lora_trainer.engine.trainer import _check_agreement
