@@ -240,7 +240,7 @@ def _set_up(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepared
     cfg, noise_scheduler = with_noise_schedule(with_model_defaults(with_precision(cfg, precision), backend), backend)
     t, plan, run_dir = cfg.training, prepared.plan, prepared.run_dir
     dataset = training_dataset(cfg, prepared.scan)
-    replanned = Plan.from_config(cfg, plan.num_images, dataset.groups())
+    replanned = Plan.from_config(cfg, plan.num_images, dataset.groups(), plan.world_size)
     if replanned.buckets != plan.buckets:  # (the resolution was the model family's, known only now)
         plan = replanned
     group = prepared.group
