@@ -151,7 +151,8 @@ class Run:
                 loss = diffusion_loss(backend, latents, cond, self.generator, noise_offset=t.noise_offset,
                                       min_snr_gamma=t.min_snr_gamma, scheduler=self.noise_scheduler)
             else:  # the noise and timesteps of the whole micro-batch, this process's rows of them
-                noise, timesteps = draw_noise(self.noise_scheduler or backend.noise_scheduler,
+                scheduler = backend.noise_scheduler if self.noise_scheduler is None else self.noise_scheduler
+                noise, timesteps = draw_noise(scheduler,
                                               (batch["of"], *latents.shape[1:]), self.generator, latents.device,
                                               latents.dtype, t.noise_offset)
                 loss = diffusion_loss(backend, latents, cond, self.generator, min_snr_gamma=t.min_snr_gamma,
