@@ -111,8 +111,8 @@ def test_only_train_runs_under_a_launcher(monkeypatch, capsys, tmp_path):
 
 
 def test_sigterm_asks_a_process_of_several_to_stop_after_its_step():
-    """torchrun passes a Ctrl-C on to its processes as SIGTERM: it stops the run after the step (once; the
-    launcher's next word is SIGKILL); a single process keeps the default (SIGTERM ends it)."""
+    """torchrun passes a Ctrl-C on to its processes (SIGTERM in some torch versions): it stops the run after the step
+    (once; the launcher's next word is SIGKILL); a single process keeps the default (SIGTERM ends it)."""
     import signal
 
     from lora_trainer.engine.interrupt import CtrlC

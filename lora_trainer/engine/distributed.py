@@ -22,10 +22,10 @@ minutes). How the work is shared:
   once, each process taking every N-th image, and shared (and written to the disk cache by rank 0).
 - Rank 0 alone writes: the run folder, its log, TensorBoard, samples, validation, checkpoints, the LoRA files and
   summary.json; the other processes log warnings only.
-- A stop (Ctrl-C, which torchrun passes on as SIGTERM, or a UI's stop) is agreed at the end of each step, so every
-  process stops after the same step and rank 0 saves it. A process that dies or stops answering makes the others'
-  next collective fail (gloo at once, nccl at the timeout): they end with ``ProcessLost`` and rank 0 keeps the last
-  complete step as a checkpoint.
+- A stop (Ctrl-C, which torchrun passes on as SIGINT or SIGTERM, or a UI's stop) is agreed at the end of each
+  step, so every process stops after the same step and rank 0 saves it. A process that dies or stops answering
+  makes the others' next collective fail (gloo at once, nccl at the timeout): they end with ``ProcessLost`` and
+  rank 0 keeps the last complete step as a checkpoint.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ log = logging.getLogger(__name__)
 
 class CtrlC:
     """First Ctrl-C: stop after this step and save. Second: abort at once. ``sigterm``: SIGTERM too, once (a process
-    of a multi-process run: torchrun passes a Ctrl-C on to its processes as SIGTERM, and kills them 30 s later)."""
+    of a multi-process run: torchrun passes a Ctrl-C on to its processes, as SIGINT or, by torch version, SIGTERM,
+    and kills them 30 s later; a SIGTERM after a SIGINT is the launcher's, not a second Ctrl-C)."""
 
     def __init__(self, sigterm: bool = False) -> None:
         self.requested = False

@@ -222,7 +222,7 @@ class _Prepared:
 
 
 def _train_in(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepared) -> TrainResult:
-    # (a process of several also stops on SIGTERM: torchrun's signal to every process on Ctrl-C)
+    # (a process of several also stops on SIGTERM: torchrun's signal to every process on Ctrl-C, by torch version)
     logs = run_log_file(prepared.run_dir) if prepared.main else contextlib.nullcontext(prepared.run_dir / "logs")
     with logs as log_dir, _CtrlC(sigterm=prepared.group is not None) as ctrl_c:
         run = _set_up(cfg, backend, callbacks, progress, prepared, log_dir)
@@ -361,8 +361,9 @@ def _finish(run: Run, stopped: bool, started: float) -> TrainResult:
     """A checkpoint if stopped early, then the LoRA files, summary.json and the callbacks' on_end."""
     if stopped:
         run.save("stopped")
-        log.warning("stopped at step %d of %d; resume with resume_from_checkpoint: latest", run.step,
-                    run.plan.total_steps)
+        if run.main:
+            log.warning("stopped at step %d of %d; resume with resume_from_checkpoint: latest", run.step,
+                        run.plan.total_steps)
     elif run.cfg.training.save_steps or run.cfg.training.save_every_n_epochs:
         run.save("finished")  # (a resume with more epochs or steps continues from here)
     status = "stopped" if stopped else "finished"
