@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from lora_trainer.config import default_value
-from lora_trainer.errors import LoraTrainerError
+from lora_trainer.errors import ConfigError, LoraTrainerError
 
 log = logging.getLogger("lora_trainer")
 
@@ -62,17 +62,41 @@ def _libraries_to_the_log_file() -> None:
 
 def _train(cfg):
     """The run of ``cfg``, an image LoRA's or (model.task_type text-generation) a language model's, the log lines
-    kept above the progress bar."""
+    kept above the progress bar. Started by torchrun or accelerate launch (WORLD_SIZE > 1), the processes train one
+    image LoRA together (engine.distributed); then rank 0 returns the result, the others None."""
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from lora_trainer.config import is_text_generation
+    from lora_trainer.engine.distributed import Group, world_size_of
 
     if is_text_generation(cfg):
-        from lora_trainer.llm.trainer import train_llm as train
-    else:
-        from lora_trainer.engine.trainer import train
-    with logging_redirect_tqdm(loggers=[logging.root]):
-        return train(cfg)
+        if world_size_of() > 1:
+            raise ConfigError(f"model.task_type: text-generation trains in one process, but WORLD_SIZE is "
+                              f"{world_size_of()} (torchrun, accelerate launch): multi-GPU training is for image "
+                              "LoRAs; start this run with python -m lora_trainer train --config …")
+        from lora_trainer.llm.trainer import train_llm
+
+        with logging_redirect_tqdm(loggers=[logging.root]):
+            return train_llm(cfg)
+    from lora_trainer.engine.trainer import train
+
+    group = Group.from_environment(cfg.training.ddp_timeout)
+    if group is not None and not group.main:
+        _quiet(group.rank)
+    try:
+        with logging_redirect_tqdm(loggers=[logging.root]):
+            result = train(cfg, group=group)
+    finally:
+        if group is not None:
+            group.close()
+    return result if group is None or group.main else None
+
+
+def _quiet(rank: int) -> None:
+    """A process of a multi-process run other than rank 0: warnings and errors only, each line with its rank."""
+    logging.getLogger("lora_trainer").setLevel(logging.WARNING)
+    for handler in logging.root.handlers:
+        handler.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(message)s"))
 
 
 def _report(result) -> None:
@@ -98,7 +122,7 @@ def cmd_demo(args) -> int:
                                + [f"max_train_steps={args.steps}"] + list(args.set or []))
     cfg = config_from_dict(settings, source="demo")
     print(f"demo: training the built-in tiny model on {args.images} generated images in {data_dir}")
-    _report(_train(cfg))
+    _report(_train(cfg))  # (one process: main refuses demo under a launcher)
     return 0
 
 
@@ -117,7 +141,9 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, overrides=args.set)
     if not logging.getLogger().isEnabledFor(logging.DEBUG):  # (--verbose: the libraries' notices on the terminal)
         _libraries_to_the_log_file()
-    (_report_llm if is_text_generation(cfg) else _report)(_train(cfg))
+    result = _train(cfg)
+    if result is not None:  # (None: a process of several other than rank 0, which reports)
+        (_report_llm if is_text_generation(cfg) else _report)(result)
     return 0
 
 
@@ -419,10 +445,21 @@ def _add_llm_commands(sub) -> None:
     me.set_defaults(func=cmd_merge)
 
 
+def _one_process_unless_training(args) -> None:
+    """Under torchrun or accelerate launch (WORLD_SIZE > 1) only ``train`` runs: every other command would run once
+    per process, writing the same files (the WebUI tab and ``ui`` train on one GPU)."""
+    from lora_trainer.engine.distributed import world_size_of
+
+    if world_size_of() > 1 and args.func is not cmd_train:
+        raise ConfigError(f"WORLD_SIZE is {world_size_of()} (torchrun, accelerate launch): only the train command "
+                          f"runs on several processes; run {args.command!r} as python -m lora_trainer {args.command}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
+        _one_process_unless_training(args)
         return args.func(args)
     except LoraTrainerError as e:
         print(f"error: {e}", file=sys.stderr)

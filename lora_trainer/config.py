@@ -108,6 +108,7 @@ class TrainingConfig:
     checkpoints_total_limit: int = 3
     resume_from_checkpoint: str | None = None
     dataloader_num_workers: int = 0
+    ddp_timeout: int = 30  # minutes a process of a multi-process run waits for the others (engine.distributed)
     cache_latents: bool = True
     cache_latents_to_disk: bool = False
     cache_text_embeddings: bool = True
@@ -219,6 +220,7 @@ RANGES = {
     "save_every_n_epochs": (0, None, False, False),
     "checkpoints_total_limit": (0, None, False, False),
     "dataloader_num_workers": (0, None, False, False),
+    "ddp_timeout": (1, None, False, False),
     "validation_split": (0, 1, False, True),
     "max_seq_length": (8, None, False, False),
     "validation_every_n_steps": (0, None, False, False),

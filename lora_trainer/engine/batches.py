@@ -33,12 +33,23 @@ class Plan:
     grad_accum: int
     total_steps: int
     buckets: tuple[tuple[int, ...], ...] | None = None  # image indices by bucket; None: one group of all
+    world_size: int = 1  # processes of a multi-process run (engine.distributed); batch_size is per process
+
+    @property
+    def global_batch(self) -> int:
+        """The images of one micro-batch over every process: the unit of the run's image order."""
+        return self.batch_size * self.world_size
+
+    @property
+    def effective_batch(self) -> int:
+        """The images of one optimizer step: batch_size × gradient_accumulation_steps × processes."""
+        return self.global_batch * self.grad_accum
 
     @property
     def batches_per_epoch(self) -> int:
         if self.buckets is None:
-            return math.ceil(self.num_images / self.batch_size)
-        return sum(math.ceil(len(b) / self.batch_size) for b in self.buckets)
+            return math.ceil(self.num_images / self.global_batch)
+        return sum(math.ceil(len(b) / self.global_batch) for b in self.buckets)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -49,11 +60,12 @@ class Plan:
         return math.ceil(self.total_steps / self.steps_per_epoch)
 
     @classmethod
-    def from_config(cls, cfg, num_images: int, buckets: list[list[int]] | None = None) -> Plan:
-        """``buckets``: the image indices of each bucket (ImageDataset.groups()); None or one group: no buckets."""
+    def from_config(cls, cfg, num_images: int, buckets: list[list[int]] | None = None, world_size: int = 1) -> Plan:
+        """``buckets``: the image indices of each bucket (ImageDataset.groups()); None or one group: no buckets.
+        ``world_size``: the processes of a multi-process run (each takes batch_size images of a micro-batch)."""
         t = cfg.training
         groups = tuple(tuple(b) for b in buckets) if buckets is not None and len(buckets) > 1 else None
-        plan = cls(num_images, t.batch_size, t.gradient_accumulation_steps, 0, groups)
+        plan = cls(num_images, t.batch_size, t.gradient_accumulation_steps, 0, groups, world_size)
         total = t.max_train_steps or t.epochs * plan.steps_per_epoch
         return dataclasses.replace(plan, total_steps=total)
 
@@ -79,7 +91,7 @@ def schedule(plan: Plan, seed: int, step: int) -> Iterator[tuple[int, int, list[
     epoch = step // plan.steps_per_epoch
     first = (step - epoch * plan.steps_per_epoch) * plan.grad_accum
     for e in range(epoch, plan.epochs):
-        batches = epoch_batches(plan.num_images, plan.batch_size, seed, e, plan.buckets)
+        batches = epoch_batches(plan.num_images, plan.global_batch, seed, e, plan.buckets)
         for i in range(first if e == epoch else 0, len(batches)):
             if e * plan.steps_per_epoch + i // plan.grad_accum >= plan.total_steps:
                 return
@@ -103,18 +115,34 @@ def _decoded_in_threads(dataset: ImageDataset, batches: Iterator[list], batch: i
             yield collate([first, *islice(images, sizes.pop(0) - 1)])
 
 
+def _sharded(positions, world_size: int, rank: int):
+    """(epoch, index, image indices, what else the batch carries): a process's rows of each micro-batch where the
+    run has several processes (``rows``: their places in the micro-batch, ``of``: its size, ``weight``: its share of
+    it; engine.distributed.shard_rows), else the whole micro-batch."""
+    from lora_trainer.engine.distributed import shard_rows
+
+    for e, i, b in positions:
+        if world_size == 1:
+            yield e, i, b, {}
+            continue
+        rows, weight = shard_rows(len(b), rank, world_size)
+        yield e, i, [b[r] for r in rows], {"rows": torch.tensor(rows), "of": len(b), "weight": weight}
+
+
 def batch_stream(plan: Plan, seed: int, step: int, dataset: ImageDataset | None, captions: list[str],
-                 num_workers: int = 0, pin_memory: bool = False) -> Iterator[tuple[int, int, dict]]:
+                 num_workers: int = 0, pin_memory: bool = False, rank: int = 0) -> Iterator[tuple[int, int, dict]]:
     """(epoch, index in epoch, batch) for the rest of the run. ``dataset`` None (latents cached): a batch is
     its image indices and captions, nothing is read; else ``pixel_values`` too, decoded ahead (pinned on
-    CUDA by DataLoader workers; the threads leave them pageable)."""
-    positions = schedule(plan, seed, step)
+    CUDA by DataLoader workers; the threads leave them pageable). With several processes (``plan.world_size``) a
+    batch is process ``rank``'s rows of the micro-batch, with ``rows``, ``of`` and ``weight`` (``_sharded``)."""
+    positions = _sharded(schedule(plan, seed, step), plan.world_size, rank)
     if dataset is None:
-        for e, i, b in positions:
-            yield e, i, {"indices": torch.tensor(b), "captions": [captions[j] for j in b]}
+        for e, i, b, extra in positions:
+            yield e, i, {"indices": torch.tensor(b), "captions": [captions[j] for j in b], **extra}
         return
     # a random crop depends on the epoch: the items are (image, epoch) then (ImageDataset.crop)
-    batches = (([(j, e) for j in b] if dataset.random_crop else b) for e, _, b in schedule(plan, seed, step))
+    batches = (([(j, e) for j in b] if dataset.random_crop else b)
+               for e, _, b, _ in _sharded(schedule(plan, seed, step), plan.world_size, rank))
     if num_workers > 0:  # its own generator: making the loader draws nothing from the global RNG
         loaded = iter(torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                                                   num_workers=num_workers, pin_memory=pin_memory,
@@ -122,8 +150,8 @@ def batch_stream(plan: Plan, seed: int, step: int, dataset: ImageDataset | None,
     else:
         loaded = _decoded_in_threads(dataset, batches, plan.batch_size)
     try:
-        for (e, i, _), batch in zip(positions, loaded):
-            yield e, i, batch
+        for (e, i, _, extra), batch in zip(positions, loaded):
+            yield e, i, {**batch, **extra}
     except DatasetError as err:  # from a worker process, torch wraps the message in the worker's traceback
         raise DatasetError(str(err).strip().splitlines()[-1].split("DatasetError: ", 1)[-1]) from None
     finally:

@@ -152,10 +152,12 @@ class EncodedCache:
     @torch.no_grad()
     def build(cls, backend, dataset, seed: int, flips: bool, texts: bool, progress: bool = True,
               digests: list[str] | None = None, store: LatentStore | None = None,
-              weighted: bool = False) -> EncodedCache:
+              weighted: bool = False, group=None) -> EncodedCache:
         """Encode ``dataset`` (an ImageDataset); ``digests``: each image file's sha256 where already known;
         ``weighted``: captions in the WebUI's emphasis syntax (data.weighted_captions). Non-finite latents or
-        caption conditioning raise a DatasetError that names the images or the caption."""
+        caption conditioning raise a DatasetError that names the images or the caption. ``group``: the processes of
+        a multi-process run (engine.distributed): the images that any of them lacks are encoded once, each process
+        taking every N-th, and shared; rank 0 alone writes them to ``store``."""
         from tqdm.auto import tqdm
 
         digests = [d or file_digest(s.path) for d, s in zip(digests or [None] * len(dataset), dataset.samples)]
@@ -172,11 +174,16 @@ class EncodedCache:
                 if found is not None:
                     posteriors[k] = found
         todo = [i for i, per_image in enumerate(keys) if any(k not in posteriors for k in per_image.values())]
+        mine, writes = todo, store is not None
+        if group is not None:  # (the processes' disk caches may differ: another node's, say)
+            todo = sorted(set().union(*group.gather(todo, "listing the images to encode")))
+            mine, writes = todo[group.rank::group.world_size], writes and group.main
         # one image per VAE call: a posterior then does not depend on which images shared its batch, so an
         # entry loaded from disk equals the one a fresh encode would give, whatever the batch size
-        decoded = prefetch(dataset.__getitem__, todo)  # the next images decode while the VAE works
+        decoded = prefetch(dataset.__getitem__, mine)  # the next images decode while the VAE works
         bad: list[Path] = []
-        for i, item in tqdm(zip(todo, decoded), total=len(todo), desc="caching latents", unit="image",
+        encoded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for i, item in tqdm(zip(mine, decoded), total=len(mine), desc="caching latents", unit="image",
                             disable=not progress):
             pixels = item["pixel_values"][None].to(backend.device)
             for f in variants:
@@ -184,9 +191,18 @@ class EncodedCache:
                 if not _finite(mean, std):
                     bad.append(dataset.samples[i].path)
                     break
-                posteriors[keys[i][f]] = (mean, std)
-                if store is not None:
+                encoded[keys[i][f]] = (mean, std)
+                if writes:  # (at once: a run stopped while caching keeps what was encoded)
                     store.save(keys[i][f], mean, std)
+        if group is not None:
+            shared = group.gather((encoded, [str(p) for p in bad]), "sharing the encoded latents")
+            if writes:
+                for k, (mean, std) in ((k, v) for r, (part, _) in enumerate(shared) if r != group.rank
+                                       for k, v in part.items()):
+                    store.save(k, mean, std)
+            encoded = {k: v for part, _ in shared for k, v in part.items()}
+            bad = [Path(p) for _, paths in shared for p in paths]
+        posteriors.update(encoded)
         _check_latents(bad, backend.image_encoder())
         scale, dtype = backend.latent_scale, backend.weight_dtype
         # one tensor per image: images of different buckets have latents of different sizes

@@ -205,14 +205,15 @@ BEFORE = {"fast_jpeg_decode": False, "weighted_captions": False, "train_text_enc
           "zero_terminal_snr": "false", "fp8_base": False, "enable_bucket": False, "min_bucket_reso": None,
           "max_bucket_reso": None, "bucket_reso_steps": 64, "bucket_no_upscale": False, "random_crop": False,
           "shuffle_caption": False, "keep_tokens": 0, "caption_tag_dropout_rate": 0.0, "caption_dropout_rate": 0.0,
-          "caption_dropout_every_n_epochs": 0}
+          "caption_dropout_every_n_epochs": 0, "world_size": 1}
 
 
-def run_settings(training, num_images: int, total_steps: int, data, model) -> dict:
+def run_settings(training, num_images: int, total_steps: int, data, model, world_size: int = 1) -> dict:
+    """``world_size``: the processes of a multi-process run (training.batch_size is per process)."""
     settings = {k: getattr(training, k) for k in MUST_MATCH + SHOULD_MATCH[:3]}
     return dict(settings, num_images=num_images, total_steps=total_steps,
                 **{k: getattr(data, k) for k in DATA_SETTINGS}, zero_terminal_snr=model.zero_terminal_snr,
-                fp8_base=training.fp8_base)
+                fp8_base=training.fp8_base, world_size=world_size)
 
 
 def left_to_the_model(cfg) -> tuple[str, ...]:
@@ -233,8 +234,33 @@ def check_resume(restored: Restored, settings: dict, path: Path, keys=None) -> N
     if wrong:
         raise ConfigError(f"training.resume_from_checkpoint: {path} was trained with other LoRA settings ("
                           + "; ".join(wrong) + "); use the same settings or start a new run")
+    same_micro_batch = False
+    if "batch_size" in keys and "world_size" in settings:  # (checked with batch_size, once it is known)
+        same_micro_batch = _check_world_size(saved, settings, path)
     differ = [f"{k} {saved[k]!r} → {settings[k]!r}" for k in SHOULD_MATCH
-              if k in keys and k in saved and saved[k] != settings[k]]
+              if k in keys and k in saved and saved[k] != settings[k] and not (k == "batch_size" and same_micro_batch)]
     if differ:
         log.warning("resuming with changed settings (%s): training continues, but not exactly as the "
                     "uninterrupted run would have", ", ".join(differ))
+
+
+def _check_world_size(saved: dict, settings: dict, path: Path) -> bool:
+    """A checkpoint of a run with another number of processes: it continues where the micro-batch over all processes
+    (batch_size × processes) is the same, for then the image order, the steps per epoch and the step count are the
+    same (returns True); else it is refused, naming both, for a step of the checkpoint would not be a step of this
+    run. Returns False where the number of processes did not change."""
+    old_world, new_world = saved.get("world_size", 1), settings["world_size"]
+    if old_world == new_world:
+        return False
+    old, new = saved["batch_size"] * old_world, settings["batch_size"] * new_world
+    if old != new:
+        fix = (f"set training.batch_size: {old // new_world} (× {new_world} processes = {old} images a micro-batch, "
+               "as the checkpoint's run)" if old % new_world == 0 else
+               f"start {old_world} process(es) (or a number that divides {old})")
+        raise ConfigError(f"training.resume_from_checkpoint: {path} was trained by {old_world} process(es) with "
+                          f"batch_size {saved['batch_size']} ({old} images a micro-batch) and this run has "
+                          f"{new_world} process(es) with batch_size {settings['batch_size']} ({new}): its steps, "
+                          f"epochs and image order would not continue; {fix}, or start a new run")
+    log.info("resuming a run of %d process(es) with %d: the micro-batch of %d images over all processes is the same, "
+             "so the step count and the image order continue as they were", old_world, new_world, new)
+    return True

@@ -12,26 +12,33 @@ log = logging.getLogger(__name__)
 
 
 class CtrlC:
-    """First Ctrl-C: stop after this step and save. Second: abort at once."""
+    """First Ctrl-C: stop after this step and save. Second: abort at once. ``sigterm``: SIGTERM too, once (a process
+    of a multi-process run: torchrun passes a Ctrl-C on to its processes, as SIGINT or, by torch version, SIGTERM,
+    and kills them 30 s later; a SIGTERM after a SIGINT is the launcher's, not a second Ctrl-C)."""
 
-    def __init__(self) -> None:
+    def __init__(self, sigterm: bool = False) -> None:
         self.requested = False
-        self._old = None
+        self._old: dict = {}
+        self._signals = (signal.SIGINT, signal.SIGTERM) if sigterm else (signal.SIGINT,)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            self._old = {s: signal.signal(s, self._handle) for s in self._signals}
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
+            if signum == signal.SIGTERM:  # (the launcher's second word is SIGKILL)
+                return
             raise KeyboardInterrupt
         self.requested = True
-        log.warning("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+        what = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM (the launcher stops the run)"
+        log.warning("%s: stopping after this step and saving a checkpoint%s", what,
+                    " (Ctrl-C again to abort)" if signum == signal.SIGINT else "")
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
 
 
 def tensorboard_writer(log_dir: Path, enabled: bool):

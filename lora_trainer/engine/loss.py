@@ -44,6 +44,18 @@ def sample_timesteps(scheduler, bsz: int, generator: torch.Generator | None, dev
     return torch.randint(0, scheduler.config.num_train_timesteps, (bsz,), generator=generator, device=device).long()
 
 
+def draw_noise(scheduler, shape, generator: torch.Generator | None, device, dtype, noise_offset: float = 0.0
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise (with its offset) and the timesteps ``diffusion_loss`` draws for latents of ``shape``, in its order:
+    a process of a multi-process run draws them for the whole micro-batch and takes its rows (engine.distributed)."""
+    noise = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+    if noise_offset:
+        # https://www.crosslabs.org//blog/diffusion-with-offset-noise
+        offset = torch.randn((shape[0], shape[1], 1, 1), generator=generator, device=device, dtype=dtype)
+        noise = noise + noise_offset * offset
+    return noise, sample_timesteps(scheduler, shape[0], generator, device)
+
+
 def diffusion_loss(backend, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None,
                    noise_offset: float = 0.0, min_snr_gamma: float | None = None,
                    timesteps: torch.Tensor | None = None, scheduler=None, noise: torch.Tensor | None = None
@@ -52,10 +64,12 @@ def diffusion_loss(backend, latents: torch.Tensor, cond: torch.Tensor, generator
     ``generator``; ``scheduler``: the run's noise schedule (``zero_terminal_snr_schedule``), else the backend's."""
     scheduler = backend.noise_scheduler if scheduler is None else scheduler
     bsz = latents.shape[0]
+    if noise is None and timesteps is None:
+        noise, timesteps = draw_noise(scheduler, latents.shape, generator, latents.device, latents.dtype, noise_offset)
+        noise_offset = 0.0  # (in the noise already)
     if noise is None:
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     if noise_offset:
-        # https://www.crosslabs.org//blog/diffusion-with-offset-noise
         offset = torch.randn((bsz, latents.shape[1], 1, 1), generator=generator, device=latents.device,
                              dtype=latents.dtype)
         noise = noise + noise_offset * offset

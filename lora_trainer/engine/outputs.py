@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 # what summary.json says of the validation loss and the sample images, where the run had them
 TIMING = ("preflight", "seconds_per_step")
 BUCKETS = ("buckets", "mean_img_ar_error")  # the aspect-ratio buckets and their image counts (engine.run.log_buckets)
+BATCH = ("world_size", "effective_batch")  # processes, and images an optimizer step (engine.batches.Plan)
 EVALUATIONS = ("validation_loss", "validation_images", "validation_losses", "sample_images")
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -67,7 +68,8 @@ def export_lora(run_dir: Path, cfg, backend, modules: dict, scan, started_at: fl
                      tag_frequency={Path(cfg.data.train_data_dir).name: scan.tag_frequency()},
                      trained_text_encoder=TEXT_ENCODER in modules, trained_text_encoder_2=TEXT_ENCODER_2 in modules,
                      started_at=started_at, finished_at=time.time(), bucket_info=bucket_info)
-    metadata = build_metadata(cfg, model, facts)
+    # kohya's ss_total_batch_size: batch_size × processes × gradient_accumulation_steps
+    metadata = build_metadata(cfg, model, facts, extra={"ss_total_batch_size": plan.effective_batch})
     set_aside_interim_exports(run_dir, [f"{out.output_name}.safetensors", WEIGHT_NAME])
     lora_path = save_kohya_lora(run_dir / f"{out.output_name}.safetensors", tensors, metadata)
     diffusers_path = None
@@ -99,6 +101,7 @@ def write_summary(run_dir: Path, result) -> Path:
         **{key: result.extra[key] for key in EVALUATIONS if key in result.extra},  # (engine.validation, .samples)
         **{key: result.extra[key] for key in TIMING if key in result.extra},  # (engine.preflight, Run.timing)
         **{key: result.extra[key] for key in BUCKETS if key in result.extra},
+        **{key: result.extra[key] for key in BATCH if key in result.extra},
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,
                      "python": platform.python_version()},
     }

@@ -29,7 +29,7 @@ from lora_trainer.engine.diagnose import StepInputs, diagnose_nonfinite_loss
 from lora_trainer.engine.events import CallbackList, StepInfo
 from lora_trainer.engine.guard import NanGuard, NonFinite
 from lora_trainer.engine.lora import add_lora, load_trainable_state, trainable_state
-from lora_trainer.engine.loss import diffusion_loss, zero_terminal_snr_schedule
+from lora_trainer.engine.loss import diffusion_loss, draw_noise, zero_terminal_snr_schedule
 from lora_trainer.engine.optim import build_optimizer
 from lora_trainer.engine.preflight import duration_text
 from lora_trainer.engine.run_dir import latent_cache_dir
@@ -82,6 +82,12 @@ class Run:
     seconds_per_step: float | None = None  # measured (``_measure_time``)
     buckets: dict = field(default_factory=dict)  # what summary.json says of the buckets (``log_buckets``)
     augment: CaptionAugment | None = None  # caption augmentation (data.augment), or None: captions as written
+    group: object = None  # engine.distributed.Group of a multi-process run, or None: a single process
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the run's files (a single process, or rank 0 of several)."""
+        return self.group is None or self.group.main
 
     @property
     def device(self) -> torch.device:
@@ -100,7 +106,7 @@ class Run:
         t = self.cfg.training
         stream = batch_stream(self.plan, t.seed, self.step, None if self.cache is not None else self.dataset,
                               [x.caption for x in self.scan.samples], t.dataloader_num_workers,
-                              pin_memory=self.device.type == "cuda")
+                              pin_memory=self.device.type == "cuda", rank=self.group.rank if self.group else 0)
         return stream if self.augment is None else self._augmented(stream)
 
     def _augmented(self, stream):
@@ -118,9 +124,13 @@ class Run:
     def micro_batch(self, batch) -> tuple[torch.Tensor, torch.Tensor, object]:
         """The loss of one micro-batch, and its inputs (latents, conditioning) for a diagnosis."""
         d, t, cache, backend = self.cfg.data, self.cfg.training, self.cache, self.backend
+        rows = batch.get("rows")  # a process's rows of the micro-batch (engine.distributed); None: all of it
+        rows = rows.to(self.device) if rows is not None else None
         flip = None
-        if d.random_flip:
-            flip = torch.rand(len(batch["captions"]), generator=self.generator, device=self.device) < 0.5
+        if d.random_flip:  # (drawn for the whole micro-batch, as a single process does)
+            flip = torch.rand(batch["of"] if rows is not None else len(batch["captions"]), generator=self.generator,
+                              device=self.device) < 0.5
+            flip = flip[rows] if rows is not None else flip
         if cache is not None:
             latents = cache.latents(batch["indices"], flip, self.device)
         else:
@@ -137,20 +147,35 @@ class Run:
             if backend.uses_time_ids:  # SDXL: each image's size and crop offset (mirrored with it)
                 ids = self.dataset.time_ids(batch["indices"], flip, batch.get("crops"))  # (crops: cut at random)
                 cond = cond.with_time_ids(ids.to(self.device))
-            loss = diffusion_loss(backend, latents, cond, self.generator, noise_offset=t.noise_offset,
-                                  min_snr_gamma=t.min_snr_gamma, scheduler=self.noise_scheduler)
+            if rows is None:
+                loss = diffusion_loss(backend, latents, cond, self.generator, noise_offset=t.noise_offset,
+                                      min_snr_gamma=t.min_snr_gamma, scheduler=self.noise_scheduler)
+            else:  # the noise and timesteps of the whole micro-batch, this process's rows of them
+                scheduler = backend.noise_scheduler if self.noise_scheduler is None else self.noise_scheduler
+                noise, timesteps = draw_noise(scheduler,
+                                              (batch["of"], *latents.shape[1:]), self.generator, latents.device,
+                                              latents.dtype, t.noise_offset)
+                loss = diffusion_loss(backend, latents, cond, self.generator, min_snr_gamma=t.min_snr_gamma,
+                                      scheduler=self.noise_scheduler, noise=noise[rows], timesteps=timesteps[rows])
         return loss, latents, cond
 
     def backward(self, batch, group_size: int) -> float:
-        """Forward and backward of one micro-batch (of ``group_size`` in this optimizer step); its loss. A
-        non-finite loss raises guard.NonFinite that says why (engine.diagnose)."""
+        """Forward and backward of one micro-batch (of ``group_size`` in this optimizer step); its loss (a process of
+        several: its share of the micro-batch's loss, ``weight``). A non-finite loss raises guard.NonFinite that says
+        why (engine.diagnose); with several processes, on every process (the one it happened on has the diagnosis)."""
         rng_before = self.generator.get_state()
         loss, latents, cond = self.micro_batch(batch)
         value = loss.item()  # the one host sync of a micro-batch
+        if self.group is not None:
+            bad = self.group.flags(not math.isfinite(value), "checking the loss")
+            if any(bad) and math.isfinite(value):
+                raise NonFinite(f"the loss of process {bad.index(True)} was not finite at step {self.step + 1} "
+                                "(its log has the diagnosis)", "loss")
         if not math.isfinite(value):
             raise NonFinite(self._diagnosis(value, batch, latents, cond, rng_before), "loss")
-        self.scaler.scale(loss / group_size).backward()
-        return value
+        weight = batch.get("weight", 1.0)
+        self.scaler.scale(loss * weight / group_size).backward()
+        return value * weight
 
     def _diagnosis(self, value: float, batch, latents, cond, rng_before) -> str:
         def rerun():
@@ -163,8 +188,11 @@ class Run:
                                        self.backend.components(), rerun, self.backend.explain_nonfinite_text)
 
     # --- one optimizer step
-    def optimizer_step(self) -> None:
+    def optimizer_step(self, loss: float = 0.0) -> float:
+        """The step's update; returns its ``loss`` (summed over the processes with the gradients, where several)."""
         t = self.cfg.training
+        if self.group is not None:
+            loss = self.group.sum_gradients(self.params(), loss)
         if t.max_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
             self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params(), t.max_grad_norm)
@@ -174,6 +202,13 @@ class Run:
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        return loss
+
+    def should_stop(self, requested: bool) -> bool:
+        """Whether the run stops after this step: asked for here (Ctrl-C, a UI) or, with several processes, by any
+        of them (all stop after the same step)."""
+        requested = requested or self.cbs.should_stop()
+        return self.group.any(requested, "agreeing on a stop") if self.group is not None else requested
 
     def report(self, step_loss: float, epoch: int) -> None:
         """Progress out: the bar, TensorBoard, the callbacks (a UI)."""
@@ -243,6 +278,9 @@ class Run:
     # --- checkpoints
     def save(self, reason: str) -> None:
         if self.last_saved == self.step:
+            return
+        if not self.main:  # (rank 0 writes the run's checkpoints)
+            self.last_saved = self.step
             return
         state = {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
                  "scaler": self.scaler.state_dict(), "rng": ckpt.rng_state(self.generator)}
@@ -384,7 +422,7 @@ def build_cache(run: Run, progress: bool) -> EncodedCache | None:
                  run.augment.describe())
     return EncodedCache.build(run.backend, run.dataset, t.seed, flips=d.random_flip, texts=caches_text(cfg),
                               progress=progress,
-                              digests=digests, store=store, weighted=d.weighted_captions)
+                              digests=digests, store=store, weighted=d.weighted_captions, group=run.group)
 
 
 def with_noise_schedule(cfg: Config, backend) -> tuple[Config, object]:

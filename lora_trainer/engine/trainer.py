@@ -8,6 +8,7 @@ holds and the operations the loop calls live in ``engine.run``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from lora_trainer.data.check import check_scan, image_facts
 from lora_trainer.data.dataset import scan_dataset
 from lora_trainer.engine import checkpoint as ckpt
 from lora_trainer.engine.batches import Plan
+from lora_trainer.engine.distributed import Group, ProcessLost
 from lora_trainer.engine.events import CallbackList, Callbacks, TrainResult
 from lora_trainer.engine.guard import NanGuard, NonFinite, check_free_space, disk_estimate, skip_step
 from lora_trainer.engine.interrupt import CtrlC as _CtrlC
@@ -62,7 +64,7 @@ log = logging.getLogger(__name__)
 
 def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progress: bool = True,
           make_backend: Callable[[], object] | None = None, family: str | None = None,
-          where: Where | None = None) -> TrainResult:
+          where: Where | None = None, group: Group | None = None) -> TrainResult:
     """Train a LoRA as ``cfg`` says and export it; returns where everything went.
 
     ``backend`` defaults to a diffusers model loaded from ``cfg.model.base_model``; the WebUI passes
@@ -71,7 +73,9 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
     ``callbacks`` get progress and may ask the loop to stop (it then saves and exports). ``family``: the model's
     family where the caller knows it before the model loads (a UI's host); the dataset check runs at the resolution
     the run will use (``checked_resolution``). ``where``: where a host's run will train (engine.preflight.Where),
-    for the memory estimate before its model loads; the command line's is read from the config.
+    for the memory estimate before its model loads; the command line's is read from the config. ``group``: this
+    process's place in a multi-process run (engine.distributed; the command line under torchrun), where rank 0
+    alone writes; the result of the other ranks has no files.
     """
     started = time.time()
     t, d = cfg.training, cfg.data
@@ -95,28 +99,38 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
                         buckets=BucketSpec.from_data(d, resolution)).summary())
     scan, held_out = validation_samples(cfg, scan)  # (data.validation_split / validation_dir)
     buckets = training_dataset(cfg, scan, resolution).groups()
-    cfg, estimate = _preflight(cfg, backend, make_backend, family, where, len(scan.samples), buckets)
+    world = group.world_size if group is not None else 1
+    cfg, estimate = _preflight(cfg, backend, make_backend, family, where, len(scan.samples), buckets, world)
     t = cfg.training
     prompts = load_sample_prompts(cfg.output.sample_prompts)  # (read now: a mistake in them stops nothing later)
-    plan = Plan.from_config(cfg, len(scan.samples), buckets)
-    run_dir, resume_from, restored = prepare_run_dir(cfg.output.output_dir, t.resume_from_checkpoint)
-    if restored is not None:
-        _check_resumable(restored, resume_from, run_dir, plan.total_steps)
-    settings = ckpt.run_settings(t, plan.num_images, plan.total_steps, d, cfg.model)
+    plan = Plan.from_config(cfg, len(scan.samples), buckets, world)
+    if group is not None:
+        _check_agreement(group, cfg, plan, scan)
+
+    def run_folder():
+        run_dir, resume_from, restored = prepare_run_dir(cfg.output.output_dir, t.resume_from_checkpoint)
+        if restored is not None:
+            _check_resumable(restored, resume_from, run_dir, plan.total_steps)
+        return run_dir, resume_from, restored, restored is None and not holds_a_run(run_dir)
+
+    # (rank 0 picks the folder and reads the checkpoint; the others get them: they need not see its disk)
+    run_dir, resume_from, restored, fresh_run = (run_folder() if group is None else
+                                                 group.from_rank0(run_folder, "choosing the run folder"))
+    settings = ckpt.run_settings(t, plan.num_images, plan.total_steps, d, cfg.model, world)
     pending = ckpt.left_to_the_model(cfg)  # (checked once the model is loaded)
     if restored is not None:
         ckpt.check_resume(restored, settings, resume_from, keys=set(settings) - set(pending))
 
-    fresh_run = restored is None and not holds_a_run(run_dir)
-    prepared = _Prepared(run_dir, scan, plan, restored, resume_from, pending, started, held_out, prompts, estimate)
+    prepared = _Prepared(run_dir, scan, plan, restored, resume_from, pending, started, held_out, prompts, estimate,
+                         group)
     try:
         if make_backend is not None:
             backend = make_backend()
             if t.compile_unet and backend.device.type != device_type:  # (a WebUI started with --use-cpu, say)
                 check_compile(backend.device.type)
-        return _train_in(cfg, backend, callbacks, progress, prepared)
+        return _train_in(cfg, backend, callbacks, progress and (group is None or group.main), prepared)
     except BaseException:
-        if fresh_run and not ckpt.list_checkpoints(run_dir):
+        if fresh_run and (group is None or group.main) and not ckpt.list_checkpoints(run_dir):
             remove_run(run_dir)  # failed before any checkpoint: leave no empty run behind
         raise
 
@@ -133,7 +147,8 @@ def checked_resolution(cfg: Config, backend=None, make_backend=None, family: str
     return with_family_defaults(cfg, family)[0].data.resolution
 
 
-def _preflight(cfg: Config, backend, make_backend, family, where: Where | None, num_images: int, buckets):
+def _preflight(cfg: Config, backend, make_backend, family, where: Where | None, num_images: int, buckets,
+               world_size: int = 1):
     """The memory and time estimate before the model loads (engine.preflight): on a GPU, or anywhere with
     training.auto_fit; with it, settings that fit are applied. A run with a loaded backend was estimated by its host.
     ``buckets``: the images' indices by bucket, for the step count (engine.batches.Plan)."""
@@ -142,7 +157,27 @@ def _preflight(cfg: Config, backend, make_backend, family, where: Where | None, 
                       pick_device(cfg.training.mixed_precision)[0])
     if where is None or (where.device.type == "cpu" and not cfg.training.auto_fit):
         return cfg, None
-    return preflight(cfg, where, lambda c: Plan.from_config(c, num_images, buckets).total_steps)
+    return preflight(cfg, where, lambda c: Plan.from_config(c, num_images, buckets, world_size).total_steps)
+
+
+def _check_agreement(group: Group, cfg: Config, plan: Plan, scan) -> None:
+    """The processes of a multi-process run must train the same images in the same steps: refused, naming each
+    process's values, where a dataset differs between machines or training.auto_fit chose differently on GPUs of
+    different memory."""
+    import hashlib
+
+    t = cfg.training
+    digest = hashlib.sha256("\n".join(f"{s.path.name}\t{s.caption}" for s in scan.samples).encode()).hexdigest()[:12]
+    mine = {"images": plan.num_images, "dataset digest": digest, "batch_size": t.batch_size,
+            "gradient_accumulation_steps": t.gradient_accumulation_steps, "steps": plan.total_steps}
+    every = group.gather(mine, "comparing the processes' settings")
+    differ = [k for k in mine if len({str(m[k]) for m in every}) > 1]
+    if differ:
+        raise ConfigError("the processes of this run disagree on " + "; ".join(
+            f"{k} ({', '.join(f'rank {r}: {m[k]}' for r, m in enumerate(every))})" for k in differ)
+            + ": every machine needs the same dataset (data.train_data_dir) and the same settings; set "
+              "training.batch_size and gradient_accumulation_steps in the config instead of training.auto_fit "
+              "where the GPUs differ")
 
 
 def _check_resumable(restored, resume_from: Path, run_dir: Path, total_steps: int) -> None:
@@ -179,10 +214,17 @@ class _Prepared:
     held_out: list = ()  # the validation images (engine.validation)
     prompts: list = ()  # the sample prompts (engine.samples)
     estimate: object = None  # the pre-flight's (engine.preflight.Estimate), or None
+    group: Group | None = None  # a multi-process run's (engine.distributed)
+
+    @property
+    def main(self) -> bool:
+        return self.group is None or self.group.main
 
 
 def _train_in(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepared) -> TrainResult:
-    with run_log_file(prepared.run_dir) as log_dir, _CtrlC() as ctrl_c:
+    # (a process of several also stops on SIGTERM: torchrun's signal to every process on Ctrl-C, by torch version)
+    logs = run_log_file(prepared.run_dir) if prepared.main else contextlib.nullcontext(prepared.run_dir / "logs")
+    with logs as log_dir, _CtrlC(sigterm=prepared.group is not None) as ctrl_c:
         run = _set_up(cfg, backend, callbacks, progress, prepared, log_dir)
         stopped = _loop(run, ctrl_c)
         return _finish(run, stopped, prepared.started)
@@ -198,36 +240,46 @@ def _set_up(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepared
     cfg, noise_scheduler = with_noise_schedule(with_model_defaults(with_precision(cfg, precision), backend), backend)
     t, plan, run_dir = cfg.training, prepared.plan, prepared.run_dir
     dataset = training_dataset(cfg, prepared.scan)
-    replanned = Plan.from_config(cfg, plan.num_images, dataset.groups())
+    replanned = Plan.from_config(cfg, plan.num_images, dataset.groups(), plan.world_size)
     if replanned.buckets != plan.buckets:  # (the resolution was the model family's, known only now)
         plan = replanned
-    settings = ckpt.run_settings(t, plan.num_images, plan.total_steps, cfg.data, cfg.model)  # as used
+    group = prepared.group
+    settings = ckpt.run_settings(t, plan.num_images, plan.total_steps, cfg.data, cfg.model, plan.world_size)
     if prepared.restored is not None and prepared.pending:
         ckpt.check_resume(prepared.restored, settings, prepared.resume_from, keys=prepared.pending)
-    save_config(cfg, run_dir / "config.yaml")
-    log.info("run folder %s; %d steps (%d epochs of %d), batch %d × accumulation %d, %s on %s",
-             run_dir, plan.total_steps, plan.epochs, plan.steps_per_epoch, t.batch_size,
-             t.gradient_accumulation_steps, precision if precision != "no" else "fp32", backend.device)
+    if prepared.main:
+        save_config(cfg, run_dir / "config.yaml")
+    processes = f" × {plan.world_size} processes" if plan.world_size > 1 else ""
+    log.info("run folder %s; %d steps (%d epochs of %d), batch %d%s × accumulation %d = %d images a step, %s on %s",
+             run_dir, plan.total_steps, plan.epochs, plan.steps_per_epoch, t.batch_size, processes,
+             t.gradient_accumulation_steps, plan.effective_batch, precision if precision != "no" else "fp32",
+             backend.device)
     modules, groups = add_lora_layers(cfg, backend)
+    if group is not None:  # (the same seed made them alike; rank 0's, to be sure)
+        group.broadcast_parameters([p for g in groups for p in g["params"]])
     prepare_backend(cfg, backend)
     optimizer, lr_scheduler, scaler = optimization(cfg, groups, backend.device, precision, plan.total_steps)
-    check_free_space(run_dir, disk_estimate(cfg, plan, sum(p.numel() for g in groups for p in g["params"]),
-                                            latent_cache_dir(cfg.output.output_dir)))
+    if prepared.main:
+        check_free_space(run_dir, disk_estimate(cfg, plan, sum(p.numel() for g in groups for p in g["params"]),
+                                                latent_cache_dir(cfg.output.output_dir)))
     run = Run(cfg, backend, precision, plan, prepared.scan, run_dir, settings, modules, groups, optimizer,
               lr_scheduler, scaler, torch.Generator(device=backend.device).manual_seed(t.seed),
               dataset, CallbackList([callbacks]), noise_scheduler=noise_scheduler, guard=NanGuard.from_config(t),
-              estimate=prepared.estimate)
+              estimate=prepared.estimate, group=group)
     run.buckets = log_buckets(dataset)
     run.augment = CaptionAugment.from_config(cfg.data, t.seed)
     if run.augment is not None:
         log.info("captions augmented: %s", run.augment.describe())
     if prepared.restored is not None:
         resume(run, prepared.restored, prepared.resume_from)
+    if group is not None and not group.main:  # (LoRA dropout's masks: another sequence than rank 0's, the same
+        torch.manual_seed(t.seed + 1_000_003 * group.rank + 7_919 * run.step)  # on a resume at this step)
     run.cache = build_cache(run, progress)
-    run.validator = Validator.for_run(run, list(prepared.held_out), progress, prepared.scan.facts)
-    run.sampler = SampleMaker.for_run(run, list(prepared.prompts))
+    if run.main:  # (rank 0 alone: the validation loss, the samples and TensorBoard)
+        run.validator = Validator.for_run(run, list(prepared.held_out), progress, prepared.scan.facts)
+        run.sampler = SampleMaker.for_run(run, list(prepared.prompts))
     run.cbs.on_start(plan.total_steps, run_dir)
-    run.writer = _tensorboard(log_dir, cfg.output.log_with == "tensorboard")
+    run.writer = _tensorboard(log_dir, cfg.output.log_with == "tensorboard") if run.main else None
     from tqdm.auto import tqdm
 
     run.bar = tqdm(total=plan.total_steps, initial=run.step, desc="training", unit="step", disable=not progress,
@@ -249,8 +301,8 @@ def _loop(run: Run, ctrl_c: _CtrlC) -> bool:
                 return _steps(run, ctrl_c)
             except NonFinite as e:
                 run.guard.recover(run, e)  # rolled back; else raises the diagnosis as a TrainingError
-    except (TrainingError, DatasetError, torch.cuda.OutOfMemoryError) as e:  # (DatasetError: an image
-        # that changed after the scan, when they are read each step)
+    except (TrainingError, DatasetError, ProcessLost, torch.cuda.OutOfMemoryError) as e:  # (DatasetError: an
+        # image that changed after the scan, when they are read each step; ProcessLost: another process of several)
         _keep_last_good_state(run)
         if isinstance(e, torch.cuda.OutOfMemoryError):
             raise TrainingError(
@@ -280,7 +332,7 @@ def _steps(run: Run, ctrl_c: _CtrlC) -> bool:
             if (i + 1) % plan.grad_accum and i + 1 < bpe:
                 continue  # gradients accumulate
             if trained:
-                run.optimizer_step()
+                step_loss = run.optimizer_step(step_loss)  # (summed over the processes, where several)
                 run.report(step_loss if trained == group_size else step_loss * group_size / trained, epoch)
             else:
                 skip_step(run)
@@ -288,7 +340,7 @@ def _steps(run: Run, ctrl_c: _CtrlC) -> bool:
             run.evaluate_if_due(epoch + 1 if i + 1 >= bpe else None)  # (validation loss, sample images)
             run.save_if_due()
             guard.after_step(run)
-            if ctrl_c.requested or run.cbs.should_stop():
+            if run.should_stop(ctrl_c.requested):
                 run.evaluate_if_due(None, stopping=True)  # (the validation loss where it stopped)
                 return True
         return False
@@ -299,7 +351,7 @@ def _steps(run: Run, ctrl_c: _CtrlC) -> bool:
 def _keep_last_good_state(run: Run) -> None:
     """After an error the weights are still those of the last complete step: keep them, so nothing is lost."""
     run.optimizer.zero_grad(set_to_none=True)
-    if run.step > 0:
+    if run.step > 0 and run.main:
         run.save("error")
         log.warning("saved the last good state (step %d); fix the cause and resume with "
                     "resume_from_checkpoint: latest", run.step)
@@ -309,22 +361,30 @@ def _finish(run: Run, stopped: bool, started: float) -> TrainResult:
     """A checkpoint if stopped early, then the LoRA files, summary.json and the callbacks' on_end."""
     if stopped:
         run.save("stopped")
-        log.warning("stopped at step %d of %d; resume with resume_from_checkpoint: latest", run.step,
-                    run.plan.total_steps)
+        if run.main:
+            log.warning("stopped at step %d of %d; resume with resume_from_checkpoint: latest", run.step,
+                        run.plan.total_steps)
     elif run.cfg.training.save_steps or run.cfg.training.save_every_n_epochs:
         run.save("finished")  # (a resume with more epochs or steps continues from here)
     status = "stopped" if stopped else "finished"
-    with ckpt.stops_on_full_disk(run.run_dir, f"the LoRA files of step {run.step} into {run.run_dir}"):
-        lora_path, diffusers_path = export_lora(run.run_dir, run.cfg, run.backend, run.modules, run.scan, started,
-                                                run.step, run.plan, bucket_info=run.dataset.bucket_info())
+    lora_path = diffusers_path = None  # (rank 0 alone writes them, where several processes train)
+    if run.main:
+        with ckpt.stops_on_full_disk(run.run_dir, f"the LoRA files of step {run.step} into {run.run_dir}"):
+            lora_path, diffusers_path = export_lora(run.run_dir, run.cfg, run.backend, run.modules, run.scan,
+                                                    started, run.step, run.plan,
+                                                    bucket_info=run.dataset.bucket_info())
     result = TrainResult(status=status, run_dir=run.run_dir, lora_path=lora_path, diffusers_path=diffusers_path,
                          steps=run.step, total_steps=run.plan.total_steps,
                          final_loss=sum(run.losses) / len(run.losses) if run.losses else None,
                          first_loss=run.first_loss, images_used=len(run.scan.samples),
                          images_skipped=len(run.scan.skipped), wall_time_s=time.time() - started,
                          skipped=[{"path": str(s.path), "reason": s.reason} for s in run.scan.skipped],
-                         extra={"nan_rollbacks": run.guard.rollbacks, **run.timing(), **run.buckets})
+                         extra={"nan_rollbacks": run.guard.rollbacks, **run.timing(), **run.buckets,
+                                "world_size": run.plan.world_size, "effective_batch": run.plan.effective_batch})
     result.extra.update(run.evaluations())  # (the validation loss, the sample images)
+    if not run.main:
+        run.cbs.on_end(result)
+        return result
     write_summary(run.run_dir, result)
     log.info("%s after %d steps: %s", status, run.step, lora_path)
     run.cbs.on_end(result)
