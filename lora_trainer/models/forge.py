@@ -63,9 +63,13 @@ def ordinary_tensors(modules) -> list[tuple[nn.Module, str, str, bool]]:
 
 
 def inference_tensors(replaced: list[tuple[nn.Module, str, str, bool]]) -> None:
-    """Undo ``ordinary_tensors``: each tensor it replaced is an inference tensor again, with the same values."""
+    """Undo ``ordinary_tensors`` (one or more calls' lists, in order): each tensor they replaced is an inference tensor
+    again, with the same values, and a parameter's ``requires_grad`` as it was before the first replacement."""
+    first = {}
+    for m, kind, name, requires_grad in replaced:
+        first.setdefault((id(m), kind, name), (m, kind, name, requires_grad))
     with torch.inference_mode():
-        for m, kind, name, requires_grad in replaced:
+        for m, kind, name, requires_grad in first.values():
             if kind == "p":
                 p = m._parameters.get(name)
                 if p is not None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 
+import torch
+
 from lora_trainer.engine.lora import remove_lora
 from lora_trainer.errors import LoraTrainerError
 from lora_trainer.models.forge import (
@@ -83,23 +85,41 @@ class ForgeHost(WebUIHost):
         trained = [unet] + ([text_encoder] if cfg.training.train_text_encoder else [])
         modules = [unet_patcher.model, sd_model.forge_objects.clip.cond_stage_model,
                    sd_model.forge_objects.vae.first_stage_model]
-        self._saved = ({id(p): p.requires_grad for m in modules for p in m.parameters()},
-                       {id(m): m.training for top in modules for m in top.modules()})
+        self._saved = [({n: p.requires_grad for n, p in top.named_parameters()},
+                        {n: m.training for n, m in top.named_modules()}) for top in modules]
         self._replaced = ordinary_tensors(trained)
         info = getattr(sd_model, "sd_checkpoint_info", None)
         name = getattr(info, "model_name", None) or getattr(info, "name", None) or "forge-model"
         ztsnr = bool(getattr(getattr(sd_model, "model_config", None), "ztsnr", False))
         prediction = cfg.model.prediction_type
-        return ForgeBackend(sd_model, name, device, linear_cls=operations.ForgeOperations.Linear,
-                            load=memory_management.load_model_gpu, emphasis=_emphasis_mode(cfg),
-                            prediction_type=forge_prediction_type(sd_model) if prediction == "auto" else prediction,
-                            zero_terminal_snr=ztsnr or getattr(shared.opts, "sd_noise_schedule", "") ==
-                            "Zero Terminal SNR")
+        try:
+            return ForgeBackend(sd_model, name, device, linear_cls=operations.ForgeOperations.Linear,
+                                load=memory_management.load_model_gpu, emphasis=_emphasis_mode(cfg),
+                                prediction_type=forge_prediction_type(sd_model) if prediction == "auto" else prediction,
+                                zero_terminal_snr=ztsnr or getattr(shared.opts, "sd_noise_schedule", "") ==
+                                "Zero Terminal SNR")
+        except BaseException:
+            self._give_back(modules)
+            raise
+
+    def _give_back(self, modules) -> None:
+        """Every requires_grad and training flag as it was, the weights inference tensors again."""
+        if self._saved is not None:
+            for top, (grads, modes) in zip(modules, self._saved):
+                for n, p in top.named_parameters():
+                    want = grads.get(n, p.requires_grad)
+                    if p.requires_grad != want:  # (an inference tensor's flag is set inside inference mode)
+                        with torch.inference_mode(p.is_inference()):
+                            p.requires_grad_(want)
+                for n, m in top.named_modules():
+                    m.training = modes.get(n, m.training)
+            self._saved = None
+        replaced, self._replaced = self._replaced, []
+        inference_tensors(replaced)
 
     def release_backend(self, backend) -> None:
         """Remove the LoRA layers, put every flag back and make the weights inference tensors again."""
         if backend is None:
-            self._replaced = []
             return
         from modules import devices
 
@@ -107,16 +127,7 @@ class ForgeHost(WebUIHost):
             if module is not None:
                 remove_lora(module)
         backend.disable_gradient_checkpointing()
-        if self._saved is not None:
-            grads, modes = self._saved
-            for top in backend.modules():
-                for p in top.parameters():
-                    p.requires_grad_(grads.get(id(p), p.requires_grad))
-                for m in top.modules():
-                    m.training = modes.get(id(m), m.training)
-            self._saved = None
-        replaced, self._replaced = self._replaced, []
-        inference_tensors(replaced)
+        self._give_back(backend.modules())
         devices.torch_gc()
 
     # --- the model
