@@ -9,6 +9,7 @@ What it keeps of Forge (main dfdcbab6), because the Forge host depends on it:
   kept) and restores them when refreshed with no patches; ``clone``, ``add_patches``, ``refresh_loras``;
 - ``forge_objects.clip.cond_stage_model.clip_l.transformer``: an HF CLIPTextModel; ``forge_objects.vae``:
   ``first_stage_model`` with ``encoder``, ``quant_conv``, ``scaling_factor``, ``shift_factor``;
+- its transformer blocks add to their input in place (``x += n``), as Forge's;
 - every Linear is ``backend.operations.ForgeOperations.Linear`` (tests/forge_stub), and every weight an inference
   tensor (Forge loads under ``torch.inference_mode()``); ``get_learned_conditioning`` and ``encode_first_stage`` run
   under inference mode and load their model through ``backend.memory_management`` first.
@@ -23,7 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "forge_stub"))
+STUB = Path(__file__).resolve().parent / "forge_stub"
+sys.path.insert(0, str(STUB))
 
 from backend import memory_management  # noqa: E402
 from backend.operations import ForgeOperations  # noqa: E402
@@ -42,6 +44,27 @@ def forge_linears(module: nn.Module) -> int:
                 setattr(parent, name, new)
                 count += 1
     return count
+
+
+def forge_block_forward(self, x, context=None):
+    """backend/nn/unet.py BasicTransformerBlock._forward (from ComfyUI), without its patches: it adds to its input in
+    place, where ldm's makes new tensors."""
+    n = self.attn1(self.norm1(x), context=context if self.disable_self_attn else None)
+    x += n
+    n = self.attn2(self.norm2(x), context=context)
+    x += n
+    x_skip = x
+    x = self.ff(self.norm3(x))
+    x += x_skip
+    return x
+
+
+def forge_blocks(unet: nn.Module) -> int:
+    """ldm's transformer blocks compute as Forge's (``forge_block_forward``)."""
+    blocks = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    for block in blocks:
+        block._forward = types.MethodType(forge_block_forward, block)
+    return len(blocks)
 
 
 def as_inference(module: nn.Module) -> None:
@@ -151,6 +174,7 @@ class TinyForgeSD15:
         ldm = TinyLatentDiffusion(seed)
         unet, te = ldm.model.diffusion_model, ldm.cond_stage_model.wrapped.transformer
         self.linears = forge_linears(unet) + forge_linears(te)
+        forge_blocks(unet)
         clip_model = nn.Module()
         clip_model.clip_l = nn.Module()
         clip_model.clip_l.transformer = te

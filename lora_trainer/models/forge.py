@@ -11,6 +11,8 @@ quant_conv, scaling/shift factors). What differs from A1111's model, and what th
 - Its Linear is ``backend.operations.ForgeOperations.Linear``, an ``nn.Module`` (not ``nn.Linear``) with
   ``in_features``, ``out_features``, ``weight`` and ``bias``: peft's LoRA Linear wraps it through peft's custom
   module mapping (``forge_lora_layers``). Its Conv2d/LayerNorm/GroupNorm are torch's subclasses.
+- Its transformer blocks add to their input in place, which autograd refuses after a layer norm saved it:
+  ``copy_norm_inputs`` gives those norms a copy while training.
 - Its UNet refuses its own gradient checkpointing: sgm's instance-level wrapping of the transformer blocks and
   ResBlocks (the same class names) is used.
 - Its attention is Forge's own ``attention_function`` (PyTorch SDPA, xformers or sliced, by Forge's flags): it
@@ -80,6 +82,46 @@ def inference_tensors(replaced: list[tuple[nn.Module, str, str, bool]]) -> None:
                     m._buffers[name] = b.clone()
 
 
+_NORM_COPY = "_lora_trainer_norm_copy"
+_NORMS = ("norm_in", "norm1", "norm2", "norm3")
+
+
+def _copying_forward(forward):
+    def run(x, *args, **kwargs):
+        return forward(x.clone() if torch.is_grad_enabled() else x, *args, **kwargs)
+
+    return run
+
+
+def copy_norm_inputs(unet: nn.Module) -> int:
+    """Forge's BasicTransformerBlock adds to its input in place (``n = attn1(norm1(x)); x += n``, from ComfyUI): once
+    the layer norm has saved ``x`` for its backward, autograd refuses the modified tensor ("modified by an inplace
+    operation"). Each norm of each such block gets an instance forward that normalises a copy while gradients are
+    on (generation, under inference mode, runs as before); ``restore_norm_inputs`` takes them out. Returns how many."""
+    count = 0
+    for block in unet.modules():
+        if type(block).__name__ != "BasicTransformerBlock":
+            continue
+        for name in _NORMS:
+            norm = getattr(block, name, None)
+            if isinstance(norm, nn.Module) and _NORM_COPY not in vars(norm):
+                setattr(norm, _NORM_COPY, vars(norm).get("forward"))
+                norm.forward = _copying_forward(norm.forward)
+                count += 1
+    return count
+
+
+def restore_norm_inputs(unet: nn.Module) -> None:
+    for module in unet.modules():
+        state = vars(module)
+        if _NORM_COPY in state:
+            previous = state.pop(_NORM_COPY)
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
+
+
 def forge_lora_layers(linear_cls: type) -> dict[type, type]:
     """peft's custom-module mapping for Forge's Linear: peft's own LoRA Linear, which computes ``base(x)`` and adds
     ``B(A(x)) * scale``; the base layer runs Forge's forward (its manual cast, its online LoRAs) unchanged."""
@@ -135,7 +177,7 @@ def refuse_untrainable_forge(sd_model, cfg) -> str:
     storage = getattr(kmodel, "storage_dtype", torch.float32)
     if storage not in TRAINABLE_DTYPES:
         raise LoraTrainerError(f"the loaded model's UNet is stored as {storage} (Forge's 'Diffusion in Low Bits'): "
-                               f"training is not supported for nf4/fp4/gguf/fp8 weights; set Diffusion in Low Bits "
+                               f"nf4/fp4/gguf/fp8 weights are not supported for training; set Diffusion in Low Bits "
                                f"to Automatic (or a 16-bit type) with a 16/32-bit checkpoint, then train")
     t = cfg.training
     if family == "sd_v2" and t.train_text_encoder:
@@ -196,6 +238,12 @@ class ForgeBackend(LdmBackend):
         self._idle = IdleEncoders()
         for module in (self.unet, self.text_encoder):
             module.requires_grad_(False)
+        copy_norm_inputs(self.unet)
+
+    def release(self) -> None:
+        """Take out what this backend put into Forge's UNet (the host's release_backend calls it)."""
+        restore_norm_inputs(self.unet)
+        self.disable_gradient_checkpointing()
 
     def components(self) -> dict[str, nn.Module]:
         return {UNET: self.unet, TEXT_ENCODER: self.text_encoder}
@@ -301,8 +349,9 @@ class ForgeBackend(LdmBackend):
         return [self.vae] + ([self.sd_model.forge_objects.clip.cond_stage_model] if text_encoder else [])
 
     def enable_gradient_checkpointing(self, text_encoder: bool) -> None:
-        """torch's non-reentrant checkpoint around each transformer block and ResBlock (Forge's own raises)."""
-        checkpoint_blocks(self.unet)
+        """torch's non-reentrant checkpoint around each transformer block and ResBlock (Forge's own raises); a
+        transformer block gets a copy of its input, which it changes in place."""
+        checkpoint_blocks(self.unet, copy_inputs=("BasicTransformerBlock",))
         self._checkpointing_on = True
         if text_encoder:
             from lora_trainer.models.compat import enable_text_encoder_checkpointing

@@ -56,11 +56,14 @@ def vae_posterior(vae: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, t
     return mean, torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
 
 
-def _checkpointed_forward(forward):
+def _checkpointed_forward(forward, copy_input: bool = False):
     def run(*args, **kwargs):
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        # a block that changes its input in place gets a copy inside the checkpoint: the checkpoint keeps the input
+        # for the recomputation, which must see it unchanged
+        fn = (lambda x, *rest, **kw: forward(x.clone(), *rest, **kw)) if copy_input else forward
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
 
     return run
 
@@ -130,15 +133,17 @@ class SgmBackend(LdmBackend):
             self.text_encoder.gradient_checkpointing_disable()
 
 
-def checkpoint_blocks(unet: nn.Module) -> int:
+def checkpoint_blocks(unet: nn.Module, copy_inputs: tuple[str, ...] = ()) -> int:
     """torch's non-reentrant checkpoint around the forward of each BasicTransformerBlock and ResBlock instance of an
     LDM-named UNet (sgm's, Forge's: both refuse or misuse their own); returns how many. Instance attributes only:
-    ``uncheckpoint_blocks`` takes them out, and a forward set on the instance before is put back."""
+    ``uncheckpoint_blocks`` takes them out, and a forward set on the instance before is put back. The blocks whose
+    class is named in ``copy_inputs`` get a copy of their input (Forge's transformer blocks add to it in place)."""
     count = 0
     for module in unet.modules():
-        if type(module).__name__ in _CHECKPOINTED and _MARK not in vars(module):
+        name = type(module).__name__
+        if name in _CHECKPOINTED and _MARK not in vars(module):
             setattr(module, _MARK, vars(module).get("forward"))
-            module.forward = _checkpointed_forward(module.forward)
+            module.forward = _checkpointed_forward(module.forward, copy_input=name in copy_inputs)
             count += 1
     return count
 

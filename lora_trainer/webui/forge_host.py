@@ -126,7 +126,7 @@ class ForgeHost(WebUIHost):
         for module in backend.components().values():
             if module is not None:
                 remove_lora(module)
-        backend.disable_gradient_checkpointing()
+        backend.release()
         self._give_back(backend.modules())
         devices.torch_gc()
 
