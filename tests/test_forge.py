@@ -242,3 +242,35 @@ def test_forge_family_and_schedule(forge):
     assert forge_family(forge) == "sd_v1" and ForgeHost().model_family() == "sd_v1"
     cumprod = torch.cumprod(1 - forge_betas(forge).double(), 0)
     assert torch.allclose(cumprod.float(), forge.forge_objects.unet.model.predictor.alphas_cumprod, rtol=1e-5)
+
+
+def test_install_py_keeps_forges_own_pins(monkeypatch, tmp_path):
+    """In Forge (its requirements_versions.txt pins peft 0.13.2 and diffusers 0.31.0) the host's pins are kept: a
+    missing one is installed at the host's version, a present one never replaced, even where A1111's rules would."""
+    import importlib.metadata
+    import runpy
+
+    import launch
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "requirements_versions.txt").write_text("gradio==4.40.0\ntransformers==4.46.1\n"
+                                                        "diffusers==0.31.0\npeft==0.13.2\n")
+    monkeypatch.chdir(tmp_path)  # Forge runs an extension's installer in the WebUI folder
+    versions = {"peft": "0.13.2", "diffusers": "0.31.0"}
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: versions[name])
+
+    def install(installed, broken=()):
+        launch.installed, launch.broken = set(installed), set(broken)
+        launch.pip_calls.clear()
+        runpy.run_path(str(root / "install.py"))
+        return launch.pip_calls
+
+    host = {"torch", "transformers", "gradio", "huggingface_hub"}
+    try:
+        assert install(host | {"peft", "diffusers"}) == []  # Forge as it comes: nothing installed
+        assert install(host | {"peft"}) == ["install --no-deps diffusers==0.31.0"]  # Forge's pin, not A1111's 0.30.3
+        assert install(host | {"peft", "diffusers"}, broken={"diffusers"}) == []  # reported, not replaced
+        versions["peft"] = "0.12.0"  # older than we test with, but the host's: Forge's launcher restores its pins
+        assert install(host | {"peft", "diffusers"}) == []
+    finally:
+        launch.broken = set()
