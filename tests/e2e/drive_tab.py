@@ -149,13 +149,14 @@ def wait_training(page, name, timeout_s=None, shot_during=None, prev=None):
     prev: the status before the click; while it (or gradio's "queue: …" line) still shows, it is not this run's."""
     t0, timeout_s = time.time(), timeout_s or TRAIN_TIMEOUT
     during, seen = None, []
-    timer = re.compile(r"^\d+(\.\d+)?(/\d+(\.\d+)?)?s\n")  # gradio 3's elapsed/ETA line over a pending output
+    # the elapsed/ETA line over a pending output: gradio 3's "1.2/3.4s", gradio 4's (Forge) "processing | 1.2/3.4s"
+    timer = re.compile(r"^(processing \| )?\d+(\.\d+)?(/\d+(\.\d+)?)?s\n")
     prev = timer.sub("", prev) if prev is not None else None
     while time.time() - t0 < timeout_s:
         s = status_text(page)
         if s and (not seen or seen[-1] != s):
             seen.append(s)
-        if prev is not None and (timer.sub("", s) == prev or s.startswith("queue:")):
+        if prev is not None and (timer.sub("", s) == prev or s.startswith(("queue:", "processing |"))):
             time.sleep(0.5)
             continue
         if shot_during and during is None and "step" in s and "/" in s and "0/" not in s.split("·")[0]:
