@@ -167,39 +167,59 @@ class VaeModel(nn.Module):
         self.scaling_factor, self.shift_factor = float(vae.config.scaling_factor), 0.0
 
 
-class TinyForgeSD15:
-    """backend/diffusion_engine/sd15.py StableDiffusion, tiny."""
+class Timestep(nn.Module):
+    """backend/nn/unet.py Timestep: SDXL's embedder of each size/crop number (Forge: Timestep(256))."""
 
-    def __init__(self, seed: int = 0, storage_dtype=torch.float32):
-        ldm = TinyLatentDiffusion(seed)
-        unet, te = ldm.model.diffusion_model, ldm.cond_stage_model.wrapped.transformer
-        self.linears = forge_linears(unet) + forge_linears(te)
+    def __init__(self, dim):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t):
+        from sgm_model import timestep_embedding
+
+        return timestep_embedding(t, self.dim)
+
+
+class Prompts(list):
+    """modules/prompt_parser's SdConditioning: a list of prompts with the generation's width and height."""
+
+    def __init__(self, prompts, width=None, height=None):
+        super().__init__(prompts)
+        self.width, self.height = width, height
+
+
+class TinyForgeEngine:
+    """backend/diffusion_engine/base.py ForgeDiffusionEngine, tiny: what SD 1.5's and SDXL's share."""
+
+    is_sd1 = is_sd2 = is_sdxl = is_sd3 = is_inpaint = False
+
+    def _assemble(self, unet, alphas_cumprod, encoders: dict, tokenizers: dict, vae, storage_dtype):
+        self.linears = forge_linears(unet) + sum(forge_linears(te) for te in encoders.values())
         forge_blocks(unet)
         clip_model = nn.Module()
-        clip_model.clip_l = nn.Module()
-        clip_model.clip_l.transformer = te
-        kmodel = KModel(unet, torch.cumprod(1 - ldm.betas.double(), 0), storage_dtype=storage_dtype)
-        vae_model = VaeModel(ldm.first_stage_model)
+        for name, te in encoders.items():
+            setattr(clip_model, name, nn.Module())
+            getattr(clip_model, name).transformer = te
+        kmodel = KModel(unet, alphas_cumprod, storage_dtype=storage_dtype)
+        vae_model = VaeModel(vae)
         for m in (kmodel, clip_model, vae_model):
             m.eval()
             as_inference(m)
-        vae = types.SimpleNamespace(first_stage_model=vae_model, patcher=ModelPatcher(vae_model))
-        clip = CLIP(clip_model, ldm.cond_stage_model.wrapped.tokenizer)
-        self.forge_objects = ForgeObjects(ModelPatcher(kmodel), clip, vae)
+        vae_objects = types.SimpleNamespace(first_stage_model=vae_model, patcher=ModelPatcher(vae_model))
+        clip = CLIP(clip_model, types.SimpleNamespace(**tokenizers))
+        self.forge_objects = ForgeObjects(ModelPatcher(kmodel), clip, vae_objects)
         self.forge_objects_original = self.forge_objects.shallow_copy()
         self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
         self.current_lora_hash = str([])
-        self.is_sd1, self.is_sd2, self.is_sdxl, self.is_sd3, self.is_inpaint = True, False, False, False, False
         self.model_config = types.SimpleNamespace(ztsnr=False)
         self.sd_checkpoint_info = types.SimpleNamespace(model_name="tiny-forge", filename="tiny-forge.safetensors")
 
-    @torch.inference_mode()
-    def get_learned_conditioning(self, prompt: list[str]):
-        memory_management.load_model_gpu(self.forge_objects.clip.patcher)
+    def _hidden(self, name: str, prompt, layer=None):
         clip = self.forge_objects.clip
-        ids = clip.tokenizer(list(prompt), padding="max_length", max_length=77, truncation=True,
-                             return_tensors="pt").input_ids
-        return clip.cond_stage_model.clip_l.transformer(ids)[0]
+        ids = getattr(clip.tokenizer, name)(list(prompt), padding="max_length", max_length=77, truncation=True,
+                                            return_tensors="pt").input_ids
+        out = getattr(clip.cond_stage_model, name).transformer(ids, output_hidden_states=layer is not None)
+        return out if layer is not None else out[0]
 
     @torch.inference_mode()
     def encode_first_stage(self, x):
@@ -213,11 +233,14 @@ class TinyForgeSD15:
     def generate(self, prompt: str, seed: int = 3):
         """One UNet call as Forge's sampling makes it: the patchers loaded (LoRAs merged), under inference mode."""
         memory_management.load_models_gpu([self.forge_objects.unet])
-        cond = self.get_learned_conditioning([prompt])
+        cond = self.get_learned_conditioning(Prompts([prompt], 16, 16))
         torch.manual_seed(seed)
         x, t = torch.randn(1, 4, 16, 16), torch.tensor([100.0])
-        return cond.clone(), self.forge_objects.unet.model.diffusion_model(x, t, context=cond,
-                                                                           transformer_options={}).clone()
+        unet = self.forge_objects.unet.model.diffusion_model
+        if isinstance(cond, dict):
+            return cond["vector"].clone(), unet(x, t, context=cond["crossattn"], y=cond["vector"],
+                                                transformer_options={}).clone()
+        return cond.clone(), unet(x, t, context=cond, transformer_options={}).clone()
 
     def parameters(self):
         """(for the tests) every parameter of the loaded model, by a stable name."""
@@ -226,3 +249,51 @@ class TinyForgeSD15:
                             (objects.vae.first_stage_model, "vae.")):
             for name, p in top.named_parameters():
                 yield prefix + name, p
+
+
+class TinyForgeSD15(TinyForgeEngine):
+    """backend/diffusion_engine/sd15.py StableDiffusion, tiny."""
+
+    is_sd1 = True
+
+    def __init__(self, seed: int = 0, storage_dtype=torch.float32):
+        ldm = TinyLatentDiffusion(seed)
+        wrapped = ldm.cond_stage_model.wrapped
+        self._assemble(ldm.model.diffusion_model, torch.cumprod(1 - ldm.betas.double(), 0),
+                       {"clip_l": wrapped.transformer}, {"clip_l": wrapped.tokenizer}, ldm.first_stage_model,
+                       storage_dtype)
+
+    @torch.inference_mode()
+    def get_learned_conditioning(self, prompt: list[str]):
+        memory_management.load_model_gpu(self.forge_objects.clip.patcher)
+        return self._hidden("clip_l", prompt)  # clip skip 1, the final layer norm (HF's last_hidden_state)
+
+
+class TinyForgeSDXL(TinyForgeEngine):
+    """backend/diffusion_engine/sdxl.py StableDiffusionXL, tiny: both text encoders HF CLIP (penultimate hidden
+    states side by side; the second's projected pooled output), the vector = pooled + six Timestep embeddings of the
+    generation's height, width, crop top, crop left, target height, width (crop from the settings: 0, 0)."""
+
+    is_sdxl = True
+
+    def __init__(self, seed: int = 0):
+        from sgm_model import OUTDIM, TinySgmDiffusion
+
+        sgm = TinySgmDiffusion(seed)
+        te1, te2 = (e.wrapped for e in sgm.conditioner.embedders[:2])
+        self._assemble(sgm.model.diffusion_model, sgm.alphas_cumprod.double(), {"clip_l": te1.transformer,
+                       "clip_g": te2.model}, {"clip_l": te1.tokenizer, "clip_g": te2.tokenizer},
+                       sgm.first_stage_model, torch.float32)
+        self.embedder = Timestep(OUTDIM)
+
+    @torch.inference_mode()
+    def get_learned_conditioning(self, prompt: list[str]):
+        memory_management.load_model_gpu(self.forge_objects.clip.patcher)
+        cond_l = self._hidden("clip_l", prompt, layer=-2).hidden_states[-2]
+        out_g = self._hidden("clip_g", prompt, layer=-2)
+        cond_g, pooled = out_g.hidden_states[-2], out_g.text_embeds
+        width = getattr(prompt, "width", 1024) or 1024
+        height = getattr(prompt, "height", 1024) or 1024
+        out = [self.embedder(torch.Tensor([v])) for v in (height, width, 0, 0, height, width)]
+        flat = torch.flatten(torch.cat(out)).unsqueeze(dim=0).repeat(pooled.shape[0], 1).to(pooled)
+        return {"crossattn": torch.cat([cond_l, cond_g], dim=2), "vector": torch.cat([pooled, flat], dim=1)}

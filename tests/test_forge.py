@@ -13,13 +13,11 @@ from torch import nn
 
 pytest.importorskip("ldm.modules.diffusionmodules.openaimodel",
                     reason="the LDM code: pip install --no-deps stable-diffusion-sdkit==2.1.5")
-from forge_model import STUB, TinyForgeSD15  # noqa: E402
+from forge_model import STUB, Prompts, TinyForgeSD15, TinyForgeSDXL  # noqa: E402
 from webui_session import webui_with  # noqa: E402
 
 from lora_trainer.errors import LoraTrainerError  # noqa: E402
 from lora_trainer.ui.session import TrainingSession  # noqa: E402
-
-TO_Q = "unet.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -32,12 +30,12 @@ def forge_modules():
         sys.path.remove(str(STUB))
 
 
-@pytest.fixture
-def forge(tmp_path):
+@pytest.fixture(params=["sd15"])
+def forge(request, tmp_path):
     from backend import memory_management
     from modules import sd_models
 
-    model = TinyForgeSD15()
+    model = TinyForgeSDXL() if request.param == "sdxl" else TinyForgeSD15()
     sd_models.model_data.sd_model = model
     memory_management.calls.clear()
     try:
@@ -60,7 +58,9 @@ def user_lora(model):
     """A LoRA the user generated with, as Forge's Lora extension applies it: a patched clone of the UNet patcher,
     merged into the weights by its LoraLoader when the memory manager loads it."""
     patched = model.forge_objects_original.unet.clone()
-    patched.add_patches(filename="user_lora.safetensors", patches={TO_Q[len("unet."):]: torch.full((32, 32), 0.5)})
+    key = next(n for n, _ in model.parameters() if n.endswith("attn1.to_q.weight"))[len("unet."):]
+    weight = model.forge_objects.unet.model.get_parameter(key)
+    patched.add_patches(filename="user_lora.safetensors", patches={key: torch.full_like(weight, 0.5)})
     model.forge_objects.unet = patched
     model.current_lora_hash = "[['user_lora.safetensors', 1.0, 1.0, False]]"
 
@@ -93,7 +93,8 @@ def test_the_stand_in_is_forge_like(forge):
     assert not any("forward" in vars(m) for m in unet.modules())
 
 
-@pytest.mark.parametrize("checkpointing", [True, False])
+@pytest.mark.parametrize(("forge", "checkpointing"), [("sd15", True), ("sd15", False), ("sdxl", True)],
+                         indirect=["forge"])
 def test_training_in_forge_leaves_the_model_exactly_as_before(forge, tmp_path, monkeypatch, checkpointing):
     from backend import memory_management
     from modules import processing, shared
@@ -121,8 +122,9 @@ def test_training_in_forge_leaves_the_model_exactly_as_before(forge, tmp_path, m
 
     with safe_open(str(lora), "pt") as f:
         keys = set(f.keys())
-    assert "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
-    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for k in keys)
+    te = "lora_te1_" if forge.is_sdxl else "lora_te_"
+    assert any(k.startswith("lora_unet_input_blocks_") and "_attn1_to_q.lora_down" in k for k in keys)
+    assert any(k.startswith(f"{te}text_model_encoder_layers_0_self_attn_q_proj") for k in keys)
     # the samples ran through Forge's generation mid-training, and the trained LoRA changed what it computes
     assert len(generated) == 2 and not torch.equal(generated[-1][1], pristine[1])
     assert memory_management.calls and memory_management.calls[0] is forge.forge_objects_original.unet
@@ -274,3 +276,18 @@ def test_install_py_keeps_forges_own_pins(monkeypatch, tmp_path):
         assert install(host | {"peft", "diffusers"}) == []
     finally:
         launch.broken = set()
+
+
+@pytest.mark.parametrize("forge", ["sdxl"], indirect=True)
+def test_forge_sdxl_conditioning_is_forges_own_for_each_images_size(forge):
+    """The vector a training image gets (the caption's pooled embedding, then its own size/crop through Forge's
+    embedder) is what Forge's get_learned_conditioning makes for a generation of that size; crossattn the same."""
+    from lora_trainer.models.forge import ForgeBackend
+
+    backend = ForgeBackend(forge, "tiny", torch.device("cpu"))
+    cond = backend.encode_prompts(["a red cat"])
+    ids = torch.tensor([[64.0, 48.0, 0.0, 0.0, 64.0, 48.0]])
+    vector = torch.cat([cond.pooled, backend.size_vector(ids, cond.pooled.dtype)], dim=1)
+    forges = forge.get_learned_conditioning(Prompts(["a red cat"], width=48, height=64))
+    assert torch.equal(vector, forges["vector"]) and torch.equal(cond.context, forges["crossattn"])
+    assert backend.kohya_prefixes["text_encoder"] == "lora_te1_" and backend.uses_time_ids

@@ -40,7 +40,7 @@ from lora_trainer.models.prompts import WINDOW
 from lora_trainer.models.sgm import checkpoint_blocks, uncheckpoint_blocks, vae_posterior
 
 log = logging.getLogger(__name__)
-SIZE_EMBED = 256  # Forge SDXL's Timestep(256) embedder, one per size/crop value
+SIZE_EMBED = 256  # Forge SDXL's Timestep(256) embedder's width, one per size/crop value (its ``dim``)
 TRAINABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -236,7 +236,9 @@ class ForgeBackend(LdmBackend):
         from lora_trainer.models.offload import IdleEncoders
 
         self._idle = IdleEncoders()
-        for module in (self.unet, self.text_encoder):
+        # frozen: Forge makes its weights Parameters that require grad; a text encoder that does not train (SDXL's
+        # second) would otherwise be recorded by autograd, with its inference tensors, while the first one trains
+        for module in (self.unet, objects.clip.cond_stage_model, self.vae):
             module.requires_grad_(False)
         copy_norm_inputs(self.unet)
 
@@ -299,7 +301,7 @@ class ForgeBackend(LdmBackend):
         rows = [self._conditioning([p]) for p in self._prompts(captions, weighted)]
         if self.family != "sdxl":
             return Conditioning(torch.cat([r[:, :WINDOW] for r in rows]))
-        pooled_width = rows[0]["vector"].shape[1] - 6 * SIZE_EMBED
+        pooled_width = rows[0]["vector"].shape[1] - 6 * int(getattr(self.sd_model.embedder, "dim", SIZE_EMBED))
         return Conditioning(torch.cat([r["crossattn"][:, :WINDOW] for r in rows]),
                             pooled=torch.cat([r["vector"][:, :pooled_width] for r in rows]))
 

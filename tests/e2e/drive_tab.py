@@ -164,8 +164,8 @@ def wait_training(page, name, timeout_s=None, shot_during=None, prev=None):
             during = shot(page, shot_during)
         err = page.locator(f"{P}status .lora_trainer_error").count()
         done = page.locator(f"{P}status .lora_trainer_done").count()
-        if err or done:
-            return s, seen, during
+        if err or done:  # the text read above may be from just before the class appeared: read it again
+            return status_text(page), seen, during
         time.sleep(1)
     return status_text(page), seen, during
 
