@@ -25,7 +25,7 @@ from lora_trainer.models.forge import (
     ordinary_tensors,
     refuse_untrainable_forge,
 )
-from lora_trainer.webui.host import WebUIHost, _emphasis_mode
+from lora_trainer.webui.host import WebUIHost, emphasis_mode
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class ForgeHost(WebUIHost):
         prediction = cfg.model.prediction_type
         try:
             return ForgeBackend(sd_model, name, device, linear_cls=operations.ForgeOperations.Linear,
-                                load=memory_management.load_model_gpu, emphasis=_emphasis_mode(cfg),
+                                load=memory_management.load_model_gpu, emphasis=emphasis_mode(cfg),
                                 prediction_type=forge_prediction_type(sd_model) if prediction == "auto" else prediction,
                                 zero_terminal_snr=ztsnr or getattr(shared.opts, "sd_noise_schedule", "") ==
                                 "Zero Terminal SNR")
