@@ -291,3 +291,15 @@ def test_forge_sdxl_conditioning_is_forges_own_for_each_images_size(forge):
     forges = forge.get_learned_conditioning(Prompts(["a red cat"], width=48, height=64))
     assert torch.equal(vector, forges["vector"]) and torch.equal(cond.context, forges["crossattn"])
     assert backend.kohya_prefixes["text_encoder"] == "lora_te1_" and backend.uses_time_ids
+
+
+def test_a_unet_moved_off_the_device_by_forge_is_a_clear_error(forge):
+    """Forge's memory manager may unload the UNet to the CPU to make room (a GPU short of memory): the next step says
+    so instead of failing inside a layer."""
+    from lora_trainer.models.conditioning import Conditioning
+    from lora_trainer.models.forge import ForgeBackend
+
+    backend = ForgeBackend(forge, "tiny", torch.device("cuda", 0))  # where the UNet was loaded, say
+    with pytest.raises(LoraTrainerError, match="moved the UNet to cpu during training"):
+        backend.predict(torch.randn(1, 4, 8, 8), torch.tensor([10]), Conditioning(torch.randn(1, 77, 32)))
+    backend.release()

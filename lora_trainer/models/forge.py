@@ -318,6 +318,7 @@ class ForgeBackend(LdmBackend):
 
     # --- the UNet
     def predict(self, noisy_latents, timesteps, cond):
+        self._check_unet_place()
         extra = {}
         if self.family == "sdxl":
             if cond.pooled is None or cond.time_ids is None:
@@ -331,6 +332,20 @@ class ForgeBackend(LdmBackend):
         out = forward(x, timesteps.float(), context=cond.context.to(self.compute_dtype), transformer_options={},
                       **extra)
         return out.to(noisy_latents.dtype)
+
+    def _check_unet_place(self) -> None:
+        """Forge's memory manager may move the UNet off the device to make room for the VAE or text encoders (a GPU
+        short of memory); training on would fail somewhere deep in a layer: say what happened instead."""
+        weight = self._probe_weight
+        if weight.device.type != self.device.type or (
+                self.device.index is not None and weight.device.index != self.device.index):
+            raise LoraTrainerError(f"Forge's memory manager moved the UNet to {weight.device} during training (not "
+                                   f"enough free memory on {self.device} for it beside the VAE or text encoders); "
+                                   f"lower the resolution or batch size, or free GPU memory, and train again")
+
+    @property
+    def _probe_weight(self) -> torch.Tensor:
+        return next(p for p in self.unet.parameters() if not p.requires_grad)
 
     def compile_unet(self, mode: str = "default") -> None:
         from lora_trainer.models.compiling import compile_for_run
