@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU measurements issues #5 and #16 still need, in one prepared run on a lent CUDA machine.
+# The GPU measurements issues #5, #16, #20 (QLoRA) and #23 still need, in one prepared run on a lent CUDA machine.
 #
 #   bash bench/gpu_checks.sh OUT_DIR [CHECK ...]     # checks: attention batch8 batch1 compiled learns sdxl1 sdxl4 preflight
-#                                                    # (default: all); SDXL alone: bash bench/gpu_checks.sh OUT sdxl1 sdxl4
+#                                                    #   profile batches llm qlora (default: all)
+#   In a 15-minute device session (start-up included), issue 23's first: profile batch8 batches llm sdxl1
 #
 # Each check has its own time limit and writes its log (and JSON) under OUT_DIR; one that fails or runs out
 # of time does not stop the next. The SD 1.5-shape and SDXL-shape models are built once (OUT_DIR/work) and
@@ -15,7 +16,7 @@ cd "$(dirname "$0")/.."
 out=${1:?give the folder for the results}
 shift
 checks=("$@")
-[ ${#checks[@]} -gt 0 ] || checks=(attention batch8 batch1 compiled learns sdxl1 sdxl4 preflight)
+[ ${#checks[@]} -gt 0 ] || checks=(attention batch8 batch1 compiled learns sdxl1 sdxl4 preflight profile batches llm qlora)
 mkdir -p "$out/work"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
@@ -59,6 +60,20 @@ for check in "${checks[@]}"; do
         preflight)  # issue 17: the pre-flight estimate against torch.cuda.max_memory_allocated, SD 1.5 shapes
             run preflight 300 "$py" bench/preflight_accuracy.py --device cuda --model sd15-shape --steps 3 \
                 --out "$out/preflight.json" ;;
-        *) echo "unknown check: $check (attention batch8 batch1 compiled learns sdxl1 sdxl4 preflight)"; exit 2 ;;
+        profile)  # issue 23: where a step's time goes (top kernels; shares of matmul, attention, norm, copies)
+            run profile 180 "$py" bench/profile_step.py --device cuda --model sd15-shape --resolution 512 --batch 8 \
+                --steps 3 --warmup 5 --trace "$out/profile_trace.json" --work "$out/work" --out "$out/profile.json" ;;
+        batches)  # issue 23: MFU at batch 16 and 32 (ours only; the FLOPs child gives the MFU column)
+            run batch16 200 "${speed[@]}" --batch 16 --images 64 --steps 12 --rounds 3 --no-reference \
+                --out "$out/batch16.json"
+            run batch32 240 "${speed[@]}" --batch 32 --images 64 --steps 8 --rounds 2 --no-reference \
+                --out "$out/batch32.json" ;;
+        llm)  # issue 20: a ~0.7 B random LLaMA (hidden 1536, 24 layers), ours against the plain transformers+peft loop
+            run llm 300 "$py" bench/llm_speed.py --device cuda --hidden 1536 --layers 24 --rows 256 --batch 8 \
+                --max-len 512 --rounds 4 --out "$out/llm.json" ;;
+        qlora)  # issue 20: training.quantize_base 4bit/8bit on CUDA (needs bitsandbytes; skipped, and says so, without)
+            run qlora 200 "$py" -m pytest -q -rs -p no:cacheprovider tests/test_llm.py -k "quantized_base_trains_on_cuda" ;;
+        *) echo "unknown check: $check (attention batch8 batch1 compiled learns sdxl1 sdxl4 preflight profile batches"\
+                " llm qlora)"; exit 2 ;;
     esac
 done

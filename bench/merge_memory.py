@@ -1,10 +1,13 @@
 """Peak memory of merging LoRAs into a checkpoint (lora_trainer.export.merge), against the checkpoint's size.
 
     python bench/merge_memory.py [--tensors 40] [--side 4096] [--dtype fp16] [--work DIR]
+    python bench/merge_memory.py --base CKPT.safetensors [--work DIR]
 
 Builds a random checkpoint of ``--tensors`` square weights (UNet keys, ``--side``² each) and a rank-16 LoRA for a
-quarter of them, then merges in a child process and polls its anonymous memory (RssAnon: what it allocates; the
-checkpoint is memory-mapped, so its pages are page cache, in VmHWM but not here) during the merge.
+quarter of them (or, with ``--base``, takes that checkpoint and a random rank-16 LoRA for every attention projection
+of its UNet: the modules a LoRA trains), then merges in a child process and polls its anonymous memory (RssAnon:
+what it allocates; the checkpoint is memory-mapped, so its pages are page cache, in VmHWM but not here) during the
+merge.
 Prints one line and the JSON.
 """
 
@@ -72,15 +75,45 @@ def build(work: Path, tensors: int, side: int, dtype: str) -> tuple[Path, Path]:
     return base, lora
 
 
+def lora_for(base: Path, work: Path) -> Path:
+    """A random rank-16 LoRA (LDM names) for each attention projection (to_q/k/v/out.0) of ``base``'s UNet."""
+    import torch
+    from safetensors import safe_open
+
+    from lora_trainer.export.kohya import save_kohya_lora
+
+    gen, parts = torch.Generator().manual_seed(0), {}
+    with safe_open(str(base), framework="pt") as f:
+        for key in f.keys():
+            if key.startswith("model.diffusion_model.") and key.endswith(("to_q.weight", "to_k.weight",
+                                                                          "to_v.weight", "to_out.0.weight")):
+                rows, cols = f.get_slice(key).get_shape()
+                name = "lora_unet_" + key[len("model.diffusion_model."):-len(".weight")].replace(".", "_")
+                parts |= {name + ".lora_down.weight": torch.randn(16, cols, generator=gen).half() * 0.01,
+                          name + ".lora_up.weight": torch.randn(rows, 16, generator=gen).half() * 0.01,
+                          name + ".alpha": torch.tensor(8.0)}
+    return save_kohya_lora(work / f"{base.stem}_lora.safetensors", parts, {})
+
+
+def largest_mb(path: Path) -> float:
+    """The largest tensor of a safetensors file, in MB (from its header's offsets)."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return max(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__") / 2**20
+
+
 def child(base: str, lora: str, out: str) -> None:
+    import time
+
     import torch  # noqa: F401  (imported before the first reading: its own memory is not the merge's)
 
     from lora_trainer.export.merge import merge_into_checkpoint
 
-    before = status_mb("RssAnon")
+    before, t0 = status_mb("RssAnon"), time.perf_counter()
     with AnonPeak() as anon:
         merge_into_checkpoint(base, [(lora, 0.8)], out)
-    print(json.dumps({"before_mb": before, "peak_mb": anon.peak, "peak_rss_with_mapped_file_mb": status_mb("VmHWM")}))
+    print(json.dumps({"before_mb": before, "peak_mb": anon.peak, "peak_rss_with_mapped_file_mb": status_mb("VmHWM"),
+                      "seconds": time.perf_counter() - t0}))
 
 
 def main() -> None:
@@ -89,24 +122,31 @@ def main() -> None:
     p.add_argument("--side", type=int, default=4096)
     p.add_argument("--dtype", choices=["fp16", "fp32", "bf16"], default="fp16")
     p.add_argument("--work", help="folder for the generated files (default: a new temp one)")
+    p.add_argument("--base", help="a real single-file checkpoint instead of the random one")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(*args.child)
     work = Path(args.work or tempfile.mkdtemp(prefix="merge-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    base, lora = build(work, args.tensors, args.side, args.dtype)
+    if args.base:
+        base = Path(args.base)
+        lora = lora_for(base, work)
+    else:
+        base, lora = build(work, args.tensors, args.side, args.dtype)
     out = work / "merged.safetensors"
     out.unlink(missing_ok=True)
     done = subprocess.run([sys.executable, __file__, "--child", str(base), str(lora), str(out)], capture_output=True,
                           text=True, check=True)
     row = json.loads(done.stdout.strip().splitlines()[-1])
-    row |= {"checkpoint_mb": base.stat().st_size / 2**20, "tensor_mb": args.side**2 * (4 if args.dtype == "fp32"
-                                                                                       else 2) / 2**20}
+    out.unlink(missing_ok=True)
+    row |= {"checkpoint_mb": base.stat().st_size / 2**20, "largest_tensor_mb": largest_mb(base),
+            "lora_mb": lora.stat().st_size / 2**20}
     row["merge_growth_mb"] = row["peak_mb"] - row["before_mb"]
-    print(f"checkpoint {row['checkpoint_mb']:.0f} MB ({args.tensors} tensors of {row['tensor_mb']:.0f} MB): the merge "
-          f"raised the process's allocated memory by {row['merge_growth_mb']:.0f} MB (peak {row['peak_mb']:.0f} MB, "
-          f"{row['before_mb']:.0f} before)")
+    print(f"checkpoint {base.name} {row['checkpoint_mb']:.0f} MB (largest tensor {row['largest_tensor_mb']:.0f} MB), "
+          f"LoRA {row['lora_mb']:.0f} MB: the merge raised the process's allocated memory by "
+          f"{row['merge_growth_mb']:.0f} MB (peak {row['peak_mb']:.0f} MB, {row['before_mb']:.0f} before) in "
+          f"{row['seconds']:.0f} s")
     print(json.dumps(row))
 
 

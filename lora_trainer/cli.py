@@ -184,19 +184,30 @@ def _lora_and_weight(text: str) -> tuple[str, float]:
 
 
 def cmd_merge(args) -> int:
-    if args.lora:  # image LoRAs into a single-file checkpoint
-        from lora_trainer.export.merge import merge_into_checkpoint
-
-        if args.adapter or not args.base:
-            raise LoraTrainerError("merge: --lora FILE[:WEIGHT] merges into a checkpoint: give --base CKPT.safetensors "
-                                   "(and no --adapter, which is for a language model's LoRA)")
+    if args.lora:  # image LoRAs into a checkpoint (a single file or a diffusers folder), or into one LoRA
+        if args.adapter:
+            raise LoraTrainerError("merge: --lora is for image LoRAs and --adapter for a language model's LoRA: give "
+                                   "one of them")
         loras = [_lora_and_weight(text) for text in args.lora]
-        out = merge_into_checkpoint(args.base, loras, args.output, args.dtype)
-        print(f"merged {len(loras)} LoRA(s) into {out} ({', '.join(f'{p} x{w:g}' for p, w in loras)})")
+        listed = ", ".join(f"{p} x{w:g}" for p, w in loras)
+        if args.base:
+            from lora_trainer.export.merge import merge_into_checkpoint
+
+            if args.rank is not None:
+                raise LoraTrainerError("merge: --rank resizes LoRAs merged into one LoRA; with --base the LoRAs "
+                                       "are merged into the model at their full rank")
+            out = merge_into_checkpoint(args.base, loras, args.output, args.dtype)
+            print(f"merged {len(loras)} LoRA(s) into {out} ({listed})")
+            return 0
+        from lora_trainer.export.merge_loras import merge_loras
+
+        out = merge_loras(loras, args.output, args.rank)
+        print(f"merged {len(loras)} LoRA(s) into one LoRA: {out} ({listed}"
+              + (f"; resized to rank {args.rank})" if args.rank else ")"))
         return 0
     if not args.adapter:
-        raise LoraTrainerError("merge: give --lora FILE[:WEIGHT] (image LoRAs into --base CKPT) or --adapter (a "
-                               "language model's LoRA)")
+        raise LoraTrainerError("merge: give --lora FILE[:WEIGHT] (image LoRAs: into --base CKPT or FOLDER, or "
+                               "several into one LoRA) or --adapter (a language model's LoRA)")
     from lora_trainer.llm.generate import find_adapter
     from lora_trainer.llm.merge import merge_adapter
 
@@ -352,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(about 0.2-0.35; the best tag is always kept)")
     lb.add_argument("--batch-size", type=int, default=4)
     lb.set_defaults(func=cmd_label)
-    ui = sub.add_parser("ui", help="the Train LoRA tab as a standalone app on 127.0.0.1")
+    ui = sub.add_parser("ui", help="the Train LoRA tab as a standalone app on 127.0.0.1 (Task: an image LoRA, or a "
+                        "language model's)")
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     ui.add_argument("--port", type=int, default=7870)
     ui.add_argument("--lora-dir", default="output/Lora", help="where finished LoRAs are copied")
@@ -387,16 +399,19 @@ def _add_llm_commands(sub) -> None:
     ge.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     ge.add_argument("--trust-remote-code", action="store_true", help="run the Python code the model folder ships")
     ge.set_defaults(func=cmd_generate)
-    me = sub.add_parser("merge", help="merge image LoRAs into a single-file checkpoint (--base CKPT --lora F[:W] "
-                        "...), or a language model's LoRA into its base (--adapter; safetensors shards and tokenizer)")
+    me = sub.add_parser("merge", help="merge image LoRAs into a checkpoint (--base CKPT or diffusers FOLDER --lora "
+                        "F[:W] ...) or into one LoRA (--lora F[:W] --lora F2[:W2] [--rank R], no --base), or a "
+                        "language model's LoRA into its base (--adapter; safetensors shards and tokenizer)")
     me.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]",
                     help="a kohya-format LoRA and its weight (1 if not given); repeat for several, merged in order")
     me.add_argument("--adapter", help="a language model's PEFT adapter folder, or the run folder that holds it")
     me.add_argument("--output", "--out", "-o", required=True,
-                    help="the new file (--lora; never over an existing one: name_1) or folder (--adapter; must not "
-                    "exist)")
-    me.add_argument("--base", help="--lora: the single-file .safetensors checkpoint; --adapter: the base model folder "
-                    "(default: the one the adapter names)")
+                    help="the new file (--lora; never over an existing one: name_1) or folder (a diffusers --base, "
+                    "--adapter; must not exist)")
+    me.add_argument("--base", help="--lora: the single-file .safetensors checkpoint or diffusers folder (without it "
+                    "the LoRAs are merged into one LoRA); --adapter: the base model folder (default: the one it names)")
+    me.add_argument("--rank", type=int, help="LoRAs merged into one LoRA: cut each module to this rank by an SVD "
+                    "(default: the exact sum, its rank the sum of the ranks)")
     me.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
                     help="the merged weights' dtype (auto: the base model's)")
     me.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 2GB or 500MB")

@@ -54,7 +54,7 @@ class DataConfig:
     validation_split: float = 0.0  # a fraction of the images held out for the validation loss (0 = none)
     validation_dir: str | None = None  # or a second folder of validation images (the same caption rules)
     # a language model's LoRA (model.task_type: text-generation; lora_trainer.llm)
-    max_seq_length: int = 512  # tokens per row; longer rows are cut (the log counts them)
+    max_seq_length: int = 512  # tokens per row; a longer text row is split into chunks, a longer prompt row cut
     train_on_prompt: bool = False  # the loss counts the prompt's tokens too (default: only the completion's)
     packing: bool = False  # short rows joined into sequences of up to max_seq_length tokens
 
@@ -98,6 +98,7 @@ class TrainingConfig:
     mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
     fp8_base: bool = False  # the frozen UNet's weights stored in float8, upcast per layer (models.fp8)
+    quantize_base: str = "no"  # text-generation: the frozen base in 4bit (QLoRA, NF4) or 8bit (bitsandbytes, CUDA)
     auto_fit: bool = False  # apply the pre-flight's settings that fit the device's memory (engine.preflight)
     seed: int = 42
     noise_offset: float = 0.0
@@ -176,6 +177,7 @@ CHOICES = {
     "task_type": ("text-to-image", "text-generation"),
     "lr_scheduler": ("constant", "constant_with_warmup", "cosine", "linear"),
     "optimizer": ("adamw", "adamw8bit"),
+    "quantize_base": ("no", "4bit", "8bit"),
     "mixed_precision": ("auto", "no", "fp16", "bf16"),
     "save_precision": ("fp32", "fp16", "bf16"),
     "log_with": ("tensorboard", "none"),
@@ -230,9 +232,16 @@ def _suggest(name: str, options) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+# other tools' keys for a setting we spell otherwise (transformers' from_pretrained: load_in_4bit)
+OTHER_TOOLS_KEYS = {"load_in_4bit": "training.quantize_base: 4bit", "load_in_8bit": "training.quantize_base: 8bit"}
+
+
 def _unknown_key(key: str, section: str | None) -> str:
     """``unknown key 'x' in training: did you mean 'y'?``, searching every name and alias."""
     where = f"in {section}" if section else "at top level"
+    if key in OTHER_TOOLS_KEYS:
+        return (f"unknown key '{key}' {where}: write {OTHER_TOOLS_KEYS[key]} (a language model's quantized base; "
+                "leave it out for none)")
     close = difflib.get_close_matches(key, [*FIELD_SECTION, *ALIASES, *([] if section else SECTION_CLASSES)],
                                       n=1, cutoff=0.6)
     if close:
@@ -390,7 +399,10 @@ def is_text_generation(cfg_or_values) -> bool:
 
 def _check_text_generation(values: dict[str, dict], errors: list[str]) -> None:
     """A language model's config: its data and model keys (the image keys are not read)."""
-    d, o, m = values["data"], values["output"], values["model"]
+    d, o, m, t = values["data"], values["output"], values["model"], values["training"]
+    if t.get("fp8_base") is True:
+        errors.append("training.fp8_base: true is for image LoRAs (the UNet in float8); for a language model, "
+                      "training.quantize_base: 4bit or 8bit keeps the frozen base quantized (bitsandbytes, CUDA)")
     if not d.get("train_data_dir") and not d.get("metadata_path"):
         errors.append("data.train_data_dir (a folder of *.jsonl / *.json / *.csv / *.txt files) or data.metadata_path "
                       "(one such file) is required for model.task_type: text-generation")
@@ -408,6 +420,10 @@ def _check_special(values: dict[str, dict], errors: list[str]) -> None:
     if is_text_generation(values):
         _check_text_generation(values, errors)
         return
+    if t.get("quantize_base", "no") != "no":
+        errors.append(f"training.quantize_base: {t['quantize_base']!r} is for model.task_type: text-generation (a "
+                      "language model's frozen base); for an image LoRA, training.fp8_base: true stores the UNet in "
+                      "float8")
     if m.get("zero_terminal_snr") == "true" and m.get("prediction_type") == "epsilon":
         errors.append("model.zero_terminal_snr: true needs the v-prediction target (at the last timestep the noisy "
                       "latent is pure noise: predicting the noise teaches nothing there); set model.prediction_type: "

@@ -153,3 +153,19 @@ def test_the_sdxl_reference_loop_conditions_as_our_sdxl_backend_and_trains(tmp_p
     steps = reference_steps(args, data, "tiny-sdxl")
     next(steps)
     next(steps)
+
+
+def test_the_step_profile_sorts_kernels_into_kinds(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    from profile_step import kind_of
+
+    names = ("aten::mm", "ampere_bf16_s16816gemm_relu", "flash_fwd_kernel", "aten::native_group_norm", "Memcpy DtoD",
+             "multi_tensor_apply_kernel", "vectorized_elementwise_kernel<silu>", "cudaLaunchKernel")
+    assert [kind_of(n) for n in names] == [
+        "matmul/conv", "matmul/conv", "attention", "norm", "copy/cast", "optimizer", "elementwise", "other"]
+    out = tmp_path / "p.json"
+    subprocess.run([sys.executable, str(BENCH / "profile_step.py"), "--steps", "1", "--warmup", "1", "--batch", "1",
+                    "--work", str(tmp_path), "--out", str(out)], check=True, capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert result["ms_per_step"] > 0 and result["top"] and abs(sum(result["kinds"].values()) - 1) < 0.01
+    assert result["kinds"]["matmul/conv"] > 0.2  # a UNet step is mostly matrix multiplies and convolutions

@@ -171,3 +171,61 @@ def test_uncaptioned_folder_to_checked_captioned_set_in_the_browser(app, tmp_pat
     rows, _ = read_metadata_csv(data / "metadata.csv")
     assert rows["p1.png"].caption == "mystyle, a picture, not blurry" and len(rows) == 5
     assert rows["p0.png"].caption == first
+
+
+def test_language_model_mode_trains_and_tries_the_adapter_in_the_browser(app, tmp_path):
+    """Task: Language model LoRA; a tiny random LLaMA (lora_trainer.llm.tiny) learns four rows; Try the adapter
+    answers one of them."""
+    import json
+
+    from lora_trainer.llm.tiny import make_tiny_llama
+
+    colors = [("sky", "blue"), ("grass", "green"), ("snow", "white"), ("night", "black")]
+    model = make_tiny_llama(tmp_path / "tiny-llama", "what is the color of sky grass blue green snow white night "
+                                                     "black".split())
+    rows = tmp_path / "colors.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"what is the color of {t}", "completion": c}) + "\n"
+                            for t, c in colors), encoding="utf-8")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1300, "height": 1400})
+        page.route(lambda u: not u.startswith(app), lambda route: route.abort())
+        page.goto(app)
+        page.wait_for_selector("#lora_trainer_task", timeout=60_000)
+        assert not page.is_visible("#lora_trainer_llm_base_model")
+        page.click("#lora_trainer_task label:has-text('Language model LoRA')")
+        page.wait_for_selector("#lora_trainer_llm_base_model textarea", timeout=30_000)
+        assert not page.is_visible("#lora_trainer_data_dir")  # the image mode is hidden
+        page.fill("#lora_trainer_llm_base_model textarea", str(model))
+        page.fill("#lora_trainer_llm_data textarea", str(rows))
+        page.fill("#lora_trainer_llm_name textarea, #lora_trainer_llm_name input", "colors")
+        for field, value in [("lora_rank", "8"), ("lora_alpha", "16"), ("lora_dropout", "0"),
+                             ("learning_rate", "0.01"), ("epochs", "30"), ("save_steps", "0")]:
+            page.fill(f"#lora_trainer_llm_{field} input", value)
+            page.press(f"#lora_trainer_llm_{field} input", "Tab")
+        page.click("#lora_trainer_llm_train")
+        seen, stop_enabled = set(), False
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            text = page.inner_text("#lora_trainer_llm_status")
+            seen.add(text)
+            if "step " in text and not stop_enabled:
+                stop_enabled = not page.is_disabled("#lora_trainer_llm_stop")
+            if "Finished" in text or "error" in text.lower():
+                break
+            time.sleep(0.2)
+        assert any("Finished after 30/30 steps: adapter colors" in t for t in seen), seen
+        assert stop_enabled
+        assert "4 rows trained" in page.inner_text("#lora_trainer_llm_status")
+        adapter = page.input_value("#lora_trainer_llm_adapter textarea, #lora_trainer_llm_adapter input")
+        assert adapter.endswith("colors/colors")
+        page.fill("#lora_trainer_llm_prompt textarea", "what is the color of snow")
+        page.fill("#lora_trainer_llm_max_new_tokens input", "2")
+        page.press("#lora_trainer_llm_max_new_tokens input", "Tab")
+        page.click("#lora_trainer_llm_generate")
+        page.wait_for_function("document.querySelector('#lora_trainer_llm_try_status').innerText"
+                               ".includes('new tokens')", timeout=120_000)
+        output = page.input_value("#lora_trainer_llm_output textarea")
+        shot(page, "llm_mode")
+        browser.close()
+    assert output.strip() == "white"

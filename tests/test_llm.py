@@ -4,6 +4,7 @@ and the command line."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -17,7 +18,7 @@ from lora_trainer.cli import main
 from lora_trainer.config import config_from_dict
 from lora_trainer.engine.events import Callbacks
 from lora_trainer.errors import ConfigError, DatasetError, ModelLoadError
-from lora_trainer.llm.data import IGNORE, collate, encode, encode_rows, pack
+from lora_trainer.llm.data import IGNORE, chunk, collate, encode, encode_rows, pack
 from lora_trainer.llm.generate import find_adapter, generate, load_with_adapter
 from lora_trainer.llm.model import default_targets, load_tokenizer
 from lora_trainer.llm.rows import Row, read_rows
@@ -148,7 +149,7 @@ def test_rows_from_each_file_kind(tmp_path, tok):
     rows = read_rows(str(tmp_path))
     assert [(r.completion or r.text) for r in rows] == ["white", "one two three four", "the sky", "blue"]
     examples = encode_rows(tok, rows, max_len=4, train_on_prompt=False)  # (the prompts fill 4 tokens: left out)
-    assert [len(e.input_ids) for e in examples] == [4, 3]
+    assert [len(e.input_ids) for e in examples] == [4, 2, 3]  # (the .txt document's 5 tokens: two chunks)
     assert len(pack(encode_rows(tok, rows, 64, False), 64, 0)) == 1
 
 
@@ -161,6 +162,31 @@ def test_line_breaks_in_csv_fields_and_unicode_separators_in_json_are_kept(tmp_p
     # an empty prompt: the completion starts as a prompt would have (the tokenizer's special tokens)
     ex = encode(tok, Row("x:1", prompt="", completion="blue"), train_on_prompt=False)
     assert list(ex.input_ids) == list(tok("blue")["input_ids"]) + [tok.eos_token_id]
+
+
+def test_long_text_documents_are_split_into_chunks_and_prompt_rows_cut(tmp_path, tok, caplog):
+    """A .txt document and a {"text"} row longer than max_seq_length become consecutive chunks that together hold
+    every token, each token after the first a target exactly once; a prompt/completion row is cut (and counted)."""
+    caplog.set_level("INFO", logger="lora_trainer")
+    words = [w for _, c in COLORS for w in ("the", "color", "of", c)] * 3  # 48 words
+    (tmp_path / "a.txt").write_text(" ".join(words), encoding="utf-8")
+    write_rows(tmp_path, [{"text": " ".join(words[:20])}, {"prompt": "what is the color of sky",
+                                                           "completion": " ".join(words[:20])}], name="b.jsonl")
+    rows = read_rows(str(tmp_path))
+    examples = encode_rows(tok, rows, max_len=8, train_on_prompt=False)
+    doc = encode(tok, rows[0], False)
+    assert len(doc.input_ids) == 49  # (the words and EOS)
+    chunks = chunk(doc, 8)
+    assert [len(c.input_ids) for c in chunks] == [8] * 6 + [7]  # starts 0, 7, 14, ..., 42: one token of overlap
+    assert examples[:7] == chunks
+    assert [i for c in chunks for i in c.input_ids[1:]] == list(doc.input_ids[1:])  # every target once, in order
+    assert all(a.input_ids[-1] == b.input_ids[0] for a, b in zip(chunks, chunks[1:]))
+    assert [len(e.input_ids) for e in examples[7:]] == [8, 8, 7, 8]  # the 21-token text row: 3 chunks; the prompt row
+    assert examples[-1].input_ids == encode(tok, rows[2], False).input_ids[:8]  # ...cut to 8
+    assert "2 of 3 text rows/documents are longer than data.max_seq_length 8 tokens and were split into 10 " in (
+        caplog.text)
+    assert "1 of 3 rows are longer than data.max_seq_length 8 tokens and were cut to it" in caplog.text
+    assert chunk(doc, 64) == [doc]
 
 
 # --- training --------------------------------------------------------------------------------------------------
@@ -306,9 +332,118 @@ def test_packing_checkpointing_and_accumulation_train(base, tmp_path, caplog):
                      gradient_checkpointing=True, save_steps=1)
     raw["data"].update(packing=True, max_seq_length=16)
     result = train_llm(config_from_dict(raw), progress=False)
-    assert "longer than data.max_seq_length 16 tokens and were cut" in caplog.text and "packing: 5 rows" in caplog.text
+    assert "1 of 5 text rows/documents are longer than data.max_seq_length 16 tokens and were split into 2 chunks" in (
+        caplog.text) and "packing: 6 rows" in caplog.text
     assert result.status == "finished" and result.steps == 2 * math.ceil(result.rows_trained / 2)
-    assert result.rows_trained < len(rows)  # (rows joined)
+    assert result.rows_trained < len(rows) + 1  # (the 6 rows, the long one split in two, joined)
     assert len(list((result.run_dir / "checkpoints").iterdir())) == 3  # (checkpoints_total_limit)
     first, last = result.first_loss, result.final_loss
     assert math.isfinite(first) and math.isfinite(last)
+
+
+# --- a quantized base (training.quantize_base: QLoRA); no CUDA here: the refusals and the set-up, not a CUDA run ----
+
+def test_quantize_base_is_a_language_model_choice():
+    raw = {"model": {"task_type": "text-generation", "base_model": "m"}, "data": {"train_data_dir": "d"}}
+    assert config_from_dict({**raw, "training": {"quantize_base": "4bit"}}).training.quantize_base == "4bit"
+    assert config_from_dict(raw).training.quantize_base == "no"
+    assert config_from_dict({**raw, "training": {"quantize_base": False}}).training.quantize_base == "no"  # (YAML no)
+    with pytest.raises(ConfigError, match=r"training.quantize_base: '3bit' is not one of no, 4bit, 8bit"):
+        config_from_dict({**raw, "training": {"quantize_base": "3bit"}})
+    with pytest.raises(ConfigError, match=r"training.quantize_base: '8bit' is for model.task_type: text-generation"):
+        config_from_dict({"train_data_dir": "d", "quantize_base": "8bit"})
+    with pytest.raises(ConfigError, match=r"training.fp8_base: true is for image LoRAs.*quantize_base"):
+        config_from_dict({**raw, "training": {"fp8_base": True}})
+    with pytest.raises(ConfigError, match=r"unknown key 'load_in_4bit' in training: write training.quantize_base: 4b"):
+        config_from_dict({**raw, "training": {"load_in_4bit": True}})
+
+
+@pytest.mark.parametrize("cuda, installed, words", [
+    (False, True, ["training.quantize_base: '4bit' needs a CUDA GPU", "quantize_base: no"]),
+    (True, False, ["training.quantize_base: '4bit' needs the bitsandbytes package", "pip install bitsandbytes"]),
+])
+def test_quantize_base_without_cuda_or_bitsandbytes_stops_before_the_data_is_read(base, tmp_path, monkeypatch, cuda,
+                                                                                    installed, words):
+    from lora_trainer.llm import quantize
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(quantize, "bitsandbytes_installed", lambda: installed)
+    data = write_rows(tmp_path / "data", [{"prompt": "what is"}])  # (a bad row: not reached)
+    with pytest.raises(ConfigError) as e:
+        train_llm(config_from_dict(llm_config(base, data, tmp_path / "out", quantize_base="4bit")), progress=False)
+    assert all(w in str(e.value) for w in words), str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantize_base_builds_the_qlora_bitsandbytes_config(monkeypatch):
+    """4bit: NF4, double quantization, computing in the run's mixed precision; 8bit: LLM.int8. (transformers 4.30
+    reads bitsandbytes' version as it builds the config: a version stands in for the package not installed here.)"""
+    import importlib.metadata
+
+    from lora_trainer.llm.quantize import quantization_config
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda n: "0.45.0" if n == "bitsandbytes" else real(n))
+    q = quantization_config("4bit", "bf16")
+    assert (q.load_in_4bit, q.load_in_8bit, q.bnb_4bit_quant_type, q.bnb_4bit_use_double_quant,
+            q.bnb_4bit_compute_dtype) == (True, False, "nf4", True, torch.bfloat16)
+    assert quantization_config("4bit", "fp16").bnb_4bit_compute_dtype == torch.float16
+    assert quantization_config("4bit", "no").bnb_4bit_compute_dtype == torch.float32
+    q8 = quantization_config("8bit", "bf16")
+    assert (q8.load_in_8bit, q8.load_in_4bit) == (True, False)
+    assert quantization_config("no", "bf16") is None
+
+
+def test_a_quantized_base_loads_through_transformers_onto_the_gpu_unmoved(base, monkeypatch):
+    """The loading call a quantized run makes (the model is placed by transformers as it loads, never moved after);
+    recorded with transformers' loader replaced, as there is no CUDA here."""
+    from transformers import AutoModelForCausalLM
+
+    from lora_trainer.llm.model import load_model
+
+    seen = {}
+
+    class Loaded:
+        def to(self, device):
+            raise AssertionError("a quantized model is not moved")
+
+    def fake(folder, **kwargs):
+        seen.update(kwargs, folder=folder)
+        return Loaded()
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fake)
+    marker = object()
+    assert isinstance(load_model(str(base), torch.bfloat16, torch.device("cuda"), False, quantization=marker), Loaded)
+    assert seen["quantization_config"] is marker and seen["device_map"] == {"": 0}
+    assert seen["use_safetensors"] is True and seen["local_files_only"] is True
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None,
+                    reason="QLoRA needs a CUDA GPU and bitsandbytes (neither is assumed in CI)")
+@pytest.mark.parametrize("mode, layer", [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
+def test_a_quantized_base_trains_on_cuda_and_its_adapter_loads_on_the_full_base(base, tmp_path, monkeypatch, mode,
+                                                                                  layer):
+    """Where a GPU and bitsandbytes are (not on the machines this was written on: never run there): the base's
+    projections are bitsandbytes layers, the loss falls, and the adapter is an ordinary one that loads on the
+    full-precision base and changes its logits."""
+    from lora_trainer.llm import trainer as llm_trainer
+
+    data = write_rows(tmp_path / "data", color_rows())
+    seen, real = {}, llm_trainer.add_lora
+
+    def spy(model, t, targets):
+        seen["layers"] = {type(m).__name__ for m in model.modules()}
+        return real(model, t, targets)
+
+    monkeypatch.setattr(llm_trainer, "add_lora", spy)
+    result = train_llm(config_from_dict(llm_config(base, data, tmp_path / "out", quantize_base=mode,
+                                                   mixed_precision="bf16")), progress=False)
+    assert layer in seen["layers"], seen
+    assert result.final_loss < 0.5 * result.first_loss
+    model, tok = load_with_adapter(result.adapter_dir)
+    ids = tok("what is the color of sky", return_tensors="pt")["input_ids"].to(model.device)
+    with torch.no_grad():
+        after = model(ids).logits
+        with model.disable_adapter():
+            before = model(ids).logits
+    assert not torch.allclose(before, after, atol=1e-3)

@@ -23,15 +23,19 @@ from lora_trainer.models.tiny import tiny_model_path
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"]  # attention, a 1×1 and a 3×3 convolution
 
 
-@pytest.fixture
-def checkpoint(tmp_path):
+def tiny_checkpoint(path):
+    """The tiny demo model as a single-file (LDM-named) checkpoint at ``path``."""
     from diffusers import AutoencoderKL
 
     parts = {"unet": tiny_unet(), "vae": AutoencoderKL.from_pretrained(tiny_model_path(), subfolder="vae"),
              "text_encoder": tiny_text_encoder()}
-    path = tmp_path / "base.safetensors"
     write_ldm_checkpoint(parts, path)
     return path
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    return tiny_checkpoint(tmp_path / "base.safetensors")
 
 
 def lora_file(tmp_path, name, ldm_names: bool, alpha=2.0, seed=0):

@@ -167,10 +167,13 @@ def test_the_sweep_size_defaults_to_the_last_trainings_resolution(no_last_run, m
 
     class Last:
         status = Status(state="done")
-        cfg = type("Cfg", (), {"data": type("Data", (), {"resolution": 768})})
+        cfg = type("Cfg", (), {"data": type("Data", (), {"resolution": 768}),
+                               "model": type("Model", (), {"task_type": "text-to-image"})})
 
     monkeypatch.setattr(TrainingSession, "_active", Last())
     assert tab.default_sweep_size(host) == 768
+    Last.cfg.model.task_type = "text-generation"  # (the app's last run trained a language model: no image size)
+    assert tab.default_sweep_size(host) == 640
 
 
 def test_send_to_txt2img_without_a_lora_cannot_be_clicked_and_sends_no_placeholder(tmp_path):
@@ -253,3 +256,27 @@ def test_estimate_memory_shows_the_runs_peak_and_what_would_fit(tmp_path, monkey
     values[[key for key, *_ in tab.ADVANCED].index("batch_size")] = 0
     shown = tab.estimate_memory(host, str(data), "tab_lora", "Style (defaults)", "tiny-demo", "", 0, None, *values)
     assert "Batch size:" in shown and "training.batch_size" not in shown
+
+
+def test_the_standalone_apps_merge_writes_a_new_diffusers_folder_beside_the_lora_folder(tmp_path):
+    import torch
+    from diffusers import UNet2DConditionModel
+    from test_export import TOL, unet_inputs
+    from test_merge import lora_file
+
+    from lora_trainer.models.tiny import tiny_model_path
+    from lora_trainer.ui.standalone_host import DiffusersHost
+
+    unet, lora = lora_file(tmp_path, "style", ldm_names=True)
+    host = DiffusersHost(lora_dir=tmp_path / "out" / "Lora")
+    message = tab.merge_checkpoint(host, str(lora), 1, "tiny-demo")
+    folder = tmp_path / "out" / "Stable-diffusion" / f"{tiny_model_path().name}-style"
+    assert str(folder) in message and (folder / "model_index.json").is_file()
+    x, t, cond = unet_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(UNet2DConditionModel.from_pretrained(folder / "unet")(x, t, cond).sample,
+                                   unet(x, t, cond).sample, **TOL)
+    tab.merge_checkpoint(host, str(lora), 1, "tiny-demo")
+    assert folder.with_name(folder.name + "_1").is_dir()
+    assert "is not a single-file .safetensors checkpoint or a diffusers folder" in tab.merge_checkpoint(
+        host, str(lora), 1, str(tmp_path / "nowhere"))

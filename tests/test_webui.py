@@ -353,3 +353,36 @@ def test_the_memory_estimate_takes_the_loaded_models_family_and_counts_its_weigh
     text, kind = estimate_message(host, make_cfg(tmp_path, resolution=64, batch_size=1))
     assert text.startswith("Estimate: peak ~") and kind in ("ok", "error")
     assert "unet 1.6 GB" in text or "unet 3.2 GB" in text  # SD 1.5's UNet (fp16 or fp32), not the stand-in's
+
+
+def test_merge_into_checkpoint_writes_a_new_checkpoint_of_the_loaded_file_and_refreshes_the_list(webui, tmp_path):
+    from modules import sd_models
+    from safetensors.torch import load_file
+    from test_merge import lora_file, tiny_checkpoint
+
+    from lora_trainer.export.merge import merge_into_checkpoint
+    from lora_trainer.ui import tab
+
+    _, lora = lora_file(tmp_path, "style", ldm_names=True)
+    host, before = WebUIHost(), sd_models.refreshes
+    message = tab.merge_checkpoint(host, str(lora), 0.7)
+    assert "no checkpoint file is loaded" in message and "lora_trainer_error" in message
+    models = Path(sd_models.model_path)
+    models.mkdir(parents=True)
+    pickle = models / "old.ckpt"
+    pickle.write_bytes(b"not read")
+    webui.sd_checkpoint_info = types.SimpleNamespace(filename=str(pickle))
+    assert "is a .ckpt file" in tab.merge_checkpoint(host, str(lora), 0.7)
+    base = tiny_checkpoint(models / "base.safetensors")
+    webui.sd_checkpoint_info = types.SimpleNamespace(filename=str(base))
+    assert "'Merge weight': 0 must be" in tab.merge_checkpoint(host, str(lora), 0)
+    assert "Train a LoRA first" in tab.merge_checkpoint(host, "", 1)
+    assert sd_models.refreshes == before
+    message = tab.merge_checkpoint(host, str(lora), 0.7)
+    written = models / "base-style-0.7.safetensors"
+    assert str(written) in message and "lora_trainer_error" not in message and sd_models.refreshes == before + 1
+    want = load_file(merge_into_checkpoint(base, [(str(lora), 0.7)], tmp_path / "want.safetensors"))
+    got = load_file(written)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    tab.merge_checkpoint(host, str(lora), 0.7)  # again: a new name, the first file kept
+    assert (models / "base-style-0.7_1.safetensors").is_file() and load_file(written).keys() == want.keys()

@@ -8,7 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent / "webui_stub"))
 
 import networks  # noqa: E402
-from modules import paths, processing, shared  # noqa: E402
+from modules import paths, processing, sd_models, shared  # noqa: E402
 
 
 def webui_with(sd_model, tmp_path: Path):
@@ -18,6 +18,7 @@ def webui_with(sd_model, tmp_path: Path):
     shared.cmd_opts.lora_dir = str(tmp_path / "models" / "Lora")
     shared.cmd_opts.lowvram = shared.cmd_opts.medvram = False
     paths.data_path = str(tmp_path)
+    sd_models.model_path = str(tmp_path / "models" / "Stable-diffusion")
     processing.calls.clear()
     networks.loaded_networks.clear()
     yield sd_model

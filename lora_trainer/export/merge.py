@@ -39,8 +39,9 @@ _HEADS = ("transformer_blocks", "proj_in", "proj_out", "norm1", "norm2", "norm",
 
 @dataclass(frozen=True)
 class Target:
-    key: str  # the checkpoint's tensor
+    key: str  # the tensor changed
     part: int | None = None  # q, k, v (0, 1, 2) of a fused OpenCLIP in_proj_weight; None: the whole tensor
+    file: str = ""  # the weight file that holds it, under a diffusers folder ("": the single-file checkpoint)
 
 
 def checkpoint_targets(keys) -> dict[str, Target]:
@@ -111,38 +112,62 @@ def _delta(f, name: str, shape: torch.Size, part: int | None, weight: float) -> 
     return delta.reshape(rows, *shape[1:])
 
 
-def plan_merge(base: Path, loras: list[tuple[Path, float]]) -> dict[str, list[tuple[Path, str, int | None, float]]]:
-    """Checkpoint key → the LoRA modules that change it: (file, module, fused part, weight). Every module of every
-    file must find its weight (else a LoraTrainerError naming them)."""
-    with safe_open(str(base), framework="pt") as f:
-        keys = list(f.keys())
-        shapes = {}
-        for key in keys:  # (rows, columns) a module changes: the whole weight, or each third of a fused q/k/v
-            rows, *rest = f.get_slice(key).get_shape() or [1]
-            cols = int(torch.Size(rest).numel())
-            shapes[key] = {None: (rows, cols), 0: (rows // 3, cols), 1: (rows // 3, cols), 2: (rows // 3, cols)}
-    targets = checkpoint_targets(keys)
-    layout = unet_layout(keys)
-    names = LdmUnetNames(layout) if layout else None
-    plan: dict[str, list] = {}
+def shapes_of(f, file: str = "") -> dict:
+    """(file, key) → the (rows, columns) a module changes in that tensor: the whole weight (part None), or each third
+    of a fused q/k/v (parts 0, 1, 2), for the open safetensors file ``f``."""
+    shapes = {}
+    for key in f.keys():
+        rows, *rest = f.get_slice(key).get_shape() or [1]
+        cols = int(torch.Size(rest).numel())
+        shapes[(file, key)] = {None: (rows, cols), 0: (rows // 3, cols), 1: (rows // 3, cols), 2: (rows // 3, cols)}
+    return shapes
+
+
+Plan = dict  # (file, key) → [(LoRA file, module, fused part, weight)]: the changes to each tensor, in order
+
+
+def plan_merge(base, lookup, shapes: dict, loras: list[tuple[Path, float]]) -> Plan:
+    """The changes to each tensor of ``base``: ``lookup(module)`` lists the Targets a LoRA module changes (none: the
+    base has no weight for it), ``shapes`` (shapes_of) their shapes. Every module of every file must find its
+    weights, of its shape (else a LoraTrainerError naming them)."""
+    plan: Plan = {}
     for path, weight in loras:
         with safe_open(str(path), framework="pt") as f:
             modules = modules_of(f.keys(), "merge")
             missing, wrong = [], []
             for module in modules:
-                target = targets.get(module) or targets.get(ldm_name(module, names) or "")
-                if target is None:
+                targets = lookup(module)
+                if not targets:
                     missing.append(module)
-                elif _shape(f, module) != shapes[target.key][target.part]:
-                    wrong.append(f"{module} ({_shape(f, module)} for {shapes[target.key][target.part]})")
-                else:
-                    plan.setdefault(target.key, []).append((path, module, target.part, weight))
+                for target in targets:
+                    want = shapes[(target.file, target.key)][target.part]
+                    if _shape(f, module) != want:
+                        wrong.append(f"{module} ({_shape(f, module)} for {want})")
+                    else:
+                        plan.setdefault((target.file, target.key), []).append((path, module, target.part, weight))
         if missing or wrong:
             listed = ", ".join((missing or wrong)[:3])
             what = "have no weight in" if missing else "do not fit the shapes of the weights they change in"
             raise LoraTrainerError(f"merge: {len(missing or wrong)} modules of {path} {what} {base} (e.g. {listed}): "
                                    "a LoRA for another model family?")
     return plan
+
+
+def single_file_plan(base: Path, loras: list[tuple[Path, float]]) -> Plan:
+    """plan_merge for a single-file checkpoint: its LDM/sgm UNet (LoRA modules with LDM or diffusers names) and its
+    CLIP / OpenCLIP text encoders."""
+    with safe_open(str(base), framework="pt") as f:
+        keys = list(f.keys())
+        shapes = shapes_of(f)
+    targets = checkpoint_targets(keys)
+    layout = unet_layout(keys)
+    names = LdmUnetNames(layout) if layout else None
+
+    def lookup(module):
+        target = targets.get(module) or targets.get(ldm_name(module, names) or "")
+        return [target] if target else []
+
+    return plan_merge(base, lookup, shapes, loras)
 
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -170,31 +195,27 @@ def write_streamed(path: Path, entries: list[tuple[str, torch.dtype, list[int]]]
                 f.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))  # (no copy)
 
 
-def merge_into_checkpoint(base, loras: list[tuple[str, float]], out, dtype: str = "auto") -> Path:
-    """Write ``base`` with ``loras`` ((file, weight), in order) merged to ``out``; returns the path written."""
-    from lora_trainer.utils.fsio import write_new
+def dtype_of(dtype: str) -> torch.dtype | None:
+    """--dtype's torch dtype (None: auto, each tensor's own)."""
+    return {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
 
-    base, out = Path(base), Path(out)
-    if not base.is_file() or base.suffix != ".safetensors":
-        raise LoraTrainerError(f"merge: --base {base} is not a single-file .safetensors checkpoint")
-    if out.suffix != ".safetensors":
-        raise LoraTrainerError(f"merge: --out {out} must end in .safetensors (the WebUIs read a .ckpt as a pickle)")
-    files = [(Path(p), float(w)) for p, w in loras]
-    for p, _ in files:
-        if not p.is_file():
-            raise LoraTrainerError(f"merge: --lora {p} does not exist")
-    cast = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    plan = plan_merge(base, files)
-    opened = {p: safe_open(str(p), framework="pt") for p, _ in files}
-    with safe_open(str(base), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        meta["lora_trainer_merged"] = json.dumps([{"file": p.name, "weight": w} for p, w in files])
+
+def merged_note(files: list[tuple[Path, float]]) -> dict:
+    """The metadata that records what was merged, with which weight (added to the base file's own)."""
+    return {"lora_trainer_merged": json.dumps([{"file": p.name, "weight": w} for p, w in files])}
+
+
+def write_merged(src: Path, dst: Path, changes: dict, opened: dict, cast: torch.dtype | None, extra: dict) -> None:
+    """``src`` (a safetensors file) written to ``dst`` one tensor at a time, each tensor in ``changes`` (key → the
+    plan's changes) merged, floating-point weights cast to ``cast`` (not the schedule's buffers or EMA counters),
+    ``extra`` added to the metadata. ``opened``: LoRA file → its open safetensors handle."""
+    with safe_open(str(src), framework="pt") as f:
         entries = []
         for key in f.keys():
             part = f.get_slice(key)
             kind = _DTYPES.get(part.get_dtype())
             if kind is None:
-                raise LoraTrainerError(f"merge: {base} holds {key} as {part.get_dtype()}, which is not merged here")
+                raise LoraTrainerError(f"merge: {src} holds {key} as {part.get_dtype()}, which is not merged here")
             weight = "." in key and not key.startswith("model_ema.")  # (not alphas_cumprod, betas, EMA counters)
             entries.append((key, cast if cast is not None and kind.is_floating_point and weight else kind,
                             part.get_shape()))
@@ -202,11 +223,14 @@ def merge_into_checkpoint(base, loras: list[tuple[str, float]], out, dtype: str 
         entries.sort(key=lambda e: (-torch.empty((), dtype=e[1]).element_size(), e[0]))
 
         def tensors():
-            for key, want, _ in entries:
+            from tqdm.auto import tqdm
+
+            # (a bar on a terminal only: the WebUI's console and the logs stay quiet)
+            for key, want, _ in tqdm(entries, desc=f"merging {src.name}", unit="tensor", disable=None, leave=False):
                 tensor = f.get_tensor(key)
-                if key in plan:
+                if key in changes:
                     merged = tensor.float()
-                    for path, module, part, weight in plan[key]:
+                    for path, module, part, weight in changes[key]:
                         delta = _delta(opened[path], module, tensor.shape, part, weight)
                         if part is None:
                             merged += delta
@@ -215,4 +239,49 @@ def merge_into_checkpoint(base, loras: list[tuple[str, float]], out, dtype: str 
                     tensor = merged
                 yield tensor.to(want)
 
-        return write_new(out, lambda tmp: write_streamed(tmp, entries, tensors(), meta))
+        write_streamed(dst, entries, tensors(), {**(f.metadata() or {}), **extra})
+
+
+def lora_files(loras: list[tuple[str, float]]) -> list[tuple[Path, float]]:
+    """(path, weight) of each --lora, each an existing file (else a LoraTrainerError naming it)."""
+    files = [(Path(p).expanduser(), float(w)) for p, w in loras]
+    for p, _ in files:
+        if not p.is_file():
+            raise LoraTrainerError(f"merge: --lora {p} does not exist")
+        if p.suffix != ".safetensors":
+            raise LoraTrainerError(f"merge: --lora {p} is not a .safetensors LoRA (other formats are never unpickled)")
+    return files
+
+
+def merge_into_checkpoint(base, loras: list[tuple[str, float]], out, dtype: str = "auto") -> Path:
+    """Write ``base`` (a single-file checkpoint, or a diffusers folder: export.merge_diffusers) with ``loras``
+    ((file, weight), in order) merged to ``out``; returns the path written."""
+    from lora_trainer.utils.fsio import write_new
+
+    base, out = Path(base).expanduser(), Path(out).expanduser()
+    if base.is_dir():
+        from lora_trainer.export.merge_diffusers import merge_into_folder
+
+        return merge_into_folder(base, loras, out, dtype)
+    if not base.is_file() or base.suffix != ".safetensors":
+        raise LoraTrainerError(f"merge: --base {base} is not a single-file .safetensors checkpoint or a diffusers "
+                               "folder")
+    if out.suffix != ".safetensors":
+        raise LoraTrainerError(f"merge: --out {out} must end in .safetensors (the WebUIs read a .ckpt as a pickle)")
+    files = lora_files(loras)
+    plan = single_file_plan(base, files)
+    changes = {key: c for (_, key), c in plan.items()}
+    opened = {p: safe_open(str(p), framework="pt") for p, _ in files}
+    return write_new(out, lambda tmp: write_merged(base, tmp, changes, opened, dtype_of(dtype), merged_note(files)))
+
+
+def merge_into_folder_of(base, lora, weight: float, folder) -> Path:
+    """The tab's "Merge into checkpoint": ``lora`` at ``weight`` merged into ``base`` (a single file or a diffusers
+    folder), written into ``folder`` as ``<base>-<lora>[-<weight>]`` (.safetensors for a file), never over anything
+    there (``_1``, ``_2``, … where the name is taken); returns the path written."""
+    from lora_trainer.utils.fsio import free_name
+
+    base, lora = Path(base), Path(lora)
+    name = f"{base.stem if base.is_file() else base.name}-{lora.stem}" + (f"-{weight:g}" if weight != 1 else "")
+    out = Path(folder) / (name + ".safetensors" if base.is_file() else name)
+    return merge_into_checkpoint(base, [(str(lora), weight)], out if base.is_file() else free_name(out))

@@ -1,7 +1,8 @@
 """Rows to token ids and labels, the held-out share, packing, and the batches of each epoch.
 
 Labels are -100 (ignored by the loss) on prompt tokens (unless ``data.train_on_prompt``), on the non-assistant
-turns of a conversation and on padding. Batches hold rows of similar length, padded to the longest in the batch
+turns of a conversation and on padding. A text row longer than ``max_seq_length`` is split into consecutive chunks,
+any other row cut to it. Batches hold rows of similar length, padded to the longest in the batch
 (not to ``max_seq_length``); which rows form them is a pure function of (seed, epoch), so a resume finds its place.
 """
 
@@ -84,12 +85,33 @@ def encode(tok, row: Row, train_on_prompt: bool) -> Example:
     return Example(tuple(ids), tuple(i if t else IGNORE for i, t in zip(ids, trained)))
 
 
+def chunk(ex: Example, max_len: int) -> list[Example]:
+    """A text row's tokens as consecutive windows of up to ``max_len`` tokens, each starting on the last token of the
+    one before: the first position of a window predicts nothing, so with this one-token overlap every token of the
+    document after its first is a target exactly once (HF run_clm's grouping, without losing a token per window)."""
+    if len(ex.input_ids) <= max_len:
+        return [ex]
+    out, start = [], 0
+    while True:
+        out.append(Example(ex.input_ids[start:start + max_len], ex.labels[start:start + max_len]))
+        if start + max_len >= len(ex.input_ids):
+            return out
+        start += max_len - 1
+
+
 def encode_rows(tok, rows: list[Row], max_len: int, train_on_prompt: bool) -> list[Example]:
-    """Every row encoded and cut to ``max_len`` tokens; the log counts the cut rows, and rows left with nothing to
-    learn (a prompt longer than ``max_len``) are dropped with a warning."""
-    out, cut, empty = [], 0, []
+    """Every row encoded to at most ``max_len`` tokens. A text row (a .txt document, a ``{"text"}`` row) longer than
+    that is split into consecutive chunks (``chunk``), each a training row; a prompt/completion or messages row is cut
+    to it (its answer means nothing without its prompt). The log counts both; rows left with nothing to learn (a
+    prompt longer than ``max_len``) are dropped with a warning."""
+    out, cut, split, chunks, empty = [], 0, 0, 0, []
     for row in rows:
         ex = encode(tok, row, train_on_prompt)
+        if len(ex.input_ids) > max_len and row.text is not None:
+            pieces = chunk(ex, max_len)
+            split, chunks = split + 1, chunks + len(pieces)
+            out += pieces
+            continue
         if len(ex.input_ids) > max_len:
             cut += 1
             ex = Example(ex.input_ids[:max_len], ex.labels[:max_len])
@@ -97,6 +119,9 @@ def encode_rows(tok, rows: list[Row], max_len: int, train_on_prompt: bool) -> li
             empty.append(row.source)
             continue
         out.append(ex)
+    if split:
+        log.info("%d of %d text rows/documents are longer than data.max_seq_length %d tokens and were split into %d "
+                 "chunks of up to %d tokens", split, len(rows), max_len, chunks, max_len)
     if cut:
         log.info("%d of %d rows are longer than data.max_seq_length %d tokens and were cut to it", cut, len(rows),
                  max_len)

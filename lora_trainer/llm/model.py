@@ -64,20 +64,23 @@ def load_tokenizer(folder: str, trust_remote_code: bool):
     return tok
 
 
-def load_model(folder: str, dtype: torch.dtype, device: torch.device, trust_remote_code: bool):
-    """The causal LM from its folder's safetensors (``use_safetensors=True``: a pickle is never read)."""
+def load_model(folder: str, dtype: torch.dtype, device: torch.device, trust_remote_code: bool, quantization=None):
+    """The causal LM from its folder's safetensors (``use_safetensors=True``: a pickle is never read). ``quantization``:
+    a BitsAndBytesConfig (llm.quantize); the model is then quantized as it loads, onto ``device`` (CUDA)."""
     import transformers
     from transformers import AutoModelForCausalLM
 
     new = int(transformers.__version__.split(".")[0]) >= 5  # (``dtype``; 4.x: ``torch_dtype``)
     kwargs = {"dtype" if new else "torch_dtype": dtype}
+    if quantization is not None:  # (a quantized model is placed as it loads and cannot be moved afterwards)
+        kwargs.update(quantization_config=quantization, device_map={"": device.index or 0})
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, use_safetensors=True,
                                                      trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"model.base_model: {folder} could not be loaded as a causal language model: "
                              f"{str(e).splitlines()[0][:300]}") from e
-    return model.to(device)
+    return model if quantization is not None else model.to(device)
 
 
 def add_lora(model, t, targets: list[str]):

@@ -24,11 +24,13 @@ from lora_trainer.errors import ConfigError, LoraTrainerError
 from lora_trainer.llm import data as llm_data
 from lora_trainer.llm.model import add_lora, default_targets, load_model, load_tokenizer, read_model_config
 from lora_trainer.llm.outputs import export_adapter, write_summary
+from lora_trainer.llm.quantize import DESCRIBED, check_quantization, prepare_for_training, quantization_config
 from lora_trainer.llm.rows import read_rows
 from lora_trainer.llm.run import LlmPlan, LlmRun, NonFiniteLoss
 
 log = logging.getLogger(__name__)
-DATA_SETTINGS = ("max_seq_length", "packing", "train_on_prompt")  # (besides engine.checkpoint's SHOULD_MATCH)
+# (besides engine.checkpoint's SHOULD_MATCH): a resume with another value warns
+DATA_SETTINGS = ("max_seq_length", "packing", "train_on_prompt", "quantize_base")
 
 
 @dataclass
@@ -58,11 +60,15 @@ class _Prepared:
     plan: LlmPlan
     targets: list[str]
     settings: dict
+    quantization: object = None  # transformers' BitsAndBytesConfig (training.quantize_base), or None
 
 
 def _prepare(cfg: Config) -> _Prepared:
     t, d, m = cfg.training, cfg.data, cfg.model
     model_config = read_model_config(m.base_model, m.trust_remote_code)
+    check_quantization(t.quantize_base)
+    quantization = None if t.quantize_base == "no" else quantization_config(t.quantize_base,
+                                                                             _device_and_precision(t)[1])
     check_output(cfg.output.output_dir, cfg.output.output_name)
     check_optimizer(t.optimizer)
     rows = read_rows(d.train_data_dir, d.metadata_path, d.recursive)
@@ -81,8 +87,9 @@ def _prepare(cfg: Config) -> _Prepared:
     settings = {"lora_rank": t.lora_rank, "lora_alpha": t.lora_alpha, "target_modules": list(targets),
                 "batch_size": t.batch_size, "gradient_accumulation_steps": t.gradient_accumulation_steps,
                 "seed": t.seed, "num_images": len(examples), "total_steps": plan.total_steps,
-                "max_seq_length": d.max_seq_length, "packing": d.packing, "train_on_prompt": d.train_on_prompt}
-    return _Prepared(model_config, tok, examples, held, plan, list(targets), settings)
+                "max_seq_length": d.max_seq_length, "packing": d.packing, "train_on_prompt": d.train_on_prompt,
+                "quantize_base": t.quantize_base}
+    return _Prepared(model_config, tok, examples, held, plan, list(targets), settings, quantization)
 
 
 def train_llm(cfg: Config, callbacks: Callbacks | None = None, progress: bool = True) -> LlmResult:
@@ -133,9 +140,12 @@ def _set_up(cfg: Config, prepared: _Prepared, run_dir: Path, log_dir: Path, call
     t, m = cfg.training, cfg.model
     device, precision = _device_and_precision(t)
     dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    model = load_model(m.base_model, dtype, device, m.trust_remote_code)
+    model = load_model(m.base_model, dtype, device, m.trust_remote_code, prepared.quantization)
     model.config.use_cache = False
-    if t.gradient_checkpointing:
+    if prepared.quantization is not None:
+        log.info("the frozen base is quantized: %s", DESCRIBED[t.quantize_base])
+        model = prepare_for_training(model, t.gradient_checkpointing)
+    elif t.gradient_checkpointing:
         try:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         except TypeError:  # (transformers before 4.35)

@@ -46,6 +46,10 @@ class Host(Protocol):
     def publish(self, lora_path: Path, name: str) -> Path:
         """Put the finished LoRA where generation finds it (never over an existing file); return where."""
 
+    def merge_into_model(self, lora_path: Path, weight: float, base_model: str | None = None) -> Path:
+        """The LoRA at ``weight`` merged into the base model's file, written as a new checkpoint where generation
+        finds it (never over an existing file), the checkpoint list refreshed; return where."""
+
     def model_family(self, base_model: str | None = None) -> str | None:
         """The model's family as config.FAMILY_DEFAULTS names it (sdxl, sd_v2_768_v, sd_v2, sd_v1), None if unknown
         (no model loaded, or a base model that cannot be read without loading it)."""

@@ -60,8 +60,8 @@ SDXL_ONLY = ("train_text_encoder_2", "text_encoder_2_lr")
 # config key → the label of the field that sets it, to name fields in messages as the tab shows them
 FIELD_LABELS = {"train_data_dir": "Dataset folder", "output_name": "LoRA name", "base_model": "Base model",
                 **{key: label for key, label, *_ in ADVANCED}}
-NO_LORA = ("Train a LoRA first: the strength sweep and Send to txt2img use the file in 'Trained LoRA' "
-           "(or put the path of a .safetensors LoRA there).")
+NO_LORA = ("Train a LoRA first: the strength sweep, Send to txt2img and Merge into checkpoint use the file in "
+           "'Trained LoRA' (or put the path of a .safetensors LoRA there).")
 
 
 def field_default(key: str, cfg: Config):

@@ -19,6 +19,9 @@ from lora_trainer.ui.host import Host
 from lora_trainer.ui.views import status_line
 
 log = logging.getLogger(__name__)
+# what frees memory a UI holds outside training (the app's adapter loaded to try it, ui.llm_try), called before each
+# run starts: the run, not a model kept for a button, gets the GPU
+FREE_BEFORE_RUN: list = []
 
 
 def friendly_error(e: BaseException) -> str:
@@ -72,17 +75,22 @@ class TrainingSession(Callbacks):
     # --- control
     @classmethod
     def start(cls, host: Host, cfg, **kw) -> TrainingSession:
-        with cls._active_lock:
-            if cls._active is not None and cls._active.status.running:
+        """A new run of ``cls`` (this class, or a subclass for another task: ui.llm_session) on its thread; one run
+        at a time, whatever its task (the slot is this class's, shared by the subclasses)."""
+        with TrainingSession._active_lock:
+            active = TrainingSession._active
+            if active is not None and active.status.running:
                 raise LoraTrainerError("a training is already running; stop it first or wait for it to end")
             session = cls(host, cfg, **kw)
-            cls._active = session
+            TrainingSession._active = session
+        for free in FREE_BEFORE_RUN:
+            free()
         session._thread.start()
         return session
 
     @classmethod
     def active(cls) -> TrainingSession | None:
-        return cls._active
+        return TrainingSession._active
 
     def stop(self) -> None:
         self._stop.request()

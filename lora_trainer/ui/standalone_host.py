@@ -120,6 +120,15 @@ class DiffusersHost:
         self.lora_dir.mkdir(parents=True, exist_ok=True)
         return write_new(self.lora_dir / f"{name}.safetensors", lambda p: shutil.copyfile(lora_path, p))
 
+    def merge_into_model(self, lora_path: Path, weight: float, base_model: str | None = None) -> Path:
+        """The LoRA merged into the base model (a single file or a diffusers folder), written beside the Lora folder
+        in ``Stable-diffusion/`` (never over anything there); the base-model field can name it then."""
+        from lora_trainer.export.merge import merge_into_folder_of
+        from lora_trainer.models.diffusers_backend import resolve_base_model
+
+        return merge_into_folder_of(resolve_base_model(base_model or self.base_model), lora_path, weight,
+                                    self.lora_dir.parent / "Stable-diffusion")
+
     def sweep(self, lora_path: Path, prompt: str, negative: str, strengths: list[float], seed: int,
               base_model: str | None = None, steps: int = SWEEP_STEPS,
               size: int | None = None) -> list[tuple[float, object]]:

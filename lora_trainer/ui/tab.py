@@ -9,13 +9,14 @@ functions of the host and the field values, so tests call them without a browser
 from __future__ import annotations
 
 import logging
+import math
 import time
 import traceback
 from pathlib import Path
 
 import gradio as gr
 
-from lora_trainer.config import Config
+from lora_trainer.config import Config, is_text_generation
 from lora_trainer.errors import LoraTrainerError
 from lora_trainer.ui import compat
 from lora_trainer.ui.dataset_panel import create_dataset_panel
@@ -122,7 +123,7 @@ def stop_training() -> None:
 def default_sweep_size(host, base_model: str | None = None) -> int:
     """The last training's resolution, else the model's own size (the host says: 512 for SD 1.x)."""
     last = TrainingSession.active()
-    if last is not None and last.status.state in ("done", "stopped"):
+    if last is not None and last.status.state in ("done", "stopped") and not is_text_generation(last.cfg):
         return int(last.cfg.data.resolution)
     if host.image_size:
         return int(host.image_size)
@@ -145,15 +146,21 @@ def _sweep_settings(host, strength_text, size, steps, base) -> tuple[list[float]
     return values, size, steps
 
 
-def sweep_images(host, lora_path, prompt, negative, seed, strength_text, size, steps, base=None) -> tuple:
-    """The sweep's gallery and message. Every problem is a message in the tab, not an exception."""
+def trained_lora(lora_path) -> Path:
+    """The file in 'Trained LoRA' (a LoraTrainerError saying what to do where there is none)."""
     path_text = str(lora_path or "").strip()
     if not path_text:
-        return [], message_html(NO_LORA, "error")
+        raise LoraTrainerError(NO_LORA)
     path = Path(path_text).expanduser()
     if not path.is_file():
-        return [], message_html(f"Trained LoRA: {path} is not a file. {NO_LORA}", "error")
+        raise LoraTrainerError(f"Trained LoRA: {path} is not a file. {NO_LORA}")
+    return path
+
+
+def sweep_images(host, lora_path, prompt, negative, seed, strength_text, size, steps, base=None) -> tuple:
+    """The sweep's gallery and message. Every problem is a message in the tab, not an exception."""
     try:
+        path = trained_lora(lora_path)
         values, size, steps = _sweep_settings(host, strength_text, size, steps, base)
         images = host.sweep(path, prompt or "", negative or "", values, int(seed or 0),
                             base_model=base if host.chooses_base_model else None, steps=steps, size=size)
@@ -165,6 +172,24 @@ def sweep_images(host, lora_path, prompt, negative, seed, strength_text, size, s
     done = (f"{path.stem}: strengths {', '.join(f'{s:g}' for s in values)} at {size}×{size}, {steps} steps, "
             f"seed {int(seed or 0)}")
     return [(img, f"strength {s:g}") for s, img in images], message_html(done, "info")
+
+
+def merge_checkpoint(host, lora_path, weight, base=None) -> str:
+    """Merge into checkpoint: the LoRA in 'Trained LoRA' at ``weight`` merged into the base model's file as a new
+    checkpoint (the host says where); a message either way."""
+    try:
+        path = trained_lora(lora_path)
+        weight = float(weight if weight not in (None, "") else 1)
+        if not math.isfinite(weight) or weight == 0:
+            raise LoraTrainerError(f"'Merge weight': {weight:g} must be a number other than 0 (e.g. 1 or 0.7)")
+        out = host.merge_into_model(path, weight, base if host.chooses_base_model else None)
+    except LoraTrainerError as e:
+        return message_html(tab_message(e), "error")
+    except Exception as e:  # the tab stays usable; the console has the traceback
+        log.exception("merging into a checkpoint failed")
+        return message_html(tab_message(friendly_error(e)), "error")
+    return message_html(f"{path.stem} ×{weight:g} merged into a new checkpoint: {out} (refresh the checkpoint list "
+                        "to pick it; the LoRA is in it, so prompt without it)", "info")
 
 
 def sweep_after_training(host, trained, *sweep_args) -> tuple:
@@ -265,6 +290,15 @@ def _sweep_panel(host) -> dict:
     return ui
 
 
+def _merge_panel() -> dict:
+    ui = {}
+    with gr.Row():
+        ui["weight"] = gr.Number(label="Merge weight", value=1.0, elem_id=f"{PREFIX}merge_weight")
+        ui["button"] = gr.Button("Merge into checkpoint", elem_id=f"{PREFIX}merge")
+    ui["status"] = gr.HTML("", elem_id=f"{PREFIX}merge_status")
+    return ui
+
+
 def create_tab(host) -> gr.Blocks:
     """The tab's Blocks for ``host`` (the WebUI's or the standalone app's)."""
     defaults = host_config(host)
@@ -278,10 +312,13 @@ def create_tab(host) -> gr.Blocks:
                 loss = gr.HTML(loss_svg([]), elem_id=f"{PREFIX}loss")
                 samples = compat.gallery("Samples during training", f"{PREFIX}samples", columns=4)
                 lora_file = gr.Textbox(label="Trained LoRA", interactive=True, elem_id=f"{PREFIX}lora_file")
+                merge = _merge_panel()
         create_dataset_panel(host, t["data_dir"], t["advanced"])
         sw = _sweep_panel(host)
         trained = gr.State(None)  # the LoRA the last run of this page made (None: it made none)
         _wire(host, t, sw, [status, loss, samples, lora_file], trained)
+        merge["button"].click(lambda *args: merge_checkpoint(host, *args),
+                              inputs=[lora_file, merge["weight"], t["base_model"]], outputs=[merge["status"]])
         _wire_family(host, tab, t)
         tab.lora_trainer_send = (sw["send"], sw["send_prompt"])  # the WebUI glue binds these to txt2img
     return tab

@@ -211,10 +211,23 @@ def status_html(s, labels: dict[str, str] | None = None) -> str:
     if s.state == "error":
         return message_html(name_fields(s.message, labels or {}), "error")
     body = f"<div>{html.escape(status_line(s), quote=False)}</div>"
-    if s.result is not None:
+    if s.result is not None and hasattr(s.result, "images_used"):
         body += skipped_html(s.skipped, s.result.images_used, s.result.images_skipped)
+    elif s.result is not None:  # (a language model's run: llm.trainer.LlmResult)
+        body += f"<div>{html.escape(rows_text(s.result), quote=False)}</div>"
     body += _run_name(s.run_dir)
     return f"<div class='{PREFIX}status {PREFIX}{css}'>{body}</div>"
+
+
+def rows_text(result) -> str:
+    """A language model's run in a line: its rows, and the last held-out loss and perplexity where it had some."""
+    text = f"{result.rows_trained} rows trained"
+    if result.rows_held_out:
+        text += f", {result.rows_held_out} held out"
+    if result.evaluations:
+        last = result.evaluations[-1]
+        text += f" · eval loss {last['eval_loss']:.4f}, perplexity {last['perplexity']:.3f}"
+    return text
 
 
 def message_html(text: str, kind: str = "error") -> str:

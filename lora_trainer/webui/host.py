@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lora_trainer.config import default_value
 from lora_trainer.engine.lora import remove_lora
+from lora_trainer.errors import LoraTrainerError
 from lora_trainer.models.ldm import LdmBackend, ldm_family
 from lora_trainer.models.sgm import SgmBackend
 from lora_trainer.ui.views import SWEEP_STEPS
@@ -235,3 +236,24 @@ class WebUIHost:
             networks.list_available_networks()
         log.info("LoRA ready: %s (prompt with <lora:%s:0.7>)", target, target.stem)
         return target
+
+    def merge_into_model(self, lora_path: Path, weight: float, base_model=None) -> Path:
+        """The LoRA merged into the loaded model's checkpoint file, written to models/Stable-diffusion (never over an
+        existing file), the checkpoint list refreshed."""
+        from modules import sd_models, shared
+
+        from lora_trainer.export.merge import merge_into_folder_of
+
+        info = getattr(getattr(shared, "sd_model", None), "sd_checkpoint_info", None)
+        base = Path(getattr(info, "filename", "") or "")
+        if not base.is_file():
+            raise LoraTrainerError("Merge into checkpoint: no checkpoint file is loaded (load one in the WebUI's "
+                                   "checkpoint list first)")
+        if base.suffix != ".safetensors":
+            raise LoraTrainerError(f"Merge into checkpoint: the loaded checkpoint {base.name} is a {base.suffix} file "
+                                   "(a pickle, which is never read here): load a .safetensors checkpoint to merge into")
+        out = merge_into_folder_of(base, lora_path, weight, sd_models.model_path)
+        sd_models.list_models()
+        log.info("merged %s x%g into %s: %s (refresh the checkpoint list to pick it)", Path(lora_path).name, weight,
+                 base.name, out)
+        return out

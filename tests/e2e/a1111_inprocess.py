@@ -8,7 +8,9 @@ run with the WebUI's python from its folder, the extension installed in ``extens
 3. a caption's conditioning does not depend on its batch-mates (emphasis "Original" rescales by a batch's mean);
 4. a text encoder whose output has mean 0 for one caption stops training before step 1, naming the caption;
 5. a short training through TrainingSession + WebUIHost (what the tab runs) finishes, writes models/Lora/<name>,
-   and leaves the UNet's output bitwise as before.
+   and leaves the UNet's output bitwise as before;
+6. the tab's Merge into checkpoint writes a checkpoint the WebUI lists and loads, which draws what the first one
+   draws with <lora:name:0.7>; the first one loads back bitwise.
 Prints PASS/FAIL lines and a JSON summary; exit 1 if a check failed.
 """
 
@@ -173,7 +175,49 @@ def training_check(sd_model) -> None:
     check("training through the tab's session finishes", status.state == "done" and lora.is_file(),
           f"{status.state}: {status.message} ({status.step} steps, {took:.0f} s)")
     check("the UNet computes exactly what it did before", torch.equal(before, unet_out()), "bitwise")
+    if lora.is_file():
+        merge_check(lora, before, unet_out)
     lora.unlink(missing_ok=True)
+
+
+def merge_check(lora: Path, before, unet_out) -> None:
+    """The tab's Merge into checkpoint: a new file in models/Stable-diffusion, in the checkpoint list; loaded, it
+    draws what the loaded checkpoint draws with <lora:name:0.7>; the first checkpoint loads back bitwise."""
+    import numpy as np
+    import torch
+    from modules import sd_models, shared
+
+    from lora_trainer.ui import tab
+    from lora_trainer.webui.host import WebUIHost
+
+    host, base_info = WebUIHost(), shared.sd_model.sd_checkpoint_info
+    t0 = time.time()
+    message = tab.merge_checkpoint(host, str(lora), 0.7)
+    took = time.time() - t0
+    merged = Path(sd_models.model_path) / f"{Path(base_info.filename).stem}-{lora.stem}-0.7.safetensors"
+    listed = sd_models.get_closet_checkpoint_match(merged.name)
+    check("Merge into checkpoint writes a new checkpoint the WebUI lists", merged.is_file() and listed is not None,
+          f"{merged.name} ({merged.stat().st_size / 2**30:.2f} GiB, {took:.0f} s); listed: "
+          f"{getattr(listed, 'title', None)}; {message[:200]}")
+    if not merged.is_file() or listed is None:
+        return
+
+    def draw(prompt):
+        return np.asarray(host._txt2img(prompt, "", seed=5, steps=3, size=64), dtype=np.int16)
+
+    plain, with_lora = draw("a red circle"), draw(f"a red circle <lora:{lora.stem}:0.7>")
+    t0 = time.time()
+    sd_models.reload_model_weights(info=listed)
+    loaded = time.time() - t0
+    from_merged = draw("a red circle")
+    sd_models.reload_model_weights(info=base_info)
+    diff, effect = int(np.abs(from_merged - with_lora).max()), int(np.abs(plain - with_lora).max())
+    check("the merged checkpoint draws what the base draws with <lora:name:0.7>", diff <= 2 and effect > 2 * diff,
+          f"max pixel difference {diff} (merged vs base + LoRA); the LoRA itself moves pixels by up to {effect}; "
+          f"merged checkpoint loaded in {loaded:.0f} s")
+    check("the first checkpoint loads back bitwise", torch.equal(before, unet_out()), "UNet output compared")
+    merged.unlink(missing_ok=True)
+    sd_models.list_models()
 
 
 def buckets_check(sd_model) -> None:

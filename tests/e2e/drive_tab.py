@@ -419,6 +419,29 @@ def main():
               f"status {final2!r}; {f2.name} exists={f2.is_file()} ({f2.stat().st_size if f2.is_file() else 0} bytes); "
               f"{len(srcs2)} new sweep images; 'Trained LoRA' = {lora_file_value(page)!r}")
 
+        # 4d. merge the LoRA in 'Trained LoRA' into the loaded checkpoint
+        with Timer("4d Merge into checkpoint"):
+            models = H / "webui/models/Stable-diffusion"
+            had = set(models.glob("*.safetensors"))
+            set_field(page, "merge_weight", 0.7)
+            page.locator(f"{P}merge").click()
+            merged, message = [], ""
+            for _ in range(600):
+                page.wait_for_timeout(1000)
+                message = page.locator(f"{P}merge_status").first.inner_text()
+                if message.strip():
+                    break
+            merged = sorted(set(models.glob("*.safetensors")) - had)
+        shot(page, "09b_merged")
+        listed = [m["filename"] for m in api("/sdapi/v1/sd-models")]
+        check("4d Merge into checkpoint writes a new checkpoint the WebUI lists",
+              len(merged) == 1 and "merged into a new checkpoint" in message and str(merged[0]) in listed,
+              f"new files {[m.name for m in merged]}; listed {str(merged[0]) in listed if merged else None}; "
+              f"message {message[:200]!r}")
+        for m in merged:
+            m.unlink()
+        api("/sdapi/v1/refresh-checkpoints", {})
+
         # 5. bad input
         for label, folder, shotname in (("nonexistent folder", work / "no-such-folder", "10_err_missing"),
                                         ("empty folder", empty, "11_err_empty")):
