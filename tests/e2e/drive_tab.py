@@ -429,7 +429,8 @@ def main():
             for _ in range(600):
                 page.wait_for_timeout(1000)
                 message = page.locator(f"{P}merge_status").first.inner_text()
-                if message.strip():
+                # (gradio's pending line over the output is no answer: "1.1s" in gradio 3, "processing | 1.1s" in 4)
+                if message.strip() and not re.match(r"(processing \| )?\d+(\.\d+)?(/\d+(\.\d+)?)?s$", message.strip()):
                     break
             merged = sorted(set(models.glob("*.safetensors")) - had)
         shot(page, "09b_merged")
