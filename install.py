@@ -6,10 +6,15 @@ transformers: peft >= 0.14 and diffusers >= 0.31 with AUTOMATIC1111 v1.10's tran
 release replaces it. The pins are the last releases that import with A1111 v1.10. Everything is installed
 with --no-deps, so pip never upgrades the host's torch, transformers, huggingface_hub or gradio. Nothing is
 installed when everything is already fine.
+
+A package the WebUI pins itself (its ``requirements_versions.txt``, read from the WebUI folder the installer runs
+in: Forge pins peft 0.13.2 and diffusers 0.31.0, A1111 v1.10 neither) is the host's: missing, the host's pin is
+installed; present, it is never replaced (the WebUI's launcher keeps its own pins), only reported if unusable.
 """
 
 import importlib.metadata
 import re
+from pathlib import Path
 
 import launch
 
@@ -34,11 +39,33 @@ def installed_version(name: str) -> str | None:
         return None
 
 
-def to_install(needed=NEEDED) -> list[tuple[str, str]]:
+def host_pins(path: str = "requirements_versions.txt") -> dict[str, str]:
+    """The WebUI's own ``name==version`` pins (lower-case names); none where the file is not there."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return {}
+    pins = {}
+    for line in lines:
+        m = re.match(r"\s*([A-Za-z0-9_.-]+)\s*==\s*([^\s;#]+)", line)
+        if m:
+            pins[m.group(1).lower().replace("_", "-")] = m.group(2)
+    return pins
+
+
+def to_install(needed=NEEDED, pins=None) -> list[tuple[str, str]]:
     """(requirement, why) for each package that has to be (re)installed."""
+    pins = host_pins() if pins is None else pins
     out = []
     for name, (minimum, pin, probe) in needed.items():
         have = installed_version(name) if launch.is_installed(name) else None
+        if name in pins:  # the WebUI's own pin: installed if missing, never replaced
+            if have is None:
+                out.append((f"{name}=={pins[name]}", "missing (the WebUI's own pin)"))
+            elif not launch.check_run_python(probe):
+                print(f"lora-trainer: {name} {have} (the WebUI pins {pins[name]}) does not import with this WebUI's "
+                      f"libraries; training will fail until the WebUI's own requirements are installed again")
+            continue
         if have is None:
             out.append((pin, "missing"))
         elif _version(have) < _version(minimum):

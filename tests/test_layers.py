@@ -10,7 +10,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lora_trainer"
 MAX_FUNCTION_LINES = 80
-# package part → module prefixes it must never import (the WebUI's own modules are `modules.*`)
+# package part → module prefixes it must never import (the WebUI's own modules are `modules.*`, Forge's also
+# `backend.*` and `modules_forge.*`)
 FORBIDDEN = {
     "config.py": ("gradio", "modules", "lora_trainer.ui", "lora_trainer.webui", "lora_trainer.engine",
                   "lora_trainer.models", "lora_trainer.data", "lora_trainer.export"),
@@ -26,6 +27,8 @@ FORBIDDEN = {
     **{f"ui/{name}.py": ("gradio", "modules", "lora_trainer.webui")
        for name in ("host", "run_config", "session", "views")},
 }
+# Forge's own packages (its model code and its additions to `modules`): only lora_trainer/webui/ may import them too
+FORBIDDEN = {part: (*bad, "backend", "modules_forge") for part, bad in FORBIDDEN.items()}
 
 
 def imports(path: Path) -> set[str]:

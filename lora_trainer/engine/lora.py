@@ -19,15 +19,19 @@ def _linear_names(module: nn.Module, limit: int = 12) -> list[str]:
 
 
 def add_lora(module: nn.Module, *, rank: int, alpha: float, dropout: float, target_modules: list[str],
-             key: str = "training.target_modules") -> list[nn.Parameter]:
+             key: str = "training.target_modules", custom_modules: dict | None = None) -> list[nn.Parameter]:
     """Inject LoRA layers into ``module`` (in place) and return the new trainable parameters.
 
     LoRA B starts at zero (peft's default), so the model's output is unchanged until training moves it.
+    ``custom_modules``: layer class → peft LoRA layer class, for a host's own layer classes that are not torch's
+    (Forge's Linear); peft's custom-module mapping (``LoraConfig._register_custom_module``, peft >= 0.12).
     """
     from peft import LoraConfig, inject_adapter_in_model
 
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
                         init_lora_weights=True)
+    if custom_modules:
+        config._register_custom_module(dict(custom_modules))
     try:
         inject_adapter_in_model(config, module, adapter_name=ADAPTER)
     except ValueError as e:

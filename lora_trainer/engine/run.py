@@ -330,7 +330,8 @@ def add_lora_layers(cfg: Config, backend) -> tuple[dict, list[dict]]:
         te = name != UNET
         params = add_lora(module, rank=t.lora_rank, alpha=t.lora_alpha, dropout=t.lora_dropout,
                           target_modules=t.text_encoder_target_modules if te else t.target_modules,
-                          key="training.text_encoder_target_modules" if te else "training.target_modules")
+                          key="training.text_encoder_target_modules" if te else "training.target_modules",
+                          custom_modules=getattr(backend, "lora_custom_modules", None))
         cast_training_params(module, dtype=torch.float32)  # LoRA in fp32, frozen base in compute dtype
         groups.append({"params": params, "lr": lrs[name]})
         module.train()

@@ -56,11 +56,14 @@ def vae_posterior(vae: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, t
     return mean, torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
 
 
-def _checkpointed_forward(forward):
+def _checkpointed_forward(forward, copy_input: bool = False):
     def run(*args, **kwargs):
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        # a block that changes its input in place gets a copy inside the checkpoint: the checkpoint keeps the input
+        # for the recomputation, which must see it unchanged
+        fn = (lambda x, *rest, **kw: forward(x.clone(), *rest, **kw)) if copy_input else forward
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
 
     return run
 
@@ -118,26 +121,42 @@ class SgmBackend(LdmBackend):
     def enable_gradient_checkpointing(self, text_encoder: bool) -> None:
         """torch's non-reentrant checkpoint around each transformer block and ResBlock of the UNet (instance
         forwards, taken out by ``disable_gradient_checkpointing``); the first encoder's own, if it trains."""
-        for module in self.unet.modules():
-            if type(module).__name__ in _CHECKPOINTED and _MARK not in vars(module):
-                setattr(module, _MARK, vars(module).get("forward"))
-                module.forward = _checkpointed_forward(module.forward)
+        checkpoint_blocks(self.unet)
         if text_encoder and self.text_encoder is not None:
             from lora_trainer.models.compat import enable_text_encoder_checkpointing
 
             enable_text_encoder_checkpointing(self.text_encoder)
 
     def disable_gradient_checkpointing(self) -> None:
-        for module in self.unet.modules():
-            state = vars(module)
-            if _MARK in state:
-                previous = state.pop(_MARK)
-                if previous is None:
-                    del module.forward
-                else:
-                    module.forward = previous
+        uncheckpoint_blocks(self.unet)
         if self.text_encoder is not None and getattr(self.text_encoder, "is_gradient_checkpointing", False):
             self.text_encoder.gradient_checkpointing_disable()
+
+
+def checkpoint_blocks(unet: nn.Module, copy_inputs: tuple[str, ...] = ()) -> int:
+    """torch's non-reentrant checkpoint around the forward of each BasicTransformerBlock and ResBlock instance of an
+    LDM-named UNet (sgm's, Forge's: both refuse or misuse their own); returns how many. Instance attributes only:
+    ``uncheckpoint_blocks`` takes them out, and a forward set on the instance before is put back. The blocks whose
+    class is named in ``copy_inputs`` get a copy of their input (Forge's transformer blocks add to it in place)."""
+    count = 0
+    for module in unet.modules():
+        name = type(module).__name__
+        if name in _CHECKPOINTED and _MARK not in vars(module):
+            setattr(module, _MARK, vars(module).get("forward"))
+            module.forward = _checkpointed_forward(module.forward, copy_input=name in copy_inputs)
+            count += 1
+    return count
+
+
+def uncheckpoint_blocks(unet: nn.Module) -> None:
+    for module in unet.modules():
+        state = vars(module)
+        if _MARK in state:
+            previous = state.pop(_MARK)
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
 
 
 def is_sgm_model(sd_model) -> bool:

@@ -63,7 +63,7 @@ def unapply_lora_networks(sd_model) -> int:
     return restored
 
 
-def _emphasis_mode(cfg) -> str:
+def emphasis_mode(cfg) -> str:
     """The WebUI's emphasis mode (Settings → Stable Diffusion → Emphasis mode), which reads its prompt syntax."""
     from modules import shared
 
@@ -149,7 +149,7 @@ class WebUIHost:
                     host_attention=getattr(getattr(sys.modules.get("modules.sd_hijack"), "current_optimizer", None),
                                            "name", None),
                     hypernetworks=[getattr(h, "name", str(h)) for h in getattr(shared, "loaded_hypernetworks", [])],
-                    emphasis=_emphasis_mode(cfg), prediction_type=prediction_type, zero_terminal_snr=zero_snr)
+                    emphasis=emphasis_mode(cfg), prediction_type=prediction_type, zero_terminal_snr=zero_snr)
 
     def release_backend(self, backend) -> None:
         """Remove the LoRA layers and put back every flag: the model computes exactly what it did."""

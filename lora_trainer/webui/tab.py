@@ -6,10 +6,17 @@ from lora_trainer.config import default_value
 from lora_trainer.webui.host import OPTIONS, SECTION, WebUIHost
 
 
+def make_host() -> WebUIHost:
+    """The host for the WebUI this runs in: Forge's (its own model backend) or AUTOMATIC1111's."""
+    from lora_trainer.webui.forge_host import ForgeHost, is_forge
+
+    return ForgeHost() if is_forge() else WebUIHost()
+
+
 def on_ui_tabs():
     from lora_trainer.ui.tab import create_tab
 
-    blocks = create_tab(WebUIHost())
+    blocks = create_tab(make_host())
     _bind_send_to_txt2img(*blocks.lora_trainer_send)
     return [(blocks, "Train LoRA", "lora_trainer")]
 

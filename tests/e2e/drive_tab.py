@@ -13,7 +13,7 @@ s/step, the loss plot's axes, the run's name, the cleared sweep, errors naming t
 
 Prints one line per check and a JSON summary (also written to $SHOTS/drive_summary.json); exit 1 if a check failed.
 Env: PORT (7861), LORA_HARNESS, SHOTS ($HOME/a1111-host-shots), CHROMIUM (/usr/bin/chromium),
-TRAIN_STEPS (8), BATCH (2), SWEEP_STRENGTHS ("0, 0.5, 1"; the tab's sweep runs 20 sampling steps per image),
+TRAIN_STEPS (8), BATCH (2), TRAIN_TE / CHECKPOINTING (1: tick "Train the text encoder" / "Gradient checkpointing"), SWEEP_STRENGTHS ("0, 0.5, 1"; the tab's sweep runs 20 sampling steps per image),
 TG_STRENGTHS ("0, 1": the sweep after Train & generate), DATASET_KIND (full | simple), MAKE_DATASET (a script DIR that writes a dataset; used when DATASET_KIND=full).
 """
 from __future__ import annotations
@@ -47,6 +47,8 @@ BATCH = int(os.environ.get("BATCH", "2"))
 SWEEP_STRENGTHS = os.environ.get("SWEEP_STRENGTHS", "0, 0.5, 1")
 TG_STRENGTHS = os.environ.get("TG_STRENGTHS", "0, 1")
 MAKE_DATASET = os.environ.get("MAKE_DATASET", "")
+TRAIN_TE = os.environ.get("TRAIN_TE", "") == "1"  # tick "Train the text encoder" (the file then has lora_te_ keys)
+CHECKPOINTING = os.environ.get("CHECKPOINTING", "") == "1"  # tick "Gradient checkpointing"
 DATASET_KIND = os.environ.get("DATASET_KIND", "simple")  # simple: 12 plain PNGs; full: the set MAKE_DATASET writes
 GEN = dict(width=64, height=64, steps=3, seed=1234, sampler_name="Euler", cfg_scale=7.0)
 P = "#lora_trainer_"
@@ -149,13 +151,14 @@ def wait_training(page, name, timeout_s=None, shot_during=None, prev=None):
     prev: the status before the click; while it (or gradio's "queue: …" line) still shows, it is not this run's."""
     t0, timeout_s = time.time(), timeout_s or TRAIN_TIMEOUT
     during, seen = None, []
-    timer = re.compile(r"^\d+(\.\d+)?(/\d+(\.\d+)?)?s\n")  # gradio 3's elapsed/ETA line over a pending output
+    # the elapsed/ETA line over a pending output: gradio 3's "1.2/3.4s", gradio 4's (Forge) "processing | 1.2/3.4s"
+    timer = re.compile(r"^(processing \| )?\d+(\.\d+)?(/\d+(\.\d+)?)?s\n")
     prev = timer.sub("", prev) if prev is not None else None
     while time.time() - t0 < timeout_s:
         s = status_text(page)
         if s and (not seen or seen[-1] != s):
             seen.append(s)
-        if prev is not None and (timer.sub("", s) == prev or s.startswith("queue:")):
+        if prev is not None and (timer.sub("", s) == prev or s.startswith(("queue:", "processing |"))):
             time.sleep(0.5)
             continue
         if shot_during and during is None and "step" in s and "/" in s and "0/" not in s.split("·")[0]:
@@ -163,8 +166,8 @@ def wait_training(page, name, timeout_s=None, shot_during=None, prev=None):
             during = shot(page, shot_during)
         err = page.locator(f"{P}status .lora_trainer_error").count()
         done = page.locator(f"{P}status .lora_trainer_done").count()
-        if err or done:
-            return s, seen, during
+        if err or done:  # the text read above may be from just before the class appeared: read it again
+            return status_text(page), seen, during
         time.sleep(1)
     return status_text(page), seen, during
 
@@ -271,6 +274,9 @@ def main():
             set_field(page, "sample_every", max(1, TRAIN_STEPS // 2))  # two samples
             # caption augmentation (issue 18): shuffled tags; the caption grid shows one epoch's draw under each
             page.locator(f"{P}shuffle_caption input").first.check()
+            for key, on in (("train_text_encoder", TRAIN_TE), ("gradient_checkpointing", CHECKPOINTING)):
+                if on:
+                    page.locator(f"{P}{key} input").first.check()
             page.wait_for_timeout(300)
         with Timer("2 caption grid: load, the augmented draw"):
             page.locator(f"{P}dataset .label-wrap").first.click()
@@ -332,6 +338,10 @@ def main():
                       f"sshs_model_hash={str(meta.get('sshs_model_hash'))[:16]}, sshs_legacy_hash={meta.get('sshs_legacy_hash')}, "
                       f"{len(meta)} metadata keys")
             check("3 models/Lora/<name>.safetensors written", ok and str(f) == path or ok, ev + f"; tab path {path}")
+            if TRAIN_TE:
+                te_keys = [k for k in hdr if k.startswith("lora_te")] if ok else []
+                check("3 the text encoder trained too (TRAIN_TE): its LoRA is in the file", bool(te_keys),
+                      f"{len(te_keys)} text-encoder tensors, e.g. {te_keys[:1]}")
             buckets = json.loads(meta.get("ss_bucket_info") or "null") if ok else None
             check("3 the file says: trained in buckets, tags shuffled (the tab's fields)",
                   ok and meta.get("ss_enable_bucket") == "True" and meta.get("ss_shuffle_caption") == "True"
@@ -419,7 +429,8 @@ def main():
             for _ in range(600):
                 page.wait_for_timeout(1000)
                 message = page.locator(f"{P}merge_status").first.inner_text()
-                if message.strip():
+                # (gradio's pending line over the output is no answer: "1.1s" in gradio 3, "processing | 1.1s" in 4)
+                if message.strip() and not re.match(r"(processing \| )?\d+(\.\d+)?(/\d+(\.\d+)?)?s$", message.strip()):
                     break
             merged = sorted(set(models.glob("*.safetensors")) - had)
         shot(page, "09b_merged")
