@@ -37,7 +37,7 @@ from lora_trainer.models.base import TEXT_ENCODER, UNET
 from lora_trainer.models.conditioning import Conditioning
 from lora_trainer.models.ldm import LdmBackend
 from lora_trainer.models.prompts import WINDOW
-from lora_trainer.models.sgm import checkpoint_blocks, uncheckpoint_blocks, vae_posterior
+from lora_trainer.models.sgm import checkpoint_blocks, restore_forwards, uncheckpoint_blocks, vae_posterior
 
 log = logging.getLogger(__name__)
 SIZE_EMBED = 256  # Forge SDXL's Timestep(256) embedder's width, one per size/crop value (its ``dim``)
@@ -112,14 +112,7 @@ def copy_norm_inputs(unet: nn.Module) -> int:
 
 
 def restore_norm_inputs(unet: nn.Module) -> None:
-    for module in unet.modules():
-        state = vars(module)
-        if _NORM_COPY in state:
-            previous = state.pop(_NORM_COPY)
-            if previous is None:
-                del module.forward
-            else:
-                module.forward = previous
+    restore_forwards(unet, _NORM_COPY)
 
 
 def forge_lora_layers(linear_cls: type) -> dict[type, type]:

@@ -148,15 +148,21 @@ def checkpoint_blocks(unet: nn.Module, copy_inputs: tuple[str, ...] = ()) -> int
     return count
 
 
-def uncheckpoint_blocks(unet: nn.Module) -> None:
-    for module in unet.modules():
+def restore_forwards(root: nn.Module, mark: str) -> None:
+    """Put back the forward of every module of ``root`` that a wrapper marked with ``mark`` (the instance's own
+    forward saved under it; None: the class's)."""
+    for module in root.modules():
         state = vars(module)
-        if _MARK in state:
-            previous = state.pop(_MARK)
+        if mark in state:
+            previous = state.pop(mark)
             if previous is None:
                 del module.forward
             else:
                 module.forward = previous
+
+
+def uncheckpoint_blocks(unet: nn.Module) -> None:
+    restore_forwards(unet, _MARK)
 
 
 def is_sgm_model(sd_model) -> bool:

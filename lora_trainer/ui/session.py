@@ -108,28 +108,36 @@ class TrainingSession(Callbacks):
         return self._backend
 
     def _run(self) -> None:
-        from lora_trainer.engine.trainer import train
-
         try:
             with self.host.lock():
-                self.status.message = "checking the dataset and the settings…"
-                family = self.host.model_family(self.cfg.model.base_model if self.host.chooses_base_model else None)
-                try:  # (the family: the dataset check looks for images below the resolution the run will use)
-                    result = train(self.cfg, make_backend=self._make_backend, callbacks=self, progress=False,
-                                   family=family, where=preflight_where(self.host, self.cfg))
-                finally:
-                    backend, self._backend = self._backend, None
-                    self.host.release_backend(backend)
-            self.status.result = result
-            self.status.skipped = result.skipped
-            self.status.published = self.host.publish(result.lora_path, self.cfg.output.output_name)
+                result, made = self._train()
+            self.status.result, self.status.published = result, made
             self.status.state = "stopped" if result.status == "stopped" else "done"
             self.status.message = (f"{'Stopped' if result.status == 'stopped' else 'Finished'} after "
-                                   f"{result.steps}/{result.total_steps} steps: {self.status.published.name}")
+                                   f"{result.steps}/{result.total_steps} steps: {self._made_name(made)}")
         except BaseException as e:  # the UI must learn of every failure; the host stays usable
             if not isinstance(e, LoraTrainerError):
                 log.error("training failed:\n%s", traceback.format_exc())
             self.status.state, self.status.message = "error", friendly_error(e)
+
+    def _train(self):
+        """The run, under the host's lock: (its TrainResult, the file it made, published where generation finds it)."""
+        from lora_trainer.engine.trainer import train
+
+        self.status.message = "checking the dataset and the settings…"
+        family = self.host.model_family(self.cfg.model.base_model if self.host.chooses_base_model else None)
+        try:  # (the family: the dataset check looks for images below the resolution the run will use)
+            result = train(self.cfg, make_backend=self._make_backend, callbacks=self, progress=False,
+                           family=family, where=preflight_where(self.host, self.cfg))
+        finally:
+            backend, self._backend = self._backend, None
+            self.host.release_backend(backend)
+        self.status.skipped = result.skipped
+        return result, self.host.publish(result.lora_path, self.cfg.output.output_name)
+
+    @staticmethod
+    def _made_name(made) -> str:
+        return made.name
 
     # --- engine callbacks
     def on_start(self, total_steps: int, run_dir: Path) -> None:
