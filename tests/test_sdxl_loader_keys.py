@@ -558,6 +558,7 @@ def export_sdxl_lora(backend, folder: Path, training: dict):
     """The kohya file the trainer writes for SDXL with these training keys (both text encoders trained): its
     tensors, its metadata, and which layer each LoRA number was trained on."""
     from lora_trainer.config import config_from_dict, with_family_defaults
+    from lora_trainer.engine.batches import Plan
     from lora_trainer.engine.lora import remove_lora
     from lora_trainer.engine.outputs import export_lora
     from lora_trainer.engine.run import add_lora_layers
@@ -572,7 +573,7 @@ def export_sdxl_lora(backend, folder: Path, training: dict):
     try:
         sources = number_lora_layers(modules)
         scan = SimpleNamespace(samples=[None], tag_frequency=dict)
-        plan = SimpleNamespace(total_steps=1, steps_per_epoch=1, epochs=1)
+        plan = Plan(num_images=1, batch_size=1, grad_accum=1, total_steps=1)
         path, _ = export_lora(folder, cfg, backend, modules, scan, time.time(), 1, plan)
     finally:
         for module in modules.values():
