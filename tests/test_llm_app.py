@@ -151,7 +151,7 @@ def test_stop_keeps_what_was_trained_and_one_run_goes_at_a_time_across_both_task
         TrainingSession.start(host, cfg)  # (an image run: the same one slot)
     text, message = panel.generate_text(host, str(tmp_path), "sky", 2, False, False, 1)
     assert "a training is running" in message
-    panel.stop_training()
+    TrainingSession.stop_active()
     status = wait_for(session)
     assert status.state == "stopped" and status.message.startswith("Stopped after "), status.message
     assert is_adapter(status.published) and (status.run_dir / "checkpoints").is_dir()

@@ -59,12 +59,6 @@ def run_llm_training(host, base_model, data_path, name, *values):
     yield llm_training_view(session)
 
 
-def stop_training() -> None:
-    session = TrainingSession.active()
-    if session is not None:
-        session.stop()
-
-
 def generate_text(host, adapter, prompt, max_new_tokens, sample, chat, seed) -> tuple[str, str]:
     """Try the adapter: (the generated text, a message). Every problem is a message, not an exception."""
     try:
@@ -140,7 +134,7 @@ def _wire(host, ui: dict) -> None:
     fields = [ui["fields"][key] for key in LLM_KEYS]
     ui["train"].click(train, inputs=[ui["base_model"], ui["data"], ui["name"], *fields],
                       outputs=[ui["status"], ui["loss"], ui["adapter"], ui["stop"]])
-    ui["stop"].click(stop_training, inputs=[], outputs=[])
+    ui["stop"].click(TrainingSession.stop_active, inputs=[], outputs=[])
     ui["generate"].click(try_it, inputs=[ui["adapter"], ui["prompt"], ui["max_new_tokens"], ui["sample"], ui["chat"],
                                          ui["seed"]],
                          outputs=[ui["output"], ui["try_status"]])

@@ -92,6 +92,13 @@ class TrainingSession(Callbacks):
     def active(cls) -> TrainingSession | None:
         return TrainingSession._active
 
+    @staticmethod
+    def stop_active() -> None:
+        """Stop: the run that goes on, if any (either task's; also after a page reload)."""
+        session = TrainingSession._active
+        if session is not None:
+            session.stop()
+
     def stop(self) -> None:
         self._stop.request()
         if self.status.running:

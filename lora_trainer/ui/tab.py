@@ -113,12 +113,6 @@ def refresh_family(host, base_model, filled, *values) -> tuple:
     return (message_html(family_note(host, family), "hint"), filled, *fields, *sdxl)
 
 
-def stop_training() -> None:
-    session = TrainingSession.active()
-    if session is not None:
-        session.stop()
-
-
 # --- the strength sweep and Send to txt2img
 def default_sweep_size(host, base_model: str | None = None) -> int:
     """The last training's resolution, else the model's own size (the host says: 512 for SD 1.x)."""
@@ -349,7 +343,7 @@ def _wire(host, t: dict, sw: dict, shown: list, trained) -> None:
     t["train"].click(refresh, **family).then(train, inputs=train_inputs, outputs=outputs)
     t["train_generate"].click(refresh, **family).then(train, inputs=train_inputs, outputs=outputs).then(
         sweep_after, inputs=[trained, *sweep_inputs], outputs=[sw["gallery"], sw["status"]])
-    t["stop"].click(stop_training, inputs=[], outputs=[])
+    t["stop"].click(TrainingSession.stop_active, inputs=[], outputs=[])
 
     def estimate(*args):
         return estimate_memory(host, *args)
