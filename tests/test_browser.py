@@ -22,6 +22,12 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
+def status_and_stop(page, status: str, stop: str) -> tuple[str, bool]:
+    """The status line and whether Stop is enabled, read in one go (two reads can straddle the run's end)."""
+    return tuple(page.evaluate("([a, b]) => [document.querySelector(a).innerText, !document.querySelector(b).disabled]",
+                               [status, stop]))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -97,10 +103,10 @@ def test_train_and_sweep_in_the_browser(app, tmp_path):
         seen, stop_enabled = set(), False
         deadline = time.time() + 900  # (a loaded 2-core machine: 6 steps and 2 samples can take minutes)
         while time.time() < deadline:
-            text = page.inner_text("#lora_trainer_status")
+            text, enabled = status_and_stop(page, "#lora_trainer_status", "#lora_trainer_stop")
             seen.add(text)
             if "step " in text and not stop_enabled:
-                stop_enabled = not page.is_disabled("#lora_trainer_stop")
+                stop_enabled = enabled
                 shot(page, "training", "#lora_trainer_root")
             if "Finished" in text or "error" in text.lower():
                 break
@@ -207,10 +213,10 @@ def test_language_model_mode_trains_and_tries_the_adapter_in_the_browser(app, tm
         seen, stop_enabled = set(), False
         deadline = time.time() + 300
         while time.time() < deadline:
-            text = page.inner_text("#lora_trainer_llm_status")
+            text, enabled = status_and_stop(page, "#lora_trainer_llm_status", "#lora_trainer_llm_stop")
             seen.add(text)
             if "step " in text and not stop_enabled:
-                stop_enabled = not page.is_disabled("#lora_trainer_llm_stop")
+                stop_enabled = enabled
             if "Finished" in text or "error" in text.lower():
                 break
             time.sleep(0.2)
