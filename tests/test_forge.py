@@ -14,6 +14,7 @@ from torch import nn
 pytest.importorskip("ldm.modules.diffusionmodules.openaimodel",
                     reason="the LDM code: pip install --no-deps stable-diffusion-sdkit==2.1.5")
 from forge_model import STUB, Prompts, TinyForgeSD15, TinyForgeSDXL  # noqa: E402
+from lora_file import learned_prefixes  # noqa: E402
 from webui_session import webui_with  # noqa: E402
 
 from lora_trainer.errors import LoraTrainerError  # noqa: E402
@@ -125,6 +126,7 @@ def test_training_in_forge_leaves_the_model_exactly_as_before(forge, tmp_path, m
     te = "lora_te1_" if forge.is_sdxl else "lora_te_"
     assert any(k.startswith("lora_unet_input_blocks_") and "_attn1_to_q.lora_down" in k for k in keys)
     assert any(k.startswith(f"{te}text_model_encoder_layers_0_self_attn_q_proj") for k in keys)
+    assert learned_prefixes(lora) == {"lora_unet_", te}
     # the samples ran through Forge's generation mid-training, and the trained LoRA changed what it computes
     assert len(generated) == 2 and not torch.equal(generated[-1][1], pristine[1])
     assert memory_management.calls and memory_management.calls[0] is forge.forge_objects_original.unet

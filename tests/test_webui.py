@@ -17,6 +17,7 @@ sys.path.insert(0, str(STUB))
 import launch  # noqa: E402  (the stand-in)
 import networks  # noqa: E402
 from ldm_model import TinyLatentDiffusion  # noqa: E402
+from lora_file import learned_prefixes  # noqa: E402
 from modules import devices, processing, script_callbacks, shared  # noqa: E402
 from webui_session import webui_with  # noqa: E402
 
@@ -71,6 +72,7 @@ def test_training_in_the_webui_leaves_the_model_exactly_as_before(webui, tmp_pat
     assert status.state == "done", status.message
     lora = Path(shared.cmd_opts.lora_dir) / "webui_lora.safetensors"
     assert status.published == lora and lora.is_file()
+    assert learned_prefixes(lora) == {"lora_unet_", "lora_te_"}  # (checkpointed, the text encoder's layers too)
     assert networks.refreshes >= 1 and networks.loaded_networks == []
     assert ("begin", "Train LoRA") in shared.state.calls and shared.state.calls[-1] == ("end",)
     assert [p.prompt for p in processing.calls] == ["demo style", "demo style"]  # samples at steps 2 and 4

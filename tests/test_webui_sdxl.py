@@ -11,6 +11,7 @@ import torch
 STUB = Path(__file__).resolve().parent / "webui_stub"
 sys.path.insert(0, str(STUB))
 
+from lora_file import learned_prefixes  # noqa: E402
 from modules import processing, shared  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
@@ -73,6 +74,7 @@ def test_the_tab_trains_sdxl_in_place_exports_kohya_sdxl_and_restores_the_model_
     assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in unet
     assert not any("down_blocks" in k for k in unet)  # one naming only: the original UNet's
     assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in te1
+    assert learned_prefixes(status.published) == {"lora_unet_", "lora_te1_"}
     assert keys == unet | te1  # nothing of the second encoder (open_clip in the WebUI), nothing unprefixed
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"

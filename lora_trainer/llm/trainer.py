@@ -27,6 +27,7 @@ from lora_trainer.llm.outputs import export_adapter, write_summary
 from lora_trainer.llm.quantize import DESCRIBED, check_quantization, prepare_for_training, quantization_config
 from lora_trainer.llm.rows import read_rows
 from lora_trainer.llm.run import LlmPlan, LlmRun, NonFiniteLoss
+from lora_trainer.utils.checkpointing import enable_lora_checkpointing
 
 log = logging.getLogger(__name__)
 # (besides engine.checkpoint's SHOULD_MATCH): a resume with another value warns
@@ -146,11 +147,7 @@ def _set_up(cfg: Config, prepared: _Prepared, run_dir: Path, log_dir: Path, call
         log.info("the frozen base is quantized: %s", DESCRIBED[t.quantize_base])
         model = prepare_for_training(model, t.gradient_checkpointing)
     elif t.gradient_checkpointing:
-        try:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        except TypeError:  # (transformers before 4.35)
-            model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
+        enable_lora_checkpointing(model)
     torch.manual_seed(t.seed)  # (the LoRA's initial weights, and dropout: the same run for the same seed)
     model = add_lora(model, t, prepared.targets)
     model.train()

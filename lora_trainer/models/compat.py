@@ -13,10 +13,3 @@ def dtype_kwargs(dtype: torch.dtype) -> dict:
     except ImportError:
         return {"torch_dtype": dtype}
     return {"dtype": dtype}
-
-
-def enable_text_encoder_checkpointing(text_encoder) -> None:
-    """transformers 5 renamed gradient_checkpointing_enable to activation_checkpointing_enable."""
-    enable = (getattr(text_encoder, "activation_checkpointing_enable", None)
-              or text_encoder.gradient_checkpointing_enable)
-    enable()

@@ -11,11 +11,12 @@ from torch import nn
 from lora_trainer.errors import ModelLoadError
 from lora_trainer.models.attention import use_diffusers_attention
 from lora_trainer.models.base import TEXT_ENCODER, UNET, Backend
-from lora_trainer.models.compat import dtype_kwargs, enable_text_encoder_checkpointing
+from lora_trainer.models.compat import dtype_kwargs
 from lora_trainer.models.compiling import compile_for_run
 from lora_trainer.models.conditioning import Conditioning
 from lora_trainer.models.offload import IdleEncoders
 from lora_trainer.models.prompts import encode_captions
+from lora_trainer.utils.checkpointing import enable_lora_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +129,7 @@ class DiffusersBackend(Backend):
     def enable_gradient_checkpointing(self, text_encoder: bool) -> None:
         self.unet.enable_gradient_checkpointing()
         if text_encoder:
-            enable_text_encoder_checkpointing(self.text_encoder)
-            # frozen embeddings give checkpointed layers inputs without grad; make them carry it
-            self.text_encoder.enable_input_require_grads()
+            enable_lora_checkpointing(self.text_encoder)
 
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")

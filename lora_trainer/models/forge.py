@@ -38,6 +38,7 @@ from lora_trainer.models.conditioning import Conditioning
 from lora_trainer.models.ldm import LdmBackend
 from lora_trainer.models.prompts import WINDOW
 from lora_trainer.models.sgm import checkpoint_blocks, restore_forwards, uncheckpoint_blocks, vae_posterior
+from lora_trainer.utils.checkpointing import disable_lora_checkpointing, enable_lora_checkpointing
 
 log = logging.getLogger(__name__)
 SIZE_EMBED = 256  # Forge SDXL's Timestep(256) embedder's width, one per size/crop value (its ``dim``)
@@ -364,12 +365,9 @@ class ForgeBackend(LdmBackend):
         checkpoint_blocks(self.unet, copy_inputs=("BasicTransformerBlock",))
         self._checkpointing_on = True
         if text_encoder:
-            from lora_trainer.models.compat import enable_text_encoder_checkpointing
-
-            enable_text_encoder_checkpointing(self.text_encoder)
+            enable_lora_checkpointing(self.text_encoder)
 
     def disable_gradient_checkpointing(self) -> None:
         uncheckpoint_blocks(self.unet)
         self._checkpointing_on = False
-        if getattr(self.text_encoder, "is_gradient_checkpointing", False):
-            self.text_encoder.gradient_checkpointing_disable()
+        disable_lora_checkpointing(self.text_encoder)

@@ -23,6 +23,7 @@ from lora_trainer.models.compiling import compile_for_run
 from lora_trainer.models.conditioning import Conditioning
 from lora_trainer.models.offload import IdleEncoders
 from lora_trainer.models.prompts import WINDOW
+from lora_trainer.utils.checkpointing import disable_lora_checkpointing, enable_lora_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -235,13 +236,11 @@ class LdmBackend(Backend):
         self._checkpointing[0]()
         self._checkpointing_on = True
         if text_encoder and self.text_encoder is not None:
-            from lora_trainer.models.compat import enable_text_encoder_checkpointing
-
-            enable_text_encoder_checkpointing(self.text_encoder)
+            enable_lora_checkpointing(self.text_encoder)
 
     def disable_gradient_checkpointing(self) -> None:
         if self._checkpointing_on and self._checkpointing is not None:
             self._checkpointing[1]()
         self._checkpointing_on = False
-        if self.text_encoder is not None and getattr(self.text_encoder, "is_gradient_checkpointing", False):
-            self.text_encoder.gradient_checkpointing_disable()
+        if self.text_encoder is not None:
+            disable_lora_checkpointing(self.text_encoder)

@@ -22,10 +22,11 @@ from torch import nn
 from lora_trainer.errors import ModelLoadError
 from lora_trainer.export.kohya import LdmUnetNames
 from lora_trainer.models.base import TEXT_ENCODER, TEXT_ENCODER_2, UNET
-from lora_trainer.models.compat import dtype_kwargs, enable_text_encoder_checkpointing
+from lora_trainer.models.compat import dtype_kwargs
 from lora_trainer.models.conditioning import Conditioning
 from lora_trainer.models.diffusers_backend import DiffusersBackend
 from lora_trainer.models.prompts import WINDOW, apply_weights, weighted_tokens
+from lora_trainer.utils.checkpointing import enable_lora_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,7 @@ class SdxlBackend(DiffusersBackend):
     def enable_gradient_checkpointing(self, text_encoder: bool, text_encoder_2: bool = False) -> None:
         super().enable_gradient_checkpointing(text_encoder)
         if text_encoder_2:
-            enable_text_encoder_checkpointing(self.text_encoder_2)
-            self.text_encoder_2.enable_input_require_grads()
+            enable_lora_checkpointing(self.text_encoder_2)
 
     def idle_encoders(self, text_encoder: bool) -> list[nn.Module]:
         """As for SD 1.x, with both text encoders (SDXL's second is 695 M parameters) when captions are cached."""

@@ -28,6 +28,7 @@ from lora_trainer.models.base import TEXT_ENCODER, UNET
 from lora_trainer.models.conditioning import Conditioning
 from lora_trainer.models.ldm import LdmBackend
 from lora_trainer.models.prompts import WINDOW
+from lora_trainer.utils.checkpointing import disable_lora_checkpointing, enable_lora_checkpointing
 
 # sgm's size/crop embedders by input key, in the order of a time_ids row's pairs (height/top first, as A1111)
 SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
@@ -123,14 +124,12 @@ class SgmBackend(LdmBackend):
         forwards, taken out by ``disable_gradient_checkpointing``); the first encoder's own, if it trains."""
         checkpoint_blocks(self.unet)
         if text_encoder and self.text_encoder is not None:
-            from lora_trainer.models.compat import enable_text_encoder_checkpointing
-
-            enable_text_encoder_checkpointing(self.text_encoder)
+            enable_lora_checkpointing(self.text_encoder)
 
     def disable_gradient_checkpointing(self) -> None:
         uncheckpoint_blocks(self.unet)
-        if self.text_encoder is not None and getattr(self.text_encoder, "is_gradient_checkpointing", False):
-            self.text_encoder.gradient_checkpointing_disable()
+        if self.text_encoder is not None:
+            disable_lora_checkpointing(self.text_encoder)
 
 
 def checkpoint_blocks(unet: nn.Module, copy_inputs: tuple[str, ...] = ()) -> int:
