@@ -169,15 +169,34 @@ def training_check(sd_model) -> None:
     name = f"e2e_inprocess_{int(time.time())}"
     tmp = Path(tempfile.mkdtemp())
     t0 = time.time()
-    status = TrainingSession.start(WebUIHost(), _cfg(tmp, name)).wait(1800)
+    cfg = _cfg(tmp, name, train_text_encoder=True, gradient_checkpointing=True)
+    status = TrainingSession.start(WebUIHost(), cfg).wait(1800)
     took = time.time() - t0
     lora = Path(shared.cmd_opts.lora_dir) / f"{name}.safetensors"
     check("training through the tab's session finishes", status.state == "done" and lora.is_file(),
           f"{status.state}: {status.message} ({status.step} steps, {took:.0f} s)")
     check("the UNet computes exactly what it did before", torch.equal(before, unet_out()), "bitwise")
     if lora.is_file():
+        learned_check(lora, {"lora_unet_", "lora_te_"})
         merge_check(lora, before, unet_out)
     lora.unlink(missing_ok=True)
+
+
+def learned_check(lora: Path, parts: set[str]) -> None:
+    """Each trained part's LoRA moved from its zero start (up weights), with gradient checkpointing on: the text
+    encoder's too (transformers' reentrant checkpoint once gave its layers no gradient). (Not every module: with
+    clip skip 2, SDXL's, the last layer's output is not used.)"""
+    from safetensors import safe_open
+
+    moved = {}
+    with safe_open(str(lora), "pt") as f:
+        for key in f.keys():
+            if key.endswith(".lora_up.weight"):
+                part = key.split("text_model_")[0] if "_text_model_" in key else "lora_unet_"
+                moved.setdefault(part, []).append(bool(f.get_tensor(key).abs().max() > 0))
+    check("every trained part learned (gradient checkpointing on)",
+          set(moved) == parts and all(map(any, moved.values())),
+          "; ".join(f"{part}: {sum(v)} of {len(v)} modules moved from zero" for part, v in sorted(moved.items())))
 
 
 def merge_check(lora: Path, before, unet_out) -> None:

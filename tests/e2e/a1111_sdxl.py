@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from a1111_inprocess import _dataset, check, estimate_check, start_webui, summarize  # noqa: E402
+from a1111_inprocess import _dataset, check, estimate_check, learned_check, start_webui, summarize  # noqa: E402
 
 CAPTIONS = ["a (red:1.3) cube on a table", "two cats, [sketch]"]
 
@@ -112,6 +112,7 @@ def training_check(sd_model, steps: int) -> None:
           and any(m.startswith("lora_te1_text_model_encoder_layers_0_self_attn") for m in modules),
           f"{len(modules)} modules ({prefixes}); ss_base_model_version {meta.get('ss_base_model_version')}, "
           f"modelspec.architecture {meta.get('modelspec.architecture')}")
+    learned_check(lora, {"lora_unet_", "lora_te1_"})
     loader_check(name, modules)
     sweep_check(host, lora)
     lora.unlink(missing_ok=True)

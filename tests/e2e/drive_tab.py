@@ -107,6 +107,20 @@ def safetensors_header(path: Path) -> dict:
         return json.loads(f.read(n))
 
 
+def moved_from_zero(path: Path, hdr: dict, prefix: str) -> tuple[int, int]:
+    """(how many of the file's ``prefix`` up weights are not all zero, how many there are): the LoRA's up weights
+    start at zero, so a part that trained has moved them."""
+    with open(path, "rb") as f:
+        start = 8 + struct.unpack("<Q", f.read(8))[0]
+        ups = [v for k, v in hdr.items() if k.startswith(prefix) and k.endswith(".lora_up.weight")]
+        moved = 0
+        for v in ups:
+            a, b = v["data_offsets"]
+            f.seek(start + a)
+            moved += any(f.read(b - a))
+        return moved, len(ups)
+
+
 # ---------------------------------------------------------------- the page
 def shot(page, name, selector="#tab_lora_trainer"):
     path = SHOTS / f"{name}.png"
@@ -340,8 +354,11 @@ def main():
             check("3 models/Lora/<name>.safetensors written", ok and str(f) == path or ok, ev + f"; tab path {path}")
             if TRAIN_TE:
                 te_keys = [k for k in hdr if k.startswith("lora_te")] if ok else []
-                check("3 the text encoder trained too (TRAIN_TE): its LoRA is in the file", bool(te_keys),
-                      f"{len(te_keys)} text-encoder tensors, e.g. {te_keys[:1]}")
+                moved, ups = moved_from_zero(f, hdr, "lora_te") if ok else (0, 0)
+                check("3 the text encoder trained too (TRAIN_TE): its LoRA is in the file and learned",
+                      bool(te_keys) and moved > 0,
+                      f"{len(te_keys)} text-encoder tensors, e.g. {te_keys[:1]}; {moved} of {ups} up weights moved "
+                      f"from zero (gradient checkpointing {'on' if CHECKPOINTING else 'off'})")
             buckets = json.loads(meta.get("ss_bucket_info") or "null") if ok else None
             check("3 the file says: trained in buckets, tags shuffled (the tab's fields)",
                   ok and meta.get("ss_enable_bucket") == "True" and meta.get("ss_shuffle_caption") == "True"
