@@ -114,7 +114,8 @@ def test_training_in_forge_leaves_the_model_exactly_as_before(forge, tmp_path, m
         return processing.Processed([None])
 
     monkeypatch.setattr(processing, "process_images", forge_generation)
-    cfg = make_cfg(tmp_path, train_text_encoder=True, gradient_checkpointing=checkpointing)
+    cfg = make_cfg(tmp_path, train_text_encoder=True, train_text_encoder_2=forge.is_sdxl,
+                   gradient_checkpointing=checkpointing)  # (SDXL: both text encoders)
     status = TrainingSession.start(ForgeHost(), cfg, sample_prompt="demo style", sample_every=2).wait(180)
     assert status.state == "done", status.message
     lora = Path(shared.cmd_opts.lora_dir) / "forge_lora.safetensors"
@@ -126,7 +127,7 @@ def test_training_in_forge_leaves_the_model_exactly_as_before(forge, tmp_path, m
     te = "lora_te1_" if forge.is_sdxl else "lora_te_"
     assert any(k.startswith("lora_unet_input_blocks_") and "_attn1_to_q.lora_down" in k for k in keys)
     assert any(k.startswith(f"{te}text_model_encoder_layers_0_self_attn_q_proj") for k in keys)
-    assert learned_prefixes(lora) == {"lora_unet_", te}
+    assert learned_prefixes(lora) == {"lora_unet_", te} | ({"lora_te2_"} if forge.is_sdxl else set())
     # the samples ran through Forge's generation mid-training, and the trained LoRA changed what it computes
     assert len(generated) == 2 and not torch.equal(generated[-1][1], pristine[1])
     assert memory_management.calls and memory_management.calls[0] is forge.forge_objects_original.unet

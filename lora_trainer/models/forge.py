@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from lora_trainer.errors import LoraTrainerError
-from lora_trainer.models.base import TEXT_ENCODER, UNET
+from lora_trainer.models.base import TEXT_ENCODER, TEXT_ENCODER_2, UNET
 from lora_trainer.models.conditioning import Conditioning
 from lora_trainer.models.ldm import LdmBackend
 from lora_trainer.models.prompts import WINDOW
@@ -177,10 +177,9 @@ def refuse_untrainable_forge(sd_model, cfg) -> str:
     if family == "sd_v2" and t.train_text_encoder:
         raise LoraTrainerError("training the text encoder of SD 2.x is not supported in Forge yet; turn off 'Train "
                                "the text encoder'")
-    if t.train_text_encoder_2:
-        raise LoraTrainerError("training SDXL's second text encoder is not supported in Forge yet; turn off 'Train "
-                               "the second text encoder' (the first one can train)" if family == "sdxl" else
-                               f"training.train_text_encoder_2: the loaded model ({family}) has one text encoder")
+    if t.train_text_encoder_2 and family != "sdxl":
+        raise LoraTrainerError(f"training.train_text_encoder_2: the loaded model ({family}) has one text encoder; "
+                               f"set train_text_encoder_2: false (train_text_encoder trains its text encoder)")
     return family
 
 
@@ -208,6 +207,8 @@ class ForgeBackend(LdmBackend):
         self.weight_dtype = self.kmodel.storage_dtype
         self.compute_dtype = getattr(self.kmodel, "computation_dtype", self.weight_dtype)
         self.text_encoder = objects.clip.cond_stage_model.clip_l.transformer
+        # SDXL's second (CLIP bigG): a Hugging Face CLIPTextModel in Forge too, so kohya's lora_te2_ names as they are
+        self.text_encoder_2 = objects.clip.cond_stage_model.clip_g.transformer if self.family == "sdxl" else None
         self.vae = objects.vae.first_stage_model
         self._vae_patcher = getattr(objects.vae, "patcher", None)
         self._load = load
@@ -242,7 +243,11 @@ class ForgeBackend(LdmBackend):
         self.disable_gradient_checkpointing()
 
     def components(self) -> dict[str, nn.Module]:
-        return {UNET: self.unet, TEXT_ENCODER: self.text_encoder}
+        second = {TEXT_ENCODER_2: self.text_encoder_2} if self.text_encoder_2 is not None else {}
+        return {UNET: self.unet, TEXT_ENCODER: self.text_encoder, **second}
+
+    def text_encoders(self) -> list[nn.Module]:
+        return [te for te in (self.text_encoder, self.text_encoder_2) if te is not None]
 
     def modules(self) -> list[nn.Module]:
         """Every module of the loaded model: UNet (with its predictor), text encoders, VAE."""
@@ -280,7 +285,8 @@ class ForgeBackend(LdmBackend):
     def _conditioning(self, prompts: list[str]):
         """Forge's ``get_learned_conditioning``: under inference mode (outputs copied out of it) unless the text
         encoder trains and gradients are on; then its undecorated function, so the gradient reaches the LoRA."""
-        trains = any(p.requires_grad for p in self.text_encoder.parameters()) and torch.is_grad_enabled()
+        trains = torch.is_grad_enabled() and any(p.requires_grad for te in self.text_encoders()
+                                                 for p in te.parameters())
         if trains:
             fn = type(self.sd_model).get_learned_conditioning
             return getattr(fn, "__wrapped__", fn)(self.sd_model, prompts)
@@ -359,15 +365,19 @@ class ForgeBackend(LdmBackend):
     def idle_encoders(self, text_encoder: bool) -> list[nn.Module]:
         return [self.vae] + ([self.sd_model.forge_objects.clip.cond_stage_model] if text_encoder else [])
 
-    def enable_gradient_checkpointing(self, text_encoder: bool) -> None:
+    def enable_gradient_checkpointing(self, text_encoder: bool, text_encoder_2: bool = False) -> None:
         """torch's non-reentrant checkpoint around each transformer block and ResBlock (Forge's own raises); a
-        transformer block gets a copy of its input, which it changes in place."""
+        transformer block gets a copy of its input, which it changes in place. Each text encoder that trains, its
+        layers checkpointed too."""
         checkpoint_blocks(self.unet, copy_inputs=("BasicTransformerBlock",))
         self._checkpointing_on = True
         if text_encoder:
             enable_lora_checkpointing(self.text_encoder)
+        if text_encoder_2 and self.text_encoder_2 is not None:
+            enable_lora_checkpointing(self.text_encoder_2)
 
     def disable_gradient_checkpointing(self) -> None:
         uncheckpoint_blocks(self.unet)
         self._checkpointing_on = False
-        disable_lora_checkpointing(self.text_encoder)
+        for te in self.text_encoders():
+            disable_lora_checkpointing(te)

@@ -49,7 +49,7 @@ def reset_forge_loras(sd_model) -> None:
 
 class ForgeHost(WebUIHost):
     name = "forge"
-    trains_text_encoder_2 = False  # not wired for Forge yet (refused with a message)
+    trains_text_encoder_2 = True  # SDXL's second text encoder is a Hugging Face CLIP model in Forge (peft wraps it)
 
     def __init__(self):
         super().__init__()
@@ -81,8 +81,10 @@ class ForgeHost(WebUIHost):
             raise LoraTrainerError(f"Forge's memory manager left part of the UNet on {', '.join(sorted(elsewhere))} "
                                    f"(not enough free memory on {device} for all of it): close other programs on the "
                                    f"GPU, or start Forge without options that keep weights on the CPU, then train")
-        text_encoder = sd_model.forge_objects.clip.cond_stage_model.clip_l.transformer
-        trained = [unet] + ([text_encoder] if cfg.training.train_text_encoder else [])
+        encoders = sd_model.forge_objects.clip.cond_stage_model
+        t = cfg.training
+        trained = [unet] + ([encoders.clip_l.transformer] if t.train_text_encoder else []) + (
+            [encoders.clip_g.transformer] if t.train_text_encoder_2 else [])
         modules = [unet_patcher.model, sd_model.forge_objects.clip.cond_stage_model,
                    sd_model.forge_objects.vae.first_stage_model]
         self._saved = [({n: p.requires_grad for n, p in top.named_parameters()},
