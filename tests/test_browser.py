@@ -100,21 +100,22 @@ def test_train_and_sweep_in_the_browser(app, tmp_path):
         page.fill("#lora_trainer_sweep_prompt textarea", "demo style, a red circle")
         page.click("#lora_trainer_train_generate")
 
-        seen, stop_enabled = set(), False
+        seen, stop_enabled, shot_taken = set(), False, False
         deadline = time.time() + 900  # (a loaded 2-core machine: 6 steps and 2 samples can take minutes)
         while time.time() < deadline:
             text, enabled = status_and_stop(page, "#lora_trainer_status", "#lora_trainer_stop")
             seen.add(text)
-            if "step " in text and not stop_enabled:
-                stop_enabled = enabled
+            stop_enabled |= enabled and "Finished" not in text  # (Stop is off before the click: the run turned it on)
+            if "step " in text and not shot_taken:
                 shot(page, "training", "#lora_trainer_root")
+                shot_taken = True
             if "Finished" in text or "error" in text.lower():
                 break
             time.sleep(0.3)
         assert any("Finished after 6/6 steps" in t for t in seen), seen
         assert any("step " in t and "/6" in t and ("it/s" in t or "s/step" in t) for t in seen), seen
         assert any("(avg of last" in t for t in seen), seen  # the loss says what it is
-        assert stop_enabled
+        assert stop_enabled, seen
         final = page.inner_text("#lora_trainer_status")
         assert "4 images used, 1 skipped" in final and "run browser_lora" in final
         assert "output/runs" not in final  # the run folder's path is in a hover, not in the line
@@ -215,13 +216,12 @@ def test_language_model_mode_trains_and_tries_the_adapter_in_the_browser(app, tm
         while time.time() < deadline:
             text, enabled = status_and_stop(page, "#lora_trainer_llm_status", "#lora_trainer_llm_stop")
             seen.add(text)
-            if "step " in text and not stop_enabled:
-                stop_enabled = enabled
+            stop_enabled |= enabled and "Finished" not in text  # (30 tiny steps may end between two reads)
             if "Finished" in text or "error" in text.lower():
                 break
             time.sleep(0.2)
         assert any("Finished after 30/30 steps: adapter colors" in t for t in seen), seen
-        assert stop_enabled
+        assert stop_enabled, seen
         assert "4 rows trained" in page.inner_text("#lora_trainer_llm_status")
         adapter = page.input_value("#lora_trainer_llm_adapter textarea, #lora_trainer_llm_adapter input")
         assert adapter.endswith("colors/colors")

@@ -13,7 +13,8 @@ s/step, the loss plot's axes, the run's name, the cleared sweep, errors naming t
 
 Prints one line per check and a JSON summary (also written to $SHOTS/drive_summary.json); exit 1 if a check failed.
 Env: PORT (7861), LORA_HARNESS, SHOTS ($HOME/a1111-host-shots), CHROMIUM (/usr/bin/chromium),
-TRAIN_STEPS (8), BATCH (2), TRAIN_TE / CHECKPOINTING (1: tick "Train the text encoder" / "Gradient checkpointing"), SWEEP_STRENGTHS ("0, 0.5, 1"; the tab's sweep runs 20 sampling steps per image),
+TRAIN_STEPS (8), BATCH (2), TRAIN_TE / TRAIN_TE2 / CHECKPOINTING (1: tick "Train the text encoder" / "... second text
+encoder (SDXL)" / "Gradient checkpointing"), SWEEP_STRENGTHS ("0, 0.5, 1"; the tab's sweep runs 20 sampling steps per image),
 TG_STRENGTHS ("0, 1": the sweep after Train & generate), DATASET_KIND (full | simple), MAKE_DATASET (a script DIR that writes a dataset; used when DATASET_KIND=full).
 """
 from __future__ import annotations
@@ -49,6 +50,7 @@ TG_STRENGTHS = os.environ.get("TG_STRENGTHS", "0, 1")
 MAKE_DATASET = os.environ.get("MAKE_DATASET", "")
 TRAIN_TE = os.environ.get("TRAIN_TE", "") == "1"  # tick "Train the text encoder" (the file then has lora_te_ keys)
 CHECKPOINTING = os.environ.get("CHECKPOINTING", "") == "1"  # tick "Gradient checkpointing"
+TRAIN_TE2 = os.environ.get("TRAIN_TE2", "") == "1"  # tick "Train the second text encoder (SDXL)": Forge's SDXL
 DATASET_KIND = os.environ.get("DATASET_KIND", "simple")  # simple: 12 plain PNGs; full: the set MAKE_DATASET writes
 GEN = dict(width=64, height=64, steps=3, seed=1234, sampler_name="Euler", cfg_scale=7.0)
 P = "#lora_trainer_"
@@ -288,7 +290,8 @@ def main():
             set_field(page, "sample_every", max(1, TRAIN_STEPS // 2))  # two samples
             # caption augmentation (issue 18): shuffled tags; the caption grid shows one epoch's draw under each
             page.locator(f"{P}shuffle_caption input").first.check()
-            for key, on in (("train_text_encoder", TRAIN_TE), ("gradient_checkpointing", CHECKPOINTING)):
+            for key, on in (("train_text_encoder", TRAIN_TE), ("train_text_encoder_2", TRAIN_TE2),
+                            ("gradient_checkpointing", CHECKPOINTING)):
                 if on:
                     page.locator(f"{P}{key} input").first.check()
             page.wait_for_timeout(300)
@@ -359,6 +362,10 @@ def main():
                       bool(te_keys) and moved > 0,
                       f"{len(te_keys)} text-encoder tensors, e.g. {te_keys[:1]}; {moved} of {ups} up weights moved "
                       f"from zero (gradient checkpointing {'on' if CHECKPOINTING else 'off'})")
+            if TRAIN_TE2:
+                moved, ups = moved_from_zero(f, hdr, "lora_te2_") if ok else (0, 0)
+                check("3 SDXL's second text encoder trained too (TRAIN_TE2): lora_te2_ in the file and learned",
+                      moved > 0, f"{moved} of {ups} lora_te2_ up weights moved from zero")
             buckets = json.loads(meta.get("ss_bucket_info") or "null") if ok else None
             check("3 the file says: trained in buckets, tags shuffled (the tab's fields)",
                   ok and meta.get("ss_enable_bucket") == "True" and meta.get("ss_shuffle_caption") == "True"
