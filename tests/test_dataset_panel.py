@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import html
+
 import pytest
 from PIL import Image
 
 gr = pytest.importorskip("gradio")
 
+from lora_trainer.data.augment import CaptionAugment  # noqa: E402
 from lora_trainer.ui import dataset_panel as panel  # noqa: E402
 from lora_trainer.ui.caption_grid import PER_PAGE  # noqa: E402
 
@@ -114,6 +117,16 @@ def test_captions_show_an_augmented_draw_while_shuffling_is_on(folder):
     assert any(len(e.split(", ")) < 5 for e in examples)  # some tags dropped in this draw
     uncaptioned = [info for visible, _, caption, info in slots(out) if visible and not caption]
     assert uncaptioned and all("e.g. one epoch: trig</div>" in info for info in uncaptioned)  # (the prefix alone)
+    # the draw is the run's: its seed (the tab's Seed field), as data.augment draws epoch 1 in training
+    for seed in (0, 7):
+        out = run(panel.set_augment, state, captions_on_screen(out), "trig, ", True, 0, 0.5, 0, seed)
+        aug = CaptionAugment(True, tag_dropout_rate=0.5, prefix="trig, ", seed=seed)
+        views = state.captions.views(state.on_page())
+        drawn = [info.split("e.g. one epoch: ", 1)[1].split("</div>")[0] for visible, _, caption, info in slots(out)
+                 if visible and caption]
+        assert drawn == [html.escape(aug.caption(v.text, v.core_tags, i, 0))
+                         for i, v in zip(state.on_page(), views) if v.text and state.captions.items[i].caption]
+        assert seed == 0 or drawn != examples
     out = run(panel.set_augment, state, captions_on_screen(out), "ohwx, ", False, 0, 0, 0)
     assert all("e.g. one epoch" not in info for *_, info in slots(out))
     shown = [info for visible, _, caption, info in slots(out) if visible and caption]

@@ -70,9 +70,10 @@ def thumbnail(path) -> Image.Image | None:
     return img
 
 
-def augment_of(prefix: str, shuffle=False, keep_tokens=0, tag_dropout=0.0, dropout=0.0) -> CaptionAugment | None:
-    """The tab's caption augmentation fields → data.augment's CaptionAugment (None: all off). Fields left empty
-    count as off; the config's checks name bad values when training starts."""
+def augment_of(prefix: str, shuffle=False, keep_tokens=0, tag_dropout=0.0, dropout=0.0,
+               seed=0) -> CaptionAugment | None:
+    """The tab's caption augmentation fields → data.augment's CaptionAugment (None: all off), drawing with the run's
+    seed as training will. Fields left empty count as off; the config's checks name bad values when training starts."""
     def number(value, kind):
         try:
             return max(kind(value or 0), 0)
@@ -80,7 +81,8 @@ def augment_of(prefix: str, shuffle=False, keep_tokens=0, tag_dropout=0.0, dropo
             return kind(0)
 
     aug = CaptionAugment(bool(shuffle), number(keep_tokens, int), dropout_rate=min(number(dropout, float), 1.0),
-                         tag_dropout_rate=min(number(tag_dropout, float), 1.0), prefix=prefix or "")
+                         tag_dropout_rate=min(number(tag_dropout, float), 1.0), prefix=prefix or "",
+                         seed=number(seed, int))
     return aug if aug.active else None
 
 

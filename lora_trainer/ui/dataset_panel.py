@@ -80,7 +80,8 @@ def _need(state):
     return state
 
 
-AUGMENT_FIELDS = ("shuffle_caption", "keep_tokens", "caption_tag_dropout_rate", "caption_dropout_rate")  # (their order
+AUGMENT_FIELDS = ("shuffle_caption", "keep_tokens", "caption_tag_dropout_rate", "caption_dropout_rate",  # (their order
+                  "seed")
 # is caption_grid.augment_of's)
 
 
