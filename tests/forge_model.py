@@ -192,6 +192,7 @@ class TinyForgeEngine:
     """backend/diffusion_engine/base.py ForgeDiffusionEngine, tiny: what SD 1.5's and SDXL's share."""
 
     is_sd1 = is_sd2 = is_sdxl = is_sd3 = is_inpaint = False
+    prediction_type = "epsilon"
 
     def _assemble(self, unet, alphas_cumprod, encoders: dict, tokenizers: dict, vae, storage_dtype):
         self.linears = forge_linears(unet) + sum(forge_linears(te) for te in encoders.values())
@@ -200,7 +201,7 @@ class TinyForgeEngine:
         for name, te in encoders.items():
             setattr(clip_model, name, nn.Module())
             getattr(clip_model, name).transformer = te
-        kmodel = KModel(unet, alphas_cumprod, storage_dtype=storage_dtype)
+        kmodel = KModel(unet, alphas_cumprod, prediction_type=self.prediction_type, storage_dtype=storage_dtype)
         vae_model = VaeModel(vae)
         for m in (kmodel, clip_model, vae_model):
             m.eval()
@@ -255,18 +256,28 @@ class TinyForgeSD15(TinyForgeEngine):
     """backend/diffusion_engine/sd15.py StableDiffusion, tiny."""
 
     is_sd1 = True
+    encoder = "clip_l"
 
     def __init__(self, seed: int = 0, storage_dtype=torch.float32):
         ldm = TinyLatentDiffusion(seed)
         wrapped = ldm.cond_stage_model.wrapped
         self._assemble(ldm.model.diffusion_model, torch.cumprod(1 - ldm.betas.double(), 0),
-                       {"clip_l": wrapped.transformer}, {"clip_l": wrapped.tokenizer}, ldm.first_stage_model,
+                       {self.encoder: wrapped.transformer}, {self.encoder: wrapped.tokenizer}, ldm.first_stage_model,
                        storage_dtype)
 
     @torch.inference_mode()
     def get_learned_conditioning(self, prompt: list[str]):
         memory_management.load_model_gpu(self.forge_objects.clip.patcher)
-        return self._hidden("clip_l", prompt)  # clip skip 1, the final layer norm (HF's last_hidden_state)
+        return self._hidden(self.encoder, prompt)  # clip skip 1, the final layer norm (HF's last_hidden_state)
+
+
+class TinyForgeSD2(TinyForgeSD15):
+    """backend/diffusion_engine/sd20.py StableDiffusion2, tiny: its text encoder is ``clip_h`` (OpenCLIP ViT-H as a
+    Hugging Face CLIPTextModel), v-prediction (SD 2.x 768-v)."""
+
+    is_sd1, is_sd2 = False, True
+    encoder = "clip_h"
+    prediction_type = "v_prediction"
 
 
 class TinyForgeSDXL(TinyForgeEngine):

@@ -13,7 +13,7 @@ from torch import nn
 
 pytest.importorskip("ldm.modules.diffusionmodules.openaimodel",
                     reason="the LDM code: pip install --no-deps stable-diffusion-sdkit==2.1.5")
-from forge_model import STUB, Prompts, TinyForgeSD15, TinyForgeSDXL  # noqa: E402
+from forge_model import STUB, Prompts, TinyForgeSD2, TinyForgeSD15, TinyForgeSDXL  # noqa: E402
 from lora_file import learned_prefixes  # noqa: E402
 from webui_session import webui_with  # noqa: E402
 
@@ -36,7 +36,7 @@ def forge(request, tmp_path):
     from backend import memory_management
     from modules import sd_models
 
-    model = TinyForgeSDXL() if request.param == "sdxl" else TinyForgeSD15()
+    model = {"sd15": TinyForgeSD15, "sd2": TinyForgeSD2, "sdxl": TinyForgeSDXL}[request.param]()
     sd_models.model_data.sd_model = model
     memory_management.calls.clear()
     try:
@@ -94,7 +94,7 @@ def test_the_stand_in_is_forge_like(forge):
     assert not any("forward" in vars(m) for m in unet.modules())
 
 
-@pytest.mark.parametrize(("forge", "checkpointing"), [("sd15", True), ("sd15", False), ("sdxl", True)],
+@pytest.mark.parametrize(("forge", "checkpointing"), [("sd15", True), ("sd15", False), ("sd2", True), ("sdxl", True)],
                          indirect=["forge"])
 def test_training_in_forge_leaves_the_model_exactly_as_before(forge, tmp_path, monkeypatch, checkpointing):
     from backend import memory_management
@@ -123,8 +123,9 @@ def test_training_in_forge_leaves_the_model_exactly_as_before(forge, tmp_path, m
     from safetensors import safe_open
 
     with safe_open(str(lora), "pt") as f:
-        keys = set(f.keys())
-    te = "lora_te1_" if forge.is_sdxl else "lora_te_"
+        keys, meta = set(f.keys()), f.metadata()
+    te = "lora_te1_" if forge.is_sdxl else "lora_te_"  # (SD 2.x: its clip_h, which Forge's loader reads as lora_te_)
+    assert (meta["ss_v2"], meta["ss_v_parameterization"]) == ((str(forge.is_sd2),) * 2)
     assert any(k.startswith("lora_unet_input_blocks_") and "_attn1_to_q.lora_down" in k for k in keys)
     assert any(k.startswith(f"{te}text_model_encoder_layers_0_self_attn_q_proj") for k in keys)
     assert learned_prefixes(lora) == {"lora_unet_", te} | ({"lora_te2_"} if forge.is_sdxl else set())

@@ -2,9 +2,10 @@
 
 Forge (lllyasviel/stable-diffusion-webui-forge) keeps the model in its own objects: ``shared.sd_model`` is a
 ``ForgeDiffusionEngine`` (not an nn.Module) whose ``forge_objects`` hold the UNet (``unet.model.diffusion_model``:
-LDM module names, called ``(x, t, context=, y=)``), the text encoders (``clip.cond_stage_model.clip_l`` /
-``clip_g``, each ``.transformer`` a Hugging Face CLIPTextModel) and the VAE (``vae.first_stage_model``: encoder,
-quant_conv, scaling/shift factors). What differs from A1111's model, and what this module does about it:
+LDM module names, called ``(x, t, context=, y=)``), the text encoders (``clip.cond_stage_model.clip_l``, SD 2.x's
+``clip_h``, SDXL's ``clip_l`` and ``clip_g``, each ``.transformer`` a Hugging Face CLIPTextModel) and the VAE
+(``vae.first_stage_model``: encoder, quant_conv, scaling/shift factors). What differs from A1111's model, and what
+this module does about it:
 - Forge loads and generates under ``torch.inference_mode()``: its weights are inference tensors, which autograd
   cannot save. ``ordinary_tensors`` swaps each for an ordinary copy (one tensor at a time, no second model) and
   ``inference_tensors`` swaps them back after training: the same values, the same kind of tensor.
@@ -141,6 +142,16 @@ def forge_family(sd_model) -> str | None:
     return None
 
 
+def forge_text_encoders(sd_model, family: str) -> tuple[nn.Module, nn.Module | None]:
+    """(the text encoder, SDXL's second or None): Hugging Face CLIP models in Forge, named by what they are:
+    ``clip_l`` (SD 1.x, SDXL's first), ``clip_h`` (SD 2.x's OpenCLIP ViT-H), ``clip_g`` (SDXL's second). Forge's Lora
+    loader reads a file's ``lora_te_``/``lora_te1_`` keys for the first (clip_h on SD 2.x) and ``lora_te2_`` for
+    clip_g, as kohya writes them."""
+    encoders = sd_model.forge_objects.clip.cond_stage_model
+    first = encoders.clip_h if family == "sd_v2" else encoders.clip_l
+    return first.transformer, encoders.clip_g.transformer if family == "sdxl" else None
+
+
 def forge_prediction_type(sd_model) -> str:
     """epsilon or v_prediction, from Forge's k-diffusion predictor."""
     kind = getattr(sd_model.forge_objects.unet.model.predictor, "prediction_type", "epsilon")
@@ -174,9 +185,6 @@ def refuse_untrainable_forge(sd_model, cfg) -> str:
                                f"nf4/fp4/gguf/fp8 weights are not supported for training; set Diffusion in Low Bits "
                                f"to Automatic (or a 16-bit type) with a 16/32-bit checkpoint, then train")
     t = cfg.training
-    if family == "sd_v2" and t.train_text_encoder:
-        raise LoraTrainerError("training the text encoder of SD 2.x is not supported in Forge yet; turn off 'Train "
-                               "the text encoder'")
     if t.train_text_encoder_2 and family != "sdxl":
         raise LoraTrainerError(f"training.train_text_encoder_2: the loaded model ({family}) has one text encoder; "
                                f"set train_text_encoder_2: false (train_text_encoder trains its text encoder)")
@@ -206,9 +214,7 @@ class ForgeBackend(LdmBackend):
         self.unet = self.kmodel.diffusion_model
         self.weight_dtype = self.kmodel.storage_dtype
         self.compute_dtype = getattr(self.kmodel, "computation_dtype", self.weight_dtype)
-        self.text_encoder = objects.clip.cond_stage_model.clip_l.transformer
-        # SDXL's second (CLIP bigG): a Hugging Face CLIPTextModel in Forge too, so kohya's lora_te2_ names as they are
-        self.text_encoder_2 = objects.clip.cond_stage_model.clip_g.transformer if self.family == "sdxl" else None
+        self.text_encoder, self.text_encoder_2 = forge_text_encoders(sd_model, self.family)
         self.vae = objects.vae.first_stage_model
         self._vae_patcher = getattr(objects.vae, "patcher", None)
         self._load = load

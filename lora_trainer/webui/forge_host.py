@@ -21,6 +21,7 @@ from lora_trainer.models.forge import (
     ForgeBackend,
     forge_family,
     forge_prediction_type,
+    forge_text_encoders,
     inference_tensors,
     ordinary_tensors,
     refuse_untrainable_forge,
@@ -81,10 +82,9 @@ class ForgeHost(WebUIHost):
             raise LoraTrainerError(f"Forge's memory manager left part of the UNet on {', '.join(sorted(elsewhere))} "
                                    f"(not enough free memory on {device} for all of it): close other programs on the "
                                    f"GPU, or start Forge without options that keep weights on the CPU, then train")
-        encoders = sd_model.forge_objects.clip.cond_stage_model
+        first, second = forge_text_encoders(sd_model, forge_family(sd_model))
         t = cfg.training
-        trained = [unet] + ([encoders.clip_l.transformer] if t.train_text_encoder else []) + (
-            [encoders.clip_g.transformer] if t.train_text_encoder_2 else [])
+        trained = [unet] + ([first] if t.train_text_encoder else []) + ([second] if t.train_text_encoder_2 else [])
         modules = [unet_patcher.model, sd_model.forge_objects.clip.cond_stage_model,
                    sd_model.forge_objects.vae.first_stage_model]
         self._saved = [({n: p.requires_grad for n, p in top.named_parameters()},
