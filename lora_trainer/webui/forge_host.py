@@ -26,6 +26,7 @@ from lora_trainer.models.forge import (
     ordinary_tensors,
     refuse_untrainable_forge,
 )
+from lora_trainer.utils.host_memory import give_back_freed_memory
 from lora_trainer.webui.host import WebUIHost, emphasis_mode
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ class ForgeHost(WebUIHost):
         backend.release()
         self._give_back(backend.modules())
         devices.torch_gc()
+        give_back_freed_memory()  # (the allocator's free pages: the host's next generation needs them)
 
     # --- the model
     def model_family(self, base_model=None) -> str | None:

@@ -18,6 +18,7 @@ from lora_trainer.models.ldm import LdmBackend, ldm_family
 from lora_trainer.models.sgm import SgmBackend
 from lora_trainer.ui.views import SWEEP_STEPS
 from lora_trainer.utils.fsio import write_new
+from lora_trainer.utils.host_memory import give_back_freed_memory
 from lora_trainer.webui.model_checks import refuse_untrainable, schedule_facts
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,7 @@ class WebUIHost:
                 m.training = modes.get(n, m.training)
             self._saved = None
         devices.torch_gc()
+        give_back_freed_memory()  # (the allocator's free pages: the host's next generation needs them)
 
     # --- generation
     def model_family(self, base_model=None) -> str | None:
