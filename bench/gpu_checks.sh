@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # The GPU measurements issues #5, #16, #20 (QLoRA) and #23 still need, in one prepared run on a lent CUDA machine.
 #
-#   bash bench/gpu_checks.sh OUT_DIR [CHECK ...]     # checks: attention batch8 batch1 compiled learns sdxl1 sdxl4 preflight
-#                                                    #   profile batches llm qlora (default: all)
-#   In a 15-minute device session (start-up included), issue 23's first: profile batch8 batches llm sdxl1
+#   bash bench/gpu_checks.sh OUT_DIR [CHECK ...]     # checks: smoke attention batch8 batch1 compiled learns sdxl1
+#                                                    #   sdxl4 preflight profile batch16 batch32 sdpa webui llm qlora
+#                                                    #   (default: all but smoke)
+#   In a 15-minute device session (start-up included), issue 23's first:
+#       smoke profile sdpa batch8 sdxl1 webui batch16 llm
 #
 # Each check has its own time limit and writes its log (and JSON) under OUT_DIR; one that fails or runs out
-# of time does not stop the next. The SD 1.5-shape and SDXL-shape models are built once (OUT_DIR/work) and
-# shared (the SDXL one by sdxl1: ~14 GB of RAM and 7 GB of disk, a minute or two). Needs diffusers and peft
-# importable, and for "attention" the LDM code (stable-diffusion-sdkit, einops, omegaconf).
+# of time does not stop the next, except "smoke" (a tiny run of every loop: the environment works), which stops
+# the script when it fails. The SD 1.5-shape and SDXL-shape models are built once (GPU_WORK, default OUT_DIR/work:
+# keep it out of what comes back) and shared (the SDXL one by sdxl1: 7 GB of disk, its weights drawn on the GPU).
+# Needs diffusers and peft importable, and for "attention" and "webui" the LDM code (stable-diffusion-sdkit,
+# einops, omegaconf).
 # Their limits add up to about 30 minutes (most run well inside theirs): where one call or the device time
 # is shorter, run a few checks a call, the first ones first.
 set -uo pipefail
@@ -16,15 +20,17 @@ cd "$(dirname "$0")/.."
 out=${1:?give the folder for the results}
 shift
 checks=("$@")
-[ ${#checks[@]} -gt 0 ] || checks=(attention batch8 batch1 compiled learns sdxl1 sdxl4 preflight profile batches llm qlora)
-mkdir -p "$out/work"
+[ ${#checks[@]} -gt 0 ] || checks=(attention batch8 batch1 compiled learns sdxl1 sdxl4 preflight profile batch16 batch32
+                                  sdpa webui llm qlora)
+work=${GPU_WORK:-$out/work}
+mkdir -p "$out" "$work"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
-speed=("$py" bench/train_speed.py --device cuda --model sd15-shape --resolution 512 --work "$out/work")
+speed=("$py" bench/train_speed.py --device cuda --model sd15-shape --resolution 512 --work "$work")
 # issue #16: SDXL's shapes at 1024², LoRA rank 16, bf16 (mixed_precision auto), gradient checkpointing in both loops;
 # ours caches latents and both encoders' outputs and moves the VAE and the encoders to the CPU (its defaults)
 sdxl=("$py" bench/train_speed.py --device cuda --model sdxl-shape --resolution 1024 --rank 16 --gradient-checkpointing
-      --warmup 3 --work "$out/work")
+      --warmup 3 --work "$work")
 
 run() {  # name, seconds, command...
     local name=$1 limit=$2
@@ -35,11 +41,23 @@ run() {  # name, seconds, command...
     local rc=$?
     tail -n 25 "$out/$name.log"
     echo "=== $name: exit $rc after $((SECONDS - start)) s"
+    return $rc
 }
 
-"$py" -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))" || exit 1
+"$py" -c "import torch, diffusers, peft, transformers; print('torch', torch.__version__, torch.cuda.get_device_name(0),
+      'diffusers', diffusers.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__)" || exit 1
 for check in "${checks[@]}"; do
     case $check in
+        smoke)  # every loop of train_speed on the tiny model, in seconds: stops here when the environment is broken
+            run smoke 120 "$py" bench/train_speed.py --device cuda --model tiny --resolution 64 --batch 4 --images 8 \
+                --steps 4 --rounds 1 --warmup 1 --work "$work" --out "$out/smoke.json" || exit 1
+            grep -q '"ours"' "$out/smoke.json" 2>/dev/null || { echo "smoke failed: stopping"; exit 1; } ;;
+        sdpa)  # issue 23: SDPA's backends (flash, cuDNN, efficient, math) on SD 1.5's and SDXL's attention shapes
+            run sdpa 90 "$py" bench/sdpa_backends.py --device cuda --batch 8 --sdxl --out "$out/sdpa.json" ;;
+        webui)  # issue 23: the WebUI path's step (the LDM UNet, our SDPA; and the WebUI's own attention) against the
+                # diffusers UNet's, the same shapes, batch 4 (what training in place costs)
+            run webui 120 "$py" bench/ldm_attention.py --device cuda --model sd15-shape --dtype bf16 --batch 4 \
+                --steps 10 --loops diffusers,sdpa,webui --out "$out/webui.json" ;;
         attention)  # the VRAM the WebUI's default attention costs while training, against SDPA
             run attention 150 "$py" bench/ldm_attention.py --device cuda --model sd15-shape --dtype fp16 --batch 4 \
                 --steps 5 --loops webui,sdpa --out "$out/attention.json" ;;
@@ -62,18 +80,16 @@ for check in "${checks[@]}"; do
                 --out "$out/preflight.json" ;;
         profile)  # issue 23: where a step's time goes (top kernels; shares of matmul, attention, norm, copies)
             run profile 180 "$py" bench/profile_step.py --device cuda --model sd15-shape --resolution 512 --batch 8 \
-                --steps 3 --warmup 5 --trace "$out/profile_trace.json" --work "$out/work" --out "$out/profile.json" ;;
-        batches)  # issue 23: MFU at batch 16 and 32 (ours only; the FLOPs child gives the MFU column)
-            run batch16 200 "${speed[@]}" --batch 16 --images 64 --steps 12 --rounds 3 --no-reference \
-                --out "$out/batch16.json"
-            run batch32 240 "${speed[@]}" --batch 32 --images 64 --steps 8 --rounds 2 --no-reference \
-                --out "$out/batch32.json" ;;
+                --steps 3 --warmup 6 --work "$work" --out "$out/profile.json" ;;
+        batch16|batch32)  # issue 23: MFU at batch 16 and 32 (ours only; the FLOPs child gives the MFU column)
+            run "$check" 200 "${speed[@]}" --batch "${check#batch}" --images 64 --steps 8 --rounds 2 --no-reference \
+                --out "$out/$check.json" ;;
         llm)  # issue 20: a ~0.7 B random LLaMA (hidden 1536, 24 layers), ours against the plain transformers+peft loop
             run llm 300 "$py" bench/llm_speed.py --device cuda --hidden 1536 --layers 24 --rows 256 --batch 8 \
                 --max-len 512 --rounds 4 --out "$out/llm.json" ;;
         qlora)  # issue 20: training.quantize_base 4bit/8bit on CUDA (needs bitsandbytes; skipped, and says so, without)
             run qlora 200 "$py" -m pytest -q -rs -p no:cacheprovider tests/test_llm.py -k "quantized_base_trains_on_cuda" ;;
-        *) echo "unknown check: $check (attention batch8 batch1 compiled learns sdxl1 sdxl4 preflight profile batches"\
-                " llm qlora)"; exit 2 ;;
+        *) echo "unknown check: $check (smoke attention batch8 batch1 compiled learns sdxl1 sdxl4 preflight profile"\
+                " batch16 batch32 sdpa webui llm qlora)"; exit 2 ;;
     esac
 done

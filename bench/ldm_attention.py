@@ -13,8 +13,11 @@ also upcasts the matrix to fp32 on CUDA, so it keeps more than the WebUI's there
 (lora_trainer.models.attention); "xformers" is ours with training.attention: xformers (CUDA, where
 the package is installed); "compiled" is ours with training.compile_unet (torch.compile of the
 UNet's forward, as LdmBackend.compile_unet; its warm-up step is the compile, and what autograd keeps is
-not counted: compiled graphs save their own tensors). Each loop runs alone in its own child process: the UNet
-(random weights; the real LDM module names) with peft LoRA on the attention projections, forward and
+not counted: compiled graphs save their own tensors); "diffusers" is the diffusers UNet2DConditionModel of the same
+shapes (SD 1.5's shipped config; a tiny one of the same widths for "tiny") with its default attention (SDPA), what
+the command line trains: the WebUI path's step against it is what training in place costs. Each loop runs alone
+in its own child process: the UNet (random weights; the real LDM module names) with peft LoRA on the attention
+projections, forward and
 backward of an MSE loss, the median step after one warm-up step; the bytes autograd keeps for backward in
 one forward (each tensor counted once); peak memory (CPU: the child's VmHWM; CUDA: max_memory_allocated).
 Needs the LDM code: pip install --no-deps stable-diffusion-sdkit==2.1.5 (plus einops, omegaconf).
@@ -42,7 +45,7 @@ SHAPES = {
     "tiny": dict(model_channels=32, attention_resolutions=[1, 2], num_res_blocks=1, channel_mult=[1, 2],
                  num_heads=2, context_dim=32),
 }
-LOOPS = ("webui", "own", "sdpa", "xformers", "compiled")
+LOOPS = ("webui", "own", "sdpa", "xformers", "compiled", "diffusers")
 SLICE_BYTES = 32 * 2**20
 
 
@@ -86,9 +89,22 @@ class SavedForBackward:
         return sum(self._sizes.values())
 
 
+def diffusers_unet(model: str):
+    """The diffusers UNet of the same shapes as SHAPES[model] (random weights)."""
+    from diffusers import UNet2DConditionModel
+
+    from lora_trainer.models.single_file import SD15_CONFIG
+
+    config = UNet2DConditionModel.load_config(SD15_CONFIG / "unet")
+    if model == "tiny":  # SHAPES["tiny"]: widths 32, 64; attention in both levels; 2 heads; context 32
+        config.update(block_out_channels=[32, 64], layers_per_block=1, attention_head_dim=2, cross_attention_dim=32,
+                      norm_num_groups=32, down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                      up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
+    return UNet2DConditionModel.from_config(config)
+
+
 def one_loop(args) -> dict:
     import torch
-    from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     from lora_trainer.engine.lora import add_lora
     from lora_trainer.models.attention import use_ldm_attention
@@ -96,8 +112,13 @@ def one_loop(args) -> dict:
     device, dtype = torch.device(args.device), getattr(torch, DTYPES[args.dtype])
     shape = SHAPES[args.model]
     torch.manual_seed(0)
-    unet = UNetModel(image_size=32, in_channels=4, out_channels=4, use_spatial_transformer=True,
-                     transformer_depth=1, legacy=False, **shape).to(device)
+    if args.loop == "diffusers":
+        unet = diffusers_unet(args.model).to(device)
+    else:
+        from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+        unet = UNetModel(image_size=32, in_channels=4, out_channels=4, use_spatial_transformer=True,
+                         transformer_depth=1, legacy=False, **shape).to(device)
     if device.type == "cuda":  # frozen weights in the run's dtype, as the WebUI has them (LDM's fp32 GroupNorm
         unet.to(dtype)         # does not take half weights on the CPU: there autocast alone lowers the precision)
     add_lora(unet, rank=8, alpha=8, dropout=0.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
@@ -122,7 +143,10 @@ def one_loop(args) -> dict:
     def step():
         t = torch.randint(0, 1000, (args.batch,), device=device)
         with autocast:
-            out = unet(x.to(dtype), t, context=cond.to(dtype))
+            if args.loop == "diffusers":
+                out = unet(x.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample
+            else:
+                out = unet(x.to(dtype), t, context=cond.to(dtype))
         torch.nn.functional.mse_loss(out.float(), torch.randn_like(x)).backward()
         unet.zero_grad(set_to_none=True)
         sync()

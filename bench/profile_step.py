@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -54,19 +56,25 @@ def profile(args) -> dict:
     prof = torch.profiler.profile(activities=activities, record_shapes=False)
 
     class Window(Callbacks):  # the profiler on from the end of warm-up to the end of --steps more steps
-        count = 0
+        count, clock = 0, []
 
         def on_step(self, info):
             self.count += 1
             if cuda:
                 torch.cuda.synchronize()
+            self.clock.append(time.perf_counter())
             if self.count == args.warmup:
                 prof.__enter__()
             elif self.count == args.warmup + args.steps:
                 prof.__exit__(None, None, None)
 
     overrides = parse_variant("set:" + ",".join(args.set))[1]
-    train(ours_config(args, data, model, args.warmup + args.steps, overrides), callbacks=Window(), progress=False)
+    window = Window()
+    train(ours_config(args, data, model, args.warmup + args.steps, overrides), callbacks=window, progress=False)
+    # the wall time of a step without the profiler (warm-up steps after the first two) and under it: the kernels'
+    # share of the unprofiled wall time is how busy the device is (the rest: launches, host syncs, Python)
+    gaps = [b - a for a, b in zip(window.clock, window.clock[1:])]
+    wall = statistics.median(gaps[1:args.warmup - 1] or gaps[:1]) * 1000
     if args.trace:
         prof.export_chrome_trace(args.trace)
     events = prof.key_averages()
@@ -83,6 +91,7 @@ def profile(args) -> dict:
     return {"config": {k: v for k, v in vars(args).items() if k not in ("work",)},
             "gpu": torch.cuda.get_device_name(0) if cuda else None,
             "ms_per_step": total / 1000 / args.steps,
+            "wall_ms_per_step": wall, "busy_share": round(total / 1000 / args.steps / wall, 4),
             "kinds": {k: round(v / total, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
             "top": [{"name": n[:120], "ms_per_step": t / 1000 / args.steps, "share": round(t / total, 4),
                      "calls_per_step": c / args.steps, "kind": kind_of(n)} for n, t, c in rows[:args.top]]}
@@ -107,7 +116,8 @@ def main() -> None:
     if args.warmup < 1 or args.steps < 1:
         raise SystemExit("--warmup and --steps: at least 1 each")
     result = profile(args)
-    print(f"{result['ms_per_step']:.1f} ms of {'kernel' if args.device == 'cuda' else 'operator'} time a step; by "
+    print(f"{result['wall_ms_per_step']:.1f} ms a step unprofiled; {result['ms_per_step']:.1f} ms of "
+          f"{'kernel' if args.device == 'cuda' else 'operator'} time a step ({result['busy_share']:.0%}); by "
           "kind: " + ", ".join(f"{k} {v:.1%}" for k, v in result["kinds"].items()))
     for row in result["top"]:
         print(f"  {row['share']:6.1%} {row['ms_per_step']:8.2f} ms {row['calls_per_step']:6.1f}x  {row['kind']:<12} "

@@ -50,19 +50,36 @@ from reference_loop import TARGETS, count_flops, reference_steps  # noqa: E402  
 
 
 def base_model(kind: str, folder: Path) -> str:
+    """The model folder of ``kind``: a built-in name, or SD 1.5's / SDXL base's real shapes with random weights (no
+    download), built once into ``folder`` by a child process (the weights drawn on the GPU where there is one, and
+    none of its memory left in this process to count against the loops measured after it)."""
     if kind in ("tiny", "tiny-sdxl"):
         return {"tiny": "tiny-demo"}.get(kind, kind)
-    if kind == "sdxl-shape":
-        return sdxl_shape_model(folder)
-    # SD 1.5's real shapes with random weights (no download): built from the shipped configs
-    target = folder / "sd15-shape"
+    target = folder / kind
     if not (target / "model_index.json").exists():
-        import torch
-        from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+        code = (f"import sys; sys.path[:0] = [{str(ROOT / 'bench')!r}, {str(ROOT)!r}]; import train_speed; "
+                f"train_speed.build_shape_model({kind!r}, {str(target)!r})")
+        subprocess.run([sys.executable, "-c", code], check=True)
+    return str(target)
 
-        from lora_trainer.models.single_file import SD15_CONFIG
 
+def build_shape_model(kind: str, target: str) -> None:
+    """Save ``kind`` (sd15-shape: from the shipped SD 1.5 configs; sdxl-shape: bench/sdxl_shapes.py) in fp16 (half the
+    disk; each run loads it in its own dtype), its random weights drawn where it is fastest."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "sdxl-shape":
+        from sdxl_shapes import build_sdxl_shape_pipeline
+
+        build_sdxl_shape_pipeline(torch.float16, device).save_pretrained(target)
+        return
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from lora_trainer.models.single_file import SD15_CONFIG
+
+    with torch.device(device):
         pipe = StableDiffusionPipeline(
             unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD15_CONFIG / "unet")),
             vae=AutoencoderKL.from_config(AutoencoderKL.load_config(SD15_CONFIG / "vae")),
@@ -70,19 +87,7 @@ def base_model(kind: str, folder: Path) -> str:
             tokenizer=CLIPTokenizer.from_pretrained(SD15_CONFIG / "tokenizer"),
             scheduler=DDPMScheduler.from_pretrained(SD15_CONFIG / "scheduler"),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        pipe.to(dtype=torch.float16).save_pretrained(target)  # half the disk; loaded in the run dtype
-    return str(target)
-
-
-def sdxl_shape_model(folder: Path) -> str:
-    """SDXL base's real shapes with random weights (no download): built from bench/sdxl_shapes.py, saved in fp16."""
-    target = folder / "sdxl-shape"
-    if not (target / "model_index.json").exists():
-        import torch
-        from sdxl_shapes import build_sdxl_shape_pipeline
-
-        build_sdxl_shape_pipeline(torch.float16).save_pretrained(target)  # loaded in the run's dtype
-    return str(target)
+    pipe.to(dtype=torch.float16).save_pretrained(target)
 
 
 def peak_memory_mb(device: str) -> float:
