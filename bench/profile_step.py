@@ -27,9 +27,10 @@ from train_speed import base_model, ours_config, parse_variant  # noqa: E402  (a
 
 # kernel / operator name → kind (the first pattern that matches); the rest is "other"
 KINDS = [("attention", r"flash|fmha|attention|sdpa|softmax|efficient_attention|cudnn.*mha"),
-         ("matmul/conv", r"gemm|matmul|\bmm\b|addmm|bmm|conv|cutlass|sm\d\d_xmma|cublas|linear|implicit_convolve"),
+         ("copy/cast", r"copy|memcpy|memset|(?<!no)cast|contiguous|cat\b|transpose|nchwtonhwc|nhwctonchw"),
+         ("matmul/conv", r"gemm|matmul|\bmm\b|addmm|bmm|conv|cutlass|sm\d\d_xmma|cublas|nvjet|linear|"
+                         r"implicit_convolve"),
          ("norm", r"norm"),
-         ("copy/cast", r"copy|memcpy|memset|cast|to_copy|contiguous|cat\b|transpose"),
          ("optimizer", r"adam|multi_tensor|foreach"),
          ("elementwise", r"elementwise|vectorized|silu|gelu|mul|add|div|sigmoid|reduce|sum|mean|pow|sqrt|exp")]
 
@@ -41,6 +42,7 @@ def kind_of(name: str) -> str:
 
 def profile(args) -> dict:
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
 
     from lora_trainer.data.demo_set import make_demo_dataset
@@ -78,9 +80,9 @@ def profile(args) -> dict:
     if args.trace:
         prof.export_chrome_trace(args.trace)
     events = prof.key_averages()
-    if cuda:  # device time of the kernels themselves (self time: nothing counted twice)
+    if cuda:  # the kernels (and copies) themselves: an operator's own device time is its kernels' again
         rows = [(e.key, e.self_device_time_total if hasattr(e, "self_device_time_total") else e.self_cuda_time_total,
-                 e.count) for e in events]
+                 e.count) for e in events if e.device_type != DeviceType.CPU]
     else:
         rows = [(e.key, e.self_cpu_time_total, e.count) for e in events]
     rows = sorted([r for r in rows if r[1] > 0], key=lambda r: -r[1])

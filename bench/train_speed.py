@@ -286,12 +286,17 @@ def parse_variant(text: str) -> tuple[str, dict]:
 def spawn(args, mode: str, loops, data: Path, work: Path, shared: list[str]) -> dict | None:
     cmd = [sys.executable, __file__, "--mode", mode, "--loops", json.dumps(loops), "--data", str(data),
            "--work", str(work)] + shared
+    start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
     if proc.returncode:
         print(f"{mode} {[n for n, _ in loops]}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}",
               file=sys.stderr)
         return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    # as each child ends (a run cut short by its time limit still says what it measured)
+    print(f"[{time.perf_counter() - start:.0f} s] {mode} {[n for n, _ in loops]}: {json.dumps(result)[:400]}",
+          file=sys.stderr, flush=True)
+    return result
 
 
 def parse_args() -> argparse.Namespace:
@@ -350,7 +355,9 @@ def main() -> None:
                          args.photo_size)
     if args.mixed_aspect:
         data = as_mixed(data, work / f"mixed-{args.images}-{args.resolution}", args.resolution)
+    start = time.perf_counter()
     base_model(args.model, work)  # build once, outside the timed children
+    print(f"[{time.perf_counter() - start:.0f} s] model {args.model} ready", file=sys.stderr, flush=True)
     block = args.steps // args.rounds
     shared = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
               if k in ("device", "model", "resolution", "batch", "rank", "steps", "rounds", "warmup")]

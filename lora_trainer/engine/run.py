@@ -28,7 +28,13 @@ from lora_trainer.engine.cache import EncodedCache, LatentStore
 from lora_trainer.engine.diagnose import StepInputs, diagnose_nonfinite_loss
 from lora_trainer.engine.events import CallbackList, StepInfo
 from lora_trainer.engine.guard import NanGuard, NonFinite
-from lora_trainer.engine.lora import add_lora, load_trainable_state, trainable_state
+from lora_trainer.engine.lora import (
+    add_lora,
+    load_trainable_state,
+    lora_input_casts_off,
+    trainable_state,
+    uncastable_lora_layers,
+)
 from lora_trainer.engine.loss import diffusion_loss, draw_noise, zero_terminal_snr_schedule
 from lora_trainer.engine.optim import build_optimizer
 from lora_trainer.engine.preflight import duration_text
@@ -83,6 +89,7 @@ class Run:
     buckets: dict = field(default_factory=dict)  # what summary.json says of the buckets (``log_buckets``)
     augment: CaptionAugment | None = None  # caption augmentation (data.augment), or None: captions as written
     group: object = None  # engine.distributed.Group of a multi-process run, or None: a single process
+    uncast: list | None = None  # the LoRA layers whose input casts autocast makes needless (``autocast``)
 
     @property
     def main(self) -> bool:
@@ -96,10 +103,18 @@ class Run:
     def params(self) -> list:
         return [p for g in self.groups for p in g["params"]]
 
+    @contextlib.contextmanager
     def autocast(self):
+        """The forward's precision: autocast to fp16/bf16 (peft's LoRA input casts skipped: engine.lora), or fp32."""
         if self.precision == "no":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=DTYPES[self.precision])
+            yield
+            return
+        t = self.cfg.training
+        if self.uncast is None:
+            self.uncast = ([] if t.gradient_checkpointing or t.compile_unet
+                           else uncastable_lora_layers(self.modules.values()))
+        with torch.autocast(self.device.type, dtype=DTYPES[self.precision]), lora_input_casts_off(self.uncast):
+            yield
 
     def batches(self):
         """The rest of the run's micro-batches: (epoch, index in epoch, batch)."""
