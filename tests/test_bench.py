@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
+pytestmark = pytest.mark.latest_only  # the developers' benchmarks: the latest suite's releases (.ci/run)
 
 
 def test_loops_take_turns_in_blocks():

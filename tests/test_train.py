@@ -86,7 +86,7 @@ def as_photos(data_dir, folder, size=1024):
 
 
 @pytest.mark.parametrize("speedups", [
-    pytest.param({}, id="plain"), pytest.param(EVERY_SPEEDUP, id="every-speedup"),
+    pytest.param({}, id="plain"), pytest.param(EVERY_SPEEDUP, id="every-speedup", marks=pytest.mark.latest_only),
     pytest.param({"cache_latents": False, "dataloader_num_workers": 2, "photos": True}, id="photos-uncached-workers"),
     pytest.param(dict(EVERY_SPEEDUP, compile_mode="reduce-overhead"), id="cuda-graphs",
                  marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU"))])
