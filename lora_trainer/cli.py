@@ -60,14 +60,16 @@ def _libraries_to_the_log_file() -> None:
             logger.addHandler(errors)
 
 
-def _train(cfg):
+def _train(cfg, events: str | None = None):
     """The run of ``cfg``, an image LoRA's or (model.task_type text-generation) a language model's, the log lines
     kept above the progress bar. Started by torchrun or accelerate launch (WORLD_SIZE > 1), the processes train one
-    image LoRA together (engine.distributed); then rank 0 returns the result, the others None."""
+    image LoRA together (engine.distributed); then rank 0 returns the result, the others None. ``events``: a file
+    for the run's progress (engine.event_log; rank 0 writes it) and, beside it, the file that stops it."""
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from lora_trainer.config import is_text_generation
     from lora_trainer.engine.distributed import Group, world_size_of
+    from lora_trainer.engine.event_log import EventLog
 
     if is_text_generation(cfg):
         if world_size_of() > 1:
@@ -77,15 +79,16 @@ def _train(cfg):
         from lora_trainer.llm.trainer import train_llm
 
         with logging_redirect_tqdm(loggers=[logging.root]):
-            return train_llm(cfg)
+            return train_llm(cfg, callbacks=EventLog(events) if events else None)
     from lora_trainer.engine.trainer import train
 
     group = Group.from_environment(cfg.training.ddp_timeout)
     if group is not None and not group.main:
         _quiet(group.rank)
+    log_events = EventLog(events) if events and (group is None or group.main) else None
     try:
         with logging_redirect_tqdm(loggers=[logging.root]):
-            result = train(cfg, group=group)
+            result = train(cfg, group=group, callbacks=log_events)
     finally:
         if group is not None:
             group.close()
@@ -141,7 +144,7 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, overrides=args.set)
     if not logging.getLogger().isEnabledFor(logging.DEBUG):  # (--verbose: the libraries' notices on the terminal)
         _libraries_to_the_log_file()
-    result = _train(cfg)
+    result = _train(cfg, args.events)
     if result is not None:  # (None: a process of several other than rank 0, which reports)
         (_report_llm if is_text_generation(cfg) else _report)(result)
     return 0
@@ -328,6 +331,16 @@ def cmd_ui(args) -> int:
     return 0
 
 
+def _add_train(sub) -> None:
+    tr = sub.add_parser("train", help="train a LoRA as a YAML config says")
+    tr.add_argument("--config", "-c", required=True, help="YAML config (see init-config)")
+    tr.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override a setting, e.g. --set training.epochs=2 (repeatable)")
+    tr.add_argument("--events", metavar="FILE", help="for a program that started this run: write its progress to FILE "
+                    "as JSON lines (rank 0), and stop after the current step once FILE.stop exists")
+    tr.set_defaults(func=cmd_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lora-trainer", description="Train a Stable Diffusion LoRA for the WebUI.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -344,11 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("path", nargs="?", default="lora_config.yaml")
     init.set_defaults(func=cmd_init_config)
 
-    tr = sub.add_parser("train", help="train a LoRA as a YAML config says")
-    tr.add_argument("--config", "-c", required=True, help="YAML config (see init-config)")
-    tr.add_argument("--set", action="append", metavar="KEY=VALUE",
-                    help="override a setting, e.g. --set training.epochs=2 (repeatable)")
-    tr.set_defaults(func=cmd_train)
+    _add_train(sub)
     es = sub.add_parser("estimate", help="estimate a config's peak memory and time per step, and whether it fits "
                         "the device (nothing is loaded; exit 1 when it does not fit)")
     es.add_argument("--config", "-c", required=True, help="YAML config (see init-config)")

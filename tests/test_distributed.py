@@ -295,3 +295,29 @@ def test_a_process_that_dies_ends_the_other_with_the_last_good_checkpoint(demo_d
     assert done.status == "finished" and done.steps == 4 and done.run_dir == out
     one = train(make_cfg(demo_data, tmp_path / "one", **dict(SETTINGS, batch_size=2)), progress=False)
     assert_same_lora(done.lora_path, one.lora_path)
+
+
+def test_the_built_in_models_build_complete_under_a_launcher(tmp_path):
+    """Both processes of a fresh two-process run ask for the built-in models, rank 1 first: transformers 5 writes
+    nothing from rank 1 (its save_pretrained checks torch.distributed), so what rank 1 builds must be complete."""
+    script = tmp_path / "build.py"
+    script.write_text("import time\n"
+                      "import torch.distributed as dist\n"
+                      "dist.init_process_group('gloo')\n"
+                      "time.sleep(5 if dist.get_rank() == 0 else 0)  # (rank 1 builds first)\n"
+                      "from lora_trainer.models.tiny import tiny_model_path\n"
+                      "from lora_trainer.models.tiny_sdxl import tiny_sdxl_model_path\n"
+                      "print(tiny_model_path(), tiny_sdxl_model_path())\n"
+                      "dist.destroy_process_group()\n")
+    cache = tmp_path / "cache"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(script)], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "LORA_TRAINER_CACHE": str(cache),
+                               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+    assert done.returncode == 0, done.stderr[-3000:]
+    folders = sorted(p for p in cache.iterdir() if not p.name.startswith("."))
+    assert [p.name.split("-v")[0] for p in folders] == ["tiny-demo", "tiny-sdxl"]
+    for folder in folders:
+        for part in ("unet", "vae", "text_encoder"):
+            assert (folder / part / "config.json").is_file(), f"{folder.name}/{part} is incomplete"
+    assert (folders[1] / "text_encoder_2" / "config.json").is_file()

@@ -10,6 +10,7 @@ import pytest
 
 from lora_trainer.config import config_from_dict
 from lora_trainer.engine.events import TrainResult
+from lora_trainer.errors import LoraTrainerError
 from lora_trainer.ui import views
 from lora_trainer.ui.session import Status, TrainingSession
 
@@ -232,6 +233,34 @@ def test_a_run_through_the_tab_turns_stop_on_and_off_clears_the_sweep_and_counts
     status, *_, stop, gallery, sweep_status, size, trained = bad[-1]
     assert "Dataset folder:" in status and "data.train_data_dir" not in status
     assert stop["interactive"] is False and trained is None
+
+
+def test_the_gpu_field_shows_where_the_app_has_several_and_a_run_takes_one_process_each(tmp_path, monkeypatch,
+                                                                                      no_last_run):
+    import torch
+
+    from lora_trainer.ui.standalone_host import DiffusersHost
+
+    host = DiffusersHost(tmp_path / "Lora", run_root=tmp_path / "runs")
+    if torch.cuda.device_count() < 2:
+        assert components(tab.create_tab(host))["lora_trainer_gpus"].visible is False
+    monkeypatch.setattr(DiffusersHost, "gpu_count", staticmethod(lambda: 4))
+    gpus = components(tab.create_tab(host))["lora_trainer_gpus"]
+    assert gpus.visible is True and (gpus.minimum, gpus.maximum, gpus.value) == (1, 4, 1)
+
+    started = []
+
+    class Launched:  # (ui.launched_session's own test runs the processes)
+        @classmethod
+        def start(cls, host, cfg, processes, **kw):
+            started.append((processes, kw))
+            raise LoraTrainerError("stopped here")
+
+    monkeypatch.setattr(tab, "LaunchedSession", Launched)
+    values = [tab.field_default(key, config_from_dict({"train_data_dir": "-"})) for key, *_ in tab.ADVANCED]
+    shown = list(tab.run_training(host, str(tmp_path), "x", "Style (defaults)", "tiny-demo", "a cat", 5, None, *values,
+                                  gpus=3))
+    assert started == [(3, {"sample_prompt": "a cat", "sample_every": 5})] and "stopped here" in shown[-1][0]
 
 
 def test_estimate_memory_shows_the_runs_peak_and_what_would_fit(tmp_path, monkeypatch):

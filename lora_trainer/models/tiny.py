@@ -128,15 +128,31 @@ def cache_root() -> Path:
     return Path(os.environ.get("LORA_TRAINER_CACHE", Path.home() / ".cache" / "lora_trainer"))
 
 
-def tiny_model_path() -> Path:
-    """The tiny model's folder in the cache, built on first use (atomically, so a crash leaves none)."""
+def built_once(target: Path, save, call: str) -> Path:
+    """``target``, written by ``save(folder)`` on first use, atomically: a crash leaves none, and of processes building
+    it at once the first to finish wins (the others use its folder). ``call``: the same, as Python code for a fresh
+    process: a process of a multi-process run (torch.distributed up) builds there, because transformers 5 writes
+    nothing from a rank other than 0 (its save_pretrained checks), which would leave an empty text encoder folder."""
+    import subprocess
+    import sys
+
     from lora_trainer.utils.fsio import atomic_dir
 
-    target = cache_root() / f"{TINY_NAME}-v{TINY_VERSION}"
-    if not (target / "model_index.json").exists():
-        try:
-            with atomic_dir(target) as tmp:
-                save_tiny_model(tmp)
-        except FileExistsError:  # another process built it meanwhile
-            pass
+    if (target / "model_index.json").exists():
+        return target
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        subprocess.run([sys.executable, "-c", call], check=True, env={**os.environ, "WORLD_SIZE": "1", "RANK": "0"})
+        return target
+    try:
+        with atomic_dir(target) as tmp:
+            save(tmp)
+    except OSError:  # (FileExistsError, or the rename's "not empty"): another process built it meanwhile
+        if not (target / "model_index.json").exists():
+            raise
     return target
+
+
+def tiny_model_path() -> Path:
+    """The tiny model's folder in the cache, built on first use (``built_once``)."""
+    return built_once(cache_root() / f"{TINY_NAME}-v{TINY_VERSION}", save_tiny_model,
+                      "from lora_trainer.models.tiny import tiny_model_path; tiny_model_path()")

@@ -17,7 +17,13 @@ from pathlib import Path
 
 import torch
 
-from lora_trainer.models.tiny import TINY_RESOLUTION, build_tiny_components, cache_root, write_tiny_tokenizer
+from lora_trainer.models.tiny import (
+    TINY_RESOLUTION,
+    build_tiny_components,
+    built_once,
+    cache_root,
+    write_tiny_tokenizer,
+)
 
 TINY_SDXL_NAME = "tiny-sdxl"
 TINY_SDXL_V_NAME = "tiny-sdxl-v"
@@ -109,16 +115,11 @@ def save_tiny_sdxl_model(folder: str | os.PathLike, seed: int = 0, prediction_ty
 
 
 def tiny_sdxl_model_path(name: str = TINY_SDXL_NAME) -> Path:
-    """The tiny SDXL model's folder (``tiny-sdxl`` or ``tiny-sdxl-v``) in the cache, built on first use."""
-    from lora_trainer.utils.fsio import atomic_dir
-
+    """The tiny SDXL model's folder (``tiny-sdxl`` or ``tiny-sdxl-v``) in the cache, built on first use
+    (models.tiny.built_once)."""
     if name not in TINY_SDXL_NAMES:
         raise ValueError(f"not a tiny SDXL model: {name!r}; one of {TINY_SDXL_NAMES}")
-    target = cache_root() / f"{name}-v{TINY_SDXL_VERSION}"
-    if not (target / "model_index.json").exists():
-        try:
-            with atomic_dir(target) as tmp:
-                save_tiny_sdxl_model(tmp, prediction_type="v_prediction" if name == TINY_SDXL_V_NAME else "epsilon")
-        except FileExistsError:  # another process built it meanwhile
-            pass
-    return target
+    prediction = "v_prediction" if name == TINY_SDXL_V_NAME else "epsilon"
+    return built_once(cache_root() / f"{name}-v{TINY_SDXL_VERSION}",
+                      lambda folder: save_tiny_sdxl_model(folder, prediction_type=prediction),
+                      f"from lora_trainer.models.tiny_sdxl import tiny_sdxl_model_path; tiny_sdxl_model_path({name!r})")

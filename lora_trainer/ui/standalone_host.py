@@ -30,6 +30,11 @@ class DiffusersHost:
         self._run_cfg = None  # the config of the run whose backend make_backend made last (its samples follow it)
         self._sampler = None  # (backend, scheduler, guidance_rescale) for that run's samples
 
+    @staticmethod
+    def gpu_count() -> int:
+        """The GPUs a run may take (the tab offers more than one where there are: ui.launched_session)."""
+        return torch.cuda.device_count() if torch.cuda.is_available() else 1
+
     def defaults(self) -> dict:
         """Settings the tab starts from (the core config's defaults, on the chosen base model)."""
         return {"base_model": self.base_model}

@@ -21,6 +21,7 @@ from lora_trainer.errors import LoraTrainerError
 from lora_trainer.ui import compat
 from lora_trainer.ui.dataset_panel import create_dataset_panel
 from lora_trainer.ui.estimate import estimate_message
+from lora_trainer.ui.launched_session import LaunchedSession
 from lora_trainer.ui.run_config import (
     ADVANCED,
     FAMILY_KEYS,
@@ -55,18 +56,20 @@ def training_view(session: TrainingSession) -> tuple:
             gr.update(interactive=s.running))
 
 
-def run_training(host, data_dir, name, preset, base_model, sample_prompt, sample_every, filled, *values):
+def run_training(host, data_dir, name, preset, base_model, sample_prompt, sample_every, filled, *values, gpus=1):
     """Start a run and yield the tab's outputs while it goes: ``training_view`` plus the strength sweep's
     gallery and message (cleared when the run starts: the sweep shown was of the previous LoRA), the sweep's
     size (the new LoRA's resolution when it is done) and the LoRA this run made (for Train & generate).
-    ``filled``: what the tab filled the family fields with (``refresh_family``), to tell the user's values."""
+    ``filled``: what the tab filled the family fields with (``refresh_family``), to tell the user's values.
+    ``gpus`` > 1 (the standalone app on a machine with several): one process per GPU (ui.launched_session)."""
     keep = gr.update()
     try:
         advanced = {key: v for (key, *_), v in zip(ADVANCED, values)}
         cfg = build_config(host, data_dir, name, preset, base_model if host.chooses_base_model else None, advanced,
                            filled)
-        session = TrainingSession.start(host, cfg, sample_prompt=sample_prompt or "",
-                                        sample_every=int(sample_every or 0))
+        sample = dict(sample_prompt=sample_prompt or "", sample_every=int(sample_every or 0))
+        session = (LaunchedSession.start(host, cfg, processes=int(gpus), **sample) if int(gpus or 1) > 1
+                   else TrainingSession.start(host, cfg, **sample))
     except LoraTrainerError as e:
         active = TrainingSession.active()  # (after a page reload: Stop still reaches a run that goes on)
         running = active is not None and active.status.running
@@ -234,6 +237,12 @@ def _advanced_fields(host, defaults: Config, fill: dict) -> dict:
     return made
 
 
+def host_gpus(host) -> int:
+    """How many GPUs the tab may train on at once: the standalone app's count (``gpu_count``); 1 in the WebUI, which
+    trains its own loaded model in its own process."""
+    return max(1, int(getattr(host, "gpu_count", lambda: 1)()))
+
+
 def _training_panel(host, defaults: Config, fill: dict) -> dict:
     ui = {}
     ui["data_dir"] = gr.Textbox(label="Dataset folder", placeholder="/path/to/images (captions in metadata.csv "
@@ -252,6 +261,10 @@ def _training_panel(host, defaults: Config, fill: dict) -> dict:
     with gr.Row():
         ui["sample_prompt"] = gr.Textbox(label="Sample prompt (empty = no samples)", elem_id=f"{PREFIX}sample_prompt")
         ui["sample_every"] = gr.Number(label="Sample every N steps", value=50, elem_id=f"{PREFIX}sample_every")
+    gpus = host_gpus(host)
+    ui["gpus"] = gr.Slider(1, max(gpus, 2), value=1, step=1, visible=gpus > 1, elem_id=f"{PREFIX}gpus",
+                           label=f"GPUs ({gpus} here): more than 1 trains in one process per GPU, batch size per "
+                                 "GPU")
     with gr.Row():
         ui["train"] = gr.Button("Train", variant="primary", elem_id=f"{PREFIX}train")
         ui["train_generate"] = gr.Button("Train & generate", elem_id=f"{PREFIX}train_generate")
@@ -326,8 +339,8 @@ def _wire(host, t: dict, sw: dict, shown: list, trained) -> None:
     sweep_inputs = [sw["prompt"], sw["negative"], sw["seed"], sw["strengths"], sw["size"], sw["steps"], t["base_model"]]
     lora_file = shown[3]
 
-    def train(*args):
-        yield from run_training(host, *args)
+    def train(gpus, *args):
+        yield from run_training(host, *args, gpus=gpus)
 
     def sweep(*args):
         return sweep_images(host, *args)
@@ -340,8 +353,8 @@ def _wire(host, t: dict, sw: dict, shown: list, trained) -> None:
 
     family = _family_io(t)
     # the family fields first (the WebUI may have loaded another model since the page loaded), then the run
-    t["train"].click(refresh, **family).then(train, inputs=train_inputs, outputs=outputs)
-    t["train_generate"].click(refresh, **family).then(train, inputs=train_inputs, outputs=outputs).then(
+    t["train"].click(refresh, **family).then(train, inputs=[t["gpus"], *train_inputs], outputs=outputs)
+    t["train_generate"].click(refresh, **family).then(train, inputs=[t["gpus"], *train_inputs], outputs=outputs).then(
         sweep_after, inputs=[trained, *sweep_inputs], outputs=[sw["gallery"], sw["status"]])
     t["stop"].click(TrainingSession.stop_active, inputs=[], outputs=[])
 
