@@ -6,6 +6,7 @@ in-process session publishes its own."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import os
@@ -71,6 +72,7 @@ class LaunchedSession(TrainingSession):
         """The run's events into the status until the processes end; Stop asked here becomes the stop file. Returns
         the "end" event (None if the run ended without one)."""
         end, seen = None, set()
+        atexit.register(stop.touch)  # the app quits (Ctrl-C in its terminal): the run stops after its step and saves
         try:
             while True:
                 finished = proc.poll() is not None
@@ -83,6 +85,7 @@ class LaunchedSession(TrainingSession):
                     stop.touch()
                 time.sleep(POLL_S)
         finally:
+            atexit.unregister(stop.touch)
             if proc.poll() is None:  # (this thread failed: the processes must not outlive their session)
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGTERM)
