@@ -50,7 +50,7 @@ def add_lora(module: nn.Module, *, rank: int, alpha: float, dropout: float, targ
 
 
 def uncastable_lora_layers(modules) -> list[nn.Module]:
-    """The LoRA layers of ``modules`` whose input cast peft can skip (``cast_input_dtype_enabled``, peft >= 0.14;
+    """The LoRA layers of ``modules`` whose input cast peft can skip (``cast_input_dtype_enabled``, peft >= 0.15;
     an empty list with older peft, where the cast always happens)."""
     return [m for module in modules for m in module.modules()
             if hasattr(m, "lora_A") and hasattr(m, "cast_input_dtype_enabled")]
