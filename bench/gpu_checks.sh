@@ -7,7 +7,7 @@
 #                                                    #   (default: all but smoke)
 #   In a 15-minute device session (start-up included) about 9 minutes of checks fit: on 2026-12-04 (H200) smoke took
 #   93 s, profile 71, sdpa 12, batch8 133, webui 79; sdxl1 did not finish in 225 s. Next, issue 23's open ones:
-#       smoke profile sdxl1 batch16          (then: llm; graphs8 alone in a session of its own)
+#       smoke profile sdxl1 batch16 llm      (llm: issue 20's 0.5-1 B figures; graphs8 in a session of its own)
 #
 # Each check has its own time limit and writes its log (and JSON) under OUT_DIR; one that fails or runs out
 # of time does not stop the next, except "smoke" (a tiny run of every loop: the environment works), which stops
