@@ -5,8 +5,9 @@
 #                                                    #   sdxl4 preflight profile batch16 batch32 sdpa webui llm qlora
 #                                                    #   graphs8
 #                                                    #   (default: all but smoke)
-#   In a 15-minute device session (start-up included) about 9 minutes of checks fit: on 2026-12-04 (H200) smoke took
-#   93 s, profile 71, sdpa 12, batch8 133, webui 79; sdxl1 did not finish in 225 s. Next, issue 23's open ones:
+#   In a 15-minute device session (start-up included) about 9 minutes of checks fit: on 2026-12-04 (H200) the old
+#   smoke took 93 s, profile 71, sdpa 12, batch8 133, webui 79; sdxl1 did not finish in 225 s. Next, issue 23's
+#   open ones:
 #       smoke profile sdxl1 batch16 llm      (llm: issue 20's 0.5-1 B figures; graphs8 in a session of its own)
 #
 # Each check has its own time limit and writes its log (and JSON) under OUT_DIR; one that fails or runs out
@@ -50,10 +51,10 @@ run() {  # name, seconds, command...
       'diffusers', diffusers.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__)" || exit 1
 for check in "${checks[@]}"; do
     case $check in
-        smoke)  # every loop of train_speed on the tiny model, in seconds: stops here when the environment is broken
-            run smoke 120 "$py" bench/train_speed.py --device cuda --model tiny --resolution 64 --batch 4 --images 8 \
-                --steps 4 --rounds 1 --warmup 1 --work "$work" --out "$out/smoke.json" || exit 1
-            grep -q '"ours"' "$out/smoke.json" 2>/dev/null || { echo "smoke failed: stopping"; exit 1; } ;;
+        smoke)  # the demo (the tiny model, 3 steps) on the GPU: stops here when the environment is broken (on the
+                # H200 the former smoke, every loop of train_speed on the tiny model, took 93 s)
+            run smoke 90 "$py" -m lora_trainer demo --steps 3 --output "$work/demo" \
+                || { echo "smoke failed: stopping"; exit 1; } ;;
         sdpa)  # issue 23: SDPA's backends (flash, cuDNN, efficient, math) on SD 1.5's and SDXL's attention shapes
             run sdpa 90 "$py" bench/sdpa_backends.py --device cuda --batch 8 --sdxl --out "$out/sdpa.json" ;;
         webui)  # issue 23: the WebUI path's step (the LDM UNet, our SDPA; and the WebUI's own attention) against the
