@@ -3,12 +3,12 @@
 #
 #   bash bench/gpu_checks.sh OUT_DIR [CHECK ...]     # checks: smoke attention batch8 batch1 compiled learns sdxl1
 #                                                    #   sdxl4 preflight profile batch16 batch32 sdpa webui llm qlora
-#                                                    #   graphs8
+#                                                    #   graphs8 casts
 #                                                    #   (default: all but smoke)
 #   In a 15-minute device session (start-up included) about 9 minutes of checks fit: on 2026-12-04 (H200) the old
 #   smoke took 93 s, profile 71, sdpa 12, batch8 133, webui 79; sdxl1 did not finish in 225 s. Next, issue 23's
 #   open ones:
-#       smoke profile sdxl1 batch16 llm      (llm: issue 20's 0.5-1 B figures; graphs8 in a session of its own)
+#       smoke profile casts sdxl1 batch16 llm      (llm: issue 20's 0.5-1 B figures; graphs8 in a session of its own)
 #
 # Each check has its own time limit and writes its log (and JSON) under OUT_DIR; one that fails or runs out
 # of time does not stop the next, except "smoke" (a tiny run of every loop: the environment works), which stops
@@ -24,7 +24,7 @@ out=${1:?give the folder for the results}
 shift
 checks=("$@")
 [ ${#checks[@]} -gt 0 ] || checks=(attention batch8 batch1 compiled learns sdxl1 sdxl4 preflight profile batch16 batch32
-                                  sdpa webui llm qlora graphs8)
+                                  sdpa webui llm qlora graphs8 casts)
 work=${GPU_WORK:-$out/work}
 mkdir -p "$out" "$work"
 export PYTHONUNBUFFERED=1
@@ -55,6 +55,8 @@ for check in "${checks[@]}"; do
                 # H200 the former smoke, every loop of train_speed on the tiny model, took 93 s)
             run smoke 90 "$py" -m lora_trainer demo --steps 3 --output "$work/demo" \
                 || { echo "smoke failed: stopping"; exit 1; } ;;
+        casts)  # issue 23: SD 1.5's UNet step at batch 8, 512², with peft's LoRA input casts and without (seconds)
+            run casts 120 "$py" bench/lora_casts.py --device cuda --batch 8 --latent 64 --repeats 10 ;;
         sdpa)  # issue 23: SDPA's backends (flash, cuDNN, efficient, math) on SD 1.5's and SDXL's attention shapes
             run sdpa 90 "$py" bench/sdpa_backends.py --device cuda --batch 8 --sdxl --out "$out/sdpa.json" ;;
         webui)  # issue 23: the WebUI path's step (the LDM UNet, our SDPA; and the WebUI's own attention) against the
@@ -96,6 +98,6 @@ for check in "${checks[@]}"; do
         qlora)  # issue 20: training.quantize_base 4bit/8bit on CUDA (needs bitsandbytes; skipped, and says so, without)
             run qlora 200 "$py" -m pytest -q -rs -p no:cacheprovider tests/test_llm.py -k "quantized_base_trains_on_cuda" ;;
         *) echo "unknown check: $check (smoke attention batch8 batch1 compiled learns sdxl1 sdxl4 preflight profile"\
-                " batch16 batch32 sdpa webui llm qlora graphs8)"; exit 2 ;;
+                " batch16 batch32 sdpa webui llm qlora graphs8 casts)"; exit 2 ;;
     esac
 done

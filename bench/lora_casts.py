@@ -1,0 +1,78 @@
+"""What skipping peft's LoRA input casts under autocast saves (engine.lora.lora_input_casts_off): the operators of one
+forward + backward of SD 1.5's UNet (random weights, frozen in bf16, LoRA rank 8 in fp32 on the attention
+projections, bench/reference_loop.TARGETS) under bf16 autocast, counted by torch.profiler with peft's casts and
+without, and the step's time each way.
+
+    python bench/lora_casts.py [--device cpu|cuda] [--batch 1] [--latent 8] [--repeats 3]
+
+On the CPU the counts are what matters (each operator is a launch on a GPU: the H200 profile found SD 1.5's step
+launch-bound at batch 8); the times there are the CPU's own arithmetic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+
+from reference_loop import TARGETS  # noqa: E402  (after the path is set)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--latent", type=int, default=8, help="latent side (64 = 512² images)")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps each way, after one warm-up")
+    args = p.parse_args()
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from lora_trainer.engine.lora import add_lora, lora_input_casts_off, uncastable_lora_layers
+    from lora_trainer.models.single_file import SD15_CONFIG
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD15_CONFIG / "unet"))
+    unet.to(device, torch.bfloat16)
+    add_lora(unet, rank=8, alpha=8, dropout=0.0, target_modules=TARGETS)
+    for name, param in unet.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float()
+    layers = uncastable_lora_layers([unet])
+    if not layers:
+        raise SystemExit("this peft casts every LoRA input (no cast_input_dtype_enabled, peft < 0.15): nothing to skip")
+    x = torch.randn(args.batch, 4, args.latent, args.latent, device=device)
+    cond = torch.randn(args.batch, 77, 768, device=device)
+    t = torch.full((args.batch,), 10, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step(off: bool) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16), lora_input_casts_off(layers if off else []):
+            out = unet(x, t, encoder_hidden_states=cond).sample
+        out.float().pow(2).mean().backward()
+        unet.zero_grad(set_to_none=True)
+        sync()
+
+    print(f"SD 1.5 UNet, {len(layers)} LoRA layers ({', '.join(TARGETS)}), batch {args.batch}, latents "
+          f"{args.latent}², bf16 autocast, {args.device}")
+    for off in (False, True):
+        step(off)
+        with torch.profiler.profile() as prof:
+            step(off)
+        counts = {e.key: e.count for e in prof.key_averages()}
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            step(off)
+            times.append(time.perf_counter() - start)
+        print(f"{'casts skipped' if off else 'peft casts   '}: {counts.get('aten::_to_copy', 0):6d} aten::_to_copy, "
+              f"{sum(counts.values()):7d} operator events, {statistics.median(times) * 1000:8.1f} ms a step")
+
+
+if __name__ == "__main__":
+    main()
