@@ -11,9 +11,10 @@
 #       smoke profile casts sdxl1 batch16 llm      (llm: issue 20's 0.5-1 B figures; graphs8 in a session of its own)
 #
 # Each check has its own time limit and writes its log (and JSON) under OUT_DIR; one that fails or runs out
-# of time does not stop the next, except "smoke" (a tiny run of every loop: the environment works), which stops
-# the script when it fails. The SD 1.5-shape and SDXL-shape models are built once (GPU_WORK, default OUT_DIR/work:
-# keep it out of what comes back) and shared (the SDXL one by sdxl1: 7 GB of disk, its weights drawn on the GPU).
+# of time does not stop the next, except "smoke" (the demo on the GPU: the environment works), which stops the
+# script when it fails. The SD 1.5-shape and SDXL-shape models are built once (GPU_WORK, default OUT_DIR/work: keep
+# it out of what comes back; /dev/shm/gw on the H200, which has the memory, since each child reads the model again)
+# and shared (the SDXL one by sdxl1: 7 GB, its weights drawn on the GPU).
 # Needs diffusers and peft importable, and for "attention" and "webui" the LDM code (stable-diffusion-sdkit,
 # einops, omegaconf).
 # Their limits add up to about 30 minutes (most run well inside theirs): where one call or the device time
