@@ -1,7 +1,8 @@
 """What skipping peft's LoRA input casts under autocast saves (engine.lora.lora_input_casts_off): the operators of one
 forward + backward of SD 1.5's UNet (random weights, frozen in bf16, LoRA rank 8 in fp32 on the attention
 projections, bench/reference_loop.TARGETS) under bf16 autocast, counted by torch.profiler with peft's casts and
-without, and the step's time each way.
+without; the bytes autograd keeps for the backward pass (each storage once: a cast's copy is a tensor of its own, the
+uncast input is the one the frozen layer keeps anyway); and the step's time each way.
 
     python bench/lora_casts.py [--device cpu|cuda] [--batch 1] [--latent 8] [--repeats 3]
 
@@ -12,6 +13,7 @@ launch-bound at batch 8); the times there are the CPU's own arithmetic.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -19,7 +21,8 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
-from reference_loop import TARGETS  # noqa: E402  (after the path is set)
+from ldm_attention import SavedForBackward  # noqa: E402  (after the path is set)
+from reference_loop import TARGETS  # noqa: E402
 
 
 def main() -> None:
@@ -51,9 +54,10 @@ def main() -> None:
     t = torch.full((args.batch,), 10, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def step(off: bool) -> None:
+    def step(off: bool, saved=None) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16), lora_input_casts_off(layers if off else []):
-            out = unet(x, t, encoder_hidden_states=cond).sample
+            with saved or contextlib.nullcontext():
+                out = unet(x, t, encoder_hidden_states=cond).sample
         out.float().pow(2).mean().backward()
         unet.zero_grad(set_to_none=True)
         sync()
@@ -61,7 +65,7 @@ def main() -> None:
     print(f"SD 1.5 UNet, {len(layers)} LoRA layers ({', '.join(TARGETS)}), batch {args.batch}, latents "
           f"{args.latent}², bf16 autocast, {args.device}")
     for off in (False, True):
-        step(off)
+        step(off, saved := SavedForBackward())
         with torch.profiler.profile() as prof:
             step(off)
         counts = {e.key: e.count for e in prof.key_averages()}
@@ -71,7 +75,8 @@ def main() -> None:
             step(off)
             times.append(time.perf_counter() - start)
         print(f"{'casts skipped' if off else 'peft casts   '}: {counts.get('aten::_to_copy', 0):6d} aten::_to_copy, "
-              f"{sum(counts.values()):7d} operator events, {statistics.median(times) * 1000:8.1f} ms a step")
+              f"{sum(counts.values()):7d} operator events, {saved.bytes / 2**20:8.1f} MB kept for backward, "
+              f"{statistics.median(times) * 1000:8.1f} ms a step")
 
 
 if __name__ == "__main__":
