@@ -29,6 +29,9 @@ def test_the_event_file_round_trips_and_a_half_written_line_waits(tmp_path):
     with open(path, "a", encoding="utf-8") as f:
         f.write('ep": 1, "loss": 0.25}\n')
     assert reader.read() == [{"event": "validation", "step": 1, "loss": 0.25}]
+    log.on_samples(2, [tmp_path / "run" / "samples" / "a_step000002_prompt00.png"])
+    assert reader.read() == [{"event": "samples", "step": 2,
+                              "paths": [str(tmp_path / "run" / "samples" / "a_step000002_prompt00.png")]}]
     assert not log.should_stop()
     stop_path(path).touch()
     assert log.should_stop()

@@ -5,7 +5,8 @@ other processes follows it (the standalone app's runs on several GPUs: torchrun'
     touch run.events.jsonl.stop                                                # every process stops after this step
 
 One line per event: ``{"event": "start", "total_steps", "run_dir"}``, ``{"event": "step", <StepInfo's fields>}``,
-``{"event": "validation", "step", "loss"}``, ``{"event": "checkpoint", "path"}``, ``{"event": "end", "result":
+``{"event": "validation", "step", "loss"}``, ``{"event": "samples", "step", "paths"}`` (one image per
+sample prompt), ``{"event": "checkpoint", "path"}``, ``{"event": "end", "result":
 <TrainResult's fields>}``; each line is written whole and flushed, so a reader sees complete lines only.
 """
 
@@ -46,6 +47,9 @@ class EventLog(Callbacks):
 
     def on_validation(self, step: int, loss: float) -> None:
         self._write("validation", step=step, loss=loss)
+
+    def on_samples(self, step: int, paths: list[Path]) -> None:
+        self._write("samples", step=step, paths=[str(p) for p in paths])
 
     def on_checkpoint(self, path: Path) -> None:
         self._write("checkpoint", path=str(path))

@@ -52,6 +52,9 @@ class Callbacks:
     def on_validation(self, step: int, loss: float) -> None:
         """The validation loss at ``step`` (engine.validation)."""
 
+    def on_samples(self, step: int, paths: list[Path]) -> None:
+        """The sample images made at ``step`` (output.sample_prompts; engine.samples), one file per prompt."""
+
     def on_end(self, result: TrainResult) -> None: ...
 
     def should_stop(self) -> bool:
@@ -91,6 +94,11 @@ class CallbackList(Callbacks):
         for c in self.callbacks:
             if hasattr(c, "on_validation"):
                 c.on_validation(step, loss)
+
+    def on_samples(self, step, paths):
+        for c in self.callbacks:
+            if hasattr(c, "on_samples"):
+                c.on_samples(step, paths)
 
     def on_end(self, result):
         for c in self.callbacks:

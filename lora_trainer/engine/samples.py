@@ -161,5 +161,7 @@ class SampleMaker:
                                          dataformats="HWC")
         log.info("step %d: %d sample image(s) in %s", step, len(made), self.folder)
         self.made += made
+        if made:
+            run.cbs.on_samples(step, made)
         return made
 

@@ -141,7 +141,7 @@ def built_once(target: Path, save, call: str) -> Path:
     if (target / "model_index.json").exists():
         return target
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        subprocess.run([sys.executable, "-c", call], check=True, env={**os.environ, "WORLD_SIZE": "1", "RANK": "0"})
+        subprocess.run([sys.executable, "-c", call], check=True)
         return target
     try:
         with atomic_dir(target) as tmp:

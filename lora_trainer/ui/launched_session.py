@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import logging
 import os
 import re
 import signal
@@ -23,8 +24,8 @@ from lora_trainer.engine.event_log import EventReader, step_info, stop_path, tra
 from lora_trainer.errors import LoraTrainerError
 from lora_trainer.ui.session import TrainingSession
 
+log = logging.getLogger(__name__)
 POLL_S = 0.5
-SAMPLE_NAME = re.compile(r"_step(\d+)_prompt00\.png$")
 
 
 def last_error(log: Path) -> str:
@@ -71,14 +72,13 @@ class LaunchedSession(TrainingSession):
     def _follow(self, proc: subprocess.Popen, reader: EventReader, stop: Path) -> dict | None:
         """The run's events into the status until the processes end; Stop asked here becomes the stop file. Returns
         the "end" event (None if the run ended without one)."""
-        end, seen = None, set()
+        end = None
         atexit.register(stop.touch)  # the app quits (Ctrl-C in its terminal): the run stops after its step and saves
         try:
             while True:
                 finished = proc.poll() is not None
                 for event in reader.read():
                     end = self._apply(event) or end
-                self._collect_samples(seen)
                 if finished:
                     return end
                 if self._stop.should_stop() and not stop.exists():
@@ -99,24 +99,18 @@ class LaunchedSession(TrainingSession):
             self.on_step(step_info(event))
         elif kind == "validation":
             self.on_validation(event["step"], event["loss"])
+        elif kind == "samples":  # (the tab shows the first prompt's image, as of its own samples)
+            self._show_sample(event["step"], Path(event["paths"][0]))
         return event if kind == "end" else None
 
     def _sample(self, step: int) -> None:
-        """(Rank 0 makes the samples into the run folder: ``_collect_samples`` shows them.)"""
+        """(Rank 0 makes the samples into the run folder and says so in a "samples" event: ``_show_sample``.)"""
 
-    def _collect_samples(self, seen: set) -> None:
+    def _show_sample(self, step: int, path: Path) -> None:
         from PIL import Image
 
-        folder = self.status.run_dir / "samples" if self.status.run_dir else None
-        if folder is None or not folder.is_dir():
-            return
-        for path in sorted(folder.glob("*_prompt00.png")):
-            match = SAMPLE_NAME.search(path.name)
-            if path in seen or not match:
-                continue
-            try:
-                with Image.open(path) as image:
-                    self.status.samples.append((int(match.group(1)), image.copy()))
-                seen.add(path)
-            except OSError:  # (still being written: the next look takes it)
-                continue
+        try:
+            with Image.open(path) as image:
+                self.status.samples.append((step, image.copy()))
+        except OSError as e:  # a sample the tab cannot show must not end the run
+            log.warning("sample at step %d: %s", step, e)
