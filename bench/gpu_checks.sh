@@ -12,7 +12,9 @@
 #
 # Each check has its own time limit and writes its log (and JSON) under OUT_DIR; one that fails or runs out
 # of time does not stop the next, except "smoke" (the demo on the GPU: the environment works), which stops the
-# script when it fails. The SD 1.5-shape and SDXL-shape models are built once (GPU_WORK, default OUT_DIR/work: keep
+# script when it fails. A check that ended (passed, failed or ran out of its own limit) leaves NAME.rc and is skipped
+# when the same command runs again on the same OUT_DIR: on a machine still warm, a second call (OUT_DIR in /dev/shm)
+# goes on where the first call's time ran out. The SD 1.5-shape and SDXL-shape models are built once (GPU_WORK, default OUT_DIR/work: keep
 # it out of what comes back; /dev/shm/gw on the H200, which has the memory, since each child reads the model again)
 # and shared (the SDXL one by sdxl1: 7 GB, its weights drawn on the GPU).
 # Needs diffusers and peft importable, and for "attention" and "webui" the LDM code (stable-diffusion-sdkit,
@@ -36,13 +38,18 @@ speed=("$py" bench/train_speed.py --device cuda --model sd15-shape --resolution 
 sdxl=("$py" bench/train_speed.py --device cuda --model sdxl-shape --resolution 1024 --rank 16 --gradient-checkpointing
       --warmup 3 --work "$work")
 
-run() {  # name, seconds, command...
+run() {  # name, seconds, command...  (a check that ended before in OUT_DIR, its exit in NAME.rc, is skipped)
     local name=$1 limit=$2
     shift 2
+    if [ -e "$out/$name.rc" ]; then
+        echo "=== $name: ended before (exit $(cat "$out/$name.rc")), skipped"
+        return "$(cat "$out/$name.rc")"
+    fi
     echo "=== $name (limit ${limit}s): $*"
     local start=$SECONDS
     timeout "$limit" "$@" > "$out/$name.log" 2>&1
     local rc=$?
+    echo "$rc" > "$out/$name.rc"
     tail -n 25 "$out/$name.log"
     echo "=== $name: exit $rc after $((SECONDS - start)) s"
     return $rc
