@@ -2,7 +2,7 @@
 forward + backward of SD 1.5's UNet (random weights, frozen in bf16, LoRA rank 8 in fp32 on the attention
 projections, bench/reference_loop.TARGETS) under bf16 autocast, counted by torch.profiler with peft's casts and
 without; the bytes autograd keeps for the backward pass (each storage once: a cast's copy is a tensor of its own, the
-uncast input is the one the frozen layer keeps anyway); and the step's time each way.
+uncast input is the one the frozen layer keeps anyway); and the step's time each way, the two ways in turn.
 
     python bench/lora_casts.py [--device cpu|cuda] [--batch 1] [--latent 8] [--repeats 3]
 
@@ -64,20 +64,23 @@ def main() -> None:
 
     print(f"SD 1.5 UNet, {len(layers)} LoRA layers ({', '.join(TARGETS)}), batch {args.batch}, latents "
           f"{args.latent}², bf16 autocast, {args.device}")
+    # the times first, the two ways in turn (a drift of the clocks hits both alike), before any profiler runs
+    times: dict[bool, list[float]] = {False: [], True: []}
+    step(False), step(True)
+    for _ in range(args.repeats):
+        for off in (False, True):
+            start = time.perf_counter()
+            step(off)
+            times[off].append(time.perf_counter() - start)
     for off in (False, True):
         step(off, saved := SavedForBackward())
         with torch.profiler.profile() as prof:
             step(off)
         counts = {e.key: e.count for e in prof.key_averages()}
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            step(off)
-            times.append(time.perf_counter() - start)
         print(f"{'casts skipped' if off else 'peft casts   '}: {counts.get('aten::_to_copy', 0):6d} aten::_to_copy, "
               f"{sum(counts.values()):7d} operator events, {saved.bytes / 2**20:8.1f} MB kept for backward, "
-              f"{statistics.median(times) * 1000:8.1f} ms a step")
-
+              f"{statistics.median(times[off]) * 1000:8.1f} ms a step (median of {args.repeats}; "
+              f"{min(times[off]) * 1000:.1f}-{max(times[off]) * 1000:.1f})")
 
 if __name__ == "__main__":
     main()

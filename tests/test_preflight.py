@@ -187,3 +187,21 @@ def test_the_shipped_family_configs_estimate_sdxl_and_sd2():
         est = estimate_for(cfg, Where(None, family, CPU), free=2**40)
         assert est.weights["unet"] == 4 * unet_params, family  # (fp32 on the CPU)
         assert est.step > 0 and est.seconds_per_step > 0
+
+
+def test_a_run_that_loads_its_model_builds_the_cache_without_the_unet_on_the_gpu():
+    """Where the run loads its own model the UNet waits on the CPU while the VAE encodes the cache (models.offload):
+    that phase's estimate leaves its weights out on a GPU; the WebUI's model (base_model None) stays whole."""
+    from lora_trainer.config import config_from_dict
+    from lora_trainer.models.base import TEXT_ENCODER, UNET
+
+    traced = preflight._Traced({UNET: 5_000, TEXT_ENCODER: 1_600, "VAE": 170}, lora_params=20, step=700,
+                               lora_grads=80, encode=1_300, decode=0, flops=1e12, ops=1000)
+    cfg = config_from_dict({"train_data_dir": "unused"})
+    cuda = torch.device("cuda")
+    host = preflight._estimate_from(traced, cfg, cuda, 1e14, samples=False)
+    own = preflight._estimate_from(traced, cfg, cuda, 1e14, samples=False, unet_waits=True)
+    assert host.cache_build == 5_000 + 1_600 + 170 + 20 * 4 + 1_300
+    assert own.cache_build == host.cache_build - 5_000 and own.training_peak == host.training_peak
+    on_cpu = preflight._estimate_from(traced, cfg, CPU, 1e11, samples=False, unet_waits=True)
+    assert on_cpu.cache_build == host.cache_build  # (nothing moves on the CPU)

@@ -505,6 +505,66 @@ def test_idle_encoders_wait_off_the_gpu_while_training(demo_data, tmp_path, monk
     assert result.steps == 2 and calls == expected  # before the first step, and back when training ends
 
 
+@pytest.mark.parametrize("settings, waits", [({}, True), ({"validation_split": 0.25}, True),
+                                             ({"cache_latents": False}, False)])
+def test_the_unet_waits_while_the_caches_are_built(demo_data, tmp_path, monkeypatch, settings, waits):
+    """Every image and caption the encoders cache (the validation images' too) is encoded while the UNet waits, and
+    the first step comes after it is back; nothing waits when nothing is cached."""
+    import contextlib
+
+    backend = load_diffusers_backend("tiny-demo", torch.device("cpu"), torch.float32)
+    events, steps = [], StopAt(99)
+    encode_images, encode_dist = backend.encode_images, backend.encode_image_dist
+    encode_prompts = backend.encode_prompts
+
+    @contextlib.contextmanager
+    def waiting():
+        events.append("wait")
+        yield
+        events.append("back")
+
+    monkeypatch.setattr(backend, "unet_waits_for_cache", waiting)
+    monkeypatch.setattr(backend, "encode_images", lambda *a: events.append("image") or encode_images(*a))
+    monkeypatch.setattr(backend, "encode_image_dist", lambda *a: events.append("image") or encode_dist(*a))
+    monkeypatch.setattr(backend, "encode_prompts", lambda *a, **k: events.append("caption") or encode_prompts(*a, **k))
+    steps.on_step = lambda info: events.append("step")
+    cfg = make_cfg(demo_data, tmp_path / "out", max_train_steps=2, **settings)
+    train(cfg, backend=backend, callbacks=steps, progress=False)
+    if not waits:
+        assert "wait" not in events and events.count("step") == 2
+        return
+    first, back = events.index("wait"), events.index("back")
+    assert events.count("wait") == 1 and {"image", "caption"} <= set(events[first + 1:back])
+    assert {"image", "caption"}.isdisjoint(events[back:])  # (the held-out images' too: encoded while it waits)
+    assert events[back + 1:] == ["step", "step"]
+
+
+def test_waiting_on_cpu_moves_only_off_a_gpu_and_always_back(monkeypatch):
+    from lora_trainer.models.offload import waiting_on_cpu
+
+    module, moves = torch.nn.Linear(2, 2), []
+    monkeypatch.setattr(module, "to", lambda device: moves.append(str(device)) or module)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: moves.append("emptied"))
+    with waiting_on_cpu([module, None], torch.device("cpu"), "while testing"):
+        assert moves == []  # on the CPU already: nothing moves
+    with pytest.raises(RuntimeError, match="encode failed"):
+        with waiting_on_cpu([module], torch.device("cuda"), "while testing"):
+            assert moves == ["cpu", "emptied"]
+            raise RuntimeError("encode failed")
+    assert moves == ["cpu", "emptied", "cuda"]  # back where it trains, even after an error
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="moves the UNet off a GPU")
+def test_the_unet_frees_its_gpu_memory_while_the_caches_are_built():
+    backend = load_diffusers_backend("tiny-demo", torch.device("cuda"), torch.bfloat16)
+    unet = list(backend.unet.parameters())
+    before = torch.cuda.memory_allocated()
+    with backend.unet_waits_for_cache():
+        assert {p.device.type for p in backend.unet.parameters()} == {"cpu"}
+        assert before - torch.cuda.memory_allocated() >= 0.9 * sum(p.numel() * p.element_size() for p in unet)
+    assert list(backend.unet.parameters()) == unet and {p.device.type for p in unet} == {"cuda"}  # the same objects
+
+
 def test_out_of_memory_says_what_to_do_and_keeps_the_last_step_even_when_the_encoders_cannot_come_back(
         demo_data, tmp_path, monkeypatch):
     from lora_trainer.engine.trainer import TrainingError

@@ -201,7 +201,7 @@ class Estimate:
     lora: int  # LoRA parameters (fp32), their optimizer state, the NaN guard's copy of both
     lora_params: int  # how many LoRA parameters
     step: int  # a step's traced peak beyond the weights
-    cache_build: int  # the peak while the latent cache is built (every weight on the device + a VAE encode)
+    cache_build: int  # the peak while the latent cache is built (the weights on the device + a VAE encode)
     samples: int  # the peak while a sample image decodes (0: no samples)
     overhead: int  # CUDA context and allocator slack (0 on the CPU: see the module's notes)
     seconds_per_step: float
@@ -395,9 +395,10 @@ def _traced(cfg, configs, device, precision, samples) -> _Traced:
 
 
 def _estimate_from(traced: _Traced, cfg, device: torch.device, rate: float, samples: bool,
-                   batch: int | None = None) -> Estimate:
+                   batch: int | None = None, unet_waits: bool = False) -> Estimate:
     """The estimate for ``cfg``'s settings from a trace of them (``batch``: another batch size than the trace's,
-    the step's activations scaled to it)."""
+    the step's activations scaled to it; ``unet_waits``: the UNet's weights are off the device while the latent
+    cache is built, as where the run loads its own model: models.offload)."""
     from lora_trainer.engine.run import caches_text
 
     t = cfg.training
@@ -416,6 +417,7 @@ def _estimate_from(traced: _Traced, cfg, device: torch.device, rate: float, samp
         step = max(step, traced.encode * (batch or t.batch_size))
     everything = sum(traced.weights.values()) + traced.lora_params * 4
     dev = device.type
+    caching = everything - (traced.weights.get(UNET, 0) if unet_waits and dev == "cuda" else 0) + traced.encode
     flops = traced.flops * (batch or t.batch_size) / t.batch_size * t.gradient_accumulation_steps
     compute = flops / (rate * EFFICIENCY.get(dev, 0.1))
     launches = OP_SECONDS.get(dev, 8e-6) * traced.ops * t.gradient_accumulation_steps
@@ -424,12 +426,12 @@ def _estimate_from(traced: _Traced, cfg, device: torch.device, rate: float, samp
     settings = {"batch_size": batch or t.batch_size, "gradient_accumulation_steps": t.gradient_accumulation_steps,
                 "gradient_checkpointing": t.gradient_checkpointing, "cache_latents": t.cache_latents}
     return Estimate(str(device), weights, lora, traced.lora_params, step,
-                    everything + traced.encode if cached_latents else 0, everything + traced.decode if samples else 0,
+                    caching if cached_latents else 0, everything + traced.decode if samples else 0,
                     CUDA_OVERHEAD if dev == "cuda" else 0, seconds, flops, settings)
 
 
 def estimate_run(cfg, configs: dict, device: torch.device, precision: str, free: int | None = None,
-                 resident: int = 0) -> Estimate:
+                 resident: int = 0, unet_waits: bool = False) -> Estimate:
     """The estimate for ``cfg`` on ``device`` at ``precision`` ("no" | "fp16" | "bf16"), against ``free`` bytes
     (default: what the device has free now) plus ``resident`` (bytes of this model already on the device: the
     WebUI's). Where it does not fit, ``proposal`` holds the first settings that do, in this order: gradient
@@ -438,7 +440,8 @@ def estimate_run(cfg, configs: dict, device: torch.device, precision: str, free:
     samples = bool(cfg.output.sample_prompts)
     rate = matmul_rate(device, torch.float32 if precision == "no" or device.type == "cpu" else
                        {"fp16": torch.float16, "bf16": torch.bfloat16}[precision])
-    est = _estimate_from(_traced(cfg, configs, device, precision, samples), cfg, device, rate, samples)
+    est = _estimate_from(_traced(cfg, configs, device, precision, samples), cfg, device, rate, samples,
+                         unet_waits=unet_waits)
     free = free_memory(device) if free is None else free
     est.free = None if free is None else free + resident
     if est.fits is not False:
@@ -452,14 +455,14 @@ def estimate_run(cfg, configs: dict, device: torch.device, precision: str, free:
             changes.update(change)
             candidate = dataclasses.replace(candidate, training=dataclasses.replace(candidate.training, **change))
             trial = _estimate_from(_traced(candidate, configs, device, precision, samples), candidate, device,
-                                   rate, samples)
+                                   rate, samples, unet_waits=unet_waits)
             if trial.peak <= est.free:
                 est.proposal, est.proposal_peak = changes, trial.peak
                 return est
     traced = _traced(candidate, configs, device, precision, samples)
     for batch in sorted((b for b in range(1, t.batch_size) if t.batch_size % b == 0), reverse=True):
         accumulation = t.gradient_accumulation_steps * t.batch_size // batch  # (the same effective batch)
-        trial = _estimate_from(traced, candidate, device, rate, samples, batch=batch)
+        trial = _estimate_from(traced, candidate, device, rate, samples, batch=batch, unet_waits=unet_waits)
         if trial.peak <= est.free:
             est.proposal = {**changes, "batch_size": batch, "gradient_accumulation_steps": accumulation}
             est.proposal_peak = trial.peak
@@ -479,7 +482,8 @@ def with_proposal(cfg, est: Estimate):
 class Where:
     """Where a run will train, known before its model loads: the model (``base_model``: a path or built-in name whose
     configs are read; None: the family's shipped configs, as for the WebUI's loaded model), its family, the device,
-    and the bytes of this model already on that device (the WebUI's: they count as free for the run)."""
+    and the bytes of this model already on that device (the WebUI's: they count as free for the run). A run that
+    loads its own model (``base_model`` given) keeps its UNet off a GPU while the latent cache is built."""
 
     base_model: str | None
     family: str | None
@@ -510,7 +514,8 @@ def estimate_for(cfg, where: Where, free: int | None = None) -> Estimate | None:
     cfg = with_family_defaults(cfg, where.family)[0]
     bf16 = where.device.type == "cuda" and torch.cuda.is_bf16_supported()
     precision = resolve_mixed_precision(cfg.training.mixed_precision, where.device.type, bf16)
-    return estimate_run(cfg, configs, where.device, precision, free=free, resident=where.resident)
+    return estimate_run(cfg, configs, where.device, precision, free=free, resident=where.resident,
+                        unet_waits=where.base_model is not None)
 
 
 def total_steps_of(cfg) -> int | None:

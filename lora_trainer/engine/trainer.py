@@ -274,9 +274,10 @@ def _set_up(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepared
         resume(run, prepared.restored, prepared.resume_from)
     if group is not None and not group.main:  # (LoRA dropout's masks: another sequence than rank 0's, the same
         torch.manual_seed(t.seed + 1_000_003 * group.rank + 7_919 * run.step)  # on a resume at this step)
-    run.cache = build_cache(run, progress)
-    if run.main:  # (rank 0 alone: the validation loss, the samples and TensorBoard)
-        run.validator = Validator.for_run(run, list(prepared.held_out), progress, prepared.scan.facts)
+    with backend.unet_waits_for_cache() if t.cache_latents else contextlib.nullcontext():
+        run.cache = build_cache(run, progress)
+        if run.main:  # (rank 0 alone: the validation loss, the samples and TensorBoard)
+            run.validator = Validator.for_run(run, list(prepared.held_out), progress, prepared.scan.facts)
         run.sampler = SampleMaker.for_run(run, list(prepared.prompts))
     run.cbs.on_start(plan.total_steps, run_dir)
     run.writer = _tensorboard(log_dir, cfg.output.log_with == "tensorboard") if run.main else None

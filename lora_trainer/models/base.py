@@ -8,6 +8,7 @@ and, inside the WebUI, the LDM model the WebUI already has loaded.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -79,6 +80,9 @@ class TrainingBackend(Protocol):
     def restore_encoders(self) -> None:
         """Undo ``offload_idle_encoders``."""
 
+    def unet_waits_for_cache(self) -> contextlib.AbstractContextManager:
+        """While the encoders fill the caches: the UNet off the GPU where the run owns its model."""
+
 
 class Backend:
     """The defaults of a TrainingBackend's optional abilities: a backend overrides what it can do."""
@@ -113,3 +117,6 @@ class Backend:
 
     def restore_encoders(self) -> None:
         pass
+
+    def unet_waits_for_cache(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # (a host's model: where it lives is the host's to decide)

@@ -14,7 +14,7 @@ from lora_trainer.models.base import TEXT_ENCODER, UNET, Backend
 from lora_trainer.models.compat import dtype_kwargs
 from lora_trainer.models.compiling import compile_for_run
 from lora_trainer.models.conditioning import Conditioning
-from lora_trainer.models.offload import IdleEncoders
+from lora_trainer.models.offload import IdleEncoders, waiting_on_cpu
 from lora_trainer.models.prompts import encode_captions
 from lora_trainer.utils.checkpointing import enable_lora_checkpointing
 
@@ -116,6 +116,11 @@ class DiffusersBackend(Backend):
     def restore_encoders(self) -> None:
         """Everything back on the training device, as before ``offload_idle_encoders``."""
         self._idle.restore(self.device)
+
+    def unet_waits_for_cache(self):
+        """The UNet (its LoRA in it) on the CPU while the VAE and text encoder(s) fill the caches, on a GPU: the
+        encoders' work is the process's peak otherwise (SDXL at 1024²: models.offload)."""
+        return waiting_on_cpu([self.unet], self.device, "while the caches are built")
 
     def compile_unet(self, mode: str = "default") -> None:
         """Train through torch.compile of the UNet; its parameters (and names) stay those of ``self.unet``."""
