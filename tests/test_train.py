@@ -508,8 +508,9 @@ def test_idle_encoders_wait_off_the_gpu_while_training(demo_data, tmp_path, monk
 @pytest.mark.parametrize("settings, waits", [({}, True), ({"validation_split": 0.25}, True),
                                              ({"cache_latents": False}, False)])
 def test_the_unet_waits_while_the_caches_are_built(demo_data, tmp_path, monkeypatch, settings, waits):
-    """Every image and caption the encoders cache (the validation images' too) is encoded while the UNet waits, and
-    the first step comes after it is back; nothing waits when nothing is cached."""
+    """Every image and caption the encoders cache (the validation images' too) is encoded while the UNet waits, the
+    idle encoders leave the GPU before it comes back, and the first step comes after; nothing waits when nothing is
+    cached."""
     import contextlib
 
     backend = load_diffusers_backend("tiny-demo", torch.device("cpu"), torch.float32)
@@ -524,6 +525,7 @@ def test_the_unet_waits_while_the_caches_are_built(demo_data, tmp_path, monkeypa
         events.append("back")
 
     monkeypatch.setattr(backend, "unet_waits_for_cache", waiting)
+    monkeypatch.setattr(backend, "offload_idle_encoders", lambda text_encoder: events.append("encoders off"))
     monkeypatch.setattr(backend, "encode_images", lambda *a: events.append("image") or encode_images(*a))
     monkeypatch.setattr(backend, "encode_image_dist", lambda *a: events.append("image") or encode_dist(*a))
     monkeypatch.setattr(backend, "encode_prompts", lambda *a, **k: events.append("caption") or encode_prompts(*a, **k))
@@ -531,12 +533,13 @@ def test_the_unet_waits_while_the_caches_are_built(demo_data, tmp_path, monkeypa
     cfg = make_cfg(demo_data, tmp_path / "out", max_train_steps=2, **settings)
     train(cfg, backend=backend, callbacks=steps, progress=False)
     if not waits:
-        assert "wait" not in events and events.count("step") == 2
+        assert {"wait", "encoders off"}.isdisjoint(events) and events.count("step") == 2
         return
     first, back = events.index("wait"), events.index("back")
     assert events.count("wait") == 1 and {"image", "caption"} <= set(events[first + 1:back])
     assert {"image", "caption"}.isdisjoint(events[back:])  # (the held-out images' too: encoded while it waits)
-    assert events[back + 1:] == ["step", "step"]
+    # the encoders the steps need not leave before the UNet comes back: the two never share the GPU
+    assert events[back - 1:] == ["encoders off", "back", "step", "step"]
 
 
 def test_waiting_on_cpu_moves_only_off_a_gpu_and_always_back(monkeypatch):
