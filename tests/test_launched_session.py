@@ -4,6 +4,8 @@ the session follows their event file (engine.event_log) into the tab's status, s
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 from test_train import make_cfg
@@ -57,8 +59,10 @@ def app(tmp_path):
 
 
 @pytest.mark.slow  # (two processes of two runs: about a minute on 2 CPU cores)
-def test_two_processes_train_publish_and_show_progress_samples_and_stop(app, tmp_path):
+def test_two_processes_train_publish_and_show_progress_samples_and_stop(app, tmp_path, monkeypatch):
     data, host = app
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # (where the session keeps its config and events)
+    (tmp_path / "tmp").mkdir()
     cfg = make_cfg(data, tmp_path / "run", max_train_steps=4, batch_size=1, save_steps=2)
     session = LaunchedSession.start(host, cfg, processes=2, sample_prompt="a red square", sample_every=2)
     s = session.wait(timeout=600)
@@ -68,6 +72,7 @@ def test_two_processes_train_publish_and_show_progress_samples_and_stop(app, tmp
     assert s.published == tmp_path / "Lora" / "test_lora.safetensors" and s.published.exists()
     summary = json.loads((s.run_dir / "summary.json").read_text())
     assert (summary["world_size"], summary["effective_batch"]) == (2, 2)
+    assert list((tmp_path / "tmp").iterdir()) == []  # the session's own files went with its end
 
     # Stop after the first step: both processes stop after the same step, rank 0 saves and exports
     cfg = make_cfg(data, tmp_path / "stopped", max_train_steps=50, batch_size=1, save_steps=0)
@@ -84,9 +89,13 @@ def test_two_processes_train_publish_and_show_progress_samples_and_stop(app, tmp
     assert s.published.name != "test_lora.safetensors"  # (published beside the first run's, never over it)
 
 
-def test_a_run_that_fails_says_why(app, tmp_path):
+def test_a_run_that_fails_says_why(app, tmp_path, monkeypatch):
     _, host = app
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
     cfg = make_cfg(tmp_path / "no such folder", tmp_path / "run")
     s = LaunchedSession.start(host, cfg, processes=2).wait(timeout=600)
     assert s.state == "error"
     assert "no such folder" in s.message and "2-process run" in s.message
+    log = s.message.rsplit("(the whole log: ", 1)[1].rstrip(")")
+    assert Path(log).parent.parent == tmp_path / "tmp" and "no such folder" in Path(log).read_text()  # kept

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,9 +53,10 @@ class LaunchedSession(TrainingSession):
         with open(log, "wb") as out:  # (its own session: a signal to the app is not the run's)
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         end = self._follow(proc, EventReader(events), stop_path(events))
-        if end is None:
+        if end is None:  # (the folder stays: the message names its log)
             raise LoraTrainerError(f"the {self.processes}-process run ended without a result (exit "
                                    f"{proc.returncode}): {last_error(log)} (the whole log: {log})")
+        shutil.rmtree(work, ignore_errors=True)  # (the run folder keeps the run's own config and logs)
         result = train_result(end)
         self.status.skipped = result.skipped
         return result, self.host.publish(result.lora_path, self.cfg.output.output_name)
