@@ -3,7 +3,7 @@
     python bench/train_speed.py [--device cpu|cuda] [--model tiny|tiny-sdxl|sd15-shape|sdxl-shape] [--resolution 64]
                                 [--batch 4] [--rank 8] [--images 16] [--photo-size WxH] [--steps 60] [--rounds 6]
                                 [--gradient-checkpointing] [--variant NAME:key=value,key=value ...] [--no-reference]
-                                [--mixed-aspect]
+                                [--alone] [--mixed-aspect]
 
 Models: the built-in tiny SD (``tiny``) and SDXL (``tiny-sdxl``) models, or SD 1.5's / SDXL base's real shapes with
 random weights, built once from configs in the work folder (``sd15-shape``; ``sdxl-shape``: 2.6 B UNet parameters,
@@ -318,6 +318,9 @@ def parse_args() -> argparse.Namespace:
                    help="also run ours with these training keys changed (repeatable)")
     p.add_argument("--compile", action="store_true", help="same as --variant compile:compile_unet=true")
     p.add_argument("--no-reference", action="store_true", help="skip the reference loop")
+    p.add_argument("--alone", action="store_true",
+                   help="with --no-reference: each loop only alone in its own process, its speed from there (no "
+                        "turns: a compiled loop compiles once)")
     p.add_argument("--mixed-aspect", action="store_true",
                    help="images of four aspect ratios: ours in buckets against a square-cropped loop")
     p.add_argument("--peak-tflops", type=float, default=989.0,
@@ -337,6 +340,8 @@ def main() -> None:
         raise SystemExit(f"--rounds {args.rounds}: between 1 and --steps ({args.steps}), and dividing it")
     if args.warmup < 1:
         raise SystemExit("--warmup: at least 1 (the first step compiles, allocates and loads; it is never timed)")
+    if args.alone and not args.no_reference:
+        raise SystemExit("--alone: with --no-reference only (ours and the reference are compared taking turns)")
 
     from lora_trainer.data.demo_set import make_demo_dataset
 
@@ -364,21 +369,8 @@ def main() -> None:
     shared += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
 
     shared += ["--no-reference"] if args.no_reference else []
-    # speed: each of our loops in one process with the reference, taking turns
-    turns = {name: spawn(args, "turns", [(name, o)], data, work, shared) for name, o in variants}
-    rows = []
-    for name, overrides in loops:
-        pair = turns["ours" if name == "reference" else name]
-        if pair is None:
-            continue
-        row = spawn(args, "alone", [(name, overrides)], data, work, shared) or {"mode": name}
-        row["overrides"] = overrides or {}
-        row["turn_s"] = pair["reference" if name == "reference" else "ours"]
-        row["steps_per_s"] = block / statistics.median(row["turn_s"])
-        row["images_per_s"] = row["steps_per_s"] * args.batch
-        if pair["reference"]:
-            row["ratios"] = [r / t for r, t in zip(pair["reference"], row["turn_s"])]
-        rows.append(row)
+    rows = alone_rows(args, loops, data, work, shared) if args.alone else turn_rows(args, loops, variants, data,
+                                                                                     work, shared, block)
     flops = (spawn(args, "flops", [], data, work, shared) or {}).get("flops") if args.device == "cuda" else None
     if flops:  # the FLOPs each loop does per image: the reference encodes images and captions every step
         for r in rows:
@@ -396,11 +388,43 @@ def main() -> None:
         import torch
 
         summary["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    print_table(rows, args.rounds)
+    print_table(rows, args.rounds, args.alone)
     if flops:
         print("TFLOP per image: " + ", ".join(f"{k} {v / 1e12:.3f}" for k, v in flops.items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def turn_rows(args, loops, variants, data: Path, work: Path, shared: list[str], block: int) -> list[dict]:
+    """Speed: each of our loops in one process with the reference, taking turns; memory: each alone."""
+    turns = {name: spawn(args, "turns", [(name, o)], data, work, shared) for name, o in variants}
+    rows = []
+    for name, overrides in loops:
+        pair = turns["ours" if name == "reference" else name]
+        if pair is None:
+            continue
+        row = spawn(args, "alone", [(name, overrides)], data, work, shared) or {"mode": name}
+        row["overrides"] = overrides or {}
+        row["turn_s"] = pair["reference" if name == "reference" else "ours"]
+        row["steps_per_s"] = block / statistics.median(row["turn_s"])
+        row["images_per_s"] = row["steps_per_s"] * args.batch
+        if pair["reference"]:
+            row["ratios"] = [r / t for r, t in zip(pair["reference"], row["turn_s"])]
+        rows.append(row)
+    return rows
+
+
+def alone_rows(args, loops, data: Path, work: Path, shared: list[str]) -> list[dict]:
+    """--alone: speed and memory from one child per loop (a compiled loop compiles once, not twice)."""
+    rows = []
+    for name, overrides in loops:
+        row = spawn(args, "alone", [(name, overrides)], data, work, shared)
+        if row is not None:
+            row["overrides"] = overrides or {}
+            row["steps_per_s"] = row["alone_steps_per_s"]
+            row["images_per_s"] = row["steps_per_s"] * args.batch
+            rows.append(row)
+    return rows
 
 
 def compare_buckets(rows: list[dict], data: Path, resolution: int) -> dict | None:
@@ -419,7 +443,7 @@ def compare_buckets(rows: list[dict], data: Path, resolution: int) -> dict | Non
     return out
 
 
-def print_table(rows: list[dict], rounds: int) -> None:
+def print_table(rows: list[dict], rounds: int, alone: bool = False) -> None:
     def num(r, key, fmt):
         return format(r[key], fmt) if key in r else "-"
 
@@ -432,7 +456,8 @@ def print_table(rows: list[dict], rounds: int) -> None:
         print(f"{r['mode']:<16}{r['steps_per_s']:>9.2f}{r['images_per_s']:>10.2f}{ratio:>7}{spread:>12}"
               f"{num(r, 'peak_memory_mb', '.0f'):>9}{num(r, 'device_peak_mb', '.0f'):>10}"
               f"{num(r, 'first_step_s', '.1f'):>9}{num(r, 'mfu', '.1%'):>7}")
-    print(f"(speed: each loop in one process with the reference, {rounds} turns each, medians; memory and "
+    print("(speed, memory and first step: each loop alone in its own process)" if alone else
+          f"(speed: each loop in one process with the reference, {rounds} turns each, medians; memory and "
           "first step: each loop alone in its own process)")
     if ref and "peak_memory_mb" in ref:
         for r in rows:
