@@ -205,3 +205,63 @@ def test_a_run_that_loads_its_model_builds_the_cache_without_the_unet_on_the_gpu
     assert own.cache_build == host.cache_build - 5_000 and own.training_peak == host.training_peak
     on_cpu = preflight._estimate_from(traced, cfg, CPU, 1e11, samples=False, unet_waits=True)
     assert on_cpu.cache_build == host.cache_build  # (nothing moves on the CPU)
+
+
+def test_a_trace_is_kept_on_disk_for_the_next_process(data, tmp_path, monkeypatch):
+    """A trace is kept in the cache folder: the next process with the same settings (this process's memory emptied)
+    does not trace again and gets the same estimate; a setting that shapes a step (a LoRA dropout: it keeps a copy of
+    each LoRA layer's input), a file that cannot be read or another version of the code traces again."""
+    from lora_trainer.engine import preflight_store
+
+    monkeypatch.setattr(preflight_store, "cache_root", lambda: tmp_path / "cache")
+    real_trace, calls = preflight._trace, []
+
+    def counted(*args):
+        calls.append(args)
+        return real_trace(*args)
+
+    monkeypatch.setattr(preflight, "_trace", counted)
+    cfg = cfg_for(data, tmp_path / "out", batch_size=2, lora_dropout=0.0)
+    where = Where("tiny-demo", None, CPU)
+
+    def estimate(c):
+        monkeypatch.setattr(preflight, "_TRACES", {})  # (a new process)
+        return estimate_for(c, where, free=2**40)
+
+    first = estimate(cfg)
+    files = list((tmp_path / "cache" / "preflight").glob("*.json"))
+    assert len(calls) == 1 and len(files) == 1
+    again = estimate(cfg)
+    assert len(calls) == 1 and (again.peak, again.step, again.flops_per_step) == (first.peak, first.step,
+                                                                                  first.flops_per_step)
+    dropout = estimate(cfg_for(data, tmp_path / "out", batch_size=2, lora_dropout=0.1))
+    assert len(calls) == 2 and dropout.step > first.step
+
+    files[0].write_text("{not json", encoding="utf-8")
+    assert estimate(cfg).step == first.step and len(calls) == 3
+    assert json.loads(files[0].read_text(encoding="utf-8"))["value"]["step"] == first.step  # (written again)
+    monkeypatch.setattr(preflight_store, "code_version", lambda: "another version")
+    assert estimate(cfg).step == first.step and len(calls) == 4
+
+
+def test_a_cache_folder_that_cannot_be_written_costs_only_the_trace(data, tmp_path, monkeypatch):
+    from lora_trainer.engine import preflight_store
+
+    (tmp_path / "a_file").write_text("x")
+    monkeypatch.setattr(preflight_store, "cache_root", lambda: tmp_path / "a_file" / "cache")
+    monkeypatch.setattr(preflight, "_TRACES", {})
+    est = estimate_for(cfg_for(data, tmp_path / "out", batch_size=2), Where("tiny-demo", None, CPU), free=2**40)
+    assert est.step > 0 and est.fits
+
+
+def test_the_trace_store_keeps_the_newest_files(tmp_path, monkeypatch):
+    from lora_trainer.engine import preflight_store
+
+    monkeypatch.setattr(preflight_store, "cache_root", lambda: tmp_path)
+    monkeypatch.setattr(preflight_store, "KEEP", 2)
+    for n in range(4):
+        preflight_store.store(f"key {n}", {"n": n})
+        for path in (tmp_path / "preflight").glob("*.json"):  # (each older than the next, whatever the clock's step)
+            os.utime(path, (path.stat().st_mtime - 10, path.stat().st_mtime - 10))
+    assert [preflight_store.load(f"key {n}") for n in range(4)] == [None, None, {"n": 2}, {"n": 3}]
+    assert len(list((tmp_path / "preflight").glob("*.json"))) == 2

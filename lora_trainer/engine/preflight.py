@@ -17,6 +17,9 @@ freed blocks, so the process may grow more than that (1.6-2.4x a step's tensors 
 bench/RESULTS.md; ``MALLOC_MMAP_THRESHOLD_=65536`` makes it return them). The WebUI's model is A1111's, not
 diffusers': its estimate traces the diffusers model of the same family (the same layers and shapes).
 
+A trace costs seconds of CPU (SDXL's step is tens of thousands of operations on fake tensors): each is kept, in this
+process and on disk (``engine.preflight_store``), under what it depends on, so the same settings never trace twice.
+
 Time per step: the FLOPs at a share of the device's matmul rate (measured here in a fraction of a second) and a
 cost per operation (a GPU: the slower of the two, as it computes while Python queues; a CPU: their sum); rough until
 the run's first steps measure it (``engine.run.Run._measure_time`` logs the measured rate).
@@ -38,6 +41,7 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lora_trainer.engine import preflight_store
 from lora_trainer.engine.guard import OPTIMIZER_STATE_BYTES, size_text
 from lora_trainer.models.base import TEXT_ENCODER, TEXT_ENCODER_2, UNET
 
@@ -383,14 +387,31 @@ def _trace(cfg, configs: dict, device: torch.device, precision: str, samples: bo
 _TRACES: dict = {}  # (what a trace depends on) → _Traced: the tab asks again as settings change
 
 
-def _traced(cfg, configs, device, precision, samples) -> _Traced:
+def _trace_key(cfg, configs, device, precision, samples) -> str:
+    """What a trace depends on: the model's configs, the device (a GPU's model: its SDPA kernels) and the settings
+    that shape a step (a LoRA dropout keeps a copy of each LoRA layer's input; 0 keeps none)."""
     t, d = cfg.training, cfg.data
-    key = (json.dumps(configs, sort_keys=True, default=str), str(device), precision, samples, d.resolution,
-           t.batch_size, t.gradient_checkpointing, t.fp8_base, t.lora_rank, tuple(t.target_modules),
-           t.train_text_encoder, t.train_text_encoder_2, tuple(t.text_encoder_target_modules), t.attention,
-           t.channels_last, t.min_snr_gamma is not None, cfg.model.prediction_type)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return json.dumps([configs, str(device), gpu, precision, samples, d.resolution, t.batch_size,
+                       t.gradient_checkpointing, t.fp8_base, t.lora_rank, t.lora_dropout > 0, list(t.target_modules),
+                       t.train_text_encoder, t.train_text_encoder_2, list(t.text_encoder_target_modules), t.attention,
+                       t.channels_last, t.min_snr_gamma is not None, cfg.model.prediction_type],
+                      sort_keys=True, default=str)
+
+
+def _traced(cfg, configs, device, precision, samples) -> _Traced:
+    """The trace of these settings: from this process's memory, else from disk (engine.preflight_store), else run."""
+    key = _trace_key(cfg, configs, device, precision, samples)
     if key not in _TRACES:
-        _TRACES[key] = _trace(cfg, configs, device, precision, samples)
+        kept = preflight_store.load(key)
+        try:
+            traced = _Traced(**kept) if kept is not None else None
+        except TypeError:  # (another version's fields)
+            traced = None
+        if traced is None:
+            traced = _trace(cfg, configs, device, precision, samples)
+            preflight_store.store(key, dataclasses.asdict(traced))
+        _TRACES[key] = traced
     return _TRACES[key]
 
 
