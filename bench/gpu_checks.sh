@@ -48,8 +48,14 @@ run() {  # name, seconds, command...  (a check that ended before in OUT_DIR, its
     fi
     echo "=== $name (limit ${limit}s): $*"
     local start=$SECONDS
-    timeout "$limit" "$@" > "$out/$name.log" 2>&1
+    # (in the background, killed with this script: an outer timeout's TERM reaches bash, not the inner timeout, which
+    # runs in its own process group and would keep the GPU busy after the script ended)
+    timeout "$limit" "$@" > "$out/$name.log" 2>&1 &
+    local child=$!
+    trap 'kill -TERM "$child" 2>/dev/null; exit 143' TERM INT
+    wait "$child"
     local rc=$?
+    trap - TERM INT
     echo "$rc" > "$out/$name.rc"
     tail -n 25 "$out/$name.log"
     echo "=== $name: exit $rc after $((SECONDS - start)) s"

@@ -10,6 +10,7 @@ guard's copy and the cached batch included) and, in a fresh process, how much th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -191,7 +192,8 @@ def test_the_shipped_family_configs_estimate_sdxl_and_sd2():
 
 def test_a_run_that_loads_its_model_builds_the_cache_without_the_unet_on_the_gpu():
     """Where the run loads its own model the UNet waits on the CPU while the VAE encodes the cache (models.offload):
-    that phase's estimate leaves its weights out on a GPU; the WebUI's model (base_model None) stays whole."""
+    that phase's estimate leaves its weights out on a GPU, though not the load before it, when every weight and the
+    LoRA are there; the WebUI's model (base_model None) stays whole."""
     from lora_trainer.config import config_from_dict
     from lora_trainer.models.base import TEXT_ENCODER, UNET
 
@@ -202,9 +204,22 @@ def test_a_run_that_loads_its_model_builds_the_cache_without_the_unet_on_the_gpu
     host = preflight._estimate_from(traced, cfg, cuda, 1e14, samples=False)
     own = preflight._estimate_from(traced, cfg, cuda, 1e14, samples=False, unet_waits=True)
     assert host.cache_build == 5_000 + 1_600 + 170 + 20 * 4 + 1_300
-    assert own.cache_build == host.cache_build - 5_000 and own.training_peak == host.training_peak
+    assert own.cache_build == 5_000 + 1_600 + 170 + 20 * 4 and own.training_peak == host.training_peak  # (loaded)
+    small_unet = dataclasses.replace(traced, weights={**traced.weights, UNET: 1_000})
+    assert preflight._estimate_from(small_unet, cfg, cuda, 1e14, samples=False, unet_waits=True).cache_build == (
+        1_600 + 170 + 20 * 4 + 1_300)  # (the encode outweighs the UNet: the cache build is the peak)
     on_cpu = preflight._estimate_from(traced, cfg, CPU, 1e11, samples=False, unet_waits=True)
     assert on_cpu.cache_build == host.cache_build  # (nothing moves on the CPU)
+
+
+def test_the_unet_waits_only_where_the_run_loads_its_own_model(monkeypatch):
+    from lora_trainer.config import Config
+
+    asked = []
+    monkeypatch.setattr(preflight, "estimate_run", lambda *a, **kw: asked.append(kw["unet_waits"]))
+    for where in (Where("tiny-demo", None, CPU), Where(None, "sd_v1", CPU)):
+        estimate_for(Config(), where, free=2**40)
+    assert asked == [True, False]
 
 
 def test_a_trace_is_kept_on_disk_for_the_next_process(data, tmp_path, monkeypatch):

@@ -556,6 +556,19 @@ def test_waiting_on_cpu_moves_only_off_a_gpu_and_always_back(monkeypatch):
             raise RuntimeError("encode failed")
     assert moves == ["cpu", "emptied", "cuda"]  # back where it trains, even after an error
 
+    def no_room(device):  # (the failed encode's traceback still holds its activations: no room to come back)
+        moves.append(str(device))
+        if str(device) == "cuda":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return module
+
+    moves.clear()
+    monkeypatch.setattr(module, "to", no_room)
+    with pytest.raises(RuntimeError, match="encode failed") as error:
+        with waiting_on_cpu([module], torch.device("cuda"), "while testing"):
+            raise RuntimeError("encode failed")
+    assert not isinstance(error.value, torch.cuda.OutOfMemoryError) and moves == ["cpu", "emptied", "cuda"]
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="moves the UNet off a GPU")
 def test_the_unet_frees_its_gpu_memory_while_the_caches_are_built():

@@ -37,7 +37,7 @@ class CaptionItem:
     rel: str  # path relative to the dataset folder, as metadata.csv names it
     path: Path
     caption: str  # raw, markdown kept: what the user edits
-    source: str  # where it was read from: "csv" | "txt" | "none"
+    source: str  # where it was read from: "csv" | "txt" | "folder" (kohya's class tokens) | "none"
     saved: str = ""  # the caption as last read or saved (to know what changed)
     csv_name: str = ""  # the name its metadata.csv row uses, if it has one
 
@@ -236,7 +236,7 @@ class CaptionSet:
 
     # --- saving
     def _format_for(self, item: CaptionItem) -> str:
-        if item.source != "none":
+        if item.source in ("csv", "txt"):  # (a kohya folder's class tokens, edited: written as a new caption)
             return item.source
         return "csv" if self.uses_csv else "txt"
 

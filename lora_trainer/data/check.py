@@ -337,6 +337,11 @@ def check_scan(scan: DatasetScan, resolution: int = 512, caption_prefix: str = "
     if scan.problems:
         report.findings.append(Finding("csv", "warning", f"{len(scan.problems)} caption file problems: "
                                        + "; ".join(scan.problems[:3]), [], "fix the lines named"))
+    if scan.folders():
+        report.findings.append(Finding("kohya-folders", "info", scan.folders_text()))
+    if scan.folder_notes:
+        report.findings.append(Finding("kohya-folders", "warning", "; ".join(scan.folder_notes), [],
+                                       "name each folder of images <repeats>_<class tokens> (10_sks dog) to train it"))
     names = [_rel(scan, s.path) for s in scan.samples]
     infos = [scan.facts.get(s.path) for s in scan.samples]
     todo = [k for k, info in enumerate(infos) if info is None]  # a scan made without inspect=image_facts

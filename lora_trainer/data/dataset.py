@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import posixpath
+import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -57,7 +58,9 @@ class Sample:
     path: Path
     caption: str  # what the trainer tokenizes: prefix + caption without markdown
     core_tags: tuple[str, ...]
-    caption_source: str  # "csv" | "txt" | "none"
+    caption_source: str  # "csv" | "txt" | "folder" (kohya's class tokens) | "none"
+    repeats: int = 1  # times an epoch trains it (kohya's "<repeats>_<name>" folders)
+    folder: str = ""  # the kohya folder it is in ("" where the dataset is not laid out so)
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ class DatasetScan:
     samples: list[Sample] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # metadata.csv / caption file warnings
+    folder_notes: list[str] = field(default_factory=list)  # kohya's layout: the folders left out, and why
     csv_name: str = "metadata.csv"
     caption_extension: str = ".txt"
     facts: dict[Path, object] = field(default_factory=dict)  # image path -> what scan_dataset's inspect made
@@ -92,15 +96,38 @@ class DatasetScan:
     def tag_frequency(self) -> dict[str, int]:
         return tag_frequency(s.caption for s in self.samples)
 
+    def folders(self) -> dict[str, dict[str, int]]:
+        """kohya's folders of the images used: name → {"n_repeats", "img_count"} (kohya's ss_dataset_dirs); {} where
+        the dataset is not laid out so."""
+        out: dict[str, dict[str, int]] = {}
+        for s in self.samples:
+            if s.folder:
+                out.setdefault(s.folder, {"n_repeats": s.repeats, "img_count": 0})["img_count"] += 1
+        return out
+
+    def tag_frequencies(self) -> dict[str, dict[str, int]]:
+        """kohya's ss_tag_frequency ``{folder: {tag: count}}``: an entry per kohya folder, else one for the dataset."""
+        if not any(s.folder for s in self.samples):
+            return {self.root.name: self.tag_frequency()}
+        return {name: tag_frequency(s.caption for s in self.samples if s.folder == name) for name in self.folders()}
+
     def summary(self) -> str:
         kinds = Counter(s.kind for s in self.skipped)
         skipped = f"{len(self.skipped)} skipped"
         if kinds:
             skipped += " (" + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) + ")"
         sources = Counter(s.caption_source for s in self.samples)
-        return (f"dataset {self.root}: {len(self.samples)} images used, {skipped}; captions: "
+        text = (f"dataset {self.root}: {len(self.samples)} images used, {skipped}; captions: "
                 f"{sources['csv']} from {self.csv_name}, {sources['txt']} from {self.caption_extension}, "
-                f"{sources['none']} without caption")
+                + (f"{sources['folder']} from their folder's name, " if sources["folder"] else "")
+                + f"{sources['none']} without caption")
+        return text + (f"; {self.folders_text()}" if self.folders() else "")
+
+    def folders_text(self) -> str:
+        """"kohya folders: 10_sks dog (12 × 10), … = N images an epoch"."""
+        return ("kohya folders: " + ", ".join(f"{name} ({f['img_count']} × {f['n_repeats']})"
+                                             for name, f in self.folders().items())
+                + f" = {sum(s.repeats for s in self.samples)} images an epoch")
 
 
 def _inside(root: Path, path: Path) -> bool:
@@ -137,6 +164,55 @@ def _find_files(root: Path, recursive: bool) -> tuple[dict[str, Path], Counter]:
             else:
                 others[path.suffix.lower() or "(no extension)"] += 1
     return images, others
+
+
+KOHYA_FOLDER = re.compile(r"(\d+)(?:_(.*))?")  # as kohya's scripts read it: the words after the first "_" as written
+YEAR_LIKE = 1000  # repeats from here on are more likely a folder named for a year ("2023_trip"): said so
+
+
+def kohya_folders(root: Path) -> tuple[dict[str, tuple[int, str]], list[str]]:
+    """kohya's layout: a dataset folder that holds no image itself, only sub-folders named ``<repeats>_<class
+    tokens>`` ("10_sks dog": each of its images 10 times an epoch; one without a caption trained as "sks dog").
+    Returns the usable folders (name → (repeats, class tokens)) and what is said of the rest (left out, as kohya's
+    scripts leave them: another name, 0 repeats); ({}, []) where ``root`` is not laid out so."""
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError:
+        return {}, []
+    if any(e.is_file() and not e.name.startswith(".") and is_image_name(e.name) for e in entries):
+        return {}, []
+    subfolders = [e.name for e in entries if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")]
+    named = {n: KOHYA_FOLDER.fullmatch(n) for n in subfolders}
+    if not any(named.values()):
+        return {}, []
+    folders, notes = {}, []
+    for name, match in named.items():
+        if match is None:
+            notes.append(f"folder {name}: left out (kohya's layout: a folder of images is named <repeats>_<name>, "
+                         "such as 10_sks dog)")
+        elif int(match[1]) < 1:
+            notes.append(f"folder {name}: left out (0 repeats)")
+        else:
+            folders[name] = (int(match[1]), (match[2] or "").strip())
+            if int(match[1]) >= YEAR_LIKE:
+                notes.append(f"folder {name}: read as {int(match[1])} repeats an epoch (kohya's <repeats>_<name>); "
+                             "rename it if that is not meant")
+    return folders, notes
+
+
+def _find_images(root: Path, recursive: bool) -> tuple[dict[str, Path], Counter, dict[str, tuple[int, str]], list]:
+    """``_find_files``, and kohya's folders where ``root`` is laid out so (then only their images, each folder's
+    sub-folders too where ``recursive``), with what is said of that layout (``kohya_folders``)."""
+    folders, notes = kohya_folders(root)
+    if not folders:
+        return (*_find_files(root, recursive), {}, notes)
+    images: dict[str, Path] = {}
+    others: Counter[str] = Counter()
+    for name in folders:
+        found, other = _find_files(root / name, recursive)
+        images.update({f"{name}/{rel}": path for rel, path in found.items()})
+        others.update(other)
+    return images, others, folders, notes
 
 
 def _csv_target(root: Path, name: str) -> tuple[str, Path] | str:
@@ -206,9 +282,16 @@ class DatasetFiles:
     problems: list[str]  # metadata.csv warnings
     in_folder: int  # image files found in the folder itself
     others: Counter  # other suffixes seen
+    folders: dict[str, tuple[int, str]] = field(default_factory=dict)  # kohya's: name → (repeats, class tokens)
+    folder_notes: list[str] = field(default_factory=list)  # kohya's layout: the folders left out, and why
 
     def sidecar(self, rel: str) -> Path:
         return self.images[rel].with_suffix(self.caption_extension)
+
+    def folder(self, rel: str) -> str:
+        """The kohya folder image ``rel`` is in ("" where none)."""
+        top = rel.split("/", 1)[0]
+        return top if "/" in rel and top in self.folders else ""
 
 
 def find_dataset_files(root, metadata_path=None, caption_extension: str = ".txt",
@@ -226,8 +309,11 @@ def find_dataset_files(root, metadata_path=None, caption_extension: str = ".txt"
     rows, problems = read_metadata_csv(csv_path) if csv_path.is_file() else ({}, [])
     for problem in problems:
         log.warning("%s", problem)
-    candidates, others = _find_files(root, recursive)
-    files = DatasetFiles(root, csv_path, ext, candidates, {}, {}, [], problems, len(candidates), others)
+    candidates, others, folders, notes = _find_images(root, recursive)
+    for note in notes:
+        log.warning("%s: %s", root, note)
+    files = DatasetFiles(root, csv_path, ext, candidates, {}, {}, [], problems, len(candidates), others, folders,
+                         notes)
     found = dict(candidates)
     for name, entry in rows.items():
         where = f"listed in {csv_path.name} line {entry.line}"
@@ -254,11 +340,15 @@ def find_dataset_files(root, metadata_path=None, caption_extension: str = ".txt"
 
 def pick_caption(files: DatasetFiles, rel: str, caption_priority: str = "csv",
                  problems: list[str] | None = None) -> tuple[str, str]:
-    """(source, raw caption) of one image: "csv" | "txt" | "none", by ``caption_priority``."""
+    """(source, raw caption) of one image: "csv" | "txt" | "none", by ``caption_priority``; an image in a kohya
+    folder without either: "folder", the folder's class tokens (as kohya's scripts train it)."""
     sidecar = _read_sidecar(files.sidecar(rel), files.problems if problems is None else problems)
     choices = [("csv", files.csv_captions.get(rel)), ("txt", sidecar)]
     if caption_priority == "txt":
         choices.reverse()
+    folder = files.folder(rel)
+    if folder:
+        choices.append(("folder", files.folders[folder][1]))
     return next(((s, c) for s, c in choices if c and c.strip()), ("none", ""))
 
 
@@ -275,7 +365,7 @@ def scan_dataset(root, metadata_path=None, caption_extension: str = ".txt", capt
     files = find_dataset_files(root, metadata_path, caption_extension, recursive)
     root, candidates = files.root, files.images
     scan = DatasetScan(root, csv_name=files.csv_path.name, caption_extension=files.caption_extension,
-                       problems=files.problems, skipped=list(files.csv_skipped))
+                       problems=files.problems, skipped=list(files.csv_skipped), folder_notes=files.folder_notes)
 
     def skip(rel: str, reason: str) -> None:
         scan.skipped.append(Skipped(rel, reason))
@@ -292,7 +382,9 @@ def scan_dataset(root, metadata_path=None, caption_extension: str = ".txt", capt
             scan.facts[candidates[rel]] = fact
         source, raw = pick_caption(files, rel, caption_priority)
         text, core = strip_markdown(raw)
-        scan.samples.append(Sample(candidates[rel], caption_prefix + text, tuple(core), source))
+        folder = files.folder(rel)
+        scan.samples.append(Sample(candidates[rel], caption_prefix + text, tuple(core), source,
+                                   files.folders[folder][0] if folder else 1, folder))
 
     no_caption = sum(s.caption_source == "none" for s in scan.samples)
     if no_caption:
@@ -364,6 +456,10 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.buckets is None:
             return [list(range(len(self)))]
         return list(groups(self.fits).values())
+
+    def epoch_groups(self) -> list[list[int]]:
+        """``groups()`` with each image as many times as an epoch trains it (its ``repeats``: kohya's folders)."""
+        return [[i for i in group for _ in range(self.samples[i].repeats)] for group in self.groups()]
 
     def bucket_info(self) -> dict | None:
         """kohya's ss_bucket_info of these images, or None without buckets."""

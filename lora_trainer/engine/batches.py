@@ -32,7 +32,8 @@ class Plan:
     batch_size: int
     grad_accum: int
     total_steps: int
-    buckets: tuple[tuple[int, ...], ...] | None = None  # image indices by bucket; None: one group of all
+    buckets: tuple[tuple[int, ...], ...] | None = None  # image indices by bucket (an index once for each of its
+    # repeats: kohya's folders); None: one group of all, each once
     world_size: int = 1  # processes of a multi-process run (engine.distributed); batch_size is per process
 
     @property
@@ -44,6 +45,11 @@ class Plan:
     def effective_batch(self) -> int:
         """The images of one optimizer step: batch_size × gradient_accumulation_steps × processes."""
         return self.global_batch * self.grad_accum
+
+    @property
+    def num_train_images(self) -> int:
+        """The images an epoch trains: each as many times as its repeats (kohya's ss_num_train_images)."""
+        return self.num_images if self.buckets is None else sum(len(b) for b in self.buckets)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -61,10 +67,12 @@ class Plan:
 
     @classmethod
     def from_config(cls, cfg, num_images: int, buckets: list[list[int]] | None = None, world_size: int = 1) -> Plan:
-        """``buckets``: the image indices of each bucket (ImageDataset.groups()); None or one group: no buckets.
-        ``world_size``: the processes of a multi-process run (each takes batch_size images of a micro-batch)."""
+        """``buckets``: the image indices of each bucket, an image once for each of its repeats
+        (ImageDataset.epoch_groups()); None, or one group of every image once: no buckets. ``world_size``: the
+        processes of a multi-process run (each takes batch_size images of a micro-batch)."""
         t = cfg.training
-        groups = tuple(tuple(b) for b in buckets) if buckets is not None and len(buckets) > 1 else None
+        whole = buckets is None or (len(buckets) == 1 and len(buckets[0]) == num_images)
+        groups = None if whole else tuple(tuple(b) for b in buckets)
         plan = cls(num_images, t.batch_size, t.gradient_accumulation_steps, 0, groups, world_size)
         total = t.max_train_steps or t.epochs * plan.steps_per_epoch
         return dataclasses.replace(plan, total_steps=total)

@@ -64,12 +64,14 @@ def export_lora(run_dir: Path, cfg, backend, modules: dict, scan, started_at: fl
                                     rename=lambda path, name=name: backend.kohya_module_path(name, path)))
     model = ModelFacts(backend.family, backend.prediction_type, backend.model_name)
     facts = RunFacts(steps=steps, max_train_steps=plan.total_steps, epoch=-(-steps // plan.steps_per_epoch),
-                     num_epochs=plan.epochs, num_train_images=len(scan.samples),
-                     tag_frequency={Path(cfg.data.train_data_dir).name: scan.tag_frequency()},
+                     num_epochs=plan.epochs, num_train_images=plan.num_train_images,
+                     tag_frequency=scan.tag_frequencies(),
                      trained_text_encoder=TEXT_ENCODER in modules, trained_text_encoder_2=TEXT_ENCODER_2 in modules,
                      started_at=started_at, finished_at=time.time(), bucket_info=bucket_info)
     # kohya's ss_total_batch_size: batch_size × processes × gradient_accumulation_steps
-    metadata = build_metadata(cfg, model, facts, extra={"ss_total_batch_size": plan.effective_batch})
+    folders = scan.folders() or {scan.root.name: {"n_repeats": 1, "img_count": len(scan.samples)}}
+    metadata = build_metadata(cfg, model, facts, extra={"ss_total_batch_size": plan.effective_batch,
+                                                        "ss_dataset_dirs": folders})
     set_aside_interim_exports(run_dir, [f"{out.output_name}.safetensors", WEIGHT_NAME])
     lora_path = save_kohya_lora(run_dir / f"{out.output_name}.safetensors", tensors, metadata)
     diffusers_path = None

@@ -7,9 +7,11 @@ puts the LoRA layers in and switches checkpointing, attention and fp8 storage as
 one training step is run on it (``diffusion_loss``, backward) while every tensor storage made and freed is counted
 (``LiveBytes``), with the FLOPs by ``torch.utils.flop_counter``'s formulas. The peak of a step is the weights kept
 on the device during steps, the LoRA parameters with their optimizer state (and the NaN guard's copy), and that
-traced peak; while the latent cache is built every weight is on the device and the VAE encodes one image; sample
-images add a VAE decode. Where the device is a GPU the fake tensors are CUDA ones and autocast is CUDA's, so the
-kernels chosen (SDPA's flash / memory-efficient) and the dtypes kept for backward are the GPU's.
+traced peak; before the steps the model is loaded and set up with every weight on the device, then the VAE encodes
+the latent cache one image at a time (where the run loaded its model, on a GPU, with the UNet waiting on the CPU:
+models.offload); sample images add a VAE decode. Where the device is a GPU the fake tensors are CUDA ones and
+autocast is CUDA's, so the kernels chosen (SDPA's flash / memory-efficient) and the dtypes kept for backward are the
+GPU's.
 
 Not counted: the CUDA context and the caching allocator's slack (``CUDA_OVERHEAD`` adds a measured figure), kernel
 workspaces, torch.compile's graphs. On the CPU the estimate is the bytes the tensors need; glibc's allocator keeps
@@ -205,7 +207,7 @@ class Estimate:
     lora: int  # LoRA parameters (fp32), their optimizer state, the NaN guard's copy of both
     lora_params: int  # how many LoRA parameters
     step: int  # a step's traced peak beyond the weights
-    cache_build: int  # the peak while the latent cache is built (the weights on the device + a VAE encode)
+    cache_build: int  # the peak before the steps: every weight on the device (loaded), then the cache's VAE encodes
     samples: int  # the peak while a sample image decodes (0: no samples)
     overhead: int  # CUDA context and allocator slack (0 on the CPU: see the module's notes)
     seconds_per_step: float
@@ -438,7 +440,9 @@ def _estimate_from(traced: _Traced, cfg, device: torch.device, rate: float, samp
         step = max(step, traced.encode * (batch or t.batch_size))
     everything = sum(traced.weights.values()) + traced.lora_params * 4
     dev = device.type
-    caching = everything - (traced.weights.get(UNET, 0) if unet_waits and dev == "cuda" else 0) + traced.encode
+    caching = everything + traced.encode
+    if unet_waits and dev == "cuda":  # the UNet waits on the CPU while the cache is built; before, every weight and
+        caching = max(everything, caching - traced.weights.get(UNET, 0))  # the LoRA are there (loaded, set up)
     flops = traced.flops * (batch or t.batch_size) / t.batch_size * t.gradient_accumulation_steps
     compute = flops / (rate * EFFICIENCY.get(dev, 0.1))
     launches = OP_SECONDS.get(dev, 8e-6) * traced.ops * t.gradient_accumulation_steps
@@ -553,7 +557,7 @@ def total_steps_of(cfg) -> int | None:
     try:
         scan = scan_dataset(d.train_data_dir, metadata_path=d.metadata_path, caption_extension=d.caption_extension,
                             caption_priority=d.caption_priority, recursive=d.recursive)
-        groups = training_dataset(cfg, scan).groups()
+        groups = training_dataset(cfg, scan).epoch_groups()
     except LoraTrainerError:
         return None
     return Plan.from_config(cfg, len(scan.samples), groups).total_steps

@@ -98,7 +98,7 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
     log.info(check_scan(scan, resolution, d.caption_prefix, progress=progress,
                         buckets=BucketSpec.from_data(d, resolution)).summary())
     scan, held_out = validation_samples(cfg, scan)  # (data.validation_split / validation_dir)
-    buckets = training_dataset(cfg, scan, resolution).groups()
+    buckets = training_dataset(cfg, scan, resolution).epoch_groups()
     world = group.world_size if group is not None else 1
     cfg, estimate = _preflight(cfg, backend, make_backend, family, where, len(scan.samples), buckets, world)
     t = cfg.training
@@ -116,7 +116,7 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
     # (rank 0 picks the folder and reads the checkpoint; the others get them: they need not see its disk)
     run_dir, resume_from, restored, fresh_run = (run_folder() if group is None else
                                                  group.from_rank0(run_folder, "choosing the run folder"))
-    settings = ckpt.run_settings(t, plan.num_images, plan.total_steps, d, cfg.model, world)
+    settings = ckpt.run_settings(t, plan.num_images, plan.total_steps, d, cfg.model, world, plan.num_train_images)
     pending = ckpt.left_to_the_model(cfg)  # (checked once the model is loaded)
     if restored is not None:
         ckpt.check_resume(restored, settings, resume_from, keys=set(settings) - set(pending))
@@ -167,7 +167,8 @@ def _check_agreement(group: Group, cfg: Config, plan: Plan, scan) -> None:
     import hashlib
 
     t = cfg.training
-    digest = hashlib.sha256("\n".join(f"{s.path.name}\t{s.caption}" for s in scan.samples).encode()).hexdigest()[:12]
+    digest = hashlib.sha256("\n".join(f"{s.path.name}\t{s.caption}\t{s.repeats}" for s in scan.samples).encode()
+                            ).hexdigest()[:12]
     mine = {"images": plan.num_images, "dataset digest": digest, "batch_size": t.batch_size,
             "gradient_accumulation_steps": t.gradient_accumulation_steps, "steps": plan.total_steps}
     every = group.gather(mine, "comparing the processes' settings")
@@ -240,11 +241,12 @@ def _set_up(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepared
     cfg, noise_scheduler = with_noise_schedule(with_model_defaults(with_precision(cfg, precision), backend), backend)
     t, plan, run_dir = cfg.training, prepared.plan, prepared.run_dir
     dataset = training_dataset(cfg, prepared.scan)
-    replanned = Plan.from_config(cfg, plan.num_images, dataset.groups(), plan.world_size)
+    replanned = Plan.from_config(cfg, plan.num_images, dataset.epoch_groups(), plan.world_size)
     if replanned.buckets != plan.buckets:  # (the resolution was the model family's, known only now)
         plan = replanned
     group = prepared.group
-    settings = ckpt.run_settings(t, plan.num_images, plan.total_steps, cfg.data, cfg.model, plan.world_size)
+    settings = ckpt.run_settings(t, plan.num_images, plan.total_steps, cfg.data, cfg.model, plan.world_size,
+                                 plan.num_train_images)
     if prepared.restored is not None and prepared.pending:
         ckpt.check_resume(prepared.restored, settings, prepared.resume_from, keys=prepared.pending)
     if prepared.main:
@@ -274,8 +276,8 @@ def _set_up(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepared
         resume(run, prepared.restored, prepared.resume_from)
     if group is not None and not group.main:  # (LoRA dropout's masks: another sequence than rank 0's, the same
         torch.manual_seed(t.seed + 1_000_003 * group.rank + 7_919 * run.step)  # on a resume at this step)
-    _build_caches(run, prepared, progress)
     try:  # (from here the encoders the steps need not may wait on the CPU: _loop puts them back at its end)
+        _build_caches(run, prepared, progress)
         if run.main:  # (rank 0 alone: the validation loss, the samples and TensorBoard)
             run.sampler = SampleMaker.for_run(run, list(prepared.prompts))
         run.cbs.on_start(plan.total_steps, run_dir)
@@ -294,7 +296,8 @@ def _set_up(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepared
 def _build_caches(run: Run, prepared: _Prepared, progress: bool) -> None:
     """The latents and captions (the validation images' too) encoded once, while the UNet waits off the GPU where
     the run loaded its own model; then the encoders the steps need not leave the GPU before the UNet comes back,
-    so the two are never there together (SDXL: a 5.1 GB UNet, 1.8 GB of encoders and VAE; models.offload)."""
+    so the two share the GPU only while the model is loaded and set up, before the caches (SDXL: a 5.1 GB UNet, 1.8 GB
+    of encoders and VAE; models.offload; the pre-flight counts both phases)."""
     waiting = run.backend.unet_waits_for_cache() if run.cfg.training.cache_latents else contextlib.nullcontext()
     with waiting:
         run.cache = build_cache(run, progress)

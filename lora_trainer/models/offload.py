@@ -70,7 +70,9 @@ def _bytes(modules: list[nn.Module]) -> int:
 @contextlib.contextmanager
 def waiting_on_cpu(modules: list[nn.Module], device: torch.device, why: str):
     """``modules`` on the CPU for the block where ``device`` is a GPU (their memory for ``why``), then back on it;
-    elsewhere nothing moves. Parameters stay the same objects (an optimizer holding them is unaffected)."""
+    elsewhere nothing moves. Parameters stay the same objects (an optimizer holding them is unaffected). Where the
+    block raised and there is no GPU memory to move them back (its traceback still holds what it allocated), they
+    stay on the CPU with a warning, and the block's error is the one that reaches the user."""
     modules = [m for m in modules if m is not None]
     if torch.device(device).type != "cuda" or not modules:
         yield
@@ -82,6 +84,13 @@ def waiting_on_cpu(modules: list[nn.Module], device: torch.device, why: str):
              "s" if len(modules) == 1 else "", why, _bytes(modules) / 2**20)
     try:
         yield
-    finally:
-        for module in modules:
-            module.to(device)
+    except BaseException:
+        try:
+            for module in modules:
+                module.to(device)
+        except torch.cuda.OutOfMemoryError:
+            log.warning("no GPU memory to move %s back after the error below: left on the CPU",
+                        ", ".join(type(m).__name__ for m in modules))
+        raise
+    for module in modules:
+        module.to(device)
