@@ -6,6 +6,7 @@ the dotted key, the value and what is allowed.
 
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
 import difflib
@@ -86,6 +87,7 @@ class TrainingConfig:
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
     optimizer: str = "adamw"
+    optimizer_args: dict[str, object] = field(default_factory=dict)  # the optimizer's other arguments (kohya's)
     weight_decay: float = 1e-2
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -163,7 +165,8 @@ def default_value(key: str):
     return getattr(section, key)
 
 
-ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout", "lr": "learning_rate", "warmup_steps": "lr_warmup_steps"}
+ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout", "lr": "learning_rate", "warmup_steps": "lr_warmup_steps",
+           "optimizer_type": "optimizer"}  # (kohya's name)
 # values other tools write for a choice (the lora-scripts articles: task_type "image-to-text" for an image LoRA)
 VALUE_ALIASES = {"task_type": {"image-to-text": "text-to-image", "sd": "text-to-image", "stable-diffusion":
                                "text-to-image", "txt2img": "text-to-image", "llm": "text-generation"}}
@@ -177,7 +180,7 @@ CHOICES = {
     "zero_terminal_snr": ("auto", "true", "false"),
     "task_type": ("text-to-image", "text-generation"),
     "lr_scheduler": ("constant", "constant_with_warmup", "cosine", "linear"),
-    "optimizer": ("adamw", "adamw8bit"),
+    "optimizer": ("adamw", "adamw8bit", "prodigy", "adafactor"),
     "quantize_base": ("no", "4bit", "8bit"),
     "mixed_precision": ("auto", "no", "fp16", "bf16"),
     "save_precision": ("fp32", "fp16", "bf16"),
@@ -324,6 +327,8 @@ def _convert(name: str, value, key: str):
             if value not in CHOICES[name]:
                 return None, (f"{key}: {shown} is not one of {', '.join(CHOICES[name])}"
                               f"{_suggest(value, CHOICES[name])}")
+    elif typing.get_origin(base) is dict:
+        return _arguments(value, key)
     elif typing.get_origin(base) is list:
         if isinstance(value, str):
             value = [value]
@@ -336,6 +341,28 @@ def _convert(name: str, value, key: str):
         if bad:
             return None, f"{key}: {shown} is out of range: must be {_range_text(lo, hi, lo_open, hi_open)}"
     return value, None
+
+
+def _arguments(value, key: str):
+    """training.optimizer_args: a mapping (``{d_coef: 2, decouple: true}``), or as kohya's configs write them, a list
+    of ``name=value`` texts or one text of them apart by spaces (``"decouple=True weight_decay=0.01"``); a value in
+    text is read as Python writes it (``True``, ``0.01``, ``0.9,0.99``: a tuple) or else kept as text."""
+    if isinstance(value, str):
+        value = value.split()
+    if isinstance(value, list):
+        pairs = {}
+        for item in value:
+            name, sep, text = str(item).partition("=")
+            if not sep or not name.strip():
+                return None, f"{key}: expected name=value, got {item!r}"
+            try:
+                pairs[name.strip()] = ast.literal_eval(text.strip())
+            except (ValueError, SyntaxError):
+                pairs[name.strip()] = text.strip()
+        value = pairs
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k for k in value):
+        return None, f"{key}: expected a mapping of argument names to values, got {value!r}"
+    return dict(value), None
 
 
 def _sample_prompts(value, key: str):
@@ -474,6 +501,30 @@ def _read_as_written(values: dict[str, dict]) -> None:
                      or default_value("text_encoder_target_modules"))
 
 
+# learning rates where the optimizer sets its own step size (Prodigy: the rate scales its estimate, 1.0 as its authors
+# and kohya's guides use it), for the keys a config did not set; they then count as set (a family's own do not apply)
+OPTIMIZER_LEARNING_RATES = {"prodigy": 1.0}
+
+
+def _optimizer_defaults(t: dict) -> None:
+    rate = OPTIMIZER_LEARNING_RATES.get(t.get("optimizer"))
+    if rate is None:
+        return
+    unset = [k for k in ("learning_rate", "text_encoder_lr") if k not in t]
+    for k in unset:
+        t[k] = rate
+    if unset:
+        log.info("training.optimizer %s: %s %g (not set in the config: it finds its own step size, which the rate "
+                 "scales)", t["optimizer"], " and ".join(unset), rate)
+    trained = {"learning_rate": True, "text_encoder_lr": t.get("train_text_encoder"),
+               "text_encoder_2_lr": t.get("train_text_encoder_2")}
+    low = [f"{k} {t[k]:g}" for k, on in trained.items()
+           if on and isinstance(t.get(k), float) and k not in unset and t[k] < 0.1 * rate]
+    if low:
+        log.warning("training.optimizer %s: %s scales its own step size: %g is usual, a rate this low trains "
+                    "hardly at all", t["optimizer"], ", ".join(low), rate)
+
+
 def config_from_dict(d: dict | None, source: str = "<config>") -> Config:
     """Validate a parsed YAML document (nested, flat or mixed) and build the Config."""
     if d is None:
@@ -524,6 +575,7 @@ def config_from_dict(d: dict | None, source: str = "<config>") -> Config:
     _check_special(values, errors)
     if not is_text_generation(values):  # (a language model's q_proj is its own)
         _read_as_written(values)
+    _optimizer_defaults(values["training"])
     if errors:
         listed = errors[0] if len(errors) == 1 else f"{len(errors)} problems:\n  " + "\n  ".join(errors)
         raise ConfigError(f"{source}: {listed}")

@@ -206,7 +206,15 @@ def skip_step(run) -> None:
 
 # --- the disk
 _MB = 1 << 20
-OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2}  # per parameter: AdamW's two moments (fp32 / 8-bit)
+# per parameter: AdamW's two moments (fp32 / 8-bit); Prodigy's two, its start point and its s sum; Adafactor's
+# factored second moment (a row and a column per matrix: next to nothing) and, with beta1, a first moment
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "adafactor": 0}
+
+
+def optimizer_state_bytes(t) -> int:
+    """Bytes of optimizer state per trained parameter for ``training.optimizer`` (and its arguments)."""
+    momentum = 4 if t.optimizer == "adafactor" and t.optimizer_args.get("beta1") else 0
+    return OPTIMIZER_STATE_BYTES.get(t.optimizer, 8) + momentum
 SAVE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
@@ -215,7 +223,7 @@ def disk_estimate(cfg, plan, lora_params: int, cache_folder: Path | None = None)
     more while the newest is written, before the oldest goes), the latent disk cache (less what its folder holds
     already), the LoRA files, and a margin for config, summary and logs."""
     t, d, o = cfg.training, cfg.data, cfg.output
-    checkpoint = lora_params * (4 + OPTIMIZER_STATE_BYTES.get(t.optimizer, 8)) + _MB  # (+ RNG states, schedule)
+    checkpoint = lora_params * (4 + optimizer_state_bytes(t)) + _MB  # (+ RNG states, schedule)
     saves = 1  # a stop's or an error's
     saves += plan.total_steps // t.save_steps if t.save_steps else 0
     saves += plan.epochs // t.save_every_n_epochs if t.save_every_n_epochs else 0

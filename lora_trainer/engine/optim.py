@@ -1,26 +1,70 @@
-"""The optimizer: AdamW, or 8-bit AdamW where bitsandbytes is installed."""
+"""The optimizer: AdamW (fused on CUDA), 8-bit AdamW (bitsandbytes), Prodigy (prodigyopt: it finds its own step
+size) or Adafactor (transformers'), with ``training.optimizer_args`` for the rest of its arguments."""
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 
 import torch
 
 from lora_trainer.errors import ConfigError
 
+PACKAGES = {"adamw8bit": ("bitsandbytes", "pip install bitsandbytes, CUDA only"),
+            "prodigy": ("prodigyopt", "pip install prodigyopt")}
+# Adafactor as kohya's guides run it for LoRA: the learning rate given, no relative step or parameter scaling
+ADAFACTOR = {"scale_parameter": False, "relative_step": False, "warmup_init": False}
 
-def check_optimizer(name: str) -> None:
-    """Fail before any model loads if the optimizer cannot be built here."""
-    if name == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError("training.optimizer: 'adamw8bit' needs the bitsandbytes package "
-                          "(pip install bitsandbytes, CUDA only); or use 'adamw'")
+
+def check_optimizer(t) -> None:
+    """Fail before any model loads if the optimizer cannot be built here, or does not take an argument of
+    ``training.optimizer_args`` (it is built once on a stand-in parameter)."""
+    package = PACKAGES.get(t.optimizer)
+    if package is not None and importlib.util.find_spec(package[0]) is None:
+        raise ConfigError(f"training.optimizer: {t.optimizer!r} needs the {package[0]} package ({package[1]}); or "
+                          "use 'adamw'")
+    if t.optimizer == "adafactor" and t.optimizer_args.get("relative_step"):
+        raise ConfigError("training.optimizer_args: relative_step: true makes Adafactor pick its own learning rate "
+                          "with its own schedule, which this trainer does not run; leave it out (the learning rate "
+                          "and lr_scheduler then apply)")
+    stand_in = torch.nn.Parameter(torch.zeros(2, 2))
+    try:
+        build_optimizer(t, [{"params": [stand_in], "lr": t.learning_rate}], torch.device("cpu"))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"training.optimizer_args {t.optimizer_args}: {t.optimizer} refused them ({e}); its "
+                          f"arguments: {', '.join(_arguments(t.optimizer))}") from None
+
+
+def _arguments(name: str) -> list[str]:
+    cls = _class(name)
+    return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "params")]
+
+
+def _class(name: str):
+    if name == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit
+    if name == "prodigy":
+        from prodigyopt import Prodigy
+
+        return Prodigy
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor
+    return torch.optim.AdamW
 
 
 def build_optimizer(t, param_groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
-    kwargs = dict(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay)
-    if t.optimizer == "adamw8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(param_groups, **kwargs)
-    # fused: one kernel for all LoRA tensors instead of a few per tensor (CUDA; the params are fp32 there)
-    return torch.optim.AdamW(param_groups, fused=device.type == "cuda", **kwargs)
+    """The optimizer of ``training.optimizer`` over ``param_groups`` (each with its ``lr``): the training section's
+    betas, epsilon and weight decay where it takes them, ``training.optimizer_args`` over them."""
+    cls = _class(t.optimizer)
+    takes = set(_arguments(t.optimizer))
+    common = {"betas": (t.adam_beta1, t.adam_beta2), "eps": t.adam_epsilon, "weight_decay": t.weight_decay}
+    kwargs = {k: v for k, v in common.items() if k in takes and t.optimizer != "adafactor"}  # (its eps is a pair)
+    if t.optimizer == "adafactor":
+        kwargs.update(ADAFACTOR, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw":  # fused: one kernel for all LoRA tensors instead of a few per tensor (CUDA; fp32)
+        kwargs["fused"] = device.type == "cuda"
+    return cls(param_groups, **{**kwargs, **t.optimizer_args})

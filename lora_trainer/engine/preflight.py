@@ -44,7 +44,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lora_trainer.engine import preflight_store
-from lora_trainer.engine.guard import OPTIMIZER_STATE_BYTES, size_text
+from lora_trainer.engine.guard import optimizer_state_bytes, size_text
 from lora_trainer.models.base import TEXT_ENCODER, TEXT_ENCODER_2, UNET
 
 log = logging.getLogger(__name__)
@@ -430,7 +430,7 @@ def _estimate_from(traced: _Traced, cfg, device: torch.device, rate: float, samp
     idle = {"VAE"} if cached_latents else set()
     idle |= {TEXT_ENCODER, TEXT_ENCODER_2} if cached_text else set()
     weights = {k: v for k, v in traced.weights.items() if k not in idle}
-    state = OPTIMIZER_STATE_BYTES.get(t.optimizer, 8)
+    state = optimizer_state_bytes(t)
     guard = t.nan_guard_every > 0 and t.nan_max_retries > 0
     lora = traced.lora_params * (4 + state + (4 + state if guard else 0))
     step = traced.step

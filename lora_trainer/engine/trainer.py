@@ -82,7 +82,7 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
     # --- everything that can be wrong with the input is checked before any model loads
     validate_paths(cfg, check_base_model=backend is None and make_backend is None, builtin_models=BUILTIN_MODELS)
     check_output(cfg.output.output_dir, cfg.output.output_name)
-    check_optimizer(t.optimizer)
+    check_optimizer(t)
     resolve_attention(t.attention)
     if t.fp8_base:
         check_fp8_base(backend)

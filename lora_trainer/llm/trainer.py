@@ -71,7 +71,7 @@ def _prepare(cfg: Config) -> _Prepared:
     quantization = None if t.quantize_base == "no" else quantization_config(t.quantize_base,
                                                                              _device_and_precision(t)[1])
     check_output(cfg.output.output_dir, cfg.output.output_name)
-    check_optimizer(t.optimizer)
+    check_optimizer(t)
     rows = read_rows(d.train_data_dir, d.metadata_path, d.recursive)
     fraction = llm_data.auto_split(d.validation_split, "validation_split" in cfg.explicit, len(rows))
     train_rows, held_rows = llm_data.split_rows(rows, fraction, t.seed)
