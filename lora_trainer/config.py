@@ -54,6 +54,7 @@ class DataConfig:
     caption_dropout_every_n_epochs: int = 0  # ...and in every N-th epoch (0: never)
     validation_split: float = 0.0  # a fraction of the images held out for the validation loss (0 = none)
     validation_dir: str | None = None  # or a second folder of validation images (the same caption rules)
+    reg_data_dir: str | None = None  # regularization (class) images, kohya's layout or plain (data.regularization)
     # a language model's LoRA (model.task_type: text-generation; lora_trainer.llm)
     max_seq_length: int = 512  # tokens per row; a longer text row is split into chunks, a longer prompt row cut
     train_on_prompt: bool = False  # the loss counts the prompt's tokens too (default: only the completion's)
@@ -104,6 +105,7 @@ class TrainingConfig:
     auto_fit: bool = False  # apply the pre-flight's settings that fit the device's memory (engine.preflight)
     seed: int = 42
     noise_offset: float = 0.0
+    prior_loss_weight: float = 1.0  # the loss weight of the regularization images (data.reg_data_dir)
     min_snr_gamma: float | None = None
     save_steps: int = 100
     save_every_n_epochs: int = 0
@@ -218,6 +220,7 @@ RANGES = {
     "nan_lr_factor": (0, 1, True, False),
     "gradient_accumulation_steps": (1, None, False, False),
     "noise_offset": (0, None, False, False),
+    "prior_loss_weight": (0, None, False, False),
     "min_snr_gamma": (0, None, True, False),
     "save_steps": (0, None, False, False),
     "save_every_n_epochs": (0, None, False, False),
@@ -682,6 +685,9 @@ def validate_paths(cfg: Config, check_base_model: bool = True, builtin_models: C
             named = f", or a built-in model: {', '.join(builtin_models)}" if builtin_models else ""
             errors.append(f"model.base_model: {p} does not exist (expected a diffusers folder or a .safetensors "
                           f"checkpoint{named})")
+    if cfg.data.reg_data_dir and not Path(cfg.data.reg_data_dir).expanduser().is_dir():
+        errors.append(f"data.reg_data_dir: {Path(cfg.data.reg_data_dir).expanduser().resolve()} is not an existing "
+                      "folder (the regularization images; leave the key out for none)")
     if cfg.data.validation_dir and not Path(cfg.data.validation_dir).expanduser().is_dir():
         errors.append(f"data.validation_dir: {Path(cfg.data.validation_dir).expanduser().resolve()} is not an "
                       "existing folder")

@@ -61,6 +61,7 @@ class Sample:
     caption_source: str  # "csv" | "txt" | "folder" (kohya's class tokens) | "none"
     repeats: int = 1  # times an epoch trains it (kohya's "<repeats>_<name>" folders)
     folder: str = ""  # the kohya folder it is in ("" where the dataset is not laid out so)
+    is_reg: bool = False  # a regularization image (data.reg_data_dir; data.regularization)
 
 
 @dataclass(frozen=True)
@@ -99,17 +100,20 @@ class DatasetScan:
     def folders(self) -> dict[str, dict[str, int]]:
         """kohya's folders of the images used: name → {"n_repeats", "img_count"} (kohya's ss_dataset_dirs); {} where
         the dataset is not laid out so."""
-        out: dict[str, dict[str, int]] = {}
-        for s in self.samples:
-            if s.folder:
-                out.setdefault(s.folder, {"n_repeats": s.repeats, "img_count": 0})["img_count"] += 1
-        return out
+        return folder_counts(s for s in self.samples if not s.is_reg)
+
+    def reg_folders(self) -> dict[str, dict[str, int]]:
+        """``folders()`` of the regularization images (kohya's ss_reg_dataset_dirs), each with its folder's own
+        repeats (an epoch's are balanced to the subject's: data.regularization)."""
+        counts = folder_counts(s for s in self.samples if s.is_reg)
+        return {name: {**c, "n_repeats": int(KOHYA_FOLDER.fullmatch(name)[1])} for name, c in counts.items()}
 
     def tag_frequencies(self) -> dict[str, dict[str, int]]:
         """kohya's ss_tag_frequency ``{folder: {tag: count}}``: an entry per kohya folder, else one for the dataset."""
-        if not any(s.folder for s in self.samples):
-            return {self.root.name: self.tag_frequency()}
-        return {name: tag_frequency(s.caption for s in self.samples if s.folder == name) for name in self.folders()}
+        trained = [s for s in self.samples if not s.is_reg]
+        if not any(s.folder for s in trained):
+            return {self.root.name: tag_frequency(s.caption for s in trained)}
+        return {name: tag_frequency(s.caption for s in trained if s.folder == name) for name in self.folders()}
 
     def summary(self) -> str:
         kinds = Counter(s.kind for s in self.skipped)
@@ -127,7 +131,16 @@ class DatasetScan:
         """"kohya folders: 10_sks dog (12 × 10), … = N images an epoch"."""
         return ("kohya folders: " + ", ".join(f"{name} ({f['img_count']} × {f['n_repeats']})"
                                              for name, f in self.folders().items())
-                + f" = {sum(s.repeats for s in self.samples)} images an epoch")
+                + f" = {sum(s.repeats for s in self.samples if not s.is_reg)} images an epoch")
+
+
+def folder_counts(samples) -> dict[str, dict[str, int]]:
+    """kohya's folders of ``samples``: name → {"n_repeats", "img_count"} (ss_dataset_dirs)."""
+    out: dict[str, dict[str, int]] = {}
+    for s in samples:
+        if s.folder:
+            out.setdefault(s.folder, {"n_repeats": s.repeats, "img_count": 0})["img_count"] += 1
+    return out
 
 
 def _inside(root: Path, path: Path) -> bool:

@@ -58,10 +58,11 @@ def draw_noise(scheduler, shape, generator: torch.Generator | None, device, dtyp
 
 def diffusion_loss(backend, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None,
                    noise_offset: float = 0.0, min_snr_gamma: float | None = None,
-                   timesteps: torch.Tensor | None = None, scheduler=None, noise: torch.Tensor | None = None
-                   ) -> torch.Tensor:
+                   timesteps: torch.Tensor | None = None, scheduler=None, noise: torch.Tensor | None = None,
+                   sample_weights: torch.Tensor | None = None) -> torch.Tensor:
     """The loss of one batch; ``timesteps`` and ``noise`` fixed (a test, the validation loss) or else sampled with
-    ``generator``; ``scheduler``: the run's noise schedule (``zero_terminal_snr_schedule``), else the backend's."""
+    ``generator``; ``scheduler``: the run's noise schedule (``zero_terminal_snr_schedule``), else the backend's;
+    ``sample_weights``: each image's weight (regularization images: training.prior_loss_weight), else all 1."""
     scheduler = backend.noise_scheduler if scheduler is None else scheduler
     bsz = latents.shape[0]
     if noise is None and timesteps is None:
@@ -85,15 +86,18 @@ def diffusion_loss(backend, latents: torch.Tensor, cond: torch.Tensor, generator
         raise ValueError(f"unknown prediction type {backend.prediction_type!r}")
 
     pred = backend.predict(noisy, timesteps, cond)
-    if min_snr_gamma is None:
+    if min_snr_gamma is None and sample_weights is None:
         return F.mse_loss(pred.float(), target.float(), reduction="mean")
-
-    # Min-SNR weighting, https://arxiv.org/abs/2303.09556 (as in the diffusers examples); the v form
-    # min(snr, γ) / (snr + 1) is 0, not NaN, at SNR 0
-    from diffusers.training_utils import compute_snr
-
-    snr = compute_snr(scheduler, timesteps)
-    weights = torch.clamp(snr, max=min_snr_gamma)
-    weights = weights / snr if backend.prediction_type == "epsilon" else weights / (snr + 1)
     loss = F.mse_loss(pred.float(), target.float(), reduction="none")
-    return (loss.mean(dim=list(range(1, loss.ndim))) * weights).mean()
+    loss = loss.mean(dim=list(range(1, loss.ndim)))
+    if min_snr_gamma is not None:
+        # Min-SNR weighting, https://arxiv.org/abs/2303.09556 (as in the diffusers examples); the v form
+        # min(snr, γ) / (snr + 1) is 0, not NaN, at SNR 0
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(scheduler, timesteps)
+        weights = torch.clamp(snr, max=min_snr_gamma)
+        loss = loss * (weights / snr if backend.prediction_type == "epsilon" else weights / (snr + 1))
+    if sample_weights is not None:
+        loss = loss * sample_weights.to(loss.dtype)
+    return loss.mean()

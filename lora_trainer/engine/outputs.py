@@ -64,14 +64,20 @@ def export_lora(run_dir: Path, cfg, backend, modules: dict, scan, started_at: fl
                                     rename=lambda path, name=name: backend.kohya_module_path(name, path)))
     model = ModelFacts(backend.family, backend.prediction_type, backend.model_name)
     facts = RunFacts(steps=steps, max_train_steps=plan.total_steps, epoch=-(-steps // plan.steps_per_epoch),
-                     num_epochs=plan.epochs, num_train_images=plan.num_train_images,
+                     num_epochs=plan.epochs, num_train_images=sum(s.repeats for s in scan.samples if not s.is_reg),
                      tag_frequency=scan.tag_frequencies(),
                      trained_text_encoder=TEXT_ENCODER in modules, trained_text_encoder_2=TEXT_ENCODER_2 in modules,
                      started_at=started_at, finished_at=time.time(), bucket_info=bucket_info)
     # kohya's ss_total_batch_size: batch_size × processes × gradient_accumulation_steps
-    folders = scan.folders() or {scan.root.name: {"n_repeats": 1, "img_count": len(scan.samples)}}
-    metadata = build_metadata(cfg, model, facts, extra={"ss_total_batch_size": plan.effective_batch,
-                                                        "ss_dataset_dirs": folders})
+    trained = [s for s in scan.samples if not s.is_reg]
+    extra = {"ss_total_batch_size": plan.effective_batch,
+             "ss_dataset_dirs": scan.folders() or {scan.root.name: {"n_repeats": 1, "img_count": len(trained)}}}
+    if len(trained) < len(scan.samples):  # (data.reg_data_dir; kohya counts them with their folders' repeats)
+        reg = scan.reg_folders()
+        extra.update(ss_reg_dataset_dirs=reg, ss_prior_loss_weight=t.prior_loss_weight,
+                     ss_num_reg_images=sum(f["n_repeats"] * f["img_count"] for f in reg.values())
+                     or len(scan.samples) - len(trained))
+    metadata = build_metadata(cfg, model, facts, extra=extra)
     set_aside_interim_exports(run_dir, [f"{out.output_name}.safetensors", WEIGHT_NAME])
     lora_path = save_kohya_lora(run_dir / f"{out.output_name}.safetensors", tensors, metadata)
     diffusers_path = None

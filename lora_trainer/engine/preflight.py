@@ -547,6 +547,7 @@ def total_steps_of(cfg) -> int | None:
     """The run's steps where its dataset folder can be counted now (a quick scan, nothing decoded; the images'
     buckets from their file headers), at the config's resolution."""
     from lora_trainer.data.dataset import scan_dataset
+    from lora_trainer.data.regularization import with_regularization
     from lora_trainer.engine.batches import Plan
     from lora_trainer.engine.run import training_dataset
     from lora_trainer.errors import LoraTrainerError
@@ -555,8 +556,9 @@ def total_steps_of(cfg) -> int | None:
     if not d.train_data_dir or not Path(d.train_data_dir).is_dir():
         return None
     try:
-        scan = scan_dataset(d.train_data_dir, metadata_path=d.metadata_path, caption_extension=d.caption_extension,
-                            caption_priority=d.caption_priority, recursive=d.recursive)
+        scan = with_regularization(d, scan_dataset(d.train_data_dir, metadata_path=d.metadata_path,
+                                                   caption_extension=d.caption_extension,
+                                                   caption_priority=d.caption_priority, recursive=d.recursive))
         groups = training_dataset(cfg, scan).epoch_groups()
     except LoraTrainerError:
         return None

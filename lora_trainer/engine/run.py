@@ -90,6 +90,7 @@ class Run:
     augment: CaptionAugment | None = None  # caption augmentation (data.augment), or None: captions as written
     group: object = None  # engine.distributed.Group of a multi-process run, or None: a single process
     uncast: list | None = None  # the LoRA layers whose input casts autocast makes needless (``autocast``)
+    loss_weights: torch.Tensor | None = None  # each image's loss weight (regularization images'), or None: all 1
 
     @property
     def main(self) -> bool:
@@ -102,6 +103,12 @@ class Run:
 
     def params(self) -> list:
         return [p for g in self.groups for p in g["params"]]
+
+    def __post_init__(self):
+        reg = [getattr(s, "is_reg", False) for s in self.scan.samples]
+        if any(reg):  # (data.regularization: training.prior_loss_weight)
+            self.loss_weights = torch.tensor([self.cfg.training.prior_loss_weight if r else 1.0 for r in reg],
+                                             device=self.device)
 
     @contextlib.contextmanager
     def autocast(self):
@@ -164,15 +171,23 @@ class Run:
                 cond = cond.with_time_ids(ids.to(self.device))
             if rows is None:
                 loss = diffusion_loss(backend, latents, cond, self.generator, noise_offset=t.noise_offset,
-                                      min_snr_gamma=t.min_snr_gamma, scheduler=self.noise_scheduler)
+                                      min_snr_gamma=t.min_snr_gamma, scheduler=self.noise_scheduler,
+                                      sample_weights=self._loss_weights(batch))
             else:  # the noise and timesteps of the whole micro-batch, this process's rows of them
                 scheduler = backend.noise_scheduler if self.noise_scheduler is None else self.noise_scheduler
                 noise, timesteps = draw_noise(scheduler,
                                               (batch["of"], *latents.shape[1:]), self.generator, latents.device,
                                               latents.dtype, t.noise_offset)
                 loss = diffusion_loss(backend, latents, cond, self.generator, min_snr_gamma=t.min_snr_gamma,
-                                      scheduler=self.noise_scheduler, noise=noise[rows], timesteps=timesteps[rows])
+                                      scheduler=self.noise_scheduler, noise=noise[rows], timesteps=timesteps[rows],
+                                      sample_weights=self._loss_weights(batch))
         return loss, latents, cond
+
+    def _loss_weights(self, batch) -> torch.Tensor | None:
+        """The loss weight of each image of the batch (regularization images': training.prior_loss_weight)."""
+        if self.loss_weights is None:
+            return None
+        return self.loss_weights[torch.as_tensor(batch["indices"]).to(self.device)]
 
     def backward(self, batch, group_size: int) -> float:
         """Forward and backward of one micro-batch (of ``group_size`` in this optimizer step); its loss (a process of

@@ -22,6 +22,7 @@ from lora_trainer.data.augment import CaptionAugment
 from lora_trainer.data.buckets import BucketSpec
 from lora_trainer.data.check import check_scan, image_facts
 from lora_trainer.data.dataset import scan_dataset
+from lora_trainer.data.regularization import with_regularization
 from lora_trainer.engine import checkpoint as ckpt
 from lora_trainer.engine.batches import Plan
 from lora_trainer.engine.distributed import Group, ProcessLost
@@ -98,6 +99,7 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
     log.info(check_scan(scan, resolution, d.caption_prefix, progress=progress,
                         buckets=BucketSpec.from_data(d, resolution)).summary())
     scan, held_out = validation_samples(cfg, scan)  # (data.validation_split / validation_dir)
+    scan = with_regularization(d, scan, inspect=image_facts)  # (data.reg_data_dir: after the subject's images)
     buckets = training_dataset(cfg, scan, resolution).epoch_groups()
     world = group.world_size if group is not None else 1
     cfg, estimate = _preflight(cfg, backend, make_backend, family, where, len(scan.samples), buckets, world)
@@ -393,7 +395,7 @@ def _finish(run: Run, stopped: bool, started: float) -> TrainResult:
     result = TrainResult(status=status, run_dir=run.run_dir, lora_path=lora_path, diffusers_path=diffusers_path,
                          steps=run.step, total_steps=run.plan.total_steps,
                          final_loss=sum(run.losses) / len(run.losses) if run.losses else None,
-                         first_loss=run.first_loss, images_used=len(run.scan.samples),
+                         first_loss=run.first_loss, images_used=sum(not s.is_reg for s in run.scan.samples),
                          images_skipped=len(run.scan.skipped), wall_time_s=time.time() - started,
                          skipped=[{"path": str(s.path), "reason": s.reason} for s in run.scan.skipped],
                          extra={"nan_rollbacks": run.guard.rollbacks, **run.timing(), **run.buckets,
