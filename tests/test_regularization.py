@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors import safe_open
 from test_kohya_folders import image
@@ -15,6 +16,7 @@ from lora_trainer.data.regularization import balanced_repeats, with_regularizati
 from lora_trainer.engine.loss import diffusion_loss
 from lora_trainer.engine.preflight import total_steps_of
 from lora_trainer.engine.trainer import train
+from lora_trainer.errors import DatasetError
 
 
 def test_an_epoch_takes_as_many_regularization_images_as_subject_images():
@@ -46,6 +48,15 @@ def test_regularization_images_follow_the_subjects(tmp_path):
     assert scan.reg_folders() == {"1_dog": {"n_repeats": 1, "img_count": 3}}  # (the folder's own, as kohya's)
     cfg.training.batch_size, cfg.training.max_train_steps, cfg.training.epochs = 4, None, 1
     assert total_steps_of(cfg) == 10  # (40 images an epoch, batch 4, accumulation 1)
+
+
+def test_a_regularization_folder_without_images_names_the_key(tmp_path):
+    subject, _ = sets(tmp_path)
+    (tmp_path / "empty").mkdir()
+    cfg = make_cfg(subject, tmp_path / "out")
+    cfg.data.reg_data_dir = str(tmp_path / "empty")
+    with pytest.raises(DatasetError, match=r"data.reg_data_dir \(the regularization images\): no usable images"):
+        with_regularization(cfg.data, scan_dataset(subject))
 
 
 def test_the_prior_loss_weight_weighs_each_image():

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 
 from lora_trainer.data.dataset import DatasetScan, scan_dataset
+from lora_trainer.errors import DatasetError
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,11 @@ def with_regularization(d, scan: DatasetScan, inspect=None) -> DatasetScan:
     (``Sample.is_reg``), their repeats balanced to the subject's; ``scan`` itself where there are none."""
     if not d.reg_data_dir:
         return scan
-    reg = scan_dataset(d.reg_data_dir, caption_extension=d.caption_extension, caption_priority=d.caption_priority,
-                       recursive=d.recursive, inspect=inspect)
+    try:
+        reg = scan_dataset(d.reg_data_dir, caption_extension=d.caption_extension,
+                           caption_priority=d.caption_priority, recursive=d.recursive, inspect=inspect)
+    except DatasetError as e:
+        raise DatasetError(f"data.reg_data_dir (the regularization images): {e}") from None
     target = sum(s.repeats for s in scan.samples)
     counts = balanced_repeats([s.repeats for s in reg.samples], target)
     used = [dataclasses.replace(s, repeats=n, is_reg=True) for s, n in zip(reg.samples, counts) if n]
