@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import pytest
 from PIL import Image
 from safetensors import safe_open
 from test_train import make_cfg
@@ -17,6 +18,7 @@ from lora_trainer.data.check import check_scan
 from lora_trainer.data.dataset import ImageDataset, scan_dataset
 from lora_trainer.engine.batches import Plan, schedule
 from lora_trainer.engine.trainer import train
+from lora_trainer.errors import DatasetError
 
 
 def image(path, color=(200, 30, 30), size=(64, 64)):
@@ -70,6 +72,21 @@ def test_a_folder_with_images_of_its_own_is_not_a_kohya_layout(tmp_path):
     assert all(s.repeats == 1 for s in scan_dataset(root, recursive=True).samples)
 
 
+def test_a_kohya_layout_without_a_usable_folder_trains_nothing_and_says_why(tmp_path):
+    """Folders of 0 repeats and folders named otherwise are left out, even with data.recursive; an empty folder is
+    named; the error lists them (not the plain layout's "turn on recursive")."""
+    root = tmp_path / "img"
+    image(root / "0_sks" / "x.png")
+    image(root / "photos" / "y.png")
+    (root / "10_empty").mkdir()
+    for recursive in (False, True):
+        with pytest.raises(DatasetError) as error:
+            scan_dataset(root, recursive=recursive)
+        text = str(error.value)
+        assert "folder 0_sks: left out (0 repeats)" in text and "folder photos: left out" in text
+        assert "folder 10_empty: no images in it" in text and "turn on recursive" not in text
+
+
 def test_a_year_in_a_folder_name_is_said(tmp_path):
     image(tmp_path / "d" / "2023_trip" / "a.png")
     scan = scan_dataset(tmp_path / "d")
@@ -87,7 +104,7 @@ def test_an_epoch_trains_each_image_its_repeats(tmp_path):
 
         dataset = training_dataset(cfg, scan)
         plan = Plan.from_config(cfg, len(scan.samples), dataset.epoch_groups())
-        assert plan.num_images == 5 and plan.num_train_images == 34
+        assert plan.num_images == 5 and plan.images_per_epoch == 34
         seen = [Counter(), Counter()]
         for epoch, _, batch in schedule(plan, seed=3, step=0):
             seen[epoch].update(batch)

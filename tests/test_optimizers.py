@@ -69,6 +69,27 @@ def test_a_missing_package_is_named(monkeypatch):
         optim.check_optimizer(training(optimizer="prodigy"))
 
 
+def test_a_rollback_restores_the_optimizers_own_step_size():
+    """The NaN guard's rollback puts back each parameter group's own state too (Prodigy keeps its step size d there),
+    then lowers the learning rate."""
+    from collections import deque
+    from types import SimpleNamespace
+
+    from lora_trainer.engine.guard import NanGuard
+
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.AdamW([{"params": [p], "lr": 0.1}])
+    opt.param_groups[0]["d"] = 1e-6
+    run = SimpleNamespace(step=0, params=lambda: [p], optimizer=opt, generator=torch.Generator(), losses=deque(),
+                          first_loss=None, bar=None, grad_norm=None,
+                          lr_scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0))
+    guard = NanGuard(every=1, max_retries=3)
+    guard.take(run)
+    opt.param_groups[0]["d"] = 5.0  # (grown in the steps that went non-finite)
+    guard._restore(run, guard.snapshot_)
+    assert opt.param_groups[0]["d"] == 1e-6 and opt.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
 def test_the_estimate_counts_each_optimizers_state():
     assert [optimizer_state_bytes(training(optimizer=o)) for o in ("adamw", "prodigy", "adafactor")] == [8, 16, 0]
     assert optimizer_state_bytes(training(optimizer="adafactor", optimizer_args={"beta1": 0.9})) == 4

@@ -45,9 +45,22 @@ def test_regularization_images_follow_the_subjects(tmp_path):
         ("s0.png", False, 10, "photo, sks dog"), ("s1.png", False, 10, "photo, sks dog"),
         ("r0.png", True, 7, "dog"), ("r1.png", True, 7, "dog"), ("r2.png", True, 6, "dog")]  # (no prefix: the class's)
     assert scan.folders() == {"10_sks dog": {"n_repeats": 10, "img_count": 2}}
-    assert scan.reg_folders() == {"1_dog": {"n_repeats": 1, "img_count": 3}}  # (the folder's own, as kohya's)
+    assert scan.reg_dirs == {"1_dog": {"n_repeats": 1, "img_count": 3}}  # (the folder's own repeats, as kohya's)
     cfg.training.batch_size, cfg.training.max_train_steps, cfg.training.epochs = 4, None, 1
     assert total_steps_of(cfg) == 10  # (40 images an epoch, batch 4, accumulation 1)
+
+
+def test_the_metadata_counts_every_regularization_image_as_kohya_does(tmp_path):
+    """Five class images for two subject images: two train an epoch, the metadata's folders count all five."""
+    image(tmp_path / "img" / "a.png")
+    image(tmp_path / "img" / "b.png")
+    for k in range(5):
+        image(tmp_path / "reg" / "1_dog" / f"r{k}.png")
+    cfg = make_cfg(tmp_path / "img", tmp_path / "out")
+    cfg.data.reg_data_dir = str(tmp_path / "reg")
+    scan = with_regularization(cfg.data, scan_dataset(tmp_path / "img"))
+    assert [s.repeats for s in scan.samples if s.is_reg] == [1, 1]
+    assert scan.reg_dirs == {"1_dog": {"n_repeats": 1, "img_count": 5}}
 
 
 def test_a_regularization_folder_without_images_names_the_key(tmp_path):

@@ -90,6 +90,7 @@ class DatasetScan:
     skipped: list[Skipped] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # metadata.csv / caption file warnings
     folder_notes: list[str] = field(default_factory=list)  # kohya's layout: the folders left out, and why
+    reg_dirs: dict = field(default_factory=dict)  # the regularization folders, all their images (data.regularization)
     csv_name: str = "metadata.csv"
     caption_extension: str = ".txt"
     facts: dict[Path, object] = field(default_factory=dict)  # image path -> what scan_dataset's inspect made
@@ -101,12 +102,6 @@ class DatasetScan:
         """kohya's folders of the images used: name → {"n_repeats", "img_count"} (kohya's ss_dataset_dirs); {} where
         the dataset is not laid out so."""
         return folder_counts(s for s in self.samples if not s.is_reg)
-
-    def reg_folders(self) -> dict[str, dict[str, int]]:
-        """``folders()`` of the regularization images (kohya's ss_reg_dataset_dirs), each with its folder's own
-        repeats (an epoch's are balanced to the subject's: data.regularization)."""
-        counts = folder_counts(s for s in self.samples if s.is_reg)
-        return {name: {**c, "n_repeats": int(KOHYA_FOLDER.fullmatch(name)[1])} for name, c in counts.items()}
 
     def tag_frequencies(self) -> dict[str, dict[str, int]]:
         """kohya's ss_tag_frequency ``{folder: {tag: count}}``: an entry per kohya folder, else one for the dataset."""
@@ -183,21 +178,21 @@ KOHYA_FOLDER = re.compile(r"(\d+)(?:_(.*))?")  # as kohya's scripts read it: the
 YEAR_LIKE = 1000  # repeats from here on are more likely a folder named for a year ("2023_trip"): said so
 
 
-def kohya_folders(root: Path) -> tuple[dict[str, tuple[int, str]], list[str]]:
+def kohya_folders(root: Path) -> tuple[dict[str, tuple[int, str]], list[str]] | None:
     """kohya's layout: a dataset folder that holds no image itself, only sub-folders named ``<repeats>_<class
     tokens>`` ("10_sks dog": each of its images 10 times an epoch; one without a caption trained as "sks dog").
     Returns the usable folders (name → (repeats, class tokens)) and what is said of the rest (left out, as kohya's
-    scripts leave them: another name, 0 repeats); ({}, []) where ``root`` is not laid out so."""
+    scripts leave them: another name, 0 repeats); None where ``root`` is not laid out so."""
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
     except OSError:
-        return {}, []
+        return None
     if any(e.is_file() and not e.name.startswith(".") and is_image_name(e.name) for e in entries):
-        return {}, []
+        return None
     subfolders = [e.name for e in entries if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")]
     named = {n: KOHYA_FOLDER.fullmatch(n) for n in subfolders}
     if not any(named.values()):
-        return {}, []
+        return None
     folders, notes = {}, []
     for name, match in named.items():
         if match is None:
@@ -216,15 +211,18 @@ def kohya_folders(root: Path) -> tuple[dict[str, tuple[int, str]], list[str]]:
 def _find_images(root: Path, recursive: bool) -> tuple[dict[str, Path], Counter, dict[str, tuple[int, str]], list]:
     """``_find_files``, and kohya's folders where ``root`` is laid out so (then only their images, each folder's
     sub-folders too where ``recursive``), with what is said of that layout (``kohya_folders``)."""
-    folders, notes = kohya_folders(root)
-    if not folders:
-        return (*_find_files(root, recursive), {}, notes)
+    layout = kohya_folders(root)
+    if layout is None:
+        return (*_find_files(root, recursive), {}, [])
+    folders, notes = layout
     images: dict[str, Path] = {}
     others: Counter[str] = Counter()
     for name in folders:
         found, other = _find_files(root / name, recursive)
         images.update({f"{name}/{rel}": path for rel, path in found.items()})
         others.update(other)
+        if not found:
+            notes.append(f"folder {name}: no images in it")
     return images, others, folders, notes
 
 
@@ -418,7 +416,9 @@ def _nothing_usable(scan: DatasetScan, n_images: int, others: Counter, recursive
     if others:
         top = sorted(others.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
         msg += "; other files: " + ", ".join(f"{n} {ext}" for ext, n in top)
-    deeper = 0 if recursive else len(_find_files(scan.root, True)[0]) - n_images
+    if scan.folder_notes:  # (kohya's layout)
+        msg += "; " + "; ".join(scan.folder_notes)
+    deeper = 0 if recursive or scan.folder_notes else len(_find_files(scan.root, True)[0]) - n_images
     if deeper:
         msg += f"; {deeper} image file(s) are in subfolders (turn on recursive to use them)"
     return msg + f". Accepted types: {ACCEPTED}"

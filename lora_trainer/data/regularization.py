@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from lora_trainer.data.dataset import DatasetScan, scan_dataset
+from lora_trainer.data.dataset import DatasetScan, folder_counts, scan_dataset
 from lora_trainer.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,10 @@ def with_regularization(d, scan: DatasetScan, inspect=None) -> DatasetScan:
              "weighs their loss)%s%s", len(used), reg.root, sum(s.repeats for s in used), target,
              f"; {left} left out (more than the subject's images need)" if left else "",
              f"; {untitled} without a caption (trained with the empty prompt)" if untitled else "")
+    # kohya's ss_reg_dataset_dirs: every image of each folder, at the folder's own repeats
+    dirs = folder_counts(reg.samples) or {reg.root.name: {"n_repeats": 1, "img_count": len(reg.samples)}}
     return dataclasses.replace(scan, samples=[*scan.samples, *used], skipped=[*scan.skipped, *reg.skipped],
+                               reg_dirs=dirs,
                                problems=[*scan.problems, *reg.problems],
                                folder_notes=[*scan.folder_notes, *reg.folder_notes],
                                facts={**scan.facts, **reg.facts})

@@ -47,8 +47,8 @@ class Plan:
         return self.global_batch * self.grad_accum
 
     @property
-    def num_train_images(self) -> int:
-        """The images an epoch trains: each as many times as its repeats (kohya's ss_num_train_images)."""
+    def images_per_epoch(self) -> int:
+        """The images an epoch trains: each as many times as its repeats, regularization images too."""
         return self.num_images if self.buckets is None else sum(len(b) for b in self.buckets)
 
     @property

@@ -194,7 +194,7 @@ MUST_MATCH = ("lora_rank", "lora_alpha", "target_modules", "train_text_encoder",
 # continues, but not as one run would); a checkpoint without fast_jpeg_decode, weighted_captions, train_text_encoder_2
 # or fp8_base is from before they existed, when every image decoded fully, captions were read as written, one text
 # encoder could train and the UNet kept its weights' dtype
-SHOULD_MATCH = ("batch_size", "gradient_accumulation_steps", "seed", "num_images", "total_steps", "num_train_images",
+SHOULD_MATCH = ("batch_size", "gradient_accumulation_steps", "seed", "num_images", "total_steps", "images_per_epoch",
                 "fast_jpeg_decode", "weighted_captions", "zero_terminal_snr", "fp8_base", "enable_bucket",
                 "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale", "random_crop",
                 *CAPTION_SETTINGS)
@@ -209,12 +209,13 @@ BEFORE = {"fast_jpeg_decode": False, "weighted_captions": False, "train_text_enc
 
 
 def run_settings(training, num_images: int, total_steps: int, data, model, world_size: int = 1,
-                 num_train_images: int | None = None) -> dict:
+                 images_per_epoch: int | None = None) -> dict:
     """``world_size``: the processes of a multi-process run (training.batch_size is per process);
-    ``num_train_images``: the images an epoch trains, with their repeats (default: ``num_images``)."""
+    ``images_per_epoch``: the images an epoch trains, repeats and regularization images counted (default:
+    ``num_images``)."""
     settings = {k: getattr(training, k) for k in MUST_MATCH + SHOULD_MATCH[:3]}
     return dict(settings, num_images=num_images, total_steps=total_steps,
-                num_train_images=num_images if num_train_images is None else num_train_images,
+                images_per_epoch=num_images if images_per_epoch is None else images_per_epoch,
                 **{k: getattr(data, k) for k in DATA_SETTINGS}, zero_terminal_snr=model.zero_terminal_snr,
                 fp8_base=training.fp8_base, world_size=world_size)
 

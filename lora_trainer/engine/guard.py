@@ -59,6 +59,7 @@ class Snapshot:
     rng: dict
     losses: list
     first_loss: float | None
+    groups: list = field(default_factory=list)  # each parameter group's own state (Prodigy's step size d), no params
 
 
 @dataclass
@@ -106,7 +107,8 @@ class NanGuard:
             run.step, [p.detach().clone() for p in params],
             [{k: _clone(v) for k, v in state[p].items()} if state.get(p) else None for p in params],
             {k: _clone(v) for k, v in run.lr_scheduler.state_dict().items()}, ckpt.rng_state(run.generator),
-            list(run.losses), run.first_loss)
+            list(run.losses), run.first_loss,
+            [{k: _clone(v) for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups])
 
     def check_gradients(self, run) -> None:
         """Before the optimizer applies them: non-finite gradients raise NonFinite (fp16: the GradScaler's)."""
@@ -148,6 +150,8 @@ class NanGuard:
     def _restore(self, run, snap: Snapshot) -> list[float]:
         """The kept state back into ``run``, every learning rate times ``lr_factor``; returns the new ones."""
         run.optimizer.zero_grad(set_to_none=True)
+        for group, kept in zip(run.optimizer.param_groups, snap.groups):  # (then the learning rates, lowered)
+            group.update({k: _clone(v) for k, v in kept.items()})
         lowered = [lr * self.lr_factor for lr in run.lr_scheduler.base_lrs]
         with torch.no_grad():
             for p, w, st in zip(run.params(), snap.weights, snap.optimizer):

@@ -73,10 +73,8 @@ def export_lora(run_dir: Path, cfg, backend, modules: dict, scan, started_at: fl
     extra = {"ss_total_batch_size": plan.effective_batch,
              "ss_dataset_dirs": scan.folders() or {scan.root.name: {"n_repeats": 1, "img_count": len(trained)}}}
     if len(trained) < len(scan.samples):  # (data.reg_data_dir; kohya counts them with their folders' repeats)
-        reg = scan.reg_folders()
-        extra.update(ss_reg_dataset_dirs=reg, ss_prior_loss_weight=t.prior_loss_weight,
-                     ss_num_reg_images=sum(f["n_repeats"] * f["img_count"] for f in reg.values())
-                     or len(scan.samples) - len(trained))
+        extra.update(ss_reg_dataset_dirs=scan.reg_dirs, ss_prior_loss_weight=t.prior_loss_weight,
+                     ss_num_reg_images=sum(f["n_repeats"] * f["img_count"] for f in scan.reg_dirs.values()))
     metadata = build_metadata(cfg, model, facts, extra=extra)
     set_aside_interim_exports(run_dir, [f"{out.output_name}.safetensors", WEIGHT_NAME])
     lora_path = save_kohya_lora(run_dir / f"{out.output_name}.safetensors", tensors, metadata)

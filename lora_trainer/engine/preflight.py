@@ -548,6 +548,7 @@ def total_steps_of(cfg) -> int | None:
     buckets from their file headers), at the config's resolution."""
     from lora_trainer.data.dataset import scan_dataset
     from lora_trainer.data.regularization import with_regularization
+    from lora_trainer.data.split import split_validation
     from lora_trainer.engine.batches import Plan
     from lora_trainer.engine.run import training_dataset
     from lora_trainer.errors import LoraTrainerError
@@ -556,9 +557,11 @@ def total_steps_of(cfg) -> int | None:
     if not d.train_data_dir or not Path(d.train_data_dir).is_dir():
         return None
     try:
-        scan = with_regularization(d, scan_dataset(d.train_data_dir, metadata_path=d.metadata_path,
-                                                   caption_extension=d.caption_extension,
-                                                   caption_priority=d.caption_priority, recursive=d.recursive))
+        scan = scan_dataset(d.train_data_dir, metadata_path=d.metadata_path, caption_extension=d.caption_extension,
+                            caption_priority=d.caption_priority, recursive=d.recursive)
+        if d.validation_split:  # (held out before the regularization images are balanced, as the trainer does)
+            scan = split_validation(scan, d.validation_split, cfg.training.seed)[0]
+        scan = with_regularization(d, scan)
         groups = training_dataset(cfg, scan).epoch_groups()
     except LoraTrainerError:
         return None

@@ -14,6 +14,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import os
 from pathlib import Path
 
 from lora_trainer.models.tiny import cache_root
@@ -22,7 +23,7 @@ from lora_trainer.utils.fsio import atomic_write_json
 log = logging.getLogger(__name__)
 
 KEEP = 256
-LIBRARIES = ("torch", "diffusers", "peft", "transformers")
+LIBRARIES = ("torch", "diffusers", "peft", "transformers", "xformers")
 
 
 @functools.lru_cache(maxsize=1)
@@ -52,12 +53,17 @@ def full_key(key: str) -> str:
 def load(key: str) -> dict | None:
     """The value stored under ``key`` (a string), or None."""
     key = full_key(key)
+    path = _path(key)
     try:
-        data = json.loads(_path(key).read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(data, dict) or data.get("key") != key or not isinstance(data.get("value"), dict):
         return None
+    try:
+        os.utime(path)  # (used now: the files kept are the newest used)
+    except OSError:
+        pass
     return data["value"]
 
 

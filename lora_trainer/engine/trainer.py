@@ -118,7 +118,7 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
     # (rank 0 picks the folder and reads the checkpoint; the others get them: they need not see its disk)
     run_dir, resume_from, restored, fresh_run = (run_folder() if group is None else
                                                  group.from_rank0(run_folder, "choosing the run folder"))
-    settings = ckpt.run_settings(t, plan.num_images, plan.total_steps, d, cfg.model, world, plan.num_train_images)
+    settings = ckpt.run_settings(t, plan.num_images, plan.total_steps, d, cfg.model, world, plan.images_per_epoch)
     pending = ckpt.left_to_the_model(cfg)  # (checked once the model is loaded)
     if restored is not None:
         ckpt.check_resume(restored, settings, resume_from, keys=set(settings) - set(pending))
@@ -248,7 +248,7 @@ def _set_up(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepared
         plan = replanned
     group = prepared.group
     settings = ckpt.run_settings(t, plan.num_images, plan.total_steps, cfg.data, cfg.model, plan.world_size,
-                                 plan.num_train_images)
+                                 plan.images_per_epoch)
     if prepared.restored is not None and prepared.pending:
         ckpt.check_resume(prepared.restored, settings, prepared.resume_from, keys=prepared.pending)
     if prepared.main:

@@ -131,7 +131,7 @@ def build_metadata(cfg, model: ModelFacts, run: RunFacts, extra: dict | None = N
         "ss_gradient_accumulation_steps": _s(t.gradient_accumulation_steps),
         "ss_lr_scheduler": _s(t.lr_scheduler),
         "ss_optimizer": _s(t.optimizer + (f"({','.join(f'{k}={v}' for k, v in t.optimizer_args.items())})"
-                                          if t.optimizer_args else "")),  # (kohya writes its arguments so too)
+                                          if t.optimizer_args else "")),  # (its arguments too, as kohya writes them)
         "ss_mixed_precision": _s(t.mixed_precision),
         "ss_noise_offset": _s(t.noise_offset),
         "ss_min_snr_gamma": _s(t.min_snr_gamma),

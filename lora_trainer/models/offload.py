@@ -88,7 +88,9 @@ def waiting_on_cpu(modules: list[nn.Module], device: torch.device, why: str):
         try:
             for module in modules:
                 module.to(device)
-        except torch.cuda.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:  # (none left half-way: all back on the CPU)
+            for module in modules:
+                module.to("cpu")
             log.warning("no GPU memory to move %s back after the error below: left on the CPU",
                         ", ".join(type(m).__name__ for m in modules))
         raise
