@@ -87,6 +87,16 @@ def test_a_kohya_layout_without_a_usable_folder_trains_nothing_and_says_why(tmp_
         assert "folder 10_empty: no images in it" in text and "turn on recursive" not in text
 
 
+def test_a_metadata_row_outside_the_kohya_folders_is_left_out_with_its_reason(tmp_path):
+    root = kohya_set(tmp_path / "img")
+    (root / "metadata.csv").write_text("filename,prompt\n0_off/y.png,off\n2_style_art/a.png,from the csv\n")
+    scan = scan_dataset(root)
+    assert "y.png" not in {s.path.name for s in scan.samples}
+    assert [s.caption for s in scan.samples if s.path.name == "a.png"] == ["from the csv"]
+    (left,) = [s for s in scan.skipped if s.path == "0_off/y.png"]
+    assert "kohya's layout leaves it out" in left.reason and "<repeats>_<name> folder" in left.fix
+
+
 def test_a_year_in_a_folder_name_is_said(tmp_path):
     image(tmp_path / "d" / "2023_trip" / "a.png")
     scan = scan_dataset(tmp_path / "d")

@@ -85,6 +85,18 @@ def test_only_missing_with_template_and_prefix(folder):
     assert label_dataset(folder, captioner=again, progress=False).captioned == [] and again.seen == 0
 
 
+def test_images_of_a_kohya_folder_without_their_own_caption_are_captioned(tmp_path):
+    """Its class tokens are what an image trains with when it has no caption; the captioner still writes one."""
+    for k in range(3):
+        (tmp_path / "img" / "10_sks dog").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (k * 10, 0, 0)).save(tmp_path / "img" / "10_sks dog" / f"d{k}.png")
+    (tmp_path / "img" / "10_sks dog" / "d0.txt").write_text("own caption")
+    result = label_dataset(tmp_path / "img", captioner=Fake(), prefix="sks dog, ", progress=False)
+    assert sorted(result.captioned) == ["10_sks dog/d1.png", "10_sks dog/d2.png"]
+    assert result.kept == ["10_sks dog/d0.png"]
+    assert rows(tmp_path / "img")["10_sks dog/d1.png"] == "sks dog, color 10"
+
+
 def test_overwrite_replaces_every_caption(folder):
     seen = []
     result = label_dataset(folder, captioner=Fake(), mode="overwrite", progress=False,

@@ -39,7 +39,8 @@ ACCEPTED = ", ".join(IMAGE_EXTENSIONS)
 # reason text -> the kind counted in the summary (first match wins; anything else is "corrupt")
 _KINDS = (("not found", "missing"), ("escapes", "outside the folder"), ("not a supported", "not an image"),
           ("not an image", "not an image"), ("empty file", "empty"), ("too large", "too large"),
-          ("cannot read", "unreadable"), ("loops or points nowhere", "broken link"), ("a folder", "not an image"))
+          ("cannot read", "unreadable"), ("loops or points nowhere", "broken link"), ("a folder", "not an image"),
+          ("layout leaves it out", "left out"))
 # what to do about a skipped file, by its kind
 FIXES = {
     "missing": "correct the name in the caption file (metadata.csv), or put the image back",
@@ -50,6 +51,7 @@ FIXES = {
     "unreadable": "give yourself read permission on the file (chmod), or remove it",
     "broken link": "remove the link, or point it at an image",
     "corrupt": "re-save the file as PNG or JPEG (open it in an image editor), or remove it",
+    "left out": "move the image into a <repeats>_<name> folder (such as 10_sks dog), or its row out of metadata.csv",
 }
 
 
@@ -339,6 +341,8 @@ def find_dataset_files(root, metadata_path=None, caption_extension: str = ".txt"
             reason = f"{where} but not found{_did_you_mean(target[0], found)}"
         elif not is_image_name(target[0]):
             reason = f"{where}: not a supported image type (use {ACCEPTED})"
+        elif folders and not files.folder(target[0]):
+            reason = f"{where}: outside the <repeats>_<name> folders (kohya's layout leaves it out)"
         else:
             candidates.setdefault(*target)
             files.csv_captions[target[0]] = entry.caption

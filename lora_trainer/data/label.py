@@ -114,8 +114,9 @@ def label_dataset(input_dir, captioner="blip", output_csv=None, template: str = 
     captions.csv_path = csv_path.resolve()
     result = LabelResult(captions.csv_path)
     todo = []
-    for i, item in enumerate(captions.items):
-        (todo.append(i) if mode == "overwrite" or not item.caption.strip() else result.kept.append(item.rel))
+    for i, item in enumerate(captions.items):  # (a kohya folder's class tokens are no caption of the image's own)
+        missing = not item.caption.strip() or item.source == "folder"
+        (todo.append(i) if mode == "overwrite" or missing else result.kept.append(item.rel))
     if not todo:
         log.info("every image already has a caption (mode only-missing): nothing to do")
         return result
