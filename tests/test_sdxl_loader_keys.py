@@ -558,6 +558,7 @@ def export_sdxl_lora(backend, folder: Path, training: dict):
     """The kohya file the trainer writes for SDXL with these training keys (both text encoders trained): its
     tensors, its metadata, and which layer each LoRA number was trained on."""
     from lora_trainer.config import config_from_dict, with_family_defaults
+    from lora_trainer.data.dataset import DatasetScan
     from lora_trainer.engine.batches import Plan
     from lora_trainer.engine.lora import remove_lora
     from lora_trainer.engine.outputs import export_lora
@@ -572,7 +573,7 @@ def export_sdxl_lora(backend, folder: Path, training: dict):
     modules, _ = add_lora_layers(cfg, backend)
     try:
         sources = number_lora_layers(modules)
-        scan = SimpleNamespace(samples=[None], tag_frequency=dict)
+        scan = DatasetScan(Path(folder))  # (no image: the file's keys are what is looked at)
         plan = Plan(num_images=1, batch_size=1, grad_accum=1, total_steps=1)
         path, _ = export_lora(folder, cfg, backend, modules, scan, time.time(), 1, plan)
     finally:
