@@ -525,6 +525,10 @@ def test_the_unet_waits_while_the_caches_are_built(demo_data, tmp_path, monkeypa
         events.append("back")
 
     monkeypatch.setattr(backend, "unet_waits_for_cache", waiting)
+    from lora_trainer.engine import trainer
+
+    optimization = trainer.optimization
+    monkeypatch.setattr(trainer, "optimization", lambda *a: events.append("optimizer") or optimization(*a))
     monkeypatch.setattr(backend, "offload_idle_encoders", lambda text_encoder: events.append("encoders off"))
     monkeypatch.setattr(backend, "encode_images", lambda *a: events.append("image") or encode_images(*a))
     monkeypatch.setattr(backend, "encode_image_dist", lambda *a: events.append("image") or encode_dist(*a))
@@ -538,8 +542,29 @@ def test_the_unet_waits_while_the_caches_are_built(demo_data, tmp_path, monkeypa
     first, back = events.index("wait"), events.index("back")
     assert events.count("wait") == 1 and {"image", "caption"} <= set(events[first + 1:back])
     assert {"image", "caption"}.isdisjoint(events[back:])  # (the held-out images' too: encoded while it waits)
-    # the encoders the steps need not leave before the UNet comes back: the two never share the GPU
-    assert events[back - 1:] == ["encoders off", "back", "step", "step"]
+    # the encoders the steps need not leave before the UNet comes back: the two never share the GPU; the optimizer
+    # is made where the UNet's LoRA then is (fused AdamW checks its parameters' device)
+    assert events[back - 1:] == ["encoders off", "back", "optimizer", "step", "step"]
+
+
+def test_a_run_that_caches_loads_its_unet_onto_the_cpu_and_the_rest_onto_the_gpu(monkeypatch):
+    """models.factory.load_backend: where the latents are cached the UNet never comes to the GPU before the caches
+    are built (unet_waits_for_cache brings it at their end); the encoders go where they encode. Checked on the moves
+    asked for, so that it runs without a GPU."""
+    from lora_trainer.models import diffusers_backend, factory
+
+    pipe, name = load_pipeline("tiny-demo", torch.float32)
+    moves = []
+    for part in ("unet", "vae", "text_encoder"):
+        module = getattr(pipe, part)
+        monkeypatch.setattr(module, "to", lambda *a, _p=part, _m=module, **k: moves.append((_p, *map(str, a))) or _m)
+    monkeypatch.setattr(factory, "pick_device", lambda precision: (torch.device("cuda"), "no"))
+    monkeypatch.setattr(diffusers_backend, "load_pipeline", lambda *a: (pipe, name))
+    for cache_latents, unet_goes in ((True, "cpu"), (False, "cuda")):
+        moves.clear()
+        backend = factory.load_backend(make_cfg("unused", "unused", cache_latents=cache_latents))
+        assert [m for m in moves if m[0] == "unet"] == [("unet", unet_goes)]
+        assert {("vae", "cuda"), ("text_encoder", "cuda")} <= set(moves) and backend.device.type == "cuda"
 
 
 def test_waiting_on_cpu_moves_only_off_a_gpu_and_always_back(monkeypatch):
@@ -569,6 +594,17 @@ def test_waiting_on_cpu_moves_only_off_a_gpu_and_always_back(monkeypatch):
             raise RuntimeError("encode failed")
     assert not isinstance(error.value, torch.cuda.OutOfMemoryError)
     assert moves == ["cpu", "emptied", "cuda", "cpu"]  # (tried, then all left on the CPU: none split between the two)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="loads the UNet beside a GPU")
+def test_a_unet_loaded_to_wait_comes_to_the_gpu_when_the_caches_are_built():
+    backend = load_diffusers_backend("tiny-demo", torch.device("cuda"), torch.bfloat16, unet_waits=True)
+    unet = list(backend.unet.parameters())
+    assert {p.device.type for p in unet} == {"cpu"} and {p.device.type for p in backend.vae.parameters()} == {"cuda"}
+    with backend.unet_waits_for_cache():
+        assert {p.device.type for p in backend.unet.parameters()} == {"cpu"}
+    assert list(backend.unet.parameters()) == unet and {(p.device.type, p.dtype) for p in unet} == {
+        ("cuda", torch.bfloat16)}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="moves the UNet off a GPU")

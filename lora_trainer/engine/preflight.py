@@ -8,10 +8,10 @@ one training step is run on it (``diffusion_loss``, backward) while every tensor
 (``LiveBytes``), with the FLOPs by ``torch.utils.flop_counter``'s formulas. The peak of a step is the weights kept
 on the device during steps, the LoRA parameters with their optimizer state (and the NaN guard's copy), and that
 traced peak; before the steps the model is loaded and set up with every weight on the device, then the VAE encodes
-the latent cache one image at a time (where the run loaded its model, on a GPU, with the UNet waiting on the CPU:
-models.offload); sample images add a VAE decode. Where the device is a GPU the fake tensors are CUDA ones and
-autocast is CUDA's, so the kernels chosen (SDPA's flash / memory-efficient) and the dtypes kept for backward are the
-GPU's.
+the latent cache one image at a time (where the run loads its own model, on a GPU, the UNet waits on the CPU from
+its load until the cache is built: models.offload); sample images add a VAE decode. Where the device is a GPU the
+fake tensors are CUDA ones and autocast is CUDA's, so the kernels chosen (SDPA's flash / memory-efficient) and the
+dtypes kept for backward are the GPU's.
 
 Not counted: the CUDA context and the caching allocator's slack (``CUDA_OVERHEAD`` adds a measured figure), kernel
 workspaces, torch.compile's graphs. On the CPU the estimate is the bytes the tensors need; glibc's allocator keeps
@@ -207,7 +207,7 @@ class Estimate:
     lora: int  # LoRA parameters (fp32), their optimizer state, the NaN guard's copy of both
     lora_params: int  # how many LoRA parameters
     step: int  # a step's traced peak beyond the weights
-    cache_build: int  # the peak before the steps: every weight on the device (loaded), then the cache's VAE encodes
+    cache_build: int  # the peak before the steps: the weights on the device (not a waiting UNet), the VAE's encode
     samples: int  # the peak while a sample image decodes (0: no samples)
     overhead: int  # CUDA context and allocator slack (0 on the CPU: see the module's notes)
     seconds_per_step: float
@@ -441,8 +441,8 @@ def _estimate_from(traced: _Traced, cfg, device: torch.device, rate: float, samp
     everything = sum(traced.weights.values()) + traced.lora_params * 4
     dev = device.type
     caching = everything + traced.encode
-    if unet_waits and dev == "cuda":  # the UNet waits on the CPU while the cache is built; before, every weight and
-        caching = max(everything, caching - traced.weights.get(UNET, 0))  # the LoRA are there (loaded, set up)
+    if unet_waits and dev == "cuda":  # the UNet waits on the CPU from its load until the cache is built
+        caching -= traced.weights.get(UNET, 0)  # (its LoRA with it: counted here all the same)
     flops = traced.flops * (batch or t.batch_size) / t.batch_size * t.gradient_accumulation_steps
     compute = flops / (rate * EFFICIENCY.get(dev, 0.1))
     launches = OP_SECONDS.get(dev, 8e-6) * traced.ops * t.gradient_accumulation_steps

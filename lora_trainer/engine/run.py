@@ -63,9 +63,9 @@ class Run:
     settings: dict  # what a resume must match (engine.checkpoint.run_settings)
     modules: dict  # component name → module with LoRA layers
     groups: list[dict]  # optimizer parameter groups
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None  # (the three made after the caches: engine.trainer._set_up)
     lr_scheduler: object
-    scaler: torch.amp.GradScaler
+    scaler: torch.amp.GradScaler | None
     generator: torch.Generator  # noise, timesteps and flips
     dataset: ImageDataset
     cbs: CallbackList

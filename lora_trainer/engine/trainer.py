@@ -259,27 +259,29 @@ def _set_up(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepared
              t.gradient_accumulation_steps, plan.effective_batch, precision if precision != "no" else "fp32",
              backend.device)
     modules, groups = add_lora_layers(cfg, backend)
-    if group is not None:  # (the same seed made them alike; rank 0's, to be sure)
-        group.broadcast_parameters([p for g in groups for p in g["params"]])
     prepare_backend(cfg, backend)
-    optimizer, lr_scheduler, scaler = optimization(cfg, groups, backend.device, precision, plan.total_steps)
     if prepared.main:
         check_free_space(run_dir, disk_estimate(cfg, plan, sum(p.numel() for g in groups for p in g["params"]),
                                                 latent_cache_dir(cfg.output.output_dir)))
-    run = Run(cfg, backend, precision, plan, prepared.scan, run_dir, settings, modules, groups, optimizer,
-              lr_scheduler, scaler, torch.Generator(device=backend.device).manual_seed(t.seed),
+    run = Run(cfg, backend, precision, plan, prepared.scan, run_dir, settings, modules, groups, None, None, None,
+              torch.Generator(device=backend.device).manual_seed(t.seed),
               dataset, CallbackList([callbacks]), noise_scheduler=noise_scheduler, guard=NanGuard.from_config(t),
               estimate=prepared.estimate, group=group)
     run.buckets = log_buckets(dataset)
     run.augment = CaptionAugment.from_config(cfg.data, t.seed)
     if run.augment is not None:
         log.info("captions augmented: %s", run.augment.describe())
-    if prepared.restored is not None:
-        resume(run, prepared.restored, prepared.resume_from)
-    if group is not None and not group.main:  # (LoRA dropout's masks: another sequence than rank 0's, the same
-        torch.manual_seed(t.seed + 1_000_003 * group.rank + 7_919 * run.step)  # on a resume at this step)
     try:  # (from here the encoders the steps need not may wait on the CPU: _loop puts them back at its end)
         _build_caches(run, prepared, progress)
+        # the UNet is on the device from here (it may have waited on the CPU since it loaded): what holds its LoRA
+        if group is not None:  # (the same seed made them alike; rank 0's, to be sure)
+            group.broadcast_parameters([p for g in groups for p in g["params"]])
+        run.optimizer, run.lr_scheduler, run.scaler = optimization(cfg, groups, backend.device, precision,
+                                                                   plan.total_steps)
+        if prepared.restored is not None:
+            resume(run, prepared.restored, prepared.resume_from)
+        if group is not None and not group.main:  # (LoRA dropout's masks: another sequence than rank 0's, the
+            torch.manual_seed(t.seed + 1_000_003 * group.rank + 7_919 * run.step)  # same on a resume at this step)
         if run.main:  # (rank 0 alone: the validation loss, the samples and TensorBoard)
             run.sampler = SampleMaker.for_run(run, list(prepared.prompts))
         run.cbs.on_start(plan.total_steps, run_dir)
@@ -297,9 +299,10 @@ def _set_up(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepared
 
 def _build_caches(run: Run, prepared: _Prepared, progress: bool) -> None:
     """The latents and captions (the validation images' too) encoded once, while the UNet waits off the GPU where
-    the run loaded its own model; then the encoders the steps need not leave the GPU before the UNet comes back,
-    so the two share the GPU only while the model is loaded and set up, before the caches (SDXL: a 5.1 GB UNet, 1.8 GB
-    of encoders and VAE; models.offload; the pre-flight counts both phases)."""
+    the run loaded its own model (from its load: ``models.factory.load_backend``); then the encoders the steps need
+    not leave the GPU before the UNet comes, so the two never share it (SDXL: a 5.1 GB UNet, 1.8 GB of encoders and
+    VAE; models.offload; the pre-flight counts both phases). The optimizer is made after (fused AdamW checks where
+    its parameters are)."""
     waiting = run.backend.unet_waits_for_cache() if run.cfg.training.cache_latents else contextlib.nullcontext()
     with waiting:
         run.cache = build_cache(run, progress)

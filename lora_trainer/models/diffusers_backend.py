@@ -27,7 +27,9 @@ class DiffusersBackend(Backend):
     can_compile = can_channels_last = True
 
     def __init__(self, pipe, model_name: str, device: torch.device, weight_dtype: torch.dtype,
-                 prediction_type: str = "auto"):
+                 prediction_type: str = "auto", unet_waits: bool = False):
+        """``unet_waits``: on a GPU the UNet stays on the CPU until the caches are built (``unet_waits_for_cache``
+        brings it at their end): the set-up and the encoders' work never hold it on the GPU (models.offload)."""
         from diffusers import DDPMScheduler
 
         self.pipe = pipe  # for samples during training: it shares the modules the LoRA goes into
@@ -46,9 +48,11 @@ class DiffusersBackend(Backend):
         self.family = "sd_v2" if self.unet.config.cross_attention_dim == 1024 else "sd_v1"
         # fp16 VAEs overflow on some images; keep the VAE in fp32 then (it runs without grad)
         vae_dtype = torch.float32 if weight_dtype == torch.float16 else weight_dtype
-        for module, dtype in ((self.unet, weight_dtype), (self.text_encoder, weight_dtype), (self.vae, vae_dtype)):
+        unet_device = "cpu" if unet_waits and self.device.type == "cuda" else self.device
+        for module, dtype, where in ((self.unet, weight_dtype, unet_device), (self.text_encoder, weight_dtype,
+                                     self.device), (self.vae, vae_dtype, self.device)):
             module.requires_grad_(False)
-            module.to(self.device)
+            module.to(where)
             if module.dtype != dtype:
                 module.to(dtype=dtype)
         self.vae.eval()
@@ -118,8 +122,9 @@ class DiffusersBackend(Backend):
         self._idle.restore(self.device)
 
     def unet_waits_for_cache(self):
-        """The UNet (its LoRA in it) on the CPU while the VAE and text encoder(s) fill the caches, on a GPU: the
-        encoders' work is the process's peak otherwise (SDXL at 1024²: models.offload)."""
+        """The UNet (its LoRA in it) on the CPU while the VAE and text encoder(s) fill the caches, on a GPU, and on
+        the GPU after: the encoders' work is the process's peak otherwise (SDXL at 1024²: models.offload). One loaded
+        with ``unet_waits`` is on the CPU already: it moves once, at the end."""
         return waiting_on_cpu([self.unet], self.device, "while the caches are built")
 
     def compile_unet(self, mode: str = "default") -> None:
@@ -185,6 +190,6 @@ def load_pipeline(base_model: str, weight_dtype: torch.dtype = torch.float32):
 
 
 def load_diffusers_backend(base_model: str, device, weight_dtype: torch.dtype,
-                           prediction_type: str = "auto") -> DiffusersBackend:
+                           prediction_type: str = "auto", unet_waits: bool = False) -> DiffusersBackend:
     pipe, name = load_pipeline(base_model, weight_dtype)
-    return DiffusersBackend(pipe, name, device, weight_dtype, prediction_type)
+    return DiffusersBackend(pipe, name, device, weight_dtype, prediction_type, unet_waits)

@@ -27,13 +27,15 @@ def pick_device(mixed_precision: str) -> tuple[torch.device, str]:
 def load_backend(cfg):
     """A diffusers backend of ``cfg.model.base_model`` on the best device, at the precision the config asks:
     an SDXL one for an SDXL diffusers folder, a single-file SDXL checkpoint or a tiny SDXL model
-    (``sdxl_backend.is_sdxl_model``), else the SD 1.x/2.x one."""
+    (``sdxl_backend.is_sdxl_model``), else the SD 1.x/2.x one. Where the latents are cached, the UNet waits on the
+    CPU until the caches are built (the trainer's set-up: models.offload)."""
     from lora_trainer.models.diffusers_backend import load_diffusers_backend
     from lora_trainer.models.sdxl_backend import is_sdxl_model, load_sdxl_backend
 
     device, precision = pick_device(cfg.training.mixed_precision)
     load = load_sdxl_backend if is_sdxl_model(cfg.model.base_model) else load_diffusers_backend
-    return load(cfg.model.base_model, device, DTYPES[precision], cfg.model.prediction_type)
+    return load(cfg.model.base_model, device, DTYPES[precision], cfg.model.prediction_type,
+                unet_waits=cfg.training.cache_latents)
 
 
 def precision_of(backend) -> str:

@@ -6,9 +6,10 @@ it (SDXL's two text encoders are 0.8 B parameters). Samples bring them back for 
 the end of training puts everything back where it was (``restore``). One helper for every backend: the
 diffusers ones and the WebUI's model, whose modules are moved in place (the WebUI keeps its references).
 
-The other way round, before the first step (``waiting_on_cpu``): a run that loaded its own model keeps the UNet
-off the GPU while the VAE encodes the latent cache. On the H200 SDXL's process peaked there (8.4 GB allocated at
-1024², batch 1: the 5.1 GB UNet beside both encoders, the VAE and a 1024² encode), over the 6 GB its steps need.
+The other way round, before the first step (``waiting_on_cpu``): a run that loads its own model keeps the UNet
+off the GPU while the VAE encodes the latent cache (from its load: ``models.factory.load_backend``). On the H200
+SDXL's process peaked there (8.4 GB allocated at 1024², batch 1: the 5.1 GB UNet beside both encoders, the VAE and a
+1024² encode), over the 6 GB its steps need.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import logging
 
 import torch
 from torch import nn
+
+from lora_trainer.engine.preflight import module_bytes
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +34,7 @@ class IdleEncoders:
         if torch.device(device).type != "cuda":
             return 0
         self.modules = [m for m in modules if m is not None]
-        freed = _bytes(self.modules)
+        freed = module_bytes(self.modules)
         for module in self.modules:
             module.to("cpu")
         torch.cuda.empty_cache()
@@ -63,10 +66,6 @@ class IdleEncoders:
         self.modules = []
 
 
-def _bytes(modules: list[nn.Module]) -> int:
-    return sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()])
-
-
 @contextlib.contextmanager
 def waiting_on_cpu(modules: list[nn.Module], device: torch.device, why: str):
     """``modules`` on the CPU for the block where ``device`` is a GPU (their memory for ``why``), then back on it;
@@ -81,7 +80,7 @@ def waiting_on_cpu(modules: list[nn.Module], device: torch.device, why: str):
         module.to("cpu")
     torch.cuda.empty_cache()
     log.info("%s wait%s on the CPU %s: %.0f MB of GPU memory", ", ".join(type(m).__name__ for m in modules),
-             "s" if len(modules) == 1 else "", why, _bytes(modules) / 2**20)
+             "s" if len(modules) == 1 else "", why, module_bytes(modules) / 2**20)
     try:
         yield
     except BaseException:

@@ -58,8 +58,8 @@ class SdxlBackend(DiffusersBackend):
     uses_time_ids = True
 
     def __init__(self, pipe, model_name: str, device: torch.device, weight_dtype: torch.dtype,
-                 prediction_type: str = "auto"):
-        super().__init__(pipe, model_name, device, weight_dtype, prediction_type)
+                 prediction_type: str = "auto", unet_waits: bool = False):
+        super().__init__(pipe, model_name, device, weight_dtype, prediction_type, unet_waits)
         self.family = SDXL_FAMILY
         self.text_encoder_2, self.tokenizer_2 = pipe.text_encoder_2, pipe.tokenizer_2
         self.text_encoder_2.requires_grad_(False)
@@ -169,6 +169,7 @@ def load_sdxl_pipeline(base_model: str, weight_dtype: torch.dtype = torch.float3
     return pipe, name
 
 
-def load_sdxl_backend(base_model: str, device, weight_dtype: torch.dtype, prediction_type: str = "auto") -> SdxlBackend:
+def load_sdxl_backend(base_model: str, device, weight_dtype: torch.dtype, prediction_type: str = "auto",
+                      unet_waits: bool = False) -> SdxlBackend:
     pipe, name = load_sdxl_pipeline(base_model, weight_dtype)
-    return SdxlBackend(pipe, name, device, weight_dtype, prediction_type)
+    return SdxlBackend(pipe, name, device, weight_dtype, prediction_type, unet_waits)
