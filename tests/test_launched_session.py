@@ -99,3 +99,43 @@ def test_a_run_that_fails_says_why(app, tmp_path, monkeypatch):
     assert "no such folder" in s.message and "2-process run" in s.message
     log = s.message.rsplit("(the whole log: ", 1)[1].rstrip(")")
     assert Path(log).parent.parent == tmp_path / "tmp" and "no such folder" in Path(log).read_text()  # kept
+
+
+def test_a_run_that_ends_and_then_fails_keeps_its_log(app, tmp_path, monkeypatch, caplog):
+    """The processes said "end" (the LoRA is saved), then exited with an error (a process's teardown, say): the result
+    is published and the torchrun log stays, named in a warning, where a clean exit removes the session's folder."""
+    import subprocess
+    import sys
+
+    from lora_trainer.ui import launched_session
+
+    data, host = app
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    lora = tmp_path / "run" / "test_lora.safetensors"
+    lora.parent.mkdir()
+    lora.write_bytes(b"a LoRA")
+    said = tmp_path / "said.jsonl"
+    EventLog(said).on_end(TrainResult("done", lora.parent, lora, None, 4, 4, 0.5, 0.5, 3, 0, 2.0))
+    popen = subprocess.Popen
+
+    def torchrun(exit_code):
+        def run(cmd, **kw):  # (a stand-in for torchrun: it says the run's end, then exits with ``exit_code``)
+            events = cmd[cmd.index("--events") + 1]
+            return popen([sys.executable, "-c", f"import shutil, sys; shutil.copyfile({str(said)!r}, {events!r}); "
+                          f"print('process 1 failed in its teardown'); sys.exit({exit_code})"], **kw)
+        return run
+
+    for exit_code in (3, 0):
+        monkeypatch.setattr(launched_session.subprocess, "Popen", torchrun(exit_code))
+        caplog.clear()
+        s = LaunchedSession.start(host, make_cfg(data, tmp_path / "out"), processes=2).wait(timeout=600)
+        assert s.state == "done" and s.published.read_bytes() == b"a LoRA", s.message
+        kept = list((tmp_path / "tmp").glob("*/torchrun.log"))
+        if exit_code:
+            assert len(kept) == 1 and "teardown" in kept[0].read_text() and str(kept[0]) in caplog.text
+            for path in kept[0].parent.iterdir():
+                path.unlink()
+            kept[0].parent.rmdir()
+        else:
+            assert kept == [] and "exited with" not in caplog.text

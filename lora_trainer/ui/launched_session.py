@@ -46,17 +46,21 @@ class LaunchedSession(TrainingSession):
 
     def _train(self):
         work = Path(tempfile.mkdtemp(prefix="lora-trainer-launch-"))
-        config, events, log = self._config(work / "config.yaml"), work / "events.jsonl", work / "torchrun.log"
+        config, events, output = self._config(work / "config.yaml"), work / "events.jsonl", work / "torchrun.log"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.processes}",
                "-m", "lora_trainer", "train", "--config", str(config), "--events", str(events)]
         self.status.message = f"starting {self.processes} training processes (torchrun)…"
-        with open(log, "wb") as out:  # (its own session: a signal to the app is not the run's)
+        with open(output, "wb") as out:  # (its own session: a signal to the app is not the run's)
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         end = self._follow(proc, EventReader(events), stop_path(events))
         if end is None:  # (the folder stays: the message names its log)
             raise LoraTrainerError(f"the {self.processes}-process run ended without a result (exit "
-                                   f"{proc.returncode}): {last_error(log)} (the whole log: {log})")
-        shutil.rmtree(work, ignore_errors=True)  # (the run folder keeps the run's own config and logs)
+                                   f"{proc.returncode}): {last_error(output)} (the whole log: {output})")
+        if proc.returncode:  # (the run ended and said so, then a process failed: its log stays for the reason)
+            log.warning("the %d-process run saved its result, then exited with %s: its log is kept at %s",
+                        self.processes, proc.returncode, output)
+        else:
+            shutil.rmtree(work, ignore_errors=True)  # (the run folder keeps the run's own config and logs)
         result = train_result(end)
         self.status.skipped = result.skipped
         return result, self.host.publish(result.lora_path, self.cfg.output.output_name)
