@@ -115,6 +115,46 @@ def test_errors_name_the_tabs_fields_not_config_keys(tmp_path):
     assert "lower 'Learning rate'" in views.status_html(failed, tab.FIELD_LABELS)
 
 
+def test_prodigy_regularization_and_optimizer_arguments_from_the_tab(tmp_path):
+    """Prodigy from the tab takes its own rate (1.0) where the learning-rate fields show what the tab put there, and
+    the user's where they changed them; the optimizer arguments field round-trips the config's mapping; an empty
+    regularization folder field is none, a missing one is named by its label."""
+    from lora_trainer.config import validate_paths
+    from lora_trainer.errors import ConfigError
+    from lora_trainer.ui.standalone_host import DiffusersHost
+
+    host = DiffusersHost(tmp_path / "Lora", run_root=tmp_path / "runs")
+    base = config_from_dict({"train_data_dir": "-"})
+    shown = {key: tab.field_default(key, base) for key, *_ in tab.ADVANCED}
+
+    def build(**changed):
+        return tab.build_config(host, str(tmp_path), "x", "Style (defaults)", None, {**shown, **changed})
+
+    t = build(optimizer="prodigy").training
+    assert (t.optimizer, t.learning_rate, t.text_encoder_lr) == ("prodigy", 1.0, 1.0)
+    assert build(optimizer="prodigy", learning_rate=0.5).training.learning_rate == 0.5  # (the user's own)
+    assert build().training.learning_rate == base.training.learning_rate  # (AdamW: the field's rate)
+    fill = {"family": "sdxl", "values": {**shown, "learning_rate": 1e-4, "text_encoder_lr": 1e-5}}
+    cfg = tab.build_config(host, str(tmp_path), "x", "Style (defaults)", None,
+                           {**shown, "optimizer": "prodigy", "learning_rate": 1e-4, "text_encoder_lr": 1e-5}, fill)
+    assert (cfg.training.learning_rate, cfg.training.text_encoder_lr) == (1.0, 1.0)  # (the family's fill too)
+
+    args = build(optimizer="adafactor", optimizer_args="scale_parameter=False warmup_init=False beta1=0.9").training
+    assert args.optimizer_args == {"scale_parameter": False, "warmup_init": False, "beta1": 0.9}
+    text = tab.field_default("optimizer_args", config_from_dict({"train_data_dir": "-", "optimizer_args": {
+        "betas": [0.9, 0.99], "d_coef": 2, "decouple": True, "safeguard_warmup": "yes"}}))
+    assert build(optimizer="prodigy", optimizer_args=text).training.optimizer_args == {
+        "betas": [0.9, 0.99], "d_coef": 2, "decouple": True, "safeguard_warmup": "yes"}
+
+    assert build().data.reg_data_dir is None and build(reg_data_dir="  ").data.reg_data_dir is None
+    (tmp_path / "class").mkdir()
+    cfg = build(reg_data_dir=str(tmp_path / "class"), prior_loss_weight=0.5)
+    assert (cfg.data.reg_data_dir, cfg.training.prior_loss_weight) == (str(tmp_path / "class"), 0.5)
+    with pytest.raises(ConfigError) as missing:
+        validate_paths(build(reg_data_dir=str(tmp_path / "no class")))
+    assert tab.tab_message(missing.value).startswith("Regularization images folder: ")
+
+
 # --- the sweep and Send to txt2img
 class SweepHost:
     name = "webui"

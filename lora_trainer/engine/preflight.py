@@ -46,6 +46,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lora_trainer.engine import preflight_store
 from lora_trainer.engine.guard import optimizer_state_bytes, size_text
 from lora_trainer.models.base import TEXT_ENCODER, TEXT_ENCODER_2, UNET
+from lora_trainer.models.offload import module_bytes  # noqa: F401 (the hosts' count of their loaded model: Where)
 
 log = logging.getLogger(__name__)
 
@@ -514,18 +515,6 @@ class Where:
     family: str | None
     device: torch.device
     resident: int = 0
-
-
-def module_bytes(modules, on: torch.device | None = None) -> int:
-    """The bytes of the parameters and buffers of ``modules`` (a model already loaded), those on device ``on`` only
-    where it is given."""
-    seen = {}
-    for m in modules:
-        if m is not None:
-            for x in [*m.parameters(), *m.buffers()]:
-                if on is None or x.device.type == torch.device(on).type:
-                    seen[id(x.untyped_storage())] = x.untyped_storage().nbytes()
-    return sum(seen.values())
 
 
 def estimate_for(cfg, where: Where, free: int | None = None) -> Estimate | None:

@@ -20,8 +20,6 @@ import logging
 import torch
 from torch import nn
 
-from lora_trainer.engine.preflight import module_bytes
-
 log = logging.getLogger(__name__)
 
 
@@ -64,6 +62,18 @@ class IdleEncoders:
             log.warning("no GPU memory to move the VAE and text encoders back: they stay on the CPU")
             return
         self.modules = []
+
+
+def module_bytes(modules, on: torch.device | None = None) -> int:
+    """The bytes of the parameters and buffers of ``modules`` (a model already loaded; storages shared between them
+    counted once), those on device ``on`` only where it is given."""
+    seen = {}
+    for m in modules:
+        if m is not None:
+            for x in [*m.parameters(), *m.buffers()]:
+                if on is None or x.device.type == torch.device(on).type:
+                    seen[id(x.untyped_storage())] = x.untyped_storage().nbytes()
+    return sum(seen.values())
 
 
 @contextlib.contextmanager

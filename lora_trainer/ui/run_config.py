@@ -8,7 +8,14 @@ import dataclasses
 import math
 from pathlib import Path
 
-from lora_trainer.config import CHOICES, FAMILY_DEFAULTS, FAMILY_NAMES, Config, config_from_dict
+from lora_trainer.config import (
+    CHOICES,
+    FAMILY_DEFAULTS,
+    FAMILY_NAMES,
+    OPTIMIZER_LEARNING_RATES,
+    Config,
+    config_from_dict,
+)
 from lora_trainer.engine.output_checks import name_problem
 from lora_trainer.errors import LoraTrainerError
 from lora_trainer.ui.views import name_fields, short_label
@@ -25,6 +32,10 @@ ADVANCED = [
     ("lora_dropout", "Dropout", "number", None), ("learning_rate", "Learning rate", "number", None),
     ("text_encoder_lr", "Text encoder learning rate", "number", None),
     ("text_encoder_2_lr", "Second text encoder learning rate (0 = the text encoder's)", "number", None),
+    ("optimizer", "Optimizer (prodigy finds its own step size: with the learning rates as filled it uses 1.0)",
+     "choice", list(CHOICES["optimizer"])),
+    ("optimizer_args", "Optimizer arguments (name=value apart by spaces, e.g. weight_decay=0.01 decouple=True)",
+     "text", None),
     ("batch_size", "Batch size", "number", None),
     ("gradient_accumulation_steps", "Gradient accumulation", "number", None),
     ("epochs", "Epochs", "number", None), ("max_train_steps", "Max steps (0 = use epochs)", "number", None),
@@ -41,6 +52,9 @@ ADVANCED = [
     ("train_text_encoder", "Train the text encoder", "bool", None),
     ("train_text_encoder_2", "Train the second text encoder (SDXL)", "bool", None),
     ("caption_prefix", "Trigger word prefix", "text", None),
+    ("reg_data_dir", "Regularization images folder (class images; empty = none; kohya's N_class folders or plain)",
+     "text", None),
+    ("prior_loss_weight", "Prior loss weight (the regularization images' share of the loss)", "number", None),
     ("enable_bucket", "Aspect-ratio buckets (each image trained whole, not cropped to a square)", "bool", None),
     ("shuffle_caption", "Shuffle caption tags each epoch (the prefix and **bold** tags stay first)", "bool", None),
     ("keep_tokens", "Keep the first N tags in place", "number", None),
@@ -52,12 +66,13 @@ ADVANCED = [
     ("validation_every_n_steps", "Validation loss every N steps (0 = at the end)", "number", None),
     ("nan_max_retries", "NaN rollbacks before the run stops (0 = no guard)", "number", None),
 ]
-ZERO_IS_NONE = {"max_train_steps", "min_snr_gamma", "text_encoder_2_lr"}
+ZERO_IS_NONE = {"max_train_steps", "min_snr_gamma", "text_encoder_2_lr", "reg_data_dir"}  # (a text field: empty)
 # the fields the model family fills (config.FAMILY_DEFAULTS: SDXL resolution 1024, rank 32, ...), and those shown
 # for SDXL only (on a host that can train its second text encoder)
 FAMILY_KEYS = tuple(dict.fromkeys(key for values in FAMILY_DEFAULTS.values() for key in values))
 SDXL_ONLY = ("train_text_encoder_2", "text_encoder_2_lr")
 # config key → the label of the field that sets it, to name fields in messages as the tab shows them
+FIELD_KINDS = {key: kind for key, _label, kind, _extra in ADVANCED}
 FIELD_LABELS = {"train_data_dir": "Dataset folder", "output_name": "LoRA name", "base_model": "Base model",
                 **{key: label for key, label, *_ in ADVANCED}}
 NO_LORA = ("Train a LoRA first: the strength sweep, Send to txt2img and Merge into checkpoint use the file in "
@@ -65,12 +80,27 @@ NO_LORA = ("Train a LoRA first: the strength sweep, Send to txt2img and Merge in
 
 
 def field_default(key: str, cfg: Config):
-    """What a field shows for ``key`` in ``cfg`` (0 for "off" where the config says None)."""
+    """What a field shows for ``key`` in ``cfg`` (0 for "off" where the config says None, or "" in a text field;
+    optimizer arguments as the text the field takes back)."""
     for section in (cfg.data, cfg.model, cfg.training, cfg.output):
         if hasattr(section, key):
             value = getattr(section, key)
-            return 0 if value is None and key in ZERO_IS_NONE else value
+            if value is None and key in ZERO_IS_NONE:
+                return "" if FIELD_KINDS[key] == "text" else 0
+            if isinstance(value, dict):  # (no spaces inside a value: the text is split at them)
+                return " ".join(f"{name}={arg!r}".replace(" ", "") for name, arg in value.items())
+            return value
     raise KeyError(key)
+
+
+def optimizer_rates(advanced: dict, filled: dict | None) -> set[str]:
+    """The learning-rate fields left out of a run of an optimizer that sets its own step size (Prodigy), where they
+    still show what the tab filled them with: the optimizer's own rate applies (config.OPTIMIZER_LEARNING_RATES)."""
+    if advanced.get("optimizer") not in OPTIMIZER_LEARNING_RATES:
+        return set()
+    shown = filled["values"] if filled is not None else {}
+    return {key for key in ("learning_rate", "text_encoder_lr") if key in advanced
+            and is_default(advanced[key], shown.get(key, field_default(key, Config())))}
 
 
 def build_config(host, data_dir: str, name: str, preset: str, base_model: str | None, advanced: dict,
@@ -92,9 +122,14 @@ def build_config(host, data_dir: str, name: str, preset: str, base_model: str | 
         if not shows_text_encoder_2(host, filled.get("family")):
             for key in SDXL_ONLY:
                 advanced.pop(key, None)
+    for key in optimizer_rates(advanced, filled):
+        del advanced[key]
+        defaulted.discard(key)
     settings = dict(host.defaults())
     settings.update(PRESETS.get(preset, {}))
     for key, value in advanced.items():  # gr.Number gives floats; the config takes 8.0 for an int field
+        if isinstance(value, str) and key in ZERO_IS_NONE:  # (a folder's path: spaces around it are none of it)
+            value = value.strip()
         settings[key] = None if key in ZERO_IS_NONE and not value else value
     settings.update(train_data_dir=str(data_dir).strip(), output_name=name,
                     output_dir=str(Path(host.run_root) / name))
