@@ -9,7 +9,7 @@
 #   once, on the same OUT_DIR in /dev/shm: it skips what the first ended). Seconds each took on the H200
 #   (2026-12-04): smoke 26, casts 45, profile 71, sdpa 12, batch8 133, batch16 107, batch32 94, webui 79, llm 74;
 #   sdxl1 ran out of its former 300 s in its last child (the FLOPs count). Next, issue 23's open ones:
-#       smoke sdxl1 casts graphs8 sdxlgraphs qlora   (sdxl1: the UNet now waits on the CPU while the caches are built)
+#       smoke sdxl1 casts graphs8 sdxlgraphs qlora   (sdxl1: the UNet now loads on the CPU, comes after the caches)
 #
 # Each check has its own time limit and writes its log (and JSON) under OUT_DIR; one that fails or runs out
 # of time does not stop the next, except "smoke" (the demo on the GPU: the environment works), which stops the
