@@ -42,13 +42,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def assert_same_lora(a, b, atol=1e-5):
+def assert_same_lora(a, b, share=0.01):
+    """The same LoRA, but for rounding: within ``share`` of the most a weight moved. (One process sums a micro-batch
+    of 2 in another order than two processes of 1 each; AdamW turns a rounding difference of a near-zero gradient
+    into a part of a step: 1.0e-5 of 4.0e-3 moved with A1111's diffusers/peft pins, 1.9e-6 with the latest. Images,
+    noise or flips not shared as one process would see them differ by whole steps, 1e-3 each here.)"""
     ta, tb = load_file(a), load_file(b)
     assert ta.keys() == tb.keys()
     worst = max((ta[k] - tb[k]).abs().max().item() for k in ta)
-    moved = max(ta[k].abs().max().item() for k in ta if k.endswith("lora_up.weight"))
+    moved = max(ta[k].abs().max().item() for k in ta if k.endswith("lora_up.weight"))  # (lora_up starts at 0)
     assert moved > 1e-4, "the LoRA did not train: the comparison would prove nothing"
-    assert worst < atol, f"the LoRAs differ by up to {worst}"
+    assert worst < share * moved, f"the LoRAs differ by up to {worst} (the most a weight moved: {moved})"
 
 
 # --- what each process takes

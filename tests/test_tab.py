@@ -139,6 +139,18 @@ def test_prodigy_regularization_and_optimizer_arguments_from_the_tab(tmp_path):
                            {**shown, "optimizer": "prodigy", "learning_rate": 1e-4, "text_encoder_lr": 1e-5}, fill)
     assert (cfg.training.learning_rate, cfg.training.text_encoder_lr) == (1.0, 1.0)  # (the family's fill too)
 
+    class WebuiSettings(DiffusersHost):  # (the WebUI's Settings give the tab its learning rate)
+        def defaults(self):
+            return {**super().defaults(), "learning_rate": 2e-4}
+
+    settings_host = WebuiSettings(tmp_path / "Lora", run_root=tmp_path / "runs")
+    for fill in (None, {"family": "sd_v1", "values": {"learning_rate": 2e-4}}):
+        t = tab.build_config(settings_host, str(tmp_path), "x", "Style (defaults)", None,
+                             {**shown, "optimizer": "prodigy", "learning_rate": 2e-4}, fill).training
+        assert (t.learning_rate, t.text_encoder_lr) == (1.0, 1.0), fill
+    assert tab.build_config(settings_host, str(tmp_path), "x", "Style (defaults)", None,
+                            {**shown, "learning_rate": 2e-4}).training.learning_rate == 2e-4  # (AdamW: the rate)
+
     args = build(optimizer="adafactor", optimizer_args="scale_parameter=False warmup_init=False beta1=0.9").training
     assert args.optimizer_args == {"scale_parameter": False, "warmup_init": False, "beta1": 0.9}
     text = tab.field_default("optimizer_args", config_from_dict({"train_data_dir": "-", "optimizer_args": {

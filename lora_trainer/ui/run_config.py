@@ -93,14 +93,15 @@ def field_default(key: str, cfg: Config):
     raise KeyError(key)
 
 
-def optimizer_rates(advanced: dict, filled: dict | None) -> set[str]:
+def optimizer_rates(advanced: dict, filled: dict | None, defaults: dict) -> set[str]:
     """The learning-rate fields left out of a run of an optimizer that sets its own step size (Prodigy), where they
-    still show what the tab filled them with: the optimizer's own rate applies (config.OPTIMIZER_LEARNING_RATES)."""
+    still show what the tab filled them with (the family's value, else the host's ``defaults``, else the config's):
+    the optimizer's own rate applies (config.OPTIMIZER_LEARNING_RATES)."""
     if advanced.get("optimizer") not in OPTIMIZER_LEARNING_RATES:
         return set()
     shown = filled["values"] if filled is not None else {}
-    return {key for key in ("learning_rate", "text_encoder_lr") if key in advanced
-            and is_default(advanced[key], shown.get(key, field_default(key, Config())))}
+    return {key for key in ("learning_rate", "text_encoder_lr") if key in advanced and is_default(
+        advanced[key], shown.get(key, defaults.get(key, field_default(key, Config()))))}
 
 
 def build_config(host, data_dir: str, name: str, preset: str, base_model: str | None, advanced: dict,
@@ -122,11 +123,13 @@ def build_config(host, data_dir: str, name: str, preset: str, base_model: str | 
         if not shows_text_encoder_2(host, filled.get("family")):
             for key in SDXL_ONLY:
                 advanced.pop(key, None)
-    for key in optimizer_rates(advanced, filled):
-        del advanced[key]
-        defaulted.discard(key)
     settings = dict(host.defaults())
+    own_rates = optimizer_rates(advanced, filled, settings)
     settings.update(PRESETS.get(preset, {}))
+    for key in own_rates:  # (the host's defaults too: the WebUI's Settings give a learning rate)
+        del advanced[key]
+        settings.pop(key, None)
+        defaulted.discard(key)
     for key, value in advanced.items():  # gr.Number gives floats; the config takes 8.0 for an int field
         if isinstance(value, str) and key in ZERO_IS_NONE:  # (a folder's path: spaces around it are none of it)
             value = value.strip()
