@@ -86,11 +86,13 @@ def waiting_on_cpu(modules: list[nn.Module], device: torch.device, why: str):
     if torch.device(device).type != "cuda" or not modules:
         yield
         return
+    freed = module_bytes(modules, on=device)  # (0 where they were loaded onto the CPU to wait: models.factory)
     for module in modules:
         module.to("cpu")
     torch.cuda.empty_cache()
-    log.info("%s wait%s on the CPU %s: %.0f MB of GPU memory", ", ".join(type(m).__name__ for m in modules),
-             "s" if len(modules) == 1 else "", why, module_bytes(modules) / 2**20)
+    log.info("%s wait%s on the CPU %s: %.0f MB %s", ", ".join(type(m).__name__ for m in modules),
+             "s" if len(modules) == 1 else "", why, module_bytes(modules) / 2**20,
+             "of GPU memory freed" if freed else "kept off the GPU since they loaded")
     try:
         yield
     except BaseException:
