@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 
 import pytest
@@ -255,6 +256,20 @@ def test_resume_is_bit_exact(base, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     early = load_file(next(stopped.run_dir.glob("colors-step3")) / "adapter_model.safetensors")
     assert not all(torch.equal(a[k], early[k]) for k in a)  # (the stop's export, kept aside, is another state)
+
+
+def test_a_resume_refuses_another_optimizer_and_applies_a_changed_learning_rate(base, tmp_path, caplog):
+    data = write_rows(tmp_path / "data", color_rows())
+    cut = llm_config(base, data, tmp_path / "cut", batch_size=2, epochs=2)
+    train_llm(config_from_dict(cut), callbacks=StopAt(2), progress=False)
+    cut["training"].update(resume_from_checkpoint="latest", optimizer="adafactor")
+    with pytest.raises(ConfigError, match="was trained with 'adamw' and this run has 'adafactor'"):
+        train_llm(config_from_dict(cut), progress=False)
+    cut["training"].update(optimizer="adamw", learning_rate=cut["training"]["learning_rate"] / 2)
+    caplog.set_level(logging.INFO, logger="lora_trainer")
+    assert train_llm(config_from_dict(cut), progress=False).status == "finished"
+    assert any("LoRA learning rate" in r.message and "resuming with the settings changed" in r.message
+               for r in caplog.records)
 
 
 def test_held_out_rows_give_eval_loss_and_perplexity_per_epoch(base, tmp_path):

@@ -120,3 +120,48 @@ def test_each_optimizer_trains_and_resumes_to_the_same_lora(name, tmp_path):
     with safe_open(str(straight.lora_path), "pt") as f:
         expected = "prodigy(d_coef=2.0)" if name == "prodigy" else "adafactor(beta1=0.9)"
         assert f.metadata()["ss_optimizer"] == expected
+
+
+def test_a_resume_with_another_optimizer_stops_before_the_model_loads(tmp_path, monkeypatch):
+    """Its state cannot carry over (AdamW's moments are not Adafactor's): refused, naming both, before any model
+    loads (it crashed at the first step, after the caches, with a KeyError)."""
+    from lora_trainer.engine import trainer
+
+    data = make_demo_dataset(tmp_path / "data", n=4, resolution=64, seed=0)
+    first = train(make_cfg(data, tmp_path / "b", max_train_steps=4, save_steps=2), callbacks=StopAt(2),
+                  progress=False)
+    assert first.status == "stopped"
+
+    def no_model(cfg):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(trainer, "load_backend", no_model)
+    with pytest.raises(ConfigError, match=r"training.optimizer: .*checkpoint-000002 was trained with 'adamw' and "
+                                          r"this run has 'adafactor'.*set optimizer: adamw, or start a new run"):
+        train(make_cfg(data, tmp_path / "b", max_train_steps=4, save_steps=2, optimizer="adafactor",
+                       resume_from_checkpoint="latest"), progress=False)
+
+
+def test_a_resume_applies_the_learning_rate_and_arguments_changed_since(tmp_path, caplog, monkeypatch):
+    """The checkpoint's optimizer state holds its learning rate and arguments; those the config changed since apply
+    (the learning rate at the schedule's current step), and the log says which."""
+    from lora_trainer.engine import trainer
+
+    seen = {}
+    real = trainer.resume
+
+    def resume(run, restored, resume_from):
+        real(run, restored, resume_from)
+        seen.update(lr=run.optimizer.param_groups[0]["lr"], wd=run.optimizer.param_groups[0]["weight_decay"],
+                    base=list(run.lr_scheduler.base_lrs))
+
+    data = make_demo_dataset(tmp_path / "data", n=4, resolution=64, seed=0)
+    settings = dict(max_train_steps=4, save_steps=2, lr_scheduler="linear")
+    train(make_cfg(data, tmp_path / "b", **settings), callbacks=StopAt(2), progress=False)
+    caplog.set_level(logging.INFO, logger="lora_trainer")
+    monkeypatch.setattr(trainer, "resume", resume)
+    train(make_cfg(data, tmp_path / "b", resume_from_checkpoint="latest", learning_rate=4e-3, weight_decay=0.3,
+                   **settings), progress=False)
+    assert seen["base"] == [4e-3] and seen["wd"] == 0.3
+    assert seen["lr"] == pytest.approx(4e-3 * 2 / 4)  # (linear decay over 4 steps, at step 2)
+    assert any("unet weight_decay 0.01 → 0.3; unet learning rate 0.001 → 0.004" in r.message for r in caplog.records)

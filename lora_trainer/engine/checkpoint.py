@@ -214,7 +214,7 @@ def run_settings(training, num_images: int, total_steps: int, data, model, world
     ``images_per_epoch``: the images an epoch trains, repeats and regularization images counted (default:
     ``num_images``)."""
     settings = {k: getattr(training, k) for k in MUST_MATCH + SHOULD_MATCH[:3]}
-    return dict(settings, num_images=num_images, total_steps=total_steps,
+    return dict(settings, num_images=num_images, total_steps=total_steps, optimizer=training.optimizer,
                 images_per_epoch=num_images if images_per_epoch is None else images_per_epoch,
                 **{k: getattr(data, k) for k in DATA_SETTINGS}, zero_terminal_snr=model.zero_terminal_snr,
                 fp8_base=training.fp8_base, world_size=world_size)
@@ -238,6 +238,10 @@ def check_resume(restored: Restored, settings: dict, path: Path, keys=None) -> N
     if wrong:
         raise ConfigError(f"training.resume_from_checkpoint: {path} was trained with other LoRA settings ("
                           + "; ".join(wrong) + "); use the same settings or start a new run")
+    if "optimizer" in keys and saved.get("optimizer", settings["optimizer"]) != settings["optimizer"]:
+        raise ConfigError(f"training.optimizer: {path} was trained with {saved['optimizer']!r} and this run has "
+                          f"{settings['optimizer']!r}; its state (the moments, the step size) cannot carry over to "
+                          f"another optimizer: set optimizer: {saved['optimizer']}, or start a new run")
     same_micro_batch = False
     if "batch_size" in keys and "world_size" in settings:  # (checked with batch_size, once it is known)
         same_micro_batch = _check_world_size(saved, settings, path)

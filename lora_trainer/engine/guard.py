@@ -29,6 +29,7 @@ import torch
 
 from lora_trainer.engine import checkpoint as ckpt
 from lora_trainer.engine.diagnose import diagnose_nonfinite_gradients
+from lora_trainer.engine.optim import set_base_lrs
 from lora_trainer.errors import LoraTrainerError
 from lora_trainer.utils.text import name_list
 
@@ -160,7 +161,7 @@ class NanGuard:
                 if st is not None:
                     run.optimizer.state[p] = {k: _clone(v) for k, v in st.items()}
         run.lr_scheduler.load_state_dict({k: _clone(v) for k, v in snap.scheduler.items()})
-        _set_base_lrs(run.lr_scheduler, lowered)
+        set_base_lrs(run.lr_scheduler, lowered)
         ckpt.set_rng_state(snap.rng, run.generator)
         run.step, run.first_loss = snap.step, snap.first_loss
         run.losses.clear()
@@ -174,22 +175,6 @@ class NanGuard:
     @staticmethod
     def _files(run, index_lists) -> list:
         return list(dict.fromkeys(run.scan.samples[i].path for indices in index_lists for i in indices))
-
-
-def _set_base_lrs(scheduler, base_lrs: list[float]) -> None:
-    """New base learning rates for a schedule (diffusers' are LambdaLR), and the optimizer's current ones from
-    them at the schedule's current step."""
-    old = list(scheduler.base_lrs)
-    scheduler.base_lrs = list(base_lrs)
-    groups = scheduler.optimizer.param_groups
-    lambdas = getattr(scheduler, "lr_lambdas", None)
-    for k, group in enumerate(groups):
-        if lambdas is not None:
-            group["lr"] = base_lrs[k] * lambdas[k](scheduler.last_epoch)
-        else:
-            group["lr"] = group["lr"] * (base_lrs[k] / old[k] if old[k] else 1.0)
-        group["initial_lr"] = base_lrs[k]
-    scheduler._last_lr = [g["lr"] for g in groups]
 
 
 def _named_grads(run) -> dict:

@@ -68,3 +68,43 @@ def build_optimizer(t, param_groups: list[dict], device: torch.device) -> torch.
     if t.optimizer == "adamw":  # fused: one kernel for all LoRA tensors instead of a few per tensor (CUDA; fp32)
         kwargs["fused"] = device.type == "cuda"
     return cls(param_groups, **{**kwargs, **t.optimizer_args})
+
+
+def changed_since(optimizer, scheduler, names: list[str], configured: list[dict], lrs: list[float], saved: dict,
+                  optimizer_args: dict) -> list[str]:
+    """On a resume, what the config changed since the checkpoint, applied over its loaded optimizer state (which
+    holds the checkpoint's values): the optimizer's arguments (betas, eps, weight decay, ``optimizer_args``) of each
+    parameter group (``names``; ``configured``: the groups as this config built them) and the learning rates
+    (``lrs``: this config's base ones; ``saved``: the checkpoint's settings), each at the schedule's current step. A
+    learning rate not changed keeps the checkpoint's, lowered by its NaN guard's rollbacks where it had any. Returns a
+    line for each change."""
+    changed = []
+    keys = {"betas", "eps", "weight_decay", *optimizer_args}
+    for name, group, now in zip(names, optimizer.param_groups, configured):
+        for key in sorted(keys & set(now)):
+            if group.get(key) != now[key]:
+                changed.append(f"{name} {key} {group.get(key)!r} → {now[key]!r}")
+                group[key] = now[key]
+    before = saved.get("learning_rates")  # (a checkpoint from before they were kept: its own stay)
+    if before is not None and len(before) == len(lrs) and before != lrs:
+        base = [now if now != was else kept for now, was, kept in zip(lrs, before, scheduler.base_lrs)]
+        changed += [f"{name} learning rate {was:g} → {now:g}" for name, now, was in zip(names, lrs, before)
+                    if now != was]
+        set_base_lrs(scheduler, base)
+    return changed
+
+
+def set_base_lrs(scheduler, base_lrs: list[float]) -> None:
+    """New base learning rates for a schedule (diffusers' are LambdaLR), and the optimizer's current ones from
+    them at the schedule's current step."""
+    old = list(scheduler.base_lrs)
+    scheduler.base_lrs = list(base_lrs)
+    groups = scheduler.optimizer.param_groups
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    for k, group in enumerate(groups):
+        if lambdas is not None:
+            group["lr"] = base_lrs[k] * lambdas[k](scheduler.last_epoch)
+        else:
+            group["lr"] = group["lr"] * (base_lrs[k] / old[k] if old[k] else 1.0)
+        group["initial_lr"] = base_lrs[k]
+    scheduler._last_lr = [g["lr"] for g in groups]

@@ -36,7 +36,7 @@ from lora_trainer.engine.lora import (
     uncastable_lora_layers,
 )
 from lora_trainer.engine.loss import diffusion_loss, draw_noise, zero_terminal_snr_schedule
-from lora_trainer.engine.optim import build_optimizer
+from lora_trainer.engine.optim import build_optimizer, changed_since
 from lora_trainer.engine.preflight import duration_text
 from lora_trainer.engine.run_dir import latent_cache_dir
 from lora_trainer.errors import ConfigError, LoraTrainerError
@@ -403,8 +403,14 @@ def optimization(cfg: Config, groups: list[dict], device, precision: str, total_
 def resume(run: Run, restored: ckpt.Restored, resume_from: Path) -> None:
     """A checkpoint's LoRA weights, optimizer, schedule, scaler, RNG and step into ``run``."""
     load_trainable_state(run.modules, {k: v.to(run.device) for k, v in restored.weights.items()})
+    configured = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
+    lrs = list(run.lr_scheduler.base_lrs)
     run.optimizer.load_state_dict(restored.state["optimizer"])
     run.lr_scheduler.load_state_dict(restored.state["lr_scheduler"])
+    changed = changed_since(run.optimizer, run.lr_scheduler, list(run.modules), configured, lrs,
+                            restored.info.get("settings", {}), run.cfg.training.optimizer_args)
+    if changed:
+        log.info("resuming with the settings changed since the checkpoint: %s", "; ".join(changed))
     run.scaler.load_state_dict(restored.state["scaler"])
     ckpt.set_rng_state(restored.state["rng"], run.generator)
     run.step = run.last_saved = restored.step

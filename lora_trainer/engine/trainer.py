@@ -259,6 +259,7 @@ def _set_up(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepared
              t.gradient_accumulation_steps, plan.effective_batch, precision if precision != "no" else "fp32",
              backend.device)
     modules, groups = add_lora_layers(cfg, backend)
+    settings["learning_rates"] = [g["lr"] for g in groups]  # (a resume applies the ones changed since)
     prepare_backend(cfg, backend)
     if prepared.main:
         check_free_space(run_dir, disk_estimate(cfg, plan, sum(p.numel() for g in groups for p in g["params"]),

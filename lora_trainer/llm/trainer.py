@@ -89,7 +89,7 @@ def _prepare(cfg: Config) -> _Prepared:
                 "batch_size": t.batch_size, "gradient_accumulation_steps": t.gradient_accumulation_steps,
                 "seed": t.seed, "num_images": len(examples), "total_steps": plan.total_steps,
                 "max_seq_length": d.max_seq_length, "packing": d.packing, "train_on_prompt": d.train_on_prompt,
-                "quantize_base": t.quantize_base}
+                "quantize_base": t.quantize_base, "optimizer": t.optimizer, "learning_rates": [t.learning_rate]}
     return _Prepared(model_config, tok, examples, held, plan, list(targets), settings, quantization)
 
 
