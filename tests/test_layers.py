@@ -86,6 +86,8 @@ def test_the_tabs_fields_are_the_configs_own():
             expected = "" if kind == "text" else 0
         elif isinstance(expected, dict):  # (optimizer arguments: name=value text, none by default)
             expected = " ".join(f"{k}={v!r}" for k, v in expected.items())
+        elif key == "resume_from_checkpoint":  # (a checkbox: "latest" or none)
+            expected = expected is not None
         assert field_default(key, defaults) == expected, key
         if kind == "choice":
             assert extra == list(CHOICES[key]), key

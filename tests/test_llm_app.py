@@ -63,6 +63,9 @@ def test_the_fields_build_a_text_generation_config(host, base, tmp_path):
     assert cfg.model.task_type == "text-generation" and cfg.model.base_model == str(base)
     assert (cfg.data.metadata_path, cfg.output.output_dir) == (str(data), str(tmp_path / "runs" / "colors"))
     assert (cfg.training.lora_rank, cfg.training.lora_alpha, cfg.training.epochs) == (16, 32.0, 3)
+    assert cfg.training.resume_from_checkpoint is None  # (the Continue box: "latest" when ticked)
+    assert build_llm_config(host, str(base), str(data), "colors", {**values, "resume_from_checkpoint": True}
+                            ).training.resume_from_checkpoint == "latest"
     # empty fields are the config's own (by architecture, 5% held out from 40 rows on, the epochs count)
     assert not {"target_modules", "validation_split", "max_train_steps"} & cfg.explicit
     cfg = build_llm_config(host, str(base), str(data.parent), "colors",

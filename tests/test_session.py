@@ -61,6 +61,39 @@ def test_stop_and_one_at_a_time(tmp_path):
     status = session.wait(120)
     assert status.state == "stopped" and 0 < status.result.steps < 500
     assert status.published.is_file()
+    assert "Its checkpoint is kept: to go on, tick 'Continue this name's stopped run" in status.message
+
+
+def test_the_tabs_continue_field_goes_on_from_the_stopped_runs_checkpoint(tmp_path):
+    """Stopped in the UI, the run continues from its checkpoint when the field is ticked (the same name): it ends at
+    the step count of the uninterrupted run, in the same run folder; unticked, the same name starts a new run."""
+    from lora_trainer.ui import run_config
+
+    host = DiffusersHost(tmp_path / "Lora", run_root=tmp_path / "runs")
+    data = make_demo_dataset(tmp_path / "data", n=4, resolution=64)
+    shown = {key: run_config.field_default(key, config_from_dict({"train_data_dir": "-"}))
+             for key, *_ in run_config.ADVANCED}
+    assert shown["resume_from_checkpoint"] is False
+
+    def cfg(**changed):
+        advanced = {**shown, "resolution": 64, "max_train_steps": 6, "batch_size": 2, "save_steps": 0, **changed}
+        return run_config.build_config(host, str(data), "cont", "Style (defaults)", "tiny-demo", advanced)
+
+    class StopAtTwo(TrainingSession):
+        def on_step(self, info):
+            super().on_step(info)
+            if info.step == 2:
+                self.stop()
+
+    first = StopAtTwo.start(host, cfg()).wait(120)
+    assert first.state == "stopped" and first.result.steps == 2, first.message
+    assert cfg(resume_from_checkpoint=True).training.resume_from_checkpoint == "latest"
+    resumed = TrainingSession.start(host, cfg(resume_from_checkpoint=True)).wait(120)
+    assert resumed.state == "done" and resumed.result.run_dir == first.result.run_dir, resumed.message
+    assert [s for s, _ in resumed.losses] == [3, 4, 5, 6]
+    fresh = TrainingSession.start(host, cfg()).wait(120)
+    assert fresh.state == "done" and fresh.result.run_dir != first.result.run_dir
+    assert [s for s, _ in fresh.losses][0] == 1
 
 
 def test_errors_reach_the_ui_before_the_model_loads(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ from lora_trainer.config import CHOICES, Config, config_from_dict, default_value
 from lora_trainer.engine.output_checks import name_problem
 from lora_trainer.errors import LoraTrainerError
 from lora_trainer.llm.rows import SUFFIXES
-from lora_trainer.ui.views import name_fields
+from lora_trainer.ui.views import CONTINUE_LABEL, name_fields
 
 CONFIG_SOURCE = "Language model LoRA"  # config_from_dict's source: the start of its messages, dropped in the app
 # the settings fields: (config key, label, kind, extra)
@@ -32,12 +32,13 @@ LLM_FIELDS = [
     ("train_on_prompt", "Train on the prompt's tokens too", "bool", None),
     ("packing", "Pack short rows into sequences of max tokens", "bool", None),
     ("gradient_checkpointing", "Gradient checkpointing (less memory)", "bool", None),
+    ("resume_from_checkpoint", CONTINUE_LABEL, "bool", None),
 ]
 LLM_KEYS = [key for key, *_ in LLM_FIELDS]
 # where the mode starts (a language model's usual LoRA; the config's own defaults are an image LoRA's)
 LLM_START = {"lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.05, "batch_size": 4,
              "gradient_accumulation_steps": 1, "epochs": 3, "max_train_steps": 0, "validation_split": "",
-             "target_modules": ""}
+             "target_modules": "", "resume_from_checkpoint": False}
 LLM_LABELS = {"base_model": "Base model", "train_data_dir": "Data", "metadata_path": "Data",
               "output_name": "Adapter name", **{key: label for key, label, *_ in LLM_FIELDS}}
 DATA_KINDS = f"a {' / '.join(SUFFIXES)} file, or a folder of them"
@@ -73,6 +74,8 @@ def build_llm_config(host, base_model: str, data_path: str, name: str, values: d
     for key, value in values.items():
         if isinstance(value, str):
             value = value.strip()
+        if key == "resume_from_checkpoint":  # (the checkbox: the newest checkpoint of this name's runs)
+            value = "latest" if value else None
         if key == "target_modules":
             value = [m.strip() for m in str(value or "").split(",") if m.strip()] or None
         if value is None or value == "" or (key == "max_train_steps" and not value):

@@ -18,7 +18,7 @@ from lora_trainer.config import (
 )
 from lora_trainer.engine.output_checks import name_problem
 from lora_trainer.errors import LoraTrainerError
-from lora_trainer.ui.views import name_fields, short_label
+from lora_trainer.ui.views import CONTINUE_LABEL, name_fields, short_label
 
 CONFIG_SOURCE = "Train LoRA tab"  # config_from_dict's source: the start of its messages, dropped in the tab
 PRESETS = {
@@ -65,6 +65,7 @@ ADVANCED = [
     ("validation_split", "Validation share of the images (0 = none; e.g. 0.1)", "number", None),
     ("validation_every_n_steps", "Validation loss every N steps (0 = at the end)", "number", None),
     ("nan_max_retries", "NaN rollbacks before the run stops (0 = no guard)", "number", None),
+    ("resume_from_checkpoint", CONTINUE_LABEL, "bool", None),
 ]
 ZERO_IS_NONE = {"max_train_steps", "min_snr_gamma", "text_encoder_2_lr", "reg_data_dir"}  # (a text field: empty)
 # the fields the model family fills (config.FAMILY_DEFAULTS: SDXL resolution 1024, rank 32, ...), and those shown
@@ -87,6 +88,8 @@ def field_default(key: str, cfg: Config):
             value = getattr(section, key)
             if value is None and key in ZERO_IS_NONE:
                 return "" if FIELD_KINDS[key] == "text" else 0
+            if key == "resume_from_checkpoint":  # (a checkbox: "latest" or none)
+                return value is not None
             if isinstance(value, dict):  # (no spaces inside a value: the text is split at them)
                 return " ".join(f"{name}={arg!r}".replace(" ", "") for name, arg in value.items())
             return value
@@ -130,6 +133,8 @@ def build_config(host, data_dir: str, name: str, preset: str, base_model: str | 
         del advanced[key]
         settings.pop(key, None)
         defaulted.discard(key)
+    if "resume_from_checkpoint" in advanced:  # (the checkbox: the newest checkpoint of this name's runs)
+        advanced["resume_from_checkpoint"] = "latest" if advanced["resume_from_checkpoint"] else None
     for key, value in advanced.items():  # gr.Number gives floats; the config takes 8.0 for an int field
         if isinstance(value, str) and key in ZERO_IS_NONE:  # (a folder's path: spaces around it are none of it)
             value = value.strip()

@@ -16,7 +16,7 @@ from lora_trainer.engine.events import Callbacks, StepInfo, StopFlag, TrainResul
 from lora_trainer.errors import LoraTrainerError
 from lora_trainer.ui.estimate import preflight_where
 from lora_trainer.ui.host import Host
-from lora_trainer.ui.views import status_line
+from lora_trainer.ui.views import CONTINUE_LABEL, status_line
 
 log = logging.getLogger(__name__)
 # what frees memory a UI holds outside training (the app's adapter loaded to try it, ui.llm_try), called before each
@@ -122,6 +122,9 @@ class TrainingSession(Callbacks):
             self.status.state = "stopped" if result.status == "stopped" else "done"
             self.status.message = (f"{'Stopped' if result.status == 'stopped' else 'Finished'} after "
                                    f"{result.steps}/{result.total_steps} steps: {self._made_name(made)}")
+            if result.status == "stopped":
+                self.status.message += (f". Its checkpoint is kept: to go on, tick '{CONTINUE_LABEL}' and press Train "
+                                        "with the same name")
         except BaseException as e:  # the UI must learn of every failure; the host stays usable
             if not isinstance(e, LoraTrainerError):
                 log.error("training failed:\n%s", traceback.format_exc())

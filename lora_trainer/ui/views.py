@@ -19,6 +19,8 @@ LOSS_WINDOW = 20
 # has its composition by 10-15 steps, and 5 strengths x 12 steps cost 60 sampling steps instead of 100.
 SWEEP_STEPS = 12
 MAX_POINTS = 400  # points drawn per series (longer runs are thinned evenly; the smoothing uses every step)
+# the field that continues a stopped run (training.resume_from_checkpoint: latest), named in the Stop message too
+CONTINUE_LABEL = "Continue this name's stopped run (from its newest checkpoint; none: a new run)"
 
 
 # --- small formats
