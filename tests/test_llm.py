@@ -462,3 +462,59 @@ def test_a_quantized_base_trains_on_cuda_and_its_adapter_loads_on_the_full_base(
         with model.disable_adapter():
             before = model(ids).logits
     assert not torch.allclose(before, after, atol=1e-3)
+
+
+# --- the model's own facts: its end-of-turn tokens, its context, its folder, its chat template's refusals
+def test_generation_stops_at_the_models_own_end_of_turn_as_well():
+    from types import SimpleNamespace
+
+    from lora_trainer.llm.generate import stop_ids
+
+    tok = SimpleNamespace(eos_token_id=2)
+    assert stop_ids(SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[2, 107])), tok) == [2, 107]
+    assert stop_ids(SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=107)), tok) == [107, 2]
+    assert stop_ids(SimpleNamespace(), tok) == [2]
+
+
+def test_the_adapter_names_its_base_by_an_absolute_path_and_the_context_bounds_max_seq_length(base, tmp_path,
+                                                                                            monkeypatch):
+    monkeypatch.chdir(base.parent)
+    data = write_rows(tmp_path / "data", color_rows())
+    cfg = llm_config(base.name, data, tmp_path / "out", epochs=1)
+    cfg["data"]["max_seq_length"] = 300  # (the tiny model takes 256 positions)
+    with pytest.raises(ConfigError, match=r"data.max_seq_length: 300 tokens is more than the model takes \(256 "
+                                          r"positions, .*config.json\); set it to 256 or less"):
+        train_llm(config_from_dict(cfg), progress=False)
+    del cfg["data"]["max_seq_length"]  # (the default, 512: the model's 256)
+    result = train_llm(config_from_dict(cfg), progress=False)
+    saved = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(base.resolve())
+    assert yaml.safe_load((result.run_dir / "config.yaml").read_text())["data"]["max_seq_length"] == 256
+
+
+def test_a_conversation_the_template_refuses_or_that_starts_with_the_answer_is_named(base, tmp_path):
+    from lora_trainer.llm.data import chat_pieces
+
+    tok = load_tokenizer(str(base), False)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+                         "supported') }}{% endif %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant:{% endif %}")
+    system = Row(messages=[("system", "be brief"), ("user", "sky"), ("assistant", "blue")], source="r.jsonl:3")
+    with pytest.raises(DatasetError, match=r"r.jsonl:3: the tokenizer's chat template refuses this conversation "
+                                           r"\(System role not supported; its turns: system"):
+        chat_pieces(tok, system)
+    answer_first = Row(messages=[("assistant", "hi"), ("user", "sky"), ("assistant", "blue")], source="r.jsonl:4")
+    with pytest.raises(DatasetError, match="r.jsonl:4: the conversation starts with an assistant turn"):
+        chat_pieces(tok, answer_first)
+
+
+def test_a_model_folder_without_its_tokenizer_is_named(base, tmp_path):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(base, bare)
+    for f in bare.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            f.unlink()
+    with pytest.raises(ModelLoadError, match=r"the tokenizer in .*bare could not be loaded"):
+        load_tokenizer(str(bare), False)

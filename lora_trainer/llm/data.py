@@ -42,8 +42,15 @@ def _render(tok, messages, source: str, generation_prompt: bool = False) -> str:
         raise DatasetError(f"{source}: \"messages\" rows need the tokenizer's chat template, and the model's "
                            "tokenizer has none (tokenizer_config.json \"chat_template\"); add one, or write the rows "
                            "as {\"prompt\", \"completion\"}")
-    return tok.apply_chat_template([{"role": r, "content": c} for r, c in messages], tokenize=False,
-                                   add_generation_prompt=generation_prompt)
+    from jinja2 import TemplateError
+
+    try:
+        return tok.apply_chat_template([{"role": r, "content": c} for r, c in messages], tokenize=False,
+                                       add_generation_prompt=generation_prompt)
+    except TemplateError as e:  # (the template's own raise_exception: "System role not supported", ...)
+        roles = ", ".join(r for r, _ in messages)
+        raise DatasetError(f"{source}: the tokenizer's chat template refuses this conversation ({e}; its turns: "
+                           f"{roles}): write it as the model's template takes it") from None
 
 
 def chat_pieces(tok, row: Row) -> list[tuple[str, bool]]:
@@ -53,6 +60,9 @@ def chat_pieces(tok, row: Row) -> list[tuple[str, bool]]:
     for k, (role, _) in enumerate(msgs):
         if role != "assistant":
             continue
+        if not any(r != "assistant" for r, _ in msgs[:k]):
+            raise DatasetError(f"{row.source}: the conversation starts with an assistant turn; the turn it answers "
+                               "is missing (a user or system turn must come first)")
         before = _render(tok, msgs[:k], row.source, generation_prompt=True)
         after = _render(tok, msgs[:k + 1], row.source)
         if not (before.startswith(done) and after.startswith(before)):

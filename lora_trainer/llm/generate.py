@@ -61,6 +61,14 @@ def chat_prompt(tok, prompt: str) -> str:
     return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
 
 
+def stop_ids(model, tok) -> list[int]:
+    """The tokens that end generation: the model's own (generation_config.json's eos_token_id: a chat model's end of
+    turn, Llama-3's <|eot_id|>, Gemma's <end_of_turn>) and the tokenizer's end of text."""
+    own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [own] if isinstance(own, int) else list(own or [])
+    return ids + [tok.eos_token_id] if tok.eos_token_id is not None and tok.eos_token_id not in ids else ids
+
+
 @torch.no_grad()
 def generate(model, tok, prompt: str, max_new_tokens: int = 128, sample: bool = False, temperature: float = 0.8,
              top_p: float = 0.95, stream: bool = False, seed: int | None = None,
@@ -76,6 +84,7 @@ def generate(model, tok, prompt: str, max_new_tokens: int = 128, sample: bool = 
     kwargs = {"do_sample": True, "temperature": temperature, "top_p": top_p} if sample else {"do_sample": False}
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if stream else None
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, streamer=streamer, **kwargs)
+                         pad_token_id=tok.pad_token_id, eos_token_id=stop_ids(model, tok), streamer=streamer,
+                         **kwargs)
     new = out[0, ids.shape[1]:].tolist()
     return tok.decode(new, skip_special_tokens=True), new

@@ -51,6 +51,14 @@ def read_model_config(folder: str, trust_remote_code: bool) -> dict:
     return config
 
 
+def context_length(config: dict) -> int | None:
+    """The most positions the model takes (config.json: max_position_embeddings, GPT-2's n_positions), if it says."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(config.get(key), int) and config[key] > 0:
+            return config[key]
+    return None
+
+
 def default_targets(model_type: str | None) -> list[str]:
     return list(TARGETS_BY_TYPE.get(model_type, LLAMA_STYLE))
 
@@ -58,7 +66,18 @@ def default_targets(model_type: str | None) -> list[str]:
 def load_tokenizer(folder: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, ImportError, KeyError) as e:
+        if "trust_remote_code" in str(e):
+            raise ConfigError(f"model.base_model: the tokenizer in {Path(folder).resolve()} ships its own Python code "
+                              "(tokenizer_config.json auto_map); it is not run unless you set "
+                              "model.trust_remote_code: true, which lets that code run with your user's rights: read "
+                              "it first") from None
+        raise ModelLoadError(f"model.base_model: the tokenizer in {Path(folder).resolve()} could not be loaded "
+                             f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}); a "
+                             "model folder needs its tokenizer files (tokenizer.json, or tokenizer_config.json with "
+                             "the vocabulary)") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok

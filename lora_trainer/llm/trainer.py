@@ -6,6 +6,7 @@ engine.checkpoint, engine.interrupt); what reads the data and the model lives be
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,14 @@ from lora_trainer.engine.output_checks import check_output
 from lora_trainer.engine.run_dir import prepare_run_dir, remove_run, run_log_file
 from lora_trainer.errors import ConfigError, LoraTrainerError
 from lora_trainer.llm import data as llm_data
-from lora_trainer.llm.model import add_lora, default_targets, load_model, load_tokenizer, read_model_config
+from lora_trainer.llm.model import (
+    add_lora,
+    context_length,
+    default_targets,
+    load_model,
+    load_tokenizer,
+    read_model_config,
+)
 from lora_trainer.llm.outputs import export_adapter, write_summary
 from lora_trainer.llm.quantize import DESCRIBED, check_quantization, prepare_for_training, quantization_config
 from lora_trainer.llm.rows import read_rows
@@ -64,6 +72,25 @@ class _Prepared:
     quantization: object = None  # transformers' BitsAndBytesConfig (training.quantize_base), or None
 
 
+def _with_model_facts(cfg: Config) -> Config:
+    """``cfg`` with the base model's folder as an absolute path (the adapter's config names its base by it: a
+    relative one would load only from this folder) and data.max_seq_length within the model's context: its own
+    length where the config left the default, a ConfigError where the config asked for more."""
+    m, d = cfg.model, cfg.data
+    folder = Path(m.base_model).expanduser()
+    config = read_model_config(m.base_model, m.trust_remote_code)
+    model = dataclasses.replace(m, base_model=str(folder.resolve()))
+    limit = context_length(config)
+    data = d
+    if limit is not None and d.max_seq_length > limit:
+        if "max_seq_length" in cfg.explicit:
+            raise ConfigError(f"data.max_seq_length: {d.max_seq_length} tokens is more than the model takes "
+                              f"({limit} positions, {folder.resolve() / 'config.json'}); set it to {limit} or less")
+        log.info("data.max_seq_length: %d, the model's context (the default, %d, is longer)", limit, d.max_seq_length)
+        data = dataclasses.replace(d, max_seq_length=limit)
+    return dataclasses.replace(cfg, model=model, data=data)
+
+
 def _prepare(cfg: Config) -> _Prepared:
     t, d, m = cfg.training, cfg.data, cfg.model
     model_config = read_model_config(m.base_model, m.trust_remote_code)
@@ -97,6 +124,7 @@ def train_llm(cfg: Config, callbacks: Callbacks | None = None, progress: bool = 
     """Train a language model's LoRA as ``cfg`` says and export the adapter; returns where everything went.
     ``callbacks`` get progress and may ask the loop to stop (it then saves a checkpoint and exports)."""
     started = time.time()
+    cfg = _with_model_facts(cfg)
     prepared = _prepare(cfg)
     run_dir, resume_from, restored = prepare_run_dir(cfg.output.output_dir, cfg.training.resume_from_checkpoint)
     if restored is not None:

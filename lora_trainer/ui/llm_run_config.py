@@ -78,8 +78,10 @@ def build_llm_config(host, base_model: str, data_path: str, name: str, values: d
             value = "latest" if value else None
         if key == "target_modules":
             value = [m.strip() for m in str(value or "").split(",") if m.strip()] or None
-        if value is None or value == "" or (key == "max_train_steps" and not value):
-            continue  # (empty: the config's default; max steps 0: the epochs count)
+        if value is None or value == "" or (key == "max_train_steps" and not value) or (
+                key == "max_seq_length" and value == default_value(key)):
+            continue  # (empty: the config's default; max steps 0: the epochs count; the max tokens as the field
+            # started: the config's, which a model with a shorter context shortens to its own)
         settings[key] = value  # (a text field's number, "0.05", is read by the config as a number)
     return config_from_dict(settings, source=CONFIG_SOURCE)
 
