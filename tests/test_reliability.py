@@ -129,6 +129,19 @@ def test_a_finished_run_has_nothing_to_resume_unless_the_config_asks_for_more(de
     assert (done.run_dir / "test_lora-step4.safetensors").is_file()
 
 
+def test_a_checkpoint_reads_back_where_the_webui_replaced_torch_load(demo_data, tmp_path, monkeypatch):
+    """A1111 and Forge (modules/safe.py) replace torch.load with a check that refuses a newer torch's files and then
+    returns None: the resume reads with torch's own loader (weights_only), and a state that is not one is named."""
+    stopped = train(cfg(demo_data, tmp_path / "out", max_train_steps=4, save_steps=0), callbacks=StopAt(2),
+                    progress=False)
+    folder = ckpt.list_checkpoints(stopped.run_dir)[-1][1]
+    monkeypatch.setattr(torch, "load", lambda *a, **k: None)  # (what the WebUI's gives for a file it refuses)
+    assert ckpt.load_checkpoint(folder).state["optimizer"]["param_groups"]
+    torch.save([1, 2], folder / ckpt.STATE)
+    with pytest.raises(ConfigError, match=r"training_state.pt is damaged \(ValueError: not a training state"):
+        ckpt.load_checkpoint(folder)
+
+
 def _damage(kind: str, folder):
     if kind == "truncated weights":
         path = folder / ckpt.WEIGHTS

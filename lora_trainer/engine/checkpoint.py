@@ -135,7 +135,12 @@ def load_checkpoint(path: Path) -> Restored:
     except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
         raise damaged(INFO, e) from e
     try:
-        state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+        # torch's own loader, not ``torch.load``: the WebUI (A1111, Forge: modules/safe.py) replaces that with a check
+        # of its own that refuses files of a newer torch (their .format_version) and then returns None;
+        # weights_only=True is the safety here (plain tensors and numbers; anything else is refused, never run)
+        state = torch.serialization.load(path / STATE, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not {"optimizer", "lr_scheduler", "rng"} <= set(state):
+            raise ValueError(f"not a training state (read as {type(state).__name__})")
     except Exception as e:  # noqa: BLE001 (UnpicklingError, a truncated zip, EOF, ...: each named the same way)
         raise damaged(STATE, e) from e
     try:
