@@ -168,7 +168,23 @@ def default_value(key: str):
 
 
 ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout", "lr": "learning_rate", "warmup_steps": "lr_warmup_steps",
-           "optimizer_type": "optimizer"}  # (kohya's name)
+           # kohya's sd-scripts names of the same settings
+           "optimizer_type": "optimizer", "network_dim": "lora_rank", "network_alpha": "lora_alpha",
+           "pretrained_model_name_or_path": "base_model", "max_train_epochs": "epochs", "flip_aug": "random_flip"}
+# kohya's names of settings that are not quite ours: what to write here instead (an unknown key's message)
+KOHYA_KEYS = {
+    "unet_lr": "is learning_rate here (the UNet's; text_encoder_lr is the text encoder's)",
+    "save_every_n_steps": "is save_steps here (a resumable checkpoint every N steps; the LoRA file is written at the "
+                          "end and on a stop)",
+    "resume": "is resume_from_checkpoint here (a checkpoint folder of this trainer's run, or 'latest'; kohya's state "
+              "folders are not read)",
+    "save_model_as": "has no setting here: the LoRA is always a .safetensors file (kohya's format; the diffusers "
+                     "file beside it: output.save_diffusers_format)",
+    "network_module": "has no setting here: the LoRA is kohya's networks.lora kind (peft's LoRA on "
+                      "training.target_modules)",
+    "network_weights": "has no setting here: a run starts from a new LoRA or from a checkpoint of its own "
+                       "(resume_from_checkpoint)",
+}
 # values other tools write for a choice (the lora-scripts articles: task_type "image-to-text" for an image LoRA)
 VALUE_ALIASES = {"task_type": {"image-to-text": "text-to-image", "sd": "text-to-image", "stable-diffusion":
                                "text-to-image", "txt2img": "text-to-image", "llm": "text-generation"}}
@@ -250,6 +266,8 @@ def _unknown_key(key: str, section: str | None) -> str:
     if key in OTHER_TOOLS_KEYS:
         return (f"unknown key '{key}' {where}: write {OTHER_TOOLS_KEYS[key]} (a language model's quantized base; "
                 "leave it out for none)")
+    if key in KOHYA_KEYS:
+        return f"unknown key '{key}' {where}: kohya's '{key}' {KOHYA_KEYS[key]}"
     close = difflib.get_close_matches(key, [*FIELD_SECTION, *ALIASES, *([] if section else SECTION_CLASSES)],
                                       n=1, cutoff=0.6)
     if close:
@@ -333,8 +351,8 @@ def _convert(name: str, value, key: str):
     elif typing.get_origin(base) is dict:
         return _arguments(value, key)
     elif typing.get_origin(base) is list:
-        if isinstance(value, str):
-            value = [value]
+        if isinstance(value, str):  # (one name, or several apart by commas: "to_q, to_v" as --set writes them)
+            value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
             return None, f"{key}: expected a non-empty list of names, got {shown}"
     if name in RANGES and isinstance(value, (int, float)):

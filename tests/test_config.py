@@ -75,6 +75,22 @@ def test_unknown_key_suggests_the_nearest():
     assert "at top level: did you mean 'lora_rank'" in error_of({"train_data_dir": "x", "lora_rnak": 4})
 
 
+def test_kohyas_names_are_read_or_pointed_to_ours():
+    """kohya's sd-scripts keys: those that mean the same are read as ours; the others say what to write here (not a
+    near name of another meaning: save_every_n_steps is not sample_every_n_steps)."""
+    cfg = config_from_dict({"train_data_dir": "x", "network_dim": 16, "network_alpha": 8, "max_train_epochs": 3,
+                            "flip_aug": True, "pretrained_model_name_or_path": "m"})
+    t = cfg.training
+    assert (t.lora_rank, t.lora_alpha, t.epochs, cfg.data.random_flip, cfg.model.base_model) == (16, 8, 3, True, "m")
+    assert "kohya's 'save_every_n_steps' is save_steps here" in error_of({"train_data_dir": "x",
+                                                                          "save_every_n_steps": 100})
+    assert "kohya's 'unet_lr' is learning_rate here" in error_of({"train_data_dir": "x", "training": {"unet_lr": 1}})
+    assert "kohya's 'save_model_as' has no setting here" in error_of({"train_data_dir": "x",
+                                                                      "save_model_as": "safetensors"})
+    assert config_from_dict({"train_data_dir": "x", "target_modules": "to_q, to_v"}).training.target_modules == [
+        "to_q", "to_v"]  # (a list written as text: --set target_modules=to_q,to_v)
+
+
 def test_unknown_key_searches_every_section_and_otherwise_lists_the_keys():
     assert "unknown key 'learnig_rate' in data: did you mean 'learning_rate' (in section 'training')?" in error_of(
         {"data": {"train_data_dir": "x", "learnig_rate": 1e-4}})

@@ -235,6 +235,10 @@ def test_prefix_sidecars_and_no_caption(tmp_path, caplog):
     assert scan.problems == ["c.caption: caption file is not UTF-8 text; ignored (re-save it as UTF-8)"]
     assert caplog.text.count("images have no caption") == 1 and "3 images have no caption" in caplog.text
     assert scan.summary().endswith("captions: 0 from metadata.csv, 1 from .caption, 3 without caption")
+    # a prefix without its own separator is joined with a space, as kohya joins them (not "triga dog")
+    joined = {s.path.name: s.caption for s in scan_dataset(root, caption_extension="caption",
+                                                            caption_prefix="trig").samples}
+    assert (joined["a.png"], joined["b.png"]) == ("trig hello world", "trig")
 
 
 def test_csv_elsewhere_subfolder_rows_and_hints(tmp_path, caplog):

@@ -116,6 +116,12 @@ def test_latest_takes_the_newest_run_of_the_config_and_says_which(demo_data, tmp
     resumed = train(cfg(demo_data, tmp_path / "out", resume_from_checkpoint="latest"), progress=False)
     assert resumed.run_dir == second.run_dir and resumed.status == "finished"
     assert any("latest is" in r.message and str(second.run_dir) in r.message for r in caplog.records)
+    # another config's folder whose name starts the same ("out-anime") is not a run of this one, however new
+    other = train(cfg(demo_data, tmp_path / "out-anime", max_train_steps=8), callbacks=StopAt(2), progress=False)
+    assert other.status == "stopped"
+    more = train(cfg(demo_data, tmp_path / "out", max_train_steps=6, resume_from_checkpoint="latest"),
+                 progress=False)
+    assert more.run_dir == second.run_dir and more.steps == 6
 
 
 def test_a_finished_run_has_nothing_to_resume_unless_the_config_asks_for_more(demo_data, tmp_path):

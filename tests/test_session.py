@@ -88,7 +88,14 @@ def test_the_tabs_continue_field_goes_on_from_the_stopped_runs_checkpoint(tmp_pa
     first = StopAtTwo.start(host, cfg()).wait(120)
     assert first.state == "stopped" and first.result.steps == 2, first.message
     assert cfg(resume_from_checkpoint=True).training.resume_from_checkpoint == "latest"
-    resumed = TrainingSession.start(host, cfg(resume_from_checkpoint=True)).wait(120)
+    class Seen(TrainingSession):
+        def on_resume(self, step):
+            super().on_resume(step)
+            self.resumed_at = (step, self.status.step, self.status.message)
+
+    session = Seen.start(host, cfg(resume_from_checkpoint=True))
+    resumed = session.wait(120)
+    assert session.resumed_at == (2, 2, "continuing from the checkpoint of step 2")
     assert resumed.state == "done" and resumed.result.run_dir == first.result.run_dir, resumed.message
     assert [s for s, _ in resumed.losses] == [3, 4, 5, 6]
     fresh = TrainingSession.start(host, cfg()).wait(120)

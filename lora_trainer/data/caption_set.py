@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_trainer.data.captions import _LINE_MARKUP, read_metadata_csv, split_tags, strip_markdown
-from lora_trainer.data.dataset import find_dataset_files, pick_caption
+from lora_trainer.data.dataset import find_dataset_files, pick_caption, with_prefix
 from lora_trainer.data.tokens import TOKEN_WINDOW, count_tokens
 from lora_trainer.errors import LoraTrainerError
 from lora_trainer.utils.fsio import atomic_write_text
@@ -122,7 +122,7 @@ class CaptionSet:
 
     def views(self, indices) -> list[CaptionView]:
         stripped = [strip_markdown(self.items[i].caption) for i in indices]
-        texts = [self.prefix + text for text, _ in stripped]
+        texts = [with_prefix(self.prefix, text) for text, _ in stripped]
         return [CaptionView(t, tuple(core), n) for t, (_, core), n in zip(texts, stripped, count_tokens(texts))]
 
     # --- editing

@@ -367,6 +367,14 @@ def pick_caption(files: DatasetFiles, rel: str, caption_priority: str = "csv",
     return next(((s, c) for s, c in choices if c and c.strip()), ("none", ""))
 
 
+def with_prefix(prefix: str, caption: str) -> str:
+    """The caption with data.caption_prefix before it, a space between as kohya joins them ("sks" + "a dog" → "sks a
+    dog", not "sksa dog"); none where the prefix ends in one or the caption is empty."""
+    if not prefix or not caption or prefix[-1].isspace():
+        return prefix + caption
+    return f"{prefix} {caption}"
+
+
 def scan_dataset(root, metadata_path=None, caption_extension: str = ".txt", caption_priority: str = "csv",
                  caption_prefix: str = "", recursive: bool = False, inspect=None) -> DatasetScan:
     """Find the images, check each one opens, attach captions; raise DatasetError if none is usable.
@@ -398,7 +406,7 @@ def scan_dataset(root, metadata_path=None, caption_extension: str = ".txt", capt
         source, raw = pick_caption(files, rel, caption_priority)
         text, core = strip_markdown(raw)
         folder = files.folder(rel)
-        scan.samples.append(Sample(candidates[rel], caption_prefix + text, tuple(core), source,
+        scan.samples.append(Sample(candidates[rel], with_prefix(caption_prefix, text), tuple(core), source,
                                    files.folders[folder][0] if folder else 1, folder))
 
     no_caption = sum(s.caption_source == "none" for s in scan.samples)

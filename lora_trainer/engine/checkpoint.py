@@ -154,7 +154,9 @@ def latest_candidates(output_dir: Path) -> list[Path]:
     """Every checkpoint of the runs of one config, newest first: ``output_dir`` and the ``<output_dir>-<time>``
     folders beside it, where new runs of the same config went (by when each checkpoint was written)."""
     output_dir = Path(output_dir)
-    runs = [output_dir] + [p for p in output_dir.parent.glob(f"{output_dir.name}-*") if p.is_dir()]
+    later = re.compile(re.escape(output_dir.name) + r"-\d{8}-\d{6}(-\d+)?")  # (run_dir.prepare_run_dir's names only:
+    runs = [output_dir] + [p for p in output_dir.parent.glob(f"{output_dir.name}-*")  # not another config's folder
+                           if later.fullmatch(p.name) and p.is_dir()]  # whose name starts the same: "proj-anime")
     found = [path for run in runs for _, path in list_checkpoints(run)]
     return sorted(found, key=lambda p: ((p / INFO).stat().st_mtime, p.name), reverse=True)
 

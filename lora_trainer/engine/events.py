@@ -45,6 +45,9 @@ class Callbacks:
 
     def on_start(self, total_steps: int, run_dir: Path) -> None: ...
 
+    def on_resume(self, step: int) -> None:
+        """The run continues a checkpoint at ``step`` (after on_start; the next on_step is step + 1)."""
+
     def on_step(self, info: StepInfo) -> None: ...
 
     def on_checkpoint(self, path: Path) -> None: ...
@@ -81,6 +84,11 @@ class CallbackList(Callbacks):
     def on_start(self, total_steps, run_dir):
         for c in self.callbacks:
             c.on_start(total_steps, run_dir)
+
+    def on_resume(self, step):
+        for c in self.callbacks:
+            if hasattr(c, "on_resume"):
+                c.on_resume(step)
 
     def on_step(self, info):
         for c in self.callbacks:

@@ -11,13 +11,36 @@ from lora_trainer.errors import ConfigError
 ADAPTER = "default"
 
 
-def _linear_names(module: nn.Module, limit: int = 12) -> list[str]:
-    def short(path: str) -> str:  # "…attn1.to_out.0" → "to_out.0", "…attn1.to_q" → "to_q"
-        parts = path.split(".")
-        return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
+def _short(path: str) -> str:  # "…attn1.to_out.0" → "to_out.0", "…attn1.to_q" → "to_q"
+    parts = path.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
 
-    kinds = (nn.Linear, nn.Conv2d)
-    return sorted({short(n) for n, m in module.named_modules() if n and isinstance(m, kinds)})[:limit]
+
+def _linear_names(module: nn.Module) -> list[str]:
+    """The layer names a target can take, the attention projections first (what a LoRA usually targets)."""
+    names = {_short(n) for n, m in module.named_modules() if n and isinstance(m, (nn.Linear, nn.Conv2d))}
+    return sorted(names, key=lambda n: (not n.startswith(("to_", "q_", "k_", "v_", "out_", "o_")), n))
+
+
+def check_targets(module: nn.Module, target_modules: list[str], key: str) -> None:
+    """Every name of ``target_modules`` names a layer of ``module`` (as peft matches it: the whole path, or its end
+    after a dot), and a layer, not a block of them ("to_out" is a ModuleList: "to_out.0" is its Linear). peft itself
+    drops a name that matches nothing when another one matches, and fails on a block only once the model is in."""
+    named = [(n, m) for n, m in module.named_modules() if n]
+    missing, blocks = [], []
+    for target in target_modules:
+        hits = [m for n, m in named if n == target or n.endswith("." + target)]
+        if not hits:
+            missing.append(target)
+        elif all(next(m.children(), None) is not None for m in hits):
+            inside = sorted({_short(f"{target}.{c}") for m in hits for c, _ in m.named_children()})
+            blocks.append(f"{target!r} is a block of layers ({', '.join(inside[:4])})")
+    if not missing and not blocks:
+        return
+    problems = blocks + ([f"{', '.join(map(repr, missing))} name{'s' if len(missing) == 1 else ''} no layer of this "
+                          "model" if len(missing) < len(target_modules) else
+                          f"none of {list(target_modules)} match a layer of this model"] if missing else [])
+    raise ConfigError(f"{key}: {'; '.join(problems)}; its layer names: {', '.join(_linear_names(module))}")
 
 
 def add_lora(module: nn.Module, *, rank: int, alpha: float, dropout: float, target_modules: list[str],
@@ -30,19 +53,12 @@ def add_lora(module: nn.Module, *, rank: int, alpha: float, dropout: float, targ
     """
     from peft import LoraConfig, inject_adapter_in_model
 
+    check_targets(module, target_modules, key)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
                         init_lora_weights=True)
     if custom_modules:
         config._register_custom_module(dict(custom_modules))
-    try:
-        inject_adapter_in_model(config, module, adapter_name=ADAPTER)
-    except ValueError as e:
-        if "not found" not in str(e):
-            raise
-        raise ConfigError(
-            f"{key}: none of {list(target_modules)} match a layer of this model; "
-            f"layer names it has include: {', '.join(_linear_names(module))}"
-        ) from e
+    inject_adapter_in_model(config, module, adapter_name=ADAPTER)
     params = [p for n, p in module.named_parameters() if "lora_" in n]
     for p in params:
         p.requires_grad_(True)

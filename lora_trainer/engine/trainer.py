@@ -286,6 +286,8 @@ def _set_up(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepared
         if run.main:  # (rank 0 alone: the validation loss, the samples and TensorBoard)
             run.sampler = SampleMaker.for_run(run, list(prepared.prompts))
         run.cbs.on_start(plan.total_steps, run_dir)
+        if prepared.restored is not None:
+            run.cbs.on_resume(run.step)
         run.writer = _tensorboard(log_dir, cfg.output.log_with == "tensorboard") if run.main else None
         from tqdm.auto import tqdm
 

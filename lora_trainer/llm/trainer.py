@@ -147,6 +147,7 @@ def train_llm(cfg: Config, callbacks: Callbacks | None = None, progress: bool = 
             run = _set_up(cfg, prepared, run_dir, log_dir, callbacks, progress)
             if restored is not None:
                 run.resume(restored, resume_from)
+                run.cbs.on_resume(run.step)
                 run.bar.update(run.step)
             stopped = _loop(run, ctrl_c)
             return _finish(run, stopped, started)

@@ -156,6 +156,10 @@ class TrainingSession(Callbacks):
         if self.sample_every and self.sample_prompt:
             self.status.samples_planned = total_steps // self.sample_every
 
+    def on_resume(self, step: int) -> None:
+        self.status.step = step
+        self.status.message = f"continuing from the checkpoint of step {step}"
+
     def on_step(self, info: StepInfo) -> None:
         s = self.status
         s.step, s.loss, s.steps_per_s = info.step, info.loss_avg, info.steps_per_s
