@@ -147,7 +147,9 @@ def cmd_train(args) -> int:
     result = _train(cfg, args.events)
     if result is not None:  # (None: a process of several other than rank 0, which reports)
         (_report_llm if is_text_generation(cfg) else _report)(result)
-    return 0
+    # a run stopped early (Ctrl-C) exits as an interrupted command does: `train && merge` must not go on with it
+    # (not a launched run's stop file: the app that wrote it reads the events)
+    return 130 if result is not None and result.status == "stopped" and not args.events else 0
 
 
 def _report_llm(result) -> None:

@@ -216,6 +216,42 @@ def test_ctrl_c_stops_after_the_step_and_saves(demo_data, tmp_path):
     assert signal.getsignal(signal.SIGINT) is before  # handler restored
 
 
+def test_ctrl_c_while_the_caches_are_built_stops_at_once_and_leaves_no_run(demo_data, tmp_path, monkeypatch,
+                                                                             capsys):
+    """Before the first step nothing is trained: Ctrl-C stops at once (it used to finish the caches, train a step and
+    write a 1-step LoRA); the command line then exits as an interrupted command, as it does after a stop."""
+    import os
+    import signal
+
+    from lora_trainer.cli import main
+    from lora_trainer.engine import trainer
+
+    real = trainer._build_caches
+
+    def interrupted(*args):
+        os.kill(os.getpid(), signal.SIGINT)  # (Ctrl-C while the latents are encoded)
+        return real(*args)
+
+    monkeypatch.setattr(trainer, "_build_caches", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_cfg(demo_data, tmp_path / "out", max_train_steps=10), progress=False)
+    assert not (tmp_path / "out").exists()
+    config = tmp_path / "c.yaml"
+    config.write_text(f"train_data_dir: {demo_data}\nresolution: 64\nmax_train_steps: 10\noutput_dir: "
+                      f"{tmp_path / 'cli'}\n")
+    assert main(["train", "-c", str(config)]) == 130 and "aborted" in capsys.readouterr().err
+    from types import SimpleNamespace
+
+    import lora_trainer.cli as cli
+
+    result = SimpleNamespace(status="stopped")  # (a run a Ctrl-C stopped after a step: saved, then stopped)
+    monkeypatch.setattr(cli, "_train", lambda cfg, events=None: result)
+    monkeypatch.setattr(cli, "_report", lambda result: None)
+    assert main(["train", "-c", str(config)]) == 130
+    result.status = "finished"
+    assert main(["train", "-c", str(config)]) == 0
+
+
 def test_resume_refuses_a_checkpoint_of_another_shape(demo_data, tmp_path):
     from lora_trainer.errors import ConfigError
 

@@ -18,6 +18,7 @@ class CtrlC:
 
     def __init__(self, sigterm: bool = False) -> None:
         self.requested = False
+        self.setting_up = False  # (before the first step nothing is trained: a Ctrl-C then stops at once)
         self._old: dict = {}
         self._signals = (signal.SIGINT, signal.SIGTERM) if sigterm else (signal.SIGINT,)
 
@@ -27,6 +28,10 @@ class CtrlC:
         return self
 
     def _handle(self, signum, frame):
+        if self.setting_up:
+            log.warning("%s before the first step: stopping now (nothing was trained yet)",
+                        "Ctrl-C" if signum == signal.SIGINT else "SIGTERM")
+            raise KeyboardInterrupt
         if self.requested:
             if signum == signal.SIGTERM:  # (the launcher's second word is SIGKILL)
                 return

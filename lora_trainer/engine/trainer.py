@@ -228,7 +228,9 @@ def _train_in(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepar
     # (a process of several also stops on SIGTERM: torchrun's signal to every process on Ctrl-C, by torch version)
     logs = run_log_file(prepared.run_dir) if prepared.main else contextlib.nullcontext(prepared.run_dir / "logs")
     with logs as log_dir, _CtrlC(sigterm=prepared.group is not None) as ctrl_c:
+        ctrl_c.setting_up = True  # (the caches: minutes on a large set, and nothing to save yet)
         run = _set_up(cfg, backend, callbacks, progress, prepared, log_dir)
+        ctrl_c.setting_up = False
         stopped = _loop(run, ctrl_c)
         return _finish(run, stopped, prepared.started)
 

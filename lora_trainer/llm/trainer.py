@@ -144,11 +144,13 @@ def train_llm(cfg: Config, callbacks: Callbacks | None = None, progress: bool = 
     fresh = restored is None
     try:
         with run_log_file(run_dir) as log_dir, CtrlC() as ctrl_c:
+            ctrl_c.setting_up = True  # (the model loading: nothing to save yet)
             run = _set_up(cfg, prepared, run_dir, log_dir, callbacks, progress)
             if restored is not None:
                 run.resume(restored, resume_from)
                 run.cbs.on_resume(run.step)
                 run.bar.update(run.step)
+            ctrl_c.setting_up = False
             stopped = _loop(run, ctrl_c)
             return _finish(run, stopped, started)
     except BaseException:
