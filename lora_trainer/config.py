@@ -499,7 +499,11 @@ def _check_special(values: dict[str, dict], errors: list[str]) -> None:
     if isinstance(ext, str) and not ext.startswith("."):
         errors.append(f"data.caption_extension: {ext!r} must start with '.', e.g. '.txt'")
     _check_samples_and_validation(values, errors)
-    _check_output_name(o.get("output_name"), "file", errors)
+    name = o.get("output_name")
+    if isinstance(name, str) and name.lower().endswith(".safetensors") and name[:-len(".safetensors")].strip():
+        o["output_name"] = name[:-len(".safetensors")]  # (the file's suffix is added: "x.safetensors.safetensors")
+        log.info("output.output_name %r: the LoRA is %s.safetensors", name, o["output_name"])
+    _check_output_name(o["output_name"] if "output_name" in o else None, "file", errors)
 
 
 def _check_output_name(name, what: str, errors: list[str]) -> None:
@@ -649,9 +653,10 @@ def apply_overrides(d: dict | None, overrides: list[str] | None) -> dict:
             section = FIELD_SECTION.get(ALIASES.get(name, name))
         canonical = ALIASES.get(name, name)
         for k in {canonical, *(a for a, n in ALIASES.items() if n == canonical)}:
-            out.pop(k, None)  # the same setting written elsewhere (flat, or by its alias) would clash
-            if section and isinstance(out.get(section), dict):
-                out[section].pop(k, None)
+            out.pop(k, None)  # the same setting written elsewhere (flat, in any section: a known key is read where
+            for sec in SECTION_CLASSES:  # it belongs, or by its alias) would clash: the override replaces it
+                if isinstance(out.get(sec), dict):
+                    out[sec].pop(k, None)
         if section is None:
             out[name] = value  # unknown: let validation name it
         else:

@@ -88,3 +88,16 @@ def test_csv_not_utf8(tmp_path):
 def test_csv_unreadable_row_names_the_line(tmp_path):
     with pytest.raises(DatasetError, match=r"metadata\.csv line 2: field larger than field limit"):
         read_metadata_csv(write(tmp_path, 'a.png,ok\nb.png,"' + "x" * 200_000 + '"\n'))
+
+
+def test_csv_of_semicolons_and_a_header_with_more_columns_than_a_row_fills(tmp_path):
+    """Excel writes ';' between columns in many locales: read as such (it trained every image uncaptioned); with a
+    header of three columns, a row whose unquoted caption has commas is cut to its first part: said, not silent."""
+    rows, problems = read_metadata_csv(write(tmp_path, "file_name;text\na.png;red, blue\nb.png;green\n"))
+    assert captions(rows) == {"a.png": "red, blue", "b.png": "green"}
+    assert problems == ["metadata.csv: read with ';' between the columns (its first line has no ',')"]
+    rows, problems = read_metadata_csv(write(tmp_path, "file_name,text,score\na.png,unquoted, with, commas\n"
+                                                       "b.png,\"quoted, fine\",5\n"))
+    assert captions(rows) == {"a.png": "unquoted", "b.png": "quoted, fine"}
+    assert problems[1] == ("metadata.csv line 2: 4 cells, the header has 3: the caption of a.png was cut to "
+                           "'unquoted'; quote a caption that holds commas (\"a, b\")")

@@ -301,6 +301,9 @@ def test_overrides_nested_and_flat(tmp_path):
     assert nested["training"]["learning_rate"] == "1e-4"  # the input is not changed
     flat = config_from_dict(apply_overrides(yaml.safe_load(FLAT), ["learning_rate=3e-4"]))  # replaces 'lr'
     assert flat.training.learning_rate == 3e-4
+    # an override written in another section than the config's (read where it belongs) replaces it, no clash
+    assert config_from_dict(apply_overrides(nested, ["training.resolution=128"])).data.resolution == 128
+    assert config_from_dict({"train_data_dir": "x", "output_name": "mine.safetensors"}).output.output_name == "mine"
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         apply_overrides({}, ["epochs"])
     with pytest.raises(ConfigError, match="unknown section 'trainig'.*did you mean 'training'"):

@@ -84,8 +84,10 @@ def read_metadata_csv(path) -> tuple[dict[str, CsvEntry], list[str]]:
         raise DatasetError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); "
                            "re-save it as UTF-8 (in Excel: 'CSV UTF-8')") from None
     entries: dict[str, CsvEntry] = {}
-    problems: list[str] = []
-    reader = csv.reader(io.StringIO(text, newline=""))
+    first_line = next((line for line in text.splitlines() if line.strip()), "")
+    separator = ";" if ";" in first_line and "," not in first_line else ","  # (Excel's CSV in many locales)
+    problems = [f"{path.name}: read with ';' between the columns (its first line has no ',')"] * (separator == ";")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=separator)
     seen_row, end, text_column, extra = False, 0, None, []
     while True:
         start = end + 1
@@ -103,7 +105,7 @@ def read_metadata_csv(path) -> tuple[dict[str, CsvEntry], list[str]]:
         header = [cell.strip().lower() for cell in row]
         if first and len(row) > 1 and header[0] in _HEADER_FILE and any(h in _HEADER_TEXT for h in header[1:]):
             if len(row) > 2:  # more columns than file and caption: only the caption column is a caption
-                text_column = next(i for i, h in enumerate(header) if i and h in _HEADER_TEXT)
+                text_column, header_row = next(i for i, h in enumerate(header) if i and h in _HEADER_TEXT), row
                 extra = [row[i].strip() for i in range(1, len(row)) if i != text_column]
                 problems.append(f"{path.name}: column(s) {', '.join(repr(c) for c in extra)} are not captions and "
                                 f"are ignored; the caption is column {row[text_column].strip()!r}")
@@ -117,8 +119,11 @@ def read_metadata_csv(path) -> tuple[dict[str, CsvEntry], list[str]]:
             continue
         if text_column is not None:
             caption = row[text_column].strip() if text_column < len(row) else ""
+            if len(row) > len(header_row):  # (a caption's unquoted commas made more cells than the header has)
+                problems.append(f"{where}: {len(row)} cells, the header has {len(header_row)}: the caption of {name} "
+                                f"was cut to {caption!r}; quote a caption that holds commas (\"a, b\")")
         else:
-            caption = ",".join(row[1:]).strip()  # an unquoted caption with commas is still usable
+            caption = separator.join(row[1:]).strip()  # an unquoted caption with commas is still usable
         if "\0" in caption:
             caption = caption.replace("\0", "")
             problems.append(f"{where}: NUL characters removed from the caption of {name}")
