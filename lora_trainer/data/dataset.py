@@ -149,6 +149,10 @@ def _inside(root: Path, path: Path) -> bool:
 
 
 LOOP = "a link that loops or points nowhere: remove it, or point it at an image"
+# a link to a file outside the folder is not followed: a dataset made by someone else (an archive with links in it)
+# must not train a file of this machine into a LoRA that may be shared
+OUTSIDE = ("escapes the dataset folder (a link to a file outside it, not followed: copy the file in, or make the "
+           "folder it is in the dataset)")
 
 
 def _resolves(path: Path) -> bool:
@@ -240,7 +244,7 @@ def _csv_target(root: Path, name: str) -> tuple[str, Path] | str:
     if rel == ".." or rel.startswith("../"):
         return "escapes the dataset folder"
     if not _inside(root, root / rel):
-        return "escapes the dataset folder (a link to a file outside it)"
+        return OUTSIDE
     return rel, root / rel
 
 
@@ -255,7 +259,7 @@ def _check(root: Path, path: Path, inspect=None) -> tuple[str | None, object]:
     if not _resolves(path):
         return LOOP, None
     if not _inside(root, path):
-        return "escapes the dataset folder (a link to a file outside it)", None
+        return OUTSIDE, None
     try:  # every byte is decoded (a damaged file fails), a large JPEG at 1/8 scale: the check needs no more
         img, size = open_image(path, draft=SCAN_DRAFT_PX)
     except ImageError as e:
