@@ -133,6 +133,8 @@ def test_messages_without_a_chat_template_name_the_file(tmp_path):
     ("b.jsonl", '{"prompt": "sky", "completion": "blue"}\n{"prompt": "snow", \n', 2),
     ("c.json", '[\n  {"text": "sky blue"},\n  {"question": "snow"}\n]\n', 3),
     ("d.csv", "prompt,completion\nsky,blue\nsnow,white,extra\n", 3),
+    ("e.json", '[\n  {"text": "sky blue"},\n  {"text": "snow white"}\n', 4),  # (cut off: no closing ']')
+    ("f.json", '[\n  {"text": "sky blue"}\n]\ngarbage\n', 4),
 ])
 def test_a_bad_row_gets_one_line_naming_file_and_line(tmp_path, name, text, line):
     (tmp_path / name).write_text(text, encoding="utf-8")
@@ -140,6 +142,12 @@ def test_a_bad_row_gets_one_line_naming_file_and_line(tmp_path, name, text, line
         read_rows(str(tmp_path))
     message = str(e.value)
     assert message.startswith(f"{tmp_path / name}:{line}: ") and "\n" not in message
+
+
+def test_a_json_file_of_one_object_laid_out_over_lines_is_one_row(tmp_path):
+    (tmp_path / "one.json").write_text('{\n  "prompt": "sky",\n  "completion": "blue"\n}\n', encoding="utf-8")
+    rows = read_rows(str(tmp_path))
+    assert [(r.prompt, r.completion) for r in rows] == [("sky", "blue")]
 
 
 def test_rows_from_each_file_kind(tmp_path, tok):
@@ -151,7 +159,12 @@ def test_rows_from_each_file_kind(tmp_path, tok):
     assert [(r.completion or r.text) for r in rows] == ["white", "one two three four", "the sky", "blue"]
     examples = encode_rows(tok, rows, max_len=4, train_on_prompt=False)  # (the prompts fill 4 tokens: left out)
     assert [len(e.input_ids) for e in examples] == [4, 2, 3]  # (the .txt document's 5 tokens: two chunks)
-    assert len(pack(encode_rows(tok, rows, 64, False), 64, 0)) == 1
+    alone = encode_rows(tok, rows, 64, False)
+    packed = pack(alone, 64, 0)
+    assert len(packed) == 1
+    # the targets are each row's own, as alone: its first token is none (the model sees labels shifted by one)
+    targets = sum(1 for e in alone for label in e.labels[1:] if label != IGNORE)
+    assert sum(1 for label in packed[0].labels if label != IGNORE) == targets
 
 
 def test_line_breaks_in_csv_fields_and_unicode_separators_in_json_are_kept(tmp_path, tok):

@@ -160,7 +160,9 @@ def auto_split(configured: float, explicit: bool, n_rows: int) -> float:
 
 def pack(examples: list[Example], max_len: int, seed: int) -> list[Example]:
     """Short rows joined (in a seeded order) into sequences of up to ``max_len`` tokens; a row is never split.
-    Attention crosses the joined rows (each begins with the tokenizer's own start token where it has one)."""
+    Attention crosses the joined rows (each begins with the tokenizer's own start token where it has one). A row's
+    first token is no target (alone it never is: nothing comes before it; packed it would be guessed from the row
+    before, and a text chunk's first token, the overlap, was trained in the chunk before)."""
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
     packed, ids, labels = [], [], []
     for i in order:
@@ -168,7 +170,7 @@ def pack(examples: list[Example], max_len: int, seed: int) -> list[Example]:
         if ids and len(ids) + len(ex.input_ids) > max_len:
             packed.append(Example(tuple(ids), tuple(labels)))
             ids, labels = [], []
-        ids, labels = ids + list(ex.input_ids), labels + list(ex.labels)
+        ids, labels = ids + list(ex.input_ids), labels + [IGNORE] + list(ex.labels[1:])
     packed.append(Example(tuple(ids), tuple(labels)))
     log.info("packing: %d rows joined into %d sequences of up to %d tokens", len(examples), len(packed), max_len)
     return packed

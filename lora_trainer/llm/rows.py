@@ -72,17 +72,29 @@ def _jsonl(path: Path, text: str) -> list[Row]:
 
 
 def _json(path: Path, text: str) -> list[Row]:
-    """A JSON array of rows (each named by the line it starts on), or JSON lines."""
+    """A JSON array of rows (each named by the line it starts on), one object (a file of one row, however laid out),
+    or JSON lines. An array must close, with nothing after it: a file cut off mid-way loses rows unnoticed."""
     if not text.lstrip().startswith("["):
-        return _jsonl(path, text)
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            return _jsonl(path, text)
+        return [_row(obj, f"{path}:1")] if isinstance(obj, dict) else _jsonl(path, text)
     decoder, rows = json.JSONDecoder(), []
     i = text.index("[") + 1
     while True:
         while i < len(text) and text[i] in " \t\r\n,":
             i += 1
-        if i >= len(text) or text[i] == "]":
-            return rows
         line = text.count("\n", 0, i) + 1
+        if i >= len(text):
+            raise DatasetError(f"{path}:{line}: the JSON array has no closing ']' (the file was cut off?); "
+                               f"{len(rows)} row(s) read before it")
+        if text[i] == "]":
+            rest = text[i + 1:].strip()
+            if rest:
+                after = text.count("\n", 0, text.index(rest, i + 1)) + 1
+                raise DatasetError(f"{path}:{after}: text after the JSON array's closing ']' ({rest[:30]!r})")
+            return rows
         try:
             obj, i = decoder.raw_decode(text, i)
         except ValueError as e:
