@@ -232,7 +232,7 @@ def cmd_merge(args) -> int:
             return 0
         from lora_trainer.export.merge_loras import merge_loras
 
-        out = merge_loras(loras, args.output, args.rank)
+        out = merge_loras(loras, args.output, args.rank, args.dtype)
         print(f"merged {len(loras)} LoRA(s) into one LoRA: {out} ({listed}"
               + (f"; resized to rank {args.rank})" if args.rank else ")"))
         return 0

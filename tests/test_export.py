@@ -347,3 +347,31 @@ def test_kohya_file_applied_the_webui_way_gives_the_trained_model(tmp_path):
             weight += updown * (tensors[f"{name}.alpha"].item() / down.shape[0])
         torch.testing.assert_close(fresh_unet(x, t, cond).sample, want_unet, **TOL)
         torch.testing.assert_close(fresh_te(ids)[0], want_te, **TOL)
+
+
+@pytest.mark.parametrize("te_targets", [["q_proj", "k_proj", "v_proj"], ["q_proj", "v_proj"]], ids=["qkv", "qv"])
+def test_a_text_encoder_without_out_proj_loads_in_diffusers(tmp_path, diffusers_loader, te_targets):
+    """diffusers tells kohya's text-encoder keys by an out_proj: the exporter adds a zero one (up = 0) to each layer
+    that has attention projections but no out_proj, and the file gives the trained encoder like the diffusers file."""
+    rank, alpha = 4, 2.0
+    te = with_lora(tiny_text_encoder(), rank, alpha, te_targets)
+    unet = with_lora(tiny_unet(), rank, alpha, UNET_TARGETS)
+    tensors = kohya_tensors(alpha, unet=unet, te=te)
+    out_proj = "lora_te_text_model_encoder_layers_0_self_attn_out_proj"
+    assert tensors[f"{out_proj}.lora_down.weight"].shape == (rank, 32) and tensors[f"{out_proj}.alpha"] == alpha
+    assert not tensors[f"{out_proj}.lora_up.weight"].any()
+    assert not any("mlp" in k for k in tensors)  # (only the attention is completed)
+    if not diffusers_loader:
+        pytest.skip("diffusers 0.30.3 loads text-encoder LoRAs via transformers' load_adapter, which needs "
+                    "transformers >= 4.34 (A1111 pins 4.30.2)")
+    ids = token_ids()
+    with torch.no_grad():
+        want = te(ids)[0]
+    kohya = save_kohya_lora(tmp_path / "k.safetensors", tensors, metadata())
+    diffusers_file = save_diffusers_lora(tmp_path / "diffusers", peft_state(unet), peft_state(te),
+                                         rank=rank, alpha=alpha)
+    base, got = outputs_before_and_after(kohya, lambda pipe: pipe.text_encoder(ids)[0])
+    assert not torch.allclose(base, want, atol=1e-3), "the LoRA changes nothing: the test could not fail"
+    torch.testing.assert_close(got, want, **TOL)
+    torch.testing.assert_close(got, outputs_before_and_after(diffusers_file, lambda pipe: pipe.text_encoder(ids)[0])[1],
+                               **TOL)

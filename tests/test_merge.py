@@ -76,7 +76,8 @@ def test_every_adapted_weight_is_w_plus_the_scaled_product(checkpoint, tmp_path,
     want = expected(base, [(load_file(first), 0.7), (load_file(second), -0.3)])
     assert merged.keys() == base.keys()
     changed = [k for k in base if not torch.equal(base[k], merged[k])]
-    modules = [k for k in load_file(first) if k.endswith(".lora_down.weight")]
+    ups = load_file(first)
+    modules = [k for k in ups if k.endswith(".lora_up.weight") and ups[k].any()]  # (not the TE's zero out_proj)
     assert len(changed) == len(modules) > 30  # one weight each: attention, proj_in, conv1 (3×3), the TE's q and v
     for key in base:
         torch.testing.assert_close(merged[key].float(), want[key], atol=1e-6, rtol=1e-5, msg=key)
@@ -163,3 +164,17 @@ def test_unknown_modules_are_refused_and_nothing_is_overwritten(checkpoint, tmp_
     taken.write_bytes(b"mine")
     written = merge_into_checkpoint(checkpoint, [(lora, 1.0)], taken)
     assert taken.read_bytes() == b"mine" and written.name == "taken_1.safetensors"
+
+
+def test_non_finite_weights_and_non_safetensors_files_are_refused(checkpoint, tmp_path):
+    _, lora = lora_file(tmp_path, "style", ldm_names=True)
+    for weight in (float("nan"), float("-inf")):
+        with pytest.raises(LoraTrainerError, match=rf"^merge: --lora .*style.safetensors:{weight} has the weight "):
+            merge_into_checkpoint(checkpoint, [(str(lora), weight)], tmp_path / "x.safetensors")
+    pickle = tmp_path / "pickle.safetensors"
+    pickle.write_bytes(b"\x80\x02}q\x00X\x01\x00\x00\x00aq\x01K\x01s." * 4)  # a pickled dict, renamed
+    with pytest.raises(LoraTrainerError, match=r"^merge: --lora .*pickle.safetensors is not a safetensors file"):
+        merge_into_checkpoint(checkpoint, [(str(pickle), 1.0)], tmp_path / "x.safetensors")
+    with pytest.raises(LoraTrainerError, match=r"^merge: --base .*pickle.safetensors is not a safetensors file"):
+        merge_into_checkpoint(pickle, [(str(lora), 1.0)], tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()

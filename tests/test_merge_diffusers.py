@@ -97,3 +97,14 @@ def test_fp16_casts_the_whole_folder(folder, tmp_path):
         with safe_open(str(f), "pt") as h:
             kinds = {h.get_slice(k).get_dtype() for k in h.keys()}
         assert "F32" not in kinds and "F16" in kinds, f
+
+
+def test_folder_merge_refuses_an_out_inside_the_base_and_non_finite_weights(folder, tmp_path):
+    """An --out inside --base would copy its own temp folder into itself (a stray .merged.*.tmp/ in the result)."""
+    _, lora = lora_file(tmp_path, "style", ldm_names=True)
+    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    with pytest.raises(LoraTrainerError, match=r"--out .*merged is inside --base .*base: choose a folder outside"):
+        merge_into_checkpoint(folder, [(str(lora), 1.0)], folder / "merged")
+    with pytest.raises(LoraTrainerError, match="has the weight nan"):
+        merge_into_checkpoint(folder, [(str(lora), float("nan"))], tmp_path / "y")
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before and not (tmp_path / "y").exists()

@@ -119,3 +119,53 @@ def test_bad_input_is_named_and_nothing_is_overwritten(lora, tmp_path, capsys):
     assert main(["resize", "--lora", str(path), "--rank", "4", "--out", str(taken)]) == 0
     assert taken.read_bytes() == b"the user's file" and (tmp_path / "taken_1.safetensors").is_file()
     assert "resized" in capsys.readouterr().out
+
+
+def test_a_rank_above_a_modules_width_keeps_it_whole(tmp_path):
+    """A module narrower than its rank (4 outputs at rank 8) has only 4 singular values: asked for 8, it keeps 4,
+    losslessly (not a reshape error), in resize and merge --rank alike."""
+    from lora_trainer.export.merge_loras import merge_loras
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"lora_unet_x.lora_down.weight": torch.randn(8, 16, generator=gen),
+               "lora_unet_x.lora_up.weight": torch.randn(4, 8, generator=gen), "lora_unet_x.alpha": torch.tensor(8.0)}
+    wide = save_kohya_lora(tmp_path / "wide.safetensors", tensors, {})
+    want = deltas(tensors)["lora_unet_x"]
+    report = resize_lora(wide, tmp_path / "r.safetensors", rank=8)
+    assert [m.new_rank for m in report.modules] == [4] and report.kept == pytest.approx(1.0, abs=1e-6)
+    for path in (report.path, merge_loras([(wide, 1.0)], tmp_path / "m.safetensors", rank=8)):
+        got = load_file(path)
+        assert got["lora_unet_x.lora_down.weight"].shape == (4, 16)
+        torch.testing.assert_close(deltas(got)["lora_unet_x"], want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("missing", [".lora_down.weight", ".lora_up.weight"])
+def test_an_incomplete_module_is_refused_by_name(tmp_path, missing):
+    from lora_trainer.export.merge_loras import merge_loras
+
+    tensors = {f"lora_unet_{n}{part}": torch.ones(2, 2) for n in ("x", "y")
+               for part in (".lora_down.weight", ".lora_up.weight")}
+    tensors |= {"lora_unet_x.alpha": torch.tensor(2.0), "lora_unet_y.alpha": torch.tensor(2.0)}
+    del tensors["lora_unet_y" + missing]
+    path = save_kohya_lora(tmp_path / "part.safetensors", tensors, {})
+    want = rf"1 modules in .*part.safetensors are incomplete \(lora_unet_y has no \{missing}\)"
+    with pytest.raises(LoraTrainerError, match="^resize: " + want):
+        resize_lora(path, tmp_path / "x.safetensors", rank=1)
+    with pytest.raises(LoraTrainerError, match="^merge: " + want):
+        merge_loras([(path, 1.0), (path, 1.0)], tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_out_and_lora_are_checked_as_merge_checks_them(lora, tmp_path):
+    _, path = lora
+    with pytest.raises(LoraTrainerError, match=r"^resize: --out .*r2 must end in \.safetensors"):
+        resize_lora(path, tmp_path / "r2", rank=2)
+    (tmp_path / "taken.safetensors").mkdir()
+    with pytest.raises(LoraTrainerError, match=r"^resize: --out .*taken.safetensors is a folder"):
+        resize_lora(path, tmp_path / "taken.safetensors", rank=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full.safetensors", "taken.safetensors"]
+    pickle = tmp_path / "pickle.safetensors"
+    pickle.write_bytes(b"\x80\x02}q\x00X\x01\x00\x00\x00aq\x01K\x01s." * 4)  # a pickled dict, renamed
+    with pytest.raises(LoraTrainerError, match=r"^resize: --lora .*pickle.safetensors is not a safetensors file, "
+                                               "or damaged"):
+        resize_lora(pickle, tmp_path / "x.safetensors", rank=2)

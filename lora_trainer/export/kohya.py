@@ -63,7 +63,9 @@ def peft_to_kohya(state_dict: dict, prefix: str, alpha: float, dtype: torch.dtyp
     ``rename``: module path → the path the file names it by (``LdmUnetNames`` for an SDXL UNet). Text-encoder
     paths get CLIP's ``text_model.`` level back if the transformers version dropped it. With ``lora_te2_`` (SDXL's
     second text encoder) a layer with some of the q/k/v/out projections gets zero modules for the others, which
-    AUTOMATIC1111 needs to apply any of them (``_complete_te2_attention``).
+    AUTOMATIC1111 needs to apply any of them (``_complete_te2_attention``); with ``lora_te_``/``lora_te1_`` a layer
+    with q/k/v projections but no out_proj gets a zero out_proj, which diffusers needs to read the file
+    (``_complete_te_out_proj``).
     Raises ValueError on a key that is not a LoRA A/B weight, or a module without both A and B.
     """
     out: dict[str, torch.Tensor] = {}
@@ -81,10 +83,25 @@ def peft_to_kohya(state_dict: dict, prefix: str, alpha: float, dtype: torch.dtyp
                 raise ValueError(f"{name}: the state dict has no {peft_part} weight for this module")
     if prefix == "lora_te2_":
         _complete_te2_attention(out)
+    elif prefix in ("lora_te_", "lora_te1_"):
+        _complete_te_out_proj(out)
     return out
 
 
 _TE2_ATTENTION = re.compile(r"^(?P<layer>lora_te2_text_model_encoder_layers_\d+_self_attn_)(?P<proj>q|k|v|out)_proj$")
+_TE_ATTENTION = re.compile(r"^(?P<layer>lora_te1?_text_model_encoder_layers_\d+_self_attn_)(?P<proj>q|k|v|out)_proj$")
+
+
+def _complete_te_out_proj(out: dict) -> None:
+    """A zero ``…_self_attn_out_proj`` module for each layer of a ``lora_te_``/``lora_te1_`` text encoder that has
+    q/k/v projections but no out_proj, in place (as _complete_te2_attention does for all four).
+
+    diffusers' ``load_lora_weights`` tells the old-format text-encoder dict it converts kohya's keys to by an
+    out_proj key (``to_out_lora``; 0.30 to 0.42 ``convert_state_dict_to_diffusers``): without one it stops with
+    "Could not automatically infer state dict type" (``target_modules: [q_proj, v_proj]``, or the UNet's
+    ``to_q..to_out.0`` which give the text encoder q, k, v only). A zero module changes nothing (up = 0).
+    """
+    _complete_attention(out, _TE_ATTENTION, {"out"})
 
 
 def _complete_te2_attention(out: dict) -> None:
@@ -96,13 +113,19 @@ def _complete_te2_attention(out: dict) -> None:
     on q and v alone would be dropped without a word. A zero module changes nothing (up = 0); the four projections
     of a CLIP layer are all hidden × hidden, so the missing ones take a present one's shapes and alpha.
     """
+    _complete_attention(out, _TE2_ATTENTION, {"q", "k", "v", "out"})
+
+
+def _complete_attention(out: dict, pattern: re.Pattern, wanted: set[str]) -> None:
+    """Zero modules for the projections in ``wanted`` that a layer (``pattern``'s ``layer``) with some of its
+    attention projections lacks, in place, with a present one's shapes and alpha."""
     layers: dict[str, set[str]] = {}
     for key in out:
-        if m := _TE2_ATTENTION.match(key.partition(".")[0]):
+        if m := pattern.match(key.partition(".")[0]):
             layers.setdefault(m["layer"], set()).add(m["proj"])
     for layer, present in layers.items():
         like = f"{layer}{sorted(present)[0]}_proj"
-        for proj in {"q", "k", "v", "out"} - present:
+        for proj in wanted - present:
             for part in ("lora_down.weight", "lora_up.weight"):
                 out[f"{layer}{proj}_proj.{part}"] = torch.zeros_like(out[f"{like}.{part}"])
             out[f"{layer}{proj}_proj.alpha"] = out[f"{like}.alpha"].clone()

@@ -15,6 +15,7 @@ never over an existing file.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from safetensors import safe_open
 
 from lora_trainer.errors import LoraTrainerError
 from lora_trainer.export.kohya import LdmUnetNames
-from lora_trainer.export.resize import modules_of
+from lora_trainer.export.resize import modules_of, open_lora
 
 UNET = "model.diffusion_model."
 CLIP_PREFIXES = {"cond_stage_model.transformer.": "lora_te_", "conditioner.embedders.0.transformer.": "lora_te1_"}
@@ -132,8 +133,8 @@ def plan_merge(base, lookup, shapes: dict, loras: list[tuple[Path, float]]) -> P
     weights, of its shape (else a LoraTrainerError naming them)."""
     plan: Plan = {}
     for path, weight in loras:
-        with safe_open(str(path), framework="pt") as f:
-            modules = modules_of(f.keys(), "merge")
+        with open_lora(path, "merge") as f:
+            modules = modules_of(f.keys(), "merge", path)
             missing, wrong = [], []
             for module in modules:
                 targets = lookup(module)
@@ -156,7 +157,7 @@ def plan_merge(base, lookup, shapes: dict, loras: list[tuple[Path, float]]) -> P
 def single_file_plan(base: Path, loras: list[tuple[Path, float]]) -> Plan:
     """plan_merge for a single-file checkpoint: its LDM/sgm UNet (LoRA modules with LDM or diffusers names) and its
     CLIP / OpenCLIP text encoders."""
-    with safe_open(str(base), framework="pt") as f:
+    with open_lora(base, "merge", "--base") as f:
         keys = list(f.keys())
         shapes = shapes_of(f)
     targets = checkpoint_targets(keys)
@@ -243,9 +244,13 @@ def write_merged(src: Path, dst: Path, changes: dict, opened: dict, cast: torch.
 
 
 def lora_files(loras: list[tuple[str, float]]) -> list[tuple[Path, float]]:
-    """(path, weight) of each --lora, each an existing file (else a LoraTrainerError naming it)."""
+    """(path, weight) of each --lora, each an existing file with a finite weight (else a LoraTrainerError naming it:
+    a NaN or infinite weight would write a model or LoRA full of NaN)."""
     files = [(Path(p).expanduser(), float(w)) for p, w in loras]
-    for p, _ in files:
+    for p, w in files:
+        if not math.isfinite(w):
+            raise LoraTrainerError(f"merge: --lora {p}:{w} has the weight {w}: a weight must be a finite number "
+                                   "(e.g. 0.8, or -0.5 to subtract it)")
         if not p.is_file():
             raise LoraTrainerError(f"merge: --lora {p} does not exist")
         if p.suffix != ".safetensors":
@@ -271,7 +276,7 @@ def merge_into_checkpoint(base, loras: list[tuple[str, float]], out, dtype: str 
     files = lora_files(loras)
     plan = single_file_plan(base, files)
     changes = {key: c for (_, key), c in plan.items()}
-    opened = {p: safe_open(str(p), framework="pt") for p, _ in files}
+    opened = {p: open_lora(p, "merge") for p, _ in files}
     return write_new(out, lambda tmp: write_merged(base, tmp, changes, opened, dtype_of(dtype), merged_note(files)))
 
 

@@ -17,8 +17,6 @@ import logging
 import shutil
 from pathlib import Path
 
-from safetensors import safe_open
-
 from lora_trainer.errors import LoraTrainerError
 from lora_trainer.export.kohya import LdmUnetNames
 from lora_trainer.export.merge import (
@@ -30,6 +28,7 @@ from lora_trainer.export.merge import (
     shapes_of,
     write_merged,
 )
+from lora_trainer.export.resize import open_lora
 from lora_trainer.utils.fsio import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -86,6 +85,9 @@ def merge_into_folder(base: Path, loras: list[tuple[str, float]], out: Path, dty
         raise LoraTrainerError(f"merge: --base {base} is a folder without model_index.json: not a diffusers model")
     if out.exists():
         raise LoraTrainerError(f"merge: --out {out} already exists; not overwriting it (choose a new folder)")
+    if out.resolve().is_relative_to(base.resolve()):
+        raise LoraTrainerError(f"merge: --out {out} is inside --base {base}: choose a folder outside it (the base is "
+                               "copied into the new folder, which must not copy itself)")
     if out.suffix == ".safetensors":
         raise LoraTrainerError(f"merge: --out {out}: a diffusers folder is merged into a new folder, not a "
                                ".safetensors file")
@@ -97,7 +99,7 @@ def merge_into_folder(base: Path, loras: list[tuple[str, float]], out: Path, dty
     for component, paths in weights.items():
         for path in paths:
             rel = path.relative_to(base).as_posix()
-            with safe_open(str(path), framework="pt") as f:
+            with open_lora(path, "merge", "--base file") as f:
                 shapes |= shapes_of(f, rel)
                 for key in f.keys():
                     if key.endswith(".weight"):
@@ -107,7 +109,7 @@ def merge_into_folder(base: Path, loras: list[tuple[str, float]], out: Path, dty
     by_file: dict[str, dict] = {}
     for (rel, key), changes in plan.items():
         by_file.setdefault(rel, {})[key] = changes
-    opened = {p: safe_open(str(p), framework="pt") for p, _ in files}
+    opened = {p: open_lora(p, "merge") for p, _ in files}
     with atomic_dir(out) as tmp:
         shutil.copytree(base, tmp, dirs_exist_ok=True, ignore=lambda d, names_: [
             n for n in names_ if (Path(d) / n).relative_to(base).as_posix() in by_file])

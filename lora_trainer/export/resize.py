@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from lora_trainer.errors import LoraTrainerError
 
@@ -56,20 +56,53 @@ class ResizeReport:
         return "\n".join(lines)
 
 
-def modules_of(keys, command: str = "resize") -> list[str]:
-    """The module names of a LoRA's keys; a key of another kind (LoHa's hada_*, LoKr's lokr_*, DoRA's dora_scale)
-    is a LoraTrainerError naming it (and ``command``, the one that cannot take it)."""
-    names, other = [], []
+def open_lora(path, command: str = "resize", what: str = "--lora"):
+    """``path`` opened with safetensors (``safe_open``, a context manager); a file that is not one (a pickle renamed,
+    a cut-off download) is a LoraTrainerError naming it, not safetensors' own error from deep in the command."""
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except SafetensorError as e:
+        raise LoraTrainerError(f"{command}: {what} {path} is not a safetensors file, or damaged ({e}): give the "
+                               ".safetensors file as it was written (pickled .ckpt/.pt files are never "
+                               "loaded)") from None
+
+
+def lora_out(out, command: str) -> Path:
+    """``out`` as a new LoRA file's path: a name ending in .safetensors that is not a folder (else a LoraTrainerError
+    naming it); a taken file name is fine (save_kohya_lora writes ``out_1`` beside it), a folder would become
+    ``<folder>_1`` without a word."""
+    out = Path(out).expanduser()
+    if out.suffix != ".safetensors":
+        raise LoraTrainerError(f"{command}: --out {out} must end in .safetensors ({command} writes a LoRA file)")
+    if out.is_dir():
+        raise LoraTrainerError(f"{command}: --out {out} is a folder: give a file name ending in .safetensors")
+    return out
+
+
+def modules_of(keys, command: str = "resize", source="") -> list[str]:
+    """The module names of a LoRA's keys (``source``: the file, for the messages); a key of another kind (LoHa's
+    hada_*, LoKr's lokr_*, DoRA's dora_scale) is a LoraTrainerError naming it (and ``command``, the one that cannot
+    take it), and so is a module without its lora_down or lora_up weight (an alpha alone is fine: alpha = rank),
+    which could neither be merged nor dropped without changing what the file does."""
+    parts: dict[str, set[str]] = {}
+    other = []
     for key in keys:
         part = next((p for p in PARTS if key.endswith(p)), None)
         if part is None:
             other.append(key)
-        elif part == ".lora_down.weight":
-            names.append(key[: -len(part)])
+        else:
+            parts.setdefault(key[: -len(part)], set()).add(part)
+    where = f" in {source}" if source else ""
     if other:
-        raise LoraTrainerError(f"{command}: {len(other)} tensors are not LoRA up/down/alpha weights (e.g. "
+        raise LoraTrainerError(f"{command}: {len(other)} tensors{where} are not LoRA up/down/alpha weights (e.g. "
                                f"{', '.join(sorted(other)[:3])}): LoHa, LoKr or DoRA modules cannot be {command}d here")
-    return sorted(names)
+    incomplete = [f"{name} has no {need}" for name, have in sorted(parts.items())
+                  for need in PARTS[:2] if need not in have]
+    if incomplete:
+        raise LoraTrainerError(f"{command}: {len(incomplete)} modules{where} are incomplete "
+                               f"({', '.join(incomplete[:3])}): each module needs its .lora_down.weight and "
+                               ".lora_up.weight (.alpha is optional); the file is damaged or not a kohya-format LoRA")
+    return sorted(parts)
 
 
 def svd_resize(down: torch.Tensor, up: torch.Tensor, alpha: float, rank: int | None, energy: float | None,
@@ -80,14 +113,15 @@ def svd_resize(down: torch.Tensor, up: torch.Tensor, alpha: float, rank: int | N
     w = up.reshape(up.shape[0], old_rank).to(device, torch.float32) @ down.reshape(old_rank, -1).to(device,
                                                                                                       torch.float32)
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
-    s, energy_of = s[:old_rank], (s[:old_rank] ** 2)
+    s = s[:old_rank]  # (at most min(rows, columns, old rank) of them: a module narrower than its rank has fewer)
+    energy_of = s**2
     total = float(energy_of.sum())
     if energy is not None:
         share = torch.cumsum(energy_of, 0) / total if total > 0 else torch.ones_like(energy_of)
         new = int(torch.searchsorted(share, torch.tensor(energy**2, device=share.device)).item()) + 1
     else:
         new = rank
-    new = max(1, min(new, old_rank))
+    new = max(1, min(new, len(s)))
     root = s[:new].sqrt()
     new_down = (root[:, None] * vh[:new]).reshape(new, *down.shape[1:])
     new_up = (u[:, :new] * root[None, :]).reshape(up.shape[0], new, *up.shape[2:])
@@ -108,13 +142,13 @@ def resize_lora(path, out, rank: int | None = None, energy: float | None = None,
         raise LoraTrainerError(f"resize: --rank {rank} must be 1 or more")
     if energy is not None and not 0 < energy <= 1:
         raise LoraTrainerError(f"resize: --energy {energy} must be above 0 and at most 1 (e.g. 0.95)")
-    path = Path(path)
+    path, out = Path(path).expanduser(), lora_out(out, "resize")
     if not path.is_file() or path.suffix != ".safetensors":
         raise LoraTrainerError(f"resize: {path} is not a .safetensors LoRA file")
     tensors, modules = {}, []
-    with safe_open(str(path), framework="pt", device="cpu") as f:
+    with open_lora(path) as f:
         meta = dict(f.metadata() or {})
-        names = modules_of(f.keys())
+        names = modules_of(f.keys(), source=path)
         if not names:
             raise LoraTrainerError(f"resize: {path} holds no LoRA modules (no *.lora_down.weight tensors)")
         for name in names:
