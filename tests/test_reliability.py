@@ -293,3 +293,24 @@ def test_the_terminal_shows_no_library_notices(demo_data, tmp_path):
     if importlib.util.find_spec("torchvision") is None and int(transformers.__version__.split(".")[0]) >= 5:
         log_file = (tmp_path / "out" / "logs" / "train.log").read_text(encoding="utf-8")
         assert "WARNING transformers" in log_file and "requires torchvision" in log_file  # kept in the run's log
+
+
+def test_save_every_n_epochs_keeps_each_epochs_lora_as_kohya_names_it(demo_data, tmp_path):
+    """A checkpoint every N epochs, and the LoRA of that epoch beside the final one (<name>-000001.safetensors, its
+    ss_epoch the epoch's), to compare the epochs; the last epoch's is the final file."""
+    from safetensors import safe_open
+
+    c = cfg(demo_data, tmp_path / "out", max_train_steps=None, save_steps=0, save_every_n_epochs=1)
+    c.training.epochs = 3
+    result = train(c, progress=False)
+    per_epoch = result.total_steps // 3
+    assert [s for s, _ in ckpt.list_checkpoints(result.run_dir)] == [per_epoch, 2 * per_epoch, 3 * per_epoch]
+    files = sorted(p.name for p in result.run_dir.glob("test_lora*.safetensors"))
+    assert files == ["test_lora-000001.safetensors", "test_lora-000002.safetensors", "test_lora.safetensors"]
+    epochs = []
+    for name in files:
+        with safe_open(str(result.run_dir / name), "pt") as f:
+            epochs.append(f.metadata()["ss_epoch"])
+    assert epochs == ["1", "2", "3"]
+    first, final = (load_file(result.run_dir / n) for n in (files[0], files[2]))
+    assert first.keys() == final.keys() and not all(torch.equal(first[k], final[k]) for k in first)

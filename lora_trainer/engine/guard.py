@@ -224,8 +224,10 @@ def disk_estimate(cfg, plan, lora_params: int, cache_folder: Path | None = None)
         if cache_folder is not None and cache_folder.is_dir():
             cache = max(0, cache - sum(f.stat().st_size for f in cache_folder.rglob("*") if f.is_file()))
     lora_file = lora_params * SAVE_BYTES[o.save_precision] + _MB // 4
+    epoch_files = (plan.epochs - 1) // t.save_every_n_epochs if t.save_every_n_epochs else 0  # (<name>-000001...)
     return {"checkpoints": kept * checkpoint, "latent cache": cache,
-            "LoRA files": lora_file * (2 if o.save_diffusers_format else 1), "logs and the rest": 16 * _MB}
+            "LoRA files": lora_file * ((2 if o.save_diffusers_format else 1) + epoch_files),
+            "logs and the rest": 16 * _MB}
 
 
 def size_text(n: float) -> str:

@@ -51,12 +51,40 @@ def export_lora(run_dir: Path, cfg, backend, modules: dict, scan, started_at: fl
                 bucket_info: dict | None = None):
     """Write ``<output_name>.safetensors`` (kohya) and, if asked, the diffusers file; return both paths.
     ``bucket_info``: the run's aspect-ratio buckets (ImageDataset.bucket_info: kohya's ss_bucket_info)."""
-    import time
-
     from lora_trainer.export.diffusers_format import WEIGHT_NAME
 
     t, out = cfg.training, cfg.output
     states = {name: lora_state_dict(module) for name, module in modules.items()}
+    set_aside_interim_exports(run_dir, [f"{out.output_name}.safetensors", WEIGHT_NAME])
+    lora_path = _kohya_file(run_dir / f"{out.output_name}.safetensors", states, cfg, backend, modules, scan,
+                            started_at, steps, plan, bucket_info)
+    diffusers_path = None
+    if out.save_diffusers_format:
+        diffusers_path = save_diffusers_lora(run_dir, states[UNET], states.get(TEXT_ENCODER),
+                                             rank=t.lora_rank, alpha=t.lora_alpha,
+                                             dtype=SAVE_DTYPES[out.save_precision],
+                                             text_encoder_2_state=states.get(TEXT_ENCODER_2))
+    return lora_path, diffusers_path
+
+
+def export_epoch_lora(run_dir: Path, cfg, backend, modules: dict, scan, started_at: float, steps: int, plan,
+                      bucket_info: dict | None = None) -> Path:
+    """The LoRA at the end of an epoch (training.save_every_n_epochs) as kohya names it,
+    ``<output_name>-<epoch, 6 digits>.safetensors``: to compare the epochs (an X/Y plot of them in the WebUI)."""
+    states = {name: lora_state_dict(module) for name, module in modules.items()}
+    epoch = -(-steps // plan.steps_per_epoch)
+    path = _kohya_file(run_dir / f"{cfg.output.output_name}-{epoch:06d}.safetensors", states, cfg, backend, modules,
+                       scan, started_at, steps, plan, bucket_info)
+    log.info("the LoRA of epoch %d: %s", epoch, path)
+    return path
+
+
+def _kohya_file(path: Path, states: dict, cfg, backend, modules: dict, scan, started_at: float, steps: int, plan,
+                bucket_info: dict | None) -> Path:
+    """The kohya LoRA of ``states`` (peft's state of each trained component) with its ss_* metadata, at ``path``."""
+    import time
+
+    t, out = cfg.training, cfg.output
     tensors = {}
     for name, state in states.items():  # (peft_to_kohya names CLIP layers as the WebUI does)
         tensors.update(peft_to_kohya(state, backend.kohya_prefixes[name], t.lora_alpha,
@@ -76,15 +104,7 @@ def export_lora(run_dir: Path, cfg, backend, modules: dict, scan, started_at: fl
         extra.update(ss_reg_dataset_dirs=scan.reg_dirs, ss_prior_loss_weight=t.prior_loss_weight,
                      ss_num_reg_images=sum(f["n_repeats"] * f["img_count"] for f in scan.reg_dirs.values()))
     metadata = build_metadata(cfg, model, facts, extra=extra)
-    set_aside_interim_exports(run_dir, [f"{out.output_name}.safetensors", WEIGHT_NAME])
-    lora_path = save_kohya_lora(run_dir / f"{out.output_name}.safetensors", tensors, metadata)
-    diffusers_path = None
-    if out.save_diffusers_format:
-        diffusers_path = save_diffusers_lora(run_dir, states[UNET], states.get(TEXT_ENCODER),
-                                             rank=t.lora_rank, alpha=t.lora_alpha,
-                                             dtype=SAVE_DTYPES[out.save_precision],
-                                             text_encoder_2_state=states.get(TEXT_ENCODER_2))
-    return lora_path, diffusers_path
+    return save_kohya_lora(path, tensors, metadata)
 
 
 def write_summary(run_dir: Path, result) -> Path:

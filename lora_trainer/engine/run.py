@@ -37,6 +37,7 @@ from lora_trainer.engine.lora import (
 )
 from lora_trainer.engine.loss import diffusion_loss, draw_noise, zero_terminal_snr_schedule
 from lora_trainer.engine.optim import build_optimizer, changed_since
+from lora_trainer.engine.outputs import export_epoch_lora
 from lora_trainer.engine.preflight import duration_text
 from lora_trainer.engine.run_dir import latent_cache_dir
 from lora_trainer.errors import ConfigError, LoraTrainerError
@@ -91,6 +92,7 @@ class Run:
     group: object = None  # engine.distributed.Group of a multi-process run, or None: a single process
     uncast: list | None = None  # the LoRA layers whose input casts autocast makes needless (``autocast``)
     loss_weights: torch.Tensor | None = None  # each image's loss weight (regularization images'), or None: all 1
+    started_at: float = 0.0  # when the run started (the LoRA's ss_training_started_at)
 
     @property
     def main(self) -> bool:
@@ -333,6 +335,10 @@ class Run:
         epochs_done, mid_epoch = divmod(step, self.plan.steps_per_epoch)
         if not mid_epoch and t.save_every_n_epochs and epochs_done % t.save_every_n_epochs == 0:
             self.save("save_every_n_epochs")
+            if self.main:  # (and the epoch's LoRA, as kohya writes it: to compare the epochs)
+                with ckpt.stops_on_full_disk(self.run_dir, f"the LoRA of epoch {epochs_done} into {self.run_dir}"):
+                    export_epoch_lora(self.run_dir, self.cfg, self.backend, self.modules, self.scan, self.started_at,
+                                      step, self.plan, bucket_info=self.dataset.bucket_info())
 
 
 # --- set-up

@@ -270,7 +270,7 @@ def _set_up(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepared
               torch.Generator(device=backend.device).manual_seed(t.seed),
               dataset, CallbackList([callbacks]), noise_scheduler=noise_scheduler, guard=NanGuard.from_config(t),
               estimate=prepared.estimate, group=group)
-    run.buckets = log_buckets(dataset)
+    run.buckets, run.started_at = log_buckets(dataset), prepared.started
     run.augment = CaptionAugment.from_config(cfg.data, t.seed)
     if run.augment is not None:
         log.info("captions augmented: %s", run.augment.describe())
