@@ -314,3 +314,17 @@ def test_save_every_n_epochs_keeps_each_epochs_lora_as_kohya_names_it(demo_data,
     assert epochs == ["1", "2", "3"]
     first, final = (load_file(result.run_dir / n) for n in (files[0], files[2]))
     assert first.keys() == final.keys() and not all(torch.equal(first[k], final[k]) for k in first)
+
+
+def test_an_earlier_checkpoint_of_a_run_that_went_on_continues_in_a_folder_of_its_own(demo_data, tmp_path, caplog):
+    """Its checkpoints would mix with the run's later ones (and pruning to the newest few would delete those): the
+    branch goes to a new folder, and the run stays as it is, each checkpoint and file."""
+    done = train(cfg(demo_data, tmp_path / "out", max_train_steps=6, save_steps=2), progress=False)
+    before = {p: p.stat().st_mtime_ns for p in done.run_dir.rglob("*") if p.is_file()}
+    second = ckpt.list_checkpoints(done.run_dir)[0][1]  # (step 2)
+    caplog.set_level("WARNING", logger="lora_trainer")
+    branch = train(cfg(demo_data, tmp_path / "out", max_train_steps=5, save_steps=2, checkpoints_total_limit=1,
+                       resume_from_checkpoint=str(second)), progress=False)
+    assert branch.status == "finished" and branch.steps == 5 and branch.run_dir != done.run_dir
+    assert branch.run_dir.name.startswith("out-") and "went on to step 6" in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in done.run_dir.rglob("*") if p.is_file()} == before

@@ -8,7 +8,14 @@ import shutil
 import time
 from pathlib import Path
 
-from lora_trainer.engine.checkpoint import CHECKPOINTS, Restored, load_checkpoint, load_latest, remove_leftovers
+from lora_trainer.engine.checkpoint import (
+    CHECKPOINTS,
+    Restored,
+    list_checkpoints,
+    load_checkpoint,
+    load_latest,
+    remove_leftovers,
+)
 
 log = logging.getLogger(__name__)
 LOGS = "logs"
@@ -62,18 +69,34 @@ def prepare_run_dir(output_dir: str, resume: str | None) -> tuple[Path, Path | N
     if checkpoint is not None:
         run = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else checkpoint.parent
         remove_leftovers(run)
-        return run, checkpoint, restored
+        later = [step for step, _ in list_checkpoints(run) if step > restored.step]
+        if not later:
+            return run, checkpoint, restored
+        # an earlier checkpoint of a run that went on: a branch, in a folder of its own (its checkpoints would
+        # otherwise mix with the run's later ones, and pruning to the newest few would delete those)
+        branch = _new_run_folder(out)
+        log.warning("%s is step %d of the run in %s, which went on to step %d: continuing from it in %s (the run "
+                    "stays as it is)", checkpoint, restored.step, run, later[-1], branch)
+        branch.mkdir(parents=True)
+        return branch, checkpoint, restored
     if holds_a_run(out):
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        new = out.with_name(f"{out.name}-{stamp}")
-        n = 1
-        while new.exists():
-            new = out.with_name(f"{out.name}-{stamp}-{n}")
-            n += 1
+        new = _new_run_folder(out)
         log.warning("%s already holds a run; this run goes to %s (nothing is overwritten)", out, new)
         out = new
     out.mkdir(parents=True, exist_ok=True)
     return out, None, None
+
+
+def _new_run_folder(out: Path) -> Path:
+    """A folder for a new run beside ``out``, ``<out>-<YYYYmmdd-HHMMSS>[-N]`` (checkpoint.latest_candidates finds
+    these)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    new = out.with_name(f"{out.name}-{stamp}")
+    n = 1
+    while new.exists():
+        new = out.with_name(f"{out.name}-{stamp}-{n}")
+        n += 1
+    return new
 
 
 LIBRARIES = ("transformers", "diffusers", "peft")  # their loggers' records go to train.log too

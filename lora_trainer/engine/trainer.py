@@ -113,7 +113,7 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
         run_dir, resume_from, restored = prepare_run_dir(cfg.output.output_dir, t.resume_from_checkpoint)
         if restored is not None:
             _check_resumable(restored, resume_from, run_dir, plan.total_steps)
-        return run_dir, resume_from, restored, restored is None and not holds_a_run(run_dir)
+        return run_dir, resume_from, restored, not holds_a_run(run_dir)  # (a new run, or a branch)
 
     # (rank 0 picks the folder and reads the checkpoint; the others get them: they need not see its disk)
     run_dir, resume_from, restored, fresh_run = (run_folder() if group is None else

@@ -20,7 +20,7 @@ from lora_trainer.engine.events import CallbackList, Callbacks
 from lora_trainer.engine.interrupt import CtrlC, tensorboard_writer
 from lora_trainer.engine.optim import build_optimizer, check_optimizer
 from lora_trainer.engine.output_checks import check_output
-from lora_trainer.engine.run_dir import prepare_run_dir, remove_run, run_log_file
+from lora_trainer.engine.run_dir import holds_a_run, prepare_run_dir, remove_run, run_log_file
 from lora_trainer.errors import ConfigError, LoraTrainerError
 from lora_trainer.llm import data as llm_data
 from lora_trainer.llm.model import (
@@ -141,7 +141,7 @@ def train_llm(cfg: Config, callbacks: Callbacks | None = None, progress: bool = 
             raise ConfigError(f"training.resume_from_checkpoint: {resume_from} is at step {restored.step}, the run "
                               f"has {prepared.plan.total_steps}: nothing is left; raise training.epochs or "
                               "max_train_steps to train further")
-    fresh = restored is None
+    fresh = not holds_a_run(run_dir)  # (a new run, or a branch of an earlier checkpoint)
     try:
         with run_log_file(run_dir) as log_dir, CtrlC() as ctrl_c:
             ctrl_c.setting_up = True  # (the model loading: nothing to save yet)
