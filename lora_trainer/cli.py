@@ -125,8 +125,9 @@ def cmd_demo(args) -> int:
                                + [f"max_train_steps={args.steps}"] + list(args.set or []))
     cfg = config_from_dict(settings, source="demo")
     print(f"demo: training the built-in tiny model on {args.images} generated images in {data_dir}")
-    _report(_train(cfg))  # (one process: main refuses demo under a launcher)
-    return 0
+    result = _train(cfg)  # (one process: main refuses demo under a launcher)
+    _report(result)
+    return 130 if result.status == "stopped" else 0  # (Ctrl-C: as train exits)
 
 
 def cmd_init_config(args) -> int:

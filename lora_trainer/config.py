@@ -107,6 +107,7 @@ class TrainingConfig:
     noise_offset: float = 0.0
     prior_loss_weight: float = 1.0  # the loss weight of the regularization images (data.reg_data_dir)
     min_snr_gamma: float | None = None
+    clip_skip: int = 1  # the CLIP layer the captions' conditioning comes from: 1 the last, 2 the one before (SD 1.x)
     save_steps: int = 100
     save_every_n_epochs: int = 0
     checkpoints_total_limit: int = 3
@@ -238,6 +239,7 @@ RANGES = {
     "noise_offset": (0, None, False, False),
     "prior_loss_weight": (0, None, False, False),
     "min_snr_gamma": (0, None, True, False),
+    "clip_skip": (1, 12, False, False),
     "save_steps": (0, None, False, False),
     "save_every_n_epochs": (0, None, False, False),
     "checkpoints_total_limit": (0, None, False, False),

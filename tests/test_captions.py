@@ -95,9 +95,13 @@ def test_csv_of_semicolons_and_a_header_with_more_columns_than_a_row_fills(tmp_p
     header of three columns, a row whose unquoted caption has commas is cut to its first part: said, not silent."""
     rows, problems = read_metadata_csv(write(tmp_path, "file_name;text\na.png;red, blue\nb.png;green\n"))
     assert captions(rows) == {"a.png": "red, blue", "b.png": "green"}
-    assert problems == ["metadata.csv: read with ';' between the columns (its first line has no ',')"]
+    assert problems == ["metadata.csv: read with ';' between the columns (Excel's CSV in many locales)"]
+    rows, _ = read_metadata_csv(write(tmp_path, "a.png;1girl, solo, smile\nb.png;green\n"))  # (no header)
+    assert captions(rows) == {"a.png": "1girl, solo, smile", "b.png": "green"}
+    rows, _ = read_metadata_csv(write(tmp_path, "a.png,red; blue\n"))  # (a ';' inside a caption)
+    assert captions(rows) == {"a.png": "red; blue"}
     rows, problems = read_metadata_csv(write(tmp_path, "file_name,text,score\na.png,unquoted, with, commas\n"
                                                        "b.png,\"quoted, fine\",5\n"))
     assert captions(rows) == {"a.png": "unquoted", "b.png": "quoted, fine"}
     assert problems[1] == ("metadata.csv line 2: 4 cells, the header has 3: the caption of a.png was cut to "
-                           "'unquoted'; quote a caption that holds commas (\"a, b\")")
+                           "'unquoted'; quote a caption that holds the separator (',')")

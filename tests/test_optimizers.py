@@ -140,6 +140,9 @@ def test_a_resume_with_another_optimizer_stops_before_the_model_loads(tmp_path, 
                                           r"this run has 'adafactor'.*set optimizer: adamw, or start a new run"):
         train(make_cfg(data, tmp_path / "b", max_train_steps=4, save_steps=2, optimizer="adafactor",
                        resume_from_checkpoint="latest"), progress=False)
+    with pytest.raises(ConfigError, match=r"training.optimizer_args: amsgrad: None in the checkpoint, True now"):
+        train(make_cfg(data, tmp_path / "b", max_train_steps=4, save_steps=2, optimizer_args={"amsgrad": True},
+                       resume_from_checkpoint="latest"), progress=False)
 
 
 def test_a_resume_applies_the_learning_rate_and_arguments_changed_since(tmp_path, caplog, monkeypatch):

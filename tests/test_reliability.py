@@ -328,3 +328,9 @@ def test_an_earlier_checkpoint_of_a_run_that_went_on_continues_in_a_folder_of_it
     assert branch.status == "finished" and branch.steps == 5 and branch.run_dir != done.run_dir
     assert branch.run_dir.name.startswith("out-") and "went on to step 6" in caplog.text
     assert {p: p.stat().st_mtime_ns for p in done.run_dir.rglob("*") if p.is_file()} == before
+    # a branch refused (another rank) leaves no folder behind
+    folders = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ConfigError, match="lora_rank"):
+        train(cfg(demo_data, tmp_path / "out", max_train_steps=5, lora_rank=8, resume_from_checkpoint=str(second)),
+              progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == folders

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_trainer.data.images import IMAGE_EXTENSIONS
 from lora_trainer.errors import DatasetError
 
 # Emphasis after CommonMark's flanking rules, closely enough for captions: a marker must touch the
@@ -75,6 +76,17 @@ class CsvEntry:
     raw: str = ""  # the file name as the row writes it (spaces at its ends kept)
 
 
+def _separator(first_line: str) -> str:
+    """',' (filename,prompt), or ';' where the first line has no ',' before its first ';' and what comes before
+    that ';' is a file name or a header word (Excel writes ';' in many locales, and leaves a tag list's commas
+    unquoted: "a.png;1girl, solo")."""
+    head, semicolon, _ = first_line.partition(";")
+    if not semicolon or "," in head:
+        return ","
+    head = head.strip().strip('"').lower()
+    return ";" if head in _HEADER_FILE or head.endswith(IMAGE_EXTENSIONS) else ","
+
+
 def read_metadata_csv(path) -> tuple[dict[str, CsvEntry], list[str]]:
     """Read ``filename,prompt`` rows; returns (entries by filename, one-line problems)."""
     path = Path(path)
@@ -84,9 +96,8 @@ def read_metadata_csv(path) -> tuple[dict[str, CsvEntry], list[str]]:
         raise DatasetError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); "
                            "re-save it as UTF-8 (in Excel: 'CSV UTF-8')") from None
     entries: dict[str, CsvEntry] = {}
-    first_line = next((line for line in text.splitlines() if line.strip()), "")
-    separator = ";" if ";" in first_line and "," not in first_line else ","  # (Excel's CSV in many locales)
-    problems = [f"{path.name}: read with ';' between the columns (its first line has no ',')"] * (separator == ";")
+    separator = _separator(next((line for line in text.splitlines() if line.strip()), ""))
+    problems = [f"{path.name}: read with ';' between the columns (Excel's CSV in many locales)"] * (separator == ";")
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=separator)
     seen_row, end, text_column, extra = False, 0, None, []
     while True:
@@ -121,7 +132,7 @@ def read_metadata_csv(path) -> tuple[dict[str, CsvEntry], list[str]]:
             caption = row[text_column].strip() if text_column < len(row) else ""
             if len(row) > len(header_row):  # (a caption's unquoted commas made more cells than the header has)
                 problems.append(f"{where}: {len(row)} cells, the header has {len(header_row)}: the caption of {name} "
-                                f"was cut to {caption!r}; quote a caption that holds commas (\"a, b\")")
+                                f"was cut to {caption!r}; quote a caption that holds the separator ({separator!r})")
         else:
             caption = separator.join(row[1:]).strip()  # an unquoted caption with commas is still usable
         if "\0" in caption:

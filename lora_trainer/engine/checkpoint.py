@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import logging
 import random
@@ -155,8 +156,8 @@ def latest_candidates(output_dir: Path) -> list[Path]:
     folders beside it, where new runs of the same config went (by when each checkpoint was written)."""
     output_dir = Path(output_dir)
     later = re.compile(re.escape(output_dir.name) + r"-\d{8}-\d{6}(-\d+)?")  # (run_dir.prepare_run_dir's names only:
-    runs = [output_dir] + [p for p in output_dir.parent.glob(f"{output_dir.name}-*")  # not another config's folder
-                           if later.fullmatch(p.name) and p.is_dir()]  # whose name starts the same: "proj-anime")
+    runs = [output_dir] + [p for p in output_dir.parent.glob(f"{glob.escape(output_dir.name)}-*")  # not another
+                           if later.fullmatch(p.name) and p.is_dir()]  # config's folder whose name starts the same
     found = [path for run in runs for _, path in list_checkpoints(run)]
     return sorted(found, key=lambda p: ((p / INFO).stat().st_mtime, p.name), reverse=True)
 
@@ -204,7 +205,7 @@ MUST_MATCH = ("lora_rank", "lora_alpha", "target_modules", "train_text_encoder",
 SHOULD_MATCH = ("batch_size", "gradient_accumulation_steps", "seed", "num_images", "total_steps", "images_per_epoch",
                 "fast_jpeg_decode", "weighted_captions", "zero_terminal_snr", "fp8_base", "enable_bucket",
                 "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale", "random_crop",
-                *CAPTION_SETTINGS)
+                "clip_skip", *CAPTION_SETTINGS)
 DATA_SETTINGS = ("fast_jpeg_decode", "weighted_captions", "enable_bucket", "min_bucket_reso", "max_bucket_reso",
                  "bucket_reso_steps", "bucket_no_upscale", "random_crop", *CAPTION_SETTINGS)
 # what a checkpoint from before a setting existed was trained with (before aspect-ratio buckets: square crops)
@@ -212,7 +213,7 @@ BEFORE = {"fast_jpeg_decode": False, "weighted_captions": False, "train_text_enc
           "zero_terminal_snr": "false", "fp8_base": False, "enable_bucket": False, "min_bucket_reso": None,
           "max_bucket_reso": None, "bucket_reso_steps": 64, "bucket_no_upscale": False, "random_crop": False,
           "shuffle_caption": False, "keep_tokens": 0, "caption_tag_dropout_rate": 0.0, "caption_dropout_rate": 0.0,
-          "caption_dropout_every_n_epochs": 0, "world_size": 1}
+          "caption_dropout_every_n_epochs": 0, "world_size": 1, "clip_skip": 1}
 
 
 def run_settings(training, num_images: int, total_steps: int, data, model, world_size: int = 1,
@@ -222,6 +223,7 @@ def run_settings(training, num_images: int, total_steps: int, data, model, world
     ``num_images``)."""
     settings = {k: getattr(training, k) for k in MUST_MATCH + SHOULD_MATCH[:3]}
     return dict(settings, num_images=num_images, total_steps=total_steps, optimizer=training.optimizer,
+                optimizer_args=dict(training.optimizer_args), clip_skip=training.clip_skip,
                 images_per_epoch=num_images if images_per_epoch is None else images_per_epoch,
                 **{k: getattr(data, k) for k in DATA_SETTINGS}, zero_terminal_snr=model.zero_terminal_snr,
                 fp8_base=training.fp8_base, world_size=world_size)
@@ -233,6 +235,11 @@ def left_to_the_model(cfg) -> tuple[str, ...]:
     family_keys = {k for defaults in FAMILY_DEFAULTS.values() for k in defaults} - set(cfg.explicit)
     pending = [k for k in MUST_MATCH + SHOULD_MATCH if k in family_keys]
     return tuple(pending) + (("zero_terminal_snr",) if cfg.model.zero_terminal_snr == "auto" else ())
+
+
+# optimizer arguments that change what the optimizer keeps per weight (AdamW's amsgrad: max_exp_avg_sq; Adafactor's
+# beta1: exp_avg; bitsandbytes' optim_bits): changed on a resume, its first step would miss that state
+STATEFUL_ARGS = ("amsgrad", "beta1", "optim_bits")
 
 
 def check_resume(restored: Restored, settings: dict, path: Path, keys=None) -> None:
@@ -249,6 +256,14 @@ def check_resume(restored: Restored, settings: dict, path: Path, keys=None) -> N
         raise ConfigError(f"training.optimizer: {path} was trained with {saved['optimizer']!r} and this run has "
                           f"{settings['optimizer']!r}; its state (the moments, the step size) cannot carry over to "
                           f"another optimizer: set optimizer: {saved['optimizer']}, or start a new run")
+    if "optimizer_args" in keys and "optimizer_args" in saved:
+        was, now = saved["optimizer_args"], settings["optimizer_args"]
+        stateful = [f"{k}: {was.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in STATEFUL_ARGS
+                    if was.get(k) != now.get(k)]
+        if stateful:
+            raise ConfigError(f"training.optimizer_args: {'; '.join(stateful)} ({path}): it changes what the "
+                              "optimizer keeps for each weight, which the checkpoint does not hold; keep it as it was, "
+                              "or start a new run")
     same_micro_batch = False
     if "batch_size" in keys and "world_size" in settings:  # (checked with batch_size, once it is known)
         same_micro_batch = _check_world_size(saved, settings, path)

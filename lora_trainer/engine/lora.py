@@ -32,7 +32,8 @@ def check_targets(module: nn.Module, target_modules: list[str], key: str) -> Non
         hits = [m for n, m in named if n == target or n.endswith("." + target)]
         if not hits:
             missing.append(target)
-        elif all(next(m.children(), None) is not None for m in hits):
+        elif all(next(m.children(), None) is not None and not hasattr(m, "base_layer") for m in hits):  # (a
+            # layer with LoRA layers in it already, peft's, is one: a host's model that still has a run's)
             inside = sorted({_short(f"{target}.{c}") for m in hits for c, _ in m.named_children()})
             blocks.append(f"{target!r} is a block of layers ({', '.join(inside[:4])})")
     if not missing and not blocks:

@@ -8,6 +8,7 @@ import inspect
 
 import torch
 
+from lora_trainer.engine.checkpoint import STATEFUL_ARGS
 from lora_trainer.errors import ConfigError
 
 PACKAGES = {"adamw8bit": ("bitsandbytes", "pip install bitsandbytes, CUDA only"),
@@ -79,7 +80,7 @@ def changed_since(optimizer, scheduler, names: list[str], configured: list[dict]
     learning rate not changed keeps the checkpoint's, lowered by its NaN guard's rollbacks where it had any. Returns a
     line for each change."""
     changed = []
-    keys = {"betas", "eps", "weight_decay", *optimizer_args}
+    keys = {"betas", "eps", "weight_decay", *optimizer_args} - set(STATEFUL_ARGS)  # (those: refused before)
     for name, group, now in zip(names, optimizer.param_groups, configured):
         for key in sorted(keys & set(now)):
             if group.get(key) != now[key]:

@@ -90,7 +90,7 @@ def _kohya_file(path: Path, states: dict, cfg, backend, modules: dict, scan, sta
         tensors.update(peft_to_kohya(state, backend.kohya_prefixes[name], t.lora_alpha,
                                     dtype=SAVE_DTYPES[out.save_precision],
                                     rename=lambda path, name=name: backend.kohya_module_path(name, path)))
-    model = ModelFacts(backend.family, backend.prediction_type, backend.model_name)
+    model = ModelFacts(backend.family, backend.prediction_type, backend.model_name, getattr(backend, "clip_skip", None))
     facts = RunFacts(steps=steps, max_train_steps=plan.total_steps, epoch=-(-steps // plan.steps_per_epoch),
                      num_epochs=plan.epochs, num_train_images=sum(s.repeats for s in scan.samples if not s.is_reg),
                      tag_frequency=scan.tag_frequencies(),

@@ -384,6 +384,8 @@ def prepare_backend(cfg: Config, backend) -> None:
     if t.fp8_base:  # after the LoRA layers (they stay fp32) and the checkpointing (models.fp8 says why)
         store_unet_in_fp8(backend, checkpointing=t.gradient_checkpointing)
     backend.use_attention(t.attention)
+    if t.clip_skip != 1 or "clip_skip" in cfg.explicit:
+        backend.use_clip_skip(t.clip_skip)
     if t.channels_last:
         if backend.can_channels_last:
             backend.use_channels_last()

@@ -44,6 +44,18 @@ def remove_run(run_dir: Path) -> None:
         run_dir.rmdir()
 
 
+@contextlib.contextmanager
+def dropped_on_error(run_dir: Path, fresh: bool):
+    """A refusal inside takes away the folder made for the run where it holds nothing yet (``fresh``: a new run or a
+    branch of an earlier checkpoint)."""
+    try:
+        yield
+    except BaseException:
+        if fresh:
+            remove_run(run_dir)
+        raise
+
+
 def prepare_run_dir(output_dir: str, resume: str | None) -> tuple[Path, Path | None, Restored | None]:
     """Return (run folder, checkpoint to resume from or None, what it holds).
 

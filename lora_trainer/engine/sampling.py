@@ -111,6 +111,8 @@ def sample_image(backend, prompt: str, seed: int, steps: int, scheduler, rescale
         extra["negative_prompt"] = negative
     if guidance_scale is not None:
         extra["guidance_scale"] = guidance_scale
+    if (getattr(backend, "clip_skip", None) or 1) > 1:  # (diffusers counts the layers skipped: 1 = the one before)
+        extra["clip_skip"] = backend.clip_skip - 1
     with torch.no_grad(), backend.encoders_on_device(), with_scheduler(pipe, scheduler):
         return pipe(prompt, num_inference_steps=steps, height=height, width=width, generator=generator,
                     **extra).images[0]

@@ -49,7 +49,14 @@ from lora_trainer.engine.run import (
     with_noise_schedule,
     with_precision,
 )
-from lora_trainer.engine.run_dir import holds_a_run, latent_cache_dir, prepare_run_dir, remove_run, run_log_file
+from lora_trainer.engine.run_dir import (
+    dropped_on_error,
+    holds_a_run,
+    latent_cache_dir,
+    prepare_run_dir,
+    remove_run,
+    run_log_file,
+)
 from lora_trainer.engine.samples import SampleMaker, load_sample_prompts
 from lora_trainer.engine.validation import Validator, validation_samples
 from lora_trainer.errors import ConfigError, DatasetError
@@ -58,6 +65,7 @@ from lora_trainer.models.compiling import check_compile
 from lora_trainer.models.factory import BUILTIN_MODELS, load_backend, pick_device, precision_of
 from lora_trainer.models.family import family_of
 from lora_trainer.models.fp8 import check_fp8_base
+from lora_trainer.models.sdxl_backend import check_clip_skip
 
 __all__ = ["TrainingError", "train"]
 log = logging.getLogger(__name__)
@@ -111,9 +119,11 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
 
     def run_folder():
         run_dir, resume_from, restored = prepare_run_dir(cfg.output.output_dir, t.resume_from_checkpoint)
+        fresh = not holds_a_run(run_dir)  # (a new run, or a branch of an earlier checkpoint)
         if restored is not None:
-            _check_resumable(restored, resume_from, run_dir, plan.total_steps)
-        return run_dir, resume_from, restored, not holds_a_run(run_dir)  # (a new run, or a branch)
+            with dropped_on_error(run_dir, fresh):
+                _check_resumable(restored, resume_from, run_dir, plan.total_steps)
+        return run_dir, resume_from, restored, fresh
 
     # (rank 0 picks the folder and reads the checkpoint; the others get them: they need not see its disk)
     run_dir, resume_from, restored, fresh_run = (run_folder() if group is None else
@@ -121,7 +131,8 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
     settings = ckpt.run_settings(t, plan.num_images, plan.total_steps, d, cfg.model, world, plan.images_per_epoch)
     pending = ckpt.left_to_the_model(cfg)  # (checked once the model is loaded)
     if restored is not None:
-        ckpt.check_resume(restored, settings, resume_from, keys=set(settings) - set(pending))
+        with dropped_on_error(run_dir, fresh_run and (group is None or group.main)):
+            ckpt.check_resume(restored, settings, resume_from, keys=set(settings) - set(pending))
 
     prepared = _Prepared(run_dir, scan, plan, restored, resume_from, pending, started, held_out, prompts, estimate,
                          group)
@@ -142,11 +153,20 @@ def checked_resolution(cfg: Config, backend=None, make_backend=None, family: str
     default where the config set none (SDXL: 1024), so the dataset check warns about the right sizes. The family:
     ``family`` (a UI's host knows it), else the given backend's, else read from ``model.base_model``'s files when
     train loads the model itself; a host's ``make_backend`` without ``family``: unknown, the config's value."""
-    if family is None and backend is not None:
-        family = model_family(backend)
-    elif family is None and make_backend is None:
-        family = family_of(cfg.model.base_model, cfg.model.prediction_type)
+    family = known_family(cfg, backend, make_backend, family)
+    if family == "sdxl" and cfg.training.clip_skip != 1:  # (else found once the model is in: models.sdxl_backend)
+        check_clip_skip(cfg.training.clip_skip)
     return with_family_defaults(cfg, family)[0].data.resolution
+
+
+def known_family(cfg: Config, backend=None, make_backend=None, family: str | None = None) -> str | None:
+    """The model's family before a model loads: ``family`` (a UI's host knows it), else the given backend's, else
+    read from ``model.base_model``'s files where train loads the model itself; None: not known yet."""
+    if family is None and backend is not None:
+        return model_family(backend)
+    if family is None and make_backend is None:
+        return family_of(cfg.model.base_model, cfg.model.prediction_type)
+    return family
 
 
 def _preflight(cfg: Config, backend, make_backend, family, where: Where | None, num_images: int, buckets,

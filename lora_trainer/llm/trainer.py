@@ -20,7 +20,7 @@ from lora_trainer.engine.events import CallbackList, Callbacks
 from lora_trainer.engine.interrupt import CtrlC, tensorboard_writer
 from lora_trainer.engine.optim import build_optimizer, check_optimizer
 from lora_trainer.engine.output_checks import check_output
-from lora_trainer.engine.run_dir import holds_a_run, prepare_run_dir, remove_run, run_log_file
+from lora_trainer.engine.run_dir import dropped_on_error, holds_a_run, prepare_run_dir, remove_run, run_log_file
 from lora_trainer.errors import ConfigError, LoraTrainerError
 from lora_trainer.llm import data as llm_data
 from lora_trainer.llm.model import (
@@ -116,8 +116,28 @@ def _prepare(cfg: Config) -> _Prepared:
                 "batch_size": t.batch_size, "gradient_accumulation_steps": t.gradient_accumulation_steps,
                 "seed": t.seed, "num_images": len(examples), "total_steps": plan.total_steps,
                 "max_seq_length": d.max_seq_length, "packing": d.packing, "train_on_prompt": d.train_on_prompt,
-                "quantize_base": t.quantize_base, "optimizer": t.optimizer, "learning_rates": [t.learning_rate]}
+                "quantize_base": t.quantize_base, "optimizer": t.optimizer, "optimizer_args": dict(t.optimizer_args),
+                "learning_rates": [t.learning_rate]}
     return _Prepared(model_config, tok, examples, held, plan, list(targets), settings, quantization)
+
+
+def _check_resumable(restored, resume_from: Path, prepared: _Prepared) -> None:
+    """A checkpoint this run can continue: a language model's, of the same LoRA, with steps left."""
+    if restored is None:
+        return
+    if restored.info.get("task_type") != "text-generation":
+        raise ConfigError(f"training.resume_from_checkpoint: {resume_from} is an image LoRA's checkpoint")
+    ckpt.check_resume(restored, prepared.settings, resume_from)
+    saved = restored.info.get("settings", {})
+    differ = [f"{k} {saved[k]!r} → {prepared.settings[k]!r}" for k in DATA_SETTINGS
+              if k in saved and saved[k] != prepared.settings[k]]
+    if differ:
+        log.warning("resuming with changed data settings (%s): training continues, but not as the uninterrupted "
+                    "run would have", ", ".join(differ))
+    if restored.step >= prepared.plan.total_steps:
+        raise ConfigError(f"training.resume_from_checkpoint: {resume_from} is at step {restored.step}, the run "
+                          f"has {prepared.plan.total_steps}: nothing is left; raise training.epochs or "
+                          "max_train_steps to train further")
 
 
 def train_llm(cfg: Config, callbacks: Callbacks | None = None, progress: bool = True) -> LlmResult:
@@ -127,21 +147,9 @@ def train_llm(cfg: Config, callbacks: Callbacks | None = None, progress: bool = 
     cfg = _with_model_facts(cfg)
     prepared = _prepare(cfg)
     run_dir, resume_from, restored = prepare_run_dir(cfg.output.output_dir, cfg.training.resume_from_checkpoint)
-    if restored is not None:
-        if restored.info.get("task_type") != "text-generation":
-            raise ConfigError(f"training.resume_from_checkpoint: {resume_from} is an image LoRA's checkpoint")
-        ckpt.check_resume(restored, prepared.settings, resume_from)
-        saved = restored.info.get("settings", {})
-        differ = [f"{k} {saved[k]!r} → {prepared.settings[k]!r}" for k in DATA_SETTINGS
-                  if k in saved and saved[k] != prepared.settings[k]]
-        if differ:
-            log.warning("resuming with changed data settings (%s): training continues, but not as the uninterrupted "
-                        "run would have", ", ".join(differ))
-        if restored.step >= prepared.plan.total_steps:
-            raise ConfigError(f"training.resume_from_checkpoint: {resume_from} is at step {restored.step}, the run "
-                              f"has {prepared.plan.total_steps}: nothing is left; raise training.epochs or "
-                              "max_train_steps to train further")
     fresh = not holds_a_run(run_dir)  # (a new run, or a branch of an earlier checkpoint)
+    with dropped_on_error(run_dir, fresh):
+        _check_resumable(restored, resume_from, prepared)
     try:
         with run_log_file(run_dir) as log_dir, CtrlC() as ctrl_c:
             ctrl_c.setting_up = True  # (the model loading: nothing to save yet)

@@ -14,6 +14,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from lora_trainer.errors import ConfigError
 from lora_trainer.models.conditioning import Conditioning
 
 # kohya key prefixes of the components a LoRA may adapt (SD 1.x / 2.x; SDXL's are in models.sdxl_backend)
@@ -91,6 +92,12 @@ class Backend:
     can_compile = False
     can_channels_last = False
     uses_time_ids = False
+    clip_skip: int | None = 1  # the CLIP layer the conditioning comes from, from the end (ss_clip_skip); None: unknown
+
+    def use_clip_skip(self, layers: int) -> None:
+        """Encode captions from the CLIP layer ``layers`` from the end (training.clip_skip)."""
+        raise ConfigError(f"training.clip_skip: {type(self).__name__} encodes captions its own way; leave clip_skip "
+                          "at 1")
 
     @property
     def can_fp8_base(self) -> bool:

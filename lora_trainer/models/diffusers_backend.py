@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lora_trainer.errors import ModelLoadError
+from lora_trainer.errors import ConfigError, ModelLoadError
 from lora_trainer.models.attention import use_diffusers_attention
 from lora_trainer.models.base import TEXT_ENCODER, UNET, Backend
 from lora_trainer.models.compat import dtype_kwargs
@@ -82,7 +82,14 @@ class DiffusersBackend(Backend):
         return dist.mean, dist.std
 
     def encode_prompts(self, captions, weighted: bool = False):
-        return Conditioning(encode_captions(self.tokenizer, self.text_encoder, list(captions), self.device, weighted))
+        return Conditioning(encode_captions(self.tokenizer, self.text_encoder, list(captions), self.device, weighted,
+                                            self.clip_skip))
+
+    def use_clip_skip(self, layers: int) -> None:
+        total = self.text_encoder.config.num_hidden_layers
+        if layers > total:
+            raise ConfigError(f"training.clip_skip: {layers} is more than this text encoder's {total} layers")
+        self.clip_skip = layers
 
     def explain_nonfinite_text(self, caption: str) -> str:
         """Why a caption's conditioning came out non-finite, as far as can be told."""

@@ -202,10 +202,11 @@ class ForgeBackend(LdmBackend):
 
     def __init__(self, sd_model, model_name: str, device: torch.device, *, linear_cls: type | None = None,
                  load: Callable | None = None, emphasis: str | None = None, prediction_type: str = "auto",
-                 zero_terminal_snr: bool = False):
+                 zero_terminal_snr: bool = False, clip_skip: int | None = None):
         from diffusers import DDPMScheduler
 
         self.sd_model = sd_model
+        self.clip_skip = clip_skip  # Forge's "Clip skip" (opts.CLIP_stop_at_last_layers), its encoding's
         self.model_name = model_name
         self.device = torch.device(device)
         self.family = forge_family(sd_model)

@@ -88,10 +88,11 @@ class LdmBackend(Backend):
                  checkpointing: tuple[Callable[[], None], Callable[[], None]] | None = None,
                  upcast_attention: bool = False, host_attention: str | None = None,
                  hypernetworks: Sequence[str] = (), emphasis: str | None = None, prediction_type: str = "auto",
-                 zero_terminal_snr: bool = False):
+                 zero_terminal_snr: bool = False, clip_skip: int | None = None):
         from diffusers import DDPMScheduler
 
         self.sd_model = sd_model
+        self.clip_skip = clip_skip  # the host's "Clip skip" (A1111: opts.CLIP_stop_at_last_layers), its encoding's
         self.model_name = model_name
         self.device = torch.device(device)
         self.weight_dtype = weight_dtype
@@ -121,6 +122,14 @@ class LdmBackend(Backend):
 
     def components(self) -> dict[str, nn.Module]:
         return {UNET: self.unet, TEXT_ENCODER: self.text_encoder}
+
+    def use_clip_skip(self, layers: int) -> None:
+        """The WebUI encodes captions as it encodes prompts, with its own "Clip skip" setting: the LoRA then fits
+        the WebUI's generation. A config's other value is said, not applied."""
+        if layers != (self.clip_skip or 1):
+            log.warning("training.clip_skip %d: the WebUI's own Clip skip setting (%s) encodes the captions, as it "
+                        "encodes prompts; set it in Settings → Stable Diffusion → Clip skip (it is the LoRA's "
+                        "ss_clip_skip)", layers, self.clip_skip)
 
     def image_encoder(self) -> nn.Module:
         return self.sd_model.first_stage_model

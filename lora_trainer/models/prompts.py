@@ -46,15 +46,29 @@ def apply_weights(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return z * (mean / z.mean())
 
 
-def encode_captions(tokenizer, text_encoder, captions: list[str], device, weighted: bool) -> torch.Tensor:
-    """Captions → B×77×D; literal captions in one batch (the text encoder treats each row on its own)."""
+def final_layer_norm(text_encoder) -> torch.nn.Module:
+    """A CLIP text model's last layer norm (transformers 5 has it on the model, 4.x on its ``text_model``)."""
+    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+
+
+def encode_captions(tokenizer, text_encoder, captions: list[str], device, weighted: bool,
+                    clip_skip: int = 1) -> torch.Tensor:
+    """Captions → B×77×D; literal captions in one batch (the text encoder treats each row on its own). ``clip_skip``
+    (training.clip_skip): the output of the layer that many from the end, through the final layer norm, as the
+    WebUI's "Clip skip" and kohya's --clip_skip take it (1: the last layer's, the model's own)."""
+    def encode(ids: torch.Tensor) -> torch.Tensor:
+        if clip_skip == 1:
+            return text_encoder(ids)[0]
+        hidden = text_encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
+        return final_layer_norm(text_encoder)(hidden)
+
     if not weighted:
         ids = tokenizer(captions, padding="max_length", max_length=WINDOW, truncation=True,
                         return_tensors="pt").input_ids.to(device)
-        return text_encoder(ids)[0]
+        return encode(ids)
     out = []
     for caption in captions:  # one at a time: the rescale is over the caption's own output
         ids, weights = weighted_tokens(tokenizer, caption)
-        z = text_encoder(torch.tensor([ids], device=device))[0]
+        z = encode(torch.tensor([ids], device=device))
         out.append(apply_weights(z, torch.tensor([weights], device=device)))
     return torch.cat(out)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lora_trainer.errors import ModelLoadError
+from lora_trainer.errors import ConfigError, ModelLoadError
 from lora_trainer.export.kohya import LdmUnetNames
 from lora_trainer.models.base import TEXT_ENCODER, TEXT_ENCODER_2, UNET
 from lora_trainer.models.compat import dtype_kwargs
@@ -51,6 +51,13 @@ def _weighted(z: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     return torch.cat([apply_weights(z[i : i + 1], weights[i : i + 1].to(z.device)) for i in range(len(z))])
 
 
+def check_clip_skip(layers: int) -> None:
+    """training.clip_skip for an SDXL model: 1 only."""
+    if layers != 1:
+        raise ConfigError(f"training.clip_skip: {layers} is for SD 1.x/2.x; SDXL takes its text encoders' penultimate "
+                          "layers by design (kohya's --clip_skip does not apply to it either): leave clip_skip at 1")
+
+
 class SdxlBackend(DiffusersBackend):
     """Wraps a StableDiffusionXLPipeline's parts for training; every base weight is frozen."""
 
@@ -72,6 +79,11 @@ class SdxlBackend(DiffusersBackend):
 
     def kohya_module_path(self, component: str, path: str) -> str:
         return self._ldm_names(path) if component == UNET else path
+
+    clip_skip = None  # (SDXL's conditioning is its encoders' penultimate layers by design: ss_clip_skip None)
+
+    def use_clip_skip(self, layers: int) -> None:
+        check_clip_skip(layers)
 
     def encode_prompts(self, captions, weighted: bool = False) -> Conditioning:
         captions = list(captions)

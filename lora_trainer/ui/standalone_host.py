@@ -143,10 +143,13 @@ class DiffusersHost:
 
         device, precision = pick_device("auto")
         with self._lock:
-            pipe, rescale = self._sweep_pipeline(base_model or self.base_model, Path(lora_path), DTYPES[precision])
+            pipe, rescale, clip_skip = self._sweep_pipeline(base_model or self.base_model, Path(lora_path),
+                                                            DTYPES[precision])
             pipe.to(device)
             size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
             extra = {"guidance_rescale": rescale} if rescale else {}
+            if clip_skip > 1:  # (as the LoRA was trained: ss_clip_skip; diffusers counts the layers skipped)
+                extra["clip_skip"] = clip_skip - 1
             images = []
             for strength in strengths:
                 pipe.set_adapters([SWEEP_ADAPTER], adapter_weights=[strength])
@@ -158,9 +161,9 @@ class DiffusersHost:
         return images
 
     @staticmethod
-    def _sweep_pipeline(base_model: str, lora_path: Path, dtype) -> tuple[object, float]:
+    def _sweep_pipeline(base_model: str, lora_path: Path, dtype) -> tuple[object, float, int]:
         """The base model's pipeline (SD or SDXL) with the LoRA loaded as an adapter and a sampler on the LoRA's
-        noise schedule; and its guidance rescale."""
+        noise schedule; its guidance rescale; the CLIP layer its captions came from (ss_clip_skip; SD 1.x/2.x)."""
         from safetensors import safe_open
 
         from lora_trainer.engine.sampling import guidance_rescale, sampling_scheduler, trained_schedule
@@ -170,6 +173,9 @@ class DiffusersHost:
         pipe, _ = (load_sdxl_pipeline if is_sdxl_model(base_model) else load_pipeline)(base_model, dtype)
         pipe.load_lora_weights(str(lora_path.parent), weight_name=lora_path.name, adapter_name=SWEEP_ADAPTER)
         with safe_open(str(lora_path), framework="pt") as f:
-            prediction, zero_snr = trained_schedule(f.metadata(), pipe.scheduler)
+            meta = f.metadata() or {}
+        prediction, zero_snr = trained_schedule(meta, pipe.scheduler)
         pipe.scheduler = sampling_scheduler(pipe.scheduler, prediction, zero_snr)
-        return pipe, guidance_rescale(prediction, zero_snr)
+        skip = meta.get("ss_clip_skip", "")
+        clip_skip = int(skip) if skip.isdigit() and not is_sdxl_model(base_model) else 1
+        return pipe, guidance_rescale(prediction, zero_snr), clip_skip

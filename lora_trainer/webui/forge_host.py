@@ -27,7 +27,7 @@ from lora_trainer.models.forge import (
     refuse_untrainable_forge,
 )
 from lora_trainer.utils.host_memory import give_back_freed_memory
-from lora_trainer.webui.host import WebUIHost, emphasis_mode
+from lora_trainer.webui.host import WebUIHost, emphasis_mode, host_clip_skip
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ class ForgeHost(WebUIHost):
         try:
             return ForgeBackend(sd_model, name, device, linear_cls=operations.ForgeOperations.Linear,
                                 load=memory_management.load_model_gpu, emphasis=emphasis_mode(cfg),
+                                clip_skip=host_clip_skip(forge_family(sd_model)),
                                 prediction_type=forge_prediction_type(sd_model) if prediction == "auto" else prediction,
                                 zero_terminal_snr=ztsnr or getattr(shared.opts, "sd_noise_schedule", "") ==
                                 "Zero Terminal SNR")

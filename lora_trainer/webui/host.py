@@ -74,6 +74,15 @@ def emphasis_mode(cfg) -> str:
     return str(getattr(shared.opts, "emphasis", "Original"))
 
 
+def host_clip_skip(family: str | None) -> int | None:
+    """The WebUI's Clip skip (Settings → Stable Diffusion), with which it encodes an SD 1.x/2.x prompt; None for SDXL
+    (whose encoders' layers are fixed) or where the setting is not there."""
+    from modules import shared
+
+    value = getattr(shared.opts, "CLIP_stop_at_last_layers", None)
+    return int(value) if family != "sdxl" and isinstance(value, (int, float)) else None
+
+
 class WebUIHost:
     name = "webui"
     chooses_base_model, sends_to_txt2img = False, True  # the model the WebUI has loaded; its txt2img tab
@@ -150,7 +159,8 @@ class WebUIHost:
                     host_attention=getattr(getattr(sys.modules.get("modules.sd_hijack"), "current_optimizer", None),
                                            "name", None),
                     hypernetworks=[getattr(h, "name", str(h)) for h in getattr(shared, "loaded_hypernetworks", [])],
-                    emphasis=emphasis_mode(cfg), prediction_type=prediction_type, zero_terminal_snr=zero_snr)
+                    emphasis=emphasis_mode(cfg), prediction_type=prediction_type, zero_terminal_snr=zero_snr,
+                    clip_skip=host_clip_skip(family))
 
     def release_backend(self, backend) -> None:
         """Remove the LoRA layers and put back every flag: the model computes exactly what it did."""
