@@ -72,10 +72,10 @@ class _Prepared:
     quantization: object = None  # transformers' BitsAndBytesConfig (training.quantize_base), or None
 
 
-def _with_model_facts(cfg: Config) -> Config:
+def _with_model_facts(cfg: Config) -> tuple[Config, dict]:
     """``cfg`` with the base model's folder as an absolute path (the adapter's config names its base by it: a
     relative one would load only from this folder) and data.max_seq_length within the model's context: its own
-    length where the config left the default, a ConfigError where the config asked for more."""
+    length where the config left the default, a ConfigError where the config asked for more; and its config.json."""
     m, d = cfg.model, cfg.data
     folder = Path(m.base_model).expanduser()
     config = read_model_config(m.base_model, m.trust_remote_code)
@@ -88,12 +88,11 @@ def _with_model_facts(cfg: Config) -> Config:
                               f"({limit} positions, {folder.resolve() / 'config.json'}); set it to {limit} or less")
         log.info("data.max_seq_length: %d, the model's context (the default, %d, is longer)", limit, d.max_seq_length)
         data = dataclasses.replace(d, max_seq_length=limit)
-    return dataclasses.replace(cfg, model=model, data=data)
+    return dataclasses.replace(cfg, model=model, data=data), config
 
 
-def _prepare(cfg: Config) -> _Prepared:
+def _prepare(cfg: Config, model_config: dict) -> _Prepared:
     t, d, m = cfg.training, cfg.data, cfg.model
-    model_config = read_model_config(m.base_model, m.trust_remote_code)
     check_quantization(t.quantize_base)
     quantization = None if t.quantize_base == "no" else quantization_config(t.quantize_base,
                                                                              _device_and_precision(t)[1])
@@ -144,8 +143,8 @@ def train_llm(cfg: Config, callbacks: Callbacks | None = None, progress: bool = 
     """Train a language model's LoRA as ``cfg`` says and export the adapter; returns where everything went.
     ``callbacks`` get progress and may ask the loop to stop (it then saves a checkpoint and exports)."""
     started = time.time()
-    cfg = _with_model_facts(cfg)
-    prepared = _prepare(cfg)
+    cfg, model_config = _with_model_facts(cfg)
+    prepared = _prepare(cfg, model_config)
     run_dir, resume_from, restored = prepare_run_dir(cfg.output.output_dir, cfg.training.resume_from_checkpoint)
     fresh = not holds_a_run(run_dir)  # (a new run, or a branch of an earlier checkpoint)
     with dropped_on_error(run_dir, fresh):
