@@ -505,6 +505,7 @@ def test_the_adapter_names_its_base_by_an_absolute_path_and_the_context_bounds_m
     assert yaml.safe_load((result.run_dir / "config.yaml").read_text())["data"]["max_seq_length"] == 256
 
 
+@pytest.mark.skipif(OLD_TRANSFORMERS, reason="chat templates need transformers >= 4.34 (this venv pins 4.30)")
 def test_a_conversation_the_template_refuses_or_that_starts_with_the_answer_is_named(base, tmp_path):
     from lora_trainer.llm.data import chat_pieces
 
