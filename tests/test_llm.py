@@ -119,6 +119,30 @@ def test_only_the_assistant_turns_are_trained(tok):
     assert trained == ["blue", "</s>", "white", "</s>"]
 
 
+@pytest.mark.skipif(OLD_TRANSFORMERS, reason="chat templates need transformers >= 4.34 (this venv pins 4.30)")
+def test_a_conversation_is_tokenized_whole_as_at_inference():
+    """A SentencePiece-like tokenizer (LLaMA 2, Mistral) starts every text it tokenizes with "▁": turns tokenized
+    apart get a "▁" the model never sees at inference. The ids are the whole conversation's; the labels still
+    train the assistant turns only."""
+    from tokenizers import Tokenizer, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set("▁user:sky\nassistant:blue\n"))
+    backend = Tokenizer(models.BPE({c: i for i, c in enumerate(["<unk>", "</s>", *chars])}, [], unk_token="<unk>"))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>")
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}:{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant:{% endif %}")
+    row = Row("x:1", messages=(("user", "sky"), ("assistant", "blue")))
+    whole = tok.apply_chat_template([{"role": "user", "content": "sky"}, {"role": "assistant", "content": "blue"}],
+                                    tokenize=False)
+    ex = encode(tok, row, train_on_prompt=False)
+    assert list(ex.input_ids) == tok(whole, add_special_tokens=False)["input_ids"]
+    trained = [i for i, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE]
+    assert "".join(tok.convert_ids_to_tokens(trained)) == "blue\n"
+    assert encode(tok, row, train_on_prompt=True).labels == ex.input_ids
+
+
 def test_messages_without_a_chat_template_name_the_file(tmp_path):
     model = make_tiny_llama(tmp_path / "plain", WORDS, chat_template=False)
     data = write_rows(tmp_path / "d", [{"messages": [{"role": "user", "content": "sky"},

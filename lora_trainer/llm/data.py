@@ -75,15 +75,32 @@ def chat_pieces(tok, row: Row) -> list[tuple[str, bool]]:
     return [p for p in pieces if p[0]]
 
 
+def _chat_ids(tok, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
+    """The conversation's ids as the model sees it at inference (the whole rendered text tokenized at once: pieces
+    tokenized apart differ where a tokenizer merges across a boundary or, like SentencePiece, starts each text with
+    a space) and, per token, whether it overlaps a trained piece (by the fast tokenizer's character offsets).
+    A slow tokenizer has no offsets: its pieces are tokenized one by one."""
+    if not getattr(tok, "is_fast", False):
+        ids, trained = [], []
+        for text, train in pieces:
+            piece = _ids(tok, text, special=False)
+            ids, trained = ids + piece, trained + [train] * len(piece)
+        return ids, trained
+    spans, at = [], 0
+    for text, train in pieces:
+        if train:
+            spans.append((at, at + len(text)))
+        at += len(text)
+    enc = tok("".join(text for text, _ in pieces), add_special_tokens=False, return_offsets_mapping=True)
+    return list(enc["input_ids"]), [any(s < b and e > a for a, b in spans) for s, e in enc["offset_mapping"]]
+
+
 def encode(tok, row: Row, train_on_prompt: bool) -> Example:
     """One row's token ids and labels (prompt tokens -100 unless ``train_on_prompt``); ends with EOS."""
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     if row.messages is not None:
-        ids, trained = [], []
-        for text, train in chat_pieces(tok, row):
-            piece = _ids(tok, text, special=False)
-            ids += piece
-            trained += [train or train_on_prompt] * len(piece)
+        ids, trained = _chat_ids(tok, chat_pieces(tok, row))
+        trained = [t or train_on_prompt for t in trained]
     elif row.text is not None:
         ids = _ids(tok, row.text, special=True) + eos
         trained = [True] * len(ids)
