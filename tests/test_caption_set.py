@@ -130,6 +130,42 @@ def test_save_csv_keeps_other_rows_header_and_backs_up(csv_set):
     assert len(scan_dataset(csv_set).samples) == 4  # the backup folder is not taken for data
 
 
+def test_save_keeps_a_tables_other_columns(tmp_path):
+    """A metadata.csv with more columns than file and caption (a dataset tool's export): saving writes the caption
+    column only; the other columns, and the header naming them, are the user's."""
+    for name in ("a.png", "b.png", "c.png"):
+        image(tmp_path / name)
+    (tmp_path / "metadata.csv").write_text("file_name;width;text;source\na.png;64;cap a;web\n"
+                                           "b.png;64;cap b, with a comma;camera\n", encoding="utf-8")
+    cs = CaptionSet.load(tmp_path)
+    cs.set_caption(0, "new a")
+    cs.set_caption(2, "new c")
+    cs.save()
+    table = list(csv.reader(io.StringIO((tmp_path / "metadata.csv").read_text(encoding="utf-8"))))
+    assert table == [["file_name", "width", "text", "source"], ["a.png", "64", "new a", "web"],
+                     ["b.png", "64", "cap b, with a comma", "camera"], ["c.png", "", "new c", ""]]
+    rows, _ = read_metadata_csv(tmp_path / "metadata.csv")
+    assert {n: e.caption for n, e in rows.items()} == {"a.png": "new a", "b.png": "cap b, with a comma",
+                                                        "c.png": "new c"}  # (no header row read as a file)
+
+
+def test_save_does_not_revert_rows_edited_elsewhere_since_loading(csv_set):
+    """The grid open while metadata.csv is edited elsewhere (a spreadsheet, a label run): saving one caption writes
+    that caption, not the grid's stale copy of every other row."""
+    cs = CaptionSet.load(csv_set)
+    rows, _ = read_metadata_csv(csv_set / "metadata.csv")
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows([["file_name", "prompt"], ["a.png", rows["a.png"].caption],
+                                                    ["b.png", "edited in a spreadsheet"], ["d.png", "labelled"]])
+    (csv_set / "metadata.csv").write_text(out.getvalue(), encoding="utf-8")
+    cs.set_caption(0, "changed in the grid")
+    cs.save()
+    rows, _ = read_metadata_csv(csv_set / "metadata.csv")
+    assert {n: e.caption for n, e in rows.items()} == {
+        "a.png": "changed in the grid", "b.png": "edited in a spreadsheet", "d.png": "labelled",
+        "c.png": 'a "quoted", circle'}  # (a row the file lost is the set's to write back, as before)
+
+
 def test_save_sidecars_writes_txt_with_backup(tmp_path):
     for name in ("a.png", "b.png", "c.png"):
         image(tmp_path / name)

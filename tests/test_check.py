@@ -119,6 +119,48 @@ def test_small_images_at_the_lowest_resolution_are_not_told_to_lower_it(tmp_path
     assert at[128].fix == "use larger originals, or lower data.resolution to 64"
 
 
+def test_pictures_the_run_does_not_read_are_named(tmp_path):
+    """A stray image at the top of kohya's layout makes it a plain folder: the run would train that one image and
+    none of the <repeats>_<name> folders'; and pictures of a type not read (an iPhone's .heic) are not silently
+    left out."""
+    root = tmp_path / "img"
+    for k in range(3):
+        (root / "10_sks dog").mkdir(parents=True, exist_ok=True)
+        picture(k).save(root / "10_sks dog" / f"dog{k}.png")
+    picture(9).save(root / "cover.png")
+    (root / "IMG_0001.HEIC").write_bytes(b"\0\0\0\x18ftypheic" + bytes(100))
+    picture(8).save(root / "anim.gif")
+    (root / ".hidden.gif").write_bytes(b"GIF89a")
+    report = check_dataset(root, resolution=256)
+    stray, foreign = report.by_check("unused")
+    assert stray.severity == "warning" and stray.files == [f"10_sks dog/dog{k}.png" for k in range(3)]
+    assert "10_sks dog is named as in kohya's layout, but the 1 image at the top" in stray.message
+    assert "(cover.png)" in stray.message
+    assert foreign.files == ["IMG_0001.HEIC", "anim.gif"] and "(.gif, .heic)" in foreign.message
+    assert [f.files for f in check_dataset(root, resolution=256, recursive=True).by_check("unused")] == [
+        foreign.files]  # (recursive: every sub-folder read)
+    (root / "cover.png").unlink()  # kohya's layout now: its folders' images read, nothing unused but a .heic in one
+    (root / "IMG_0001.HEIC").rename(root / "10_sks dog" / "IMG_0001.HEIC")
+    report = check_dataset(root, resolution=256)
+    assert report.images == 3 and [f.files for f in report.by_check("unused")] == [["10_sks dog/IMG_0001.HEIC"]]
+
+
+def test_captions_in_another_sidecar_extension_are_pointed_at(tmp_path):
+    """kohya's scripts read .caption files by default: a set captioned so, checked as .txt, has its captions beside
+    its images; the check says how to train them rather than only to caption the images again."""
+    for k in range(3):
+        picture(k).save(tmp_path / f"{k}.png")
+    (tmp_path / "0.caption").write_text("mystyle, a picture")
+    (tmp_path / "1.caption").write_text("mystyle, another picture")
+    (tmp_path / "2.txt").write_text("mystyle, a picture")
+    (finding,) = check_dataset(tmp_path, resolution=256).by_check("no-caption")
+    assert finding.files == ["0.png", "1.png"]
+    assert finding.fix.startswith("2 of them have a .caption file beside them, and .txt files are read: set "
+                                  "data.caption_extension: .caption")
+    (finding,) = check_dataset(tmp_path, resolution=256, caption_extension=".caption").by_check("no-caption")
+    assert finding.files == ["2.png"] and finding.fix.startswith("1 of them has a .txt file beside it")
+
+
 def test_unusable_folder_is_one_error(tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
     report = check_dataset(tmp_path)

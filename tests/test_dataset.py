@@ -8,6 +8,7 @@ import math
 import os
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -262,6 +263,28 @@ def test_csv_elsewhere_subfolder_rows_and_hints(tmp_path, caplog):
         scan_dataset(root, metadata_path=tmp_path / "nope.csv")
 
 
+def test_a_csv_name_in_another_case_is_the_same_image_on_windows(tmp_path, monkeypatch):
+    """On a case-insensitive file system (Windows', macOS's) metadata.csv's "IMG_1.jpg" is the folder's "IMG_1.JPG":
+    one image, with the row's caption (not that image twice, once without its caption)."""
+    from lora_trainer.data import dataset
+
+    def named(path):  # the file a case-insensitive file system opens for this name
+        path = Path(path)
+        return next((p for p in path.parent.iterdir() if p.name.lower() == path.name.lower()), None) \
+            if path.parent.is_dir() else None
+
+    monkeypatch.setattr(dataset, "_is_file", lambda p: named(p) is not None and named(p).is_file())
+    monkeypatch.setattr(os.path, "samefile", lambda a, b: named(a) is not None and named(a) == named(b))
+    root = tmp_path / "s"
+    root.mkdir()
+    save(rgb(), root / "IMG_1.JPG", format="JPEG")
+    save(rgb(), root / "b.png")
+    (root / "metadata.csv").write_text("IMG_1.jpg,from the csv\nb.png,bee\n", encoding="utf-8")
+    scan = scan_dataset(root)
+    assert [(s.path.name, s.caption) for s in scan.samples] == [("IMG_1.JPG", "from the csv"), ("b.png", "bee")]
+    assert scan.skipped == []
+
+
 def test_recursive_and_hidden(tmp_path):
     root = tmp_path / "r"
     (root / "sub" / "deeper").mkdir(parents=True)
@@ -290,6 +313,40 @@ def test_links_out_of_the_folder_are_skipped(tmp_path):
     scan = scan_dataset(root)
     assert [s.path.name for s in scan.samples] == ["alias.png", "in.png"]
     assert scan.skipped[0].path == "link.png" and "escapes the dataset folder" in scan.skipped[0].reason
+
+
+def test_a_caption_file_linked_from_outside_the_folder_is_not_read(tmp_path):
+    """As an image linked from outside: a file of this machine must not become a caption (and so the LoRA's
+    ss_tag_frequency) because a dataset someone else made links to it."""
+    root = tmp_path / "l"
+    (root / "sub").mkdir(parents=True)
+    save(rgb(), root / "a.png")
+    save(rgb(), root / "sub" / "b.png")
+    (root / "own.txt").write_text("own caption", encoding="utf-8")
+    (tmp_path / "secret.txt").write_text("api_key=hunter2", encoding="utf-8")
+    try:
+        os.symlink(tmp_path / "secret.txt", root / "a.txt")
+        os.symlink(root / "own.txt", root / "sub" / "b.txt")  # (a link inside the folder is followed)
+    except (OSError, NotImplementedError):
+        pytest.skip("no symlinks here")
+    scan = scan_dataset(root, recursive=True)
+    by = {s.path.name: s for s in scan.samples}
+    assert by["a.png"].caption == "" and by["a.png"].caption_source == "none"
+    assert by["b.png"].caption == "own caption"
+    assert len(scan.problems) == 1 and scan.problems[0].startswith("a.txt: caption file escapes the dataset folder")
+
+
+def test_a_file_name_too_long_in_metadata_csv_is_skipped_not_a_crash(tmp_path):
+    """A caption in the file name column (columns swapped) makes a name longer than a file system allows."""
+    root = tmp_path / "s"
+    root.mkdir()
+    save(rgb(), root / "a.png")
+    (root / "metadata.csv").write_text("a long caption of a red square, " * 12 + ",a.png\na.png,red\n" +
+                                       " " + "x" * 300 + ".png ,spaced\n", encoding="utf-8")
+    scan = scan_dataset(root)
+    assert [s.caption for s in scan.samples] == ["red"]
+    assert [s.reason for s in scan.skipped] == ["listed in metadata.csv line 1 but not found",
+                                                "listed in metadata.csv line 3 but not found"]
 
 
 def test_zero_usable_images_is_a_clear_error(tmp_path):

@@ -4,6 +4,7 @@ an epoch takes as many of them as subject images, their loss weighted; the LoRA'
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -61,6 +62,21 @@ def test_the_metadata_counts_every_regularization_image_as_kohya_does(tmp_path):
     scan = with_regularization(cfg.data, scan_dataset(tmp_path / "img"))
     assert [s.repeats for s in scan.samples if s.is_reg] == [1, 1]
     assert scan.reg_dirs == {"1_dog": {"n_repeats": 1, "img_count": 5}}
+
+
+def test_a_damaged_regularization_image_is_skipped_with_its_reason_said(tmp_path, caplog):
+    """The subject's skipped files are listed by the check before the run; a class image skipped is said too, named
+    by its whole path (not as if it were in the subject's folder)."""
+    subject, reg = sets(tmp_path)
+    (reg / "1_dog" / "s0.png").write_bytes(b"")  # (a name the subject's folder has too)
+    cfg = make_cfg(subject, tmp_path / "out")
+    cfg.data.reg_data_dir = str(reg)
+    caplog.set_level(logging.WARNING)
+    scan = with_regularization(cfg.data, scan_dataset(subject))
+    assert [s.path.name for s in scan.samples if s.is_reg] == ["r0.png", "r1.png", "r2.png"]
+    bad = str(reg.resolve() / "1_dog" / "s0.png")
+    assert [(s.path, s.reason) for s in scan.skipped] == [(bad, "empty file")]
+    assert f"regularization image {bad} skipped: empty file" in caplog.text
 
 
 def test_a_regularization_folder_without_images_names_the_key(tmp_path):

@@ -22,7 +22,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_trainer.data.captions import _LINE_MARKUP, read_metadata_csv, split_tags, strip_markdown
+from lora_trainer.data.captions import (
+    _LINE_MARKUP,
+    header_column,
+    read_header,
+    read_metadata_csv,
+    split_tags,
+    strip_markdown,
+)
 from lora_trainer.data.dataset import find_dataset_files, pick_caption, with_prefix
 from lora_trainer.data.tokens import TOKEN_WINDOW, count_tokens
 from lora_trainer.errors import LoraTrainerError
@@ -273,20 +280,29 @@ class CaptionSet:
         return result
 
     def _write_csv(self) -> Path:
-        """metadata.csv with every csv caption of the set; rows for files not in the set are kept as they were."""
+        """metadata.csv with the set's changed csv captions written in, and those it lacks; every other row is kept
+        as the file has it now (edited elsewhere since the set was loaded: not reverted), and so are a table's other
+        columns (``filename,width,prompt``: only the prompt is written)."""
         header, rows = ["filename", "prompt"], {}
         if self.csv_path.is_file():
             entries, _ = read_metadata_csv(self.csv_path)
-            rows = {name: e.caption for name, e in entries.items()}
-            first = next(csv.reader(io.StringIO(self.csv_path.read_text(encoding="utf-8-sig"))), None)
-            if first and len(first) > 1 and first[0].strip() not in entries:
-                header = first[:2]
+            header = read_header(self.csv_path) or header
+            rows = {name: [name, e.caption] if len(header) == 2 else list(e.cells) for name, e in entries.items()}
+        column = header_column(header)
+
+        def row(name: str, caption: str) -> list[str]:
+            cells = rows.get(name, [name])[:len(header)]  # (cells past the header's: a caption cut at its commas)
+            cells += [""] * (len(header) - len(cells))
+            cells[column] = caption
+            return cells
+
         for item in self.items:
-            if self._format_for(item) == "csv" and (item.csv_name or item.caption):
-                item.csv_name = item.csv_name or item.rel
-                rows[item.csv_name] = item.caption
+            name, wanted = item.csv_name or item.rel, item.csv_name or item.caption
+            if self._format_for(item) == "csv" and wanted and (item.changed or name not in rows):
+                item.csv_name = name
+                rows[name] = row(name, item.caption)
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(header)
-        writer.writerows(rows.items())
+        writer.writerows(rows.values())
         return atomic_write_text(self.csv_path, out.getvalue())

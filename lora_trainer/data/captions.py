@@ -74,6 +74,7 @@ class CsvEntry:
     caption: str
     line: int  # where the row starts (1-based)
     raw: str = ""  # the file name as the row writes it (spaces at its ends kept)
+    cells: tuple[str, ...] = ()  # the whole row as read (a table's other columns: kept when a caption is written)
 
 
 def _separator(first_line: str) -> str:
@@ -85,6 +86,24 @@ def _separator(first_line: str) -> str:
         return ","
     head = head.strip().strip('"').lower()
     return ";" if head in _HEADER_FILE or head.endswith(IMAGE_EXTENSIONS) else ","
+
+
+def header_column(row: list[str]) -> int | None:
+    """The caption column of a metadata.csv header row (``filename,prompt``, ``file_name,width,text``), or None
+    where ``row`` is no header."""
+    header = [cell.strip().lower() for cell in row]
+    if len(row) > 1 and header[0] in _HEADER_FILE:
+        return next((i for i, h in enumerate(header) if i and h in _HEADER_TEXT), None)
+    return None
+
+
+def read_header(path) -> list[str] | None:
+    """The header row of a metadata.csv (read with the separator it uses), or None where it has none."""
+    text = Path(path).read_text(encoding="utf-8-sig")
+    separator = _separator(next((line for line in text.splitlines() if line.strip()), ""))
+    row = next((row for row in csv.reader(io.StringIO(text, newline=""), delimiter=separator)
+                if any(cell.strip() for cell in row)), [])
+    return row if header_column(row) is not None else None
 
 
 def read_metadata_csv(path) -> tuple[dict[str, CsvEntry], list[str]]:
@@ -113,10 +132,9 @@ def read_metadata_csv(path) -> tuple[dict[str, CsvEntry], list[str]]:
         if not any(cell.strip() for cell in row):
             continue
         first, seen_row = not seen_row, True
-        header = [cell.strip().lower() for cell in row]
-        if first and len(row) > 1 and header[0] in _HEADER_FILE and any(h in _HEADER_TEXT for h in header[1:]):
+        if first and header_column(row) is not None:
             if len(row) > 2:  # more columns than file and caption: only the caption column is a caption
-                text_column, header_row = next(i for i, h in enumerate(header) if i and h in _HEADER_TEXT), row
+                text_column, header_row = header_column(row), row
                 extra = [row[i].strip() for i in range(1, len(row)) if i != text_column]
                 problems.append(f"{path.name}: column(s) {', '.join(repr(c) for c in extra)} are not captions and "
                                 f"are ignored; the caption is column {row[text_column].strip()!r}")
@@ -143,5 +161,5 @@ def read_metadata_csv(path) -> tuple[dict[str, CsvEntry], list[str]]:
                             "(an unclosed quote?)")
         if name in entries:
             problems.append(f"{where}: {name} is also on line {entries[name].line}; line {start} wins")
-        entries[name] = CsvEntry(caption, start, row[0])
+        entries[name] = CsvEntry(caption, start, row[0], tuple(row))
     return entries, problems

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 import re
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,12 +20,13 @@ import yaml
 
 from lora_trainer.data.buckets import CROP_WARN, UPSCALE_WARN, BucketSpec, groups
 from lora_trainer.data.captions import split_tags, tag_frequency
-from lora_trainer.data.dataset import FIXES, DatasetScan, kind_of, scan_dataset
+from lora_trainer.data.dataset import FIXES, KOHYA_FOLDER, DatasetScan, kind_of, scan_dataset
 from lora_trainer.data.images import (
     SCAN_DRAFT_PX,
     ImageError,
     decode_threads,
     file_digest,
+    is_image_name,
     open_image,
     strict_decoding,
 )
@@ -37,6 +40,10 @@ SEVERITIES = ("error", "warning", "info")
 MAX_ASPECT = 2.0  # without buckets the centre square crop then drops half the picture or more
 NEAR_BITS = 6  # pHash distance for "near duplicate" (resized or re-encoded copies are 0-2 apart)
 SIZE_GUIDE = (50, 200)  # images, for a style LoRA
+SIDECARS = (".txt", ".caption")  # caption files as kohya's scripts and the tagging tools write them
+# pictures in formats the trainer does not decode (data.images.IMAGE_EXTENSIONS are those it does)
+OTHER_PICTURES = (".gif", ".heic", ".heif", ".avif", ".jxl", ".tif", ".tiff", ".jfif", ".psd", ".svg", ".raw",
+                  ".cr2", ".nef", ".arw", ".dng")
 # a negation that describes what is NOT in the image: it belongs in the negative prompt
 _NEGATION = re.compile(r"\b(?:not|without|never|isn't|aren't|doesn't|don't|non)[\s-]+\w+"
                        r"|\bno\s+(?:blur\w*|watermarks?|text|signatures?|artifacts?|jpeg artifacts|noise|"
@@ -240,9 +247,16 @@ def _captions(scan: DatasetScan, names: list[str], prefix: str, glossary: dict[s
              for s in scan.samples]
     missing = [n for n, s, t in zip(names, scan.samples, texts) if s.caption_source == "none" or not t.strip()]
     if missing:
+        fix = f"caption them: python -m lora_trainer label --input {scan.root} (or the tab's grid)"
+        beside = Counter(ext for s in scan.samples if s.caption_source == "none" for ext in SIDECARS
+                         if ext != scan.caption_extension and s.path.with_suffix(ext).is_file())
+        if beside:  # (kohya's scripts read .caption files by default, as the tagging tools write .txt)
+            ext, k = beside.most_common(1)[0]
+            fix = (f"{k} of them {'has' if k == 1 else 'have'} a {ext} file beside {'it' if k == 1 else 'them'}, and "
+                   f"{scan.caption_extension} files are read: set data.caption_extension: {ext} (check "
+                   f"--caption-extension {ext}) to train those captions; or " + fix)
         out.append(Finding("no-caption", "warning", f"{_n(len(missing), 'image', 'has')} no caption (trained with "
-                           f"{'the prefix only' if prefix else 'an empty prompt'})", missing,
-                           f"caption them: python -m lora_trainer label --input {scan.root} (or the tab's grid)"))
+                           f"{'the prefix only' if prefix else 'an empty prompt'})", missing, fix))
     tokens = count_tokens([s.caption for s in scan.samples])
     long = [(n, k) for n, k in zip(names, tokens) if k > TOKEN_WINDOW]
     if long:
@@ -298,6 +312,48 @@ def _tag_outliers(names: list[str], texts: list[str]) -> list[Finding]:
                            f"{len(singles)} of {len(freq)} tags occur in one caption only (e.g. " +
                            ", ".join(f"'{t}'" for t, _ in singles[:6]) + "); the LoRA learns little from them",
                            [where[t] for t, _ in singles], "describe shared features with shared tags"))
+    return out
+
+
+def _unused(scan: DatasetScan) -> list[Finding]:
+    """Pictures in the dataset folder the run does not read: in subfolders it does not look in (a stray image at the
+    top of kohya's layout makes it a plain folder), or of a type it does not decode (.heic, .gif)."""
+    kohya = scan.folders()
+    seen = {_rel(scan, s.path) for s in scan.samples} | {s.path for s in scan.skipped}
+    deeper, foreign = [], []
+    for folder, dirs, files in os.walk(scan.root):  # (as the scan: hidden files and folders left out)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            rel = Path(folder, name).relative_to(scan.root).as_posix()
+            parts = rel.split("/")
+            read = scan.recursive or len(parts) == (2 if kohya else 1)
+            if name.startswith(".") or rel in seen or (kohya and parts[0] not in kohya):
+                continue  # (folders kohya's layout leaves out: its own warning says so)
+            if is_image_name(name) and not read:
+                deeper.append(rel)
+            elif read and name.lower().endswith(OTHER_PICTURES):
+                foreign.append(rel)
+    out = []
+    if deeper:
+        tops = [n for n in sorted({r.split("/")[0] for r in deeper}) if KOHYA_FOLDER.fullmatch(n)]
+        stray = [_rel(scan, s.path) for s in scan.samples if "/" not in _rel(scan, s.path)]
+        if tops and stray and not kohya:
+            out.append(Finding("unused", "warning",
+                               f"{_n(len(deeper), 'image')} in sub-folders {'is' if len(deeper) == 1 else 'are'} "
+                               f"not used: {', '.join(tops[:3])} {'is' if len(tops) == 1 else 'are'} named as in "
+                               f"kohya's layout, but the {_n(len(stray), 'image')} at the top of the folder "
+                               f"({', '.join(stray[:3])}) make it a plain folder of images", deeper,
+                               "move the images at the top into a <repeats>_<name> folder (or out of the dataset), "
+                               "or turn on data.recursive to train every sub-folder"))
+        else:
+            out.append(Finding("unused", "info", f"{_n(len(deeper), 'image')} in sub-folders "
+                               f"{'is' if len(deeper) == 1 else 'are'} not used", deeper,
+                               "turn on data.recursive (check --recursive) to train them"))
+    if foreign:
+        kinds = sorted({Path(r).suffix.lower() for r in foreign})
+        out.append(Finding("unused", "warning", f"{_n(len(foreign), 'picture')} of a type the trainer does not read "
+                           f"({', '.join(kinds)}) {'is' if len(foreign) == 1 else 'are'} not used", foreign,
+                           "save them as PNG or JPEG (an animated GIF: its first frame), or remove them"))
     return out
 
 
@@ -362,6 +418,7 @@ def check_scan(scan: DatasetScan, resolution: int = 512, caption_prefix: str = "
     report.findings += found
     glossary = load_glossary(scan.root) if glossary is None else glossary
     report.findings += _captions(scan, names, caption_prefix, glossary)
+    report.findings += _unused(scan)
     report.findings += _size(len(scan.samples))
     return report
 

@@ -96,6 +96,7 @@ class DatasetScan:
     csv_name: str = "metadata.csv"
     caption_extension: str = ".txt"
     facts: dict[Path, object] = field(default_factory=dict)  # image path -> what scan_dataset's inspect made
+    recursive: bool = False  # subfolders were read (data.recursive)
 
     def tag_frequency(self) -> dict[str, int]:
         return tag_frequency(s.caption for s in self.samples)
@@ -267,20 +268,43 @@ def _check(root: Path, path: Path, inspect=None) -> tuple[str | None, object]:
     return None, inspect(path, img, size) if inspect else None
 
 
-def _read_sidecar(path: Path, problems: list[str]) -> str | None:
-    if not path.is_file():
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False also where the name cannot be a file's (too long for the file system: a caption in
+    metadata.csv's file name column)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two names are one file: on a case-insensitive file system (Windows', macOS's) metadata.csv's
+    "IMG_1.jpg" is the folder's "IMG_1.JPG", to be trained once, with that row's caption."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
+def _read_sidecar(path: Path, problems: list[str], root: Path | None = None) -> str | None:
+    if not _is_file(path):
+        return None
+    name = path.relative_to(root).as_posix() if root else path.name
+    if root and not _inside(root, path):  # (as an image linked from outside: not read into a LoRA's metadata)
+        problems.append(f"{name}: caption file {OUTSIDE}; ignored")
+        log.warning("%s", problems[-1])
         return None
     try:
         text = path.read_text(encoding="utf-8-sig")
         if "\0" in text:
-            problems.append(f"{path.name}: NUL characters removed from the caption")
+            problems.append(f"{name}: NUL characters removed from the caption")
             log.warning("%s", problems[-1])
             text = text.replace("\0", "")
         return text
     except UnicodeDecodeError:
-        problems.append(f"{path.name}: caption file is not UTF-8 text; ignored (re-save it as UTF-8)")
+        problems.append(f"{name}: caption file is not UTF-8 text; ignored (re-save it as UTF-8)")
     except OSError as e:
-        problems.append(f"{path.name}: caption file cannot be read ({e.strerror or e}); ignored")
+        problems.append(f"{name}: caption file cannot be read ({e.strerror or e}); ignored")
     log.warning("%s", problems[-1])
     return None
 
@@ -332,16 +356,22 @@ def find_dataset_files(root, metadata_path=None, caption_extension: str = ".txt"
     files = DatasetFiles(root, csv_path, ext, candidates, {}, {}, [], problems, len(candidates), others, folders,
                          notes)
     found = dict(candidates)
+    by_lower = {}
+    for rel in found:
+        by_lower.setdefault(rel.lower(), []).append(rel)
     for name, entry in rows.items():
         where = f"listed in {csv_path.name} line {entry.line}"
         target = _csv_target(root, name)
         if entry.raw != name:  # (a name with spaces at its ends: the file of that exact name first)
             exact = _csv_target(root, entry.raw)
-            if not isinstance(exact, str) and exact[1].is_file():
+            if not isinstance(exact, str) and _is_file(exact[1]):
                 target, name = exact, entry.raw
+        if not isinstance(target, str) and target[0] not in found:  # (the same file under another spelling?)
+            target = next(((r, found[r]) for r in by_lower.get(target[0].lower(), ())
+                           if _same_file(found[r], target[1])), target)
         if isinstance(target, str):
             reason = f"{where}: {target}"
-        elif not target[1].is_file():
+        elif not _is_file(target[1]):
             reason = f"{where} but not found{_did_you_mean(target[0], found)}"
         elif not is_image_name(target[0]):
             reason = f"{where}: not a supported image type (use {ACCEPTED})"
@@ -361,7 +391,7 @@ def pick_caption(files: DatasetFiles, rel: str, caption_priority: str = "csv",
                  problems: list[str] | None = None) -> tuple[str, str]:
     """(source, raw caption) of one image: "csv" | "txt" | "none", by ``caption_priority``; an image in a kohya
     folder without either: "folder", the folder's class tokens (as kohya's scripts train it)."""
-    sidecar = _read_sidecar(files.sidecar(rel), files.problems if problems is None else problems)
+    sidecar = _read_sidecar(files.sidecar(rel), files.problems if problems is None else problems, files.root)
     choices = [("csv", files.csv_captions.get(rel)), ("txt", sidecar)]
     if caption_priority == "txt":
         choices.reverse()
@@ -392,7 +422,8 @@ def scan_dataset(root, metadata_path=None, caption_extension: str = ".txt", capt
     files = find_dataset_files(root, metadata_path, caption_extension, recursive)
     root, candidates = files.root, files.images
     scan = DatasetScan(root, csv_name=files.csv_path.name, caption_extension=files.caption_extension,
-                       problems=files.problems, skipped=list(files.csv_skipped), folder_notes=files.folder_notes)
+                       problems=files.problems, skipped=list(files.csv_skipped), folder_notes=files.folder_notes,
+                       recursive=recursive)
 
     def skip(rel: str, reason: str) -> None:
         scan.skipped.append(Skipped(rel, reason))
@@ -448,7 +479,8 @@ class ImageDataset(torch.utils.data.Dataset):
     ``fast_jpeg_decode``: JPEGs decode at a reduced scale (libjpeg's DCT scaling), at least twice the size they
     are resized to, so the resize that follows still filters down from more pixels than it keeps. ``sizes``: each
     picture's (w, h) as shown where already known (the dataset scan's); else read from the file headers.
-    An item is ``dataset[i]``, or ``dataset[(i, epoch)]`` for the random crop of that epoch.
+    An item is ``dataset[i]``, or ``dataset[(i, epoch)]`` for the random crop of that epoch (``(i, epoch, repeat)``:
+    of that repeat of the image in the epoch).
     """
 
     def __init__(self, samples: list[Sample], resolution: int, fast_jpeg_decode: bool = False,
@@ -506,14 +538,15 @@ class ImageDataset(torch.utils.data.Dataset):
         """1, or the 2, 4, 8 that image ``i`` is shrunk by as it decodes (a large JPEG, fast_jpeg_decode)."""
         return draft_scale(self.samples[i].path, self._draft(i)) if self.fast_jpeg_decode else 1
 
-    def crop(self, i: int, epoch: int | None = None) -> tuple[int, int]:
+    def crop(self, i: int, epoch: int | None = None, repeat: int = 0) -> tuple[int, int]:
         """(top, left) of image ``i``'s crop in its resized picture: centred, or with random_crop a place drawn
-        from (seed, epoch, image) for ``epoch`` (so a resume cuts the same)."""
+        from (seed, epoch, image, repeat) for ``epoch`` (so a resume cuts the same), anew for each ``repeat`` (the
+        times the epoch cut the image before: kohya's folders train an image several times an epoch)."""
         fit = self.fits[i]
         if not self.random_crop or epoch is None:
             return fit.centre()
         rows, cols = fit.slack
-        digest = hashlib.sha256(f"{self.seed}|{epoch}|{i}".encode()).hexdigest()
+        digest = hashlib.sha256((f"{self.seed}|{epoch}|{i}" + (f"|{repeat}" if repeat else "")).encode()).hexdigest()
         return int(digest[:15], 16) % (rows + 1), int(digest[15:30], 16) % (cols + 1)
 
     def geometry(self, i: int) -> tuple[int, int, int, int, int]:
@@ -553,7 +586,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return torch.tensor(rows, dtype=torch.float32)
 
     def __getitem__(self, key) -> dict:
-        i, epoch = key if isinstance(key, tuple) else (key, None)
+        i, epoch, repeat = (*key, 0)[:3] if isinstance(key, tuple) else (key, None, 0)
         s = self.samples[i]
         try:
             img = load_image(s.path, draft=self._draft(i))
@@ -564,7 +597,7 @@ class ImageDataset(torch.utils.data.Dataset):
             return {"pixel_values": to_tensor(resize_center_crop(img, self.resolution)), "caption": s.caption,
                     "index": i}
         fit = self.fits[i]
-        top, left = self.crop(i, epoch)
+        top, left = self.crop(i, epoch, repeat)
         pixels = to_tensor(resize_crop(img, fit.resized, (left, top, left + fit.bucket[0], top + fit.bucket[1])))
         return {"pixel_values": pixels, "caption": s.caption, "index": i, "crop": (top, left)}
 

@@ -44,6 +44,11 @@ def with_regularization(d, scan: DatasetScan, inspect=None) -> DatasetScan:
                            caption_priority=d.caption_priority, recursive=d.recursive, inspect=inspect)
     except DatasetError as e:
         raise DatasetError(f"data.reg_data_dir (the regularization images): {e}") from None
+    # (named by their whole path: the subject's skipped files are named relative to the subject's folder; and said
+    # now, as the dataset check before the run says the subject's)
+    skipped = [dataclasses.replace(s, path=str(reg.root / s.path)) for s in reg.skipped]
+    for s in skipped:
+        log.warning("regularization image %s skipped: %s", s.path, s.reason)
     target = sum(s.repeats for s in scan.samples)
     counts = balanced_repeats([s.repeats for s in reg.samples], target)
     used = [dataclasses.replace(s, repeats=n, is_reg=True) for s, n in zip(reg.samples, counts) if n]
@@ -55,7 +60,7 @@ def with_regularization(d, scan: DatasetScan, inspect=None) -> DatasetScan:
              f"; {untitled} without a caption (trained with the empty prompt)" if untitled else "")
     # kohya's ss_reg_dataset_dirs: every image of each folder, at the folder's own repeats
     dirs = folder_counts(reg.samples) or {reg.root.name: {"n_repeats": 1, "img_count": len(reg.samples)}}
-    return dataclasses.replace(scan, samples=[*scan.samples, *used], skipped=[*scan.skipped, *reg.skipped],
+    return dataclasses.replace(scan, samples=[*scan.samples, *used], skipped=[*scan.skipped, *skipped],
                                reg_dirs=dirs,
                                problems=[*scan.problems, *reg.problems],
                                folder_notes=[*scan.folder_notes, *reg.folder_notes],
