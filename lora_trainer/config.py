@@ -185,6 +185,17 @@ KOHYA_KEYS = {
                       "training.target_modules)",
     "network_weights": "has no setting here: a run starts from a new LoRA or from a checkpoint of its own "
                        "(resume_from_checkpoint)",
+    "v_parameterization": "is model.prediction_type here: v_prediction (auto, the default, takes the model's: its "
+                          "scheduler's, or a single file's v_pred key)",
+    "v2": "has no setting here: an SD 2.x model is told by its files (and a 768-v one by its scheduler's prediction "
+          "type)",
+    "network_train_unet_only": "is train_text_encoder here, the other way round: false (the default) trains the UNet "
+                               "only; kohya trains the text encoder too unless network_train_unet_only is true",
+    "cache_text_encoder_outputs": "is cache_text_embeddings here (on by default, where no text encoder trains and "
+                                  "the captions are not augmented)",
+    "max_token_length": "has no setting here: a caption is one 75-token window (the dataset check names longer ones)",
+    "xformers": "is attention: xformers here (auto, the default, is PyTorch's SDPA)",
+    "sdpa": "is attention: sdpa here (auto, the default, is the same)",
 }
 # values other tools write for a choice (the lora-scripts articles: task_type "image-to-text" for an image LoRA)
 VALUE_ALIASES = {"task_type": {"image-to-text": "text-to-image", "sd": "text-to-image", "stable-diffusion":
@@ -312,6 +323,10 @@ def _convert(name: str, value, key: str):
         return (None, None) if optional else (None, f"{key}: a value is required (got nothing)")
     if name == "sample_prompts":
         return _sample_prompts(value, key)
+    if name == "resolution" and isinstance(value, (str, list, tuple)):
+        value, error = _resolution(value, key)
+        if error:
+            return None, error
     shown = repr(value)
     if base is bool:
         if isinstance(value, bool):
@@ -364,6 +379,28 @@ def _convert(name: str, value, key: str):
         if bad:
             return None, f"{key}: {shown} is out of range: must be {_range_text(lo, hi, lo_open, hi_open)}"
     return value, None
+
+
+def _resolution(value, key: str):
+    """data.resolution as kohya's configs write it, ``"1024,1024"`` (or ``1024x1024``, ``[1024, 1024]``): a square's
+    side; kohya's non-square width,height is refused with what to write (here buckets hold at most resolution²
+    pixels and the square bucket is resolution × resolution; portraits and landscapes get buckets of their shape)."""
+    parts = value if isinstance(value, (list, tuple)) else value.lower().replace("x", ",").split(",")
+    if isinstance(value, str) and len(parts) == 1:
+        return value, None  # (one number as text: read as any integer is)
+    try:
+        sides = [int(str(v).strip()) for v in parts]
+    except ValueError:
+        return None, f"{key}: expected an integer (a square's side, e.g. 512 or 1024), got {value!r}"
+    if len(sides) != 2:
+        return None, f"{key}: expected an integer or width,height as kohya writes it (e.g. 1024,1024), got {value!r}"
+    if sides[0] != sides[1]:
+        side = max(64, int(math.sqrt(sides[0] * sides[1])) // 64 * 64)
+        return None, (f"{key}: {value!r} is {sides[0]}×{sides[1]}; a non-square resolution is not supported here: give "
+                      f"one number, the square bucket's side (e.g. {side}); with data.enable_bucket (on by default) "
+                      "each image trains in the bucket nearest its own shape, of at most that many pixels")
+    log.info("%s: %r is the square %d×%d: resolution %d", key, value, sides[0], sides[0], sides[0])
+    return sides[0], None
 
 
 def _arguments(value, key: str):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 from safetensors import safe_open
-from test_train import make_cfg
+from test_train import StopAt, make_cfg
 
 from lora_trainer.config import config_from_dict
 from lora_trainer.data.augment import CaptionAugment
@@ -110,3 +110,39 @@ def test_a_run_encodes_the_augmented_captions_each_step(tmp_path, monkeypatch, c
         meta = f.metadata()
     assert (meta["ss_shuffle_caption"], meta["ss_keep_tokens"], meta["ss_caption_tag_dropout_rate"]) == \
         ("True", "0", "0.0")
+
+
+def test_an_image_repeated_in_an_epoch_gets_a_new_draw_each_time(tmp_path, monkeypatch):
+    """kohya's ``<repeats>_<name>`` folders train an image several times an epoch; kohya shuffles and drops anew each
+    time, so a 1-epoch run of 8 repeats sees several orders (not one order 8 times), and a resume the same ones."""
+    from PIL import Image
+
+    from lora_trainer.models.diffusers_backend import DiffusersBackend
+
+    folder = tmp_path / "img" / "8_zxq"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(folder / "a.png")
+    (folder / "a.txt").write_text("zxq, red, round, small, flat, bright, plain, centred", encoding="utf-8")
+    encoded = []
+    real = DiffusersBackend.encode_prompts
+
+    def spy(self, captions, **kw):
+        encoded.extend(captions)
+        return real(self, captions, **kw)
+
+    monkeypatch.setattr(DiffusersBackend, "encode_prompts", spy)
+
+    def cfg(out, **kw):
+        c = make_cfg(tmp_path / "img", tmp_path / out, random_flip=False, batch_size=1, max_train_steps=8,
+                     save_steps=4, **kw)
+        c.data.shuffle_caption, c.data.keep_tokens, c.data.caption_dropout_rate = True, 1, 0.3
+        return c
+
+    train(cfg("a"), progress=False)
+    whole, encoded[:] = list(encoded), []
+    assert len(whole) == 8 and all(c == "" or c.startswith("zxq, ") for c in whole)
+    assert len(set(whole)) >= 4, f"the repeats of one epoch drew alike: {whole}"
+    assert 0 < whole.count("") < 8  # (dropped some of the times, not all or none)
+    assert train(cfg("b"), callbacks=StopAt(4), progress=False).status == "stopped"
+    train(cfg("b", resume_from_checkpoint="latest"), progress=False)
+    assert encoded == whole  # (a resume draws what the whole run drew)

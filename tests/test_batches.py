@@ -128,3 +128,33 @@ def test_resuming_a_run_stopped_at_its_last_step_trains_no_more(demo_data, tmp_p
     assert "fast_jpeg_decode True → False" in caplog.text  # the pixels would differ from the first run's
     a, b = load_file(straight.lora_path), load_file(resumed.lora_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_image_repeated_in_an_epoch_is_numbered_and_cut_anew_each_time(tmp_path):
+    """kohya's folders train an image several times an epoch: the stream numbers each time (``repeats``, for the
+    caption draws) and a random crop differs between the times; two processes number their rows as one does."""
+    from PIL import Image
+
+    from lora_trainer.data.buckets import BucketSpec
+
+    folder = tmp_path / "img" / "6_zxq"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (256, 128), (200, 30, 30)).save(folder / "wide.png")
+    Image.new("RGB", (128, 128), (30, 30, 200)).save(folder / "square.png")
+    samples = scan_dataset(tmp_path / "img").samples
+    dataset = ImageDataset(samples, 128, buckets=BucketSpec(128, 64, None, 32), random_crop=True, seed=5)
+    plan = Plan(num_images=2, batch_size=2, grad_accum=1, total_steps=6, buckets=tuple(map(tuple,
+                                                                                           dataset.epoch_groups())))
+    got = list(batch_stream(plan, 3, 0, dataset, [s.caption for s in samples]))
+    wide = [s.path.stem for s in samples].index("wide")
+    numbered = [(r, c) for _, _, b in got for j, r, c in zip(b["indices"].tolist(), b["repeats"].tolist(),
+                                                             b["crops"].tolist()) if j == wide]
+    assert [r for r, _ in numbered] == list(range(6))  # (one epoch: the 6 times in order)
+    assert len({tuple(c) for _, c in numbered}) > 1, f"every repeat was cut alike: {numbered}"
+    assert [tuple(c) for _, c in numbered] == [dataset.crop(wide, 0, r) for r, _ in numbered]
+    two = dataclasses.replace(plan, batch_size=1, world_size=2)
+    parts = [list(batch_stream(two, 3, 0, None, [s.caption for s in samples], rank=k)) for k in range(2)]
+    merged = [(j, r) for p in zip(*parts) for _, _, b in p if b["weight"] > 0
+              for j, r in zip(b["indices"].tolist(), b["repeats"].tolist())]
+    one = [(j, r) for _, _, b in got for j, r in zip(b["indices"].tolist(), b["repeats"].tolist())]
+    assert sorted(merged) == sorted(one)

@@ -89,6 +89,22 @@ def test_kohyas_names_are_read_or_pointed_to_ours():
                                                                       "save_model_as": "safetensors"})
     assert config_from_dict({"train_data_dir": "x", "target_modules": "to_q, to_v"}).training.target_modules == [
         "to_q", "to_v"]  # (a list written as text: --set target_modules=to_q,to_v)
+    assert "kohya's 'v_parameterization' is model.prediction_type here: v_prediction" in error_of(
+        {"train_data_dir": "x", "v_parameterization": True})
+    for key, ours in [("network_train_unet_only", "is train_text_encoder here"),  # (not a near name of another
+                      ("cache_text_encoder_outputs", "is cache_text_embeddings"),  # meaning: train_text_encoder_2,
+                      ("max_token_length", "has no setting here")]:  # max_seq_length)
+        assert f"kohya's '{key}' {ours}" in error_of({"train_data_dir": "x", key: True})
+
+
+def test_kohyas_width_height_resolution_is_read_when_square_and_refused_with_a_fix_otherwise():
+    for written in ("1024,1024", "1024x1024", [1024, 1024], "1024, 1024"):
+        assert config_from_dict({"train_data_dir": "x", "resolution": written}).data.resolution == 1024
+    msg = error_of({"train_data_dir": "x", "resolution": "1024,768"})
+    assert "data.resolution: '1024,768' is 1024×768; a non-square resolution is not supported" in msg
+    assert "(e.g. 832)" in msg
+    assert "out of range" in error_of({"train_data_dir": "x", "resolution": "32,32"})
+    assert "expected an integer" in error_of({"train_data_dir": "x", "resolution": "big,big"})
 
 
 def test_unknown_key_searches_every_section_and_otherwise_lists_the_keys():

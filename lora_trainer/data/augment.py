@@ -5,7 +5,9 @@ place, each other tag left out with ``tag_dropout_rate``, the whole caption repl
 and the caption's markdown core tags (``**core style**``) are never shuffled away or dropped: the prefix stays in
 place, the core tags follow the kept tags, in their order, so a trigger word written in bold needs no counting.
 
-Every draw is a pure function of (seed, epoch, image), so a resumed run sees the captions the whole run would have.
+Every draw is a pure function of (seed, epoch, image, repeat), so a resumed run sees the captions the whole run would
+have; ``repeat`` counts the times an epoch trained the image before (kohya's ``<repeats>_<name>`` folders train it
+several times an epoch, and kohya draws anew each time).
 """
 
 from __future__ import annotations
@@ -51,12 +53,14 @@ class CaptionAugment:
             parts.append(f"no caption in every {self.dropout_every_n_epochs}. epoch")
         return ", ".join(parts) + "; the prefix and the **core** tags always kept"
 
-    def caption(self, text: str, core_tags, image: int, epoch: int) -> str:
-        """What the trainer encodes for image ``image`` (its index in the run's images) in ``epoch`` (0-based):
-        ``text`` as the dataset read it (prefix + caption without markdown), ``core_tags`` its bold spans."""
+    def caption(self, text: str, core_tags, image: int, epoch: int, repeat: int = 0) -> str:
+        """What the trainer encodes for image ``image`` (its index in the run's images) in ``epoch`` (0-based), the
+        ``repeat``-th time (0-based) that epoch trains it: ``text`` as the dataset read it (prefix + caption without
+        markdown), ``core_tags`` its bold spans."""
         if self.dropout_every_n_epochs and (epoch + 1) % self.dropout_every_n_epochs == 0:
             return ""  # (kohya counts epochs from 1)
-        rng = random.Random(f"caption|{self.seed}|{epoch}|{image}")  # (a str seed: the same in every process)
+        # (a str seed: the same in every process; an image's first time in an epoch draws as before repeats counted)
+        rng = random.Random(f"caption|{self.seed}|{epoch}|{image}" + (f"|{repeat}" if repeat else ""))
         if self.dropout_rate and rng.random() < self.dropout_rate:
             return ""
         if not (self.shuffle or self.tag_dropout_rate):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -93,6 +94,22 @@ def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int,
     return [batches[k] for k in torch.randperm(len(batches), generator=generator).tolist()]
 
 
+def repeat_numbers(plan: Plan, seed: int, epoch: int) -> list[list[int]] | None:
+    """For each micro-batch of ``epoch``, the repeat of each of its images: how many times the epoch trained that
+    image before (kohya's folders train an image several times an epoch); None where every image comes once."""
+    if plan.buckets is None:
+        return None
+    seen: Counter = Counter()
+    numbers = []
+    for batch in epoch_batches(plan.num_images, plan.global_batch, seed, epoch, plan.buckets):
+        row = []
+        for j in batch:  # (one image twice in a batch, a bucket of its own repeats: two numbers)
+            row.append(seen[j])
+            seen[j] += 1
+        numbers.append(row)
+    return numbers
+
+
 def schedule(plan: Plan, seed: int, step: int) -> Iterator[tuple[int, int, list[int]]]:
     """(epoch, micro-batch index in its epoch, image indices) of every micro-batch of the optimizer steps
     from ``step`` (0-based) to the last; none from a step at or past the end."""
@@ -137,20 +154,36 @@ def _sharded(positions, world_size: int, rank: int):
         yield e, i, [b[r] for r in rows], {"rows": torch.tensor(rows), "of": len(b), "weight": weight}
 
 
+def _with_repeats(positions, plan: Plan, seed: int):
+    """``_sharded``'s positions with ``repeats``, the repeat of each of the batch's images (``repeat_numbers``),
+    where the run has buckets (an image with kohya's repeats comes several times an epoch)."""
+    numbers: tuple = (None, None)
+    for e, i, b, extra in positions:
+        if numbers[0] != e:
+            numbers = (e, repeat_numbers(plan, seed, e))
+        if numbers[1] is not None:
+            places = extra["rows"].tolist() if "rows" in extra else range(len(b))
+            extra = {**extra, "repeats": torch.tensor([numbers[1][i][k] for k in places])}
+        yield e, i, b, extra
+
+
 def batch_stream(plan: Plan, seed: int, step: int, dataset: ImageDataset | None, captions: list[str],
                  num_workers: int = 0, pin_memory: bool = False, rank: int = 0) -> Iterator[tuple[int, int, dict]]:
     """(epoch, index in epoch, batch) for the rest of the run. ``dataset`` None (latents cached): a batch is
     its image indices and captions, nothing is read; else ``pixel_values`` too, decoded ahead (pinned on
     CUDA by DataLoader workers; the threads leave them pageable). With several processes (``plan.world_size``) a
-    batch is process ``rank``'s rows of the micro-batch, with ``rows``, ``of`` and ``weight`` (``_sharded``)."""
-    positions = _sharded(schedule(plan, seed, step), plan.world_size, rank)
+    batch is process ``rank``'s rows of the micro-batch, with ``rows``, ``of`` and ``weight`` (``_sharded``). With
+    buckets a batch has ``repeats``: the times the epoch trained each of its images before (``repeat_numbers``)."""
+    def positions():
+        return _with_repeats(_sharded(schedule(plan, seed, step), plan.world_size, rank), plan, seed)
+
     if dataset is None:
-        for e, i, b, extra in positions:
+        for e, i, b, extra in positions():
             yield e, i, {"indices": torch.tensor(b), "captions": [captions[j] for j in b], **extra}
         return
-    # a random crop depends on the epoch: the items are (image, epoch) then (ImageDataset.crop)
-    batches = (([(j, e) for j in b] if dataset.random_crop else b)
-               for e, _, b, _ in _sharded(schedule(plan, seed, step), plan.world_size, rank))
+    # a random crop depends on the epoch and repeat: the items are (image, epoch, repeat) then (ImageDataset.crop)
+    batches = (([(j, e, int(r)) for j, r in zip(b, extra.get("repeats", [0] * len(b)))] if dataset.random_crop else b)
+               for e, _, b, extra in positions())
     if num_workers > 0:  # its own generator: making the loader draws nothing from the global RNG
         loaded = iter(torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                                                   num_workers=num_workers, pin_memory=pin_memory,
@@ -158,7 +191,7 @@ def batch_stream(plan: Plan, seed: int, step: int, dataset: ImageDataset | None,
     else:
         loaded = _decoded_in_threads(dataset, batches, plan.batch_size)
     try:
-        for (e, i, _, extra), batch in zip(positions, loaded):
+        for (e, i, _, extra), batch in zip(positions(), loaded):
             yield e, i, {**batch, **extra}
     except DatasetError as err:  # from a worker process, torch wraps the message in the worker's traceback
         raise DatasetError(str(err).strip().splitlines()[-1].split("DatasetError: ", 1)[-1]) from None

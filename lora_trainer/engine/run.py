@@ -134,12 +134,15 @@ class Run:
         return stream if self.augment is None else self._augmented(stream)
 
     def _augmented(self, stream):
-        """The stream with each caption as data.augment makes it for its image and epoch."""
+        """The stream with each caption as data.augment makes it for its image, epoch and repeat (an image trained
+        several times an epoch, kohya's folders, gets a new draw each time, as kohya's trainer gives it)."""
         samples, aug = self.scan.samples, self.augment
         try:
             for epoch, i, batch in stream:
-                captions = [aug.caption(samples[j].caption, samples[j].core_tags, j, epoch)
-                            for j in batch["indices"].tolist()]
+                indices = batch["indices"].tolist()
+                repeats = batch["repeats"].tolist() if "repeats" in batch else [0] * len(indices)
+                captions = [aug.caption(samples[j].caption, samples[j].core_tags, j, epoch, r)
+                            for j, r in zip(indices, repeats)]
                 yield epoch, i, {**batch, "captions": captions}
         finally:
             stream.close()
