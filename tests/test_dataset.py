@@ -285,6 +285,32 @@ def test_a_csv_name_in_another_case_is_the_same_image_on_windows(tmp_path, monke
     assert scan.skipped == []
 
 
+def test_two_csv_rows_for_one_image_are_named_and_the_later_wins(tmp_path):
+    """``./a.png`` and ``a.png`` are one file: its caption is the later row's, and the dataset check says so (as it
+    says for a name written twice alike)."""
+    root = tmp_path / "s"
+    root.mkdir()
+    save(rgb(), root / "a.png")
+    (root / "metadata.csv").write_text("file_name,text\n./a.png,first\na.png,second\n", encoding="utf-8")
+    scan = scan_dataset(root)
+    assert [(s.path.name, s.caption) for s in scan.samples] == [("a.png", "second")]
+    assert scan.problems == ["metadata.csv line 3: a.png is a.png, also listed as ./a.png on line 2; line 3 wins"]
+
+
+def test_a_caption_file_saved_as_windows_unicode_is_read(tmp_path):
+    """Notepad's "Unicode" (UTF-16 with a byte order mark) is read, not skipped as not UTF-8."""
+    root = tmp_path / "s"
+    root.mkdir()
+    for name in ("le.png", "be.png"):
+        save(rgb(), root / name)
+    (root / "le.txt").write_bytes("\ufeffcafé, **zxq** style".encode("utf-16-le"))
+    (root / "be.txt").write_bytes("\ufeffnaïve, red".encode("utf-16-be"))
+    scan = scan_dataset(root)
+    by = {s.path.name: s for s in scan.samples}
+    assert (by["le.png"].caption, by["le.png"].core_tags) == ("café, zxq style", ("zxq",))
+    assert by["be.png"].caption == "naïve, red" and scan.problems == []
+
+
 def test_recursive_and_hidden(tmp_path):
     root = tmp_path / "r"
     (root / "sub" / "deeper").mkdir(parents=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import logging
 import os
@@ -295,7 +296,10 @@ def _read_sidecar(path: Path, problems: list[str], root: Path | None = None) -> 
         log.warning("%s", problems[-1])
         return None
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        raw = path.read_bytes()
+        # (Windows Notepad's "Unicode" is UTF-16 with a byte order mark; everything else is read as UTF-8)
+        text = raw.decode("utf-16") if raw[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) else \
+            raw.decode("utf-8-sig")
         if "\0" in text:
             problems.append(f"{name}: NUL characters removed from the caption")
             log.warning("%s", problems[-1])
@@ -359,6 +363,7 @@ def find_dataset_files(root, metadata_path=None, caption_extension: str = ".txt"
     by_lower = {}
     for rel in found:
         by_lower.setdefault(rel.lower(), []).append(rel)
+    listed: dict[str, int] = {}  # the line each image is listed on
     for name, entry in rows.items():
         where = f"listed in {csv_path.name} line {entry.line}"
         target = _csv_target(root, name)
@@ -378,6 +383,11 @@ def find_dataset_files(root, metadata_path=None, caption_extension: str = ".txt"
         elif folders and not files.folder(target[0]):
             reason = f"{where}: outside the <repeats>_<name> folders (kohya's layout leaves it out)"
         else:
+            if target[0] in listed:  # (./a.png and a.png, IMG.JPG and img.jpg: one file)
+                problems.append(f"{csv_path.name} line {entry.line}: {name} is {target[0]}, also listed as "
+                                f"{files.csv_names[target[0]]} on line {listed[target[0]]}; line {entry.line} wins")
+                log.warning("%s", problems[-1])
+            listed[target[0]] = entry.line
             candidates.setdefault(*target)
             files.csv_captions[target[0]] = entry.caption
             files.csv_names[target[0]] = name
