@@ -375,3 +375,26 @@ def test_a_text_encoder_without_out_proj_loads_in_diffusers(tmp_path, diffusers_
     torch.testing.assert_close(got, want, **TOL)
     torch.testing.assert_close(got, outputs_before_and_after(diffusers_file, lambda pipe: pipe.text_encoder(ids)[0])[1],
                                **TOL)
+
+
+@pytest.mark.parametrize("width", [768, 1024], ids=["sd1", "sd2"])
+def test_sd2_text_encoder_attention_gets_all_four_projections(width):
+    """AUTOMATIC1111 runs SD 2.x's text encoder as open_clip's (its attention one fused nn.MultiheadAttention) and
+    changes a layer's attention only when its q, k, v and out_proj modules are all in the file (as for SDXL's
+    second encoder): a ``lora_te_`` LoRA 1024 wide (SD 2.x's) trained on q and v gets zero k and out modules;
+    SD 1.x's (768, CLIP's own Linear layers) gets only the zero out_proj diffusers needs."""
+    gen = torch.Generator().manual_seed(0)
+    state = {}
+    for proj in ("q_proj", "v_proj"):
+        state[f"text_model.encoder.layers.0.self_attn.{proj}.lora_A.weight"] = torch.randn(4, width, generator=gen)
+        state[f"text_model.encoder.layers.0.self_attn.{proj}.lora_B.weight"] = torch.randn(width, 4, generator=gen)
+    state["text_model.encoder.layers.0.mlp.fc1.lora_A.weight"] = torch.randn(4, width, generator=gen)
+    state["text_model.encoder.layers.0.mlp.fc1.lora_B.weight"] = torch.randn(4 * width, 4, generator=gen)
+    tensors = peft_to_kohya(state, "lora_te_", 2.0)
+    layer = "lora_te_text_model_encoder_layers_0_self_attn_"
+    added = {"k", "out"} if width == 1024 else {"out"}
+    assert {k.split(".")[0] for k in tensors} == {f"{layer}{p}_proj" for p in {"q", "v"} | added} | {
+        "lora_te_text_model_encoder_layers_0_mlp_fc1"}
+    for proj in added:
+        assert tensors[f"{layer}{proj}_proj.lora_down.weight"].shape == (4, width)
+        assert not tensors[f"{layer}{proj}_proj.lora_up.weight"].any() and tensors[f"{layer}{proj}_proj.alpha"] == 2.0

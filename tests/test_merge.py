@@ -178,3 +178,41 @@ def test_non_finite_weights_and_non_safetensors_files_are_refused(checkpoint, tm
     with pytest.raises(LoraTrainerError, match=r"^merge: --base .*pickle.safetensors is not a safetensors file"):
         merge_into_checkpoint(pickle, [(str(lora), 1.0)], tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_text_encoder_modules_merge_into_checkpoints_without_text_model(checkpoint, tmp_path):
+    """Older SD 1.x checkpoints name their CLIP weights without its ``text_model.`` level
+    (``cond_stage_model.transformer.encoder.layers.0…``; the WebUI's sd_models.checkpoint_dict_replacements_sd1 puts
+    it back): a LoRA's lora_te_ modules merge into them as into the newer layout, key for key."""
+    _, lora = lora_file(tmp_path, "style", ldm_names=True)
+    new_layout = "cond_stage_model.transformer.text_model."
+    base = load_file(checkpoint)
+    old = {k.replace(new_layout, "cond_stage_model.transformer."): v for k, v in base.items()}
+    assert old.keys() != base.keys()
+    save_file(old, str(tmp_path / "old.safetensors"))
+    want = load_file(merge_into_checkpoint(checkpoint, [(lora, 0.8)], tmp_path / "new_merged.safetensors"))
+    got = load_file(merge_into_checkpoint(tmp_path / "old.safetensors", [(lora, 0.8)],
+                                          tmp_path / "old_merged.safetensors"))
+    te = [k for k in want if k.startswith(new_layout) and not torch.equal(want[k], base[k])]
+    assert len(te) >= 2  # (the LoRA's q and v projections)
+    for key, value in want.items():
+        torch.testing.assert_close(got[key.replace(new_layout, "cond_stage_model.transformer.")], value, msg=key)
+
+
+def test_sd2_turbo_open_clip_in_the_sgm_layout_takes_lora_te(tmp_path):
+    """SD 2.1 Turbo's checkpoint keeps its OpenCLIP text encoder at ``conditioner.embedders.0.model.`` (the WebUI's
+    sd_models.checkpoint_dict_replacements_sd2_turbo): an SD 2.x LoRA's lora_te_ modules merge into it."""
+    d = 8
+    key = "conditioner.embedders.0.model.transformer.resblocks.0.attn.in_proj_weight"
+    base = {key: torch.randn(3 * d, d)}
+    save_file(base, str(tmp_path / "turbo.safetensors"))
+    gen = torch.Generator().manual_seed(0)
+    module = "lora_te_text_model_encoder_layers_0_self_attn_v_proj"
+    tensors = {module + ".lora_down.weight": torch.randn(2, d, generator=gen),
+               module + ".lora_up.weight": torch.randn(d, 2, generator=gen), module + ".alpha": torch.tensor(2.)}
+    save_kohya_lora(tmp_path / "sd2.safetensors", tensors, {})
+    merged = load_file(merge_into_checkpoint(tmp_path / "turbo.safetensors", [(tmp_path / "sd2.safetensors", 1.0)],
+                                             tmp_path / "out.safetensors"))[key]
+    v = tensors[module + ".lora_up.weight"] @ tensors[module + ".lora_down.weight"]
+    torch.testing.assert_close(merged[2 * d:], base[key][2 * d:] + v)
+    assert torch.equal(merged[:2 * d], base[key][:2 * d])

@@ -194,3 +194,32 @@ def test_fp16_loras_merge_without_losing_precision_and_dtype_is_written(tmp_path
         with safe_open(str(merge_loras([(first, 1.0), (first, 0.5)], tmp_path / f"{dtype}.safetensors",
                                        dtype=dtype)), "pt") as f:
             assert {f.get_slice(k).get_dtype() for k in f.keys()} == {kind}, dtype
+
+
+def webui_version(path) -> str:
+    """The family AUTOMATIC1111 files a LoRA under (v1.10.1 extensions-builtin/Lora/network.py detect_version): it
+    hides a LoRA of another family than the loaded model's."""
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("ss_base_model_version", "").startswith("sdxl_"):
+        return "SDXL"
+    if meta.get("ss_v2") == "True":
+        return "SD2"
+    return "SD1" if meta else "Unknown"
+
+
+def test_the_merged_lora_names_the_family_the_files_are_for(tmp_path):
+    """An SDXL file that names its family merged with one that does not (its lora_te1_/lora_te2_ keys tell): the
+    merged file says SDXL, as does a merge of SD 2.x files told by their cross-attention width alone; the WebUI
+    would take either for SD 1.x (it has metadata without the family) and hide it under its own model."""
+    xl_modules = {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (8, 8),
+                  "lora_te2_text_model_encoder_layers_0_self_attn_q_proj": (8, 8)}
+    xl = small_lora(tmp_path, "xl", xl_modules, {"ss_base_model_version": "sdxl_base_v1-0"})
+    bare = small_lora(tmp_path, "bare", xl_modules, seed=1)
+    merged = merge_loras([(xl, 1.0), (bare, 0.5)], tmp_path / "xl_bare.safetensors")
+    assert webui_version(merged) == "SDXL"
+    sd2 = [small_lora(tmp_path, f"sd2_{i}", {"lora_unet_a_attn2_to_k": (8, 1024)}, seed=i) for i in range(2)]
+    merged = merge_loras([(p, 1.0) for p in sd2], tmp_path / "sd2.safetensors")
+    assert webui_version(merged) == "SD2"
+    with safe_open(str(merged), "pt") as f:
+        assert f.metadata()["ss_base_model_version"] == "sd_v2"

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_export import (  # noqa: F401 (diffusers_loader: a fixture)
     CONV_TARGETS,
     TOL,
@@ -169,3 +169,43 @@ def test_out_and_lora_are_checked_as_merge_checks_them(lora, tmp_path):
     with pytest.raises(LoraTrainerError, match=r"^resize: --lora .*pickle.safetensors is not a safetensors file, "
                                                "or damaged"):
         resize_lora(pickle, tmp_path / "x.safetensors", rank=2)
+
+
+def test_a_file_without_its_family_is_resized_into_one_that_names_it(tmp_path):
+    """A LoRA without metadata (the WebUI shows it for every model) gets ss_network_dim and the rest when resized:
+    with no ss_base_model_version among them AUTOMATIC1111 takes it for SD 1.x and hides it under SDXL, so the
+    family its lora_te1_/lora_te2_ keys tell is written too."""
+    from test_merge_loras import small_lora, webui_version
+
+    modules = {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (8, 8),
+               "lora_te2_text_model_encoder_layers_0_self_attn_q_proj": (8, 8),
+               "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k": (8, 2048)}
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(small_lora(tmp_path, "tensors", modules, rank=4)), str(bare))  # (no metadata at all)
+    assert webui_version(bare) == "Unknown"
+    report = resize_lora(bare, tmp_path / "r.safetensors", rank=2)
+    assert webui_version(report.path) == "SDXL"
+    with safe_open(str(report.path), "pt") as f:
+        assert f.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+
+
+def test_a_module_whose_up_does_not_take_its_downs_rank_is_refused_by_name(tmp_path):
+    """A damaged file (lora_up of rank 3 after a lora_down of rank 2): resize and both merges name the module and
+    write nothing, rather than a reshape error from deep in the SVD, or (merged into one LoRA) a file the WebUI
+    cannot multiply out."""
+    from lora_trainer.export.merge import merge_into_checkpoint
+    from lora_trainer.export.merge_loras import merge_loras
+
+    tensors = {"lora_unet_x.lora_down.weight": torch.ones(2, 4), "lora_unet_x.lora_up.weight": torch.ones(4, 2),
+               "lora_unet_y.lora_down.weight": torch.ones(2, 4), "lora_unet_y.lora_up.weight": torch.ones(4, 3)}
+    path = save_kohya_lora(tmp_path / "bad.safetensors", tensors, {})
+    save_file({"model.diffusion_model.x.weight": torch.zeros(4, 4)}, str(tmp_path / "base.safetensors"))
+    want = r"1 modules in .*bad.safetensors have a lora_up that does not take the rank of their lora_down " \
+           r"\(lora_unet_y: lora_up \[4, 3\], lora_down \[2, 4\]\)"
+    with pytest.raises(LoraTrainerError, match="^resize: " + want):
+        resize_lora(path, tmp_path / "x.safetensors", rank=1)
+    with pytest.raises(LoraTrainerError, match="^merge: " + want):
+        merge_loras([(path, 1.0), (path, 1.0)], tmp_path / "x.safetensors")
+    with pytest.raises(LoraTrainerError, match="^merge: " + want):
+        merge_into_checkpoint(tmp_path / "base.safetensors", [(path, 1.0)], tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()

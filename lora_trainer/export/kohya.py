@@ -81,15 +81,26 @@ def peft_to_kohya(state_dict: dict, prefix: str, alpha: float, dtype: torch.dtyp
         for part, peft_part in (("lora_down", "lora_A"), ("lora_up", "lora_B")):
             if f"{name}.{part}.weight" not in out:
                 raise ValueError(f"{name}: the state dict has no {peft_part} weight for this module")
-    if prefix == "lora_te2_":
+    if prefix == "lora_te2_" or (prefix == "lora_te_" and _open_clip_width(out)):
         _complete_te2_attention(out)
     elif prefix in ("lora_te_", "lora_te1_"):
         _complete_te_out_proj(out)
     return out
 
 
-_TE2_ATTENTION = re.compile(r"^(?P<layer>lora_te2_text_model_encoder_layers_\d+_self_attn_)(?P<proj>q|k|v|out)_proj$")
+_OPEN_CLIP_ATTENTION = re.compile(r"^(?P<layer>lora_te2?_text_model_encoder_layers_\d+_self_attn_)"
+                                  r"(?P<proj>q|k|v|out)_proj$")  # (lora_te_: SD 2.x's, by its width)
 _TE_ATTENTION = re.compile(r"^(?P<layer>lora_te1?_text_model_encoder_layers_\d+_self_attn_)(?P<proj>q|k|v|out)_proj$")
+
+
+SD2_TEXT_WIDTH = 1024  # SD 2.x's text encoder (OpenCLIP ViT-H; SD 1.x's CLIP ViT-L is 768 wide)
+
+
+def _open_clip_width(out: dict) -> bool:
+    """Whether a ``lora_te_`` text encoder's attention is SD 2.x's (its width): the WebUI runs that encoder as
+    open_clip's, whose fused attention takes the four projections or none, as SDXL's second encoder does."""
+    return any(_TE_ATTENTION.match(k.partition(".")[0]) and k.endswith(".lora_down.weight")
+               and out[k].shape[-1] == SD2_TEXT_WIDTH for k in out)
 
 
 def _complete_te_out_proj(out: dict) -> None:
@@ -105,7 +116,8 @@ def _complete_te_out_proj(out: dict) -> None:
 
 
 def _complete_te2_attention(out: dict) -> None:
-    """Zero LoRA modules for the q/k/v/out projections a layer of SDXL's second text encoder lacks, in place.
+    """Zero LoRA modules for the q/k/v/out projections a layer of SDXL's second text encoder (or SD 2.x's ``lora_te_``
+    one, _open_clip_width) lacks, in place.
 
     In AUTOMATIC1111 that encoder is open_clip's, its attention one ``nn.MultiheadAttention`` (q, k, v fused in
     ``in_proj_weight``), and the WebUI changes it only when ``…_q_proj``, ``_k_proj``, ``_v_proj`` and ``_out_proj``
@@ -113,7 +125,7 @@ def _complete_te2_attention(out: dict) -> None:
     on q and v alone would be dropped without a word. A zero module changes nothing (up = 0); the four projections
     of a CLIP layer are all hidden × hidden, so the missing ones take a present one's shapes and alpha.
     """
-    _complete_attention(out, _TE2_ATTENTION, {"q", "k", "v", "out"})
+    _complete_attention(out, _OPEN_CLIP_ATTENTION, {"q", "k", "v", "out"})
 
 
 def _complete_attention(out: dict, pattern: re.Pattern, wanted: set[str]) -> None:

@@ -5,11 +5,11 @@ WebUIs and ComfyUI load the result as a normal checkpoint.
 A LoRA module is found in the checkpoint by its kohya name: the UNet's LDM/sgm names (``lora_unet_input_blocks_…``,
 ours and kohya's SDXL files) or the diffusers names kohya's SD 1.x/2.x files use (``lora_unet_down_blocks_…``, mapped
 through export.kohya.LdmUnetNames with the block layout read from the checkpoint's keys); the text encoders' CLIP
-names (``lora_te_``, ``lora_te1_``), and for OpenCLIP encoders (SD 2.x's, SDXL's second) their fused q/k/v
-projection's slices. Linear and LoCon convolution modules merge; a module of another kind, or one the checkpoint has
-no weight for, stops the merge with its name (nothing is dropped silently). The checkpoint is read and the result
-written one tensor at a time (memory: a tensor and the LoRAs); the file is written under a temporary name and renamed,
-never over an existing file.
+names (``lora_te_``, ``lora_te1_``; with or without the ``text_model.`` level older SD 1.x checkpoints lack), and for
+OpenCLIP encoders (SD 2.x's, SDXL's second) their fused q/k/v projection's slices. Linear and LoCon convolution
+modules merge; a module of another kind, or one the checkpoint has no weight for, stops the merge with its name
+(nothing is dropped silently). The checkpoint is read and the result written one tensor at a time (memory: a tensor
+and the LoRAs); the file is written under a temporary name and renamed, never over an existing file.
 """
 
 from __future__ import annotations
@@ -24,12 +24,14 @@ import torch
 from safetensors import safe_open
 
 from lora_trainer.errors import LoraTrainerError
-from lora_trainer.export.kohya import LdmUnetNames
+from lora_trainer.export.kohya import LdmUnetNames, clip_text_model_path
 from lora_trainer.export.resize import modules_of, open_lora
 
 UNET = "model.diffusion_model."
 CLIP_PREFIXES = {"cond_stage_model.transformer.": "lora_te_", "conditioner.embedders.0.transformer.": "lora_te1_"}
-OPEN_CLIP_PREFIXES = {"cond_stage_model.model.": "lora_te_", "conditioner.embedders.1.model.": "lora_te2_"}
+# SD 2.x's (SD 2.1 Turbo's, in the sgm layout: embedders.0), SDXL's second
+OPEN_CLIP_PREFIXES = {"cond_stage_model.model.": "lora_te_", "conditioner.embedders.0.model.": "lora_te_",
+                      "conditioner.embedders.1.model.": "lora_te2_"}
 _OPEN_CLIP = {"attn.out_proj.weight": "self_attn_out_proj", "mlp.c_fc.weight": "mlp_fc1",
               "mlp.c_proj.weight": "mlp_fc2"}
 _DIFFUSERS_UNET = re.compile(r"^lora_unet_(?P<block>(?:down|up)_blocks_\d+_(?:attentions|resnets|downsamplers|"
@@ -52,8 +54,10 @@ def checkpoint_targets(keys) -> dict[str, Target]:
         if key.startswith(UNET) and key.endswith(".weight"):
             out["lora_unet_" + key[len(UNET):-len(".weight")].replace(".", "_")] = Target(key)
         for prefix, lora in CLIP_PREFIXES.items():
-            if key.startswith(prefix + "text_model.") and key.endswith(".weight"):
-                out[lora + key[len(prefix):-len(".weight")].replace(".", "_")] = Target(key)
+            # (older SD 1.x checkpoints lack CLIP's text_model. level, which the WebUI puts back on loading them)
+            path = clip_text_model_path(key[len(prefix):-len(".weight")]) if key.startswith(prefix) else ""
+            if path.startswith("text_model.") and key.endswith(".weight"):
+                out[lora + path.replace(".", "_")] = Target(key)
         for prefix, lora in OPEN_CLIP_PREFIXES.items():
             m = re.match(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.(.+)$", key)
             if not m:
@@ -134,7 +138,7 @@ def plan_merge(base, lookup, shapes: dict, loras: list[tuple[Path, float]]) -> P
     plan: Plan = {}
     for path, weight in loras:
         with open_lora(path, "merge") as f:
-            modules = modules_of(f.keys(), "merge", path)
+            modules = modules_of(f.keys(), "merge", path, f)
             missing, wrong = [], []
             for module in modules:
                 targets = lookup(module)

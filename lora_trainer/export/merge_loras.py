@@ -9,9 +9,10 @@ modules of two families would land side by side in one file that fits neither. A
 way in one file (kohya's SD 1.x files) and the LDM way in another (ours, kohya's SDXL) is the same module: the
 diffusers names are mapped to the LDM ones (the family's standard UNet layout tells how), so it is merged once.
 
-The metadata keeps the facts the files agree on (family, v-prediction, resolution, ...); the training facts of one
-file (steps, tags, ...) are not carried into a file that is no longer that training's; what was merged with which
-weight is in ``lora_trainer_merged`` and ``ss_training_comment``.
+The metadata keeps the facts the files agree on (family, v-prediction, resolution, ...), and names the family their
+keys or widths tell where they do not all say it (family_metadata: the WebUI files it under SD 1.x otherwise); the
+training facts of one file (steps, tags, ...) are not carried into a file that is no longer that training's; what was
+merged with which weight is in ``lora_trainer_merged`` and ``ss_training_comment``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ _LAYOUTS[SD2] = _LAYOUTS[SD1]
 _CROSS_WIDTHS = {768: SD1, 1024: SD2, 2048: SDXL}  # the UNet's cross-attention (text) width
 _TE_WIDTHS = {768: SD1, 1024: SD2}  # lora_te_'s hidden width
 _LDM_UNET = re.compile(r"^lora_unet_(?:input_blocks|middle_block|output_blocks)_")
+_VERSIONS = {SD1: "sd_v1", SD2: "sd_v2", SDXL: "sdxl_base_v1-0"}  # ss_base_model_version, as kohya writes it
 
 
 def _balanced(down: torch.Tensor, up: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,7 +63,7 @@ def _scaled(f, name: str, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _balanced(down, up, weight * alpha / down.shape[0])
 
 
-def _family(meta: dict, f, keys: list[str]) -> tuple[frozenset[str] | None, str]:
+def lora_family(meta: dict, f, keys: list[str]) -> tuple[frozenset[str] | None, str]:
     """The model families a LoRA can be for, and why (for the messages); None where nothing tells. The metadata
     first (ss_base_model_version, ss_v2), else SDXL's lora_te1_/lora_te2_ keys, the UNet's cross-attention width,
     the lora_te_ text encoder's width (SD 1.x: 768, SD 2.x: 1024)."""
@@ -86,6 +88,18 @@ def _family(meta: dict, f, keys: list[str]) -> tuple[frozenset[str] | None, str]
             return frozenset({_TE_WIDTHS[width]}), f"its lora_te_ text-encoder width {width}"
         return frozenset({SD1, SD2}), "its lora_te_ text-encoder keys"
     return None, ""
+
+
+def family_metadata(meta: dict, family: frozenset[str] | None) -> dict[str, str]:
+    """``ss_base_model_version`` and ``ss_v2`` of ``family`` (one of SD 1.x, 2.x, SDXL) for a file whose metadata
+    ``meta`` has no ss_base_model_version; else nothing. AUTOMATIC1111 takes a LoRA with metadata but neither key for
+    SD 1.x (v1.10.1 ``extensions-builtin/Lora/network.py`` ``detect_version``) and hides it under an SDXL or SD 2.x
+    model: a file that is written with our ss_* keys must say its family where its keys or widths told it."""
+    if meta.get("ss_base_model_version") or not family or len(family) != 1 or next(iter(family)) not in _VERSIONS:
+        return {}
+    known = next(iter(family))
+    v_pred = known != SDXL and meta.get("ss_v_parameterization") == "True"
+    return {"ss_base_model_version": _VERSIONS[known] + ("_v" if v_pred else ""), "ss_v2": str(known == SD2)}
 
 
 def _one_family(found: list[tuple[Path, frozenset[str] | None, str]]) -> frozenset[str] | None:
@@ -145,9 +159,10 @@ def merge_loras(loras: list[tuple[str, float]], out, rank: int | None = None, dt
         with open_lora(path, "merge") as f:
             metas.append(dict(f.metadata() or {}))
             keys = list(f.keys())
-            modules[path] = modules_of(keys, "merge", path)
-            found.append((path, *_family(metas[-1], f, keys)))
-    rename = _one_naming(modules, _one_family(found))
+            modules[path] = modules_of(keys, "merge", path, f)
+            found.append((path, *lora_family(metas[-1], f, keys)))
+    family = _one_family(found)
+    rename = _one_naming(modules, family)
     parts: dict[str, list] = {}  # module → [(down, scaled up, dtype, file)]
     for path, weight in files:
         with open_lora(path, "merge") as f:
@@ -175,13 +190,14 @@ def merge_loras(loras: list[tuple[str, float]], out, rank: int | None = None, dt
         tensors[name + ".lora_up.weight"] = up.to(kind).contiguous()
         tensors[name + ".alpha"] = torch.tensor(alpha, dtype=kind)
         ranks.add(down.shape[0])
-    return save_kohya_lora(out, tensors, _metadata(metas, files, ranks, rank, out.stem))
+    return save_kohya_lora(out, tensors, _metadata(metas, files, ranks, rank, out.stem, family))
 
 
 def _metadata(metas: list[dict], files: list[tuple[Path, float]], ranks: set[int], rank: int | None,
-              name: str) -> dict:
+              name: str, family: frozenset[str] | None = None) -> dict:
     meta = {key: metas[0][key] for key in SHARED_KEYS if key in metas[0] and all(m.get(key) == metas[0][key]
                                                                                  for m in metas)}
+    meta |= family_metadata(meta, family)  # (the files' family where they did not all say it alike)
     meta.setdefault("ss_network_module", "networks.lora")
     meta["ss_network_dim"] = str(next(iter(ranks))) if len(ranks) == 1 else "Dynamic"
     meta["ss_network_alpha"] = meta["ss_network_dim"]

@@ -79,11 +79,12 @@ def lora_out(out, command: str) -> Path:
     return out
 
 
-def modules_of(keys, command: str = "resize", source="") -> list[str]:
+def modules_of(keys, command: str = "resize", source="", f=None) -> list[str]:
     """The module names of a LoRA's keys (``source``: the file, for the messages); a key of another kind (LoHa's
     hada_*, LoKr's lokr_*, DoRA's dora_scale) is a LoraTrainerError naming it (and ``command``, the one that cannot
     take it), and so is a module without its lora_down or lora_up weight (an alpha alone is fine: alpha = rank),
-    which could neither be merged nor dropped without changing what the file does."""
+    which could neither be merged nor dropped without changing what the file does. With ``f`` (the open file) a
+    module whose lora_up does not take lora_down's rank is one too (a damaged file: its product does not exist)."""
     parts: dict[str, set[str]] = {}
     other = []
     for key in keys:
@@ -102,7 +103,23 @@ def modules_of(keys, command: str = "resize", source="") -> list[str]:
         raise LoraTrainerError(f"{command}: {len(incomplete)} modules{where} are incomplete "
                                f"({', '.join(incomplete[:3])}): each module needs its .lora_down.weight and "
                                ".lora_up.weight (.alpha is optional); the file is damaged or not a kohya-format LoRA")
+    if f is not None:
+        _check_ranks(f, sorted(parts), command, where)
     return sorted(parts)
+
+
+def _check_ranks(f, names: list[str], command: str, where: str) -> None:
+    """A LoraTrainerError naming the modules of ``f`` whose lora_up ([out, r] or [out, r, 1, 1]) does not take the
+    rank of their lora_down ([r, in] or [r, in, k, k])."""
+    wrong = []
+    for name in names:
+        down = f.get_slice(name + ".lora_down.weight").get_shape()
+        up = f.get_slice(name + ".lora_up.weight").get_shape()
+        if len(down) < 2 or len(up) < 2 or up[1] != down[0] or any(n != 1 for n in up[2:]):
+            wrong.append(f"{name}: lora_up {list(up)}, lora_down {list(down)}")
+    if wrong:
+        raise LoraTrainerError(f"{command}: {len(wrong)} modules{where} have a lora_up that does not take the rank of "
+                               f"their lora_down ({'; '.join(wrong[:3])}): the file is damaged")
 
 
 def svd_resize(down: torch.Tensor, up: torch.Tensor, alpha: float, rank: int | None, energy: float | None,
@@ -135,6 +152,7 @@ def resize_lora(path, out, rank: int | None = None, energy: float | None = None,
     ResizeReport. The metadata keeps the training facts, with ss_network_dim/ss_network_alpha of the new file
     ("Dynamic" where modules differ, as kohya writes) and the original rank in ss_training_comment."""
     from lora_trainer.export.kohya import save_kohya_lora
+    from lora_trainer.export.merge_loras import family_metadata, lora_family
 
     if (rank is None) == (energy is None):
         raise LoraTrainerError("resize: give either --rank R (a number of dimensions) or --energy E (0 < E <= 1)")
@@ -148,7 +166,10 @@ def resize_lora(path, out, rank: int | None = None, energy: float | None = None,
     tensors, modules = {}, []
     with open_lora(path) as f:
         meta = dict(f.metadata() or {})
-        names = modules_of(f.keys(), source=path)
+        names = modules_of(f.keys(), source=path, f=f)
+        # the ss_* keys written below make the WebUI take a file that names no family for SD 1.x: name the one its
+        # keys or widths tell (merge_loras.family_metadata)
+        meta |= family_metadata(meta, lora_family(meta, f, list(f.keys()))[0])
         if not names:
             raise LoraTrainerError(f"resize: {path} holds no LoRA modules (no *.lora_down.weight tensors)")
         for name in names:
