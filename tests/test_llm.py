@@ -110,6 +110,29 @@ def test_prompt_tokens_and_padding_are_masked(tok):
     assert batch["attention_mask"][1].tolist() == [1] * len(short.input_ids) + [0] * (len(ex.input_ids) - 3)
 
 
+def test_rows_that_hold_their_bos_and_eos_get_neither_twice(tmp_path):
+    """A row written for another trainer holds BOS and EOS already ("<s>[INST] ... </s>": a chat template rendered
+    beforehand): the tokenizer's own BOS and the appended EOS are not added a second time (trl's add_eos appends EOS
+    only where the text does not end with it), in training and in generate alike."""
+    from types import SimpleNamespace
+
+    tok = load_tokenizer(str(make_tiny_llama(tmp_path / "bos", WORDS, add_bos=True)), False)
+    bos, eos, sky, blue = tok.bos_token_id, tok.eos_token_id, *tok.convert_tokens_to_ids(["sky", "blue"])
+    for text in ("<s> sky blue </s>", "<s>sky blue</s>", "sky blue"):
+        assert encode(tok, Row("x:1", text=text), False).input_ids == (bos, sky, blue, eos), text
+    for prompt, completion in (("<s> sky", "blue </s>"), ("sky", "blue")):
+        ex = encode(tok, Row("x:1", prompt=prompt, completion=completion), False)
+        assert (ex.input_ids, ex.labels) == ((bos, sky, blue, eos), (IGNORE, IGNORE, blue, eos)), (prompt, completion)
+    seen = {}
+
+    def fake_generate(input_ids, **kwargs):
+        seen["ids"] = input_ids[0].tolist()
+        return input_ids
+
+    generate(SimpleNamespace(device=torch.device("cpu"), generate=fake_generate), tok, "<s> sky", max_new_tokens=1)
+    assert seen["ids"] == [bos, sky]
+
+
 @pytest.mark.skipif(OLD_TRANSFORMERS, reason="chat templates need transformers >= 4.34 (this venv pins 4.30)")
 def test_only_the_assistant_turns_are_trained(tok):
     row = Row("x:1", messages=(("user", "what is the color of sky"), ("assistant", "blue"),
@@ -189,6 +212,41 @@ def test_rows_from_each_file_kind(tmp_path, tok):
     # the targets are each row's own, as alone: its first token is none (the model sees labels shifted by one)
     targets = sum(1 for e in alone for label in e.labels[1:] if label != IGNORE)
     assert sum(1 for label in packed[0].labels if label != IGNORE) == targets
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers.masking_utils") is None,
+                    reason="transformers builds no per-row mask from positions before masking_utils")
+def test_packed_rows_attend_within_themselves_as_alone(base, tok, monkeypatch):
+    """Packing as trl's: the joined rows keep their own positions and the model (this transformers' LLaMA takes them
+    as the rows' bounds) attends within each row: a padded batch of packed sequences has the loss of its rows alone."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from lora_trainer.llm.model import keeps_packed_rows_apart
+    from lora_trainer.llm.run import LlmRun
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), local_files_only=True)
+    model.config.use_cache = False
+    model.train()
+    assert keeps_packed_rows_apart(model) and model.training  # (tried in eval, left as it was)
+    model.eval()
+    rows = [encode(tok, Row(f"x:{i}", prompt=p["prompt"], completion=p["completion"]), True)
+            for i, p in enumerate(color_rows())] + [encode(tok, Row("x:9", text="one two three"), False)]
+    packed = pack(rows, 20, 0)
+    assert len(packed) == 2 and len(packed[0].input_ids) != len(packed[1].input_ids)  # (one is padded)
+    assert all(p.positions.count(0) >= 2 for p in packed)
+    batch = collate(packed, tok.pad_token_id)
+    assert batch["position_ids"][0, :8].tolist() == list(packed[0].positions[:8])
+    run = SimpleNamespace(device=torch.device("cpu"), model=model, autocast=contextlib.nullcontext, rows_apart=True)
+    with torch.no_grad():
+        together = LlmRun.loss_sum(run, batch)
+        alone = sum(LlmRun.loss_sum(run, collate([r], tok.pad_token_id)) for r in rows)
+    assert torch.allclose(together, alone, rtol=1e-4), (together, alone)
+    masking = importlib.import_module("transformers.masking_utils")  # (a release that builds no per-row mask: told)
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda positions: None)
+    assert not keeps_packed_rows_apart(model)
 
 
 def test_line_breaks_in_csv_fields_and_unicode_separators_in_json_are_kept(tmp_path, tok):
@@ -307,6 +365,37 @@ def test_a_resume_refuses_another_optimizer_and_applies_a_changed_learning_rate(
     assert train_llm(config_from_dict(cut), progress=False).status == "finished"
     assert any("LoRA learning rate" in r.message and "resuming with the settings changed" in r.message
                for r in caplog.records)
+
+
+def test_sample_prompts_are_answered_while_training_without_changing_it(base, tmp_path):
+    """output.sample_prompts (accepted for a language model, as for images): the model's greedy answers before step
+    1, every sample_every_n_steps and at the last step, in <run>/samples/ and summary.json; the trained adapter is
+    the very one a run without samples trains (greedy decoding draws no random numbers)."""
+    data = write_rows(tmp_path / "data", color_rows())
+    plain = train_llm(config_from_dict(llm_config(base, data, tmp_path / "plain", lora_dropout=0.1)), progress=False)
+    raw = llm_config(base, data, tmp_path / "out", lora_dropout=0.1)
+    raw["output"].update(sample_prompts=["what is the color of sky", "what is the color of snow"],
+                         sample_every_n_steps=20, sample_at_first=True)
+    result = train_llm(config_from_dict(raw), progress=False)
+    files = sorted((result.run_dir / "samples").iterdir())
+    assert [f.name for f in files] == ["colors_step000000.txt", "colors_step000020.txt", "colors_step000030.txt"]
+    assert files[-1].read_text(encoding="utf-8").split("\n")[:4] == [
+        ">>> what is the color of sky", "blue", "", ">>> what is the color of snow"]
+    assert json.loads((result.run_dir / "summary.json").read_text())["samples"] == [
+        f"samples/{f.name}" for f in files]
+    a, b = (load_file(r.adapter_dir / "adapter_model.safetensors") for r in (plain, result))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.skipif(OLD_TRANSFORMERS, reason="chat templates need transformers >= 4.34 (this venv pins 4.30)")
+def test_a_sample_prompt_is_a_user_turn_where_the_rows_are_conversations(base, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"what is the color of {t}"},
+                          {"role": "assistant", "content": c}]} for t, c in COLORS]
+    raw = llm_config(base, write_rows(tmp_path / "data", rows), tmp_path / "out")
+    raw["output"].update(sample_prompts=["what is the color of grass"])
+    result = train_llm(config_from_dict(raw), progress=False)
+    assert (result.run_dir / "samples" / "colors_step000030.txt").read_text(encoding="utf-8").split("\n")[:2] == [
+        ">>> what is the color of grass", "green"]
 
 
 def test_held_out_rows_give_eval_loss_and_perplexity_per_epoch(base, tmp_path):

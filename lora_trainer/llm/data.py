@@ -26,10 +26,18 @@ AUTO_SPLIT, AUTO_SPLIT_MIN_ROWS = 0.05, 40  # the held-out share where data.vali
 class Example:
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]
+    positions: tuple[int, ...] | None = None  # packed rows: each row's own positions, from 0 (``pack``)
 
 
-def _ids(tok, text: str, special: bool) -> list[int]:
-    return list(tok(text, add_special_tokens=special)["input_ids"]) if text else []
+def token_ids(tok, text: str, special: bool) -> list[int]:
+    """``text``'s ids, with the tokenizer's special tokens if ``special``; but one BOS where the text starts with
+    the BOS token itself (rows rendered by a chat template beforehand, "<s>[INST] ..."; the tokenizer would add a
+    second one, which the model never saw in its own training)."""
+    ids = list(tok(text, add_special_tokens=special)["input_ids"]) if text else []
+    bos = tok.bos_token_id
+    if special and bos is not None and ids[:2] == [bos, bos] and text.startswith(str(tok.bos_token)):
+        ids = ids[1:]
+    return ids
 
 
 def _render(tok, messages, source: str, generation_prompt: bool = False) -> str:
@@ -83,7 +91,7 @@ def _chat_ids(tok, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[bool
     if not getattr(tok, "is_fast", False):
         ids, trained = [], []
         for text, train in pieces:
-            piece = _ids(tok, text, special=False)
+            piece = token_ids(tok, text, special=False)
             ids, trained = ids + piece, trained + [train] * len(piece)
         return ids, trained
     spans, at = [], 0
@@ -96,18 +104,21 @@ def _chat_ids(tok, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[bool
 
 
 def encode(tok, row: Row, train_on_prompt: bool) -> Example:
-    """One row's token ids and labels (prompt tokens -100 unless ``train_on_prompt``); ends with EOS."""
-    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    """One row's token ids and labels (prompt tokens -100 unless ``train_on_prompt``); ends with one EOS (a text or
+    completion that ends with it already, as rows written for other trainers do, gets no second: trl's add_eos)."""
+    def ending(ids: list[int]) -> list[int]:
+        return ids + [tok.eos_token_id] if tok.eos_token_id is not None and ids[-1:] != [tok.eos_token_id] else ids
+
     if row.messages is not None:
         ids, trained = _chat_ids(tok, chat_pieces(tok, row))
         trained = [t or train_on_prompt for t in trained]
     elif row.text is not None:
-        ids = _ids(tok, row.text, special=True) + eos
+        ids = ending(token_ids(tok, row.text, special=True))
         trained = [True] * len(ids)
     else:
-        prompt = _ids(tok, row.prompt, special=True)
+        prompt = token_ids(tok, row.prompt, special=True)
         # (an empty prompt: the completion takes the special tokens, BOS, that a prompt would have started with)
-        completion = _ids(tok, row.completion, special=not prompt) + eos
+        completion = ending(token_ids(tok, row.completion, special=not prompt))
         ids, trained = prompt + completion, [train_on_prompt] * len(prompt) + [True] * len(completion)
     return Example(tuple(ids), tuple(i if t else IGNORE for i, t in zip(ids, trained)))
 
@@ -177,18 +188,21 @@ def auto_split(configured: float, explicit: bool, n_rows: int) -> float:
 
 def pack(examples: list[Example], max_len: int, seed: int) -> list[Example]:
     """Short rows joined (in a seeded order) into sequences of up to ``max_len`` tokens; a row is never split.
-    Attention crosses the joined rows (each begins with the tokenizer's own start token where it has one). A row's
-    first token is no target (alone it never is: nothing comes before it; packed it would be guessed from the row
-    before, and a text chunk's first token, the overlap, was trained in the chunk before)."""
+    Each row keeps its own positions, from 0: a model that takes them as the rows' bounds (``llm.model.
+    keeps_packed_rows_apart``) attends within each row only, as trl's packing does; any other attends across the
+    joined rows (each begins with the tokenizer's own start token where it has one). A row's first token is no target
+    (alone it never is: nothing comes before it; packed it would be guessed from the row before, and a text chunk's
+    first token, the overlap, was trained in the chunk before)."""
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
-    packed, ids, labels = [], [], []
+    packed, ids, labels, positions = [], [], [], []
     for i in order:
         ex = examples[i]
         if ids and len(ids) + len(ex.input_ids) > max_len:
-            packed.append(Example(tuple(ids), tuple(labels)))
-            ids, labels = [], []
+            packed.append(Example(tuple(ids), tuple(labels), tuple(positions)))
+            ids, labels, positions = [], [], []
         ids, labels = ids + list(ex.input_ids), labels + [IGNORE] + list(ex.labels[1:])
-    packed.append(Example(tuple(ids), tuple(labels)))
+        positions += range(len(ex.input_ids))
+    packed.append(Example(tuple(ids), tuple(labels), tuple(positions)))
     log.info("packing: %d rows joined into %d sequences of up to %d tokens", len(examples), len(packed), max_len)
     return packed
 
@@ -210,17 +224,24 @@ def batches_per_epoch(n: int, batch_size: int) -> int:
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded to the longest row: input_ids, attention_mask, labels (-100 on padding)."""
+    """Right-padded to the longest row: input_ids, attention_mask, labels (-100 on padding); and for packed rows
+    position_ids, each row's own (the padding goes on counting from the last row: after every real token, it is
+    never attended to)."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
+    positions = torch.zeros((len(examples), width), dtype=torch.long)
     for r, e in enumerate(examples):
         n = len(e.input_ids)
         ids[r, :n] = torch.tensor(e.input_ids)
         labels[r, :n] = torch.tensor(e.labels)
         mask[r, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if e.positions is not None:
+            positions[r, :n] = torch.tensor(e.positions)
+            positions[r, n:] = torch.arange(e.positions[-1] + 1, e.positions[-1] + 1 + width - n)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return batch if examples[0].positions is None else {**batch, "position_ids": positions}
 
 
 def target_tokens(batch: dict[str, torch.Tensor]) -> int:

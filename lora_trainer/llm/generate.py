@@ -9,12 +9,14 @@ from pathlib import Path
 
 import torch
 
-from lora_trainer.errors import LoraTrainerError
+from lora_trainer.errors import ConfigError, LoraTrainerError
+from lora_trainer.llm.data import token_ids
 from lora_trainer.llm.model import load_model, load_tokenizer, read_model_config
 from lora_trainer.llm.outputs import ADAPTER_CONFIG, is_adapter
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MAX_NEW_TOKENS = 128  # (the generate command's default; the samples while training too)
 
 
 def find_adapter(path: str) -> Path:
@@ -54,6 +56,24 @@ def load_with_adapter(adapter: Path, base: str | None = None, trust_remote_code:
     return model, tok
 
 
+def sample_prompts(value: str | list[str] | None) -> list[str]:
+    """``output.sample_prompts`` for a language model: a list of prompts, or a file of them, one a line (blank lines
+    and lines starting with ``#`` skipped); taken as written (kohya's ``--n``-style options are the images')."""
+    if not value:
+        return []
+    if isinstance(value, list):
+        return [v.strip() for v in value]
+    path = Path(value).expanduser()
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"output.sample_prompts: cannot read {path.resolve()} ({e})") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not prompts:
+        raise ConfigError(f"output.sample_prompts: {path.resolve()} holds no prompt (one a line; # starts a comment)")
+    return prompts
+
+
 def chat_prompt(tok, prompt: str) -> str:
     """``prompt`` as a user turn in the tokenizer's chat template, ready for the assistant's answer."""
     if not getattr(tok, "chat_template", None) or not hasattr(tok, "apply_chat_template"):
@@ -70,21 +90,23 @@ def stop_ids(model, tok) -> list[int]:
 
 
 @torch.no_grad()
-def generate(model, tok, prompt: str, max_new_tokens: int = 128, sample: bool = False, temperature: float = 0.8,
-             top_p: float = 0.95, stream: bool = False, seed: int | None = None,
+def generate(model, tok, prompt: str, max_new_tokens: int = MAX_NEW_TOKENS, sample: bool = False,
+             temperature: float = 0.8, top_p: float = 0.95, stream: bool = False, seed: int | None = None,
              templated: bool = False) -> tuple[str, list[int]]:
     """(the new text, its token ids); greedy unless ``sample``; ``stream`` prints the text as it comes.
     ``templated``: the prompt is a chat template's text, which holds its special tokens (BOS) already: none are added,
     as training tokenized the conversations."""
     from transformers import TextStreamer
 
-    ids = tok(prompt, return_tensors="pt", add_special_tokens=not templated)["input_ids"].to(model.device)
+    special = not templated  # (and one BOS where the prompt starts with it: as training tokenized the rows)
+    ids = token_ids(tok, prompt, special) or list(tok(prompt, add_special_tokens=special)["input_ids"])
+    ids = torch.tensor([ids], device=model.device)
     if seed is not None:
         torch.manual_seed(seed)
     kwargs = {"do_sample": True, "temperature": temperature, "top_p": top_p} if sample else {"do_sample": False}
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if stream else None
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                          pad_token_id=tok.pad_token_id, eos_token_id=stop_ids(model, tok), streamer=streamer,
-                         **kwargs)
+                         use_cache=True, **kwargs)  # (a model set up for training has config.use_cache off)
     new = out[0, ids.shape[1]:].tolist()
     return tok.decode(new, skip_special_tokens=True), new

@@ -102,6 +102,30 @@ def load_model(folder: str, dtype: torch.dtype, device: torch.device, trust_remo
     return model if quantization is not None else model.to(device)
 
 
+@torch.no_grad()
+def keeps_packed_rows_apart(model) -> bool:
+    """Whether ``model`` attends within each row of a packed sequence when given each row's positions (restarting
+    at 0) and no attention mask, as trl's packing feeds it: transformers' masking_utils builds the block-diagonal
+    mask from such positions (flash attention its per-row call); older releases and some models' own code do not.
+    Tried on two short rows: the second's logits packed, against alone."""
+    first, second = [1, 2, 3, 4], [4, 3, 2]
+    device = next(model.parameters()).device
+    packed_ids = torch.tensor([first + second], device=device)
+    positions = torch.tensor([[*range(len(first)), *range(len(second))]], device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        alone = model(input_ids=torch.tensor([second], device=device), use_cache=False).logits.float()
+        packed = model(input_ids=packed_ids, position_ids=positions, use_cache=False).logits[:, len(first):].float()
+    except Exception as e:  # (a model that takes no position_ids: packed rows attend to each other, as before)
+        log.debug("packed rows: the model refused position ids (%s)", e)
+        return False
+    finally:
+        model.train(was_training)
+    scale = alone.abs().max().item()
+    return torch.allclose(packed, alone, rtol=0.02, atol=0.02 * scale)
+
+
 def add_lora(model, t, targets: list[str]):
     """The model with peft LoRA layers (task CAUSAL_LM) on ``targets``; only they train (fp32)."""
     from peft import LoraConfig, get_peft_model

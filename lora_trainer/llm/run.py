@@ -1,5 +1,6 @@
 """One language-model run's state (the model with its LoRA layers, the optimizer, the examples, the step) and the
-operations the loop in ``llm.trainer`` calls: a training step, the held-out loss, a checkpoint, a resume."""
+operations the loop in ``llm.trainer`` calls: a training step, the held-out loss, the sample answers, a checkpoint, a
+resume."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from lora_trainer.engine.events import CallbackList, StepInfo
 from lora_trainer.engine.optim import changed_since
 from lora_trainer.errors import LoraTrainerError
 from lora_trainer.llm.data import IGNORE, Example, batches_per_epoch, collate, epoch_batches, target_tokens
+from lora_trainer.llm.generate import chat_prompt, generate
 from lora_trainer.llm.model import load_trainable_state, trainable_state
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,10 @@ class LlmRun:
     loop_start: float = 0.0
     start_step: int = 0
     tokens_trained: int = 0
+    prompts: list[str] = field(default_factory=list)  # output.sample_prompts
+    chat: bool = False  # the rows are conversations: a sample prompt goes in as a user turn of the chat template
+    samples: list[Path] = field(default_factory=list)
+    rows_apart: bool = False  # the model keeps packed rows apart by their positions (llm.model.keeps_packed_rows_apart)
 
     def autocast(self):
         if self.precision == "no":
@@ -88,10 +94,16 @@ class LlmRun:
         return [batches[i:i + a] for i in range(0, len(batches), a)]
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The summed cross-entropy of a batch's counted tokens (labels shifted by one)."""
+        """The summed cross-entropy of a batch's counted tokens (labels shifted by one). Packed rows, where the model
+        keeps them apart: each row's positions and no attention mask (the model then attends within each row; the
+        right padding comes after every real token, which a causal model never attends to)."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
+        if self.rows_apart and "position_ids" in batch:
+            inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+        else:
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         with self.autocast():
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = self.model(**inputs).logits
         return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch["labels"][:, 1:].flatten(),
                                ignore_index=IGNORE, reduction="sum")
 
@@ -162,6 +174,46 @@ class LlmRun:
             self.writer.add_scalar("eval/perplexity", result["perplexity"], self.step)
         self.cbs.on_validation(self.step, loss)
         return result
+
+    def sample_due(self, epoch_done: int | None) -> bool:
+        """Whether sample answers are due after this step: as for images (engine.samples), every
+        sample_every_n_steps, at the end of every sample_every_n_epochs, and at the last step."""
+        o = self.cfg.output
+        return bool(self.prompts) and bool(
+            self.step >= self.plan.total_steps or (o.sample_every_n_steps and self.step % o.sample_every_n_steps == 0)
+            or (epoch_done and o.sample_every_n_epochs and epoch_done % o.sample_every_n_epochs == 0))
+
+    @torch.no_grad()
+    def sample(self) -> Path | None:
+        """The model's greedy answer to each of output.sample_prompts as it is now (its LoRA active), as the rows
+        were trained (a user turn in the chat template where they are conversations): into
+        ``<run>/samples/<output_name>_step000100.txt``, the log and TensorBoard (``samples/prompt00``). Greedy
+        decoding draws no random numbers, so a resumed run stays the same; a failure is a warning (training goes
+        on)."""
+        answers = []
+        self.model.eval()
+        try:
+            for i, prompt in enumerate(self.prompts):
+                try:
+                    text = chat_prompt(self.tokenizer, prompt) if self.chat else prompt
+                    with self.autocast():
+                        answer = generate(self.model, self.tokenizer, text, templated=self.chat)[0]
+                except Exception as e:  # a failed sample must not end the training
+                    log.warning("sample %d at step %d failed: %s", i, self.step, e)
+                    continue
+                answers.append(f">>> {prompt}\n{answer}\n")
+                log.info("step %d, sample %d: %s → %s", self.step, i, prompt[:80], answer.strip()[:200])
+                if self.writer is not None:
+                    self.writer.add_text(f"samples/prompt{i:02d}", f"{prompt}\n\n{answer}", self.step)
+        finally:
+            self.model.train()
+        if not answers:
+            return None
+        path = self.run_dir / "samples" / f"{self.cfg.output.output_name}_step{self.step:06d}.txt"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("\n".join(answers), encoding="utf-8")
+        self.samples.append(path)
+        return path
 
     def save(self, reason: str) -> Path | None:
         t = self.cfg.training

@@ -11,16 +11,21 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </
 
 
 def make_tiny_llama(folder, words: list[str], hidden: int = 32, layers: int = 2, seed: int = 0,
-                    chat_template: bool = True, max_positions: int = 256, init_std: float = 0.3) -> Path:
+                    chat_template: bool = True, max_positions: int = 256, init_std: float = 0.3,
+                    add_bos: bool = False) -> Path:
     """Save a random LlamaForCausalLM (safetensors) and its tokenizer over ``words`` into ``folder``. ``init_std``:
-    wider than the usual 0.02, so that a LoRA on a model this narrow can move its logits far enough to memorise."""
+    wider than the usual 0.02, so that a LoRA on a model this narrow can move its logits far enough to memorise.
+    ``add_bos``: the tokenizer starts every text with <s>, as LLaMA's does."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(dict.fromkeys([*SPECIAL, *words, "user", "assistant", "system", ":"]))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    if add_bos:
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                               special_tokens=[("<s>", vocab["<s>"])])
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
                                   eos_token="</s>")
     if chat_template:

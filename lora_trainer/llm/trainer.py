@@ -23,10 +23,12 @@ from lora_trainer.engine.output_checks import check_output
 from lora_trainer.engine.run_dir import dropped_on_error, holds_a_run, prepare_run_dir, remove_run, run_log_file
 from lora_trainer.errors import ConfigError, LoraTrainerError
 from lora_trainer.llm import data as llm_data
+from lora_trainer.llm.generate import sample_prompts
 from lora_trainer.llm.model import (
     add_lora,
     context_length,
     default_targets,
+    keeps_packed_rows_apart,
     load_model,
     load_tokenizer,
     read_model_config,
@@ -70,6 +72,8 @@ class _Prepared:
     targets: list[str]
     settings: dict
     quantization: object = None  # transformers' BitsAndBytesConfig (training.quantize_base), or None
+    prompts: tuple = ()  # output.sample_prompts
+    chat: bool = False  # the training rows are conversations (the sample prompts go through the chat template)
 
 
 def _with_model_facts(cfg: Config) -> tuple[Config, dict]:
@@ -98,6 +102,7 @@ def _prepare(cfg: Config, model_config: dict) -> _Prepared:
                                                                              _device_and_precision(t)[1])
     check_output(cfg.output.output_dir, cfg.output.output_name)
     check_optimizer(t)
+    prompts = sample_prompts(cfg.output.sample_prompts)  # (read now: a mistake in them stops nothing later)
     rows = read_rows(d.train_data_dir, d.metadata_path, d.recursive)
     fraction = llm_data.auto_split(d.validation_split, "validation_split" in cfg.explicit, len(rows))
     train_rows, held_rows = llm_data.split_rows(rows, fraction, t.seed)
@@ -117,7 +122,8 @@ def _prepare(cfg: Config, model_config: dict) -> _Prepared:
                 "max_seq_length": d.max_seq_length, "packing": d.packing, "train_on_prompt": d.train_on_prompt,
                 "quantize_base": t.quantize_base, "optimizer": t.optimizer, "optimizer_args": dict(t.optimizer_args),
                 "learning_rates": [t.learning_rate]}
-    return _Prepared(model_config, tok, examples, held, plan, list(targets), settings, quantization)
+    return _Prepared(model_config, tok, examples, held, plan, list(targets), settings, quantization, tuple(prompts),
+                     any(r.messages is not None for r in train_rows))
 
 
 def _check_resumable(restored, resume_from: Path, prepared: _Prepared) -> None:
@@ -181,6 +187,11 @@ def _set_up(cfg: Config, prepared: _Prepared, run_dir: Path, log_dir: Path, call
     dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     model = load_model(m.base_model, dtype, device, m.trust_remote_code, prepared.quantization)
     model.config.use_cache = False
+    rows_apart = cfg.data.packing and keeps_packed_rows_apart(model)
+    if cfg.data.packing:
+        log.info("packing: %s", "each row attends within itself (its own positions, as trl's packing)" if rows_apart
+                 else "the joined rows attend to each other (this model or transformers release builds no per-row "
+                      "mask from positions)")
     if prepared.quantization is not None:
         log.info("the frozen base is quantized: %s", DESCRIBED[t.quantize_base])
         model = prepare_for_training(model, t.gradient_checkpointing)
@@ -204,6 +215,7 @@ def _set_up(cfg: Config, prepared: _Prepared, run_dir: Path, log_dir: Path, call
                  run_dir, prepared.settings, optimizer, scheduler,
                  torch.amp.GradScaler(device.type, enabled=precision == "fp16"), CallbackList([callbacks]))
     run.writer = tensorboard_writer(log_dir, cfg.output.log_with == "tensorboard")
+    run.prompts, run.chat, run.rows_apart = list(prepared.prompts), prepared.chat, rows_apart
     from tqdm.auto import tqdm
 
     run.bar = tqdm(total=plan.total_steps, desc="training", unit="step", disable=not progress, dynamic_ncols=True)
@@ -216,6 +228,8 @@ def _loop(run: LlmRun, ctrl_c: CtrlC) -> bool:
     plan = run.plan
     run.loop_start, run.start_step = time.time(), run.step
     try:
+        if run.step == 0 and run.cfg.output.sample_at_first:
+            run.sample()  # (the base model's answers, to compare)
         while run.step < plan.total_steps:
             epoch = run.step // plan.steps_per_epoch
             groups = run.epoch_groups(epoch)
@@ -224,6 +238,8 @@ def _loop(run: LlmRun, ctrl_c: CtrlC) -> bool:
                 epoch_done = epoch + 1 if s + 1 == len(groups) else None
                 if epoch_done:
                     run.evaluate(epoch_done)
+                if run.sample_due(epoch_done):
+                    run.sample()
                 run.save_if_due(epoch_done)
                 if run.step >= plan.total_steps:
                     break
@@ -266,6 +282,8 @@ def _finish(run: LlmRun, stopped: bool, started: float) -> LlmResult:
                        sum(recent) / len(recent) if recent else None, len(run.examples), len(run.held_out),
                        time.time() - started, run.evaluations,
                        extra={"tokens_per_s": round(run.tokens_trained / elapsed, 1) if elapsed > 0 else None})
+    if run.prompts:
+        result.extra["samples"] = [str(p.relative_to(run.run_dir)) for p in run.samples]
     write_summary(run.run_dir, result)
     log.info("%s after %d steps: adapter %s", status, run.step, adapter)
     run.cbs.on_end(result)
