@@ -116,14 +116,17 @@ def _report(result) -> None:
 
 
 def cmd_demo(args) -> int:
-    from lora_trainer.config import apply_overrides, config_from_dict
+    from lora_trainer.config import apply_overrides, config_from_dict, override_origins
     from lora_trainer.data.demo_set import make_demo_dataset
 
     root = Path(args.output)
-    data_dir = make_demo_dataset(root / "dataset", n=args.images, resolution=64)
+    data_dir = root / "dataset"
     settings = apply_overrides(DEMO_SETTINGS, [f"train_data_dir={data_dir}", f"output_dir={root / 'run'}"]
                                + [f"max_train_steps={args.steps}"] + list(args.set or []))
-    cfg = config_from_dict(settings, source="demo")
+    cfg = config_from_dict(settings, source="demo", given=override_origins(args.set))  # (before anything is written)
+    make_demo_dataset(data_dir, n=args.images, resolution=64)
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):  # (as train: the libraries' notices to the run's log)
+        _libraries_to_the_log_file()
     print(f"demo: training the built-in tiny model on {args.images} generated images in {data_dir}")
     result = _train(cfg)  # (one process: main refuses demo under a launcher)
     _report(result)
@@ -205,13 +208,16 @@ def cmd_resize(args) -> int:
 
 
 def _lora_and_weight(text: str) -> tuple[str, float]:
-    """``FILE[:WEIGHT]`` (a Windows drive's colon is part of the file)."""
+    """``FILE[:WEIGHT]`` (a Windows drive's colon is part of the file). A weight that is not a number after an
+    existing file is named (``style.safetensors:O.8``), not taken for a part of the file's name."""
     path, sep, weight = text.rpartition(":")
     if sep and path:
         try:
             return path, float(weight)
         except ValueError:
-            pass
+            if Path(path).is_file() and not Path(text).exists():
+                raise LoraTrainerError(f"merge: --lora {text}: the weight {weight!r} is not a number (FILE:WEIGHT, "
+                                       "e.g. style.safetensors:0.8)") from None
     return text, 1.0
 
 
@@ -334,9 +340,24 @@ def cmd_ui(args) -> int:
     return 0
 
 
+def _at_least(low: int):
+    """An argparse type: an integer of at least ``low``; anything else is refused with the usage line, before any
+    work starts (``demo --images 0`` ended in a traceback)."""
+    def integer(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is too small: at least {low}")
+        return value
+
+    return integer
+
+
 def _add_train(sub) -> None:
     tr = sub.add_parser("train", help="train a LoRA as a YAML config says")
-    tr.add_argument("--config", "-c", required=True, help="YAML config (see init-config)")
+    tr.add_argument("--config", "-c", required=True, help="YAML config (see init-config), or kohya's .toml")
     tr.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="override a setting, e.g. --set training.epochs=2 (repeatable)")
     tr.add_argument("--events", metavar="FILE", help="for a program that started this run: write its progress to FILE "
@@ -350,63 +371,36 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="train the built-in tiny model on a generated sample set (no download)")
-    demo.add_argument("--output", default="output/demo", help="folder for the sample set and the run")
-    demo.add_argument("--steps", type=int, default=DEMO_SETTINGS["training"]["max_train_steps"])
-    demo.add_argument("--images", type=int, default=8)
-    demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting")
+    demo.add_argument("--output", default="output/demo", help="folder for the sample set and the run (default "
+                      "%(default)s)")
+    demo.add_argument("--steps", type=_at_least(1), default=DEMO_SETTINGS["training"]["max_train_steps"],
+                      help="training steps (default %(default)s)")
+    demo.add_argument("--images", type=_at_least(1), default=8, help="sample images to generate (default %(default)s)")
+    demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. --set "
+                      "lora_rank=4 (repeatable)")
     demo.set_defaults(func=cmd_demo)
 
     init = sub.add_parser("init-config", help="write the commented default config")
-    init.add_argument("path", nargs="?", default="lora_config.yaml")
+    init.add_argument("path", nargs="?", default="lora_config.yaml", help="the file to write (default %(default)s; "
+                      "an existing file is never overwritten)")
     init.set_defaults(func=cmd_init_config)
 
     _add_train(sub)
     es = sub.add_parser("estimate", help="estimate a config's peak memory and time per step, and whether it fits "
                         "the device (nothing is loaded; exit 1 when it does not fit)")
-    es.add_argument("--config", "-c", required=True, help="YAML config (see init-config)")
+    es.add_argument("--config", "-c", required=True, help="YAML config (see init-config), or kohya's .toml")
     es.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting (repeatable)")
     es.add_argument("--device", help="cpu or cuda (default: where train would run)")
     es.add_argument("--free-gb", type=float, help="compare with this much free memory instead of the device's")
     es.set_defaults(func=cmd_estimate)
-    ck = sub.add_parser("check", help="check a dataset: unreadable, small, duplicate images, caption problems "
-                        "(changes nothing)")
-    ck.add_argument("folder", nargs="?", help="the dataset folder (or take it from --config)")
-    ck.add_argument("--config", "-c", help="take the folder and data settings from this training config")
-    ck.add_argument("--resolution", type=int, help=f"training resolution (default {default_value('resolution')})")
-    ck.add_argument("--metadata", help="captions CSV (default: metadata.csv in the folder)")
-    ck.add_argument("--caption-extension", help="caption sidecar extension (default .txt)")
-    ck.add_argument("--caption-priority", choices=["csv", "txt"], help="which caption wins when both exist")
-    ck.add_argument("--prefix", help="the trigger-word prefix training puts before every caption")
-    ck.add_argument("--recursive", action="store_true", help="include subfolders")
-    ck.add_argument("--glossary", help="YAML of synonym groups (adds to the built-in one)")
-    ck.add_argument("--json", help="also write the report as JSON here")
-    ck.add_argument("--max-files", type=int, default=5, help="files listed per finding")
-    ck.add_argument("--strict", action="store_true", help="exit 1 on warnings too (for scripts)")
-    ck.set_defaults(func=cmd_check)
-    lb = sub.add_parser("label", help="auto-caption a folder of images into metadata.csv (BLIP or CLIP tags)")
-    lb.add_argument("--input", "-i", required=True, help="the dataset folder")
-    lb.add_argument("--output", "-o", help="the captions CSV to write (default: metadata.csv in the folder)")
-    lb.add_argument("--captioner", choices=["blip", "clip-tags"], default="blip",
-                    help="blip: a sentence per image; clip-tags: a tag list (default blip)")
-    lb.add_argument("--model", help="blip | clip-tags | a model folder or hub id (default: the captioner's own)")
-    lb.add_argument("--template", default="{caption}", help='e.g. "**{caption}**, high quality, detailed"')
-    lb.add_argument("--prefix", default="", help='put before every new caption, e.g. "mytrigger, "')
-    mode = lb.add_mutually_exclusive_group()
-    mode.add_argument("--only-missing", action="store_true", help="caption only images without one (default)")
-    mode.add_argument("--overwrite", action="store_true", help="replace existing captions too")
-    lb.add_argument("--download", action="store_true", help="download the model if it is not cached (once)")
-    lb.add_argument("--tags", help="clip-tags: a text file with one tag a line (default: a built-in list)")
-    lb.add_argument("--top-k", type=int, help="clip-tags: keep at most this many tags (default 6)")
-    lb.add_argument("--threshold", type=float, help="clip-tags: keep tags with CLIP similarity >= this "
-                    "(about 0.2-0.35; the best tag is always kept)")
-    lb.add_argument("--batch-size", type=int, default=4)
-    lb.set_defaults(func=cmd_label)
+    _add_dataset_commands(sub)
     ui = sub.add_parser("ui", help="the Train LoRA tab as a standalone app on 127.0.0.1 (Task: an image LoRA, or a "
                         "language model's)")
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    ui.add_argument("--port", type=int, default=7870)
-    ui.add_argument("--lora-dir", default="output/Lora", help="where finished LoRAs are copied")
-    ui.add_argument("--base-model", default=default_value("base_model"), help="the base model the tab starts with")
+    ui.add_argument("--port", type=_at_least(1), default=7870, help="(default %(default)s)")
+    ui.add_argument("--lora-dir", default="output/Lora", help="where finished LoRAs are copied (default %(default)s)")
+    ui.add_argument("--base-model", default=default_value("base_model"), help="the base model the tab starts with "
+                    "(default %(default)s)")
     ui.set_defaults(func=cmd_ui)
     rs = sub.add_parser("resize", help="shrink a LoRA's rank (SVD of each module; the scale kept): a fixed rank, "
                         "or per module the fewest dimensions that keep a share of it")
@@ -422,19 +416,60 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_dataset_commands(sub) -> None:
+    """check and label: a dataset folder's report, its captions."""
+    ck = sub.add_parser("check", help="check a dataset: unreadable, small, duplicate images, caption problems "
+                        "(changes nothing)")
+    ck.add_argument("folder", nargs="?", help="the dataset folder (or take it from --config)")
+    ck.add_argument("--config", "-c", help="take the folder and data settings from this training config")
+    ck.add_argument("--resolution", type=int, help=f"training resolution (default {default_value('resolution')})")
+    ck.add_argument("--metadata", help="captions CSV (default: metadata.csv in the folder)")
+    ck.add_argument("--caption-extension", help="caption sidecar extension (default .txt)")
+    ck.add_argument("--caption-priority", choices=["csv", "txt"], help="which caption wins when both exist "
+                    f"(default {default_value('caption_priority')})")
+    ck.add_argument("--prefix", help="the trigger-word prefix training puts before every caption")
+    ck.add_argument("--recursive", action="store_true", help="include subfolders")
+    ck.add_argument("--glossary", help="YAML of synonym groups (adds to the built-in one)")
+    ck.add_argument("--json", help="also write the report as JSON here")
+    ck.add_argument("--max-files", type=_at_least(1), default=5, help="files listed per finding (default "
+                    "%(default)s)")
+    ck.add_argument("--strict", action="store_true", help="exit 1 on warnings too (for scripts)")
+    ck.set_defaults(func=cmd_check)
+    lb = sub.add_parser("label", help="auto-caption a folder of images into metadata.csv (BLIP or CLIP tags)")
+    lb.add_argument("--input", "-i", required=True, help="the dataset folder")
+    lb.add_argument("--output", "-o", help="the captions CSV to write (default: metadata.csv in the folder)")
+    lb.add_argument("--captioner", choices=["blip", "clip-tags"], default="blip",
+                    help="blip: a sentence per image; clip-tags: a tag list (default blip)")
+    lb.add_argument("--model", help="blip | clip-tags | a model folder or hub id (default: the captioner's own)")
+    lb.add_argument("--template", default="{caption}", help='e.g. "**{caption}**, high quality, detailed" (default '
+                    '%(default)s: the caption as it is)')
+    lb.add_argument("--prefix", default="", help='put before every new caption, e.g. "mytrigger, "')
+    mode = lb.add_mutually_exclusive_group()
+    mode.add_argument("--only-missing", action="store_true", help="caption only images without one (default)")
+    mode.add_argument("--overwrite", action="store_true", help="replace existing captions too")
+    lb.add_argument("--download", action="store_true", help="download the model if it is not cached (once)")
+    lb.add_argument("--tags", help="clip-tags: a text file with one tag a line (default: a built-in list)")
+    lb.add_argument("--top-k", type=_at_least(1), help="clip-tags: keep at most this many tags (default 6)")
+    lb.add_argument("--threshold", type=float, help="clip-tags: keep tags with CLIP similarity >= this "
+                    "(about 0.2-0.35; the best tag is always kept)")
+    lb.add_argument("--batch-size", type=_at_least(1), default=4, help="images captioned at once (default "
+                    "%(default)s)")
+    lb.set_defaults(func=cmd_label)
+
+
 def _add_llm_commands(sub) -> None:
     ge = sub.add_parser("generate", help="a language model's LoRA: generate text from a prompt, streamed (without "
                         "--prompt: prompts read one per line)")
     ge.add_argument("--adapter", required=True, help="the PEFT adapter folder, or the run folder that holds it")
     ge.add_argument("--prompt", help="the prompt (default: ask for prompts until end of input)")
     ge.add_argument("--chat", action="store_true", help="send the prompt as a user turn in the chat template")
-    ge.add_argument("--max-new-tokens", type=int, default=128)
+    ge.add_argument("--max-new-tokens", type=_at_least(1), default=128, help="(default %(default)s)")
     ge.add_argument("--sample", action="store_true", help="sample (default: greedy)")
-    ge.add_argument("--temperature", type=float, default=0.8, help="with --sample")
-    ge.add_argument("--top-p", type=float, default=0.95, help="with --sample")
+    ge.add_argument("--temperature", type=float, default=0.8, help="with --sample (default %(default)s)")
+    ge.add_argument("--top-p", type=float, default=0.95, help="with --sample (default %(default)s)")
     ge.add_argument("--seed", type=int, help="with --sample: the same text each time")
     ge.add_argument("--base", help="the base model folder (default: the one the adapter names)")
-    ge.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    ge.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="(default %(default)s)")
     ge.add_argument("--trust-remote-code", action="store_true", help="run the Python code the model folder ships")
     ge.set_defaults(func=cmd_generate)
     me = sub.add_parser("merge", help="merge image LoRAs into a checkpoint (--base CKPT or diffusers FOLDER --lora "
@@ -452,7 +487,8 @@ def _add_llm_commands(sub) -> None:
                     "(default: the exact sum, its rank the sum of the ranks)")
     me.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
                     help="the merged weights' dtype (auto: the base model's)")
-    me.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 2GB or 500MB")
+    me.add_argument("--max-shard-size", default="2GB", help="--adapter: the largest safetensors shard, e.g. 2GB or "
+                    "500MB (default %(default)s)")
     me.add_argument("--trust-remote-code", action="store_true", help="run the Python code the model folder ships")
     me.set_defaults(func=cmd_merge)
 

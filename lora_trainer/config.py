@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import logging
 import math
+import re
 import typing
 from collections.abc import Collection
 from dataclasses import dataclass, field, fields
@@ -171,7 +172,8 @@ def default_value(key: str):
 ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout", "lr": "learning_rate", "warmup_steps": "lr_warmup_steps",
            # kohya's sd-scripts names of the same settings
            "optimizer_type": "optimizer", "network_dim": "lora_rank", "network_alpha": "lora_alpha",
-           "pretrained_model_name_or_path": "base_model", "max_train_epochs": "epochs", "flip_aug": "random_flip"}
+           "pretrained_model_name_or_path": "base_model", "max_train_epochs": "epochs", "flip_aug": "random_flip",
+           "train_batch_size": "batch_size"}
 # kohya's names of settings that are not quite ours: what to write here instead (an unknown key's message)
 KOHYA_KEYS = {
     "unet_lr": "is learning_rate here (the UNet's; text_encoder_lr is the text encoder's)",
@@ -589,8 +591,10 @@ def _optimizer_defaults(t: dict) -> None:
                     "hardly at all", t["optimizer"], ", ".join(low), rate)
 
 
-def config_from_dict(d: dict | None, source: str = "<config>") -> Config:
-    """Validate a parsed YAML document (nested, flat or mixed) and build the Config."""
+def config_from_dict(d: dict | None, source: str = "<config>",
+                     given: dict[tuple[str | None, str], str] | None = None) -> Config:
+    """Validate a parsed YAML document (nested, flat or mixed) and build the Config. ``given``: the keys the command
+    line's ``--set`` put in ``d`` (``override_origins``); a problem with one names that ``--set``, not ``source``."""
     if d is None:
         d = {}
     if not isinstance(d, dict):
@@ -598,13 +602,15 @@ def config_from_dict(d: dict | None, source: str = "<config>") -> Config:
     errors: list[str] = []
     raw: dict[str, dict] = {sec: {} for sec in SECTION_CLASSES}
     origin: dict[tuple[str, str], str] = {}  # (section, field) → where it was set, to report clashes
+    from_set: dict[tuple[str, str], str] = {}  # (section, field) → the --set that gave it
 
     def put(section: str | None, key: str, value) -> None:
         name = ALIASES.get(key, key)
         home = FIELD_SECTION.get(name)
         where = f"'{key}' {f'in {section}' if section else 'at top level'}"
+        item = (given or {}).get((section, key))
         if home is None:
-            errors.append(_unknown_key(key, section))
+            errors.append(_from_set(item, _unknown_key(key, section)))
             return
         if section and home != section:  # a known key in another section: taken, as the articles write them
             log.info("%s: read as %s.%s (it usually lives in section '%s')", where, home, name, home)
@@ -614,6 +620,8 @@ def config_from_dict(d: dict | None, source: str = "<config>") -> Config:
         elif (home, name) not in origin:
             origin[(home, name)] = where
             raw[home][name] = value
+            if item:
+                from_set[(home, name)] = item
 
     for key, value in d.items():
         key = str(key)
@@ -633,18 +641,31 @@ def config_from_dict(d: dict | None, source: str = "<config>") -> Config:
         for name, value in items.items():
             converted, error = _convert(name, value, f"{section}.{name}")
             if error:
-                errors.append(error)
+                errors.append(_from_set(from_set.get((section, name)), error))
             else:
                 values[section][name] = converted
+    checked = len(errors)
     _check_special(values, errors)
+    errors[checked:] = [_from_set(next((i for (sec, n), i in from_set.items() if e.startswith(f"{sec}.{n}:")), None), e)
+                        for e in errors[checked:]]  # (a check of one key's value that --set gave)
     if not is_text_generation(values):  # (a language model's q_proj is its own)
         _read_as_written(values)
     _optimizer_defaults(values["training"])
     if errors:
+        if len(errors) == 1 and errors[0].startswith(SET_PREFIX):
+            raise ConfigError(errors[0])  # (the command line's: the file is not at fault)
         listed = errors[0] if len(errors) == 1 else f"{len(errors)} problems:\n  " + "\n  ".join(errors)
         raise ConfigError(f"{source}: {listed}")
     return Config(**{sec: cls(**values[sec]) for sec, cls in SECTION_CLASSES.items()},
                   explicit=frozenset(name for items in values.values() for name in items))
+
+
+SET_PREFIX = "--set "
+
+
+def _from_set(item: str | None, error: str) -> str:
+    """``error`` about a key the command line's ``--set item`` gave: said so (the config file does not have it)."""
+    return f"{SET_PREFIX}{item}: {error}" if item else error
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -674,22 +695,34 @@ def _parse_yaml(text: str, source: str):
         raise ConfigError(f"{source}:{where}: not valid YAML: {problem}") from None
 
 
+def _override_slot(item: str) -> tuple[str | None, str, object]:
+    """Where ``--set KEY=VALUE`` goes in a config dict: (section or None for the top level, the key as written, the
+    value read as YAML). A dotted key names its section; a flat one goes to its setting's section (unknown: the top
+    level, where validation names it)."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. training.epochs=2")
+    value = _parse_yaml(text, f"override {item!r}")
+    if "." in key:
+        section, name = key.split(".", 1)
+        if section not in SECTION_CLASSES:
+            raise ConfigError(f"override {item!r}: unknown section '{section}'{_suggest(section, SECTION_CLASSES)}")
+        return section, name, value
+    return FIELD_SECTION.get(ALIASES.get(key, key)), key, value
+
+
+def override_origins(overrides: list[str] | None) -> dict[tuple[str | None, str], str]:
+    """(section, key) → the ``--set`` item that put it there (``apply_overrides``'s places): for ``config_from_dict``,
+    so that a bad value given on the command line is named as such, not as the config file's."""
+    return {_override_slot(item)[:2]: item for item in overrides or []}
+
+
 def apply_overrides(d: dict | None, overrides: list[str] | None) -> dict:
     """``["training.epochs=2", "lr=1e-4"]`` applied to a (nested or flat) config dict; returns a copy."""
     out = copy.deepcopy(d) if d else {}
     for item in overrides or []:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. training.epochs=2")
-        value = _parse_yaml(text, f"override {item!r}")
-        if "." in key:
-            section, name = key.split(".", 1)
-            if section not in SECTION_CLASSES:
-                raise ConfigError(f"override {item!r}: unknown section '{section}'{_suggest(section, SECTION_CLASSES)}")
-        else:
-            name = key
-            section = FIELD_SECTION.get(ALIASES.get(name, name))
+        section, name, value = _override_slot(item)
         canonical = ALIASES.get(name, name)
         for k in {canonical, *(a for a, n in ALIASES.items() if n == canonical)}:
             out.pop(k, None)  # the same setting written elsewhere (flat, in any section: a known key is read where
@@ -705,14 +738,65 @@ def apply_overrides(d: dict | None, overrides: list[str] | None) -> dict:
     return out
 
 
+def _parse_toml(text: str, source: str) -> dict:
+    """A ``.toml`` config as kohya's sd-scripts read theirs (``--config_file``): the keys of a table that is not one
+    of our sections (``[model_arguments]``, ``[training_arguments]``, ...) are read as top-level keys."""
+    try:
+        import tomllib
+    except ImportError:  # (Python 3.10)
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise ConfigError(f"{source}: reading a TOML config needs Python 3.11 or the tomli package (pip install "
+                              "tomli); or write it as YAML, `key: value` for each `key = value`") from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    out: dict = {}
+    where: dict[str, str] = {}
+    for key, value in doc.items():
+        if isinstance(value, dict) and key not in SECTION_CLASSES:
+            items, table = value.items(), f"[{key}]"
+        else:
+            items, table = [(key, value)], "the top level"
+        for name, v in items:
+            if name in out and out[name] != v:
+                raise ConfigError(f"{source}: key '{name}' is given twice, in {where[name]} ({out[name]!r}) and in "
+                                  f"{table} ({v!r}); keep one")
+            out[name], where[name] = v, table
+    return out
+
+
+def _looks_like_toml(text: str) -> bool:
+    """Whether the file's first line that is not blank or a comment is TOML's ``key = value`` or ``[table]``."""
+    first = next((line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")), "")
+    return bool(re.fullmatch(r"[\w.-]+\s*=.*|\[[\w.-]+\]", first))
+
+
 def load_config(path, overrides: list[str] | None = None) -> Config:
+    """A YAML config (or a TOML one, kohya's, by its ``.toml`` suffix), ``overrides`` (``--set``) applied."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path.resolve()} not found")
-    d = _parse_yaml(path.read_text(encoding="utf-8-sig"), str(path))
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix.lower() == ".toml":
+        d = _parse_toml(text, str(path))
+    else:
+        toml_hint = ConfigError(f"{path}: this is not YAML (`key: value`) but looks like TOML (`key = value`, "
+                                "kohya's config files): name the file .toml, or write each `key = value` as "
+                                "`key: value`") if _looks_like_toml(text) else None
+        try:
+            d = _parse_yaml(text, str(path))
+        except ConfigError:
+            if toml_hint:
+                raise toml_hint from None
+            raise
+        if toml_hint and not isinstance(d, dict):
+            raise toml_hint
     if d is not None and not isinstance(d, dict):
         raise ConfigError(f"{path}: the config must be a mapping of keys to values, got {type(d).__name__}")
-    return config_from_dict(apply_overrides(d, overrides), source=str(path))
+    return config_from_dict(apply_overrides(d, overrides), source=str(path), given=override_origins(overrides))
 
 
 def validate_paths(cfg: Config, check_base_model: bool = True, builtin_models: Collection[str] = ()) -> None:

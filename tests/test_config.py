@@ -329,6 +329,88 @@ def test_overrides_nested_and_flat(tmp_path):
     assert load_config(path, overrides=["epochs=2"]).training.epochs == 2
 
 
+def test_a_problem_with_a_set_value_names_the_set_not_the_file(tmp_path):
+    """A bad value given by ``--set`` is the command line's: the file it was applied to has another (or none)."""
+    path = tmp_path / "c.yaml"
+    path.write_text(NESTED)
+    for override, expected in [("network_dim=abc", "--set network_dim=abc: training.lora_rank: expected an integer"),
+                               ("lerning_rate=1", "--set lerning_rate=1: unknown key 'lerning_rate'"),
+                               ("training.foo=1", "--set training.foo=1: unknown key 'foo' in training"),
+                               ("output_name=a/b", "--set output_name=a/b: output.output_name: 'a/b' must be")]:
+        with pytest.raises(ConfigError) as e:
+            load_config(path, overrides=[override])
+        assert str(e.value).startswith(expected), str(e.value)
+    path.write_text(NESTED.replace("lora_rank: 16", "lora_rank: 0"))
+    with pytest.raises(ConfigError, match=f"^{path}: training.lora_rank: 0 is out of range"):
+        load_config(path, overrides=["epochs=2"])  # the file's own problem: the file's
+    with pytest.raises(ConfigError) as e:  # and beside a --set one: both, under the file's name
+        load_config(path, overrides=["epochs=0"])
+    assert str(e.value) == (f"{path}: 2 problems:\n  training.lora_rank: 0 is out of range: must be >= 1 and <= 1024"
+                            "\n  --set epochs=0: training.epochs: 0 is out of range: must be >= 1")
+
+
+KOHYA_TOML = """
+[model_arguments]
+pretrained_model_name_or_path = "tiny-demo"
+
+[additional_network_arguments]
+network_dim = 16
+network_alpha = 8
+
+[optimizer_arguments]
+optimizer_type = "AdamW"
+learning_rate = 1e-4
+optimizer_args = ["weight_decay=0.1"]
+
+[dataset_arguments]
+train_data_dir = "imgs"
+resolution = "768,768"
+shuffle_caption = true
+
+[training_arguments]
+output_dir = "out"
+output_name = "style"
+train_batch_size = 2
+max_train_epochs = 3
+"""
+
+
+def test_kohyas_toml_config_is_read_as_kohya_reads_it(tmp_path):
+    """kohya's sd-scripts take a TOML file (--config_file), its keys in tables of any name: here the same, by the
+    .toml suffix (it was read as YAML: 'the config must be a mapping ..., got str')."""
+    path = tmp_path / "kohya.toml"
+    path.write_text(KOHYA_TOML)
+    cfg = load_config(path, overrides=["max_train_steps=2"])
+    t = cfg.training
+    assert (cfg.model.base_model, cfg.data.train_data_dir, cfg.data.resolution, cfg.data.shuffle_caption) == (
+        "tiny-demo", "imgs", 768, True)
+    assert (t.lora_rank, t.lora_alpha, t.learning_rate, t.batch_size, t.epochs, t.max_train_steps) == (
+        16, 8.0, 1e-4, 2, 3, 2)
+    assert t.optimizer_args == {"weight_decay": 0.1} and cfg.output.output_name == "style"
+    path.write_text("train_data_dir = 'imgs'\n[training]\nlora_rank = 4\n")  # our own sections, in TOML
+    assert load_config(path).training.lora_rank == 4
+    path.write_text(KOHYA_TOML + "[more]\nnetwork_dim = 32\n")
+    with pytest.raises(ConfigError, match=r"key 'network_dim' is given twice, in \[additional_network_arguments\] "
+                                          r"\(16\) and in \[more\] \(32\)"):
+        load_config(path)
+    path.write_text("network_dim = \n")
+    with pytest.raises(ConfigError, match="kohya.toml: not valid TOML"):
+        load_config(path)
+
+
+def test_toml_in_a_yaml_file_says_what_it_is(tmp_path):
+    for text in ("network_dim = 16\ntrain_data_dir = 'x'\n", KOHYA_TOML):
+        path = tmp_path / "kohya.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match="looks like TOML.*name the file .toml"):
+            load_config(path)
+
+
+def test_kohyas_train_batch_size_is_batch_size():
+    """Per device in kohya's scripts, as here (README "Multi-GPU training")."""
+    assert config_from_dict({"train_data_dir": "x", "train_batch_size": 6}).training.batch_size == 6
+
+
 def test_resolve_mixed_precision():
     assert resolve_mixed_precision("auto", "cuda", True) == "bf16"
     assert resolve_mixed_precision("auto", "cuda", False) == "fp16"
