@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from lora_trainer.errors import ConfigError
+from lora_trainer.kohya_config import read_kohya
 from lora_trainer.utils.fsio import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,8 @@ class TrainingConfig:
     learning_rate: float = 2e-4
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
+    lr_scheduler_num_cycles: int = 1  # cosine_with_restarts: the number of cosines (1: cosine)
+    lr_scheduler_power: float = 1.0  # polynomial: the decay's power (1: linear)
     optimizer: str = "adamw"
     optimizer_args: dict[str, object] = field(default_factory=dict)  # the optimizer's other arguments (kohya's)
     weight_decay: float = 1e-2
@@ -211,7 +214,7 @@ CHOICES = {
     "prediction_type": ("auto", "epsilon", "v_prediction"),
     "zero_terminal_snr": ("auto", "true", "false"),
     "task_type": ("text-to-image", "text-generation"),
-    "lr_scheduler": ("constant", "constant_with_warmup", "cosine", "linear"),
+    "lr_scheduler": ("constant", "constant_with_warmup", "cosine", "linear", "cosine_with_restarts", "polynomial"),
     "optimizer": ("adamw", "adamw8bit", "prodigy", "adafactor"),
     "quantize_base": ("no", "4bit", "8bit"),
     "mixed_precision": ("auto", "no", "fp16", "bf16"),
@@ -240,6 +243,8 @@ RANGES = {
     "max_train_steps": (1, None, False, False),
     "learning_rate": (0, None, True, False),
     "lr_warmup_steps": (0, None, False, False),
+    "lr_scheduler_num_cycles": (1, None, False, False),
+    "lr_scheduler_power": (0, None, True, False),
     "weight_decay": (0, None, False, False),
     "adam_beta1": (0, 1, False, True),
     "adam_beta2": (0, 1, False, True),
@@ -740,7 +745,8 @@ def apply_overrides(d: dict | None, overrides: list[str] | None) -> dict:
 
 def _parse_toml(text: str, source: str) -> dict:
     """A ``.toml`` config as kohya's sd-scripts read theirs (``--config_file``): the keys of a table that is not one
-    of our sections (``[model_arguments]``, ``[training_arguments]``, ...) are read as top-level keys."""
+    of our sections (``[model_arguments]``, ``[training_arguments]``, ...) are read as top-level keys, and in kohya's
+    terms (kohya_config.read_kohya) unless the file has our sections (``[data]``, ``[training]``, ...)."""
     try:
         import tomllib
     except ImportError:  # (Python 3.10)
@@ -765,7 +771,9 @@ def _parse_toml(text: str, source: str) -> dict:
                 raise ConfigError(f"{source}: key '{name}' is given twice, in {where[name]} ({out[name]!r}) and in "
                                   f"{table} ({v!r}); keep one")
             out[name], where[name] = v, table
-    return out
+    if any(key in SECTION_CLASSES for key in doc):  # (our sections: this trainer's config, written as TOML)
+        return out
+    return read_kohya(out, source)
 
 
 def _looks_like_toml(text: str) -> bool:

@@ -109,3 +109,14 @@ def set_base_lrs(scheduler, base_lrs: list[float]) -> None:
             group["lr"] = group["lr"] * (base_lrs[k] / old[k] if old[k] else 1.0)
         group["initial_lr"] = base_lrs[k]
     scheduler._last_lr = [g["lr"] for g in groups]
+
+
+def lr_schedule(t, optimizer, total_steps: int):
+    """``training.lr_scheduler`` over ``total_steps`` optimizer steps, after ``lr_warmup_steps`` of warm-up (constant
+    with a warm-up is constant_with_warmup); cosine_with_restarts takes ``lr_scheduler_num_cycles`` cosines, polynomial
+    decays with ``lr_scheduler_power`` (as kohya's sd-scripts and diffusers' get_scheduler run them)."""
+    from diffusers.optimization import get_scheduler
+
+    name = "constant_with_warmup" if t.lr_scheduler == "constant" and t.lr_warmup_steps else t.lr_scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=t.lr_warmup_steps, num_training_steps=total_steps,
+                         num_cycles=t.lr_scheduler_num_cycles, power=t.lr_scheduler_power)

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 
 from lora_trainer.config import Config, with_family_defaults
@@ -36,7 +35,7 @@ from lora_trainer.engine.lora import (
     uncastable_lora_layers,
 )
 from lora_trainer.engine.loss import diffusion_loss, draw_noise, zero_terminal_snr_schedule
-from lora_trainer.engine.optim import build_optimizer, changed_since
+from lora_trainer.engine.optim import build_optimizer, changed_since, lr_schedule
 from lora_trainer.engine.outputs import export_epoch_lora
 from lora_trainer.engine.preflight import duration_text
 from lora_trainer.engine.run_dir import latent_cache_dir
@@ -405,9 +404,7 @@ def optimization(cfg: Config, groups: list[dict], device, precision: str, total_
     """The optimizer, its learning-rate schedule and the fp16 gradient scaler."""
     t = cfg.training
     optimizer = build_optimizer(t, groups, device)
-    name = "constant_with_warmup" if t.lr_scheduler == "constant" and t.lr_warmup_steps else t.lr_scheduler
-    lr_scheduler = get_scheduler(name, optimizer, num_warmup_steps=t.lr_warmup_steps,
-                                 num_training_steps=total_steps)
+    lr_scheduler = lr_schedule(t, optimizer, total_steps)
     return optimizer, lr_scheduler, torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 

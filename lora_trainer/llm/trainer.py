@@ -18,7 +18,7 @@ from lora_trainer.config import Config, resolve_mixed_precision, save_config
 from lora_trainer.engine import checkpoint as ckpt
 from lora_trainer.engine.events import CallbackList, Callbacks
 from lora_trainer.engine.interrupt import CtrlC, tensorboard_writer
-from lora_trainer.engine.optim import build_optimizer, check_optimizer
+from lora_trainer.engine.optim import build_optimizer, check_optimizer, lr_schedule
 from lora_trainer.engine.output_checks import check_output
 from lora_trainer.engine.run_dir import dropped_on_error, holds_a_run, prepare_run_dir, remove_run, run_log_file
 from lora_trainer.errors import ConfigError, LoraTrainerError
@@ -180,7 +180,6 @@ def _device_and_precision(t) -> tuple[torch.device, str]:
 
 
 def _set_up(cfg: Config, prepared: _Prepared, run_dir: Path, log_dir: Path, callbacks, progress: bool) -> LlmRun:
-    from transformers import get_scheduler
 
     t, m = cfg.training, cfg.model
     device, precision = _device_and_precision(t)
@@ -202,9 +201,7 @@ def _set_up(cfg: Config, prepared: _Prepared, run_dir: Path, log_dir: Path, call
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(t, [{"params": trainable, "lr": t.learning_rate}], device)
-    name = "constant_with_warmup" if t.lr_scheduler == "constant" and t.lr_warmup_steps else t.lr_scheduler
-    scheduler = get_scheduler(name, optimizer, num_warmup_steps=t.lr_warmup_steps,
-                              num_training_steps=prepared.plan.total_steps)
+    scheduler = lr_schedule(t, optimizer, prepared.plan.total_steps)
     save_config(cfg, run_dir / "config.yaml")
     plan = prepared.plan
     log.info("run folder %s; %d steps (%d epochs of %d), batch %d × accumulation %d, %s on %s; LoRA rank %d on %s "
