@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 TEMPLATE = Path(__file__).with_name("lora_default.yaml")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+DIFFUSERS_NAME = "pytorch_lora_weights"  # (export.diffusers_format.WEIGHT_NAME's stem)
 
 
 @dataclass
@@ -550,6 +551,10 @@ def _check_special(values: dict[str, dict], errors: list[str]) -> None:
         o["output_name"] = name[:-len(".safetensors")]  # (the file's suffix is added: "x.safetensors.safetensors")
         log.info("output.output_name %r: the LoRA is %s.safetensors", name, o["output_name"])
     _check_output_name(o["output_name"] if "output_name" in o else None, "file", errors)
+    if str(o.get("output_name", "")).lower() == DIFFUSERS_NAME and o.get("save_diffusers_format", True):
+        errors.append(f"output.output_name: {o['output_name']!r} is the name of the diffusers-format file written "
+                      "beside the LoRA (output.save_diffusers_format): choose another name (it becomes "
+                      "<lora:name:0.7>), or set save_diffusers_format: false")
 
 
 def _check_output_name(name, what: str, errors: list[str]) -> None:

@@ -418,3 +418,15 @@ def test_resolve_mixed_precision():
     assert resolve_mixed_precision("fp16", "cpu", False) == "no"
     assert resolve_mixed_precision("fp16", "cuda", True) == "fp16"
     assert resolve_mixed_precision("no", "cuda", True) == "no"
+
+
+def test_an_output_name_that_is_the_diffusers_files_is_refused():
+    """output_name pytorch_lora_weights would share its name with the diffusers-format file written beside the LoRA
+    (one of them then became pytorch_lora_weights_1.safetensors, and <lora:pytorch_lora_weights> the wrong one)."""
+    for name in ("pytorch_lora_weights", "Pytorch_LoRA_Weights.safetensors"):
+        with pytest.raises(ConfigError, match=r"output.output_name: '[Pp]ytorch_[Ll]o[Rr][Aa]_[Ww]eights' is the name "
+                                              r"of the diffusers-format file"):
+            config_from_dict({"train_data_dir": "x", "output_name": name})
+    cfg = config_from_dict({"train_data_dir": "x", "output_name": "pytorch_lora_weights",
+                            "save_diffusers_format": False})
+    assert cfg.output.output_name == "pytorch_lora_weights"
