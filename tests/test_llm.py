@@ -197,6 +197,18 @@ def test_a_json_file_of_one_object_laid_out_over_lines_is_one_row(tmp_path):
     assert [(r.prompt, r.completion) for r in rows] == [("sky", "blue")]
 
 
+def test_held_out_rows_with_nothing_to_learn_are_named_as_held_out(tok):
+    """Every held-out row's prompt fills max_seq_length: the message says they are the held-out ones and that
+    validation_split: 0 is a way out (it read as if the whole data set had nothing to learn)."""
+    rows = [Row(f"r.jsonl:{i}", prompt="what is the color of sky", completion="blue") for i in (1, 2)]
+    with pytest.raises(DatasetError, match=r"^none of the 2 held-out rows \(data.validation_split\) has a token to "
+                                           r"learn within data.max_seq_length 4 \(the prompt fills it\), e.g. "
+                                           r"r.jsonl:1; raise it, or set data.validation_split: 0$"):
+        encode_rows(tok, rows, 4, False, held_out=True)
+    with pytest.raises(DatasetError, match=r"^none of the 2 rows has a token to learn .*; raise it$"):
+        encode_rows(tok, rows, 4, False)
+
+
 def test_rows_from_each_file_kind(tmp_path, tok):
     write_rows(tmp_path, color_rows()[:1])
     (tmp_path / "b.csv").write_text("prompt,completion\nwhat is the color of snow,white\n", encoding="utf-8")

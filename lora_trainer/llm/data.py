@@ -137,11 +137,13 @@ def chunk(ex: Example, max_len: int) -> list[Example]:
         start += max_len - 1
 
 
-def encode_rows(tok, rows: list[Row], max_len: int, train_on_prompt: bool) -> list[Example]:
+def encode_rows(tok, rows: list[Row], max_len: int, train_on_prompt: bool, held_out: bool = False) -> list[Example]:
     """Every row encoded to at most ``max_len`` tokens. A text row (a .txt document, a ``{"text"}`` row) longer than
     that is split into consecutive chunks (``chunk``), each a training row; a prompt/completion or messages row is cut
     to it (its answer means nothing without its prompt). The log counts both; rows left with nothing to learn (a
-    prompt longer than ``max_len``) are dropped with a warning."""
+    prompt longer than ``max_len``) are dropped with a warning. ``held_out``: the rows are the held-out ones (the
+    messages say so)."""
+    what = "held-out rows (data.validation_split)" if held_out else "rows"
     out, cut, split, chunks, empty = [], 0, 0, 0, []
     for row in rows:
         ex = encode(tok, row, train_on_prompt)
@@ -164,10 +166,12 @@ def encode_rows(tok, rows: list[Row], max_len: int, train_on_prompt: bool) -> li
         log.info("%d of %d rows are longer than data.max_seq_length %d tokens and were cut to it", cut, len(rows),
                  max_len)
     if empty:
-        log.warning("%d rows left out: nothing to learn within data.max_seq_length %d tokens (the prompt fills it), "
-                    "e.g. %s", len(empty), max_len, empty[0])
+        log.warning("%d %s left out: nothing to learn within data.max_seq_length %d tokens (the prompt fills it), "
+                    "e.g. %s", len(empty), what, max_len, empty[0])
     if not out:
-        raise DatasetError(f"no row has a token to learn within data.max_seq_length {max_len}; raise it")
+        where = "; raise it, or set data.validation_split: 0" if held_out else "; raise it"
+        raise DatasetError(f"none of the {len(rows)} {what} has a token to learn within data.max_seq_length "
+                           f"{max_len} (the prompt fills it), e.g. {empty[0] if empty else rows[0].source}{where}")
     return out
 
 

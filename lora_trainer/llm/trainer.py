@@ -108,7 +108,7 @@ def _prepare(cfg: Config, model_config: dict) -> _Prepared:
     train_rows, held_rows = llm_data.split_rows(rows, fraction, t.seed)
     tok = load_tokenizer(m.base_model, m.trust_remote_code)
     examples = llm_data.encode_rows(tok, train_rows, d.max_seq_length, d.train_on_prompt)
-    held = llm_data.encode_rows(tok, held_rows, d.max_seq_length, d.train_on_prompt) if held_rows else []
+    held = llm_data.encode_rows(tok, held_rows, d.max_seq_length, d.train_on_prompt, held_out=True) if held_rows else []
     if d.packing:
         examples = llm_data.pack(examples, d.max_seq_length, t.seed)
     log.info("%d training rows%s from %s", len(train_rows),
