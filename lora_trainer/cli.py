@@ -290,10 +290,10 @@ def cmd_check(args) -> int:
         d = with_family_defaults(cfg, family_of(cfg.model.base_model, cfg.model.prediction_type))[0].data
     settings = {"root": d.train_data_dir or None, "resolution": d.resolution, "metadata_path": d.metadata_path,
                 "caption_extension": d.caption_extension, "caption_priority": d.caption_priority,
-                "caption_prefix": d.caption_prefix, "recursive": d.recursive}
+                "caption_prefix": d.caption_prefix, "recursive": d.recursive, "reg_data_dir": d.reg_data_dir}
     given = {"root": args.folder, "resolution": args.resolution, "metadata_path": args.metadata,
              "caption_extension": args.caption_extension, "caption_priority": args.caption_priority,
-             "caption_prefix": args.prefix, "recursive": args.recursive or None}
+             "caption_prefix": args.prefix, "recursive": args.recursive or None, "reg_data_dir": args.reg_dir}
     settings.update({k: v for k, v in given.items() if v is not None})
     if settings["resolution"] < 64:
         raise LoraTrainerError(f"check --resolution: {settings['resolution']} is too small: the training resolution "
@@ -429,6 +429,8 @@ def _add_dataset_commands(sub) -> None:
                     f"(default {default_value('caption_priority')})")
     ck.add_argument("--prefix", help="the trigger-word prefix training puts before every caption")
     ck.add_argument("--recursive", action="store_true", help="include subfolders")
+    ck.add_argument("--reg-dir", help="the regularization (class) images' folder, checked too (default: the "
+                    "config's data.reg_data_dir)")
     ck.add_argument("--glossary", help="YAML of synonym groups (adds to the built-in one)")
     ck.add_argument("--json", help="also write the report as JSON here")
     ck.add_argument("--max-files", type=_at_least(1), default=5, help="files listed per finding (default "

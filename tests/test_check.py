@@ -292,3 +292,164 @@ def test_training_checks_at_the_resolution_the_run_will_use(mid_sized, tmp_path,
             assert words in caplog.text
         else:
             assert "smaller than the training resolution" not in caplog.text
+
+
+# --- the regularization images (data.reg_data_dir) ---------------------------------------------------------
+
+@pytest.fixture
+def with_reg(tmp_path):
+    """A subject set (4 images, captioned) and a regularization folder in kohya's layout (1_person: no captions,
+    the class word is theirs) with a damaged, a small, a duplicated image and two copies of training images."""
+    subject, reg = tmp_path / "img", tmp_path / "reg" / "1_person"
+    subject.mkdir()
+    reg.mkdir(parents=True)
+    for k in range(4):
+        picture(k).save(subject / f"s{k}.png")
+        (subject / f"s{k}.txt").write_text(f"sks, a picture, tone {k}", encoding="utf-8")
+    for k in range(5):
+        picture(200 + k).save(reg / f"r{k}.png")
+    (reg / "r_copy.png").write_bytes((reg / "r0.png").read_bytes())  # the same file twice
+    (reg / "s0.png").write_bytes((subject / "s0.png").read_bytes())  # a training image among the class images
+    picture(1).resize((200, 200), Image.LANCZOS).save(reg / "s1_small.png")  # and a resized copy of one
+    picture(300, 64, 64).save(reg / "tiny.png")
+    buf = io.BytesIO()
+    picture(301).save(buf, "JPEG")
+    (reg / "broken.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    return subject, tmp_path / "reg"
+
+
+def test_the_regularization_images_are_checked_and_labelled_as_theirs(with_reg, tmp_path):
+    subject, reg = with_reg
+    alone = check_dataset(subject, resolution=128)
+    report = check_dataset(subject, resolution=128, reg_data_dir=reg)
+    assert (report.reg_root, report.reg_images) == (str(reg.resolve()), 9)
+    ours = [f for f in report.findings if f.dataset == "regularization"]
+    # the training images' findings are the same as without them
+    assert [f for f in report.findings if f.dataset == "training"] == alone.findings
+    assert all(f.message.startswith("regularization images: ") for f in ours)
+
+    def files(check):
+        return [name for f in ours if f.check == check for name in f.files]
+
+    assert files("unreadable") == ["1_person/broken.jpg"]
+    assert files("small") == ["1_person/tiny.png (64×64)"]
+    duplicates = [sorted(f.files) for f in ours if f.check == "duplicate"]
+    assert ["1_person/r0.png", "1_person/r_copy.png"] in duplicates
+    assert ["1_person/s0.png (= s0.png)"] in duplicates  # (one of the training images)
+    assert files("near-duplicate") == ["1_person/s1_small.png (~ s1.png)"]  # (and one resized)
+    assert not files("no-caption")  # (kohya's layout: the folder's class word is their caption)
+    (balance,) = [f for f in ours if f.check == "regularization"]
+    assert balance.severity == "info" and "1_person (9 × 1)" in balance.message
+    assert "an epoch trains 4 beside the subject's 4" in balance.message and "5 left out" in balance.message
+    text = report.summary()
+    assert f"regularization images (data.reg_data_dir) of {reg.resolve()}: 9 images" in text
+    assert "[warning] regularization images: skipped: " in text and "1_person/broken.jpg" in text
+    out = tmp_path / "report.json"
+    out.write_text(json.dumps(report.to_dict()))
+    data = json.loads(out.read_text())
+    assert data["reg_images"] == 9 and data["reg_root"] == str(reg.resolve())
+    assert {f["dataset"] for f in data["findings"]} == {"training", "regularization"}
+    assert alone.to_dict()["reg_root"] is None
+
+
+def test_regularization_images_are_read_as_the_run_reads_them(with_reg):
+    """The check's regularization images are the run's: data.regularization's scan (kohya's layout, no prefix)."""
+    from lora_trainer.config import DataConfig
+    from lora_trainer.data.check import image_facts
+    from lora_trainer.data.regularization import scan_regularization, with_regularization
+
+    subject, reg = with_reg
+    report = check_dataset(subject, resolution=128, caption_prefix="sks, ", reg_data_dir=reg)
+    d = DataConfig(reg_data_dir=str(reg), caption_prefix="sks, ")
+    scan = scan_dataset(subject, caption_prefix="sks, ", inspect=image_facts)
+    run = with_regularization(d, scan)
+    assert report.reg_images == len({s.path for s in run.samples if s.is_reg}) + 5  # (5 left out by the balance)
+    assert report.images == sum(not s.is_reg for s in run.samples)
+    # a run can check its regularization images and train the same scan of them (decoded once)
+    reg_scan = scan_regularization(reg, inspect=image_facts)
+    assert check_scan(scan, 128, "sks, ", reg=reg_scan).to_dict() == report.to_dict()
+    assert with_regularization(d, scan, reg=reg_scan).samples == run.samples
+
+
+def test_a_plain_regularization_folder_without_captions_is_named(tmp_path):
+    """Outside kohya's layout no folder name gives the class word: a captionless class image trains with an empty
+    prompt. Images with a caption (and the subject's) are not named."""
+    subject, reg = tmp_path / "img", tmp_path / "reg"
+    subject.mkdir()
+    reg.mkdir()
+    for k in range(2):
+        picture(k).save(subject / f"s{k}.png")
+        (subject / f"s{k}.txt").write_text("sks, a picture")
+        picture(10 + k).save(reg / f"r{k}.png")
+    (reg / "r0.txt").write_text("a person")
+    report = check_dataset(subject, resolution=128, reg_data_dir=reg)
+    (untitled,) = report.by_check("no-caption")
+    assert untitled.dataset == "regularization" and untitled.files == ["r1.png"]
+    assert "no class tokens from a folder name" in untitled.message and "1_dog" in untitled.fix
+    (balance,) = report.by_check("regularization")
+    assert "an epoch trains 2 beside the subject's 2" in balance.message and "left out" not in balance.message
+
+
+def test_an_unusable_regularization_folder_is_an_error_of_its_own(with_reg, tmp_path):
+    subject, _ = with_reg
+    (tmp_path / "empty").mkdir()
+    report = check_dataset(subject, resolution=128, reg_data_dir=tmp_path / "empty")
+    (error,) = [f for f in report.findings if f.severity == "error"]
+    assert error.dataset == "regularization" and error.check == "unusable"
+    assert error.message.startswith("data.reg_data_dir (the regularization images): no usable images")
+    assert report.images == 4 and report.reg_images == 0 and report.reg_root == str((tmp_path / "empty").resolve())
+    # an unusable training folder: the regularization images are still checked (nothing to compare them with)
+    (tmp_path / "none").mkdir()
+    report = check_dataset(tmp_path / "none", resolution=128, reg_data_dir=with_reg[1])
+    assert [f.dataset for f in report.findings if f.severity == "error"] == ["training"]
+    assert report.reg_images == 9 and not report.by_check("regularization")
+    assert any(f.dataset == "regularization" for f in report.by_check("unreadable"))
+
+
+# --- captions written on several lines -----------------------------------------------------------------------
+
+def test_captions_on_several_lines_are_noted_as_kohya_reads_only_the_first(tmp_path, capsys):
+    """Here a caption file's lines are joined with ", " (nothing written is dropped); kohya's sd-scripts trains only
+    the first line. The check says so, as a note; a trailing newline is one line, a metadata.csv cell is not a
+    caption file."""
+    for k in range(5):
+        picture(k).save(tmp_path / f"{k}.png")
+    (tmp_path / "0.txt").write_text("mystyle, a picture\nred hair, smiling\n\n", encoding="utf-8")
+    (tmp_path / "1.txt").write_text("mystyle, one line\n", encoding="utf-8")
+    (tmp_path / "2.txt").write_text("\r\nmystyle, after a blank line", encoding="utf-8")
+    (tmp_path / "3.txt").write_text("mystyle, one line", encoding="utf-8")
+    write_csv(tmp_path, [["4.png", "mystyle\nin a csv cell"]])
+    scan = scan_dataset(tmp_path)
+    assert scan.samples[0].caption == "mystyle, a picture, red hair, smiling"  # (our reading: every line)
+    report = check_scan(scan, resolution=128)
+    (note,) = report.by_check("multi-line-caption")
+    assert note.severity == "info" and note.dataset == "training"
+    assert note.files == ["0.txt (2 lines)", "2.txt (2 lines)"]
+    assert "joined with ', '" in note.message and "kohya's sd-scripts reads only the first line" in note.message
+    assert note.fix
+    assert main(["check", str(tmp_path), "--resolution", "128"]) == 0
+    assert "[info] 2 caption files (.txt) span several lines" in capsys.readouterr().out
+    (tmp_path / "0.txt").write_text("mystyle, a picture\n", encoding="utf-8")
+    (tmp_path / "2.txt").unlink()
+    assert not check_dataset(tmp_path, resolution=128).by_check("multi-line-caption")
+
+
+def test_the_check_command_takes_the_regularization_folder(with_reg, tmp_path, capsys):
+    """``check DIR --reg-dir REG`` (or a config's data.reg_data_dir): the report covers both sets."""
+    import json
+
+    import yaml
+
+    from lora_trainer.cli import main
+
+    subject, reg = with_reg
+    assert main(["check", str(subject), "--resolution", "128", "--reg-dir", str(reg), "--json",
+                 str(tmp_path / "a.json")]) == 0
+    assert "regularization images (data.reg_data_dir) of" in capsys.readouterr().out
+    by_flag = json.loads((tmp_path / "a.json").read_text())
+    assert by_flag["reg_root"] == str(reg.resolve())
+    assert any(f["dataset"] == "regularization" and f["check"] == "duplicate" for f in by_flag["findings"])
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"train_data_dir": str(subject), "reg_data_dir": str(reg), "resolution": 128}))
+    assert main(["check", "--config", str(config), "--json", str(tmp_path / "b.json")]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["findings"] == by_flag["findings"]

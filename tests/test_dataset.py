@@ -311,6 +311,27 @@ def test_a_caption_file_saved_as_windows_unicode_is_read(tmp_path):
     assert by["be.png"].caption == "naïve, red" and scan.problems == []
 
 
+def test_a_caption_on_several_lines_is_joined_and_its_lines_counted(tmp_path):
+    """Every line of a caption file is trained, joined with ", " (nothing written is dropped); the lines up to the
+    last non-blank one are counted (kohya's scripts read only the first: the dataset check says so)."""
+    from lora_trainer.data.dataset import caption_lines
+
+    root = tmp_path / "s"
+    root.mkdir()
+    for name in ("a.png", "b.png", "c.png", "d.png", "e.png"):
+        save(rgb(), root / name)
+    (root / "a.txt").write_text("zxq style, red\n**blue sky**\n\n", encoding="utf-8")
+    (root / "b.txt").write_text("one line\r\n", encoding="utf-8")
+    (root / "c.txt").write_bytes(b"\r\nafter a blank line\rand an old Mac line")
+    (root / "d.txt").write_text("  \n", encoding="utf-8")
+    by = {s.path.name: s for s in scan_dataset(root).samples}
+    assert (by["a.png"].caption, by["a.png"].core_tags) == ("zxq style, red, blue sky", ("blue sky",))
+    assert by["c.png"].caption == "after a blank line, and an old Mac line"
+    assert {n: s.caption_lines for n, s in by.items()} == {"a.png": 2, "b.png": 1, "c.png": 3, "d.png": 1,
+                                                         "e.png": 1}
+    assert [caption_lines(t) for t in ("", "a", "a\n", "a\nb", "\na", "a\r\n\r\nb\n")] == [1, 1, 1, 2, 2, 3]
+
+
 def test_recursive_and_hidden(tmp_path):
     root = tmp_path / "r"
     (root / "sub" / "deeper").mkdir(parents=True)

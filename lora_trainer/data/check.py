@@ -1,7 +1,9 @@
 """The dataset check: what the trainer will see, and what is likely to hurt the LoRA.
 
 Every finding names the files concerned and a fix. Nothing is changed on disk. The CLI's ``check``,
-the tab's check panel and the training run (before it starts) print the same report.
+the tab's check panel and the training run (before it starts) print the same report. The regularization images
+(data.reg_data_dir), where given, are checked too, read as the run reads them; their findings are labelled as theirs
+(``Finding.dataset``), and none asks them for captions (kohya's layout: the folder's class tokens are theirs).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,7 @@ from lora_trainer.data.images import (
     strict_decoding,
 )
 from lora_trainer.data.phash import near_pairs, phash
+from lora_trainer.data.regularization import balanced_repeats, scan_regularization
 from lora_trainer.data.tokens import TOKEN_WINDOW, count_tokens
 from lora_trainer.errors import DatasetError, LoraTrainerError
 
@@ -58,6 +61,13 @@ class Finding:
     message: str
     files: list[str] = field(default_factory=list)
     fix: str = ""
+    # whose images: "training" (the dataset folder's) or "regularization" (data.reg_data_dir's; their files named
+    # relative to that folder, their messages begin "regularization images: ")
+    dataset: str = "training"
+
+
+REG = "regularization"
+REG_LABEL = "regularization images: "
 
 
 @dataclass
@@ -67,6 +77,8 @@ class CheckReport:
     findings: list[Finding] = field(default_factory=list)
     # the aspect-ratio buckets the images train in: [{"resolution": [w, h], "count": n}], sorted; [] without
     buckets: list[dict] = field(default_factory=list)
+    reg_root: str = ""  # the regularization images' folder (data.reg_data_dir), "" where none is checked
+    reg_images: int = 0  # regularization images the trainer can use
 
     @property
     def has_errors(self) -> bool:
@@ -80,12 +92,15 @@ class CheckReport:
 
     def to_dict(self) -> dict:
         return {"root": self.root, "images": self.images, "findings": [asdict(f) for f in self.findings],
-                "buckets": self.buckets}
+                "buckets": self.buckets, "reg_root": self.reg_root or None, "reg_images": self.reg_images}
 
     def summary(self, max_files: int = 5) -> str:
         head = (f"dataset check of {self.root}: {self.images} images; {self.count('error')} errors, "
                 f"{self.count('warning')} warnings, {self.count('info')} notes")
         lines = [head]
+        if self.reg_root:
+            lines.append(f"  regularization images (data.reg_data_dir) of {self.reg_root}: {self.reg_images} images; "
+                         f"their findings begin '{REG_LABEL.strip()}'")
         if self.buckets:
             listed = ", ".join("{}×{} ×{}".format(*b["resolution"], b["count"]) for b in self.buckets)
             lines.append(f"  aspect-ratio buckets ({len(self.buckets)}; a batch holds one bucket's images): {listed}")
@@ -378,26 +393,25 @@ def _spec(buckets, resolution: int) -> BucketSpec | None:
     return buckets or None
 
 
-def check_scan(scan: DatasetScan, resolution: int = 512, caption_prefix: str = "", glossary=None,
-               progress: bool = False, buckets: BucketSpec | bool | None = True) -> CheckReport:
-    """Check the images and captions of a scan (the trainer's own view of the set).
-
-    ``buckets``: the run's aspect-ratio buckets (data.buckets.BucketSpec; True: the default ones at
-    ``resolution``; None or False: every image center-cropped to a square). Images are decoded again only if the
-    scan was made without ``inspect=image_facts``.
-    """
-    report = CheckReport(str(scan.root), len(scan.samples))
-    for skipped in scan.skipped:
-        report.findings.append(Finding("unreadable", "warning", f"skipped: {skipped.reason}", [skipped.path],
-                                       skipped.fix))
+def _read(scan: DatasetScan, folders: bool = True) -> list[Finding]:
+    """What the scan left out or found wrong in the files: skipped files, caption file problems, kohya's layout
+    (``folders``: its folders and the images an epoch, as an info)."""
+    out = [Finding("unreadable", "warning", f"skipped: {skipped.reason}", [skipped.path], skipped.fix)
+           for skipped in scan.skipped]
     if scan.problems:
-        report.findings.append(Finding("csv", "warning", f"{len(scan.problems)} caption file problems: "
-                                       + "; ".join(scan.problems[:3]), [], "fix the lines named"))
-    if scan.folders():
-        report.findings.append(Finding("kohya-folders", "info", scan.folders_text()))
+        out.append(Finding("csv", "warning", f"{len(scan.problems)} caption file problems: "
+                           + "; ".join(scan.problems[:3]), [], "fix the lines named"))
+    if folders and scan.folders():
+        out.append(Finding("kohya-folders", "info", scan.folders_text()))
     if scan.folder_notes:
-        report.findings.append(Finding("kohya-folders", "warning", "; ".join(scan.folder_notes), [],
-                                       "name each folder of images <repeats>_<class tokens> (10_sks dog) to train it"))
+        out.append(Finding("kohya-folders", "warning", "; ".join(scan.folder_notes), [],
+                           "name each folder of images <repeats>_<class tokens> (10_sks dog) to train it"))
+    return out
+
+
+def _decoded(scan: DatasetScan, progress: bool = False) -> tuple[list[str], list[_ImageInfo], list[Finding]]:
+    """The images' names (relative to the scan's folder), their sizes and hashes (the scan's, or decoded now where
+    it was made without ``inspect=image_facts``), and those that no longer decode."""
     names = [_rel(scan, s.path) for s in scan.samples]
     infos = [scan.facts.get(s.path) for s in scan.samples]
     todo = [k for k, info in enumerate(infos) if info is None]  # a scan made without inspect=image_facts
@@ -410,29 +424,164 @@ def check_scan(scan: DatasetScan, resolution: int = 512, caption_prefix: str = "
                 results = tqdm(results, total=len(todo), desc="checking images", unit="img")
             for k, info in zip(todo, results):
                 infos[k] = info
-    for name, info in zip(names, infos):
-        if info.error:
-            report.findings.append(Finding("unreadable", "warning", f"skipped: {info.error}", [name],
-                                           FIXES[kind_of(info.error)]))
-    found, report.buckets = _images(scan, names, infos, resolution, _spec(buckets, resolution))
+    bad = [Finding("unreadable", "warning", f"skipped: {info.error}", [name], FIXES[kind_of(info.error)])
+           for name, info in zip(names, infos) if info.error]
+    return names, infos, bad
+
+
+def _multiline(scan: DatasetScan, names: list[str]) -> list[Finding]:
+    """Caption files written on several lines: joined with ", " here; kohya's scripts read only the first line."""
+    spread = [(_rel(scan, s.path.with_suffix(scan.caption_extension)), s.caption_lines)
+              for s in scan.samples if s.caption_source == "txt" and s.caption_lines > 1]
+    if not spread:
+        return []
+    one = len(spread) == 1
+    return [Finding("multi-line-caption", "info",
+                    f"{_n(len(spread), 'caption file')} ({scan.caption_extension}) {'spans' if one else 'span'} "
+                    f"several lines: here {'its' if one else 'their'} lines are joined with ', ' into one caption; "
+                    "kohya's sd-scripts reads only the first line of a caption file (the rest is not trained there)",
+                    [f"{name} ({k} lines)" for name, k in spread],
+                    "nothing to do for this trainer; to train the same captions with kohya's scripts, write each "
+                    "caption on one line (its tags separated by ', ')")]
+
+
+def _as_reg(finding: Finding) -> Finding:
+    return replace(finding, message=REG_LABEL + finding.message, dataset=REG)
+
+
+def _shared(subject: list[str], subject_infos: list[_ImageInfo], names: list[str],
+            infos: list[_ImageInfo]) -> list[Finding]:
+    """Regularization images that are training images too: the same file, or the same picture resized or
+    re-encoded (a regularization image shows the class without the subject)."""
+    by_digest = {i.digest: n for n, i in zip(subject, subject_infos) if i.digest}
+    same = {k: by_digest[i.digest] for k, i in enumerate(infos) if i.digest in by_digest}
+    out = []
+    if same:
+        one = len(same) == 1
+        out.append(Finding("duplicate", "warning", f"{_n(len(same), 'image', 'is')} also "
+                           f"{'a training image' if one else 'training images'} (identical files): the subject is "
+                           "then taught as what the class looks like",
+                           [f"{names[k]} (= {n})" for k, n in same.items()],
+                           "remove them from the regularization folder (its images show the class without the "
+                           "subject)"))
+    a = [k for k, i in enumerate(subject_infos) if i.phash is not None]
+    b = [k for k, i in enumerate(infos) if i.phash is not None]
+    near: dict[int, str] = {}
+    if a and b:
+        hashes = np.array([subject_infos[k].phash for k in a] + [infos[k].phash for k in b]).reshape(len(a) + len(b),
+                                                                                                    -1)
+        for i, j, _ in near_pairs(hashes, NEAR_BITS):
+            if i < len(a) <= j and b[j - len(a)] not in same:
+                near.setdefault(b[j - len(a)], subject[a[i]])
+    if near:
+        one = len(near) == 1
+        out.append(Finding("near-duplicate", "warning", f"{_n(len(near), 'image')} {'looks' if one else 'look'} "
+                           f"the same as {'a training image' if one else 'training images'} (resized, re-encoded or "
+                           "lightly edited copies)",
+                           [f"{names[k]} (~ {n})" for k, n in sorted(near.items())],
+                           "remove them from the regularization folder (its images show the class without the "
+                           "subject)"))
+    return out
+
+
+def _balance(reg: DatasetScan, subject: DatasetScan) -> Finding:
+    """How many regularization images an epoch trains beside the subject's (kohya's balance: balanced_repeats)."""
+    target = sum(s.repeats for s in subject.samples)
+    counts = balanced_repeats([s.repeats for s in reg.samples], target)
+    used, per_epoch = sum(n > 0 for n in counts), sum(counts)
+    folders = reg.folders()
+    where = (" in kohya's folders " + ", ".join(f"{name} ({f['img_count']} × {f['n_repeats']})"
+                                               for name, f in folders.items()) if folders else "")
+    text = (f"{_n(len(reg.samples), 'image')}{where}; an epoch trains {per_epoch} beside the subject's {target} "
+            "(kohya's balance: each folder's repeats, then one more each in turn)")
+    if used < len(reg.samples):
+        text += f"; {len(reg.samples) - used} left out (more than the subject's images need)"
+    elif per_epoch > len(reg.samples):
+        text += " (fewer images than the subject's: they are repeated)"
+    return Finding(REG, "info", text)
+
+
+def _regularization(reg: DatasetScan, resolution: int, spec: BucketSpec | None, progress: bool = False,
+                    subject: DatasetScan | None = None, subject_facts=None) -> list[Finding]:
+    """The findings of the regularization images (data.reg_data_dir), labelled as theirs: what cannot be read, small,
+    cropped, duplicate images (among them, and of the training images: ``subject`` and its names and facts from
+    ``_decoded``), captions; none is asked for where kohya's layout gives the class tokens (their caption)."""
+    out = _read(reg, folders=False)
+    names, infos, bad = _decoded(reg, progress)
+    out += bad
+    out += _images(reg, names, infos, resolution, spec)[0]
+    untitled = [n for n, s in zip(names, reg.samples) if s.caption_source == "none" or not s.caption.strip()]
+    if untitled:
+        out.append(Finding("no-caption", "warning",
+                           f"{_n(len(untitled), 'image', 'has')} no caption and no class tokens from a folder name "
+                           "(trained with an empty prompt)", untitled,
+                           "lay the folder out as kohya's: <repeats>_<class> sub-folders (1_dog, the class word "
+                           "their caption), or caption them"))
+    out += _multiline(reg, names)
+    out += _unused(reg)
+    if subject is not None:
+        out += _shared(*subject_facts, names, infos)
+        out.append(_balance(reg, subject))
+    return [_as_reg(f) for f in out]
+
+
+def check_scan(scan: DatasetScan, resolution: int = 512, caption_prefix: str = "", glossary=None,
+               progress: bool = False, buckets: BucketSpec | bool | None = True,
+               reg: DatasetScan | None = None) -> CheckReport:
+    """Check the images and captions of a scan (the trainer's own view of the set).
+
+    ``buckets``: the run's aspect-ratio buckets (data.buckets.BucketSpec; True: the default ones at
+    ``resolution``; None or False: every image center-cropped to a square). Images are decoded again only if the
+    scan was made without ``inspect=image_facts``. ``reg``: the regularization images (data.regularization's
+    scan_regularization), checked too: their findings are labelled ``dataset="regularization"``.
+    """
+    report = CheckReport(str(scan.root), len(scan.samples))
+    report.findings += _read(scan)
+    names, infos, bad = _decoded(scan, progress)
+    report.findings += bad
+    spec = _spec(buckets, resolution)
+    found, report.buckets = _images(scan, names, infos, resolution, spec)
     report.findings += found
     glossary = load_glossary(scan.root) if glossary is None else glossary
     report.findings += _captions(scan, names, caption_prefix, glossary)
+    report.findings += _multiline(scan, names)
     report.findings += _unused(scan)
     report.findings += _size(len(scan.samples))
+    if reg is not None:
+        report.reg_root, report.reg_images = str(reg.root), len(reg.samples)
+        report.findings += _regularization(reg, resolution, spec, progress, scan, (names, infos))
     return report
 
 
 def check_dataset(root, resolution: int = 512, metadata_path=None, caption_extension: str = ".txt",
                   caption_priority: str = "csv", caption_prefix: str = "", recursive: bool = False,
-                  glossary_path=None, progress: bool = False, buckets: BucketSpec | bool | None = True) -> CheckReport:
+                  glossary_path=None, progress: bool = False, buckets: BucketSpec | bool | None = True,
+                  reg_data_dir=None) -> CheckReport:
     """Scan and check a dataset folder; a folder the trainer cannot use at all is one error finding. ``buckets``:
-    as check_scan's."""
+    as check_scan's. ``reg_data_dir``: the regularization images' folder (data.reg_data_dir), read as the run reads
+    it (the same caption_extension, caption_priority and recursive) and checked too (check_scan's ``reg``)."""
     glossary = load_glossary(Path(root).expanduser().resolve(), glossary_path)
+    reg, reg_error = None, None
+    if reg_data_dir:
+        try:
+            reg = scan_regularization(reg_data_dir, caption_extension, caption_priority, recursive,
+                                      inspect=image_facts)
+        except DatasetError as e:
+            reg_error = Finding("unusable", "error", str(e), [], "point data.reg_data_dir at a folder of class "
+                                "images (kohya's layout: <repeats>_<class> sub-folders, such as 1_dog), or leave it "
+                                "empty to train without regularization images", dataset=REG)
     try:
         scan = scan_dataset(root, metadata_path, caption_extension, caption_priority, caption_prefix, recursive,
                             inspect=image_facts)
     except DatasetError as e:
-        return CheckReport(str(root), 0, [Finding("unusable", "error", str(e), [],
-                                                  "point it at a folder of .jpg/.png/.webp images")])
-    return check_scan(scan, resolution, caption_prefix, glossary, progress, buckets)
+        report = CheckReport(str(root), 0, [Finding("unusable", "error", str(e), [],
+                                                    "point it at a folder of .jpg/.png/.webp images")])
+        if reg is not None:  # (its own findings still: no balance, no duplicates of training images)
+            report.reg_root, report.reg_images = str(reg.root), len(reg.samples)
+            report.findings += _regularization(reg, resolution, _spec(buckets, resolution), progress)
+    else:
+        report = check_scan(scan, resolution, caption_prefix, glossary, progress, buckets, reg)
+    if reg_error is not None:
+        report.reg_root = str(Path(reg_data_dir).expanduser().resolve())
+        report.findings.append(reg_error)
+    return report

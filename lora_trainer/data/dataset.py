@@ -65,6 +65,9 @@ class Sample:
     repeats: int = 1  # times an epoch trains it (kohya's "<repeats>_<name>" folders)
     folder: str = ""  # the kohya folder it is in ("" where the dataset is not laid out so)
     is_reg: bool = False  # a regularization image (data.reg_data_dir; data.regularization)
+    # the lines the caption is written on, up to its last non-blank one (joined with ", " into ``caption``; kohya's
+    # scripts read only the first line of a caption file: the dataset check says so)
+    caption_lines: int = 1
 
 
 @dataclass(frozen=True)
@@ -411,6 +414,16 @@ def pick_caption(files: DatasetFiles, rel: str, caption_priority: str = "csv",
     return next(((s, c) for s, c in choices if c and c.strip()), ("none", ""))
 
 
+_NEWLINE = re.compile(r"\r\n|\r|\n")  # (the lines of a file as Python's text mode reads them: kohya's scripts)
+
+
+def caption_lines(raw: str) -> int:
+    """The lines a caption is written on, up to its last non-blank one (a trailing newline makes none): more than 1
+    where kohya's scripts, reading ``lines[0]`` of a caption file, would train a part of it (a blank first line:
+    nothing)."""
+    return max(1, len(_NEWLINE.split(raw.rstrip())))
+
+
 def with_prefix(prefix: str, caption: str) -> str:
     """The caption with data.caption_prefix before it, a space between as kohya joins them ("sks" + "a dog" → "sks a
     dog", not "sksa dog"); none where the prefix ends in one or the caption is empty."""
@@ -452,7 +465,8 @@ def scan_dataset(root, metadata_path=None, caption_extension: str = ".txt", capt
         text, core = strip_markdown(raw)
         folder = files.folder(rel)
         scan.samples.append(Sample(candidates[rel], with_prefix(caption_prefix, text), tuple(core), source,
-                                   files.folders[folder][0] if folder else 1, folder))
+                                   files.folders[folder][0] if folder else 1, folder,
+                                   caption_lines=caption_lines(raw)))
 
     no_caption = sum(s.caption_source == "none" for s in scan.samples)
     if no_caption:

@@ -34,16 +34,27 @@ def balanced_repeats(repeats: list[int], target: int) -> list[int]:
     return out
 
 
-def with_regularization(d, scan: DatasetScan, inspect=None) -> DatasetScan:
-    """``scan`` (the subject's images) with the regularization images of ``d.reg_data_dir`` after them
-    (``Sample.is_reg``), their repeats balanced to the subject's; ``scan`` itself where there are none."""
-    if not d.reg_data_dir:
-        return scan
+def scan_regularization(reg_data_dir, caption_extension: str = ".txt", caption_priority: str = "csv",
+                        recursive: bool = False, inspect=None) -> DatasetScan:
+    """The regularization images of ``reg_data_dir`` as the run reads them (the training run and the dataset check):
+    their own captions (the folder's metadata.csv, sidecars, kohya's class tokens), no caption prefix; their
+    ``is_reg`` and repeats are set by ``with_regularization``. A folder with no usable image: DatasetError naming
+    data.reg_data_dir."""
     try:
-        reg = scan_dataset(d.reg_data_dir, caption_extension=d.caption_extension,
-                           caption_priority=d.caption_priority, recursive=d.recursive, inspect=inspect)
+        return scan_dataset(reg_data_dir, caption_extension=caption_extension, caption_priority=caption_priority,
+                            recursive=recursive, inspect=inspect)
     except DatasetError as e:
         raise DatasetError(f"data.reg_data_dir (the regularization images): {e}") from None
+
+
+def with_regularization(d, scan: DatasetScan, inspect=None, reg: DatasetScan | None = None) -> DatasetScan:
+    """``scan`` (the subject's images) with the regularization images of ``d.reg_data_dir`` after them
+    (``Sample.is_reg``), their repeats balanced to the subject's; ``scan`` itself where there are none. ``reg``:
+    their scan_regularization where already made (the dataset check's), else they are scanned now."""
+    if not d.reg_data_dir:
+        return scan
+    if reg is None:
+        reg = scan_regularization(d.reg_data_dir, d.caption_extension, d.caption_priority, d.recursive, inspect)
     # (named by their whole path: the subject's skipped files are named relative to the subject's folder; and said
     # now, as the dataset check before the run says the subject's)
     skipped = [dataclasses.replace(s, path=str(reg.root / s.path)) for s in reg.skipped]

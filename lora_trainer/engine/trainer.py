@@ -22,7 +22,7 @@ from lora_trainer.data.augment import CaptionAugment
 from lora_trainer.data.buckets import BucketSpec
 from lora_trainer.data.check import check_scan, image_facts
 from lora_trainer.data.dataset import scan_dataset
-from lora_trainer.data.regularization import with_regularization
+from lora_trainer.data.regularization import scan_regularization, with_regularization
 from lora_trainer.engine import checkpoint as ckpt
 from lora_trainer.engine.batches import Plan
 from lora_trainer.engine.distributed import Group, ProcessLost
@@ -104,10 +104,12 @@ def train(cfg: Config, backend=None, callbacks: Callbacks | None = None, progres
                         inspect=image_facts)
     log.info(scan.summary())
     resolution = checked_resolution(cfg, backend, make_backend, family)
+    reg = (scan_regularization(d.reg_data_dir, d.caption_extension, d.caption_priority, d.recursive,
+                               inspect=image_facts) if d.reg_data_dir else None)  # (checked, then trained)
     log.info(check_scan(scan, resolution, d.caption_prefix, progress=progress,
-                        buckets=BucketSpec.from_data(d, resolution)).summary())
+                        buckets=BucketSpec.from_data(d, resolution), reg=reg).summary())
     scan, held_out = validation_samples(cfg, scan)  # (data.validation_split / validation_dir)
-    scan = with_regularization(d, scan, inspect=image_facts)  # (data.reg_data_dir: after the subject's images)
+    scan = with_regularization(d, scan, inspect=image_facts, reg=reg)  # (data.reg_data_dir: after the subject's)
     buckets = training_dataset(cfg, scan, resolution).epoch_groups()
     world = group.world_size if group is not None else 1
     cfg, estimate = _preflight(cfg, backend, make_backend, family, where, len(scan.samples), buckets, world)

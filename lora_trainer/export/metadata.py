@@ -160,11 +160,13 @@ def build_metadata(cfg, model: ModelFacts, run: RunFacts, extra: dict | None = N
 
 
 def _data_keys(d, bucket_info: dict | None) -> dict[str, str]:
-    """kohya's keys of the aspect-ratio buckets and the caption augmentation (data.buckets, data.augment)."""
+    """kohya's keys of the aspect-ratio buckets and the caption augmentation (data.buckets, data.augment). Without
+    buckets, as kohya's datasets write them (train_util: bucket_no_upscale False, the sides None, bucket_info null):
+    data.bucket_no_upscale changes nothing then, so its True is not written."""
     spec = BucketSpec.from_data(d) if bucket_info is not None else None
     return {
-        "ss_enable_bucket": _s(bucket_info is not None),
-        "ss_bucket_no_upscale": _s(bool(d.bucket_no_upscale)),
+        "ss_enable_bucket": _s(spec is not None),
+        "ss_bucket_no_upscale": _s(spec is not None and bool(d.bucket_no_upscale)),
         "ss_min_bucket_reso": _s(spec.min_reso if spec else None),
         "ss_max_bucket_reso": _s(spec.max_reso if spec else None),
         "ss_bucket_info": json.dumps(bucket_info),  # (kohya: json.dumps, "null" without buckets)
