@@ -407,8 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--lora", required=True, help="the kohya-format .safetensors LoRA")
     size = rs.add_mutually_exclusive_group(required=True)
     size.add_argument("--rank", type=int, help="the new rank (modules of a lower rank keep theirs)")
-    size.add_argument("--energy", type=float, help="per module, keep this share of the Frobenius norm (kohya's sv_fro) "
-                      "(e.g. 0.95)")
+    size.add_argument("--energy", type=float, help="per module, keep the fewest singular values whose squares sum to "
+                      "at least E² of the module's squared Frobenius norm (so at least the share E of its norm; "
+                      "0 < E <= 1, e.g. 0.95): kohya's resize_lora.py --dynamic_method sv_fro --dynamic_param E as "
+                      "sd-scripts computes it since its PR #2194 (older sd-scripts keeps one more)")
     rs.add_argument("--out", "-o", required=True, help="the new file (an existing one is kept: name_1 is written)")
     rs.add_argument("--device", default="cpu", help="where the SVDs run (cpu, cuda)")
     rs.set_defaults(func=cmd_resize)

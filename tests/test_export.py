@@ -377,12 +377,8 @@ def test_a_text_encoder_without_out_proj_loads_in_diffusers(tmp_path, diffusers_
                                **TOL)
 
 
-@pytest.mark.parametrize("width", [768, 1024], ids=["sd1", "sd2"])
-def test_sd2_text_encoder_attention_gets_all_four_projections(width):
-    """AUTOMATIC1111 runs SD 2.x's text encoder as open_clip's (its attention one fused nn.MultiheadAttention) and
-    changes a layer's attention only when its q, k, v and out_proj modules are all in the file (as for SDXL's
-    second encoder): a ``lora_te_`` LoRA 1024 wide (SD 2.x's) trained on q and v gets zero k and out modules;
-    SD 1.x's (768, CLIP's own Linear layers) gets only the zero out_proj diffusers needs."""
+def te_q_v_state(width: int) -> dict:
+    """A peft text-encoder state of layer 0's q and v projections and its fc1, ``width`` wide."""
     gen = torch.Generator().manual_seed(0)
     state = {}
     for proj in ("q_proj", "v_proj"):
@@ -390,11 +386,86 @@ def test_sd2_text_encoder_attention_gets_all_four_projections(width):
         state[f"text_model.encoder.layers.0.self_attn.{proj}.lora_B.weight"] = torch.randn(width, 4, generator=gen)
     state["text_model.encoder.layers.0.mlp.fc1.lora_A.weight"] = torch.randn(4, width, generator=gen)
     state["text_model.encoder.layers.0.mlp.fc1.lora_B.weight"] = torch.randn(4 * width, 4, generator=gen)
-    tensors = peft_to_kohya(state, "lora_te_", 2.0)
-    layer = "lora_te_text_model_encoder_layers_0_self_attn_"
-    added = {"k", "out"} if width == 1024 else {"out"}
-    assert {k.split(".")[0] for k in tensors} == {f"{layer}{p}_proj" for p in {"q", "v"} | added} | {
-        "lora_te_text_model_encoder_layers_0_mlp_fc1"}
+    return state
+
+
+TE_LAYER = "lora_te_text_model_encoder_layers_0_self_attn_"
+
+
+def added_attention(tensors: dict, width: int) -> set[str]:
+    """The attention projections of layer 0 added as zero modules (besides the trained q and v), checked."""
+    assert {k.split(".")[0] for k in tensors} >= {f"{TE_LAYER}q_proj", f"{TE_LAYER}v_proj",
+                                                  "lora_te_text_model_encoder_layers_0_mlp_fc1"}
+    added = {k.split(".")[0][len(TE_LAYER):-len("_proj")] for k in tensors if k.startswith(TE_LAYER)} - {"q", "v"}
     for proj in added:
-        assert tensors[f"{layer}{proj}_proj.lora_down.weight"].shape == (4, width)
-        assert not tensors[f"{layer}{proj}_proj.lora_up.weight"].any() and tensors[f"{layer}{proj}_proj.alpha"] == 2.0
+        assert tensors[f"{TE_LAYER}{proj}_proj.lora_down.weight"].shape == (4, width)
+        assert not tensors[f"{TE_LAYER}{proj}_proj.lora_up.weight"].any()
+        assert tensors[f"{TE_LAYER}{proj}_proj.alpha"] == 2.0
+    return added
+
+
+@pytest.mark.parametrize("width", [768, 1024], ids=["sd1", "sd2"])
+def test_sd2_text_encoder_attention_gets_all_four_projections(width):
+    """AUTOMATIC1111 runs SD 2.x's text encoder as open_clip's (its attention one fused nn.MultiheadAttention) and
+    changes a layer's attention only when its q, k, v and out_proj modules are all in the file (as for SDXL's
+    second encoder): a ``lora_te_`` LoRA 1024 wide (SD 2.x's) trained on q and v gets zero k and out modules;
+    SD 1.x's (768, CLIP's own Linear layers) gets only the zero out_proj diffusers needs."""
+    tensors = peft_to_kohya(te_q_v_state(width), "lora_te_", 2.0)
+    assert added_attention(tensors, width) == ({"k", "out"} if width == 1024 else {"out"})
+
+
+@pytest.mark.parametrize(("width", "family", "added"), [
+    (1024, "sd_v1", {"out"}),  # an SD 1.x model with a 1024-wide custom text encoder: CLIP's Linear layers
+    (768, "sd_v2", {"k", "out"}),  # an SD 2.x model's encoder, whatever its width: open_clip's in the WebUI
+    (1024, "sd_v2_768_v", {"k", "out"}),
+    (1024, None, {"k", "out"}),  # (a caller that does not know the family: the width tells)
+], ids=["sd1-1024", "sd2-768", "sd2-768-v", "unknown-1024"])
+def test_the_model_family_decides_whether_lora_te_is_open_clip(width, family, added):
+    """Where the trainer knows the model's family (backend.family), it, not the encoder's width, tells whether the
+    WebUI runs the ``lora_te_`` encoder as open_clip's (all four attention projections, or the layer is dropped) or
+    as CLIP's (a zero out_proj only, for diffusers)."""
+    tensors = peft_to_kohya(te_q_v_state(width), "lora_te_", 2.0, family=family)
+    assert added_attention(tensors, width) == added
+
+
+@pytest.mark.parametrize("family", ["sd_v1", "sd_v2"])
+def test_the_trainers_export_passes_the_models_family(monkeypatch, tmp_path, family):
+    """engine.outputs writes the run's LoRA with the backend's family: a 1024-wide text encoder of an SD 1.x model
+    gets no open_clip modules (k_proj), one of an SD 2.x model does."""
+    from types import SimpleNamespace
+
+    from lora_trainer.engine import outputs
+    from lora_trainer.models.base import TEXT_ENCODER
+
+    written = {}
+    monkeypatch.setattr(outputs, "build_metadata", lambda *args, **kwargs: {})
+    monkeypatch.setattr(outputs, "save_kohya_lora", lambda path, tensors, meta: written.update(tensors) or path)
+    cfg = SimpleNamespace(training=SimpleNamespace(lora_alpha=2.0, prior_loss_weight=1.0),
+                          output=SimpleNamespace(save_precision="fp32"))
+    backend = SimpleNamespace(kohya_prefixes={TEXT_ENCODER: "lora_te_"}, family=family,
+                              kohya_module_path=lambda name, path: path, prediction_type="epsilon",
+                              model_name="custom")
+    scan = SimpleNamespace(samples=[], tag_frequencies=dict, folders=dict, root=tmp_path, reg_dirs={})
+    plan = SimpleNamespace(total_steps=1, steps_per_epoch=1, epochs=1, effective_batch=1)
+    outputs._kohya_file(tmp_path / "x.safetensors", {TEXT_ENCODER: te_q_v_state(1024)}, cfg, backend,
+                        {TEXT_ENCODER: None}, scan, 0.0, 1, plan, None)
+    assert added_attention(written, 1024) == ({"out"} if family == "sd_v1" else {"k", "out"})
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+def test_an_alpha_the_save_dtype_cannot_hold_keeps_the_trained_scale(dtype):
+    """lora_alpha 0.3 is 0.30005 in fp16 (+0.016%) and 0.30078 in bf16 (+0.26%: the scale of every weight of every
+    module off by that): the alpha is written as the dtype holds it and lora_up takes the rest, so alpha · up is the
+    trained 0.3 · B up to the weights' own rounding, which is unbiased (its mean over 4096 weights: a tenth of the
+    dtype's precision, where the alpha's rounding alone was 3x (fp16) and 7x (bf16) that precision)."""
+    state = te_q_v_state(1024)
+    tensors = peft_to_kohya(state, "lora_te_", 0.3, dtype=dtype)
+    name = f"{TE_LAYER}q_proj"
+    alpha = tensors[f"{name}.alpha"]
+    assert alpha.dtype == dtype and float(alpha) == float(torch.tensor(0.3, dtype=dtype))
+    want = 0.3 * state["text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight"].double()
+    got = float(alpha) * tensors[f"{name}.lora_up.weight"].double()
+    bias = float((got / want).mean()) - 1
+    # (eps: 2⁻¹⁰ fp16, 2⁻⁷ bf16, the rounding's bound half that; float32's own 4e-8 on 0.3 is left as it is)
+    assert abs(bias) < max(torch.finfo(dtype).eps / 20, 1e-7), bias
+    assert {t.dtype for t in tensors.values()} == {dtype}

@@ -223,3 +223,21 @@ def test_the_merged_lora_names_the_family_the_files_are_for(tmp_path):
     assert webui_version(merged) == "SD2"
     with safe_open(str(merged), "pt") as f:
         assert f.metadata()["ss_base_model_version"] == "sd_v2"
+
+
+def test_a_merged_rank_bf16_cannot_hold_keeps_the_scale(tmp_path):
+    """Ranks 128 and 129 merged in bf16: the module's alpha (= its rank, 257) is 256 in bf16, which alone put every
+    weight of the module off by -0.39%; up takes the rounding, so the merged file changes the weights as the two
+    files do, up to the weights' own (unbiased) bf16 rounding."""
+    modules = {"lora_unet_a_proj_in": (96, 96)}
+    a = small_lora(tmp_path, "a", modules, rank=128, dtype=torch.bfloat16)
+    b = small_lora(tmp_path, "b", modules, rank=129, seed=1, alpha=4.0, dtype=torch.bfloat16)
+    merged = merge_loras([(a, 0.7), (b, 0.5)], tmp_path / "ab.safetensors")
+    tensors = load_file(merged)
+    alpha = tensors["lora_unet_a_proj_in.alpha"]
+    assert tensors["lora_unet_a_proj_in.lora_down.weight"].shape[0] == 257
+    assert alpha.dtype == torch.bfloat16 and float(alpha) == 256.0
+    want = 0.7 * deltas(a)["lora_unet_a_proj_in"].double() + 0.5 * deltas(b)["lora_unet_a_proj_in"].double()
+    got = deltas(merged)["lora_unet_a_proj_in"].double()
+    bias = float((got * want).sum() / (want * want).sum()) - 1  # (the scale error: the weights' rounding averages out)
+    assert abs(bias) < 5e-4, bias

@@ -209,3 +209,110 @@ def test_a_module_whose_up_does_not_take_its_downs_rank_is_refused_by_name(tmp_p
     with pytest.raises(LoraTrainerError, match="^merge: " + want):
         merge_into_checkpoint(tmp_path / "base.safetensors", [(path, 1.0)], tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+KNOWN_S = [4.0, 2.0, 1.0, 1.0, 0.5, 0.5, 0.25, 0.25]  # s²'s running share: .707 .884 .928 .972 .983 .994 .997 1
+
+
+def module_of(singular_values, rows=16, cols=16, seed=0) -> dict:
+    """A rank-len(singular_values) module (alpha = rank) whose up · down has exactly these singular values."""
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(rows, rows, generator=gen))[0]
+    v = torch.linalg.qr(torch.randn(cols, cols, generator=gen))[0]
+    r, s = len(singular_values), torch.tensor(singular_values)
+    return {".lora_up.weight": (u[:, :r] * s).contiguous(), ".lora_down.weight": v[:, :r].T.contiguous(),
+            ".alpha": torch.tensor(float(r))}
+
+
+def kohya_sv_fro_rank(s: list[float], width: int, target: float, new_rank: int) -> int:
+    """The rank kohya's sd-scripts networks/resize_lora.py gives a module (``--dynamic_method sv_fro --dynamic_param
+    target --new_rank new_rank``), written out from its ``index_sv_fro`` (as fixed by sd-scripts PR #2194) and
+    ``rank_resize``, in float64 numpy: S is every singular value of the module's width × width product (those past
+    its rank zero), not only the rank's."""
+    import numpy as np
+
+    S = np.array(s + [0.0] * (width - len(s)))
+    with np.errstate(invalid="ignore"):  # (a zero module's shares are NaN, in kohya's too: MIN_SV decides below)
+        sum_S_squared = np.cumsum(S**2) / np.sum(S**2)
+    index = int(np.searchsorted(sum_S_squared, target**2))  # (side "left", as torch.searchsorted)
+    index = max(0, min(index, len(S) - 1))
+    new = index + 1  # rank_resize
+    if S[0] <= 1e-6:  # MIN_SV: a zero matrix gets rank 1
+        new = 1
+    elif new > new_rank:
+        new = new_rank
+    return new
+
+
+@pytest.mark.parametrize(("energy", "rank"), [(0.3, 1), (0.85, 2), (0.95, 3), (0.98, 4), (0.99, 5), (0.997, 6),
+                                              (0.9985, 7), (1.0, 8)])
+def test_energy_keeps_kohyas_sv_fro_rank(tmp_path, energy, rank):
+    """--energy E keeps, of each module, the fewest singular values whose squares reach E² of the squared Frobenius
+    norm: kohya's resize_lora.py sv_fro at --new_rank 8 (the file's rank), computed here from its formula; a zero
+    module (or one whose largest singular value is at most 1e-6) keeps 1, as kohya's. (sd-scripts before its PR #2194
+    kept one more: 2, 3, ..., 8, 8.)"""
+    modules = {"lora_unet_known": module_of(KNOWN_S), "lora_unet_zero": module_of([0.0] * 8),
+               "lora_unet_tiny": module_of([5e-7] + [1e-7] * 7), "lora_unet_conv": module_of(KNOWN_S, 16, 16 * 9, 1)}
+    modules["lora_unet_conv"][".lora_down.weight"] = modules["lora_unet_conv"][".lora_down.weight"].reshape(8, 16, 3, 3)
+    modules["lora_unet_conv"][".lora_up.weight"] = modules["lora_unet_conv"][".lora_up.weight"].reshape(16, 8, 1, 1)
+    tensors = {name + part: t for name, parts in modules.items() for part, t in parts.items()}
+    path = save_kohya_lora(tmp_path / "known.safetensors", tensors, {})
+    report = resize_lora(path, tmp_path / "e.safetensors", energy=energy)
+    got = {m.name: m.new_rank for m in report.modules}
+    assert got["lora_unet_known"] == got["lora_unet_conv"] == rank == kohya_sv_fro_rank(KNOWN_S, 16, energy, 8)
+    assert got["lora_unet_zero"] == got["lora_unet_tiny"] == 1 == kohya_sv_fro_rank([0.0] * 8, 16, energy, 8)
+    known = next(m for m in report.modules if m.name == "lora_unet_known")
+    s2 = torch.tensor(KNOWN_S) ** 2
+    assert known.kept == pytest.approx(float(s2[:rank].sum() / s2.sum()) ** 0.5, rel=1e-5) and known.kept >= energy
+    before, after = deltas(tensors)["lora_unet_known"], deltas(load_file(report.path))["lora_unet_known"]
+    u, s, vh = torch.linalg.svd(before)
+    torch.testing.assert_close(after, u[:, :rank] * s[:rank] @ vh[:rank], atol=1e-5, rtol=1e-4)  # the scale kept
+
+
+def test_the_scale_is_kept_where_the_alpha_dtype_cannot_hold_the_new_alpha(tmp_path):
+    """The new alpha (alpha · new rank / rank) in the file's alpha dtype: bf16 alpha 8 at rank 24 resized to 7 is
+    2.333, 2.328 in bf16 (-0.22% on every weight of the module); kohya's svd_merge_lora.py writes alpha as an int64
+    rank, where alpha 6 at rank 8 resized to 7, 5.25, became 5 (-4.8%). The new up takes the rounding (bf16) or the
+    alpha is written in float32 (an integer dtype), so the scale is what it was."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"lora_unet_bf16.lora_down.weight": torch.randn(24, 256, generator=gen).to(torch.bfloat16),
+               "lora_unet_bf16.lora_up.weight": torch.randn(256, 24, generator=gen).to(torch.bfloat16),
+               "lora_unet_bf16.alpha": torch.tensor(8.0, dtype=torch.bfloat16),
+               "lora_unet_int.lora_down.weight": torch.randn(8, 64, generator=gen),
+               "lora_unet_int.lora_up.weight": torch.randn(64, 8, generator=gen),
+               "lora_unet_int.alpha": torch.tensor(6)}
+    path = save_kohya_lora(tmp_path / "mixed.safetensors", tensors, {})
+    before = deltas(tensors)
+    report = resize_lora(path, tmp_path / "r.safetensors", rank=7)
+    out = load_file(report.path)
+    assert out["lora_unet_bf16.alpha"].dtype == torch.bfloat16 and float(out["lora_unet_bf16.alpha"]) == 2.328125
+    assert out["lora_unet_int.alpha"].dtype == torch.float32 and float(out["lora_unet_int.alpha"]) == 6 * 7 / 8
+    after = deltas(out)
+    for name in before:
+        u, s, vh = torch.linalg.svd(before[name].double())
+        want = u[:, :7] * s[:7] @ vh[:7]  # the best rank-7 approximation, at the module's scale
+        bias = float((after[name].double() * want).sum() / (want * want).sum()) - 1
+        assert abs(bias) < 2e-4, (name, bias)  # (bf16's rounding of 2.333 alone: -2.2e-3)
+
+
+def test_lycoris_cp_decomposed_locon_is_refused_by_name(tmp_path):
+    """A LyCORIS LoCon trained with CP decomposition (use_cp / use_tucker) has a lora_mid between lora_down and
+    lora_up in its convolutions: resize and both merges name the key and what it is, and write nothing."""
+    from lora_trainer.export.merge import merge_into_checkpoint
+    from lora_trainer.export.merge_loras import merge_loras
+
+    conv = "lora_unet_down_blocks_0_resnets_0_conv1"
+    tensors = {f"{conv}.lora_down.weight": torch.ones(4, 8, 1, 1), f"{conv}.lora_mid.weight": torch.ones(4, 4, 3, 3),
+               f"{conv}.lora_up.weight": torch.ones(8, 4, 1, 1), f"{conv}.alpha": torch.tensor(4.0),
+               "lora_unet_x.lora_down.weight": torch.ones(2, 4), "lora_unet_x.lora_up.weight": torch.ones(4, 2)}
+    path = save_kohya_lora(tmp_path / "cp.safetensors", tensors, {"ss_network_module": "lycoris.kohya"})
+    save_file({"model.diffusion_model.x.weight": torch.zeros(4, 4)}, str(tmp_path / "base.safetensors"))
+    want = (rf"1 modules in .*cp.safetensors have a lora_mid weight \(e.g. {conv}.lora_mid.weight\): that is "
+            r"LyCORIS's CP-decomposed LoCon .*which {} cannot take: it takes plain LoRA/LoCon modules only")
+    with pytest.raises(LoraTrainerError, match="^resize: " + want.format("resize")):
+        resize_lora(path, tmp_path / "x.safetensors", rank=2)
+    with pytest.raises(LoraTrainerError, match="^merge: " + want.format("merge")):
+        merge_loras([(path, 1.0), (path, 1.0)], tmp_path / "x.safetensors")
+    with pytest.raises(LoraTrainerError, match="^merge: " + want.format("merge")):
+        merge_into_checkpoint(tmp_path / "base.safetensors", [(path, 1.0)], tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()

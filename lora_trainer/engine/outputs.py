@@ -86,10 +86,12 @@ def _kohya_file(path: Path, states: dict, cfg, backend, modules: dict, scan, sta
 
     t, out = cfg.training, cfg.output
     tensors = {}
-    for name, state in states.items():  # (peft_to_kohya names CLIP layers as the WebUI does)
+    for name, state in states.items():  # (peft_to_kohya names CLIP layers as the WebUI does; the family tells it
+        # whether SD 2.x's open_clip text encoder needs all four attention projections, not the encoder's width)
         tensors.update(peft_to_kohya(state, backend.kohya_prefixes[name], t.lora_alpha,
                                     dtype=SAVE_DTYPES[out.save_precision],
-                                    rename=lambda path, name=name: backend.kohya_module_path(name, path)))
+                                    rename=lambda path, name=name: backend.kohya_module_path(name, path),
+                                    family=backend.family))
     model = ModelFacts(backend.family, backend.prediction_type, backend.model_name, getattr(backend, "clip_skip", None))
     facts = RunFacts(steps=steps, max_train_steps=plan.total_steps, epoch=-(-steps // plan.steps_per_epoch),
                      num_epochs=plan.epochs, num_train_images=sum(s.repeats for s in scan.samples if not s.is_reg),

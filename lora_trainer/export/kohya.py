@@ -2,7 +2,8 @@
 
 Keys: ``<prefix><module path, '.'→'_'>.lora_down.weight`` ([r, in], conv [r, in, k, k]),
 ``.lora_up.weight`` ([out, r], conv [out, r, 1, 1]) and ``.alpha`` (0-d, the true lora_alpha: the
-strength scale is alpha / r).
+strength scale is alpha / r; in the save dtype, as kohya writes it, and where that dtype cannot hold it exactly
+lora_up takes the rounding: ``alpha_tensor``).
 Prefixes: ``lora_unet_``, ``lora_te_`` (SD1/SD2), ``lora_te1_``/``lora_te2_`` (SDXL).
 UNet module names: an SD 1.x/2.x LoRA keeps diffusers' (``down_blocks_0_attentions_0_…``); an SDXL LoRA gets
 the original (LDM/sgm) block names (``input_blocks_4_1_transformer_blocks_0_attn1_to_q``), as kohya writes
@@ -12,6 +13,7 @@ them, through ``LdmUnetNames``; a file never mixes the two.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -57,17 +59,24 @@ def kohya_name(module_path: str, prefix: str) -> str:
 
 
 def peft_to_kohya(state_dict: dict, prefix: str, alpha: float, dtype: torch.dtype | None = None,
-                  rename: Callable[[str], str] | None = None) -> dict:
+                  rename: Callable[[str], str] | None = None, family: str | None = None) -> dict:
     """peft LoRA weights (from ``get_peft_model_state_dict``) → kohya tensors with the true ``alpha``.
 
     ``rename``: module path → the path the file names it by (``LdmUnetNames`` for an SDXL UNet). Text-encoder
     paths get CLIP's ``text_model.`` level back if the transformers version dropped it. With ``lora_te2_`` (SDXL's
     second text encoder) a layer with some of the q/k/v/out projections gets zero modules for the others, which
-    AUTOMATIC1111 needs to apply any of them (``_complete_te2_attention``); with ``lora_te_``/``lora_te1_`` a layer
-    with q/k/v projections but no out_proj gets a zero out_proj, which diffusers needs to read the file
-    (``_complete_te_out_proj``).
+    AUTOMATIC1111 needs to apply any of them (``_complete_te2_attention``); so does a ``lora_te_`` text encoder that
+    is SD 2.x's (open_clip's in the WebUI); any other ``lora_te_``/``lora_te1_`` layer with q/k/v projections but no
+    out_proj gets a zero out_proj, which diffusers needs to read the file (``_complete_te_out_proj``).
+    ``family``: the model's family where the caller knows it (``backend.family``: ``sd_v1``, ``sd_v2``,
+    ``sd_v2_768_v``, ``sdxl``): SD 2.x's (``sd_v2…``) ``lora_te_`` encoder is open_clip's, any other family's is not,
+    whatever its width; None (a caller that does not know): guessed from the encoder's width (1024: SD 2.x's,
+    ``_open_clip_width``).
+    An ``alpha`` that ``dtype`` cannot hold (0.3 in fp16: 0.30005, in bf16: 0.30078) is written as ``dtype`` holds it
+    and each lora_up takes the rest (``alpha_tensor``), so the file's ``alpha / rank · up · down`` is the trained scale.
     Raises ValueError on a key that is not a LoRA A/B weight, or a module without both A and B.
     """
+    written, factor = alpha_tensor(alpha, dtype or torch.float32)
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
         module, ab = split_peft_key(key)
@@ -75,21 +84,45 @@ def peft_to_kohya(state_dict: dict, prefix: str, alpha: float, dtype: torch.dtyp
         target = f"{name}.{'lora_down' if ab == 'A' else 'lora_up'}.weight"
         if target in out:
             raise ValueError(f"{key!r}: a second weight for {target} (two adapters in the state dict?)")
-        out[target] = tensor.detach().to("cpu", dtype=dtype).contiguous()
-        out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype or torch.float32)
+        tensor = tensor.detach().to("cpu")
+        if ab == "B" and factor != 1.0:
+            tensor = tensor.float() * factor
+        out[target] = tensor.to(dtype=dtype or tensor.dtype).contiguous()
+        out[f"{name}.alpha"] = written.clone()
     for name in {k.removesuffix(".alpha") for k in out if k.endswith(".alpha")}:
         for part, peft_part in (("lora_down", "lora_A"), ("lora_up", "lora_B")):
             if f"{name}.{part}.weight" not in out:
                 raise ValueError(f"{name}: the state dict has no {peft_part} weight for this module")
-    if prefix == "lora_te2_" or (prefix == "lora_te_" and _open_clip_width(out)):
+    open_clip = family.startswith("sd_v2") if family else _open_clip_width(out)
+    if prefix == "lora_te2_" or (prefix == "lora_te_" and open_clip):
         _complete_te2_attention(out)
     elif prefix in ("lora_te_", "lora_te1_"):
         _complete_te_out_proj(out)
     return out
 
 
+def alpha_tensor(alpha: float, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    """(``alpha`` as the 0-d ``dtype`` tensor a file holds, the factor its module's lora_up takes so that the file's
+    ``alpha / rank · up · down`` keeps ``alpha`` exactly): 1.0 where ``dtype`` holds ``alpha`` (within float32's
+    precision); else ``alpha / (alpha in dtype)``: fp16 rounds alpha by up to 2⁻¹¹ (0.3 → 0.30005, +0.016%), bf16 by
+    up to 2⁻⁸ (0.3 → 0.30078, +0.26%; 257 → 256), one error in the scale of every weight of the module, where the
+    weights' own rounding errors are each their own. An alpha ``dtype`` cannot hold at all (under- or overflow), or an
+    integer ``dtype``, is written in float32."""
+    alpha = float(alpha)
+    if not dtype.is_floating_point:  # (an integer alpha, as kohya's svd_merge_lora.py writes the rank)
+        dtype = torch.float32
+    written = torch.tensor(alpha, dtype=dtype)
+    held = float(written)
+    if alpha == 0 or held == alpha:
+        return written, 1.0
+    if held == 0 or not math.isfinite(held):
+        return torch.tensor(alpha, dtype=torch.float32), 1.0
+    factor = alpha / held
+    return written, (1.0 if abs(factor - 1) <= 2**-23 else factor)
+
+
 _OPEN_CLIP_ATTENTION = re.compile(r"^(?P<layer>lora_te2?_text_model_encoder_layers_\d+_self_attn_)"
-                                  r"(?P<proj>q|k|v|out)_proj$")  # (lora_te_: SD 2.x's, by its width)
+                                  r"(?P<proj>q|k|v|out)_proj$")  # (lora_te_: SD 2.x's, by family or width)
 _TE_ATTENTION = re.compile(r"^(?P<layer>lora_te1?_text_model_encoder_layers_\d+_self_attn_)(?P<proj>q|k|v|out)_proj$")
 
 
@@ -97,8 +130,9 @@ SD2_TEXT_WIDTH = 1024  # SD 2.x's text encoder (OpenCLIP ViT-H; SD 1.x's CLIP Vi
 
 
 def _open_clip_width(out: dict) -> bool:
-    """Whether a ``lora_te_`` text encoder's attention is SD 2.x's (its width): the WebUI runs that encoder as
-    open_clip's, whose fused attention takes the four projections or none, as SDXL's second encoder does."""
+    """Whether a ``lora_te_`` text encoder's attention is SD 2.x's, guessed from its width where the caller of
+    peft_to_kohya does not know the family: the WebUI runs that encoder as open_clip's, whose fused attention takes
+    the four projections or none, as SDXL's second encoder does."""
     return any(_TE_ATTENTION.match(k.partition(".")[0]) and k.endswith(".lora_down.weight")
                and out[k].shape[-1] == SD2_TEXT_WIDTH for k in out)
 

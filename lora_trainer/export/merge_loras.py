@@ -1,6 +1,7 @@
 """Several kohya-format LoRAs merged into one LoRA (``merge --lora A:0.6 --lora B:0.4 --out AB.safetensors``, no
 ``--base``): the new file applies ``Σ weight · alpha / rank · up · down`` to every module, exactly, by concatenating
-the ranks (module rank = the sum of the files' ranks, alpha = that rank, so the scale is 1); with ``--rank R`` each
+the ranks (module rank = the sum of the files' ranks, alpha = that rank, so the scale is 1; a rank the file's dtype
+cannot hold, bf16's above 256, has its rounding taken by up: export.kohya.alpha_tensor); with ``--rank R`` each
 module's sum is then cut to its best rank-R approximation by an SVD (export.resize.svd_resize, as kohya's
 svd_merge_lora.py does). Linear and convolution (LoCon) modules; other types are refused by name.
 
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from lora_trainer.errors import LoraTrainerError
-from lora_trainer.export.kohya import LdmUnetNames
+from lora_trainer.export.kohya import LdmUnetNames, alpha_tensor
 from lora_trainer.export.merge import _DIFFUSERS_UNET, dtype_of, ldm_name, lora_files
 from lora_trainer.export.resize import lora_out, modules_of, open_lora, svd_resize
 
@@ -186,9 +187,12 @@ def merge_loras(loras: list[tuple[str, float]], out, rank: int | None = None, dt
         if rank is not None:
             down, up, alpha, _ = svd_resize(down, up, alpha, rank, None)
         kind = cast or {"F16": torch.float16, "BF16": torch.bfloat16}.get(pieces[0][2], torch.float32)
+        # alpha in the file's dtype, as kohya's tools write it; a rank bf16 cannot hold (above 256: 257 -> 256, a scale
+        # of 256/257, -0.39%) or fp16 (above 2048) has the rounding taken by up, so the scale is the merged one
+        written, factor = alpha_tensor(alpha, kind)
         tensors[name + ".lora_down.weight"] = down.to(kind).contiguous()
-        tensors[name + ".lora_up.weight"] = up.to(kind).contiguous()
-        tensors[name + ".alpha"] = torch.tensor(alpha, dtype=kind)
+        tensors[name + ".lora_up.weight"] = (up * factor).to(kind).contiguous()
+        tensors[name + ".alpha"] = written
         ranks.add(down.shape[0])
     return save_kohya_lora(out, tensors, _metadata(metas, files, ranks, rank, out.stem, family))
 

@@ -2,11 +2,22 @@
 networks/resize_lora.py does: each module's ``up · down`` product through an SVD, its largest singular values kept,
 the new alpha set so the module's scale ``alpha / rank`` stays what it was.
 
-A rank is fixed (``rank``: each module keeps at most that many) or chosen per module (``energy``: the fewest singular
-values that keep that share of the module's Frobenius norm, kohya's ``sv_fro``: their squares' sum at least
-``energy²`` of the whole). Linear and convolution
-(LoCon) modules are resized; other module types (LoHa, LoKr, DoRA, ...) are refused by name, never dropped. One module
-at a time is read from the file, so memory stays at the LoRA's size.
+A rank is fixed (``rank``: each module keeps at most that many) or chosen per module (``energy`` E, 0 < E <= 1: the
+share of the module's Frobenius norm to keep). With E, a module with singular values s₁ ≥ s₂ ≥ … ≥ s_r keeps the
+fewest k of them whose squares reach E² of the squared norm: the least k with s₁² + … + s_k² >= E² · (s₁² + … + s_r²)
+(at least 1, at most its rank r; a zero module, s₁ <= 1e-6, keeps 1), so what it keeps is at least E of its norm
+(``Resized.kept``). That is kohya's ``--dynamic_method sv_fro --dynamic_param E`` with ``--new_rank`` at the file's
+rank or above, as sd-scripts computes it since its PR #2194 (``index_sv_fro``: ``searchsorted(cumsum(S²) / sum(S²),
+E²)``, clamped to [0, len(S) - 1], plus 1 in ``rank_resize``); sd-scripts before that fix added 1 twice and kept one
+more (at least 2) per module. Kohya's clamp to ``len(S) - 1`` (S: all min(out, in) singular values of the module,
+those past its rank numerically zero) bounds its rank by the module's width; ours is bounded by the module's rank too,
+which kohya's ``--new_rank`` is for: at E = 1 kohya can keep numerically-zero dimensions past the module's rank, up to
+--new_rank, where this keeps the rank (the same product).
+
+Linear and convolution (LoCon) modules are resized; other module types (LoHa, LoKr, DoRA, LyCORIS's CP-decomposed
+LoCon, ...) are refused by name, never dropped. One module at a time is read from the file, so memory stays at the
+LoRA's size. The new alpha is written in the file's alpha dtype; where that dtype cannot hold it exactly, the module's
+lora_up takes the difference (export.kohya.alpha_tensor), so the scale is kept exactly.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from safetensors import SafetensorError, safe_open
 from lora_trainer.errors import LoraTrainerError
 
 PARTS = (".lora_down.weight", ".lora_up.weight", ".alpha")
+MIN_SV = 1e-6  # a module whose largest singular value is at most this is zero: --energy keeps 1 (as kohya)
 
 
 @dataclass(frozen=True)
@@ -94,6 +106,12 @@ def modules_of(keys, command: str = "resize", source="", f=None) -> list[str]:
         else:
             parts.setdefault(key[: -len(part)], set()).add(part)
     where = f" in {source}" if source else ""
+    mid = sorted(k for k in other if k.endswith(".lora_mid.weight"))
+    if mid:
+        raise LoraTrainerError(f"{command}: {len(mid)} modules{where} have a lora_mid weight (e.g. {mid[0]}): that is "
+                               "LyCORIS's CP-decomposed LoCon (a convolution split into lora_down, lora_mid and "
+                               f"lora_up; LyCORIS's use_cp / use_tucker), which {command} cannot take: it takes plain "
+                               "LoRA/LoCon modules only (.lora_down.weight, .lora_up.weight, .alpha)")
     if other:
         raise LoraTrainerError(f"{command}: {len(other)} tensors{where} are not LoRA up/down/alpha weights (e.g. "
                                f"{', '.join(sorted(other)[:3])}): LoHa, LoKr or DoRA modules cannot be {command}d here")
@@ -123,9 +141,14 @@ def _check_ranks(f, names: list[str], command: str, where: str) -> None:
 
 
 def svd_resize(down: torch.Tensor, up: torch.Tensor, alpha: float, rank: int | None, energy: float | None,
-               device="cpu") -> tuple[torch.Tensor, torch.Tensor, float, float]:
+               device="cpu", alpha_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """(new down, new up, new alpha, share of the norm kept) of one module; in float32, returned in the input's
-    dtype. A convolution's down is (r, in, kh, kw) and its up (out, r, 1, 1)."""
+    dtype. A convolution's down is (r, in, kh, kw) and its up (out, r, 1, 1). ``rank``: keep at most that many
+    singular values; ``energy`` E: the fewest whose squares reach E² of their sum (the module docstring; kohya's
+    sv_fro). The new alpha is ``alpha · new rank / old rank`` (the scale kept); with ``alpha_dtype`` it is one that
+    dtype holds, the rounding taken by the new up (export.kohya.alpha_tensor)."""
+    from lora_trainer.export.kohya import alpha_tensor
+
     old_rank = down.shape[0]
     w = up.reshape(up.shape[0], old_rank).to(device, torch.float32) @ down.reshape(old_rank, -1).to(device,
                                                                                                       torch.float32)
@@ -134,8 +157,7 @@ def svd_resize(down: torch.Tensor, up: torch.Tensor, alpha: float, rank: int | N
     energy_of = s**2
     total = float(energy_of.sum())
     if energy is not None:
-        share = torch.cumsum(energy_of, 0) / total if total > 0 else torch.ones_like(energy_of)
-        new = int(torch.searchsorted(share, torch.tensor(energy**2, device=share.device)).item()) + 1
+        new = energy_rank(s, energy)
     else:
         new = rank
     new = max(1, min(new, len(s)))
@@ -143,15 +165,31 @@ def svd_resize(down: torch.Tensor, up: torch.Tensor, alpha: float, rank: int | N
     new_down = (root[:, None] * vh[:new]).reshape(new, *down.shape[1:])
     new_up = (u[:, :new] * root[None, :]).reshape(up.shape[0], new, *up.shape[2:])
     kept = math.sqrt(float(energy_of[:new].sum()) / total) if total > 0 else 1.0
+    new_alpha = alpha * new / old_rank
+    if alpha_dtype is not None:
+        written, factor = alpha_tensor(new_alpha, alpha_dtype)
+        new_alpha, new_up = float(written), new_up * factor
     new_down, new_up = new_down.to("cpu", down.dtype).contiguous(), new_up.to("cpu", up.dtype).contiguous()
-    return new_down, new_up, alpha * new / old_rank, kept
+    return new_down, new_up, new_alpha, kept
+
+
+def energy_rank(s: torch.Tensor, energy: float) -> int:
+    """The rank ``--energy`` keeps of a module with singular values ``s`` (descending): the fewest whose squares reach
+    ``energy²`` of their sum (at least 1, at most len(s)); 1 for a zero module (s₁ <= MIN_SV). Kohya's sv_fro since
+    sd-scripts PR #2194: ``searchsorted(cumsum(s²) / sum(s²), energy²) + 1``."""
+    if not len(s) or float(s[0]) <= MIN_SV:
+        return 1
+    squares = s.float() ** 2
+    share = torch.cumsum(squares, 0) / float(squares.sum())
+    new = int(torch.searchsorted(share, torch.tensor(energy**2, device=share.device)).item()) + 1
+    return max(1, min(new, len(s)))
 
 
 def resize_lora(path, out, rank: int | None = None, energy: float | None = None, device: str = "cpu"):
     """Write ``path`` resized (``rank`` or ``energy``) to ``out`` (never over an existing file: ``out_1``); the
     ResizeReport. The metadata keeps the training facts, with ss_network_dim/ss_network_alpha of the new file
     ("Dynamic" where modules differ, as kohya writes) and the original rank in ss_training_comment."""
-    from lora_trainer.export.kohya import save_kohya_lora
+    from lora_trainer.export.kohya import alpha_tensor, save_kohya_lora
     from lora_trainer.export.merge_loras import family_metadata, lora_family
 
     if (rank is None) == (energy is None):
@@ -176,12 +214,13 @@ def resize_lora(path, out, rank: int | None = None, energy: float | None = None,
             down, up = f.get_tensor(name + ".lora_down.weight"), f.get_tensor(name + ".lora_up.weight")
             old_alpha = f.get_tensor(name + ".alpha") if name + ".alpha" in f.keys() else None  # (none: alpha = rank)
             alpha = float(old_alpha) if old_alpha is not None else float(down.shape[0])
-            new_down, new_up, new_alpha, kept = svd_resize(down, up, alpha, rank, energy, device)
+            # (kohya's svd_merge_lora.py writes alpha as an int64 rank: a new alpha of 2.5 is written in float32)
+            alpha_dtype = old_alpha.dtype if old_alpha is not None and old_alpha.is_floating_point() else torch.float32
+            new_down, new_up, new_alpha, kept = svd_resize(down, up, alpha, rank, energy, device, alpha_dtype)
             scale = alpha / down.shape[0]
             norm = scale * float((up.reshape(up.shape[0], -1).float() @ down.reshape(down.shape[0], -1).float()).norm())
             tensors[name + ".lora_down.weight"], tensors[name + ".lora_up.weight"] = new_down, new_up
-            tensors[name + ".alpha"] = torch.tensor(new_alpha, dtype=torch.float32 if old_alpha is None
-                                                    else old_alpha.dtype)
+            tensors[name + ".alpha"] = alpha_tensor(new_alpha, alpha_dtype)[0]  # (svd_resize made it one it holds)
             modules.append(Resized(name, down.shape[0], new_down.shape[0], kept, norm))
     written = save_kohya_lora(out, tensors, _metadata(meta, modules, tensors))
     return ResizeReport(written, modules)
