@@ -207,6 +207,19 @@ def cmd_resize(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from lora_trainer.export.sweep import parse_strengths, run_sweep
+
+    strengths = parse_strengths(args.strengths)
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        _libraries_to_the_log_file()
+    paths = run_sweep(args.lora, args.out, args.prompt, strengths, args.base, args.negative, args.seed, args.steps,
+                      args.size)
+    print(f"grid:   {paths[0]}")
+    print("images: " + ", ".join(str(p) for p in paths[1:]))
+    return 0
+
+
 def _lora_and_weight(text: str) -> tuple[str, float]:
     """``FILE[:WEIGHT]`` (a Windows drive's colon is part of the file). A weight that is not a number after an
     existing file is named (``style.safetensors:O.8``), not taken for a part of the file's name."""
@@ -414,6 +427,21 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--out", "-o", required=True, help="the new file (an existing one is kept: name_1 is written)")
     rs.add_argument("--device", default="cpu", help="where the SVDs run (cpu, cuda)")
     rs.set_defaults(func=cmd_resize)
+    sw = sub.add_parser("sweep", help="a LoRA at several strengths: the same prompt, seed and size, one image each and "
+                        "a labelled grid (PNG)")
+    sw.add_argument("--lora", required=True, help="the kohya-format .safetensors LoRA")
+    sw.add_argument("--prompt", required=True, help="the prompt (the LoRA's trigger words in it)")
+    sw.add_argument("--negative", default="", help="the negative prompt")
+    sw.add_argument("--strengths", default="0,0.4,0.7,1", help="comma-separated (0: the base model alone; default "
+                    "%(default)s)")
+    sw.add_argument("--base", help="the base model (a diffusers folder or a single-file checkpoint; default: the one "
+                    "the run folder's config.yaml names)")
+    sw.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
+    sw.add_argument("--steps", type=_at_least(1), default=20, help="sampling steps (default %(default)s)")
+    sw.add_argument("--size", type=_at_least(64), help="image side in pixels (default: the model's own)")
+    sw.add_argument("--out", "-o", default="sweep.png", help="the grid; each image beside it as <name>_s<strength>.png "
+                    "(never over a file: name_1 is written; default %(default)s)")
+    sw.set_defaults(func=cmd_sweep)
     _add_llm_commands(sub)
     return p
 
