@@ -184,3 +184,19 @@ def test_the_tab_builds_with_the_panel(tmp_path):
     with gr.Blocks():
         tab = create_tab(DiffusersHost(lora_dir=tmp_path))
     assert tab is not None
+
+
+def test_the_check_covers_the_regularization_folder_field(tmp_path):
+    """The tab's 'Regularization images folder' field goes into the panel's check: their findings are shown as the
+    regularization images'."""
+    subject, reg = tmp_path / "img", tmp_path / "reg" / "1_person"
+    subject.mkdir()
+    reg.mkdir(parents=True)
+    for k in range(3):
+        Image.new("RGB", (512, 512), (60 * k, 50, 90)).save(subject / f"img_{k}.png")
+        (subject / f"img_{k}.txt").write_text("a picture")
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(reg / "tiny.png")  # (too small: a finding of theirs)
+    check = panel._handler(panel.run_check, extra_outputs=1)
+    out = check(None, *BLANK, str(subject), 512, "", True, str(tmp_path / "reg"))
+    assert "regularization images" in out[0] and "tiny.png" in out[0]
+    assert "tiny.png" not in check(None, *BLANK, str(subject), 512, "", True, "")[0]

@@ -95,7 +95,8 @@ def info_html(view: CaptionView, example: str | None = None) -> str:
     core = (f" · core: {html.escape(', '.join(view.core_tags))}" if view.core_tags else "")
     drawn = ""
     if example is not None:
-        drawn = (f"<div class='{P}trainer_example' title='shuffled and dropped anew each epoch'>e.g. one epoch: "
+        drawn = (f"<div class='{P}trainer_example' title='shuffled and dropped anew each time the image trains "
+                 f"(each epoch, each repeat)'>e.g. one epoch: "
                  f"{html.escape(example) or '(no caption: dropped this time)'}</div>")
     return (f"<div class='{P}caption_info'>{tokens}{core}"
             f"<div class='{P}trainer_text' title='what the trainer tokenizes'>{html.escape(view.text) or '(empty)'}"

@@ -162,14 +162,15 @@ def save_captions(state):
                   f"{', '.join(p.name for p in result.written[:3])}{'…' if len(result.written) > 3 else ''}{backup}")
 
 
-def run_check(state, folder, res, prefix_text, buckets=True):
-    """The dataset check at the tab's resolution, with its aspect-ratio buckets where ``buckets`` (the field)."""
+def run_check(state, folder, res, prefix_text, buckets=True, reg_dir=None):
+    """The dataset check at the tab's resolution, with its aspect-ratio buckets where ``buckets`` (the field), and of
+    the regularization images where ``reg_dir`` (the field) names their folder."""
     from lora_trainer.data.check import check_dataset
 
     if not str(folder or "").strip():
         raise LoraTrainerError("choose the dataset folder first")
     report = check_dataset(str(folder).strip(), resolution=int(res or 512), caption_prefix=prefix_text or "",
-                           buckets=True if buckets else None)
+                           buckets=True if buckets else None, reg_data_dir=str(reg_dir or "").strip() or None)
     unsaved = len(state.captions.changed) if state is not None else 0
     note = f" ({unsaved} unsaved edits are not in it: the check reads the files)" if unsaved else ""
     return [report_html(report)] + render(state, f"checked{note}")
@@ -233,7 +234,7 @@ def _stream(fn):
 
 def create_dataset_panel(host, data_dir, fields: dict):
     """The panel's components and events, inside the tab; ``fields``: the tab's advanced fields by config key (the
-    prefix, resolution, buckets and caption augmentation are read from them)."""
+    prefix, resolution, buckets, caption augmentation and regularization folder are read from them)."""
     prefix, resolution, buckets = fields["caption_prefix"], fields["resolution"], fields["enable_bucket"]
     augment = [fields[key] for key in AUGMENT_FIELDS]
     with gr.Accordion("Dataset: captions, check, auto-caption", open=False, elem_id=f"{P}dataset"):
@@ -293,11 +294,12 @@ def create_dataset_panel(host, data_dir, fields: dict):
             table = gr.HTML(tag_table_html([], 0))
     state = gr.State(None)
     ui = dict(locals())
-    _wire(host, ui, [state, status, page_md, table, *slots], data_dir, prefix, resolution, buckets, augment)
+    _wire(host, ui, [state, status, page_md, table, *slots], data_dir, prefix, resolution, buckets, augment,
+          fields["reg_data_dir"])
     return state
 
 
-def _wire(host, ui: dict, outputs: list, data_dir, prefix, resolution, buckets, augment: list) -> None:
+def _wire(host, ui: dict, outputs: list, data_dir, prefix, resolution, buckets, augment: list, reg_dir) -> None:
     """The panel's events: each takes the slots' text first (``_handler``) and renders the grid."""
     state, captions, check_out = ui["state"], ui["captions"], ui["check_out"]
     has, has_not, find, repl, regex, tag, scope = (ui[k] for k in ("has", "has_not", "find", "repl", "regex", "tag",
@@ -314,7 +316,8 @@ def _wire(host, ui: dict, outputs: list, data_dir, prefix, resolution, buckets, 
     for button, fn, extra in events:
         ui[button].click(_handler(fn), inputs=grid_in + captions + extra, outputs=outputs)
     ui["check_btn"].click(_handler(run_check, extra_outputs=1),
-                    inputs=grid_in + captions + [data_dir, resolution, prefix, buckets], outputs=[check_out] + outputs)
+                          inputs=grid_in + captions + [data_dir, resolution, prefix, buckets, reg_dir],
+                          outputs=[check_out] + outputs)
     for field in (prefix, *augment):
         field.change(_handler(set_augment), inputs=grid_in + captions + [prefix, *augment], outputs=outputs)
     labelling = [ui[k] for k in ("captioner", "model", "template", "mode", "download")]
