@@ -453,3 +453,16 @@ def test_the_check_command_takes_the_regularization_folder(with_reg, tmp_path, c
     config.write_text(yaml.safe_dump({"train_data_dir": str(subject), "reg_data_dir": str(reg), "resolution": 128}))
     assert main(["check", "--config", str(config), "--json", str(tmp_path / "b.json")]) == 0
     assert json.loads((tmp_path / "b.json").read_text())["findings"] == by_flag["findings"]
+
+
+def test_images_of_one_name_in_two_formats_sharing_a_caption_are_noted(tmp_path):
+    """a.png and a.jpg both read a.txt (here as in kohya's scripts): an info naming the file and the images."""
+    picture(1).save(tmp_path / "a.png")
+    picture(2).save(tmp_path / "a.jpg")
+    picture(3).save(tmp_path / "b.png")
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.txt").write_text(f"sks, {name}", encoding="utf-8")
+    found = [f for f in check_dataset(tmp_path, resolution=128).findings if f.check == "shared-caption"]
+    assert len(found) == 1 and found[0].severity == "info"
+    assert found[0].files == ["a.txt: a.jpg, a.png"]
+    assert "1 caption file is read by two or more images" in found[0].message

@@ -445,6 +445,23 @@ def _multiline(scan: DatasetScan, names: list[str]) -> list[Finding]:
                     "caption on one line (its tags separated by ', ')")]
 
 
+def _shared_captions(scan: DatasetScan) -> list[Finding]:
+    """Images of one name in two formats (a.png, a.jpg) read one caption file (a.txt), here as in kohya's scripts."""
+    by_file: dict[Path, list[str]] = {}
+    for s in scan.samples:
+        if s.caption_source == "txt":
+            by_file.setdefault(s.path.with_suffix(scan.caption_extension), []).append(_rel(scan, s.path))
+    shared = {f: names for f, names in by_file.items() if len(names) > 1}
+    if not shared:
+        return []
+    return [Finding("shared-caption", "info",
+                    f"{_n(len(shared), 'caption file')} {'is' if len(shared) == 1 else 'are'} read by two or more "
+                    "images of the same name in different formats (each trains with that caption, as in kohya's "
+                    "scripts)", [f"{_rel(scan, f)}: {', '.join(names)}" for f, names in sorted(shared.items())],
+                    "if they are one picture saved twice, keep one (it trains twice as often); if they differ, "
+                    "rename one and give it its own caption")]
+
+
 def _as_reg(finding: Finding) -> Finding:
     return replace(finding, message=REG_LABEL + finding.message, dataset=REG)
 
@@ -545,6 +562,7 @@ def check_scan(scan: DatasetScan, resolution: int = 512, caption_prefix: str = "
     glossary = load_glossary(scan.root) if glossary is None else glossary
     report.findings += _captions(scan, names, caption_prefix, glossary)
     report.findings += _multiline(scan, names)
+    report.findings += _shared_captions(scan)
     report.findings += _unused(scan)
     report.findings += _size(len(scan.samples))
     if reg is not None:

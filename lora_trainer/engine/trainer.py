@@ -278,7 +278,8 @@ def _set_up(cfg: Config, backend, callbacks, progress: bool, prepared: _Prepared
     if prepared.main:
         save_config(cfg, run_dir / "config.yaml")
     processes = f" × {plan.world_size} processes" if plan.world_size > 1 else ""
-    log.info("run folder %s; %d steps (%d epoch%s of %d steps), batch %d%s × accumulation %d = %d images a step, %s on %s",
+    log.info("run folder %s; %d steps (%d epoch%s of %d steps), batch %d%s × accumulation %d = %d images a step, "
+             "%s on %s",
              run_dir, plan.total_steps, plan.epochs, "s" * (plan.epochs != 1), plan.steps_per_epoch, t.batch_size,
              processes,
              t.gradient_accumulation_steps, plan.effective_batch, precision if precision != "no" else "fp32",

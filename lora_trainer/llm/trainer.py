@@ -204,8 +204,8 @@ def _set_up(cfg: Config, prepared: _Prepared, run_dir: Path, log_dir: Path, call
     scheduler = lr_schedule(t, optimizer, prepared.plan.total_steps)
     save_config(cfg, run_dir / "config.yaml")
     plan = prepared.plan
-    log.info("run folder %s; %d steps (%d epoch%s of %d steps), batch %d × accumulation %d, %s on %s; LoRA rank %d on %s "
-             "(%d trainable parameters)", run_dir, plan.total_steps, plan.epochs, "s" * (plan.epochs != 1),
+    log.info("run folder %s; %d steps (%d epoch%s of %d steps), batch %d × accumulation %d, %s on %s; LoRA rank %d "
+             "on %s (%d trainable parameters)", run_dir, plan.total_steps, plan.epochs, "s" * (plan.epochs != 1),
              plan.steps_per_epoch, t.batch_size,
              t.gradient_accumulation_steps, precision if precision != "no" else "fp32", device, t.lora_rank,
              ", ".join(prepared.targets), sum(p.numel() for p in trainable))
