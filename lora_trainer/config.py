@@ -110,6 +110,10 @@ class TrainingConfig:
     auto_fit: bool = False  # apply the pre-flight's settings that fit the device's memory (engine.preflight)
     seed: int = 42
     noise_offset: float = 0.0
+    multires_noise_iterations: int = 0  # pyramid noise: lower-resolution noise levels added (kohya's; 6-10 usual)
+    multires_noise_discount: float = 0.3  # ...each level's weight times this
+    ip_noise_gamma: float = 0.0  # input perturbation: the latents noised with noise + γ·ξ (0.05-0.1 usual)
+    debiased_estimation_loss: bool = False  # each timestep's loss weighted by 1/sqrt(SNR) (arXiv 2310.08442)
     prior_loss_weight: float = 1.0  # the loss weight of the regularization images (data.reg_data_dir)
     min_snr_gamma: float | None = None
     clip_skip: int = 1  # the CLIP layer the captions' conditioning comes from: 1 the last, 2 the one before (SD 1.x)
@@ -256,6 +260,9 @@ RANGES = {
     "nan_lr_factor": (0, 1, True, False),
     "gradient_accumulation_steps": (1, None, False, False),
     "noise_offset": (0, None, False, False),
+    "multires_noise_iterations": (0, 64, False, False),
+    "multires_noise_discount": (0, 1, True, False),
+    "ip_noise_gamma": (0, None, False, False),
     "prior_loss_weight": (0, None, False, False),
     "min_snr_gamma": (0, None, True, False),
     "clip_skip": (1, 12, False, False),

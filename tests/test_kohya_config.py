@@ -71,6 +71,10 @@ logging_dir = "logs"
 log_prefix = "gui_style"
 sample_sampler = "euler_a"
 sample_every_n_epochs = 1
+multires_noise_iterations = 6
+multires_noise_discount = 0.3
+ip_noise_gamma = 0.05
+debiased_estimation_loss = true
 """
 
 
@@ -182,4 +186,6 @@ def test_a_kohya_gui_config_trains(tmp_path, monkeypatch, capsys):
     assert any(n.endswith("_ff_net_2") for n in names) and any(n.endswith("_proj_in") for n in names)
     assert any(n.startswith("lora_te_") and n.endswith("_mlp_fc1") for n in names)
     assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("16", "8.0")
+    assert (meta["ss_multires_noise_iterations"], meta["ss_ip_noise_gamma"], meta["ss_debiased_estimation"]) == (
+        "6", "0.05", "True")
     assert "finished:" in capsys.readouterr().out

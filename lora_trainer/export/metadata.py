@@ -134,6 +134,10 @@ def build_metadata(cfg, model: ModelFacts, run: RunFacts, extra: dict | None = N
                                           if t.optimizer_args else "")),  # (its arguments too, as kohya writes them)
         "ss_mixed_precision": _s(t.mixed_precision),
         "ss_noise_offset": _s(t.noise_offset),
+        "ss_multires_noise_iterations": _s(t.multires_noise_iterations or None),  # (kohya: None when off)
+        "ss_multires_noise_discount": _s(t.multires_noise_discount),
+        "ss_ip_noise_gamma": _s(t.ip_noise_gamma or None),
+        "ss_debiased_estimation": _s(t.debiased_estimation_loss),
         "ss_min_snr_gamma": _s(t.min_snr_gamma),
         "ss_zero_terminal_snr": _s(cfg.model.zero_terminal_snr == "true"),
         "ss_fp8_base": _s(t.fp8_base),  # kohya's pair for "the UNet in float8, the text encoders as they are"
