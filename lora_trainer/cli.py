@@ -208,7 +208,7 @@ def cmd_resize(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from lora_trainer.export.sweep import parse_strengths, run_sweep
+    from lora_trainer.sweep import parse_strengths, run_sweep
 
     strengths = parse_strengths(args.strengths)
     if not logging.getLogger().isEnabledFor(logging.DEBUG):

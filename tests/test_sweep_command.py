@@ -8,7 +8,7 @@ from PIL import Image
 
 from lora_trainer.cli import main
 from lora_trainer.errors import LoraTrainerError
-from lora_trainer.export.sweep import parse_strengths, run_sweep
+from lora_trainer.sweep import parse_strengths, run_sweep
 
 
 @pytest.fixture(scope="module")

@@ -114,9 +114,21 @@ def set_base_lrs(scheduler, base_lrs: list[float]) -> None:
 def lr_schedule(t, optimizer, total_steps: int):
     """``training.lr_scheduler`` over ``total_steps`` optimizer steps, after ``lr_warmup_steps`` of warm-up (constant
     with a warm-up is constant_with_warmup); cosine_with_restarts takes ``lr_scheduler_num_cycles`` cosines, polynomial
-    decays with ``lr_scheduler_power`` (as kohya's sd-scripts and diffusers' get_scheduler run them)."""
-    from diffusers.optimization import get_scheduler
+    decays with ``lr_scheduler_power`` (to 1e-7), as kohya's sd-scripts and the diffusers and transformers examples
+    run them (transformers' schedules: the language-model trainer needs nothing of the image side)."""
+    from transformers import optimization as schedules
 
-    name = "constant_with_warmup" if t.lr_scheduler == "constant" and t.lr_warmup_steps else t.lr_scheduler
-    return get_scheduler(name, optimizer, num_warmup_steps=t.lr_warmup_steps, num_training_steps=total_steps,
-                         num_cycles=t.lr_scheduler_num_cycles, power=t.lr_scheduler_power)
+    warmup = t.lr_warmup_steps
+    name = "constant_with_warmup" if t.lr_scheduler == "constant" and warmup else t.lr_scheduler
+    if name == "constant":
+        return schedules.get_constant_schedule(optimizer)
+    if name == "constant_with_warmup":
+        return schedules.get_constant_schedule_with_warmup(optimizer, warmup)
+    if name == "cosine_with_restarts":
+        return schedules.get_cosine_with_hard_restarts_schedule_with_warmup(optimizer, warmup, total_steps,
+                                                                            num_cycles=t.lr_scheduler_num_cycles)
+    if name == "polynomial":
+        return schedules.get_polynomial_decay_schedule_with_warmup(optimizer, warmup, total_steps,
+                                                                   power=t.lr_scheduler_power)
+    made = {"linear": schedules.get_linear_schedule_with_warmup, "cosine": schedules.get_cosine_schedule_with_warmup}
+    return made[name](optimizer, warmup, total_steps)
