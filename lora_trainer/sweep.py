@@ -76,6 +76,15 @@ def run_sweep(lora, out, prompt: str, strengths: list[float], base_model: str | 
     out = Path(out).expanduser()
     if out.suffix.lower() != ".png":
         raise LoraTrainerError(f"sweep --out: {out} must end in .png")
+    from diffusers.utils import USE_PEFT_BACKEND
+
+    if not USE_PEFT_BACKEND:  # (diffusers loads a LoRA into a pipeline through peft only where transformers can)
+        import transformers
+
+        raise LoraTrainerError(f"sweep: diffusers loads a LoRA into its pipeline through its PEFT backend, which needs "
+                               f"transformers >= 4.34 and peft (this environment has transformers "
+                               f"{transformers.__version__}, as the WebUI pins it): run the sweep from the tab, or "
+                               "in an environment with newer transformers")
     out.parent.mkdir(parents=True, exist_ok=True)
     log.info("sweep of %s on %s: strengths %s, seed %d, %d steps", lora.name, base,
              ", ".join(f"{s:g}" for s in strengths), seed, steps)

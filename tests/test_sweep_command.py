@@ -20,7 +20,15 @@ def demo_lora(tmp_path_factory):
 
 def test_the_sweep_command_writes_each_strength_and_a_grid(demo_lora, tmp_path, capsys):
     """On the base model the run's config.yaml names (no --base); 0 is the base model alone, 1 the LoRA's change;
-    a second sweep to the same name writes new files beside the first."""
+    a second sweep to the same name writes new files beside the first. (Where diffusers has no PEFT backend, as under
+    the WebUI's transformers 4.30, the command says so before any work.)"""
+    from diffusers.utils import USE_PEFT_BACKEND
+
+    if not USE_PEFT_BACKEND:
+        with pytest.raises(LoraTrainerError, match=r"^sweep: diffusers loads a LoRA .* needs transformers >= 4.34"):
+            run_sweep(demo_lora, tmp_path / "g.png", "a", [1.0])
+        assert not (tmp_path / "g.png").exists()
+        return
     out = tmp_path / "sweep" / "grid.png"
     args = ["sweep", "--lora", str(demo_lora), "--prompt", "a red square", "--strengths", "0, 1", "--steps", "2",
             "--size", "64", "--out", str(out)]
