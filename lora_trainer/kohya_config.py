@@ -149,6 +149,7 @@ def read_kohya(doc: dict, source: str) -> dict:
         listed = errors[0] if len(errors) == 1 else f"{len(errors)} problems:\n  " + "\n  ".join(errors)
         raise ConfigError(f"{source} (read as kohya's sd-scripts config): {listed}")
 
+    _sdxl_clip_skip(out, source)
     given = {ALIASES.get(k, k) for k in out}
     defaults = {k: v for k, v in DEFAULTS.items() if k not in given}
     if not given & {"max_train_steps", "epochs"}:
@@ -168,6 +169,20 @@ def read_kohya(doc: dict, source: str) -> dict:
         log.info("%s: the text encoder trains, as kohya's default (network_train_unet_only = true: the UNet only); "
                  "for SDXL's second text encoder set train_text_encoder_2 = true", source)
     return defaults | out
+
+
+def _sdxl_clip_skip(out: dict, source: str) -> None:
+    """kohya's SDXL training warns that clip_skip does not work for SDXL and trains without it: so here, for a base
+    model whose files say SDXL (this trainer refuses clip_skip for SDXL where its own config sets it)."""
+    skip = out.get("clip_skip")
+    if skip in (None, 1):
+        return
+    from lora_trainer.models.family import family_of
+
+    if family_of(out.get("pretrained_model_name_or_path") or out.get("base_model")) == "sdxl":
+        log.warning("%s: kohya's clip_skip = %r is not used for an SDXL model (SDXL takes its text encoders' "
+                    "penultimate layers by design; kohya's SDXL training ignores it too)", source, skip)
+        out.pop("clip_skip")
 
 
 def _learning_rates(doc: dict, out: dict) -> list[str]:

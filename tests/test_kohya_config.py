@@ -189,3 +189,15 @@ def test_a_kohya_gui_config_trains(tmp_path, monkeypatch, capsys):
     assert (meta["ss_multires_noise_iterations"], meta["ss_ip_noise_gamma"], meta["ss_debiased_estimation"]) == (
         "6", "0.05", "True")
     assert "finished:" in capsys.readouterr().out
+
+
+def test_clip_skip_in_a_kohya_file_for_sdxl_is_not_used_as_kohya(tmp_path, caplog):
+    """kohya's SDXL training warns that clip_skip does not work there and trains without it; so here (a config of
+    our own with clip_skip for SDXL is refused when the model is known: models.sdxl_backend.check_clip_skip)."""
+    cfg = load_config(write(tmp_path, 'pretrained_model_name_or_path = "tiny-sdxl"\ntrain_data_dir = "DATA"\n'
+                                      'clip_skip = 2\n'))
+    assert cfg.training.clip_skip == 1 and "clip_skip" not in cfg.explicit
+    assert "kohya's clip_skip = 2 is not used for an SDXL model" in caplog.text
+    sd1 = load_config(write(tmp_path, 'pretrained_model_name_or_path = "tiny-demo"\ntrain_data_dir = "DATA"\n'
+                                      'clip_skip = 2\n'))
+    assert sd1.training.clip_skip == 2
