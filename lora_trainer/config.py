@@ -352,6 +352,8 @@ def _convert(name: str, value, key: str):
     if value is False and name in CHOICES:  # YAML 1.1 reads a bare no / off as false
         value = next((c for c in ("no", "none") if c in CHOICES[name]), value)
     if base is int:
+        if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+            value = int(value)  # (a number written as text, "10": as float keys take "1e-4")
         if (isinstance(value, bool) or not isinstance(value, (int, float))
                 or (isinstance(value, float) and not value.is_integer())):
             rng = RANGES.get(name)

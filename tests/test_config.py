@@ -430,3 +430,11 @@ def test_an_output_name_that_is_the_diffusers_files_is_refused():
     cfg = config_from_dict({"train_data_dir": "x", "output_name": "pytorch_lora_weights",
                             "save_diffusers_format": False})
     assert cfg.output.output_name == "pytorch_lora_weights"
+
+
+def test_an_integer_written_as_text_is_read_as_the_number():
+    """``epochs: "10"`` (quoted in YAML, or a UI's text) is 10, as float keys read ``"1e-4"``; a fraction is not."""
+    cfg = config_from_dict({"train_data_dir": "x", "epochs": "10", "lora_rank": " 4 ", "learning_rate": "1e-4"})
+    assert (cfg.training.epochs, cfg.training.lora_rank, cfg.training.learning_rate) == (10, 4, 1e-4)
+    with pytest.raises(ConfigError, match=r"training.epochs: expected an integer >= 1, got '2.5'"):
+        config_from_dict({"train_data_dir": "x", "epochs": "2.5"})
