@@ -69,8 +69,8 @@ def _pyramid(noise: torch.Tensor, iterations: int, discount: float, generator) -
     """kohya's pyramid_noise_like: noise at ever lower resolutions (each side divided by r^i, r drawn from [2, 4)),
     upsampled bilinearly and added with weight discount^i; then scaled to unit standard deviation."""
     b, c, h, w = noise.shape
-    for i in range(iterations):
-        r = float(torch.rand((), generator=generator, device=noise.device)) * 2 + 2
+    ratios = (torch.rand(iterations, generator=generator, device=noise.device) * 2 + 2).tolist()  # (one host sync)
+    for i, r in enumerate(ratios):
         hn, wn = max(1, int(h / r**i)), max(1, int(w / r**i))
         low = torch.randn((b, c, hn, wn), generator=generator, device=noise.device, dtype=noise.dtype)
         noise = noise + F.interpolate(low.float(), size=(h, w), mode="bilinear").to(noise.dtype) * discount**i
