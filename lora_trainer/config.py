@@ -114,6 +114,12 @@ class TrainingConfig:
     multires_noise_discount: float = 0.3  # ...each level's weight times this
     ip_noise_gamma: float = 0.0  # input perturbation: the latents noised with noise + γ·ξ (0.05-0.1 usual)
     debiased_estimation_loss: bool = False  # each timestep's loss weighted by 1/sqrt(SNR) (arXiv 2310.08442)
+    loss_type: str = "l2"  # l2 (squared error), l1, huber or smooth_l1 (kohya's scheduled Huber loss)
+    huber_schedule: str = "snr"  # huber/smooth_l1: each timestep's threshold: snr, exponential or constant
+    huber_c: float = 0.1  # ...the threshold at high noise (snr, exponential) or always (constant)
+    huber_scale: float = 1.0  # ...times this (exponential, constant)
+    min_timestep: int = 0  # timesteps drawn from [min_timestep, max_timestep) (kohya's); 0 and None: all
+    max_timestep: int | None = None  # None: the schedule's end (1000)
     prior_loss_weight: float = 1.0  # the loss weight of the regularization images (data.reg_data_dir)
     min_snr_gamma: float | None = None
     clip_skip: int = 1  # the CLIP layer the captions' conditioning comes from: 1 the last, 2 the one before (SD 1.x)
@@ -227,6 +233,8 @@ CHOICES = {
     "log_with": ("tensorboard", "none"),
     "compile_mode": ("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
     "attention": ("auto", "sdpa", "xformers"),
+    "loss_type": ("l2", "l1", "huber", "smooth_l1"),
+    "huber_schedule": ("snr", "exponential", "constant"),
 }
 # (lowest, highest, lowest is exclusive, highest is exclusive); None = unbounded
 RANGES = {
@@ -263,6 +271,10 @@ RANGES = {
     "multires_noise_iterations": (0, 64, False, False),
     "multires_noise_discount": (0, 1, True, False),
     "ip_noise_gamma": (0, None, False, False),
+    "huber_c": (0, 1, True, False),
+    "huber_scale": (0, None, True, False),
+    "min_timestep": (0, 999, False, False),
+    "max_timestep": (1, 1000, False, False),
     "prior_loss_weight": (0, None, False, False),
     "min_snr_gamma": (0, None, True, False),
     "clip_skip": (1, 12, False, False),
@@ -470,8 +482,8 @@ def _check_samples_and_validation(values: dict[str, dict], errors: list[str]) ->
 
 
 def _check_buckets(values: dict[str, dict], errors: list[str]) -> None:
-    """The bucket keys together (data.buckets): steps a multiple of 8 (the VAE's factor), min <= resolution <= max,
-    and a random crop only where images are decoded each step."""
+    """The bucket keys together (data.buckets): steps a multiple of 8 (the VAE's factor), min <= resolution <= max
+    (with buckets on), and a random crop only where images are decoded each step."""
     d, t = values["data"], values["training"]
     step, low, high, res = (d.get(k) for k in ("bucket_reso_steps", "min_bucket_reso", "max_bucket_reso", "resolution"))
     if isinstance(step, int) and step % 8:
@@ -480,6 +492,8 @@ def _check_buckets(values: dict[str, dict], errors: list[str]) -> None:
     if isinstance(low, int) and isinstance(high, int) and low > high:
         errors.append(f"data.min_bucket_reso: {low} is above data.max_bucket_reso: {high}; lower the one or raise "
                       "the other")
+    if d.get("enable_bucket") is False:
+        res = None  # (without buckets the bucket sides are not used: kohya's defaults 256..1024 at any resolution)
     if isinstance(res, int) and isinstance(low, int) and low > res:
         errors.append(f"data.min_bucket_reso: {low} is above data.resolution: {res} (the square bucket); set it "
                       f"to {res} or less")
@@ -537,6 +551,10 @@ def _check_special(values: dict[str, dict], errors: list[str]) -> None:
     if t.get("cache_latents_to_disk") is True and t.get("cache_latents") is False:
         errors.append("training.cache_latents_to_disk: true needs training.cache_latents: true (the disk cache "
                       "keeps the cached latents); set cache_latents: true, or cache_latents_to_disk: false")
+    low, high = t.get("min_timestep", 0), t.get("max_timestep")
+    if isinstance(low, int) and isinstance(high, int) and not low < high:
+        errors.append(f"training.min_timestep: {low}, max_timestep: {high}: the timesteps are drawn from "
+                      "[min_timestep, max_timestep), so min_timestep must be below max_timestep")
     if t.get("fp8_base") is True and t.get("compile_unet") is True:
         errors.append("training.fp8_base: true does not combine with training.compile_unet: true (the per-layer casts "
                       "of the float8 weights break torch.compile's graph at every layer); set one of them to false")

@@ -66,15 +66,12 @@ ONLY = {
     "color_aug": ((False,), "no colour augmentation (random_flip, random_crop are)"),
     "network_train_text_encoder_only": ((False,), "the UNet always trains"),
     "masked_loss": ((False,), "every pixel counts"),
-    "loss_type": (("l2",), "the loss is the mean squared error"),
     "enable_wildcard": ((False,), "a caption file is one caption"),
     "noise_offset_random_strength": ((False,), "noise_offset is a fixed strength"),
     "dim_from_weights": ((False,), "the rank is lora_rank"),
     "adaptive_noise_scale": ((None, 0), "noise_offset is a fixed strength"),
     "scale_weight_norms": ((None, 0), "no max-norm regularization"),
     "v_pred_like_loss": ((None, 0), "the loss is the model's own target's"),
-    "min_timestep": ((None, 0), "timesteps are drawn from all of the schedule's"),
-    "max_timestep": ((None, 1000), "timesteps are drawn from all of the schedule's"),
     "network_weights": ((None, ""), "a run starts from a new LoRA or a checkpoint of its own (resume_from_checkpoint)"),
     "resume": ((None, ""), "resume_from_checkpoint takes this trainer's checkpoints (kohya's state folders are not "
                            "read)"),
@@ -149,13 +146,18 @@ def read_kohya(doc: dict, source: str) -> dict:
         listed = errors[0] if len(errors) == 1 else f"{len(errors)} problems:\n  " + "\n  ".join(errors)
         raise ConfigError(f"{source} (read as kohya's sd-scripts config): {listed}")
 
-    _sdxl_clip_skip(out, source)
+    sdxl = _is_sdxl(out)
+    if sdxl:
+        _sdxl_clip_skip(out, source)
     given = {ALIASES.get(k, k) for k in out}
     defaults = {k: v for k, v in DEFAULTS.items() if k not in given}
     if not given & {"max_train_steps", "epochs"}:
         defaults["max_train_steps"] = MAX_TRAIN_STEPS
     if "train_text_encoder" not in given:
         defaults["train_text_encoder"] = True  # (kohya trains the text encoder unless network_train_unet_only)
+    te = out.get("train_text_encoder", defaults.get("train_text_encoder"))
+    if te and sdxl and "train_text_encoder_2" not in given:  # (kohya's SDXL LoRA holds both: lora_te1_, lora_te2_)
+        defaults["train_text_encoder_2"] = True
     if not given & {"sample_prompts"}:  # (kohya samples nothing without prompts)
         for name in ("sample_every_n_steps", "sample_every_n_epochs", "sample_at_first"):
             if out.pop(name, None):
@@ -165,21 +167,24 @@ def read_kohya(doc: dict, source: str) -> dict:
     if defaults:
         log.info("%s: kohya's defaults for what the file leaves out: %s", source,
                  ", ".join(f"{k} {v}" for k, v in defaults.items()))
-    if out.get("train_text_encoder", defaults.get("train_text_encoder")):
-        log.info("%s: the text encoder trains, as kohya's default (network_train_unet_only = true: the UNet only); "
-                 "for SDXL's second text encoder set train_text_encoder_2 = true", source)
+    if te:
+        log.info("%s: the text encoder%s, as kohya's default (network_train_unet_only = true: the UNet only)",
+                 source, "s train (SDXL's both)" if sdxl else " trains")
     return defaults | out
 
 
-def _sdxl_clip_skip(out: dict, source: str) -> None:
-    """kohya's SDXL training warns that clip_skip does not work for SDXL and trains without it: so here, for a base
-    model whose files say SDXL (this trainer refuses clip_skip for SDXL where its own config sets it)."""
-    skip = out.get("clip_skip")
-    if skip in (None, 1):
-        return
+def _is_sdxl(out: dict) -> bool:
+    """Whether the file's base model is SDXL, as its files say (nothing is loaded)."""
     from lora_trainer.models.family import family_of
 
-    if family_of(out.get("pretrained_model_name_or_path") or out.get("base_model")) == "sdxl":
+    return family_of(out.get("pretrained_model_name_or_path") or out.get("base_model")) == "sdxl"
+
+
+def _sdxl_clip_skip(out: dict, source: str) -> None:
+    """kohya's SDXL training warns that clip_skip does not work for SDXL and trains without it: so here (an SDXL base
+    model) (this trainer refuses clip_skip for SDXL where its own config sets it)."""
+    skip = out.get("clip_skip")
+    if skip not in (None, 1):
         log.warning("%s: kohya's clip_skip = %r is not used for an SDXL model (SDXL takes its text encoders' "
                     "penultimate layers by design; kohya's SDXL training ignores it too)", source, skip)
         out.pop("clip_skip")

@@ -75,6 +75,11 @@ multires_noise_iterations = 6
 multires_noise_discount = 0.3
 ip_noise_gamma = 0.05
 debiased_estimation_loss = true
+loss_type = "smooth_l1"
+huber_schedule = "exponential"
+huber_c = 0.2
+min_timestep = 100
+max_timestep = 900
 """
 
 
@@ -100,6 +105,8 @@ def test_a_kohya_gui_config_is_read_in_kohyas_terms(tmp_path, caplog):
                                                                                      "auto")
     assert (d.caption_extension, d.enable_bucket, d.resolution, d.keep_tokens) == (".txt", True, 64, 1)
     assert cfg.model.prediction_type == "auto" and cfg.output.sample_every_n_epochs == 0  # (no prompts: as kohya)
+    assert (t.loss_type, t.huber_schedule, t.huber_c, t.min_timestep, t.max_timestep) == ("smooth_l1", "exponential",
+                                                                                            0.2, 100, 900)
     said = caplog.text
     assert "kohya's xformers = True: attention is PyTorch's SDPA" in said
     assert "max_token_length = 225: a caption is one 75-token window here" in said
@@ -133,13 +140,13 @@ def test_kohyas_learning_rates(tmp_path, lines, want):
 def test_kohya_settings_that_would_train_otherwise_are_refused_together(tmp_path):
     """Each named with what this trainer does instead, before anything loads."""
     path = write(tmp_path, 'train_data_dir = "DATA"\nnetwork_module = "lycoris.kohya"\nsave_model_as = "ckpt"\n'
-                           'loss_type = "huber"\ncolor_aug = true\nnetwork_args = ["conv_dim=4"]\nunet_lr = 0\n'
+                           'masked_loss = true\ncolor_aug = true\nnetwork_args = ["conv_dim=4"]\nunet_lr = 0\n'
                            'caption_separator = ","\nmultires_noise_iterations = 0\n')
     with pytest.raises(ConfigError) as e:
         load_config(path)
     message = str(e.value)
     assert message.startswith(f"{path} (read as kohya's sd-scripts config): 6 problems:")
-    for key in ("network_module = 'lycoris.kohya'", "save_model_as = 'ckpt'", "loss_type = 'huber'",
+    for key in ("network_module = 'lycoris.kohya'", "save_model_as = 'ckpt'", "masked_loss = True",
                 "color_aug = True", "network_args = ['conv_dim=4']", "unet_lr = 0"):
         assert f"kohya's {key}" in message, key
     assert "caption_separator" not in message and "multires" not in message  # (the values that train as here)
@@ -188,16 +195,34 @@ def test_a_kohya_gui_config_trains(tmp_path, monkeypatch, capsys):
     assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("16", "8.0")
     assert (meta["ss_multires_noise_iterations"], meta["ss_ip_noise_gamma"], meta["ss_debiased_estimation"]) == (
         "6", "0.05", "True")
+    assert (meta["ss_loss_type"], meta["ss_huber_schedule"], meta["ss_huber_c"]) == ("smooth_l1", "exponential", "0.2")
     assert "finished:" in capsys.readouterr().out
 
 
-def test_clip_skip_in_a_kohya_file_for_sdxl_is_not_used_as_kohya(tmp_path, caplog):
+def test_a_kohya_file_for_sdxl_trains_as_kohyas_sdxl_training(tmp_path, caplog):
     """kohya's SDXL training warns that clip_skip does not work there and trains without it; so here (a config of
-    our own with clip_skip for SDXL is refused when the model is known: models.sdxl_backend.check_clip_skip)."""
+    our own with clip_skip for SDXL is refused when the model is known: models.sdxl_backend.check_clip_skip). Its
+    LoRA holds both text encoders unless network_train_unet_only (sdxl_train_network: lora_te1_, lora_te2_)."""
     cfg = load_config(write(tmp_path, 'pretrained_model_name_or_path = "tiny-sdxl"\ntrain_data_dir = "DATA"\n'
                                       'clip_skip = 2\n'))
     assert cfg.training.clip_skip == 1 and "clip_skip" not in cfg.explicit
+    assert cfg.training.train_text_encoder and cfg.training.train_text_encoder_2  # (kohya's SDXL LoRA: both)
     assert "kohya's clip_skip = 2 is not used for an SDXL model" in caplog.text
     sd1 = load_config(write(tmp_path, 'pretrained_model_name_or_path = "tiny-demo"\ntrain_data_dir = "DATA"\n'
                                       'clip_skip = 2\n'))
-    assert sd1.training.clip_skip == 2
+    assert sd1.training.clip_skip == 2 and not sd1.training.train_text_encoder_2
+    unet_only = load_config(write(tmp_path, 'pretrained_model_name_or_path = "tiny-sdxl"\ntrain_data_dir = "DATA"\n'
+                                            'network_train_unet_only = true\n'))
+    assert not unet_only.training.train_text_encoder and not unet_only.training.train_text_encoder_2
+
+
+def test_a_kohya_file_for_sdxl_trains_both_text_encoders(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_demo_dataset(tmp_path / "data", n=2, resolution=64)
+    path = write(tmp_path, 'pretrained_model_name_or_path = "tiny-sdxl"\ntrain_data_dir = "DATA"\nresolution = 64\n'
+                           'output_dir = "OUT"\noutput_name = "xl"\nmax_train_steps = 1\nunet_lr = 1e-4\n'
+                           'text_encoder_lr = [1e-5, 2e-5]\nmixed_precision = "no"\n')
+    assert main(["train", "-c", str(path)]) == 0
+    with safe_open(str(tmp_path / "out" / "xl.safetensors"), "pt") as f:
+        prefixes = {k.split("_")[0] + "_" + k.split("_")[1] for k in f.keys()}
+    assert {"lora_unet", "lora_te1", "lora_te2"} <= prefixes

@@ -19,7 +19,7 @@ from test_train import StopAt, make_cfg
 import lora_trainer.engine.run as run_module
 from lora_trainer.config import config_from_dict
 from lora_trainer.data.demo_set import make_demo_dataset
-from lora_trainer.engine.loss import diffusion_loss, sample_timesteps, zero_terminal_snr_schedule
+from lora_trainer.engine.loss import LossSettings, diffusion_loss, sample_timesteps, zero_terminal_snr_schedule
 from lora_trainer.engine.trainer import train
 from lora_trainer.errors import ConfigError
 from lora_trainer.models.tiny_sdxl import TINY_SDXL_V_NAME, tiny_sdxl_model_path
@@ -77,11 +77,12 @@ def test_min_snr_loss_stays_finite_at_the_last_timestep():
     mixed = torch.tensor([0, scheduler.config.num_train_timesteps - 1])
     for timesteps in (last, mixed):
         for gamma in (None, 5.0):
-            loss = diffusion_loss(backend, latents, None, torch.Generator().manual_seed(1), min_snr_gamma=gamma,
+            loss = diffusion_loss(backend, latents, None, torch.Generator().manual_seed(1),
+                                  loss_settings=LossSettings(min_snr_gamma=gamma),
                                   timesteps=timesteps)
             assert torch.isfinite(loss), (timesteps, gamma)
-    weighted = diffusion_loss(backend, latents, None, torch.Generator().manual_seed(1), min_snr_gamma=5.0,
-                              timesteps=last)
+    weighted = diffusion_loss(backend, latents, None, torch.Generator().manual_seed(1),
+                              loss_settings=LossSettings(min_snr_gamma=5.0), timesteps=last)
     assert float(weighted) == 0.0
 
 

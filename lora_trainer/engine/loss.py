@@ -1,14 +1,16 @@
 """The diffusion training loss, following the diffusers training examples (train_text_to_image_lora.py).
 
-DDPM noise at a random timestep, target epsilon or v from the scheduler's prediction type, optional offset,
-pyramid and input-perturbation noise (NoiseSettings) and min-SNR-gamma or debiased-estimation weighting; the
-scheduler and ``compute_snr`` come from diffusers. With a zero-terminal-SNR schedule (``zero_terminal_snr_schedule``,
+DDPM noise at a random timestep (of all, or of a range), target epsilon or v from the scheduler's prediction type,
+optional offset, pyramid and input-perturbation noise (NoiseSettings); the squared error, or kohya's L1 / scheduled
+Huber / smooth-L1, with min-SNR-gamma or debiased-estimation weighting (LossSettings); the scheduler and
+``compute_snr`` come from diffusers. With a zero-terminal-SNR schedule (``zero_terminal_snr_schedule``,
 arXiv 2305.08891) the last timestep is pure noise: its SNR is 0, the target must be v, and min-SNR takes its v form
 (the epsilon form divides by 0 there).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,9 +44,23 @@ def zero_terminal_snr_schedule(scheduler, setting: str, prediction_type: str):
     return scheduler, wanted
 
 
-def sample_timesteps(scheduler, bsz: int, generator: torch.Generator | None, device) -> torch.Tensor:
-    """Uniform over every training timestep, the last one (SNR 0 with zero terminal SNR) included."""
-    return torch.randint(0, scheduler.config.num_train_timesteps, (bsz,), generator=generator, device=device).long()
+def timestep_range(scheduler, low: int = 0, high: int | None = None) -> tuple[int, int]:
+    """The timesteps training draws from, [low, high) (training.min_timestep, max_timestep; kohya's): every one of
+    the schedule's by default. Raises ConfigError where the range is empty or past the schedule's end."""
+    total = scheduler.config.num_train_timesteps
+    high = total if high is None else high
+    if not 0 <= low < high <= total:
+        raise ConfigError(f"training.min_timestep: {low}, max_timestep: {high}: expected 0 <= min_timestep < "
+                          f"max_timestep <= {total} (this model's schedule has {total} timesteps)")
+    return low, high
+
+
+def sample_timesteps(scheduler, bsz: int, generator: torch.Generator | None, device,
+                     low: int = 0, high: int | None = None) -> torch.Tensor:
+    """Uniform over the training timesteps in [low, high) (default: every one, the last one, SNR 0 with zero terminal
+    SNR, included)."""
+    low, high = timestep_range(scheduler, low, high)
+    return torch.randint(low, high, (bsz,), generator=generator, device=device).long()
 
 
 @dataclass(frozen=True)
@@ -53,16 +69,79 @@ class NoiseSettings:
     sd-scripts draws it: ``offset`` adds one value per image and channel (crosslabs' offset noise);
     ``multires_iterations`` adds lower-resolution noise, each level ``multires_discount`` times the one before, then
     rescales to unit variance (pyramid noise); ``input_perturbation`` noises the latents with noise + γ·ξ while the
-    target stays the noise (input perturbation, arXiv 2301.11706)."""
+    target stays the noise (input perturbation, arXiv 2301.11706); the timesteps are drawn from [min_timestep,
+    max_timestep) (None: the schedule's end)."""
 
     offset: float = 0.0
     multires_iterations: int = 0
     multires_discount: float = 0.3
     input_perturbation: float = 0.0
+    min_timestep: int = 0
+    max_timestep: int | None = None
 
     @classmethod
     def of(cls, t) -> NoiseSettings:
-        return cls(t.noise_offset, t.multires_noise_iterations, t.multires_noise_discount, t.ip_noise_gamma)
+        return cls(t.noise_offset, t.multires_noise_iterations, t.multires_noise_discount, t.ip_noise_gamma,
+                   t.min_timestep, t.max_timestep)
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """How the prediction's error becomes the loss (training.loss_type, huber_*, min_snr_gamma,
+    debiased_estimation_loss), as kohya's sd-scripts computes it: ``kind`` l2 (the squared error), l1, huber or
+    smooth_l1; the Huber threshold per timestep by ``huber_schedule`` (snr, exponential, constant) from ``huber_c``
+    and ``huber_scale``; then each image's loss weighted by min-SNR-γ and/or debiased estimation."""
+
+    kind: str = "l2"
+    huber_schedule: str = "snr"
+    huber_c: float = 0.1
+    huber_scale: float = 1.0
+    min_snr_gamma: float | None = None
+    debiased: bool = False
+
+    @classmethod
+    def of(cls, t) -> LossSettings:
+        return cls(t.loss_type, t.huber_schedule, t.huber_c, t.huber_scale, t.min_snr_gamma,
+                   t.debiased_estimation_loss)
+
+    @property
+    def per_image(self) -> bool:
+        """Whether the loss is weighted per image (so reduced per image first)."""
+        return self.min_snr_gamma is not None or self.debiased
+
+
+def huber_threshold(scheduler, timesteps: torch.Tensor, settings: LossSettings) -> torch.Tensor:
+    """kohya's get_huber_threshold_if_needed: each timestep's Huber threshold. snr: (1 - c) / (1 + σ)² + c, σ =
+    sqrt((1 - ᾱ) / ᾱ), so 1 at low noise and c at high noise (huber_scale not applied, as kohya); exponential:
+    scale · exp(ln(c) · t / T), 1 at t = 0 and c at T; constant: c · scale."""
+    c = settings.huber_c
+    if settings.huber_schedule == "exponential":
+        total = scheduler.config.num_train_timesteps
+        return torch.exp(math.log(c) / total * timesteps.float()) * settings.huber_scale
+    if settings.huber_schedule == "snr":
+        alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+        sigmas = ((1.0 - alphas) / alphas) ** 0.5
+        return (1 - c) / (1 + sigmas) ** 2 + c
+    if settings.huber_schedule == "constant":
+        return torch.full(timesteps.shape, c * settings.huber_scale, device=timesteps.device)
+    raise ValueError(f"unknown huber_schedule {settings.huber_schedule!r}")
+
+
+def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, settings: LossSettings,
+                     threshold: torch.Tensor | None = None) -> torch.Tensor:
+    """kohya's conditional_loss with reduction none: (pred - target)², |pred - target|, 2c(sqrt(d² + c²) - c)
+    (huber) or 2(sqrt(d² + c²) - c) (smooth_l1), c each image's ``threshold``."""
+    if settings.kind == "l2":
+        return F.mse_loss(pred, target, reduction="none")
+    if settings.kind == "l1":
+        return F.l1_loss(pred, target, reduction="none")
+    c = threshold.view(-1, *([1] * (pred.ndim - 1))).to(pred.dtype)
+    smooth = 2 * (torch.sqrt((pred - target) ** 2 + c**2) - c)
+    if settings.kind == "huber":
+        return c * smooth
+    if settings.kind == "smooth_l1":
+        return smooth
+    raise ValueError(f"unknown loss_type {settings.kind!r}")
 
 
 def _pyramid(noise: torch.Tensor, iterations: int, discount: float, generator) -> torch.Tensor:
@@ -92,7 +171,7 @@ def draw_noise(scheduler, shape, generator: torch.Generator | None, device, dtyp
         noise = noise + settings.offset * offset
     if settings.multires_iterations:
         noise = _pyramid(noise, settings.multires_iterations, settings.multires_discount, generator)
-    timesteps = sample_timesteps(scheduler, shape[0], generator, device)
+    timesteps = sample_timesteps(scheduler, shape[0], generator, device, settings.min_timestep, settings.max_timestep)
     noised_with = noise
     if settings.input_perturbation:
         noised_with = noise + settings.input_perturbation * torch.randn(tuple(shape), generator=generator,
@@ -104,25 +183,26 @@ DEBIASED_SNR_CAP = 1000.0  # (kohya's apply_debiased_estimation: the SNR is clam
 
 
 def diffusion_loss(backend, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None,
-                   noise_settings: NoiseSettings | None = None, min_snr_gamma: float | None = None,
+                   noise_settings: NoiseSettings | None = None, loss_settings: LossSettings | None = None,
                    timesteps: torch.Tensor | None = None, scheduler=None, noise: torch.Tensor | None = None,
-                   sample_weights: torch.Tensor | None = None, noised_with: torch.Tensor | None = None,
-                   debiased: bool = False) -> torch.Tensor:
+                   sample_weights: torch.Tensor | None = None, noised_with: torch.Tensor | None = None) -> torch.Tensor:
     """The loss of one batch; ``timesteps`` and ``noise`` fixed (a test, the validation loss, a process's rows of
     the micro-batch's ``draw_noise``, whose third part is ``noised_with``) or else drawn with ``generator`` as
-    ``noise_settings`` say; ``scheduler``: the run's noise schedule (``zero_terminal_snr_schedule``), else the
-    backend's; ``sample_weights``: each image's weight (regularization images: training.prior_loss_weight), else all
-    1; ``debiased``: each timestep's loss weighted by 1/sqrt(SNR) (v: 1/(SNR+1); kohya's debiased_estimation_loss,
-    arXiv 2310.08442)."""
+    ``noise_settings`` say; ``loss_settings``: the error's form and weighting (default: the mean squared error);
+    ``scheduler``: the run's noise schedule (``zero_terminal_snr_schedule``), else the backend's; ``sample_weights``:
+    each image's weight (regularization images: training.prior_loss_weight), else all 1. Debiased estimation
+    weights by 1/sqrt(SNR) (v: 1/(SNR+1); kohya's debiased_estimation_loss, arXiv 2310.08442)."""
     scheduler = backend.noise_scheduler if scheduler is None else scheduler
+    ls = loss_settings or LossSettings()
+    ns = noise_settings or NoiseSettings()
     bsz = latents.shape[0]
     if noise is None and timesteps is None:
         noise, timesteps, noised_with = draw_noise(scheduler, latents.shape, generator, latents.device,
-                                                   latents.dtype, noise_settings)
+                                                   latents.dtype, ns)
     if noise is None:
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     if timesteps is None:
-        timesteps = sample_timesteps(scheduler, bsz, generator, latents.device)
+        timesteps = sample_timesteps(scheduler, bsz, generator, latents.device, ns.min_timestep, ns.max_timestep)
     noisy = scheduler.add_noise(latents, noise if noised_with is None else noised_with, timesteps)
 
     if backend.prediction_type == "epsilon":
@@ -133,23 +213,24 @@ def diffusion_loss(backend, latents: torch.Tensor, cond: torch.Tensor, generator
         raise ValueError(f"unknown prediction type {backend.prediction_type!r}")
 
     pred = backend.predict(noisy, timesteps, cond)
-    if min_snr_gamma is None and sample_weights is None and not debiased:
+    if ls.kind == "l2" and not ls.per_image and sample_weights is None:
         return F.mse_loss(pred.float(), target.float(), reduction="mean")
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+    threshold = huber_threshold(scheduler, timesteps, ls) if ls.kind in ("huber", "smooth_l1") else None
+    loss = elementwise_loss(pred.float(), target.float(), ls, threshold)
     loss = loss.mean(dim=list(range(1, loss.ndim)))
+    if sample_weights is not None:  # (before the SNR weights, as kohya applies them; a product either way)
+        loss = loss * sample_weights.to(loss.dtype)
     v = backend.prediction_type != "epsilon"
-    if min_snr_gamma is not None or debiased:
+    if ls.per_image:
         from diffusers.training_utils import compute_snr
 
         snr = compute_snr(scheduler, timesteps)
-    if min_snr_gamma is not None:
+    if ls.min_snr_gamma is not None:
         # Min-SNR weighting, https://arxiv.org/abs/2303.09556 (as in the diffusers examples); the v form
         # min(snr, γ) / (snr + 1) is 0, not NaN, at SNR 0
-        weights = torch.clamp(snr, max=min_snr_gamma)
+        weights = torch.clamp(snr, max=ls.min_snr_gamma)
         loss = loss * (weights / (snr + 1) if v else weights / snr)
-    if debiased:  # (after min-SNR where both are on, as kohya applies them)
+    if ls.debiased:  # (after min-SNR where both are on, as kohya applies them)
         capped = torch.clamp(snr, max=DEBIASED_SNR_CAP)
         loss = loss * (1 / (capped + 1) if v else 1 / torch.sqrt(capped))
-    if sample_weights is not None:
-        loss = loss * sample_weights.to(loss.dtype)
     return loss.mean()

@@ -316,7 +316,7 @@ def _trace(cfg, configs: dict, device: torch.device, precision: str, samples: bo
     """One micro-batch of the run (set up by engine.run's own functions) on fake tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from lora_trainer.engine.loss import NoiseSettings, diffusion_loss
+    from lora_trainer.engine.loss import LossSettings, NoiseSettings, diffusion_loss
     from lora_trainer.engine.run import add_lora_layers, prepare_backend
     from lora_trainer.models.diffusers_backend import DiffusersBackend
     from lora_trainer.models.factory import DTYPES
@@ -362,8 +362,7 @@ def _trace(cfg, configs: dict, device: torch.device, precision: str, samples: bo
                         cond = backend.encode_prompts([CAPTION] * b)
                     if backend.uses_time_ids:
                         cond = cond.with_time_ids(torch.zeros(b, 6, device=device))
-                    loss = diffusion_loss(backend, latents, cond, None, NoiseSettings.of(t),
-                                          min_snr_gamma=t.min_snr_gamma, debiased=t.debiased_estimation_loss)
+                    loss = diffusion_loss(backend, latents, cond, None, NoiseSettings.of(t), LossSettings.of(t))
                 loss.backward()
                 del loss, cond, latents
             step, ops, step_flops = live.peak, live.ops, live.flops

@@ -34,7 +34,13 @@ from lora_trainer.engine.lora import (
     trainable_state,
     uncastable_lora_layers,
 )
-from lora_trainer.engine.loss import NoiseSettings, diffusion_loss, draw_noise, zero_terminal_snr_schedule
+from lora_trainer.engine.loss import (
+    LossSettings,
+    NoiseSettings,
+    diffusion_loss,
+    draw_noise,
+    zero_terminal_snr_schedule,
+)
 from lora_trainer.engine.optim import build_optimizer, changed_since, lr_schedule
 from lora_trainer.engine.outputs import export_epoch_lora
 from lora_trainer.engine.preflight import duration_text
@@ -175,17 +181,16 @@ class Run:
                 cond = cond.with_time_ids(ids.to(self.device))
             if rows is None:
                 loss = diffusion_loss(backend, latents, cond, self.generator, NoiseSettings.of(t),
-                                      min_snr_gamma=t.min_snr_gamma, scheduler=self.noise_scheduler,
-                                      sample_weights=self._loss_weights(batch), debiased=t.debiased_estimation_loss)
+                                      LossSettings.of(t), scheduler=self.noise_scheduler,
+                                      sample_weights=self._loss_weights(batch))
             else:  # the noise and timesteps of the whole micro-batch, this process's rows of them
                 scheduler = backend.noise_scheduler if self.noise_scheduler is None else self.noise_scheduler
                 noise, timesteps, noised_with = draw_noise(scheduler, (batch["of"], *latents.shape[1:]),
                                                            self.generator, latents.device, latents.dtype,
                                                            NoiseSettings.of(t))
-                loss = diffusion_loss(backend, latents, cond, self.generator, min_snr_gamma=t.min_snr_gamma,
+                loss = diffusion_loss(backend, latents, cond, self.generator, loss_settings=LossSettings.of(t),
                                       scheduler=self.noise_scheduler, noise=noise[rows], timesteps=timesteps[rows],
-                                      sample_weights=self._loss_weights(batch), noised_with=noised_with[rows],
-                                      debiased=t.debiased_estimation_loss)
+                                      sample_weights=self._loss_weights(batch), noised_with=noised_with[rows])
         return loss, latents, cond
 
     def _loss_weights(self, batch) -> torch.Tensor | None:

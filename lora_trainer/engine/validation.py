@@ -2,11 +2,11 @@
 ``data.validation_dir``), every ``training.validation_every_n_steps`` and at the end.
 
 So the curve shows the model and not the dice, every evaluation uses the same inputs: each validation image at the
-same ``VALIDATION_TIMESTEPS`` timesteps spread over the schedule, with the same noise tensors (drawn once from a
-generator seeded with the run's seed), its latent (the cached one when latents are cached, else encoded with a
-generator seeded the same each time) and its caption's conditioning; the model in eval mode (no LoRA dropout), no
-noise offset; min-SNR weighting as in training. The training's own random streams are not touched, so a run trains
-the same LoRA with validation on or off.
+same ``VALIDATION_TIMESTEPS`` timesteps spread over the range training draws from (the schedule), with the same
+noise tensors (drawn once from a generator seeded with the run's seed), its latent (the cached one when latents are
+cached, else encoded with a generator seeded the same each time) and its caption's conditioning; the model in eval
+mode (no LoRA dropout), no noise offset; the training's loss form (loss_type, min-SNR, debiased weighting). The
+training's own random streams are not touched, so a run trains the same LoRA with validation on or off.
 """
 
 from __future__ import annotations
@@ -20,14 +20,15 @@ from lora_trainer.data.check import image_facts
 from lora_trainer.data.dataset import ImageDataset, collate, scan_dataset
 from lora_trainer.data.split import split_validation
 from lora_trainer.engine.cache import EncodedCache, LatentStore
-from lora_trainer.engine.loss import diffusion_loss
+from lora_trainer.engine.loss import LossSettings, diffusion_loss, timestep_range
 from lora_trainer.engine.run_dir import latent_cache_dir
 from lora_trainer.engine.sampling import evaluating
 from lora_trainer.errors import DatasetError
 
 log = logging.getLogger(__name__)
 
-VALIDATION_TIMESTEPS = 4  # K: each image at timesteps T/8, 3T/8, 5T/8, 7T/8 (T = 1000: 125, 375, 625, 875)
+VALIDATION_TIMESTEPS = 4  # K: each image at timesteps T/8, 3T/8, 5T/8, 7T/8 (T = 1000: 125, 375, 625, 875; of a range
+# [a, b): a + (b - a)/8, ...)
 
 
 def validation_samples(cfg, scan):
@@ -81,9 +82,11 @@ class Validator:
     def due(self, step: int, total_steps: int) -> bool:
         return step >= total_steps or bool(self.every and step % self.every == 0)
 
-    def timesteps(self, scheduler) -> list[int]:
-        total = scheduler.config.num_train_timesteps
-        return [int((k + 0.5) * total / VALIDATION_TIMESTEPS) for k in range(VALIDATION_TIMESTEPS)]
+    @staticmethod
+    def timesteps(scheduler, low: int = 0, high: int | None = None) -> list[int]:
+        """The timesteps each image is evaluated at: spread evenly over the range training draws from."""
+        low, high = timestep_range(scheduler, low, high)
+        return [low + int((k + 0.5) * (high - low) / VALIDATION_TIMESTEPS) for k in range(VALIDATION_TIMESTEPS)]
 
     def _inputs(self, run, indices: torch.Tensor):
         """Latents and conditioning of the images ``indices``, the same at every evaluation."""
@@ -123,7 +126,8 @@ class Validator:
     def loss(self, run) -> float:
         """The mean loss over every validation image and timestep, with the model as it is now."""
         backend, device, n = run.backend, run.device, len(self.dataset)
-        scheduler, gamma = run.noise_scheduler or backend.noise_scheduler, run.cfg.training.min_snr_gamma
+        scheduler, t = run.noise_scheduler or backend.noise_scheduler, run.cfg.training
+        losses = LossSettings.of(t)  # (the training loss's form, so the two curves compare)
         total = 0.0
         batches = [torch.tensor(group[start:start + self.batch_size]) for group in self.dataset.groups()
                    for start in range(0, len(group), self.batch_size)]  # (a batch holds images of one bucket)
@@ -131,10 +135,10 @@ class Validator:
             for indices in batches:
                 latents, cond = self._inputs(run, indices)
                 noise = self._noise_for(indices, latents)
-                for k, t in enumerate(self.timesteps(scheduler)):
-                    timesteps = torch.full((len(indices),), t, dtype=torch.long, device=device)
+                for k, step in enumerate(self.timesteps(scheduler, t.min_timestep, t.max_timestep)):
+                    timesteps = torch.full((len(indices),), step, dtype=torch.long, device=device)
                     with run.autocast():
-                        loss = diffusion_loss(backend, latents, cond, None, min_snr_gamma=gamma, timesteps=timesteps,
+                        loss = diffusion_loss(backend, latents, cond, None, loss_settings=losses, timesteps=timesteps,
                                               scheduler=scheduler, noise=noise[:, k].to(device, latents.dtype))
                     total += loss.item() * len(indices)
         return total / (n * VALIDATION_TIMESTEPS)

@@ -139,6 +139,10 @@ def build_metadata(cfg, model: ModelFacts, run: RunFacts, extra: dict | None = N
         "ss_ip_noise_gamma": _s(t.ip_noise_gamma or None),
         "ss_debiased_estimation": _s(t.debiased_estimation_loss),
         "ss_min_snr_gamma": _s(t.min_snr_gamma),
+        "ss_loss_type": _s(t.loss_type),
+        "ss_huber_schedule": _s(t.huber_schedule),
+        "ss_huber_scale": _s(t.huber_scale),
+        "ss_huber_c": _s(t.huber_c),
         "ss_zero_terminal_snr": _s(cfg.model.zero_terminal_snr == "true"),
         "ss_fp8_base": _s(t.fp8_base),  # kohya's pair for "the UNet in float8, the text encoders as they are"
         "ss_fp8_base_unet": _s(t.fp8_base),
