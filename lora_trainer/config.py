@@ -79,6 +79,8 @@ class TrainingConfig:
     lora_alpha: float = 8.0
     lora_dropout: float = 0.1
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    conv_rank: int = 0  # >0: the UNet's ResNet blocks get LoRA too, 3x3 convolutions at this rank (kohya's conv_dim)
+    conv_alpha: float | None = None  # ...and this alpha (None: the same strength as the rest, lora_alpha / lora_rank)
     train_text_encoder: bool = False
     text_encoder_lr: float = 5e-5
     train_text_encoder_2: bool = False  # SDXL's second text encoder (CLIP ViT-bigG)
@@ -142,6 +144,11 @@ class TrainingConfig:
     def trains_text_encoders(self) -> bool:
         """Whether a text encoder gets LoRA layers (then captions are encoded every step, with gradients)."""
         return self.train_text_encoder or self.train_text_encoder_2
+
+    @property
+    def conv_lora_alpha(self) -> float:
+        """conv_alpha, or the alpha that gives the convolutions' LoRA the others' strength (alpha / rank)."""
+        return self.lora_alpha * self.conv_rank / self.lora_rank if self.conv_alpha is None else self.conv_alpha
 
     @property
     def text_encoder_2_learning_rate(self) -> float:
@@ -248,6 +255,8 @@ RANGES = {
     "caption_dropout_every_n_epochs": (0, None, False, False),
     "lora_rank": (1, 1024, False, False),
     "lora_alpha": (0, None, True, False),
+    "conv_rank": (0, 1024, False, False),
+    "conv_alpha": (0, None, True, False),
     "lora_dropout": (0, 1, False, True),
     "text_encoder_lr": (0, None, True, False),
     "text_encoder_2_lr": (0, None, True, False),
@@ -523,6 +532,9 @@ def _check_text_generation(values: dict[str, dict], errors: list[str]) -> None:
     if t.get("fp8_base") is True:
         errors.append("training.fp8_base: true is for image LoRAs (the UNet in float8); for a language model, "
                       "training.quantize_base: 4bit or 8bit keeps the frozen base quantized (bitsandbytes, CUDA)")
+    if t.get("conv_rank"):
+        errors.append(f"training.conv_rank: {t['conv_rank']} is for image LoRAs (a UNet's convolutions); a language "
+                      "model's LoRA takes training.target_modules; set conv_rank: 0")
     if not d.get("train_data_dir") and not d.get("metadata_path"):
         errors.append("data.train_data_dir (a folder of *.jsonl / *.json / *.csv / *.txt files) or data.metadata_path "
                       "(one such file) is required for model.task_type: text-generation")

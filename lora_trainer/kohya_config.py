@@ -80,7 +80,6 @@ ONLY = {
     "in_json": ((None, ""), "captions come from .txt/.caption sidecars or metadata.csv"),
     "vae": ((None, ""), "the model's own VAE is used"),
     "keep_tokens_separator": ((None, ""), "keep_tokens counts tags"),
-    "network_args": ((None, "", ()), "the modules are target_modules (a LoRA on convolutions: name them there)"),
     "lr_scheduler_type": ((None, ""), "lr_scheduler is one of this trainer's"),
     "lr_scheduler_args": ((None, "", ()), "lr_scheduler takes lr_scheduler_num_cycles and lr_scheduler_power"),
 }
@@ -122,6 +121,8 @@ def read_kohya(doc: dict, source: str) -> dict:
             if value not in (None, 75):
                 log.warning("%s: max_token_length = %r: a caption is one 75-token window here; longer captions are "
                             "cut (python -m lora_trainer check names them)", source, value)
+        elif key == "network_args":
+            errors += _network_args(value, out)
         elif key == "v_parameterization":
             if value is True:
                 out["prediction_type"] = "v_prediction"
@@ -188,6 +189,34 @@ def _sdxl_clip_skip(out: dict, source: str) -> None:
         log.warning("%s: kohya's clip_skip = %r is not used for an SDXL model (SDXL takes its text encoders' "
                     "penultimate layers by design; kohya's SDXL training ignores it too)", source, skip)
         out.pop("clip_skip")
+
+
+def _network_args(value, out: dict) -> list[str]:
+    """networks.lora's ``network_args = ["conv_dim=4", "conv_alpha=1"]``: conv_dim is conv_rank here (the UNet's
+    ResNet blocks get LoRA layers, their 3x3 convolutions at this rank), conv_alpha conv_alpha (kohya's default 1 with
+    conv_dim; without conv_dim kohya does not read it). Any other argument is refused by name."""
+    if value in (None, "", []):
+        return []
+    items = value if isinstance(value, list) else [value]
+    args, errors = {}, []
+    for item in items:
+        name, eq, arg = str(item).partition("=")
+        if not eq or not name.strip():
+            errors.append(f"kohya's network_args item {item!r}: expected name=value, e.g. \"conv_dim=4\"")
+        else:
+            args[name.strip()] = arg.strip()
+    for name in sorted(set(args) - {"conv_dim", "conv_alpha"}):
+        errors.append(f"kohya's network_args {name}={args[name]} is not trained here: of networks.lora's arguments "
+                      "only conv_dim and conv_alpha are (take it out)")
+    try:
+        rank = int(args["conv_dim"]) if "conv_dim" in args else 0
+        alpha = float(args.get("conv_alpha", 1.0))
+    except ValueError:
+        return errors + [f"kohya's network_args conv_dim={args.get('conv_dim')}, conv_alpha={args.get('conv_alpha')}: "
+                         "expected a whole number and a number"]
+    if rank:
+        out["conv_rank"], out["conv_alpha"] = rank, alpha
+    return errors
 
 
 def _learning_rates(doc: dict, out: dict) -> list[str]:

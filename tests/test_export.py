@@ -448,7 +448,7 @@ def test_the_trainers_export_passes_the_models_family(monkeypatch, tmp_path, fam
     scan = SimpleNamespace(samples=[], tag_frequencies=dict, folders=dict, root=tmp_path, reg_dirs={})
     plan = SimpleNamespace(total_steps=1, steps_per_epoch=1, epochs=1, effective_batch=1)
     outputs._kohya_file(tmp_path / "x.safetensors", {TEXT_ENCODER: te_q_v_state(1024)}, cfg, backend,
-                        {TEXT_ENCODER: None}, scan, 0.0, 1, plan, None)
+                        {TEXT_ENCODER: torch.nn.Module()}, scan, 0.0, 1, plan, None)
     assert added_attention(written, 1024) == ({"out"} if family == "sd_v1" else {"k", "out"})
 
 
@@ -469,3 +469,44 @@ def test_an_alpha_the_save_dtype_cannot_hold_keeps_the_trained_scale(dtype):
     # (eps: 2⁻¹⁰ fp16, 2⁻⁷ bf16, the rounding's bound half that; float32's own 4e-8 on 0.3 is left as it is)
     assert abs(bias) < max(torch.finfo(dtype).eps / 20, 1e-7), bias
     assert {t.dtype for t in tensors.values()} == {dtype}
+
+
+def test_a_conv_rank_lora_loads_as_trained_in_diffusers_and_the_webui_way(tmp_path, diffusers_loader):
+    """kohya's conv_dim (training.conv_rank): the ResNet blocks' 3x3 convolutions at their own rank and alpha, the
+    rest at lora_rank/lora_alpha; each file module carries its own alpha, and each loader gives the trained UNet."""
+    from lora_trainer.engine.lora import add_lora, lora_alphas, resnet_layers
+
+    unet = tiny_unet()
+    add_lora(unet, rank=4, alpha=2.0, dropout=0.0, target_modules=UNET_TARGETS,
+             layers=resnet_layers(unet, 4, 2.0, conv_rank=2, conv_alpha=3.0))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    x, t, cond = unet_inputs()
+    with torch.no_grad():
+        want = unet(x, t, cond).sample
+    alphas = lora_alphas(unet)
+    tensors = peft_to_kohya(peft_state(unet), "lora_unet_", 2.0, alphas=alphas)
+    conv = "lora_unet_down_blocks_0_resnets_0_conv1"
+    assert tensors[f"{conv}.lora_down.weight"].shape[:2] == (2, 32) and float(tensors[f"{conv}.alpha"]) == 3.0
+    assert float(tensors["lora_unet_down_blocks_0_resnets_0_time_emb_proj.alpha"]) == 2.0
+    kohya = save_kohya_lora(tmp_path / "k.safetensors", tensors, metadata(rank=4, alpha=2.0, conv_rank=2,
+                                                                          conv_alpha=3.0))
+    diffusers_file = save_diffusers_lora(tmp_path / "diffusers", peft_state(unet), rank=4, alpha=2.0,
+                                         unet_alphas=alphas)
+    for name, lora_file in [("kohya", kohya), ("diffusers", diffusers_file)]:
+        base, got = outputs_before_and_after(lora_file, lambda pipe: pipe.unet(x, t, cond).sample)
+        assert not torch.allclose(base, want, atol=1e-3), "the LoRA changes nothing: the test could not fail"
+        torch.testing.assert_close(got, want, **TOL, msg=lambda m, name=name: f"{name} file: {m}")
+
+    fresh = tiny_unet()  # (A1111: W += up @ down * alpha / dim, dim = down's rows, per module)
+    layers = {"lora_unet_" + n.replace(".", "_"): m for n, m in fresh.named_modules() if n}
+    with torch.no_grad():
+        for name in {k.split(".")[0] for k in tensors}:
+            down, up = tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"]
+            weight = layers[name].weight
+            updown = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)  # (a 1x1 up after a k x k down)
+            weight += updown * (tensors[f"{name}.alpha"].item() / down.shape[0])
+        torch.testing.assert_close(fresh(x, t, cond).sample, want, **TOL)

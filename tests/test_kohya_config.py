@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 
@@ -80,6 +81,7 @@ huber_schedule = "exponential"
 huber_c = 0.2
 min_timestep = 100
 max_timestep = 900
+network_args = ["conv_dim=4", "conv_alpha=2"]
 """
 
 
@@ -107,6 +109,9 @@ def test_a_kohya_gui_config_is_read_in_kohyas_terms(tmp_path, caplog):
     assert cfg.model.prediction_type == "auto" and cfg.output.sample_every_n_epochs == 0  # (no prompts: as kohya)
     assert (t.loss_type, t.huber_schedule, t.huber_c, t.min_timestep, t.max_timestep) == ("smooth_l1", "exponential",
                                                                                             0.2, 100, 900)
+    assert (t.conv_rank, t.conv_alpha) == (4, 2.0)
+    default_alpha = load_config(write(tmp_path, 'train_data_dir = "DATA"\nnetwork_args = ["conv_dim=8"]\n'))
+    assert (default_alpha.training.conv_rank, default_alpha.training.conv_alpha) == (8, 1.0)  # (kohya's default)
     said = caplog.text
     assert "kohya's xformers = True: attention is PyTorch's SDPA" in said
     assert "max_token_length = 225: a caption is one 75-token window here" in said
@@ -140,14 +145,15 @@ def test_kohyas_learning_rates(tmp_path, lines, want):
 def test_kohya_settings_that_would_train_otherwise_are_refused_together(tmp_path):
     """Each named with what this trainer does instead, before anything loads."""
     path = write(tmp_path, 'train_data_dir = "DATA"\nnetwork_module = "lycoris.kohya"\nsave_model_as = "ckpt"\n'
-                           'masked_loss = true\ncolor_aug = true\nnetwork_args = ["conv_dim=4"]\nunet_lr = 0\n'
+                           'masked_loss = true\ncolor_aug = true\nnetwork_args = ["conv_dim=4", "block_dims=2,2"]\n'
+                           'unet_lr = 0\n'
                            'caption_separator = ","\nmultires_noise_iterations = 0\n')
     with pytest.raises(ConfigError) as e:
         load_config(path)
     message = str(e.value)
     assert message.startswith(f"{path} (read as kohya's sd-scripts config): 6 problems:")
     for key in ("network_module = 'lycoris.kohya'", "save_model_as = 'ckpt'", "masked_loss = True",
-                "color_aug = True", "network_args = ['conv_dim=4']", "unet_lr = 0"):
+                "color_aug = True", "network_args block_dims=2,2", "unet_lr = 0"):
         assert f"kohya's {key}" in message, key
     assert "caption_separator" not in message and "multires" not in message  # (the values that train as here)
 
@@ -196,6 +202,12 @@ def test_a_kohya_gui_config_trains(tmp_path, monkeypatch, capsys):
     assert (meta["ss_multires_noise_iterations"], meta["ss_ip_noise_gamma"], meta["ss_debiased_estimation"]) == (
         "6", "0.05", "True")
     assert (meta["ss_loss_type"], meta["ss_huber_schedule"], meta["ss_huber_c"]) == ("smooth_l1", "exponential", "0.2")
+    with safe_open(str(tmp_path / "out" / "gui_style.safetensors"), "pt") as f:  # (kohya's conv_dim: LoCon layers)
+        conv = "lora_unet_down_blocks_0_resnets_0_conv1"
+        assert f.get_tensor(f"{conv}.lora_down.weight").shape[:1] == (4,) and float(f.get_tensor(f"{conv}.alpha")) == 2
+        assert f.get_tensor(f"{conv}.lora_down.weight").ndim == 4
+        assert float(f.get_tensor("lora_unet_down_blocks_0_resnets_0_time_emb_proj.alpha")) == 8  # (network_alpha)
+    assert json.loads(meta["ss_network_args"])["conv_dim"] == "4"
     assert "finished:" in capsys.readouterr().out
 
 
@@ -221,8 +233,12 @@ def test_a_kohya_file_for_sdxl_trains_both_text_encoders(tmp_path, monkeypatch):
     make_demo_dataset(tmp_path / "data", n=2, resolution=64)
     path = write(tmp_path, 'pretrained_model_name_or_path = "tiny-sdxl"\ntrain_data_dir = "DATA"\nresolution = 64\n'
                            'output_dir = "OUT"\noutput_name = "xl"\nmax_train_steps = 1\nunet_lr = 1e-4\n'
-                           'text_encoder_lr = [1e-5, 2e-5]\nmixed_precision = "no"\n')
+                           'text_encoder_lr = [1e-5, 2e-5]\nmixed_precision = "no"\nnetwork_args = ["conv_dim=2"]\n')
     assert main(["train", "-c", str(path)]) == 0
     with safe_open(str(tmp_path / "out" / "xl.safetensors"), "pt") as f:
         prefixes = {k.split("_")[0] + "_" + k.split("_")[1] for k in f.keys()}
+        names = {k.split(".")[0] for k in f.keys()}
     assert {"lora_unet", "lora_te1", "lora_te2"} <= prefixes
+    assert any(n.endswith("_in_layers_2") for n in names) and any(n.endswith("_out_layers_3") for n in names)
+    assert all(n.startswith(("lora_unet_input_blocks", "lora_unet_middle_block", "lora_unet_output_blocks",
+                             "lora_te1_", "lora_te2_")) for n in names), names  # (kohya's SDXL LDM names)

@@ -233,3 +233,31 @@ def test_compiled_runs_in_one_webui_session_each_compile_and_free_their_layers(s
             del backend
             gc.collect()
             assert not any(ref() for ref in old_layers), "compiled graphs hold the LoRA layers of a finished run"
+
+
+def test_conv_rank_trains_the_webui_models_resblocks_and_the_file_reproduces_it(setup, tmp_path):
+    """training.conv_rank (kohya's conv_dim) on the CompVis UNet: its ResBlocks' and samplers' 3x3 convolutions at
+    their own rank and alpha (in_layers.2, out_layers.3, op, conv), emb_layers.1 and the 1x1 skips at lora_rank; the
+    file applied the WebUI's way (W += up·down·alpha/rank, a 1x1 up after a 3x3 down) gives the trained model."""
+    sd_model, backend, data = setup
+    result = train(make_cfg(data, tmp_path / "out", conv_rank=2, conv_alpha=1.0), backend=backend, progress=False)
+    cond_lora, out_lora = fixed_outputs(sd_model)
+    tensors, meta = read_kohya_lora(result.lora_path)
+    names = {k.split(".")[0] for k in tensors}
+    conv = "lora_unet_input_blocks_1_0_in_layers_2"
+    assert tensors[f"{conv}.lora_down.weight"].shape[0] == 2 and tensors[f"{conv}.lora_down.weight"].ndim == 4
+    assert float(tensors[f"{conv}.alpha"]) == 1.0
+    assert float(tensors["lora_unet_input_blocks_1_0_emb_layers_1.alpha"]) == 4.0  # (lora_alpha)
+    assert any(n.endswith("_op") for n in names) and any(n.endswith("_skip_connection") for n in names)
+    assert float(tensors[f"{conv}.lora_up.weight"].abs().sum()) > 0, "the convolutions' LoRA did not train"
+
+    remove_lora(sd_model.model.diffusion_model)
+    layers = webui_layer_names(sd_model)
+    with torch.no_grad():
+        for n in names:
+            down, up = tensors[f"{n}.lora_down.weight"], tensors[f"{n}.lora_up.weight"]
+            weight = layers[webui_lookup(n)].weight
+            weight += (up.flatten(1) @ down.flatten(1)).reshape(weight.shape) * (
+                tensors[f"{n}.alpha"].item() / down.shape[0])
+    _, out = fixed_outputs(sd_model)
+    torch.testing.assert_close(out, out_lora, atol=1e-5, rtol=1e-4)

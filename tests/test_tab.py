@@ -151,6 +151,13 @@ def test_prodigy_regularization_and_optimizer_arguments_from_the_tab(tmp_path):
     assert tab.build_config(settings_host, str(tmp_path), "x", "Style (defaults)", None,
                             {**shown, "learning_rate": 2e-4}).training.learning_rate == 2e-4  # (AdamW: the rate)
 
+    t = build(conv_rank=8, loss_type="huber", multires_noise_iterations=6, ip_noise_gamma=0.05,
+              debiased_estimation_loss=True, lr_scheduler="cosine_with_restarts", lr_scheduler_num_cycles=3).training
+    assert (t.conv_rank, t.conv_lora_alpha, t.loss_type, t.multires_noise_iterations, t.ip_noise_gamma) == (
+        8, base.training.lora_alpha, "huber", 6, 0.05)  # (conv_alpha: the rest's strength, alpha 8 / rank 8)
+    assert t.debiased_estimation_loss and t.lr_scheduler_num_cycles == 3
+    assert build(conv_rank=0).training.conv_rank == 0 and build().training.loss_type == "l2"
+
     args = build(optimizer="adafactor", optimizer_args="scale_parameter=False warmup_init=False beta1=0.9").training
     assert args.optimizer_args == {"scale_parameter": False, "warmup_init": False, "beta1": 0.9}
     text = tab.field_default("optimizer_args", config_from_dict({"train_data_dir": "-", "optimizer_args": {

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import re
 
+import torch
 from torch import nn
 
 from lora_trainer.errors import ConfigError
@@ -45,18 +47,24 @@ def check_targets(module: nn.Module, target_modules: list[str], key: str) -> Non
 
 
 def add_lora(module: nn.Module, *, rank: int, alpha: float, dropout: float, target_modules: list[str],
-             key: str = "training.target_modules", custom_modules: dict | None = None) -> list[nn.Parameter]:
+             key: str = "training.target_modules", custom_modules: dict | None = None,
+             layers: dict[str, tuple[int, float]] | None = None) -> list[nn.Parameter]:
     """Inject LoRA layers into ``module`` (in place) and return the new trainable parameters.
 
     LoRA B starts at zero (peft's default), so the model's output is unchanged until training moves it.
     ``custom_modules``: layer class → peft LoRA layer class, for a host's own layer classes that are not torch's
     (Forge's Linear); peft's custom-module mapping (``LoraConfig._register_custom_module``, peft >= 0.12).
+    ``layers``: more layers by their whole path, each with its own (rank, alpha) (``resnet_layers``: kohya's
+    conv_dim), through peft's rank_pattern and alpha_pattern.
     """
     from peft import LoraConfig, inject_adapter_in_model
 
     check_targets(module, target_modules, key)
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-                        init_lora_weights=True)
+    layers = layers or {}
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                        target_modules=list(target_modules) + list(layers), init_lora_weights=True,
+                        rank_pattern={_pattern(path): r for path, (r, _) in layers.items()},
+                        alpha_pattern={_pattern(path): a for path, (_, a) in layers.items()})
     if custom_modules:
         config._register_custom_module(dict(custom_modules))
     inject_adapter_in_model(config, module, adapter_name=ADAPTER)
@@ -64,6 +72,46 @@ def add_lora(module: nn.Module, *, rank: int, alpha: float, dropout: float, targ
     for p in params:
         p.requires_grad_(True)
     return params
+
+
+def _pattern(path: str) -> str:
+    """A rank_pattern/alpha_pattern key that matches the layer ``path`` (``a.b.c``, two parts or more) alone, as peft
+    0.13 matches keys (``.*\\.{key}$``) and as later peft does (``(.*\\.)?({key})$``): the path after its first part,
+    that part pinned to the start by a lookbehind."""
+    first, _, rest = path.partition(".")
+    if not rest:
+        raise ValueError(f"{path!r}: a layer path of two parts or more")
+    return rf"(?<=^{re.escape(first)}\.){re.escape(rest)}"
+
+
+# the UNet blocks kohya's networks.lora gives LoRA layers with conv_dim (UNET_TARGET_REPLACE_MODULE_CONV2D_3X3), as
+# diffusers names them and as the WebUI's LDM/sgm UNets and Forge's do
+RESNET_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D", "ResBlock", "Downsample", "Upsample")
+
+
+def resnet_layers(unet: nn.Module, rank: int, alpha: float, conv_rank: int,
+                  conv_alpha: float) -> dict[str, tuple[int, float]]:
+    """kohya's networks.lora with conv_dim: every layer inside the UNet's ResNet blocks and down/upsamplers, by
+    path, with its (rank, alpha): a convolution with a larger kernel than 1×1 (conv1, conv2, the samplers' conv)
+    at ``conv_rank``/``conv_alpha``, a Linear or 1×1 convolution (time_emb_proj, conv_shortcut) at ``rank``/``alpha``.
+    A layer is told by its weight (2-D: Linear, 4-D: convolution), whatever its class (Forge's Linear is its own)."""
+    found, convs = {}, 0
+    for name, block in unet.named_modules():
+        if type(block).__name__ not in RESNET_BLOCKS:
+            continue
+        for child, layer in block.named_modules():
+            weight = getattr(layer, "weight", None)
+            if not child or next(layer.children(), None) is not None or not isinstance(weight, torch.Tensor):
+                continue
+            if weight.ndim == 4 and tuple(weight.shape[2:]) != (1, 1):
+                found[f"{name}.{child}"] = (conv_rank, conv_alpha)
+                convs += 1
+            elif weight.ndim in (2, 4):
+                found[f"{name}.{child}"] = (rank, alpha)
+    if not convs:
+        raise ConfigError(f"training.conv_rank: {conv_rank}: this UNet has no ResNet blocks with convolutions "
+                          f"({type(unet).__name__}); set conv_rank: 0")
+    return found
 
 
 def uncastable_lora_layers(modules) -> list[nn.Module]:
@@ -87,6 +135,12 @@ def lora_input_casts_off(layers: list[nn.Module]):
     finally:
         for layer in layers:
             layer.cast_input_dtype_enabled = True
+
+
+def lora_alphas(module: nn.Module) -> dict[str, float]:
+    """Each LoRA layer's alpha by its path, as peft holds it (rank_pattern/alpha_pattern give layers their own)."""
+    return {name: float(layer.lora_alpha[ADAPTER]) for name, layer in module.named_modules()
+            if isinstance(getattr(layer, "lora_alpha", None), dict) and ADAPTER in layer.lora_alpha}
 
 
 def lora_state_dict(module: nn.Module) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from lora_trainer.engine.lora import lora_state_dict
+from lora_trainer.engine.lora import lora_alphas, lora_state_dict
 from lora_trainer.export.diffusers_format import save_diffusers_lora
 from lora_trainer.export.kohya import peft_to_kohya, save_kohya_lora
 from lora_trainer.export.metadata import ModelFacts, RunFacts, build_metadata
@@ -63,7 +63,8 @@ def export_lora(run_dir: Path, cfg, backend, modules: dict, scan, started_at: fl
         diffusers_path = save_diffusers_lora(run_dir, states[UNET], states.get(TEXT_ENCODER),
                                              rank=t.lora_rank, alpha=t.lora_alpha,
                                              dtype=SAVE_DTYPES[out.save_precision],
-                                             text_encoder_2_state=states.get(TEXT_ENCODER_2))
+                                             text_encoder_2_state=states.get(TEXT_ENCODER_2),
+                                             unet_alphas=lora_alphas(modules[UNET]))
     return lora_path, diffusers_path
 
 
@@ -91,7 +92,7 @@ def _kohya_file(path: Path, states: dict, cfg, backend, modules: dict, scan, sta
         tensors.update(peft_to_kohya(state, backend.kohya_prefixes[name], t.lora_alpha,
                                     dtype=SAVE_DTYPES[out.save_precision],
                                     rename=lambda path, name=name: backend.kohya_module_path(name, path),
-                                    family=backend.family))
+                                    family=backend.family, alphas=lora_alphas(modules[name])))
     model = ModelFacts(backend.family, backend.prediction_type, backend.model_name, getattr(backend, "clip_skip", None))
     facts = RunFacts(steps=steps, max_train_steps=plan.total_steps, epoch=-(-steps // plan.steps_per_epoch),
                      num_epochs=plan.epochs, num_train_images=sum(s.repeats for s in scan.samples if not s.is_reg),

@@ -395,9 +395,10 @@ def _trace_key(cfg, configs, device, precision, samples) -> str:
     t, d = cfg.training, cfg.data
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return json.dumps([configs, str(device), gpu, precision, samples, d.resolution, t.batch_size,
-                       t.gradient_checkpointing, t.fp8_base, t.lora_rank, t.lora_dropout > 0, list(t.target_modules),
-                       t.train_text_encoder, t.train_text_encoder_2, list(t.text_encoder_target_modules), t.attention,
-                       t.channels_last, t.min_snr_gamma is not None, cfg.model.prediction_type],
+                       t.gradient_checkpointing, t.fp8_base, t.lora_rank, t.conv_rank, t.lora_dropout > 0,
+                       list(t.target_modules), t.train_text_encoder, t.train_text_encoder_2,
+                       list(t.text_encoder_target_modules), t.attention, t.channels_last, t.min_snr_gamma is not None,
+                       cfg.model.prediction_type],
                       sort_keys=True, default=str)
 
 

@@ -31,6 +31,7 @@ from lora_trainer.engine.lora import (
     add_lora,
     load_trainable_state,
     lora_input_casts_off,
+    resnet_layers,
     trainable_state,
     uncastable_lora_layers,
 )
@@ -372,10 +373,12 @@ def add_lora_layers(cfg: Config, backend) -> tuple[dict, list[dict]]:
     groups = []
     for name, module in modules.items():
         te = name != UNET
+        layers = resnet_layers(module, t.lora_rank, t.lora_alpha, t.conv_rank, t.conv_lora_alpha) if (
+            t.conv_rank and not te) else None  # (kohya's conv_dim: the UNet's ResNet blocks too)
         params = add_lora(module, rank=t.lora_rank, alpha=t.lora_alpha, dropout=t.lora_dropout,
                           target_modules=t.text_encoder_target_modules if te else t.target_modules,
                           key="training.text_encoder_target_modules" if te else "training.target_modules",
-                          custom_modules=getattr(backend, "lora_custom_modules", None))
+                          custom_modules=getattr(backend, "lora_custom_modules", None), layers=layers)
         cast_training_params(module, dtype=torch.float32)  # LoRA in fp32, frozen base in compute dtype
         groups.append({"params": params, "lr": lrs[name]})
         module.train()

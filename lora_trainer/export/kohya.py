@@ -59,7 +59,8 @@ def kohya_name(module_path: str, prefix: str) -> str:
 
 
 def peft_to_kohya(state_dict: dict, prefix: str, alpha: float, dtype: torch.dtype | None = None,
-                  rename: Callable[[str], str] | None = None, family: str | None = None) -> dict:
+                  rename: Callable[[str], str] | None = None, family: str | None = None,
+                  alphas: dict[str, float] | None = None) -> dict:
     """peft LoRA weights (from ``get_peft_model_state_dict``) → kohya tensors with the true ``alpha``.
 
     ``rename``: module path → the path the file names it by (``LdmUnetNames`` for an SDXL UNet). Text-encoder
@@ -74,12 +75,17 @@ def peft_to_kohya(state_dict: dict, prefix: str, alpha: float, dtype: torch.dtyp
     ``_open_clip_width``).
     An ``alpha`` that ``dtype`` cannot hold (0.3 in fp16: 0.30005, in bf16: 0.30078) is written as ``dtype`` holds it
     and each lora_up takes the rest (``alpha_tensor``), so the file's ``alpha / rank · up · down`` is the trained scale.
+    ``alphas``: module path → its alpha where it is not ``alpha`` (``engine.lora.lora_alphas``: kohya's conv_alpha).
     Raises ValueError on a key that is not a LoRA A/B weight, or a module without both A and B.
     """
-    written, factor = alpha_tensor(alpha, dtype or torch.float32)
+    held = {}  # alpha → (as the file holds it, lora_up's factor)
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
         module, ab = split_peft_key(key)
+        a = float((alphas or {}).get(module, alpha))
+        if a not in held:
+            held[a] = alpha_tensor(a, dtype or torch.float32)
+        written, factor = held[a]
         name = kohya_name(rename(module) if rename else module, prefix)
         target = f"{name}.{'lora_down' if ab == 'A' else 'lora_up'}.weight"
         if target in out:

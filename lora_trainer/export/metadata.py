@@ -108,7 +108,8 @@ def build_metadata(cfg, model: ModelFacts, run: RunFacts, extra: dict | None = N
         "ss_network_dim": _s(int(t.lora_rank)),
         "ss_network_alpha": _s(float(t.lora_alpha)),
         "ss_network_dropout": _s(t.lora_dropout),
-        "ss_network_args": json.dumps({"target_modules": list(t.target_modules)}),
+        "ss_network_args": json.dumps({"target_modules": list(t.target_modules), **(
+            {"conv_dim": str(t.conv_rank), "conv_alpha": str(t.conv_lora_alpha)} if t.conv_rank else {})}),
         "ss_base_model_version": base_model_version + ("_v" if v_pred and not sdxl else ""),
         "ss_v2": _s(base_model_version == "sd_v2"),
         "ss_v_parameterization": _s(v_pred),
@@ -133,16 +134,7 @@ def build_metadata(cfg, model: ModelFacts, run: RunFacts, extra: dict | None = N
         "ss_optimizer": _s(t.optimizer + (f"({','.join(f'{k}={v}' for k, v in t.optimizer_args.items())})"
                                           if t.optimizer_args else "")),  # (its arguments too, as kohya writes them)
         "ss_mixed_precision": _s(t.mixed_precision),
-        "ss_noise_offset": _s(t.noise_offset),
-        "ss_multires_noise_iterations": _s(t.multires_noise_iterations or None),  # (kohya: None when off)
-        "ss_multires_noise_discount": _s(t.multires_noise_discount),
-        "ss_ip_noise_gamma": _s(t.ip_noise_gamma or None),
-        "ss_debiased_estimation": _s(t.debiased_estimation_loss),
-        "ss_min_snr_gamma": _s(t.min_snr_gamma),
-        "ss_loss_type": _s(t.loss_type),
-        "ss_huber_schedule": _s(t.huber_schedule),
-        "ss_huber_scale": _s(t.huber_scale),
-        "ss_huber_c": _s(t.huber_c),
+        **_noise_and_loss_keys(t),
         "ss_zero_terminal_snr": _s(cfg.model.zero_terminal_snr == "true"),
         "ss_fp8_base": _s(t.fp8_base),  # kohya's pair for "the UNet in float8, the text encoders as they are"
         "ss_fp8_base_unet": _s(t.fp8_base),
@@ -165,6 +157,22 @@ def build_metadata(cfg, model: ModelFacts, run: RunFacts, extra: dict | None = N
         meta["modelspec.encoder_layer"] = _s(clip_skip)
     meta.update({k: _s(v) for k, v in (extra or {}).items()})
     return meta
+
+
+def _noise_and_loss_keys(t) -> dict[str, str]:
+    """kohya's keys of the training noise and the loss (engine.loss)."""
+    return {
+        "ss_noise_offset": _s(t.noise_offset),
+        "ss_multires_noise_iterations": _s(t.multires_noise_iterations or None),  # (kohya: None when off)
+        "ss_multires_noise_discount": _s(t.multires_noise_discount),
+        "ss_ip_noise_gamma": _s(t.ip_noise_gamma or None),
+        "ss_debiased_estimation": _s(t.debiased_estimation_loss),
+        "ss_min_snr_gamma": _s(t.min_snr_gamma),
+        "ss_loss_type": _s(t.loss_type),
+        "ss_huber_schedule": _s(t.huber_schedule),
+        "ss_huber_scale": _s(t.huber_scale),
+        "ss_huber_c": _s(t.huber_c),
+    }
 
 
 def _data_keys(d, bucket_info: dict | None) -> dict[str, str]:

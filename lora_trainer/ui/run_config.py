@@ -29,6 +29,7 @@ PRESETS = {
 # the advanced fields: (config key, label, kind, extra)
 ADVANCED = [
     ("lora_rank", "Rank", "number", None), ("lora_alpha", "Alpha", "number", None),
+    ("conv_rank", "Convolution rank (LoCon: the ResNet blocks' 3x3 convolutions too; 0 = off)", "number", None),
     ("lora_dropout", "Dropout", "number", None), ("learning_rate", "Learning rate", "number", None),
     ("text_encoder_lr", "Text encoder learning rate", "number", None),
     ("text_encoder_2_lr", "Second text encoder learning rate (0 = the text encoder's)", "number", None),
@@ -41,6 +42,7 @@ ADVANCED = [
     ("epochs", "Epochs", "number", None), ("max_train_steps", "Max steps (0 = use epochs)", "number", None),
     ("resolution", "Resolution", "number", None),
     ("lr_scheduler", "LR scheduler", "choice", list(CHOICES["lr_scheduler"])),
+    ("lr_scheduler_num_cycles", "LR cycles (cosine_with_restarts)", "number", None),
     ("lr_warmup_steps", "Warmup steps", "number", None), ("mixed_precision", "Mixed precision", "choice",
                                                           list(CHOICES["mixed_precision"])),
     ("gradient_checkpointing", "Gradient checkpointing (less memory)", "bool", None),
@@ -62,6 +64,10 @@ ADVANCED = [
     ("caption_tag_dropout_rate", "Tag dropout (each tag left out with this chance, e.g. 0.1)", "number", None),
     ("caption_dropout_rate", "Caption dropout (the whole caption left out with this chance)", "number", None),
     ("min_snr_gamma", "Min-SNR gamma (0 = off)", "number", None), ("noise_offset", "Noise offset", "number", None),
+    ("multires_noise_iterations", "Pyramid noise levels (0 = off; 6-10 usual)", "number", None),
+    ("ip_noise_gamma", "Input perturbation noise (0 = off; 0.05-0.1 usual)", "number", None),
+    ("loss_type", "Loss (huber / smooth_l1: an odd image pulls less)", "choice", list(CHOICES["loss_type"])),
+    ("debiased_estimation_loss", "Debiased estimation (weight each timestep's loss by 1/sqrt(SNR))", "bool", None),
     ("seed", "Seed", "number", None), ("save_steps", "Checkpoint every N steps (0 = off)", "number", None),
     ("validation_split", "Validation share of the images (0 = none; e.g. 0.1)", "number", None),
     ("validation_every_n_steps", "Validation loss every N steps (0 = at the end)", "number", None),
