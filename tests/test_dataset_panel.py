@@ -141,6 +141,12 @@ def test_the_check_shows_the_bucket_histogram(tmp_path):
     assert "aspect-ratio buckets (3;" in out[0] and "512×512</td><td>1<" in out[0]
     out = panel._handler(panel.run_check, extra_outputs=1)(None, *BLANK, str(tmp_path), 512, "", False)
     assert "aspect-ratio buckets" not in out[0]
+    reg = tmp_path.parent / f"{tmp_path.name}_reg"
+    reg.mkdir()
+    for k in range(2):
+        Image.new("RGB", (512, 512), (9, 9, 9 * k)).save(reg / f"r{k}.png")
+    out = panel._handler(panel.run_check, extra_outputs=1)(None, *BLANK, str(tmp_path), 512, "", True, str(reg))
+    assert f"regularization images of {reg.resolve()}: 2" in out[0].split("<ul>")[0]  # (in the header)
 
 
 def test_actions_before_loading_say_what_to_do():

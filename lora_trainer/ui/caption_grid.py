@@ -146,6 +146,8 @@ def report_html(report) -> str:
                      + (f"<div class='{P}fix'>fix: {html.escape(f.fix)}</div>" if f.fix else "") + "</li>")
     head = (f"{report.images} images · {report.count('error')} errors · {report.count('warning')} warnings · "
             f"{report.count('info')} notes")
+    if report.reg_root:  # (as the text report names them)
+        head += f" · regularization images of {report.reg_root}: {report.reg_images}"
     body = f"<ul>{''.join(items)}</ul>" if items else "<div>no problems found</div>"
     return f"<div class='{P}check'><div>{html.escape(head)}</div>{body}{buckets_html(report.buckets)}</div>"
 
