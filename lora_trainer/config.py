@@ -640,6 +640,15 @@ def _optimizer_defaults(t: dict) -> None:
                     "hardly at all", t["optimizer"], ", ".join(low), rate)
 
 
+def _same_setting(name: str, a, b) -> bool:
+    """Whether two values given for one setting are the same once read (``1e-4`` and ``0.0001``, ``"10"`` and
+    ``10``); a value that does not read is compared as written."""
+    if a == b:
+        return True
+    (ca, ea), (cb, eb) = _convert(name, a, name), _convert(name, b, name)
+    return ea is None and eb is None and ca == cb
+
+
 def config_from_dict(d: dict | None, source: str = "<config>",
                      given: dict[tuple[str | None, str], str] | None = None) -> Config:
     """Validate a parsed YAML document (nested, flat or mixed) and build the Config. ``given``: the keys the command
@@ -663,7 +672,7 @@ def config_from_dict(d: dict | None, source: str = "<config>",
             return
         if section and home != section:  # a known key in another section: taken, as the articles write them
             log.info("%s: read as %s.%s (it usually lives in section '%s')", where, home, name, home)
-        if (home, name) in origin and raw[home][name] != value:
+        if (home, name) in origin and not _same_setting(name, raw[home][name], value):
             errors.append(f"{home}.{name}: set twice with different values ({origin[(home, name)]}: "
                           f"{raw[home][name]!r}, {where}: {value!r}); keep one")
         elif (home, name) not in origin:

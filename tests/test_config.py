@@ -128,6 +128,9 @@ def test_the_same_setting_twice_is_an_error_only_with_different_values():
     msg = error_of({"train_data_dir": "x", "epochs": 3, "training": {"epochs": 4}})
     assert "training.epochs: set twice with different values ('epochs' at top level: 3, 'epochs' in training: 4)" in msg
     assert config_from_dict({"train_data_dir": "x", "epochs": 3, "training": {"epochs": 3}}).training.epochs == 3
+    same = config_from_dict({"train_data_dir": "x", "lr": "1e-4", "epochs": "3",
+                             "training": {"learning_rate": 0.0001, "epochs": 3}})  # (the same once read)
+    assert (same.training.learning_rate, same.training.epochs) == (1e-4, 3)
 
 
 ARTICLE_FLAT = """
