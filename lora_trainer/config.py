@@ -90,6 +90,7 @@ class TrainingConfig:
     epochs: int = 10
     max_train_steps: int | None = None
     learning_rate: float = 2e-4
+    loraplus_lr_ratio: float | None = None  # LoRA+: the B matrices learn this many times faster (kohya's; 16 usual)
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
     lr_scheduler_num_cycles: int = 1  # cosine_with_restarts: the number of cosines (1: cosine)
@@ -264,6 +265,7 @@ RANGES = {
     "epochs": (1, None, False, False),
     "max_train_steps": (1, None, False, False),
     "learning_rate": (0, None, True, False),
+    "loraplus_lr_ratio": (0, None, True, False),
     "lr_warmup_steps": (0, None, False, False),
     "lr_scheduler_num_cycles": (1, None, False, False),
     "lr_scheduler_power": (0, None, True, False),

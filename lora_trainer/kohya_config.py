@@ -194,7 +194,8 @@ def _sdxl_clip_skip(out: dict, source: str) -> None:
 def _network_args(value, out: dict) -> list[str]:
     """networks.lora's ``network_args = ["conv_dim=4", "conv_alpha=1"]``: conv_dim is conv_rank here (the UNet's
     ResNet blocks get LoRA layers, their 3x3 convolutions at this rank), conv_alpha conv_alpha (kohya's default 1 with
-    conv_dim; without conv_dim kohya does not read it). Any other argument is refused by name."""
+    conv_dim; without conv_dim kohya does not read it), loraplus_lr_ratio loraplus_lr_ratio (LoRA+). Any other
+    argument is refused by name."""
     if value in (None, "", []):
         return []
     items = value if isinstance(value, list) else [value]
@@ -205,17 +206,20 @@ def _network_args(value, out: dict) -> list[str]:
             errors.append(f"kohya's network_args item {item!r}: expected name=value, e.g. \"conv_dim=4\"")
         else:
             args[name.strip()] = arg.strip()
-    for name in sorted(set(args) - {"conv_dim", "conv_alpha"}):
+    for name in sorted(set(args) - {"conv_dim", "conv_alpha", "loraplus_lr_ratio"}):
         errors.append(f"kohya's network_args {name}={args[name]} is not trained here: of networks.lora's arguments "
-                      "only conv_dim and conv_alpha are (take it out)")
+                      "only conv_dim, conv_alpha and loraplus_lr_ratio are (take it out)")
     try:
         rank = int(args["conv_dim"]) if "conv_dim" in args else 0
         alpha = float(args.get("conv_alpha", 1.0))
+        plus = float(args["loraplus_lr_ratio"]) if "loraplus_lr_ratio" in args else None
     except ValueError:
-        return errors + [f"kohya's network_args conv_dim={args.get('conv_dim')}, conv_alpha={args.get('conv_alpha')}: "
-                         "expected a whole number and a number"]
+        return errors + [f"kohya's network_args {', '.join(f'{k}={v}' for k, v in args.items())}: conv_dim takes a "
+                         "whole number, conv_alpha and loraplus_lr_ratio a number"]
     if rank:
         out["conv_rank"], out["conv_alpha"] = rank, alpha
+    if plus:
+        out["loraplus_lr_ratio"] = plus
     return errors
 
 

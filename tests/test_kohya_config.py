@@ -242,3 +242,28 @@ def test_a_kohya_file_for_sdxl_trains_both_text_encoders(tmp_path, monkeypatch):
     assert any(n.endswith("_in_layers_2") for n in names) and any(n.endswith("_out_layers_3") for n in names)
     assert all(n.startswith(("lora_unet_input_blocks", "lora_unet_middle_block", "lora_unet_output_blocks",
                              "lora_te1_", "lora_te2_")) for n in names), names  # (kohya's SDXL LDM names)
+
+
+def test_loraplus_trains_the_b_matrices_at_the_ratio_and_resumes_only_with_it(tmp_path):
+    """kohya's network_args loraplus_lr_ratio (LoRA+): each part's B ("up") matrices in a group of their own at the
+    rate times the ratio; a resume with another ratio is refused before anything trains."""
+    from lora_trainer.config import config_from_dict
+    from lora_trainer.engine.run import add_lora_layers
+    from lora_trainer.engine.trainer import train
+    from lora_trainer.models.factory import load_backend
+
+    cfg = load_config(write(tmp_path, 'pretrained_model_name_or_path = "tiny-demo"\ntrain_data_dir = "DATA"\n'
+                                      'unet_lr = 1e-4\ntext_encoder_lr = 1e-5\n'
+                                      'network_args = ["loraplus_lr_ratio=16"]\n'))
+    assert cfg.training.loraplus_lr_ratio == 16
+    _, groups = add_lora_layers(cfg, load_backend(cfg))
+    assert [(g["name"], g["lr"]) for g in groups] == [("unet", 1e-4), ("unet B (LoRA+)", 1.6e-3),
+                                                      ("text_encoder", 1e-5), ("text_encoder B (LoRA+)", 1.6e-4)]
+    assert all(p.shape[1] == 4 for p in groups[1]["params"])  # (B: [out, rank] or [out, rank, 1, 1])
+    make_demo_dataset(tmp_path / "data", n=2, resolution=64)
+    run = {"train_data_dir": str(tmp_path / "data"), "resolution": 64, "output_dir": str(tmp_path / "out"),
+           "max_train_steps": 2, "save_steps": 1, "batch_size": 1, "mixed_precision": "no", "log_with": "none"}
+    result = train(config_from_dict({**run, "loraplus_lr_ratio": 16}), progress=False)
+    assert result.status == "finished"
+    with pytest.raises(ConfigError, match="loraplus_lr_ratio: 16.0 in the checkpoint, None now"):
+        train(config_from_dict({**run, "max_train_steps": 3, "resume_from_checkpoint": "latest"}), progress=False)

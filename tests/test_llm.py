@@ -366,8 +366,9 @@ def test_resume_is_bit_exact(base, tmp_path):
 
 
 def test_a_resume_refuses_another_optimizer_and_applies_a_changed_learning_rate(base, tmp_path, caplog):
+    """...to each parameter group: with LoRA+ (loraplus_lr_ratio), the B matrices' group at the ratio too."""
     data = write_rows(tmp_path / "data", color_rows())
-    cut = llm_config(base, data, tmp_path / "cut", batch_size=2, epochs=2)
+    cut = llm_config(base, data, tmp_path / "cut", batch_size=2, epochs=2, loraplus_lr_ratio=4)
     train_llm(config_from_dict(cut), callbacks=StopAt(2), progress=False)
     cut["training"].update(resume_from_checkpoint="latest", optimizer="adafactor")
     with pytest.raises(ConfigError, match="was trained with 'adamw' and this run has 'adafactor'"):
@@ -375,8 +376,9 @@ def test_a_resume_refuses_another_optimizer_and_applies_a_changed_learning_rate(
     cut["training"].update(optimizer="adamw", learning_rate=cut["training"]["learning_rate"] / 2)
     caplog.set_level(logging.INFO, logger="lora_trainer")
     assert train_llm(config_from_dict(cut), progress=False).status == "finished"
-    assert any("LoRA learning rate" in r.message and "resuming with the settings changed" in r.message
-               for r in caplog.records)
+    changed = [r.message for r in caplog.records if "resuming with the settings changed" in r.message]
+    assert len(changed) == 1 and "LoRA learning rate 0.01 → 0.005" in changed[0], changed
+    assert "LoRA B (LoRA+) learning rate 0.04 → 0.02" in changed[0], changed
 
 
 def test_sample_prompts_are_answered_while_training_without_changing_it(base, tmp_path):

@@ -157,6 +157,7 @@ def test_prodigy_regularization_and_optimizer_arguments_from_the_tab(tmp_path):
         8, base.training.lora_alpha, "huber", 6, 0.05)  # (conv_alpha: the rest's strength, alpha 8 / rank 8)
     assert t.debiased_estimation_loss and t.lr_scheduler_num_cycles == 3
     assert build(conv_rank=0).training.conv_rank == 0 and build().training.loss_type == "l2"
+    assert build(loraplus_lr_ratio=16).training.loraplus_lr_ratio == 16 and build().training.loraplus_lr_ratio is None
 
     args = build(optimizer="adafactor", optimizer_args="scale_parameter=False warmup_init=False beta1=0.9").training
     assert args.optimizer_args == {"scale_parameter": False, "warmup_init": False, "beta1": 0.9}

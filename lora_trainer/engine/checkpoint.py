@@ -197,7 +197,7 @@ def remove_leftovers(run_dir: Path) -> None:
 CAPTION_SETTINGS = ("shuffle_caption", "keep_tokens", "caption_tag_dropout_rate", "caption_dropout_rate",
                     "caption_dropout_every_n_epochs")  # (data.augment)
 MUST_MATCH = ("lora_rank", "lora_alpha", "target_modules", "train_text_encoder", "text_encoder_target_modules",
-              "train_text_encoder_2", "conv_rank", "conv_alpha")
+              "train_text_encoder_2", "conv_rank", "conv_alpha", "loraplus_lr_ratio")
 # ...and what decides the data order, the step count, the pixels and the base weights (fp8_base rounds them) (else it
 # continues, but not as one run would); a checkpoint without fast_jpeg_decode, weighted_captions, train_text_encoder_2
 # or fp8_base is from before they existed, when every image decoded fully, captions were read as written, one text
@@ -213,7 +213,8 @@ BEFORE = {"fast_jpeg_decode": False, "weighted_captions": False, "train_text_enc
           "zero_terminal_snr": "false", "fp8_base": False, "enable_bucket": False, "min_bucket_reso": None,
           "max_bucket_reso": None, "bucket_reso_steps": 64, "bucket_no_upscale": False, "random_crop": False,
           "shuffle_caption": False, "keep_tokens": 0, "caption_tag_dropout_rate": 0.0, "caption_dropout_rate": 0.0,
-          "caption_dropout_every_n_epochs": 0, "world_size": 1, "clip_skip": 1, "conv_rank": 0, "conv_alpha": None}
+          "caption_dropout_every_n_epochs": 0, "world_size": 1, "clip_skip": 1, "conv_rank": 0, "conv_alpha": None,
+          "loraplus_lr_ratio": None}
 
 
 def run_settings(training, num_images: int, total_steps: int, data, model, world_size: int = 1,

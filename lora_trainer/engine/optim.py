@@ -57,6 +57,23 @@ def _class(name: str):
     return torch.optim.AdamW
 
 
+def lora_groups(named_params, lr: float, name: str, plus_ratio: float | None = None) -> list[dict]:
+    """The parameter groups of one model part's trainable LoRA weights (``named_params``: (name, parameter) pairs),
+    each group named for messages: one at ``lr``; with ``plus_ratio`` (training.loraplus_lr_ratio, LoRA+ arXiv
+    2402.12354, kohya's loraplus_lr_ratio) two, the B ("up") matrices at ``lr × plus_ratio``."""
+    params = [(n, p) for n, p in named_params if p.requires_grad]
+    if not plus_ratio:
+        return [{"params": [p for _, p in params], "lr": lr, "name": name}]
+    up = [p for n, p in params if "lora_B" in n]
+    return [{"params": [p for n, p in params if "lora_B" not in n], "lr": lr, "name": name},
+            {"params": up, "lr": lr * plus_ratio, "name": f"{name} B (LoRA+)"}]
+
+
+def group_names(optimizer) -> list[str]:
+    """Each parameter group's name (``lora_groups``), or its place."""
+    return [g.get("name", f"group {k}") for k, g in enumerate(optimizer.param_groups)]
+
+
 def build_optimizer(t, param_groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
     """The optimizer of ``training.optimizer`` over ``param_groups`` (each with its ``lr``): the training section's
     betas, epsilon and weight decay where it takes them, ``training.optimizer_args`` over them."""

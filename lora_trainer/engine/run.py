@@ -42,7 +42,7 @@ from lora_trainer.engine.loss import (
     draw_noise,
     zero_terminal_snr_schedule,
 )
-from lora_trainer.engine.optim import build_optimizer, changed_since, lr_schedule
+from lora_trainer.engine.optim import build_optimizer, changed_since, group_names, lora_groups, lr_schedule
 from lora_trainer.engine.outputs import export_epoch_lora
 from lora_trainer.engine.preflight import duration_text
 from lora_trainer.engine.run_dir import latent_cache_dir
@@ -365,7 +365,7 @@ def trained_modules(cfg: Config, backend) -> dict:
 
 def add_lora_layers(cfg: Config, backend) -> tuple[dict, list[dict]]:
     """LoRA layers into the UNet (and each text encoder that trains); returns them and the parameter groups,
-    each text encoder with its own learning rate."""
+    each text encoder with its own learning rate (with LoRA+, each part's B matrices in a group of their own)."""
     t = cfg.training
     modules = trained_modules(cfg, backend)
     lrs = {UNET: t.learning_rate, TEXT_ENCODER: t.text_encoder_lr, TEXT_ENCODER_2: t.text_encoder_2_learning_rate}
@@ -380,7 +380,9 @@ def add_lora_layers(cfg: Config, backend) -> tuple[dict, list[dict]]:
                           key="training.text_encoder_target_modules" if te else "training.target_modules",
                           custom_modules=getattr(backend, "lora_custom_modules", None), layers=layers)
         cast_training_params(module, dtype=torch.float32)  # LoRA in fp32, frozen base in compute dtype
-        groups.append({"params": params, "lr": lrs[name]})
+        lora = {id(p) for p in params}
+        groups += lora_groups(((n, p) for n, p in module.named_parameters() if id(p) in lora), lrs[name], name,
+                              t.loraplus_lr_ratio)
         module.train()
     return modules, groups
 
@@ -421,10 +423,10 @@ def resume(run: Run, restored: ckpt.Restored, resume_from: Path) -> None:
     """A checkpoint's LoRA weights, optimizer, schedule, scaler, RNG and step into ``run``."""
     load_trainable_state(run.modules, {k: v.to(run.device) for k, v in restored.weights.items()})
     configured = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
-    lrs = list(run.lr_scheduler.base_lrs)
+    names, lrs = group_names(run.optimizer), list(run.lr_scheduler.base_lrs)
     run.optimizer.load_state_dict(restored.state["optimizer"])
     run.lr_scheduler.load_state_dict(restored.state["lr_scheduler"])
-    changed = changed_since(run.optimizer, run.lr_scheduler, list(run.modules), configured, lrs,
+    changed = changed_since(run.optimizer, run.lr_scheduler, names, configured, lrs,
                             restored.info.get("settings", {}), run.cfg.training.optimizer_args)
     if changed:
         log.info("resuming with the settings changed since the checkpoint: %s", "; ".join(changed))

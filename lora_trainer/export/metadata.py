@@ -109,7 +109,8 @@ def build_metadata(cfg, model: ModelFacts, run: RunFacts, extra: dict | None = N
         "ss_network_alpha": _s(float(t.lora_alpha)),
         "ss_network_dropout": _s(t.lora_dropout),
         "ss_network_args": json.dumps({"target_modules": list(t.target_modules), **(
-            {"conv_dim": str(t.conv_rank), "conv_alpha": str(t.conv_lora_alpha)} if t.conv_rank else {})}),
+            {"conv_dim": str(t.conv_rank), "conv_alpha": str(t.conv_lora_alpha)} if t.conv_rank else {}), **(
+            {"loraplus_lr_ratio": str(t.loraplus_lr_ratio)} if t.loraplus_lr_ratio else {})}),
         "ss_base_model_version": base_model_version + ("_v" if v_pred and not sdxl else ""),
         "ss_v2": _s(base_model_version == "sd_v2"),
         "ss_v_parameterization": _s(v_pred),

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from lora_trainer.engine import checkpoint as ckpt
 from lora_trainer.engine.events import CallbackList, StepInfo
-from lora_trainer.engine.optim import changed_since
+from lora_trainer.engine.optim import changed_since, group_names
 from lora_trainer.errors import LoraTrainerError
 from lora_trainer.llm.data import IGNORE, Example, batches_per_epoch, collate, epoch_batches, target_tokens
 from lora_trainer.llm.generate import chat_prompt, generate
@@ -240,10 +240,10 @@ class LlmRun:
         it had never stopped."""
         load_trainable_state(self.model, restored.weights)
         configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        lrs = list(self.lr_scheduler.base_lrs)
+        names, lrs = group_names(self.optimizer), list(self.lr_scheduler.base_lrs)
         self.optimizer.load_state_dict(restored.state["optimizer"])
         self.lr_scheduler.load_state_dict(restored.state["lr_scheduler"])
-        changed = changed_since(self.optimizer, self.lr_scheduler, ["LoRA"], configured, lrs,
+        changed = changed_since(self.optimizer, self.lr_scheduler, names, configured, lrs,
                                 restored.info.get("settings", {}), self.cfg.training.optimizer_args)
         if changed:
             log.info("resuming with the settings changed since the checkpoint: %s", "; ".join(changed))

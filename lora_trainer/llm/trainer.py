@@ -18,7 +18,7 @@ from lora_trainer.config import Config, resolve_mixed_precision, save_config
 from lora_trainer.engine import checkpoint as ckpt
 from lora_trainer.engine.events import CallbackList, Callbacks
 from lora_trainer.engine.interrupt import CtrlC, tensorboard_writer
-from lora_trainer.engine.optim import build_optimizer, check_optimizer, lr_schedule
+from lora_trainer.engine.optim import build_optimizer, check_optimizer, lora_groups, lr_schedule
 from lora_trainer.engine.output_checks import check_output
 from lora_trainer.engine.run_dir import dropped_on_error, holds_a_run, prepare_run_dir, remove_run, run_log_file
 from lora_trainer.errors import ConfigError, LoraTrainerError
@@ -121,7 +121,7 @@ def _prepare(cfg: Config, model_config: dict) -> _Prepared:
                 "seed": t.seed, "num_images": len(examples), "total_steps": plan.total_steps,
                 "max_seq_length": d.max_seq_length, "packing": d.packing, "train_on_prompt": d.train_on_prompt,
                 "quantize_base": t.quantize_base, "optimizer": t.optimizer, "optimizer_args": dict(t.optimizer_args),
-                "learning_rates": [t.learning_rate]}
+                "loraplus_lr_ratio": t.loraplus_lr_ratio}
     return _Prepared(model_config, tok, examples, held, plan, list(targets), settings, quantization, tuple(prompts),
                      any(r.messages is not None for r in train_rows))
 
@@ -200,7 +200,9 @@ def _set_up(cfg: Config, prepared: _Prepared, run_dir: Path, log_dir: Path, call
     model = add_lora(model, t, prepared.targets)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(t, [{"params": trainable, "lr": t.learning_rate}], device)
+    groups = lora_groups(model.named_parameters(), t.learning_rate, "LoRA", t.loraplus_lr_ratio)
+    prepared.settings["learning_rates"] = [g["lr"] for g in groups]  # (a resume applies the ones changed since)
+    optimizer = build_optimizer(t, groups, device)
     scheduler = lr_schedule(t, optimizer, prepared.plan.total_steps)
     save_config(cfg, run_dir / "config.yaml")
     plan = prepared.plan

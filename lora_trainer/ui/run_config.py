@@ -32,6 +32,8 @@ ADVANCED = [
     ("conv_rank", "Convolution rank (LoCon: the ResNet blocks' 3x3 convolutions too; 0 = off)", "number", None),
     ("lora_dropout", "Dropout", "number", None), ("learning_rate", "Learning rate", "number", None),
     ("text_encoder_lr", "Text encoder learning rate", "number", None),
+    ("loraplus_lr_ratio", "LoRA+ ratio (the B matrices learn this many times faster; 0 = off, 16 usual)", "number",
+     None),
     ("text_encoder_2_lr", "Second text encoder learning rate (0 = the text encoder's)", "number", None),
     ("optimizer", "Optimizer (prodigy finds its own step size: with the learning rates as filled it uses 1.0)",
      "choice", list(CHOICES["optimizer"])),
@@ -74,7 +76,8 @@ ADVANCED = [
     ("nan_max_retries", "NaN rollbacks before the run stops (0 = no guard)", "number", None),
     ("resume_from_checkpoint", CONTINUE_LABEL, "bool", None),
 ]
-ZERO_IS_NONE = {"max_train_steps", "min_snr_gamma", "text_encoder_2_lr", "reg_data_dir"}  # (a text field: empty)
+ZERO_IS_NONE = {"max_train_steps", "min_snr_gamma", "text_encoder_2_lr", "reg_data_dir",
+                "loraplus_lr_ratio"}  # (0 in a number field, empty in a text field)
 # the fields the model family fills (config.FAMILY_DEFAULTS: SDXL resolution 1024, rank 32, ...), and those shown
 # for SDXL only (on a host that can train its second text encoder)
 FAMILY_KEYS = tuple(dict.fromkeys(key for values in FAMILY_DEFAULTS.values() for key in values))
